@@ -1,0 +1,124 @@
+"""Plain ASGI helpers for the hot paths of the gateway and the simulator.
+
+The OpenAI routes are served as bare ASGI callables rather than through a framework's request and response
+objects: it keeps the gateway's own cost per request near that of a bare pass-through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Awaitable, Callable
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+JSON = b"application/json"
+EVENT_STREAM = b"text/event-stream"
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+def header(scope: Scope, name: bytes) -> bytes | None:
+    """The first value of header ``name`` (lower-case), or None."""
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+async def read_body(receive: Receive, limit: int, declared_length: bytes | None = None) -> bytes:
+    """The whole request body; BodyTooLarge past ``limit`` bytes, ClientDisconnected if the client left."""
+    if declared_length is not None and declared_length.isdigit() and int(declared_length) > limit:
+        raise BodyTooLarge
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientDisconnected
+    body = message.get("body", b"")
+    if not message.get("more_body"):
+        if len(body) > limit:
+            raise BodyTooLarge
+        return body
+    parts = [body]
+    size = len(body)
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        parts.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(parts)
+
+
+async def send_response(
+    send: Send, status: int, body: bytes, headers: Headers | None = None, content_type: bytes = JSON
+) -> None:
+    response_headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    if headers:
+        response_headers.extend(headers)
+    await send({"type": "http.response.start", "status": status, "headers": response_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def start_stream(send: Send, status: int, headers: Headers | None = None) -> None:
+    response_headers = [(b"content-type", EVENT_STREAM), (b"cache-control", b"no-cache")]
+    if headers:
+        response_headers.extend(headers)
+    await send({"type": "http.response.start", "status": status, "headers": response_headers})
+
+
+async def send_chunk(send: Send, chunk: bytes) -> None:
+    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+
+async def end_stream(send: Send) -> None:
+    await send({"type": "http.response.body", "body": b""})
+
+
+class DisconnectGuard:
+    """Cancels the current task if the client goes away while the response is being produced.
+
+    uvicorn does not cancel an application when its client disconnects, and silently drops what is sent after;
+    without this, an abandoned request would keep its upstream call (and its GPU time) running to the end.
+    Leave the guard as soon as the response is sent: after that, ``receive()`` reports a disconnect at once.
+    """
+
+    __slots__ = ("_receive", "_task", "_watcher", "disconnected")
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._task: asyncio.Task | None = None
+        self._watcher: asyncio.Task | None = None
+        self.disconnected = False
+
+    async def __aenter__(self) -> "DisconnectGuard":
+        self._task = asyncio.current_task()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        return self
+
+    async def _watch(self) -> None:
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                self.disconnected = True
+                self._task.cancel()
+                return
+
+    async def __aexit__(self, exc_type, exc, tb) -> bool:
+        self._watcher.cancel()
+        if self.disconnected and exc_type is asyncio.CancelledError:
+            self._task.uncancel()
+            raise ClientDisconnected
+        return False

@@ -1,0 +1,199 @@
+"""Load models.yaml and tenants.yaml, validate them and compile the snapshot the request path reads."""
+
+from __future__ import annotations
+
+import datetime as dt
+import fnmatch
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ValidationError
+
+from gateway.config.schema import BUILTIN_SIMULATOR, ModelsFile, TenantsFile
+from gateway.config.types import ApiKey, Deployment, GatewayConfig, Model, Pricing, Tenant
+from gateway.config.yaml_source import ConfigError, YamlDocument, read_yaml
+
+MODELS_FILE = "models.yaml"
+TENANTS_FILE = "tenants.yaml"
+
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def load_config(
+    config_dir: Path,
+    *,
+    simulator_url: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> GatewayConfig:
+    """Read and validate both files of ``config_dir``; raise ConfigError listing every problem found.
+
+    ``simulator_url`` is where deployments with ``api_base: builtin:simulator`` send requests; without it they are
+    unavailable.
+    """
+    environ = os.environ if environ is None else environ
+    problems: list[str] = []
+    models_doc = tenants_doc = None
+    models_file = tenants_file = None
+    try:
+        models_doc = read_yaml(config_dir / MODELS_FILE)
+        models_file = _validate(models_doc, ModelsFile)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    try:
+        tenants_doc = read_yaml(config_dir / TENANTS_FILE)
+        tenants_file = _validate(tenants_doc, TenantsFile)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
+    if problems or models_file is None or tenants_file is None:
+        raise ConfigError(problems)
+
+    models = _compile_models(models_file, simulator_url, environ)
+    tenants, keys = _compile_tenants(tenants_file, tenants_doc, models)
+    warnings = [
+        f"{models_doc.where(('models', m.name))}: model '{m.name}' has no usable deployment: "
+        + "; ".join(f"{d.name}: {d.unavailable_reason}" for d in m.deployments)
+        for m in models.values()
+        if not m.serving
+    ]
+    return GatewayConfig(
+        models=models,
+        tenants=tenants,
+        keys=keys,
+        sources=(models_doc.path, tenants_doc.path),
+        warnings=tuple(warnings),
+    )
+
+
+def _validate(doc: YamlDocument, schema: type[BaseModel]) -> Any:
+    data = doc.data if doc.data is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{doc.where(())}: the file must hold a mapping at the top level"])
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            location = tuple(error["loc"])
+            field = ".".join(str(part) for part in location) or "(top level)"
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown field (check the spelling)"
+            problems.append(f"{doc.where(location)}: {field}: {message}")
+        raise ConfigError(problems) from None
+
+
+def _compile_models(
+    spec: ModelsFile, simulator_url: str | None, environ: Mapping[str, str]
+) -> dict[str, Model]:
+    models: dict[str, Model] = {}
+    for name, model_spec in spec.models.items():
+        deployments = []
+        for d in model_spec.deployments:
+            timeouts = d.timeouts or spec.defaults.timeouts
+            missing: list[str] = []
+            api_base = _expand(d.api_base, environ, missing)
+            upstream_model = _expand(d.model, environ, missing)
+            headers = {k: _expand(v, environ, missing) for k, v in d.headers.items()}
+            api_key = None
+            if d.api_key is not None:
+                variable = d.api_key.removeprefix("env:")
+                api_key = environ.get(variable) or None
+                if api_key is None:
+                    missing.append(variable)
+            is_simulator = api_base == BUILTIN_SIMULATOR
+            reason = None
+            if missing:
+                reason = "environment variable " + ", ".join(sorted(set(missing))) + " not set"
+            elif is_simulator:
+                if simulator_url is None:
+                    reason = "the built-in simulator is not running"
+                api_base = f"{simulator_url}/v1" if simulator_url else api_base
+            elif not re.match(r"^https?://", api_base):
+                reason = f"api_base '{api_base}' is not an http(s) URL"
+            deployments.append(
+                Deployment(
+                    name=d.name,
+                    model=name,
+                    upstream_model=upstream_model,
+                    api_base=api_base.rstrip("/"),
+                    api_key=api_key,
+                    headers=headers,
+                    connect_timeout=timeouts.connect,
+                    read_timeout=timeouts.read,
+                    standby=d.standby,
+                    is_simulator=is_simulator,
+                    unavailable_reason=reason,
+                )
+            )
+        available = [d for d in deployments if d.unavailable_reason is None]
+        serving = [d for d in available if not d.standby] or [d for d in available if d.standby]
+        models[name] = Model(
+            name=name,
+            type=model_spec.type,
+            description=model_spec.description,
+            owned_by="gateway-simulator" if serving and all(d.is_simulator for d in serving) else model_spec.owned_by,
+            context_window=model_spec.context_window,
+            pricing=Pricing(model_spec.pricing.input_per_million, model_spec.pricing.output_per_million),
+            deployments=tuple(deployments),
+            serving=tuple(serving),
+        )
+    return models
+
+
+def _expand(value: str, environ: Mapping[str, str], missing: list[str]) -> str:
+    """Replace ``${VAR}`` and ``${VAR:-default}``; note the variables that are unset and have no default."""
+
+    def substitute(match: re.Match[str]) -> str:
+        variable, default = match.group(1), match.group(2)
+        found = environ.get(variable)
+        if found:
+            return found
+        if default is not None:
+            return default
+        missing.append(variable)
+        return ""
+
+    return _ENV_REFERENCE.sub(substitute, value) if "${" in value else value
+
+
+def _compile_tenants(
+    spec: TenantsFile, doc: YamlDocument, models: dict[str, Model]
+) -> tuple[dict[str, Tenant], dict[str, ApiKey]]:
+    tenants: dict[str, Tenant] = {}
+    keys: dict[str, ApiKey] = {}
+    problems: list[str] = []
+    for tenant_id, t in spec.tenants.items():
+        allowed = frozenset(
+            name for name in models if any(fnmatch.fnmatchcase(name, pattern) for pattern in t.models)
+        )
+        tenants[tenant_id] = Tenant(
+            id=tenant_id,
+            name=t.name,
+            enabled=t.enabled,
+            model_patterns=tuple(t.models),
+            allowed_models=allowed,
+        )
+        for index, key in enumerate(t.keys):
+            if key.sha256 in keys:
+                other = keys[key.sha256]
+                problems.append(
+                    f"{doc.where(('tenants', tenant_id, 'keys', index))}: the same key is already "
+                    f"registered as '{other.name}' of tenant '{other.tenant_id}'"
+                )
+                continue
+            keys[key.sha256] = ApiKey(tenant_id=tenant_id, name=key.name, expires_at=_unix_time(key.expires))
+    if problems:
+        raise ConfigError(problems)
+    return tenants, keys
+
+
+def _unix_time(value: dt.date | dt.datetime | None) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, dt.datetime):
+        value = dt.datetime.combine(value, dt.time.min)
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.timezone.utc)
+    return value.timestamp()

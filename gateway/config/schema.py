@@ -1,0 +1,113 @@
+"""The shape of models.yaml and tenants.yaml, validated once at load (never on the request path)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+BUILTIN_SIMULATOR = "builtin:simulator"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Timeouts(Strict):
+    connect: float = Field(5.0, gt=0, description="seconds to open a connection to the upstream")
+    read: float = Field(300.0, gt=0, description="seconds to wait for the next bytes from the upstream")
+
+
+class Pricing(Strict):
+    input_per_million: float = Field(0.0, ge=0)
+    output_per_million: float = Field(0.0, ge=0)
+
+
+class DeploymentSpec(Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    api_base: str = Field(min_length=1, description="base URL up to /v1, or builtin:simulator")
+    model: str = Field(min_length=1, description="the model name the upstream knows")
+    api_key: str | None = Field(None, description="env:VAR; the deployment is off while VAR is unset")
+    standby: bool = Field(False, description="used only while no other deployment of the model is available")
+    timeouts: Timeouts | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("api_base")
+    @classmethod
+    def _api_base(cls, value: str) -> str:
+        if value == BUILTIN_SIMULATOR or value.startswith("${"):
+            return value
+        if not re.match(r"^https?://", value):
+            raise ValueError(f"must start with http:// or https:// (or be {BUILTIN_SIMULATOR}), got '{value}'")
+        return value.rstrip("/")
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith("env:"):
+            raise ValueError("must be a reference such as env:OPENAI_API_KEY; secrets are never written in YAML")
+        return value
+
+
+class ModelSpec(Strict):
+    type: Literal["chat", "embedding"] = "chat"
+    description: str = ""
+    owned_by: str = "gateway"
+    context_window: int | None = Field(None, gt=0)
+    pricing: Pricing = Pricing()
+    deployments: list[DeploymentSpec] = Field(min_length=1)
+
+    @field_validator("deployments")
+    @classmethod
+    def _unique_names(cls, value: list[DeploymentSpec]) -> list[DeploymentSpec]:
+        names = [d.name for d in value]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"deployment names must be unique within a model: {', '.join(duplicates)}")
+        return value
+
+
+class ModelDefaults(Strict):
+    timeouts: Timeouts = Timeouts()
+
+
+class ModelsFile(Strict):
+    defaults: ModelDefaults = ModelDefaults()
+    models: dict[str, ModelSpec] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, ModelSpec]) -> dict[str, ModelSpec]:
+        for name in value:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"'{name}' is not a valid model name (letters, digits, . _ : / -)")
+        return value
+
+
+class KeySpec(Strict):
+    name: str = Field(min_length=1, max_length=64)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key; the key itself is never stored")
+    expires: dt.date | dt.datetime | None = None
+
+
+class TenantSpec(Strict):
+    name: str = Field(min_length=1)
+    enabled: bool = True
+    models: list[str] = Field(default_factory=lambda: ["*"], description="patterns of model names, * and ? allowed")
+    keys: list[KeySpec] = Field(default_factory=list)
+
+
+class TenantsFile(Strict):
+    tenants: dict[str, TenantSpec] = Field(default_factory=dict)
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenant_ids(cls, value: dict[str, TenantSpec]) -> dict[str, TenantSpec]:
+        for tenant_id in value:
+            if not re.match(TENANT_ID_PATTERN, str(tenant_id)):
+                raise ValueError(f"'{tenant_id}' is not a valid tenant id (lower-case letters, digits, _ and -)")
+        return value

@@ -1,0 +1,68 @@
+"""The live config: the current snapshot, and a watcher that swaps in valid edits and keeps the last good one."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from gateway.config.loader import MODELS_FILE, TENANTS_FILE, load_config
+from gateway.config.types import GatewayConfig
+from gateway.config.yaml_source import ConfigError
+
+log = logging.getLogger("gateway.config")
+
+
+class ConfigStore:
+    """Holds the snapshot requests read; ``current`` is swapped whole, so readers never see half an edit."""
+
+    def __init__(self, config_dir: Path, simulator_url: str | None = None) -> None:
+        self.config_dir = config_dir
+        self.simulator_url = simulator_url
+        self.current: GatewayConfig = self._load()
+        self._stamp = self._file_stamp()
+        self._log_warnings(self.current)
+
+    def _load(self) -> GatewayConfig:
+        return load_config(self.config_dir, simulator_url=self.simulator_url)
+
+    def _file_stamp(self) -> tuple:
+        stamp = []
+        for name in (MODELS_FILE, TENANTS_FILE):
+            try:
+                st = (self.config_dir / name).stat()
+                stamp.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                stamp.append(None)
+        return tuple(stamp)
+
+    def reload_if_changed(self) -> bool:
+        """Load the files again if they changed; return whether a new config is in force."""
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return False
+        self._stamp = stamp
+        try:
+            config = self._load()
+        except ConfigError as exc:
+            for problem in exc.problems:
+                log.error("config rejected, keeping the last good config: %s", problem)
+            return False
+        self.current = config
+        log.info("config reloaded from %s", self.config_dir)
+        self._log_warnings(config)
+        return True
+
+    @staticmethod
+    def _log_warnings(config: GatewayConfig) -> None:
+        for warning in config.warnings:
+            log.warning("%s", warning)
+
+    async def watch(self, interval: float) -> None:
+        """Poll the files every ``interval`` seconds until cancelled."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                self.reload_if_changed()
+            except Exception:  # a watcher that dies silently would freeze the config
+                log.exception("config watcher failed; will retry")

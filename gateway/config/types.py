@@ -1,0 +1,81 @@
+"""The config as the request path uses it: resolved, indexed and immutable.
+
+A request takes one ``GatewayConfig`` snapshot when it starts and uses it to the end, so a reload in the middle of
+a request never mixes two configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Deployment:
+    name: str
+    model: str  # the logical model it serves
+    upstream_model: str
+    api_base: str  # resolved base URL ending before /chat/completions
+    api_key: str | None
+    headers: dict[str, str]
+    connect_timeout: float
+    read_timeout: float
+    standby: bool
+    is_simulator: bool
+    # Why the deployment cannot be used (an unset environment variable, say); None when it can.
+    unavailable_reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pricing:
+    input_per_million: float = 0.0
+    output_per_million: float = 0.0
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input_per_million + completion_tokens * self.output_per_million) / 1e6
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    name: str
+    type: str  # "chat" or "embedding"
+    description: str
+    owned_by: str
+    context_window: int | None
+    pricing: Pricing
+    deployments: tuple[Deployment, ...]
+    # The deployments requests go to: the available regular ones, or the standby ones while there are none.
+    serving: tuple[Deployment, ...]
+
+    @property
+    def simulated(self) -> bool:
+        return bool(self.serving) and all(d.is_simulator for d in self.serving)
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    tenant_id: str
+    name: str
+    expires_at: float | None  # unix time
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    id: str
+    name: str
+    enabled: bool
+    model_patterns: tuple[str, ...]
+    allowed_models: frozenset[str]  # model names of models.yaml that the patterns admit
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    models: dict[str, Model]
+    tenants: dict[str, Tenant]
+    keys: dict[str, ApiKey]  # hex SHA-256 of the key -> key
+    sources: tuple[Path, ...] = field(default=())
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def uses_simulator(self) -> bool:
+        return any(d.is_simulator for m in self.models.values() for d in m.serving)

@@ -1,0 +1,43 @@
+"""Run the simulator: as its own process (``gateway sim``) or inside the gateway's event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import uvicorn
+
+from gateway.sim.app import Simulator
+from gateway.sim.settings import SimSettings
+
+
+def run(settings: SimSettings, host: str, port: int) -> None:
+    uvicorn.run(Simulator(settings), host=host, port=port, log_level="warning", access_log=False,
+                loop="uvloop", http="httptools", lifespan="off")
+
+
+class EmbeddedSimulator:
+    """A simulator on an ephemeral loopback port of the current event loop."""
+
+    def __init__(self, settings: SimSettings | None = None) -> None:
+        self.app = Simulator(settings)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve(sockets=[self._sock]))
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self._server.should_exit = True
+        if self._task is not None:
+            await self._task
+        self._sock.close()
