@@ -102,6 +102,9 @@ def _compile_models(
                 api_key = environ.get(variable) or None
                 if api_key is None:
                     missing.append(variable)
+            headers = {"Content-Type": "application/json", **headers}
+            if api_key:
+                headers["Authorization"] = f"Bearer {api_key}"
             is_simulator = api_base == BUILTIN_SIMULATOR
             reason = None
             if missing:
@@ -122,13 +125,14 @@ def _compile_models(
                     headers=headers,
                     connect_timeout=timeouts.connect,
                     read_timeout=timeouts.read,
-                    standby=d.standby,
+                    priority=d.priority,
                     is_simulator=is_simulator,
                     unavailable_reason=reason,
                 )
             )
         available = [d for d in deployments if d.unavailable_reason is None]
-        serving = [d for d in available if not d.standby] or [d for d in available if d.standby]
+        first = min((d.priority for d in available), default=0)
+        serving = [d for d in available if d.priority == first]
         models[name] = Model(
             name=name,
             type=model_spec.type,

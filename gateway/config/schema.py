@@ -32,7 +32,7 @@ class DeploymentSpec(Strict):
     api_base: str = Field(min_length=1, description="base URL up to /v1, or builtin:simulator")
     model: str = Field(min_length=1, description="the model name the upstream knows")
     api_key: str | None = Field(None, description="env:VAR; the deployment is off while VAR is unset")
-    standby: bool = Field(False, description="used only while no other deployment of the model is available")
+    priority: int = Field(0, ge=0, description="requests go to the usable deployments of the lowest priority")
     timeouts: Timeouts | None = None
     headers: dict[str, str] = Field(default_factory=dict)
 

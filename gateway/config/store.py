@@ -9,6 +9,7 @@ from pathlib import Path
 from gateway.config.loader import MODELS_FILE, TENANTS_FILE, load_config
 from gateway.config.types import GatewayConfig
 from gateway.config.yaml_source import ConfigError
+from gateway.observability.metrics import CONFIG_RELOADS
 
 log = logging.getLogger("gateway.config")
 
@@ -47,8 +48,10 @@ class ConfigStore:
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("config rejected, keeping the last good config: %s", problem)
+            CONFIG_RELOADS.labels("rejected").inc()
             return False
         self.current = config
+        CONFIG_RELOADS.labels("applied").inc()
         log.info("config reloaded from %s", self.config_dir)
         self._log_warnings(config)
         return True

@@ -16,11 +16,11 @@ class Deployment:
     model: str  # the logical model it serves
     upstream_model: str
     api_base: str  # resolved base URL ending before /chat/completions
-    api_key: str | None
-    headers: dict[str, str]
+    api_key: str | None = field(repr=False)  # never in a log line or an error
+    headers: dict[str, str] = field(repr=False)  # what every upstream request carries: content type, auth, the YAML's extra headers
     connect_timeout: float
     read_timeout: float
-    standby: bool
+    priority: int  # the usable deployments of the lowest priority serve; the others stand by
     is_simulator: bool
     # Why the deployment cannot be used (an unset environment variable, say); None when it can.
     unavailable_reason: str | None = None
@@ -44,7 +44,7 @@ class Model:
     context_window: int | None
     pricing: Pricing
     deployments: tuple[Deployment, ...]
-    # The deployments requests go to: the available regular ones, or the standby ones while there are none.
+    # The deployments requests go to: the usable ones of the lowest priority number.
     serving: tuple[Deployment, ...]
 
     @property

@@ -1,0 +1,84 @@
+"""The OpenAI routes, served as plain ASGI (the hot path), under /v1 and bare as clients with a bare base URL call
+them. Generation goes through the pipeline; the model list answers from the config."""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+import orjson
+
+from gateway.asgi import Receive, Scope, Send, send_response
+from gateway.config.store import ConfigStore
+from gateway.errors import GatewayError
+from gateway.pipeline import Pipeline
+from gateway.pipeline.access import visible_model
+from gateway.pipeline.auth import identify
+from gateway.pipeline.context import Endpoint, RequestContext
+from gateway.pipeline.endpoints import CHAT, COMPLETIONS, EMBEDDINGS
+
+Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class OpenAIRoutes:
+    def __init__(self, config: ConfigStore, pipeline: Pipeline) -> None:
+        self.config = config
+        self.pipeline = pipeline
+        table: dict[str, tuple[str, Handler]] = {}
+        for path, method, handler in (
+            ("/chat/completions", "POST", self._endpoint(CHAT)),
+            ("/completions", "POST", self._endpoint(COMPLETIONS)),
+            ("/embeddings", "POST", self._endpoint(EMBEDDINGS)),
+            ("/models", "GET", self._list_models),
+        ):
+            table[path] = table["/v1" + path] = (method, handler)
+        self.table = table
+
+    def match(self, path: str) -> tuple[str, Handler] | None:
+        route = self.table.get(path)
+        if route is None and (path.startswith("/v1/models/") or path.startswith("/models/")):
+            return "GET", self._get_model
+        return route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, route: tuple[str, Handler]) -> None:
+        method, handler = route
+        if scope["method"] != method:
+            error = GatewayError(405, f"{scope['method']} is not allowed on {scope['path']}; use {method}.",
+                                 code="method_not_allowed", headers={"allow": method})
+            await send_response(send, 405, error.body(), [(b"allow", method.encode())])
+            return
+        await handler(scope, receive, send)
+
+    def _endpoint(self, endpoint: Endpoint) -> Handler:
+        async def handle(scope: Scope, receive: Receive, send: Send) -> None:
+            await self.pipeline.run(RequestContext(scope, receive, send, self.config.current, endpoint))
+
+        return handle
+
+    async def _list_models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        config = self.config.current
+        try:
+            tenant, _ = identify(scope, config)
+        except GatewayError as error:
+            await send_response(send, error.status, error.body())
+            return
+        data = [_model_card(config.models[name]) for name in sorted(tenant.allowed_models)
+                if config.models[name].serving]
+        await send_response(send, 200, orjson.dumps({"object": "list", "data": data}))
+
+    async def _get_model(self, scope: Scope, receive: Receive, send: Send) -> None:
+        config = self.config.current
+        name = scope["path"].split("/models/", 1)[1]
+        try:
+            tenant, _ = identify(scope, config)
+            model = visible_model(config, tenant, name)
+        except GatewayError as error:
+            await send_response(send, error.status, error.body())
+            return
+        await send_response(send, 200, orjson.dumps(_model_card(model)))
+
+
+_CREATED = 1735689600  # 2025-01-01: a fixed date, so listings are stable across restarts
+
+
+def _model_card(model) -> dict:
+    return {"id": model.name, "object": "model", "created": _CREATED, "owned_by": model.owned_by}

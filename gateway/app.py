@@ -1,0 +1,95 @@
+"""The gateway as an ASGI application. The lifespan opens and closes everything the request path uses."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from gateway.api.openai import OpenAIRoutes
+from gateway.api.ops import build_ops_app
+from gateway.asgi import Receive, Scope, Send
+from gateway.config.store import ConfigStore
+from gateway.observability.logs import setup_logging
+from gateway.pipeline import build_pipeline
+from gateway.settings import Settings
+from gateway.sim.server import EmbeddedSimulator
+from gateway.sim.settings import SimSettings
+from gateway.upstreams.client import UpstreamClient
+
+log = logging.getLogger("gateway")
+
+
+class Gateway:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.client = UpstreamClient()
+        self.simulator: EmbeddedSimulator | None = None
+        self.config: ConfigStore | None = None
+        self.routes: OpenAIRoutes | None = None
+        self._watcher: asyncio.Task | None = None
+        self.ops = build_ops_app(self.readiness)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            route = self.routes.match(scope["path"])
+            if route is not None:
+                await self.routes(scope, receive, send, route)
+            else:
+                await self.ops(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    def readiness(self) -> dict[str, bool]:
+        return {
+            "config": self.config is not None,
+            "upstream_client": self.client.is_open,
+            "simulator": self.simulator is not None or not self.settings.builtin_simulator,
+        }
+
+    async def startup(self) -> None:
+        settings = self.settings
+        if settings.builtin_simulator:
+            self.simulator = EmbeddedSimulator(
+                SimSettings(ttft_ms=settings.simulator_ttft_ms, itl_ms=settings.simulator_itl_ms)
+            )
+            await self.simulator.start()
+        self.config = ConfigStore(settings.config_dir, self.simulator.url if self.simulator else None)
+        await self.client.open()
+        pipeline = build_pipeline(self.client, max_body_bytes=settings.max_body_bytes,
+                                  log_prompts=settings.log_prompts)
+        self.routes = OpenAIRoutes(self.config, pipeline)
+        self._watcher = asyncio.create_task(self.config.watch(settings.reload_interval))
+        models = self.config.current.models.values()
+        log.info("gateway ready: %d models (%d on the built-in simulator), %d tenants, config from %s",
+                 len(models), sum(m.simulated for m in models), len(self.config.current.tenants),
+                 settings.config_dir)
+
+    async def shutdown(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+        await self.client.close()
+        if self.simulator is not None:
+            await self.simulator.stop()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:  # a bad config or a port in use: say why, and do not start
+                    log.error("gateway failed to start: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def create_app(settings: Settings | None = None) -> Gateway:
+    """The app factory uvicorn calls in every worker; settings come from GATEWAY_* variables."""
+    settings = settings or Settings.from_env()
+    setup_logging(settings.log_level)
+    return Gateway(settings)

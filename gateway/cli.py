@@ -1,0 +1,152 @@
+"""``gateway serve | sim | keys create | config check | bench``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import sys
+from pathlib import Path
+
+from gateway.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="gateway", description="Multi-tenant, OpenAI-compatible LLM gateway.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1; GATEWAY_HOST)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 4000; GATEWAY_PORT)")
+    serve.add_argument("--config-dir", type=Path, help="folder of models.yaml and tenants.yaml (GATEWAY_CONFIG_DIR)")
+    serve.add_argument("--workers", type=int, help="worker processes (default 1; GATEWAY_WORKERS)")
+    serve.set_defaults(run=_serve)
+
+    sim = commands.add_parser("sim", help="run the vLLM-compatible simulator")
+    sim.add_argument("--host", default="127.0.0.1")
+    sim.add_argument("--port", type=int, default=8000)
+    sim.add_argument("--model", action="append", default=[], help="model name served (repeat; default: any)")
+    sim.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token")
+    sim.add_argument("--itl-ms", type=float, default=0.0, help="time between tokens")
+    sim.add_argument("--max-num-seqs", type=int, default=256, help="requests generated at once")
+    sim.add_argument("--max-loras", type=int, default=4, help="LoRA adapter slots")
+    sim.add_argument("--lora-swap-ms", type=float, default=0.0, help="time to bring an adapter into a slot")
+    sim.add_argument("--error-rate", type=float, default=0.0, help="share of requests that fail")
+    sim.add_argument("--error-status", type=int, default=500, help="status of the injected failures")
+    sim.add_argument("--hang-rate", type=float, default=0.0, help="share of requests never answered")
+    sim.add_argument("--break-stream-after", type=int, help="cut streams after this many tokens")
+    sim.add_argument("--slow-stream-ms", type=float, default=0.0, help="extra time between streamed tokens")
+    sim.set_defaults(run=_sim)
+
+    keys = commands.add_parser("keys", help="manage tenant API keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="make a key, store its hash in tenants.yaml, print it once")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name", default=None, help="a label for the key (default: key-YYYYMMDD-HHMMSS)")
+    create.add_argument("--expires", type=dt.date.fromisoformat, help="YYYY-MM-DD: the key stops working at the start of this day (UTC)")
+    create.add_argument("--config-dir", type=Path)
+    create.set_defaults(run=_keys_create)
+
+    config = commands.add_parser("config", help="work with the config files")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="validate models.yaml and tenants.yaml")
+    check.add_argument("--config-dir", type=Path)
+    check.set_defaults(run=_config_check)
+
+    bench = commands.add_parser("bench", help="measure the gateway against a direct run to the simulator")
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    bench.add_argument("--latency-ms", type=float, default=5.0, help="the simulator's fixed time to answer")
+    bench.add_argument("--output", type=Path, help="also write the results as JSON here")
+    bench.set_defaults(run=_bench)
+
+    args = parser.parse_args(argv)
+    args.run(args)
+
+
+def _config_dir(args: argparse.Namespace) -> Path:
+    return args.config_dir or Settings.from_env().config_dir
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    for flag, variable in (("host", "HOST"), ("port", "PORT"), ("config_dir", "CONFIG_DIR"), ("workers", "WORKERS")):
+        value = getattr(args, flag)
+        if value is not None:
+            os.environ[f"GATEWAY_{variable}"] = str(value)
+    settings = Settings.from_env()
+    _require_valid_config(settings.config_dir)
+    uvicorn.run(
+        "gateway.app:create_app", factory=True, host=settings.host, port=settings.port, workers=settings.workers,
+        loop="uvloop", http="httptools", lifespan="on", access_log=False, log_config=None,
+        timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
+    )
+
+
+def _require_valid_config(config_dir: Path) -> None:
+    from gateway.config.loader import load_config
+    from gateway.config.yaml_source import ConfigError
+
+    try:
+        load_config(config_dir, simulator_url="http://127.0.0.1:0")
+    except ConfigError as exc:
+        print(f"gateway: the config in {config_dir} has problems:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _sim(args: argparse.Namespace) -> None:
+    from gateway.sim.server import run
+    from gateway.sim.settings import SimSettings
+
+    settings = SimSettings(
+        models=args.model, ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, max_num_seqs=args.max_num_seqs,
+        max_loras=args.max_loras, lora_swap_ms=args.lora_swap_ms, error_rate=args.error_rate,
+        error_status=args.error_status, hang_rate=args.hang_rate, break_stream_after=args.break_stream_after,
+        slow_stream_ms=args.slow_stream_ms,
+    )
+    print(f"simulator listening on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    run(settings, args.host, args.port)
+
+
+def _keys_create(args: argparse.Namespace) -> None:
+    from gateway.config.keys import add_key_to_tenants_file
+    from gateway.config.yaml_source import ConfigError
+
+    name = args.name or dt.datetime.now().strftime("key-%Y%m%d-%H%M%S")
+    try:
+        key = add_key_to_tenants_file(_config_dir(args), args.tenant, name,
+                                      args.expires.isoformat() if args.expires else None)
+    except ConfigError as exc:
+        print("\n".join(exc.problems), file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"# key '{name}' of tenant '{args.tenant}': shown once, only its hash is stored", file=sys.stderr)
+    print(key)
+
+
+def _config_check(args: argparse.Namespace) -> None:
+    from gateway.config.loader import load_config
+    from gateway.config.yaml_source import ConfigError
+
+    config_dir = _config_dir(args)
+    try:
+        config = load_config(config_dir, simulator_url="http://127.0.0.1:0")
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        raise SystemExit(2) from None
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    keys = len(config.keys)
+    print(f"{config_dir}: OK ({len(config.models)} models, {len(config.tenants)} tenants, {keys} keys)")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from gateway.bench.run import run_benchmark
+
+    run_benchmark(duration=args.duration, latency_ms=args.latency_ms, output=args.output)
+
+
+if __name__ == "__main__":
+    main()

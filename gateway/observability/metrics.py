@@ -1,0 +1,23 @@
+"""Prometheus metrics of the gateway, served on /metrics."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+REQUESTS = Counter(
+    "gateway_requests", "Requests answered, by tenant, model asked, route and status.",
+    ["tenant", "model", "route", "status"],
+)
+TOKENS = Counter("gateway_tokens", "Tokens used, by tenant, model and kind.", ["tenant", "model", "kind"])
+LATENCY = Histogram(
+    "gateway_request_duration_seconds", "Time from request to the last byte of the answer.", ["route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+OVERHEAD = Histogram(
+    "gateway_overhead_seconds", "The gateway's own time per request (total minus the upstream's).",
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+)
+UPSTREAM_ERRORS = Counter(
+    "gateway_upstream_errors", "Failed upstream calls, by deployment and kind.", ["deployment", "kind"]
+)
+CONFIG_RELOADS = Counter("gateway_config_reloads", "Config reloads, by result.", ["result"])

@@ -1,0 +1,27 @@
+"""Stage: may this tenant use the model it asked for, and can that model serve this kind of request."""
+
+from __future__ import annotations
+
+from gateway.config.types import GatewayConfig, Model, Tenant
+from gateway.errors import GatewayError, bad_request, model_not_found
+from gateway.pipeline.context import RequestContext
+
+
+def visible_model(config: GatewayConfig, tenant: Tenant, name: str) -> Model:
+    """The model ``name`` if the tenant may use it; otherwise the same 404 whether it exists or not."""
+    model = config.models.get(name)
+    if model is None or name not in tenant.allowed_models:
+        raise model_not_found(name)
+    return model
+
+
+async def authorize_model(ctx: RequestContext) -> None:
+    model = visible_model(ctx.config, ctx.tenant, ctx.model_requested)
+    if model.type != ctx.endpoint.model_type:
+        what = "an embedding model" if model.type == "embedding" else "a chat model"
+        raise bad_request(f"The model `{model.name}` is {what} and cannot serve {ctx.endpoint.route}.",
+                          param="model", code="model_not_supported")
+    if not model.serving:
+        raise GatewayError(503, f"No deployment of model `{model.name}` is available right now.",
+                           type="upstream_error", code="model_unavailable")
+    ctx.model = model

@@ -1,0 +1,69 @@
+"""What one request carries through the pipeline: its input, the decisions of each stage, and its outcome."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from gateway.asgi import Headers, Receive, Scope, Send
+from gateway.config.types import ApiKey, Deployment, GatewayConfig, Model, Tenant
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One OpenAI operation the pipeline serves."""
+
+    route: str  # as it appears in logs and metrics: "chat.completions"
+    upstream_path: str  # appended to a deployment's api_base
+    model_type: str  # the kind of model it needs: "chat" or "embedding"
+    validate: Callable[[dict], None]  # raises GatewayError naming the bad field
+
+
+Finisher = Callable[["RequestContext"], Awaitable[None]]
+
+
+class RequestContext:
+    __slots__ = (
+        "request_id", "started", "scope", "receive", "send", "config", "endpoint",
+        "tenant", "api_key", "body", "model_requested", "model", "deployment", "stream", "usage_injected",
+        "status", "error_type", "prompt_tokens", "completion_tokens",
+        "upstream_started", "upstream_seconds", "overhead_seconds", "responded", "client_disconnected",
+        "response_headers", "finishers",
+    )
+
+    def __init__(self, scope: Scope, receive: Receive, send: Send, config: GatewayConfig, endpoint: Endpoint) -> None:
+        self.request_id = "req_" + os.urandom(12).hex()
+        self.started = time.perf_counter()
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.config = config  # one snapshot for the whole request, whatever reloads meanwhile
+        self.endpoint = endpoint
+        self.tenant: Tenant | None = None
+        self.api_key: ApiKey | None = None
+        self.body: dict[str, Any] = {}
+        self.model_requested: str | None = None
+        self.model: Model | None = None
+        self.deployment: Deployment | None = None
+        self.stream = False
+        self.usage_injected = False  # the gateway asked the upstream for stream usage the client did not ask for
+        self.status = 0
+        self.error_type: str | None = None
+        self.prompt_tokens = 0
+        self.completion_tokens = 0
+        self.upstream_started = 0.0
+        self.upstream_seconds = 0.0
+        self.overhead_seconds = 0.0
+        self.responded = False  # a stage has sent the whole answer; later stages do not run
+        self.client_disconnected = False
+        self.response_headers: Headers = [(b"x-request-id", self.request_id.encode())]
+        self.finishers: list[Finisher] = []
+
+    def on_finish(self, finisher: Finisher) -> None:
+        """Run ``finisher`` once the request is over, answered or not (in reverse order of registration)."""
+        self.finishers.append(finisher)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started

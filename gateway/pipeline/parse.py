@@ -1,0 +1,183 @@
+"""Stage: read the body once and check the fields the gateway acts on.
+
+Only those fields are checked (by hand, not with pydantic: this runs on every request); everything else is left for
+the upstream to judge and is forwarded untouched. Each problem is a 400 that names the field, as OpenAI's are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from gateway.asgi import BodyTooLarge, read_body, header
+from gateway.errors import GatewayError, bad_request
+from gateway.pipeline.context import RequestContext
+
+_ROLES = frozenset(("system", "developer", "user", "assistant", "tool", "function"))
+_JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", list: "an array",
+               dict: "an object", type(None): "null"}
+
+
+def _kind(value: Any) -> str:
+    return _JSON_NAMES.get(type(value), type(value).__name__)
+
+
+def _invalid_type(param: str, expected: str, value: Any) -> GatewayError:
+    return bad_request(f"Invalid type for '{param}': expected {expected}, but got {_kind(value)} instead.",
+                       param=param, code="invalid_type")
+
+
+def _missing(param: str) -> GatewayError:
+    return bad_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float)
+
+
+async def read_json_body(ctx: RequestContext, limit: int) -> None:
+    try:
+        raw = await read_body(ctx.receive, limit, header(ctx.scope, b"content-length"))
+    except BodyTooLarge:
+        raise GatewayError(413, f"The request body is larger than the gateway's limit of {limit} bytes.",
+                           code="request_too_large") from None
+    if not raw:
+        raise bad_request("The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise bad_request(f"The request body must be a JSON object, not {_kind(body)}.", code="invalid_json")
+    model = body.get("model")
+    if model is None:
+        raise bad_request("You must provide a model parameter.", param="model", code="missing_required_parameter")
+    if not isinstance(model, str):
+        raise _invalid_type("model", "a string", model)
+    if not model:
+        raise bad_request("'model' must not be empty.", param="model")
+    ctx.endpoint.validate(body)
+    ctx.body = body
+    ctx.model_requested = model
+    ctx.stream = body.get("stream") is True
+
+
+def _check_common(body: dict) -> None:
+    stream = body.get("stream")
+    if stream is not None and type(stream) is not bool:
+        raise _invalid_type("stream", "a boolean", stream)
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _invalid_type("stream_options", "an object", options)
+        if stream is not True:
+            raise bad_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                              param="stream_options")
+        include = options.get("include_usage")
+        if include is not None and type(include) is not bool:
+            raise _invalid_type("stream_options.include_usage", "a boolean", include)
+    for name in ("max_tokens", "max_completion_tokens", "n"):
+        value = body.get(name)
+        if value is not None:
+            if not _is_int(value):
+                raise _invalid_type(name, "an integer", value)
+            if value < 1:
+                raise bad_request(f"Invalid '{name}': integer below minimum value. Expected a value >= 1, "
+                                  f"but got {value} instead.", param=name, code="integer_below_min_value")
+    for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
+        value = body.get(name)
+        if value is not None and not _is_number(value):
+            raise _invalid_type(name, "a number", value)
+    for name in ("temperature", "top_p"):
+        value = body.get(name)
+        if value is not None and value < 0:
+            raise bad_request(f"Invalid '{name}': must not be negative, got {value}.", param=name)
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+        isinstance(stop, list) and all(isinstance(s, str) for s in stop)
+    ):
+        raise _invalid_type("stop", "a string or an array of strings", stop)
+
+
+def check_chat(body: dict) -> None:
+    messages = body.get("messages")
+    if messages is None:
+        raise _missing("messages")
+    if not isinstance(messages, list):
+        raise _invalid_type("messages", "an array", messages)
+    if not messages:
+        raise bad_request("Invalid 'messages': empty array. Expected an array with minimum length 1, "
+                          "but got an empty array instead.", param="messages", code="empty_array")
+    for index, message in enumerate(messages):
+        param = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise _invalid_type(param, "an object", message)
+        role = message.get("role")
+        if role is None:
+            raise _missing(f"{param}.role")
+        if not isinstance(role, str):
+            raise _invalid_type(f"{param}.role", "a string", role)
+        if role not in _ROLES:
+            raise bad_request(f"Invalid value for '{param}.role': '{role}'. Supported values are: "
+                              "'system', 'developer', 'user', 'assistant', 'tool' and 'function'.",
+                              param=f"{param}.role", code="invalid_value")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise _invalid_type(f"{param}.content", "a string or an array of content parts", content)
+    for name in ("logprobs", "parallel_tool_calls"):
+        value = body.get(name)
+        if value is not None and type(value) is not bool:
+            raise _invalid_type(name, "a boolean", value)
+    top = body.get("top_logprobs")
+    if top is not None and not _is_int(top):
+        raise _invalid_type("top_logprobs", "an integer", top)
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise _invalid_type("tools", "an array", tools)
+    response_format = body.get("response_format")
+    if response_format is not None and not isinstance(response_format, dict):
+        raise _invalid_type("response_format", "an object", response_format)
+    _check_common(body)
+
+
+def check_completion(body: dict) -> None:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise _missing("prompt")
+    if not isinstance(prompt, str) and not (
+        isinstance(prompt, list) and prompt and (
+            all(isinstance(p, str) for p in prompt)
+            or all(_is_int(p) for p in prompt)
+            or all(isinstance(p, list) and all(_is_int(t) for t in p) for p in prompt)
+        )
+    ):
+        raise _invalid_type("prompt", "a string, an array of strings or an array of token ids", prompt)
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not _is_int(logprobs):
+        raise _invalid_type("logprobs", "an integer", logprobs)
+    _check_common(body)
+
+
+def check_embedding(body: dict) -> None:
+    value = body.get("input")
+    if value is None:
+        raise _missing("input")
+    if not isinstance(value, (str, list)):
+        raise _invalid_type("input", "a string or an array", value)
+    if isinstance(value, list) and not value:
+        raise bad_request("Invalid 'input': empty array. Expected an array with minimum length 1.",
+                          param="input", code="empty_array")
+    encoding = body.get("encoding_format")
+    if encoding is not None and encoding not in ("float", "base64"):
+        raise bad_request(f"Invalid value for 'encoding_format': {encoding!r}. Supported values are: "
+                          "'float' and 'base64'.", param="encoding_format", code="invalid_value")
+    dimensions = body.get("dimensions")
+    if dimensions is not None and (not _is_int(dimensions) or dimensions < 1):
+        raise bad_request("'dimensions' must be a positive integer.", param="dimensions")
+    if body.get("stream") is not None:
+        raise bad_request("Embeddings cannot be streamed.", param="stream")

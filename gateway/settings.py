@@ -1,0 +1,60 @@
+"""Process settings from the environment (``GATEWAY_*``); the CLI sets them from its flags before starting.
+
+Everything an admin tunes per model or tenant lives in the YAML files; these are the knobs of the process itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+
+def _flag(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Settings:
+    config_dir: Path = Path("config")
+    host: str = "127.0.0.1"
+    port: int = 4000
+    workers: int = 1
+    max_body_bytes: int = 16 * 1024 * 1024
+    reload_interval: float = 2.0  # seconds between checks of the config files
+    log_level: str = "info"
+    log_prompts: bool = False  # write prompt text into the request log lines
+    builtin_simulator: bool = True  # serve deployments with api_base: builtin:simulator
+    simulator_ttft_ms: float = 20.0
+    simulator_itl_ms: float = 5.0
+    graceful_shutdown_seconds: float = 30.0
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        default = cls()
+
+        def get(name: str, convert, fallback):
+            raw = env.get(f"GATEWAY_{name}")
+            if raw is None or raw == "":
+                return fallback
+            try:
+                return convert(raw)
+            except ValueError:
+                raise SystemExit(f"GATEWAY_{name}={raw!r} is not a valid {convert.__name__}") from None
+
+        return cls(
+            config_dir=get("CONFIG_DIR", Path, default.config_dir),
+            host=get("HOST", str, default.host),
+            port=get("PORT", int, default.port),
+            workers=get("WORKERS", int, default.workers),
+            max_body_bytes=get("MAX_BODY_BYTES", int, default.max_body_bytes),
+            reload_interval=get("RELOAD_INTERVAL", float, default.reload_interval),
+            log_level=get("LOG_LEVEL", str, default.log_level),
+            log_prompts=get("LOG_PROMPTS", _flag, default.log_prompts),
+            builtin_simulator=get("BUILTIN_SIMULATOR", _flag, default.builtin_simulator),
+            simulator_ttft_ms=get("SIMULATOR_TTFT_MS", float, default.simulator_ttft_ms),
+            simulator_itl_ms=get("SIMULATOR_ITL_MS", float, default.simulator_itl_ms),
+            graceful_shutdown_seconds=get("GRACEFUL_SHUTDOWN_SECONDS", float, default.graceful_shutdown_seconds),
+        )

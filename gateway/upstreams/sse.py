@@ -1,0 +1,59 @@
+"""Relaying a server-sent-event stream event by event, reading the usage on the way past.
+
+Chunks from the upstream are split at event boundaries and every complete event is passed on as soon as it has
+arrived. The event carrying ``usage`` is parsed; when the gateway asked for usage on the client's behalf (so that
+streams can be accounted), that usage-only event is dropped so the client sees exactly what it asked for.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+
+class SSERelay:
+    __slots__ = ("_pending", "_drop_usage_event", "usage")
+
+    def __init__(self, drop_usage_event: bool) -> None:
+        self._pending = b""
+        self._drop_usage_event = drop_usage_event
+        self.usage: dict | None = None
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete events in what has arrived so far, ready to send on."""
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n")
+        data = self._pending + chunk if self._pending else chunk
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self._pending = data
+            return b""
+        end += 2
+        complete, self._pending = data[:end], data[end:]
+        if b'"usage":' not in complete and b'"usage" :' not in complete:
+            return complete
+        return self._inspect(complete)
+
+    def finish(self) -> bytes:
+        """Whatever is left when the upstream closes (a last event without its blank line)."""
+        rest, self._pending = self._pending, b""
+        if rest and (b'"usage"' in rest):
+            return self._inspect(rest)
+        return rest
+
+    def _inspect(self, complete: bytes) -> bytes:
+        kept = []
+        for event in complete.split(b"\n\n"):
+            if not event:
+                continue
+            if b'"usage"' in event and event.startswith(b"data:"):
+                payload = event[5:].strip()
+                try:
+                    parsed = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    parsed = None
+                if isinstance(parsed, dict) and isinstance(parsed.get("usage"), dict):
+                    self.usage = parsed["usage"]
+                    if self._drop_usage_event and not parsed.get("choices"):
+                        continue
+            kept.append(event)
+        return b"\n\n".join(kept) + b"\n\n" if kept else b""
