@@ -35,8 +35,8 @@ class Pipeline:
             await self._refuse(ctx, error)
         except ClientDisconnected:
             ctx.client_disconnected = True
-            ctx.status = ctx.status or 499  # the client closed the request before its answer
-            ctx.error_type = ctx.error_type or "client_disconnected"
+            ctx.status = 499  # the client closed the request before its answer was complete
+            ctx.error_type = "client_disconnected"
         except Exception:
             log.exception("request %s failed inside the gateway", ctx.request_id)
             await self._refuse(ctx, GatewayError(500, "The gateway failed to process this request.",

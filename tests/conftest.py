@@ -1,0 +1,226 @@
+"""Fixtures: the simulator and the gateway as real processes on loopback ports, and clients for them."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+
+from gateway.config.keys import generate_key, hash_key
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(port: int, path: str, process: subprocess.Popen, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode} before serving {path}")
+        try:
+            status, _ = http_request(port, "GET", path)
+            if status < 500:
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing answered on port {port}{path}")
+
+
+def http_request(port: int, method: str, path: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None, timeout: float = 30.0) -> tuple[int, Any]:
+    """A raw HTTP call (for what the SDK cannot send: malformed bodies, odd headers); JSON decoded if it is."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        raw = response.read()
+        try:
+            return response.status, json.loads(raw)
+        except ValueError:
+            return response.status, raw
+    finally:
+        connection.close()
+
+
+class Process:
+    def __init__(self, args: list[str], port: int, ready_path: str, env: dict[str, str] | None = None,
+                 log_path: Path | None = None) -> None:
+        self.port = port
+        self.log_path = log_path
+        self._log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *args], cwd=ROOT, env={**os.environ, **(env or {})},
+            stdout=self._log, stderr=subprocess.STDOUT,
+        )
+        wait_for_http(port, ready_path, self.process)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+
+    def log_lines(self) -> list[dict]:
+        lines = []
+        for raw in self.log_path.read_text().splitlines():
+            try:
+                lines.append(json.loads(raw))
+            except ValueError:
+                continue
+        return lines
+
+
+class Simulator(Process):
+    def __init__(self, *extra: str) -> None:
+        port = free_port()
+        super().__init__(["sim", "--port", str(port), *extra], port, "/health")
+
+    def control(self, **settings: Any) -> dict:
+        status, body = http_request(self.port, "POST", "/sim/control", json.dumps(settings).encode())
+        assert status == 200, body
+        return body
+
+    def stats(self) -> dict:
+        return http_request(self.port, "GET", "/sim/stats")[1]
+
+    def last_request(self) -> dict:
+        return http_request(self.port, "GET", "/sim/requests")[1][-1]
+
+    def reset(self) -> None:
+        self.control(error_rate=0.0, error_status=500, hang_rate=0.0, break_stream_after=None, slow_stream_ms=0.0,
+                     ttft_ms=0.0, itl_ms=0.0)
+        http_request(self.port, "POST", "/sim/reset", b"{}")
+
+
+class GatewayProcess(Process):
+    def __init__(self, config_dir: Path, env: dict[str, str] | None = None) -> None:
+        port = free_port()
+        self.config_dir = config_dir
+        super().__init__(
+            ["serve", "--port", str(port), "--config-dir", str(config_dir)], port, "/health/ready",
+            env={"GATEWAY_RELOAD_INTERVAL": "0.2", "GATEWAY_SIMULATOR_TTFT_MS": "0",
+                 "GATEWAY_SIMULATOR_ITL_MS": "0", **(env or {})},
+            log_path=config_dir / "gateway.log",
+        )
+
+    def client(self, key: str, **options: Any) -> openai.OpenAI:
+        options.setdefault("max_retries", 0)
+        options.setdefault("timeout", 30)
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key, **options)
+
+    def request_log(self, request_id: str, timeout: float = 5.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log_lines():
+                if line.get("event") == "request" and line.get("request_id") == request_id:
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no log line for {request_id}")
+
+
+class Keys:
+    """Keys made for the test tenants; the config files hold only their hashes."""
+
+    def __init__(self) -> None:
+        self.acme = generate_key()
+        self.acme_second = generate_key()
+        self.limited = generate_key()
+        self.expired = generate_key()
+        self.disabled = generate_key()
+
+
+def write_config(config_dir: Path, sim_url: str, keys: Keys, dead_port: int) -> None:
+    def deployment(name: str, model: str, **extra: Any) -> dict:
+        return {"name": name, "api_base": f"{sim_url}/v1", "model": model, **extra}
+
+    models = {
+        "defaults": {"timeouts": {"connect": 2, "read": 30}},
+        "models": {
+            "small": {"pricing": {"input_per_million": 0.15, "output_per_million": 0.6},
+                      "deployments": [deployment("sim-small", "sim-small")]},
+            "large": {"deployments": [deployment("sim-large", "sim-large")]},
+            "pair": {"deployments": [deployment("pair-a", "sim-a"), deployment("pair-b", "sim-b")]},
+            "embed": {"type": "embedding", "deployments": [deployment("sim-embed", "sim-embed")]},
+            "hasty": {"deployments": [deployment("sim-hasty", "sim-small", timeouts={"connect": 1, "read": 1})]},
+            "dead": {"deployments": [{"name": "nowhere", "api_base": f"http://127.0.0.1:{dead_port}/v1",
+                                      "model": "x", "timeouts": {"connect": 1, "read": 5}}]},
+        },
+    }
+    tenants = {
+        "tenants": {
+            "acme": {"name": "Acme", "models": ["*"], "keys": [
+                {"name": "main", "sha256": hash_key(keys.acme)},
+                {"name": "second", "sha256": hash_key(keys.acme_second)},
+            ]},
+            "limited": {"name": "Limited", "models": ["small", "emb*"], "keys": [
+                {"name": "only", "sha256": hash_key(keys.limited)},
+            ]},
+            "lapsed": {"name": "Lapsed", "keys": [
+                {"name": "old", "sha256": hash_key(keys.expired), "expires": "2020-01-01"},
+            ]},
+            "switched-off": {"name": "Off", "enabled": False, "keys": [
+                {"name": "k", "sha256": hash_key(keys.disabled)},
+            ]},
+        }
+    }
+    (config_dir / "models.yaml").write_text(yaml.safe_dump(models, sort_keys=False))
+    (config_dir / "tenants.yaml").write_text(yaml.safe_dump(tenants, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def sim() -> Simulator:
+    simulator = Simulator()
+    yield simulator
+    simulator.stop()
+
+
+@pytest.fixture(scope="session")
+def keys() -> Keys:
+    return Keys()
+
+
+@pytest.fixture(scope="session")
+def gateway(sim: Simulator, keys: Keys, tmp_path_factory: pytest.TempPathFactory) -> GatewayProcess:
+    config_dir = tmp_path_factory.mktemp("config")
+    write_config(config_dir, sim.url, keys, dead_port=free_port())
+    process = GatewayProcess(config_dir)
+    yield process
+    process.stop()
+
+
+@pytest.fixture(autouse=True)
+def _reset_sim(request: pytest.FixtureRequest) -> None:
+    if "sim" in request.fixturenames:
+        request.getfixturevalue("sim").reset()
+    yield
+
+
+@pytest.fixture
+def client(gateway: GatewayProcess, keys: Keys) -> openai.OpenAI:
+    return gateway.client(keys.acme)

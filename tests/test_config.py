@@ -1,0 +1,176 @@
+"""Admins edit YAML: validation with file and line, `gateway config check`, `gateway keys create`, hot reload."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from conftest import ROOT, GatewayProcess, write_config, free_port, Keys
+from gateway.config.keys import hash_key
+from gateway.config.loader import load_config
+from gateway.config.yaml_source import ConfigError
+
+HELLO = [{"role": "user", "content": "hi"}]
+
+
+def _gateway_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+
+
+def _shipped_copy(tmp_path: Path) -> Path:
+    target = tmp_path / "config"
+    shutil.copytree(ROOT / "config", target)
+    return target
+
+
+def test_shipped_config_is_valid():
+    result = _gateway_cli("config", "check", "--config-dir", str(ROOT / "config"))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_errors_name_file_line_and_problem(tmp_path):
+    config_dir = _shipped_copy(tmp_path)
+    models = config_dir / "models.yaml"
+    lines = models.read_text().splitlines()
+    index = next(i for i, line in enumerate(lines) if "api_key: env:OPENAI_API_KEY" in line)
+    lines[index] = lines[index].replace("env:OPENAI_API_KEY", "sk-live-secret")
+    typo = next(i for i, line in enumerate(lines) if "context_window: 128000" in line)
+    lines[typo] = lines[typo].replace("context_window", "context_windw")
+    models.write_text("\n".join(lines) + "\n")
+    result = _gateway_cli("config", "check", "--config-dir", str(config_dir))
+    assert result.returncode == 2
+    assert f"models.yaml, line {index + 1}" in result.stderr and "env:" in result.stderr
+    assert f"models.yaml, line {typo + 1}" in result.stderr and "unknown field" in result.stderr
+    assert "sk-live-secret" not in result.stderr  # a secret typed into the file is not echoed
+
+
+def test_yaml_syntax_and_duplicate_keys(tmp_path):
+    config_dir = _shipped_copy(tmp_path)
+    (config_dir / "tenants.yaml").write_text("tenants:\n  a:\n    name: A\n  a:\n    name: B\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_dir)
+    assert "tenants.yaml, line 4: duplicate key 'a'" in caught.value.problems[0]
+    (config_dir / "tenants.yaml").write_text("tenants:\n  a: [unclosed\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_dir)
+    assert "tenants.yaml, line" in caught.value.problems[0] and "invalid YAML" in caught.value.problems[0]
+
+
+def test_deployments_follow_the_environment(tmp_path):
+    config_dir = _shipped_copy(tmp_path)
+    bare = load_config(config_dir, simulator_url="http://127.0.0.1:9", environ={})
+    assert bare.models["gpt-4o-mini"].simulated
+    assert bare.models["gpt-4o-mini"].owned_by == "gateway-simulator"
+    with_key = load_config(config_dir, simulator_url="http://127.0.0.1:9", environ={"OPENAI_API_KEY": "k"})
+    serving = with_key.models["gpt-4o-mini"].serving
+    assert [d.name for d in serving] == ["openai-gpt-4o-mini"]
+    assert serving[0].headers["Authorization"] == "Bearer k" and "k" not in repr(serving[0])
+    vllm = load_config(config_dir, simulator_url="http://127.0.0.1:9", environ={"VLLM_URL": "http://10.1.1.1:8000/v1"})
+    deployment = vllm.models["llama-3.1-8b"].serving[0]
+    assert deployment.name == "vllm-local-open" and deployment.api_base == "http://10.1.1.1:8000/v1"
+    assert deployment.upstream_model == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_keys_create_prints_a_key_once_and_stores_only_its_hash(tmp_path):
+    config_dir = _shipped_copy(tmp_path)
+    result = _gateway_cli("keys", "create", "--tenant", "demo", "--name", "laptop", "--config-dir", str(config_dir))
+    assert result.returncode == 0, result.stderr
+    key = result.stdout.strip()
+    text = (config_dir / "tenants.yaml").read_text()
+    assert key not in text and hash_key(key) in text
+    assert "# Tenants: who may call the gateway" in text  # the admin's comments are kept
+    config = load_config(config_dir)
+    assert config.keys[hash_key(key)].tenant_id == "demo"
+    again = _gateway_cli("keys", "create", "--tenant", "demo", "--name", "laptop", "--config-dir", str(config_dir))
+    assert again.returncode == 2 and "already has a key named 'laptop'" in again.stderr
+    unknown = _gateway_cli("keys", "create", "--tenant", "nobody", "--config-dir", str(config_dir))
+    assert unknown.returncode == 2 and "no tenant 'nobody'" in unknown.stderr
+
+
+def test_serve_refuses_to_start_on_an_invalid_config(tmp_path):
+    config_dir = _shipped_copy(tmp_path)
+    (config_dir / "models.yaml").write_text("models:\n  m:\n    deployments: []\n")
+    result = _gateway_cli("serve", "--config-dir", str(config_dir), "--port", str(free_port()))
+    assert result.returncode == 2
+    assert "models.yaml, line 3" in result.stderr and "deployments" in result.stderr
+
+
+@pytest.fixture
+def own_gateway(sim, tmp_path):
+    keys = Keys()
+    write_config(tmp_path, sim.url, keys, dead_port=free_port())
+    process = GatewayProcess(tmp_path)
+    yield process, keys
+    process.stop()
+
+
+def _wait_for(condition, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except openai.APIError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("condition not met in time")
+
+
+def test_valid_edit_is_picked_up_without_dropping_requests(own_gateway):
+    gateway, keys = own_gateway
+    client = gateway.client(keys.acme)
+    tenants_file = gateway.config_dir / "tenants.yaml"
+    failures, done = [], threading.Event()
+
+    def keep_calling():
+        while not done.is_set():
+            try:
+                client.chat.completions.create(model="small", messages=HELLO)
+            except Exception as exc:  # noqa: BLE001 - any failure during reload is the finding
+                failures.append(exc)
+
+    caller = threading.Thread(target=keep_calling)
+    caller.start()
+    try:
+        new_key = "sk-gw-added-while-running-0123456789"
+        tenants = yaml.safe_load(tenants_file.read_text())
+        tenants["tenants"]["acme"]["keys"].append({"name": "added", "sha256": hash_key(new_key)})
+        tenants["tenants"]["limited"]["models"] = ["small", "large"]
+        tenants_file.write_text(yaml.safe_dump(tenants))
+        _wait_for(lambda: gateway.client(new_key).models.list().data)
+        assert {m.id for m in gateway.client(keys.limited).models.list()} == {"small", "large"}
+    finally:
+        done.set()
+        caller.join()
+    assert not failures
+
+
+def test_invalid_edit_keeps_the_last_good_config(own_gateway):
+    gateway, keys = own_gateway
+    client = gateway.client(keys.acme)
+    models_file = gateway.config_dir / "models.yaml"
+    good = models_file.read_text()
+    models_file.write_text(good.replace("deployments:", "deploymnts:", 1))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        rejected = [line for line in gateway.log_lines() if "config rejected" in line.get("message", "")]
+        if rejected:
+            break
+        time.sleep(0.1)
+    assert rejected, "no log line about the rejected config"
+    assert "models.yaml, line" in rejected[0]["message"] and "unknown field" in " ".join(
+        line["message"] for line in rejected)
+    assert client.chat.completions.create(model="small", messages=HELLO).choices  # still serving
+    models_file.write_text(good.replace("sim-large", "sim-larger"))
+    _wait_for(lambda: client.chat.completions.with_raw_response.create(
+        model="large", messages=HELLO).headers["x-gateway-deployment"] == "sim-larger")
