@@ -1,0 +1,61 @@
+"""Small pieces of the request path checked on their own."""
+
+from __future__ import annotations
+
+import orjson
+
+from gateway.config.types import Deployment
+from gateway.upstreams.errors import from_upstream_response
+from gateway.upstreams.sse import SSERelay
+from gateway.upstreams.usage import usage_of
+
+DEPLOYMENT = Deployment(name="d", model="m", upstream_model="u", api_base="http://x", api_key=None, headers={},
+                        connect_timeout=1, read_timeout=1, priority=0, is_simulator=False)
+
+
+def _event(payload: dict) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def test_relay_passes_events_split_anywhere_and_reads_usage():
+    events = [_event({"choices": [{"delta": {"content": f"t{i}"}}], "usage": None}) for i in range(3)]
+    usage = _event({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
+    stream = b"".join(events) + usage + b"data: [DONE]\n\n"
+    for cut in range(1, len(stream)):
+        relay = SSERelay(drop_usage_event=True)
+        out = relay.feed(stream[:cut]) + relay.feed(stream[cut:]) + relay.finish()
+        assert out == b"".join(events) + b"data: [DONE]\n\n"
+        assert relay.usage == {"prompt_tokens": 3, "completion_tokens": 4}
+
+
+def test_relay_keeps_usage_the_client_asked_for_and_handles_crlf():
+    usage = _event({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+    relay = SSERelay(drop_usage_event=False)
+    assert relay.feed(usage.replace(b"\n", b"\r\n")) == usage
+    assert relay.usage["completion_tokens"] == 2
+
+
+def test_usage_is_read_from_the_end_of_a_large_body():
+    body = orjson.dumps({"data": [{"embedding": [0.1] * 5000}], "usage": {"prompt_tokens": 9, "total_tokens": 9,
+                                                                          "details": {"cached": 0}}})
+    assert usage_of(body) == {"prompt_tokens": 9, "total_tokens": 9, "details": {"cached": 0}}
+    assert usage_of(b'{"usage": {"prompt_tokens": 1}, "x": "}"}') == {"prompt_tokens": 1}
+    assert usage_of(b"not json") is None
+    assert usage_of(b'{"choices": []}') is None
+
+
+def test_upstream_errors_of_every_shape_become_openai_errors():
+    old_vllm = orjson.dumps({"object": "error", "message": "bad prompt", "type": "BadRequestError",
+                             "param": None, "code": 400})
+    error = from_upstream_response(DEPLOYMENT, 400, old_vllm)
+    assert (error.status, error.message, error.type) == (400, "bad prompt", "invalid_request_error")
+    openai_shape = orjson.dumps({"error": {"message": "slow down", "type": "rate_limit_error", "param": None,
+                                           "code": "rate_limit_exceeded"}})
+    error = from_upstream_response(DEPLOYMENT, 429, openai_shape)
+    assert (error.type, error.code) == ("rate_limit_error", "rate_limit_exceeded")
+    error = from_upstream_response(DEPLOYMENT, 502, b"<html>Bad Gateway</html>")
+    assert error.status == 502 and "Bad Gateway" in error.message and error.type == "upstream_error"
+    error = from_upstream_response(DEPLOYMENT, 401, b'{"error": {"message": "Incorrect API key"}}')
+    assert error.status == 502 and error.code == "upstream_auth_failed"  # not the client's key at fault
+    error = from_upstream_response(DEPLOYMENT, 422, orjson.dumps({"detail": [{"loc": ["body"], "msg": "x"}]}))
+    assert error.status == 422 and "loc" in error.message
