@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 
 from gateway.api.openai import OpenAIRoutes
@@ -59,6 +60,7 @@ class Gateway:
                                   log_prompts=settings.log_prompts)
         self.routes = OpenAIRoutes(self.config, pipeline)
         self._watcher = asyncio.create_task(self.config.watch(settings.reload_interval))
+        gc.freeze()  # what startup built lives for good: keep the collector from walking it on every pass
         models = self.config.current.models.values()
         log.info("gateway ready: %d models (%d on the built-in simulator), %d tenants, config from %s",
                  len(models), sum(m.simulated for m in models), len(self.config.current.tenants),

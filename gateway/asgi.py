@@ -93,20 +93,28 @@ class DisconnectGuard:
     uvicorn does not cancel an application when its client disconnects, and silently drops what is sent after;
     without this, an abandoned request would keep its upstream call (and its GPU time) running to the end.
     Leave the guard as soon as the response is sent: after that, ``receive()`` reports a disconnect at once.
+
+    Watching costs a task, so it starts only once the request has taken ``grace`` seconds: most answers are sent
+    before that, and a client that leaves sooner costs at most ``grace`` seconds of upstream work.
     """
 
-    __slots__ = ("_receive", "_task", "_watcher", "disconnected")
+    __slots__ = ("_receive", "_grace", "_task", "_timer", "_watcher", "disconnected")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, grace: float = 0.05) -> None:
         self._receive = receive
+        self._grace = grace
         self._task: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Task | None = None
         self.disconnected = False
 
     async def __aenter__(self) -> "DisconnectGuard":
         self._task = asyncio.current_task()
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        self._timer = asyncio.get_running_loop().call_later(self._grace, self._start_watching)
         return self
+
+    def _start_watching(self) -> None:
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
         while True:
@@ -117,7 +125,9 @@ class DisconnectGuard:
                 return
 
     async def __aexit__(self, exc_type, exc, tb) -> bool:
-        self._watcher.cancel()
+        self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self.disconnected and exc_type is asyncio.CancelledError:
             self._task.uncancel()
             raise ClientDisconnected

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 import orjson
 
 
+_second: tuple[int, str] = (0, "")
+
+
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """UTC time as 2026-01-31T12:00:00.123Z; the part up to the second is formatted once a second."""
+    global _second
+    now = time.time()
+    whole = int(now)
+    if whole != _second[0]:
+        _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{_second[1]}.{int((now - whole) * 1000):03d}Z"
 
 
 def write_json_line(record: dict[str, Any]) -> None:

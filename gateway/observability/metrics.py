@@ -21,3 +21,24 @@ UPSTREAM_ERRORS = Counter(
     "gateway_upstream_errors", "Failed upstream calls, by deployment and kind.", ["deployment", "kind"]
 )
 CONFIG_RELOADS = Counter("gateway_config_reloads", "Config reloads, by result.", ["result"])
+
+
+class LabelCache:
+    """Children of a labelled metric, looked up once per label set (``labels()`` costs a lock and a tuple)."""
+
+    __slots__ = ("_metric", "_children")
+
+    def __init__(self, metric) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], object] = {}
+
+    def __call__(self, *labels: str):
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
+
+
+requests_by = LabelCache(REQUESTS)
+tokens_by = LabelCache(TOKENS)
+latency_by = LabelCache(LATENCY)

@@ -39,10 +39,10 @@ def record(ctx: RequestContext, log_prompts: bool) -> None:
 
     model_label = ctx.model.name if ctx.model else "-"
     tenant_label = tenant or "-"
-    metrics.REQUESTS.labels(tenant_label, model_label, route, str(ctx.status)).inc()
-    metrics.LATENCY.labels(route).observe(elapsed)
+    metrics.requests_by(tenant_label, model_label, route, str(ctx.status)).inc()
+    metrics.latency_by(route).observe(elapsed)
     metrics.OVERHEAD.observe(ctx.overhead_seconds)
     if ctx.prompt_tokens:
-        metrics.TOKENS.labels(tenant_label, model_label, "prompt").inc(ctx.prompt_tokens)
+        metrics.tokens_by(tenant_label, model_label, "prompt").inc(ctx.prompt_tokens)
     if ctx.completion_tokens:
-        metrics.TOKENS.labels(tenant_label, model_label, "completion").inc(ctx.completion_tokens)
+        metrics.tokens_by(tenant_label, model_label, "completion").inc(ctx.completion_tokens)

@@ -1,0 +1,215 @@
+"""``gateway bench``: the same load straight to the simulator, through a bare pass-through, and through the gateway.
+
+Everything runs in one go on this machine, so the figures are ratios within one run, never absolutes compared
+across machines. Load comes from wrk (a separate C process); CPU time and memory are read from /proc for the
+process under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import yaml
+
+from gateway.config.keys import generate_key, hash_key
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+BODY = {"model": "bench", "messages": [{"role": "user", "content": "Say something short about gateways."}],
+        "max_tokens": 16}
+
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.body = [[%(body)s]]
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %(key)s"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests":%%d,"duration_us":%%d,"errors":%%d,"non2xx":%%d,' ..
+    '"p50_us":%%d,"p99_us":%%d,"mean_us":%%.1f}\\n', summary.requests, summary.duration,
+    e.connect + e.read + e.write + e.timeout, e.status, latency:percentile(50), latency:percentile(99), latency.mean))
+end
+"""
+
+
+@dataclass
+class Measurement:
+    target: str
+    concurrency: int
+    requests: int
+    errors: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    cpu_ms_per_request: float | None
+    rss_mb: float | None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait(url: str, process: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            urllib.request.urlopen(url, timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(url)
+
+
+def _wait_port(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args} exited with {process.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"port {port}")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _wrk(url: str, script: Path, connections: int, duration: float) -> dict:
+    result = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(duration))}s", "--timeout", "10s", "-s", str(script), url],
+        capture_output=True, text=True, check=True,
+    )
+    line = next(l for l in result.stdout.splitlines() if l.startswith("WRKJSON "))
+    return json.loads(line.removeprefix("WRKJSON "))
+
+
+def _measure(name: str, url: str, pid: int, script: Path, connections: int, duration: float) -> Measurement:
+    _wrk(url, script, connections, min(2.0, duration))  # warm up: connections, caches, allocator
+    before = _cpu_seconds(pid)
+    stats = _wrk(url, script, connections, duration)
+    cpu = _cpu_seconds(pid) - before
+    requests = stats["requests"]
+    return Measurement(
+        target=name, concurrency=connections, requests=requests, errors=stats["errors"] + stats["non2xx"],
+        rps=requests / (stats["duration_us"] / 1e6), p50_ms=stats["p50_us"] / 1000, p99_ms=stats["p99_us"] / 1000,
+        cpu_ms_per_request=cpu * 1000 / requests if requests else None, rss_mb=_rss_mb(pid),
+    )
+
+
+def run_benchmark(duration: float = 10.0, latency_ms: float = 5.0, output: Path | None = None) -> dict:
+    if shutil.which("wrk") is None:
+        raise SystemExit("gateway bench needs wrk (Debian: apt-get install wrk)")
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
+    processes: list[subprocess.Popen] = []
+    python = sys.executable
+    try:
+        sim_port, pass_port, gw_port = _free_port(), _free_port(), _free_port()
+        sim = subprocess.Popen([python, "-m", "gateway", "sim", "--port", str(sim_port), "--ttft-ms",
+                                str(latency_ms), "--max-num-seqs", "4096"], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+        processes.append(sim)
+        _wait(f"http://127.0.0.1:{sim_port}/health", sim)
+
+        key = generate_key()
+        config = workdir / "config"
+        config.mkdir()
+        (config / "models.yaml").write_text(yaml.safe_dump({"models": {"bench": {"deployments": [
+            {"name": "sim", "api_base": f"http://127.0.0.1:{sim_port}/v1", "model": "sim"}]}}}))
+        (config / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {"bench": {
+            "name": "Benchmark", "keys": [{"name": "bench", "sha256": hash_key(key)}]}}}))
+        env = {**os.environ, "GATEWAY_BUILTIN_SIMULATOR": "0"}
+        with open(workdir / "gateway.log", "wb") as log:
+            gateway = subprocess.Popen([python, "-m", "gateway", "serve", "--port", str(gw_port), "--config-dir",
+                                        str(config)], env=env, stdout=log, stderr=subprocess.STDOUT)
+        processes.append(gateway)
+        passthrough = subprocess.Popen([python, "-m", "gateway.bench.passthrough", str(pass_port),
+                                        f"http://127.0.0.1:{sim_port}/v1"], stdout=subprocess.DEVNULL,
+                                       stderr=subprocess.DEVNULL)
+        processes.append(passthrough)
+        _wait(f"http://127.0.0.1:{gw_port}/health/ready", gateway)
+        _wait_port(pass_port, passthrough)
+
+        script = workdir / "load.lua"
+        script.write_text(WRK_SCRIPT % {"body": json.dumps(BODY), "key": key})
+        targets = [
+            ("direct", f"http://127.0.0.1:{sim_port}/v1/chat/completions", sim.pid),
+            ("passthrough", f"http://127.0.0.1:{pass_port}/v1/chat/completions", passthrough.pid),
+            ("gateway", f"http://127.0.0.1:{gw_port}/v1/chat/completions", gateway.pid),
+        ]
+        measurements = []
+        for connections in (1, 64, 128):
+            for name, url, pid in targets:
+                measurement = _measure(name, url, pid, script, connections, duration)
+                measurements.append(measurement)
+                print(f"  {name:<12} c={connections:<4} {measurement.rps:8.0f} req/s  p50 {measurement.p50_ms:7.2f} ms"
+                      f"  p99 {measurement.p99_ms:7.2f} ms  cpu {measurement.cpu_ms_per_request or 0:.3f} ms/req"
+                      f"  errors {measurement.errors}", file=sys.stderr, flush=True)
+        logged = sum(1 for line in (workdir / "gateway.log").read_text().splitlines() if '"event":"request"' in line)
+        report = _report(measurements, latency_ms, duration, logged)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if output:
+        output.write_text(text + "\n")
+    return report
+
+
+def _report(measurements: list[Measurement], latency_ms: float, duration: float, logged: int) -> dict:
+    by = {(m.target, m.concurrency): m for m in measurements}
+    summary = {}
+    for c in (1, 64, 128):
+        direct, floor, gw = by[("direct", c)], by[("passthrough", c)], by[("gateway", c)]
+        summary[f"c{c}"] = {
+            "gateway_added_p50_ms": round(gw.p50_ms - direct.p50_ms, 3),
+            "gateway_added_p99_ms": round(gw.p99_ms - direct.p99_ms, 3),
+            "passthrough_added_p50_ms": round(floor.p50_ms - direct.p50_ms, 3),
+            "passthrough_added_p99_ms": round(floor.p99_ms - direct.p99_ms, 3),
+            "gateway_throughput_ratio_to_direct": round(gw.rps / direct.rps, 3),
+            "passthrough_throughput_ratio_to_direct": round(floor.rps / direct.rps, 3),
+            "gateway_cpu_ms_per_request": round(gw.cpu_ms_per_request, 4),
+            "passthrough_cpu_ms_per_request": round(floor.cpu_ms_per_request, 4),
+            "gateway_cpu_ratio_to_passthrough": round(gw.cpu_ms_per_request / floor.cpu_ms_per_request, 3),
+        }
+    gateway_requests = sum(m.requests for m in measurements if m.target == "gateway")
+    return {
+        "setup": {"simulator_latency_ms": latency_ms, "seconds_per_run": duration, "workers": 1,
+                  "cpus": os.cpu_count(), "load_generator": "wrk -t1"},
+        "summary": summary,
+        "gateway_rss_mb": round(by[("gateway", 128)].rss_mb, 1),
+        "passthrough_rss_mb": round(by[("passthrough", 128)].rss_mb, 1),
+        "gateway_requests_measured": gateway_requests,
+        "gateway_request_log_lines": logged,
+        "runs": [asdict(m) for m in measurements],
+    }
