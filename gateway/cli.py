@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     sim.add_argument("--host", default="127.0.0.1")
     sim.add_argument("--port", type=int, default=8000)
     sim.add_argument("--model", action="append", default=[], help="model name served (repeat; default: any)")
+    sim.add_argument("--api-key", help="require this key, as vLLM's --api-key does")
     sim.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token")
     sim.add_argument("--itl-ms", type=float, default=0.0, help="time between tokens")
     sim.add_argument("--max-num-seqs", type=int, default=256, help="requests generated at once")
@@ -104,7 +105,7 @@ def _sim(args: argparse.Namespace) -> None:
         models=args.model, ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, max_num_seqs=args.max_num_seqs,
         max_loras=args.max_loras, lora_swap_ms=args.lora_swap_ms, error_rate=args.error_rate,
         error_status=args.error_status, hang_rate=args.hang_rate, break_stream_after=args.break_stream_after,
-        slow_stream_ms=args.slow_stream_ms,
+        slow_stream_ms=args.slow_stream_ms, api_key=args.api_key,
     )
     print(f"simulator listening on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     run(settings, args.host, args.port)

@@ -174,3 +174,58 @@ def test_invalid_edit_keeps_the_last_good_config(own_gateway):
     models_file.write_text(good.replace("sim-large", "sim-larger"))
     _wait_for(lambda: client.chat.completions.with_raw_response.create(
         model="large", messages=HELLO).headers["x-gateway-deployment"] == "sim-larger")
+
+
+def test_shipped_config_forwards_to_providers_and_vllm_once_configured(tmp_path):
+    """The README's promise: set OPENAI_API_KEY or VLLM_URL and the shipped model names go there."""
+    from conftest import Simulator
+
+    provider = Simulator("--api-key", "sk-provider-secret")  # stands in for OpenAI's servers
+    vllm_node = Simulator("--model", "meta-llama/Llama-3.1-8B-Instruct")
+    config_dir = _shipped_copy(tmp_path)
+    key = "sk-gw-shipped-config-test-key-000000"
+    tenants = yaml.safe_load((config_dir / "tenants.yaml").read_text())
+    tenants["tenants"]["demo"]["keys"] = [{"name": "t", "sha256": hash_key(key)}]
+    (config_dir / "tenants.yaml").write_text(yaml.safe_dump(tenants))
+    environment = {"OPENAI_API_KEY": "sk-provider-secret", "OPENAI_BASE_URL": f"{provider.url}/v1",
+                   "VLLM_URL": f"{vllm_node.url}/v1"}
+    gateway = GatewayProcess(config_dir, env=environment)
+    try:
+        client = gateway.client(key)
+        owners = {m.id: m.owned_by for m in client.models.list()}
+        assert owners["gpt-4o-mini"] == "openai" and owners["llama-3.1-8b"] == "local"
+        raw = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HELLO)
+        assert raw.headers["x-gateway-deployment"] == "openai-gpt-4o-mini"
+        assert raw.parse().model == "gpt-4o-mini"
+        assert provider.last_request()["model"] == "gpt-4o-mini"
+        raw = client.chat.completions.with_raw_response.create(model="llama-3.1-8b", messages=HELLO)
+        assert raw.headers["x-gateway-deployment"] == "vllm-local-open"
+        assert vllm_node.last_request()["model"] == "meta-llama/Llama-3.1-8B-Instruct"
+        assert client.embeddings.create(model="text-embedding-3-small", input="x").data
+    finally:
+        gateway.stop()
+    wrong = GatewayProcess(config_dir, env={**environment, "OPENAI_API_KEY": "sk-wrong"})
+    try:
+        with pytest.raises(openai.InternalServerError) as caught:
+            wrong.client(key).chat.completions.create(model="gpt-4o-mini", messages=HELLO)
+        assert caught.value.status_code == 502 and caught.value.code == "upstream_auth_failed"
+        assert "sk-wrong" not in wrong.log_path.read_text()
+    finally:
+        wrong.stop()
+        provider.stop()
+        vllm_node.stop()
+
+
+def test_sigterm_lets_requests_under_way_finish(own_gateway, sim):
+    gateway, keys = own_gateway
+    sim.control(ttft_ms=1500.0)
+    results: list = []
+    caller = threading.Thread(target=lambda: results.append(
+        gateway.client(keys.acme).chat.completions.create(model="small", messages=HELLO)))
+    caller.start()
+    _wait_for(lambda: sim.stats()["running"] == 1)
+    gateway.process.terminate()
+    caller.join(timeout=10)
+    assert results and results[0].choices[0].message.content
+    assert gateway.process.wait(timeout=10) in (0, -15)  # uvicorn re-raises SIGTERM once it has shut down
+    assert any("Application shutdown complete" in line.get("message", "") for line in gateway.log_lines())

@@ -90,12 +90,19 @@ class Simulator:
             error = SimError(status, f"{scope['method']} {scope['path']} is not served here", "NotFoundError")
             await send_response(send, status, error.body())
             return
+        if self.settings.api_key and scope["path"].startswith("/v1/") and not self._authorized(scope):
+            await send_response(send, 401, b'{"error":"Unauthorized"}')  # vLLM's answer, word for word
+            return
         try:
             await handler(scope, receive, send)
         except SimError as error:
             await send_response(send, error.status, error.body())
         except ClientDisconnected:
             self.stats.cancelled += 1
+
+    def _authorized(self, scope: Scope) -> bool:
+        expected = b"Bearer " + self.settings.api_key.encode()
+        return any(name == b"authorization" and value == expected for name, value in scope["headers"])
 
     # -- OpenAI endpoints ------------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ class SimSettings:
     max_loras: int = 4
     lora_swap_ms: float = 0.0  # time to bring an adapter into a slot
     embedding_dim: int = 384
+    api_key: str | None = None  # like vLLM's --api-key: /v1 routes then need "Authorization: Bearer KEY"
     # Faults
     error_rate: float = 0.0  # share of requests answered with error_status
     error_status: int = 500
