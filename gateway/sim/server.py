@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import uvicorn
@@ -16,6 +17,14 @@ def run(settings: SimSettings, host: str, port: int) -> None:
                 loop="uvloop", http="httptools", lifespan="off")
 
 
+class _QuietServer(uvicorn.Server):
+    """A server that lives inside another: it leaves signals and log levels to the host server."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
 class EmbeddedSimulator:
     """A simulator on an ephemeral loopback port of the current event loop."""
 
@@ -25,8 +34,8 @@ class EmbeddedSimulator:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off")
-        self._server = uvicorn.Server(config)
+        config = uvicorn.Config(self.app, log_config=None, log_level=None, access_log=False, lifespan="off")
+        self._server = _QuietServer(config)
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
