@@ -15,6 +15,13 @@ def _flag(value: str) -> bool:
     return value.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _failure_mode(value: str) -> str:
+    value = value.strip().lower()
+    if value not in ("open", "closed"):
+        raise ValueError(value)
+    return value
+
+
 @dataclass(frozen=True)
 class Settings:
     config_dir: Path = Path("config")
@@ -29,6 +36,14 @@ class Settings:
     simulator_ttft_ms: float = 20.0
     simulator_itl_ms: float = 5.0
     graceful_shutdown_seconds: float = 30.0
+    # Stores. With no URL, `gateway serve` starts embedded servers in data_dir and sets the URL itself.
+    redis_url: str | None = None
+    database_url: str | None = None
+    data_dir: Path = Path("data")
+    # What requests get while Redis cannot be reached: "open" serves them without limits, "closed" refuses (503).
+    redis_failure_mode: str = "open"
+    ledger_batch_size: int = 500
+    ledger_flush_seconds: float = 0.2
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -57,4 +72,10 @@ class Settings:
             simulator_ttft_ms=get("SIMULATOR_TTFT_MS", float, default.simulator_ttft_ms),
             simulator_itl_ms=get("SIMULATOR_ITL_MS", float, default.simulator_itl_ms),
             graceful_shutdown_seconds=get("GRACEFUL_SHUTDOWN_SECONDS", float, default.graceful_shutdown_seconds),
+            redis_url=env.get("REDIS_URL") or None,
+            database_url=env.get("DATABASE_URL") or None,
+            data_dir=get("DATA_DIR", Path, default.data_dir),
+            redis_failure_mode=get("REDIS_FAILURE_MODE", _failure_mode, default.redis_failure_mode),
+            ledger_batch_size=get("LEDGER_BATCH_SIZE", int, default.ledger_batch_size),
+            ledger_flush_seconds=get("LEDGER_FLUSH_SECONDS", float, default.ledger_flush_seconds),
         )

@@ -6,17 +6,35 @@ import datetime as dt
 import fnmatch
 import os
 import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from pydantic import BaseModel, ValidationError
 
-from gateway.config.schema import BUILTIN_SIMULATOR, ModelsFile, TenantsFile
-from gateway.config.types import ApiKey, Deployment, GatewayConfig, Model, Pricing, Tenant
+from gateway.config.schema import BUILTIN_SIMULATOR, KeyLimitsSpec, LimitsSpec, ModelsFile, TenantSpec, TenantsFile
+from gateway.config.tiers import BUILTIN_TIERS
+from gateway.config.types import ApiKey, Deployment, GatewayConfig, KeyLimits, Limits, Model, Pricing, Tenant
 from gateway.config.yaml_source import ConfigError, YamlDocument, read_yaml
 
 MODELS_FILE = "models.yaml"
 TENANTS_FILE = "tenants.yaml"
+
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    tenant_id: str
+    name: str
+    sha256: str
+    expires_at: float | None = None
+
+
+@dataclass(frozen=True)
+class ApiState:
+    """Tenants and keys made through the admin API (kept in PostgreSQL), to merge with tenants.yaml."""
+
+    tenants: dict[str, TenantSpec] = field(default_factory=dict)
+    keys: tuple[ApiKeyRecord, ...] = ()
+
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -26,11 +44,12 @@ def load_config(
     *,
     simulator_url: str | None = None,
     environ: Mapping[str, str] | None = None,
+    api_state: ApiState | None = None,
 ) -> GatewayConfig:
     """Read and validate both files of ``config_dir``; raise ConfigError listing every problem found.
 
     ``simulator_url`` is where deployments with ``api_base: builtin:simulator`` send requests; without it they are
-    unavailable.
+    unavailable. ``api_state`` holds the tenants and keys made through the admin API, merged with the file's.
     """
     environ = os.environ if environ is None else environ
     problems: list[str] = []
@@ -50,7 +69,7 @@ def load_config(
         raise ConfigError(problems)
 
     models = _compile_models(models_file, simulator_url, environ)
-    tenants, keys = _compile_tenants(tenants_file, tenants_doc, models)
+    tenants, keys, admin_keys = _compile_tenants(tenants_file, tenants_doc, models, api_state)
     warnings = [
         f"{models_doc.where(('models', m.name))}: model '{m.name}' has no usable deployment: "
         + "; ".join(f"{d.name}: {d.unavailable_reason}" for d in m.deployments)
@@ -61,6 +80,7 @@ def load_config(
         models=models,
         tenants=tenants,
         keys=keys,
+        admin_keys=admin_keys,
         sources=(models_doc.path, tenants_doc.path),
         warnings=tuple(warnings),
     )
@@ -162,13 +182,49 @@ def _expand(value: str, environ: Mapping[str, str], missing: list[str]) -> str:
     return _ENV_REFERENCE.sub(substitute, value) if "${" in value else value
 
 
+def _compile_tiers(spec: TenantsFile, doc: YamlDocument) -> dict[str, tuple[Limits, frozenset[str]]]:
+    """Built-in tiers with the file's changes laid over them field by field, plus the file's own tiers."""
+    tiers: dict[str, tuple[Limits, frozenset[str]]] = {}
+    for name in {*BUILTIN_TIERS, *spec.tiers}:
+        builtin = BUILTIN_TIERS.get(name, {"limits": {}, "features": []})
+        override = spec.tiers.get(name)
+        limits = dict(builtin["limits"])
+        features = builtin["features"]
+        if override is not None:
+            limits.update(override.limits.model_dump(exclude_none=True))
+            if override.features is not None:
+                features = override.features
+        tiers[name] = (Limits(**limits), frozenset(features))
+    return tiers
+
+
+def _tenant_limits(tier: Limits, overrides: LimitsSpec) -> Limits:
+    return replace(tier, **overrides.model_dump(exclude_none=True))
+
+
+def _key_limits(spec: KeyLimitsSpec | None) -> KeyLimits | None:
+    if spec is None or not spec.model_dump(exclude_none=True):
+        return None
+    return KeyLimits(**spec.model_dump())
+
+
 def _compile_tenants(
-    spec: TenantsFile, doc: YamlDocument, models: dict[str, Model]
-) -> tuple[dict[str, Tenant], dict[str, ApiKey]]:
+    spec: TenantsFile, doc: YamlDocument, models: dict[str, Model], api_state: ApiState | None
+) -> tuple[dict[str, Tenant], dict[str, ApiKey], dict[str, str]]:
+    tiers = _compile_tiers(spec, doc)
     tenants: dict[str, Tenant] = {}
     keys: dict[str, ApiKey] = {}
     problems: list[str] = []
-    for tenant_id, t in spec.tenants.items():
+    declared = [(tenant_id, t, "yaml") for tenant_id, t in spec.tenants.items()]
+    if api_state is not None:
+        declared += [(tenant_id, t, "api") for tenant_id, t in api_state.tenants.items() if tenant_id not in spec.tenants]
+    for tenant_id, t, source in declared:
+        where = doc.where(("tenants", tenant_id)) if source == "yaml" else f"tenant '{tenant_id}' (admin API)"
+        if t.tier not in tiers:
+            problems.append(f"{doc.where(('tenants', tenant_id, 'tier')) if source == 'yaml' else where}: "
+                            f"unknown tier '{t.tier}' (tiers: {', '.join(sorted(tiers))})")
+            continue
+        tier_limits, tier_features = tiers[t.tier]
         allowed = frozenset(
             name for name in models if any(fnmatch.fnmatchcase(name, pattern) for pattern in t.models)
         )
@@ -178,19 +234,37 @@ def _compile_tenants(
             enabled=t.enabled,
             model_patterns=tuple(t.models),
             allowed_models=allowed,
+            tier=t.tier,
+            industry=t.industry,
+            system_prompt=t.system_prompt,
+            limits=_tenant_limits(tier_limits, t.limits),
+            features=frozenset(t.features) if t.features is not None else tier_features,
+            source=source,
         )
         for index, key in enumerate(t.keys):
-            if key.sha256 in keys:
-                other = keys[key.sha256]
-                problems.append(
-                    f"{doc.where(('tenants', tenant_id, 'keys', index))}: the same key is already "
-                    f"registered as '{other.name}' of tenant '{other.tenant_id}'"
-                )
-                continue
-            keys[key.sha256] = ApiKey(tenant_id=tenant_id, name=key.name, expires_at=_unix_time(key.expires))
+            _add_key(keys, key.sha256, ApiKey(tenant_id, key.name, _unix_time(key.expires), _key_limits(key.limits)),
+                     doc.where(("tenants", tenant_id, "keys", index)), problems)
+    if api_state is not None:
+        for record in api_state.keys:
+            if record.tenant_id in tenants:
+                _add_key(keys, record.sha256, ApiKey(record.tenant_id, record.name, record.expires_at),
+                         f"key '{record.name}' of tenant '{record.tenant_id}' (admin API)", problems)
+    admin_keys = {}
+    for index, key in enumerate(spec.admin_keys):
+        if key.sha256 in keys or key.sha256 in admin_keys:
+            problems.append(f"{doc.where(('admin_keys', index))}: an admin key must not also be a tenant key")
+        admin_keys[key.sha256] = key.name
     if problems:
         raise ConfigError(problems)
-    return tenants, keys
+    return tenants, keys, admin_keys
+
+
+def _add_key(keys: dict[str, ApiKey], digest: str, key: ApiKey, where: str, problems: list[str]) -> None:
+    other = keys.get(digest)
+    if other is not None:
+        problems.append(f"{where}: the same key is already registered as '{other.name}' of tenant '{other.tenant_id}'")
+        return
+    keys[digest] = key
 
 
 def _unix_time(value: dt.date | dt.datetime | None) -> float | None:

@@ -88,20 +88,55 @@ class ModelsFile(Strict):
         return value
 
 
+FEATURES = ("router", "analytics", "sso", "custom_model")
+
+
+class LimitsSpec(Strict):
+    """Limits of a tier, or a tenant's overrides of its tier's (a field left out is inherited)."""
+
+    requests_per_minute: int | None = Field(None, ge=0)
+    tokens_per_minute: int | None = Field(None, ge=0)
+    tokens_per_hour: int | None = Field(None, ge=0)
+    concurrent_requests: int | None = Field(None, ge=0)
+    calls_per_day: int | None = Field(None, ge=0)
+    monthly_budget_usd: float | None = Field(None, ge=0)
+    completion_reservation: int | None = Field(
+        None, ge=1, description="completion tokens reserved for a request that does not set max_tokens")
+
+
+class KeyLimitsSpec(Strict):
+    requests_per_minute: int | None = Field(None, ge=0)
+    tokens_per_minute: int | None = Field(None, ge=0)
+    concurrent_requests: int | None = Field(None, ge=0)
+
+
 class KeySpec(Strict):
     name: str = Field(min_length=1, max_length=64)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key; the key itself is never stored")
     expires: dt.date | dt.datetime | None = None
+    limits: KeyLimitsSpec | None = None
+
+
+class TierSpec(Strict):
+    limits: LimitsSpec = LimitsSpec()
+    features: list[Literal[FEATURES]] | None = None
 
 
 class TenantSpec(Strict):
     name: str = Field(min_length=1)
     enabled: bool = True
+    tier: str = "basic"
+    industry: str | None = None
     models: list[str] = Field(default_factory=lambda: ["*"], description="patterns of model names, * and ? allowed")
+    system_prompt: str | None = None
+    limits: LimitsSpec = LimitsSpec()
+    features: list[Literal[FEATURES]] | None = None  # replaces the tier's list when given
     keys: list[KeySpec] = Field(default_factory=list)
 
 
 class TenantsFile(Strict):
+    tiers: dict[str, TierSpec] = Field(default_factory=dict)
+    admin_keys: list[KeySpec] = Field(default_factory=list)
     tenants: dict[str, TenantSpec] = Field(default_factory=dict)
 
     @field_validator("tenants")

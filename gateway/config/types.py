@@ -53,10 +53,31 @@ class Model:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """A tenant's effective limits (tier, then the tenant's overrides); None means no limit."""
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    tokens_per_hour: int | None = None
+    concurrent_requests: int | None = None
+    calls_per_day: int | None = None
+    monthly_budget_usd: float | None = None
+    completion_reservation: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    concurrent_requests: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ApiKey:
     tenant_id: str
     name: str
     expires_at: float | None  # unix time
+    limits: KeyLimits | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +87,12 @@ class Tenant:
     enabled: bool
     model_patterns: tuple[str, ...]
     allowed_models: frozenset[str]  # model names of models.yaml that the patterns admit
+    tier: str = "basic"
+    industry: str | None = None
+    system_prompt: str | None = None
+    limits: Limits = Limits()
+    features: frozenset[str] = frozenset()
+    source: str = "yaml"  # "yaml" or "api" (made through the admin API, kept in PostgreSQL)
 
 
 @dataclass(frozen=True)
@@ -73,6 +100,7 @@ class GatewayConfig:
     models: dict[str, Model]
     tenants: dict[str, Tenant]
     keys: dict[str, ApiKey]  # hex SHA-256 of the key -> key
+    admin_keys: dict[str, str] = field(default_factory=dict)  # hex SHA-256 -> key name
     sources: tuple[Path, ...] = field(default=())
     warnings: tuple[str, ...] = field(default=())
 
