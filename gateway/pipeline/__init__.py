@@ -6,13 +6,25 @@ from gateway.pipeline.access import authorize_model
 from gateway.pipeline.auth import authenticate
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.forward import Forward
+from gateway.pipeline.limits import EnforceLimits
 from gateway.pipeline.parse import read_json_body
+from gateway.pipeline.prompt import apply_system_prompt
 from gateway.pipeline.runner import Pipeline
+from gateway.stores.ledger import Ledger
+from gateway.stores.limits import Limiter
 from gateway.upstreams.client import UpstreamClient
 from gateway.upstreams.select import DeploymentSelector
 
 
-def build_pipeline(client: UpstreamClient, *, max_body_bytes: int, log_prompts: bool) -> Pipeline:
+def build_pipeline(
+    client: UpstreamClient,
+    limiter: Limiter,
+    ledger: Ledger,
+    *,
+    max_body_bytes: int,
+    log_prompts: bool,
+    refuse_without_redis: bool,
+) -> Pipeline:
     async def read_request(ctx: RequestContext) -> None:
         await read_json_body(ctx, max_body_bytes)
 
@@ -21,7 +33,10 @@ def build_pipeline(client: UpstreamClient, *, max_body_bytes: int, log_prompts: 
             authenticate,  # who is calling (401 / 403)
             read_request,  # the body, and the fields the gateway acts on (400 / 413)
             authorize_model,  # may this tenant use this model, can it serve this request (404 / 400 / 503)
+            apply_system_prompt,  # the tenant's instructions before the client's
+            EnforceLimits(limiter, refuse_without_redis),  # limits and budget reserved, settled at the end (429)
             Forward(client, DeploymentSelector()),  # to a deployment, answer relayed as it arrives
         ],
         log_prompts=log_prompts,
+        ledger=ledger,  # every request, answered or refused, gets its row
     )

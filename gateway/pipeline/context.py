@@ -26,16 +26,17 @@ Finisher = Callable[["RequestContext"], Awaitable[None]]
 
 class RequestContext:
     __slots__ = (
-        "request_id", "started", "scope", "receive", "send", "config", "endpoint",
+        "request_id", "started", "started_at", "scope", "receive", "send", "config", "endpoint",
         "tenant", "api_key", "body", "model_requested", "model", "deployment", "stream", "usage_injected",
         "status", "error_type", "prompt_tokens", "completion_tokens",
         "upstream_started", "upstream_seconds", "overhead_seconds", "responded", "client_disconnected",
-        "response_headers", "finishers",
+        "response_headers", "finishers", "reserved_tokens", "reserved_cost_nano", "limits_degraded", "cost_usd",
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, config: GatewayConfig, endpoint: Endpoint) -> None:
         self.request_id = "req_" + os.urandom(12).hex()
         self.started = time.perf_counter()
+        self.started_at = time.time()
         self.scope = scope
         self.receive = receive
         self.send = send
@@ -60,6 +61,10 @@ class RequestContext:
         self.client_disconnected = False
         self.response_headers: Headers = [(b"x-request-id", self.request_id.encode())]
         self.finishers: list[Finisher] = []
+        self.reserved_tokens = 0
+        self.reserved_cost_nano = 0
+        self.limits_degraded = False  # admitted without counting: Redis was unreachable
+        self.cost_usd = 0.0
 
     def on_finish(self, finisher: Finisher) -> None:
         """Run ``finisher`` once the request is over, answered or not (in reverse order of registration)."""

@@ -1,17 +1,32 @@
-"""After every request: one structured log line and the metrics. Never a key; prompts only when configured."""
+"""After every request: one ledger row, one structured log line and the metrics.
+
+Never a key; prompt text only when configured.
+"""
 
 from __future__ import annotations
 
 from gateway.observability import metrics
 from gateway.observability.logs import log_request
 from gateway.pipeline.context import RequestContext
+from gateway.stores.ledger import Ledger
 
 
-def record(ctx: RequestContext, log_prompts: bool) -> None:
+def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> None:
     elapsed = ctx.elapsed()
     if not ctx.overhead_seconds:
         ctx.overhead_seconds = max(0.0, elapsed - ctx.upstream_seconds)
+    if ctx.model is not None and (ctx.prompt_tokens or ctx.completion_tokens):
+        ctx.cost_usd = ctx.model.pricing.cost(ctx.prompt_tokens, ctx.completion_tokens)
     tenant = ctx.tenant.id if ctx.tenant else None
+    deployment = ctx.deployment
+    if ledger is not None:
+        ledger.record((
+            ctx.request_id, ctx.started_at, tenant, ctx.api_key.name if ctx.api_key else None, ctx.endpoint.route,
+            ctx.model_requested, ctx.model.name if ctx.model else None, deployment.name if deployment else None,
+            deployment.upstream_model if deployment else None, None, None, ctx.prompt_tokens,
+            ctx.completion_tokens, ctx.cost_usd, elapsed * 1000, ctx.upstream_seconds * 1000,
+            ctx.overhead_seconds * 1000, False, None, None, None, ctx.stream, ctx.status, ctx.error_type,
+        ))
     route = ctx.endpoint.route
     line = {
         "request_id": ctx.request_id,
@@ -20,19 +35,22 @@ def record(ctx: RequestContext, log_prompts: bool) -> None:
         "route": route,
         "model_requested": ctx.model_requested,
         "model": ctx.model.name if ctx.model else None,
-        "deployment": ctx.deployment.name if ctx.deployment else None,
-        "upstream_model": ctx.deployment.upstream_model if ctx.deployment else None,
+        "deployment": deployment.name if deployment else None,
+        "upstream_model": deployment.upstream_model if deployment else None,
         "stream": ctx.stream,
         "status": ctx.status,
         "error_type": ctx.error_type,
         "prompt_tokens": ctx.prompt_tokens,
         "completion_tokens": ctx.completion_tokens,
+        "cost_usd": round(ctx.cost_usd, 9),
         "latency_ms": round(elapsed * 1000, 2),
         "upstream_ms": round(ctx.upstream_seconds * 1000, 2),
         "overhead_ms": round(ctx.overhead_seconds * 1000, 3),
     }
     if ctx.client_disconnected:
         line["client_disconnected"] = True
+    if ctx.limits_degraded:
+        line["limits_degraded"] = True
     if log_prompts and ctx.body:
         line["prompt"] = ctx.body.get("messages") or ctx.body.get("prompt") or ctx.body.get("input")
     log_request(line)

@@ -14,6 +14,7 @@ from gateway.asgi import ClientDisconnected, send_response
 from gateway.errors import GatewayError
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.record import record
+from gateway.stores.ledger import Ledger
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -21,9 +22,10 @@ Stage = Callable[[RequestContext], Awaitable[None]]
 
 
 class Pipeline:
-    def __init__(self, stages: Sequence[Stage], log_prompts: bool = False) -> None:
+    def __init__(self, stages: Sequence[Stage], log_prompts: bool = False, ledger: Ledger | None = None) -> None:
         self.stages = tuple(stages)
         self.log_prompts = log_prompts
+        self.ledger = ledger
 
     async def run(self, ctx: RequestContext) -> None:
         try:
@@ -47,7 +49,7 @@ class Pipeline:
                     await finisher(ctx)
                 except Exception:
                     log.exception("finishing request %s failed", ctx.request_id)
-            record(ctx, self.log_prompts)
+            record(ctx, self.log_prompts, self.ledger)
 
     @staticmethod
     async def _refuse(ctx: RequestContext, error: GatewayError) -> None:

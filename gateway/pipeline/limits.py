@@ -1,0 +1,106 @@
+"""Stage: the tenant's limits and budget. Reserves before the upstream call, settles to real usage after.
+
+Refusals are OpenAI's 429s with Retry-After; every answer that was counted carries OpenAI's
+x-ratelimit-{limit,remaining,reset}-{requests,tokens} headers (per-minute windows).
+"""
+
+from __future__ import annotations
+
+import time
+
+from gateway.errors import GatewayError
+from gateway.observability import metrics
+from gateway.pipeline import tokens
+from gateway.pipeline.context import RequestContext
+from gateway.stores.limits import NANO, Admission, Check, Limiter
+
+
+class EnforceLimits:
+    def __init__(self, limiter: Limiter, refuse_when_unavailable: bool) -> None:
+        self.limiter = limiter
+        self.refuse_when_unavailable = refuse_when_unavailable
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        body = ctx.body
+        prompt = tokens.prompt_tokens(body)
+        completion = 0 if ctx.endpoint.model_type == "embedding" else tokens.completion_reservation(
+            body, ctx.tenant.limits.completion_reservation)
+        cost_nano = int(ctx.model.pricing.cost(prompt, completion) * NANO)
+        now = time.time()
+        checks = self.limiter.plan(ctx.tenant, ctx.api_key, ctx.request_id, prompt + completion, cost_nano, now)
+        admission = await self.limiter.admit(checks, ctx.request_id, now)
+        ctx.reserved_tokens = prompt + completion
+        ctx.reserved_cost_nano = cost_nano
+        if admission.degraded:
+            if self.refuse_when_unavailable:
+                raise GatewayError(503, "The gateway cannot check this tenant's limits right now; try again shortly.",
+                                   type="server_error", code="limits_unavailable", headers={"retry-after": "1"})
+            ctx.limits_degraded = True
+            return
+        if not admission.admitted:
+            metrics.LIMIT_REFUSALS.labels(ctx.tenant.id, admission.refused.name).inc()
+            raise _refusal(admission.refused, admission.used[0], now, ctx)
+        ctx.response_headers += _rate_headers(admission, now)
+
+        async def settle(ctx: RequestContext) -> None:
+            await self.limiter.settle(admission, ctx.request_id, _actual(ctx))
+
+        ctx.on_finish(settle)
+
+
+def _actual(ctx: RequestContext) -> dict[str, int]:
+    """What the request really used; an answer that never came costs nothing, one of unknown size its reservation."""
+    if ctx.prompt_tokens or ctx.completion_tokens:
+        used = ctx.prompt_tokens + ctx.completion_tokens
+        cost = int(ctx.model.pricing.cost(ctx.prompt_tokens, ctx.completion_tokens) * NANO)
+        return {"tokens": used, "budget": cost}
+    if ctx.status and ctx.status < 400:
+        return {"tokens": ctx.reserved_tokens, "budget": ctx.reserved_cost_nano}
+    return {"tokens": 0, "budget": 0}
+
+
+def _refusal(check: Check, used: int, now: float, ctx: RequestContext) -> GatewayError:
+    wait = max(1, int(check.reset_at - now + 0.999))
+    headers = {"retry-after": str(wait)}
+    if check.kind == "budget":
+        budget = ctx.tenant.limits.monthly_budget_usd
+        return GatewayError(
+            429, f"You exceeded your current quota: this request could cost up to ${check.amount / NANO:.6f} "
+                 f"and ${used / NANO:.6f} of the ${budget:.2f} monthly budget is spent or reserved.",
+            type="insufficient_quota", code="insufficient_quota", headers=headers)
+    if check.kind == "concurrency":
+        return GatewayError(
+            429, f"Too many concurrent requests: the limit is {check.limit} at once. Retry when one finishes.",
+            type="requests", code="concurrency_limit_exceeded", headers={"retry-after": "1"})
+    if check.kind == "tokens" and check.amount > (check.limit or 0):
+        return GatewayError(
+            429, f"Request too large for {check.name}: it may use {check.amount} tokens and the limit is "
+                 f"{check.limit}. Send a shorter prompt or a lower max_tokens.",
+            type="tokens", code="rate_limit_exceeded", headers=headers)
+    return GatewayError(
+        429, f"Rate limit reached on {check.name}: limit {check.limit}, used {used}, requested {check.amount}. "
+             f"Please try again in {wait}s.",
+        type=check.kind, code="rate_limit_exceeded", headers=headers)
+
+
+def _rate_headers(admission: Admission, now: float) -> list[tuple[bytes, bytes]]:
+    headers = []
+    for check, used in zip(admission.checks, admission.used):
+        if check.limit is None or check.name not in ("requests per minute", "tokens per minute"):
+            continue
+        kind = "requests" if check.kind == "requests" else "tokens"
+        headers += [
+            (b"x-ratelimit-limit-" + kind.encode(), str(check.limit).encode()),
+            (b"x-ratelimit-remaining-" + kind.encode(), str(max(0, check.limit - used)).encode()),
+            (b"x-ratelimit-reset-" + kind.encode(), _duration(check.reset_at - now).encode()),
+        ]
+    return headers
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's reset format: 20ms, 1s, 6m0s."""
+    if seconds < 1:
+        return f"{max(0, int(seconds * 1000))}ms"
+    whole = int(seconds + 0.5)
+    minutes, rest = divmod(whole, 60)
+    return f"{minutes}m{rest}s" if minutes else f"{rest}s"

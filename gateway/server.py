@@ -1,0 +1,50 @@
+"""``gateway serve``: the embedded stores (when no URL is given), then uvicorn with the gateway app."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+
+import uvicorn
+
+from gateway.settings import Settings
+from gateway.stores.embedded import EmbeddedServers
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, except that after its graceful stop on SIGTERM the process goes on to exit normally.
+
+    uvicorn re-raises the signal once it has stopped, which would end the process before the embedded stores
+    are shut down.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def serve(settings: Settings) -> None:
+    # Embedded stores start here, once, so that every worker shares them; workers find them through the URLs.
+    embedded = EmbeddedServers(settings.data_dir)
+    try:
+        if not settings.redis_url:
+            os.environ["REDIS_URL"] = embedded.start_redis()
+        if not settings.database_url:
+            os.environ["DATABASE_URL"] = embedded.start_postgres()
+        options = dict(
+            factory=True, host=settings.host, port=settings.port, workers=settings.workers, loop="uvloop",
+            http="httptools", lifespan="on", access_log=False, log_config=None,
+            timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
+        )
+        if settings.workers > 1:
+            uvicorn.run("gateway.app:create_app", **options)
+        else:
+            _Server(uvicorn.Config("gateway.app:create_app", **options)).run()
+    finally:
+        embedded.stop()

@@ -1,0 +1,223 @@
+"""The usage ledger: one row per request in PostgreSQL, written off the request path, never lost.
+
+Requests put their row on a queue and move on. A writer task inserts the queue in batches. When PostgreSQL
+cannot take a batch, the batch goes to a spool file on local disk (fsynced) and a replay task writes the spool
+once PostgreSQL is back. On shutdown the queue is drained into PostgreSQL, or into the spool if it is down, and
+the next start replays it. Rows are keyed by request id, so a batch written twice is stored once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import asyncpg
+import orjson
+
+from gateway.observability import metrics
+from gateway.stores.migrations import migrate
+
+log = logging.getLogger("gateway.ledger")
+
+COLUMNS = (
+    "request_id", "created_at", "tenant_id", "key_name", "route", "model_requested", "model", "deployment",
+    "upstream_model", "routing_rule", "complexity", "prompt_tokens", "completion_tokens", "cost_usd",
+    "latency_ms", "upstream_ms", "overhead_ms", "cache_hit", "cascaded", "confidence", "fallbacks", "stream",
+    "status", "error_type",
+)
+_TYPES = (
+    "text", "timestamptz", "text", "text", "text", "text", "text", "text",
+    "text", "text", "text", "integer", "integer", "numeric",
+    "real", "real", "real", "boolean", "boolean", "real", "text", "boolean",
+    "integer", "text",
+)
+_INSERT = (
+    f"INSERT INTO usage_ledger ({', '.join(COLUMNS)}) "
+    f"SELECT * FROM unnest({', '.join(f'${i + 1}::{t}[]' for i, t in enumerate(_TYPES))}) "
+    "ON CONFLICT (request_id) DO NOTHING"
+)
+_CREATED_AT = COLUMNS.index("created_at")
+_STOP: tuple = ()
+_FAILURES = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
+
+
+class Ledger:
+    def __init__(self, dsn: str, spool_dir: Path, batch_size: int = 500, flush_seconds: float = 0.2) -> None:
+        self.dsn = dsn
+        self.spool_dir = spool_dir
+        self.batch_size = batch_size
+        self.flush_seconds = flush_seconds
+        self.pool: asyncpg.Pool | None = None
+        self._queue: asyncio.Queue[tuple] = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._spool_file = spool_dir / f"ledger-{os.getpid()}.jsonl"
+        self.reachable = False
+
+    async def start(self) -> None:
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        await self._connect()
+        self._tasks = [asyncio.create_task(self._write_forever()), asyncio.create_task(self._replay_forever())]
+
+    async def _connect(self) -> bool:
+        if self.pool is not None:
+            return True
+        try:
+            self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, timeout=5,
+                                                  command_timeout=30, init=_init_connection)
+            async with self.pool.acquire() as connection:
+                await migrate(connection)
+        except _FAILURES as exc:
+            if self.pool is not None:
+                self.pool.terminate()
+                self.pool = None
+            self._set_reachable(False, exc)
+            return False
+        self._set_reachable(True)
+        return True
+
+    def record(self, row: Sequence) -> None:
+        """Queue one row (in COLUMNS order); never waits."""
+        self._queue.put_nowait(tuple(row))
+
+    async def close(self) -> None:
+        """Write everything still queued (to PostgreSQL, or to the spool), then stop."""
+        writer, replayer = self._tasks or (None, None)
+        if replayer is not None:
+            replayer.cancel()  # a replay cut short leaves its claimed file to be replayed again: rows are idempotent
+            await asyncio.gather(replayer, return_exceptions=True)
+        if writer is not None:
+            self._queue.put_nowait(_STOP)
+            await writer
+        while not self._queue.empty():
+            await self._flush([row for row in self._take(self.batch_size) if row is not _STOP])
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
+    # -- writing -----------------------------------------------------------------------------------------------
+
+    def _take(self, limit: int) -> list[tuple]:
+        batch = []
+        while len(batch) < limit and not self._queue.empty():
+            batch.append(self._queue.get_nowait())
+        return batch
+
+    async def _write_forever(self) -> None:
+        """Insert the queue in batches until the stop marker arrives; never cancelled in the middle of a batch."""
+        while True:
+            first = await self._queue.get()
+            if first is not _STOP and self._queue.qsize() < self.batch_size - 1:
+                await asyncio.sleep(self.flush_seconds)  # let a batch gather
+            batch = [first, *self._take(self.batch_size - 1)]
+            rows = [row for row in batch if row is not _STOP]
+            await self._flush(rows)
+            if len(rows) != len(batch):
+                return
+
+    async def _flush(self, batch: list[tuple]) -> None:
+        if not batch:
+            return
+        if await self._insert(batch):
+            metrics.LEDGER_ROWS.labels("written").inc(len(batch))
+        else:
+            self._spool(batch)
+
+    async def _insert(self, rows: list[tuple]) -> bool:
+        if not await self._connect():
+            return False
+        columns = [list(column) for column in zip(*rows)]
+        columns[_CREATED_AT] = [_timestamp(value) for value in columns[_CREATED_AT]]
+        try:
+            async with self.pool.acquire() as connection:
+                await connection.execute(_INSERT, *columns)
+        except _FAILURES as exc:
+            self._set_reachable(False, exc)
+            return False
+        self._set_reachable(True)
+        return True
+
+    def _spool(self, batch: list[tuple]) -> None:
+        with open(self._spool_file, "ab") as handle:
+            for row in batch:
+                handle.write(orjson.dumps(row, option=orjson.OPT_APPEND_NEWLINE))
+            handle.flush()
+            os.fsync(handle.fileno())
+        metrics.LEDGER_ROWS.labels("spooled").inc(len(batch))
+        metrics.LEDGER_SPOOLED.inc(len(batch))
+
+    # -- replaying the spool -------------------------------------------------------------------------------------
+
+    async def _replay_forever(self) -> None:
+        while True:
+            try:
+                await self.replay_spool()
+            except Exception:  # keep replaying later; a dead replay task would strand the spool
+                log.exception("replaying the ledger spool failed")
+            await asyncio.sleep(1.0)
+
+    async def replay_spool(self) -> int:
+        """Write spooled rows to PostgreSQL; return how many were replayed."""
+        replayed = 0
+        for path in sorted(self.spool_dir.glob("ledger-*.jsonl")) + sorted(self.spool_dir.glob("*.claimed")):
+            claimed = self._claim(path)
+            if claimed is None:
+                continue
+            rows = [tuple(orjson.loads(line)) for line in claimed.read_bytes().splitlines() if line.strip()]
+            for start in range(0, len(rows), self.batch_size):
+                if not await self._insert(rows[start:start + self.batch_size]):
+                    return replayed  # still down: the claimed file stays and is tried again
+            claimed.unlink()
+            replayed += len(rows)
+            metrics.LEDGER_ROWS.labels("replayed").inc(len(rows))
+            metrics.LEDGER_SPOOLED.dec(len(rows))
+            log.info("replayed %d usage rows from %s", len(rows), path.name)
+        return replayed
+
+    def _claim(self, path: Path) -> Path | None:
+        """Take a spool file for this process: one of its own, an unclaimed one, or one whose claimer died."""
+        if path.suffix == ".claimed":
+            owner = int(path.name.rsplit(".", 2)[-2])
+            if owner != os.getpid() and _alive(owner):
+                return None
+            target = path.with_name(path.name.rsplit(".", 2)[0] + f".{os.getpid()}.claimed")
+        else:
+            target = path.with_name(path.name + f".{os.getpid()}.claimed")
+        try:
+            path.rename(target)
+        except FileNotFoundError:
+            return None  # another worker took it first
+        return target
+
+    def _set_reachable(self, reachable: bool, exc: BaseException | None = None) -> None:
+        if reachable != self.reachable:
+            if reachable:
+                log.info("PostgreSQL reachable: usage rows go to the ledger")
+            else:
+                log.error("PostgreSQL unreachable, usage rows are spooled to %s: %s", self.spool_dir, exc)
+            self.reachable = reachable
+
+
+async def _init_connection(connection: asyncpg.Connection) -> None:
+    await connection.execute("SET application_name = 'llm-gateway'")
+
+
+def _timestamp(value: float | str | dt.datetime) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        return value
+    if isinstance(value, str):
+        return dt.datetime.fromisoformat(value)
+    return dt.datetime.fromtimestamp(value, dt.timezone.utc)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,82 @@
+"""The gateway's PostgreSQL schema, created and migrated by the gateway itself.
+
+Migrations run in order, each once, under an advisory lock, so several workers or replicas starting together
+apply each exactly once. Never edit a migration that has shipped: add the next one.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: the usage ledger
+    """
+    CREATE TABLE usage_ledger (
+        id bigserial PRIMARY KEY,
+        request_id text NOT NULL UNIQUE,
+        created_at timestamptz NOT NULL,
+        tenant_id text,
+        key_name text,
+        route text NOT NULL,
+        model_requested text,
+        model text,
+        deployment text,
+        upstream_model text,
+        routing_rule text,
+        complexity text,
+        prompt_tokens integer NOT NULL DEFAULT 0,
+        completion_tokens integer NOT NULL DEFAULT 0,
+        cost_usd numeric(18, 9) NOT NULL DEFAULT 0,
+        latency_ms real,
+        upstream_ms real,
+        overhead_ms real,
+        cache_hit boolean NOT NULL DEFAULT false,
+        cascaded boolean,
+        confidence real,
+        fallbacks text,
+        stream boolean NOT NULL DEFAULT false,
+        status integer NOT NULL,
+        error_type text
+    );
+    CREATE INDEX usage_ledger_tenant_time ON usage_ledger (tenant_id, created_at);
+    """,
+    # 2: tenants and keys made through the admin API
+    """
+    CREATE TABLE api_tenants (
+        id text PRIMARY KEY,
+        spec jsonb NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE api_keys (
+        sha256 text PRIMARY KEY,
+        tenant_id text NOT NULL,
+        name text NOT NULL,
+        expires_at timestamptz,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        revoked_at timestamptz
+    );
+    CREATE UNIQUE INDEX api_keys_live_name ON api_keys (tenant_id, name) WHERE revoked_at IS NULL;
+    CREATE TABLE api_changes (id integer PRIMARY KEY DEFAULT 1, version bigint NOT NULL DEFAULT 0,
+                              CHECK (id = 1));
+    INSERT INTO api_changes DEFAULT VALUES;
+    """,
+)
+
+_LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations
+
+
+async def migrate(connection: asyncpg.Connection) -> int:
+    """Apply the migrations this database lacks; return its schema version."""
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", _LOCK)
+        await connection.execute(
+            "CREATE TABLE IF NOT EXISTS gateway_schema (version integer NOT NULL, applied_at timestamptz NOT NULL"
+            " DEFAULT now())"
+        )
+        current = await connection.fetchval("SELECT coalesce(max(version), 0) FROM gateway_schema")
+        for version, statement in enumerate(MIGRATIONS, start=1):
+            if version > current:
+                await connection.execute(statement)
+                await connection.execute("INSERT INTO gateway_schema (version) VALUES ($1)", version)
+        return len(MIGRATIONS)
