@@ -12,6 +12,7 @@ import asyncio
 import datetime as dt
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -42,7 +43,7 @@ _INSERT = (
 )
 _CREATED_AT = COLUMNS.index("created_at")
 _STOP: tuple = ()
-_FAILURES = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncio.TimeoutError)
+WRITE_TIMEOUT = 10.0  # seconds a batch may take before it is spooled instead
 
 
 class Ledger:
@@ -55,6 +56,7 @@ class Ledger:
         self._queue: asyncio.Queue[tuple] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._spool_file = spool_dir / f"ledger-{os.getpid()}.jsonl"
+        self._retry_at = 0.0
         self.reachable = False
 
     async def start(self) -> None:
@@ -65,19 +67,27 @@ class Ledger:
     async def _connect(self) -> bool:
         if self.pool is not None:
             return True
+        if time.monotonic() < self._retry_at:
+            return False
         try:
-            self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, timeout=5,
-                                                  command_timeout=30, init=_init_connection)
-            async with self.pool.acquire() as connection:
-                await migrate(connection)
-        except _FAILURES as exc:
-            if self.pool is not None:
-                self.pool.terminate()
-                self.pool = None
-            self._set_reachable(False, exc)
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                self.pool = await asyncpg.create_pool(self.dsn, min_size=1, max_size=4, timeout=5,
+                                                      command_timeout=WRITE_TIMEOUT, init=_init_connection)
+                async with self.pool.acquire() as connection:
+                    await migrate(connection)
+        except Exception as exc:  # whatever PostgreSQL or the driver says, the answer is: try again later
+            self._fail(exc)
             return False
         self._set_reachable(True)
         return True
+
+    def _fail(self, exc: BaseException) -> None:
+        """Drop the pool (a fresh one is made on the next try, at most once a second)."""
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool = None
+        self._retry_at = time.monotonic() + 1.0
+        self._set_reachable(False, exc)
 
     def record(self, row: Sequence) -> None:
         """Queue one row (in COLUMNS order); never waits."""
@@ -132,10 +142,11 @@ class Ledger:
         columns = [list(column) for column in zip(*rows)]
         columns[_CREATED_AT] = [_timestamp(value) for value in columns[_CREATED_AT]]
         try:
-            async with self.pool.acquire() as connection:
-                await connection.execute(_INSERT, *columns)
-        except _FAILURES as exc:
-            self._set_reachable(False, exc)
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                async with self.pool.acquire() as connection:
+                    await connection.execute(_INSERT, *columns)
+        except Exception as exc:  # the batch goes to the spool; a batch that did land is not stored twice
+            self._fail(exc)
             return False
         self._set_reachable(True)
         return True
@@ -178,14 +189,20 @@ class Ledger:
         return replayed
 
     def _claim(self, path: Path) -> Path | None:
-        """Take a spool file for this process: one of its own, an unclaimed one, or one whose claimer died."""
+        """Take a spool file for this process: one of its own, an unclaimed one, or one whose claimer died.
+
+        A claimed file is named ``<spool file>.<unique>.<claimer pid>.claimed``: the writer starts a new spool file
+        under the old name, so every claim needs a name of its own.
+        """
         if path.suffix == ".claimed":
-            owner = int(path.name.rsplit(".", 2)[-2])
-            if owner != os.getpid() and _alive(owner):
+            stem, owner, _ = path.name.rsplit(".", 2)
+            if int(owner) == os.getpid():
+                return path
+            if _alive(int(owner)):
                 return None
-            target = path.with_name(path.name.rsplit(".", 2)[0] + f".{os.getpid()}.claimed")
+            target = path.with_name(f"{stem}.{os.getpid()}.claimed")
         else:
-            target = path.with_name(path.name + f".{os.getpid()}.claimed")
+            target = path.with_name(f"{path.name}.{time.time_ns()}.{os.getpid()}.claimed")
         try:
             path.rename(target)
         except FileNotFoundError:
