@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 
+from gateway.api.admin import build_admin_router
 from gateway.api.openai import OpenAIRoutes
 from gateway.api.ops import build_ops_app
 from gateway.asgi import Receive, Scope, Send
@@ -16,6 +17,7 @@ from gateway.settings import Settings
 from gateway.sim.server import EmbeddedSimulator
 from gateway.sim.settings import SimSettings
 from gateway.pipeline import tokens
+from gateway.stores.directory import TenantDirectory
 from gateway.stores.embedded import EmbeddedServers
 from gateway.stores.ledger import Ledger
 from gateway.stores.limits import Limiter
@@ -34,8 +36,9 @@ class Gateway:
         self.limiter: Limiter | None = None
         self.ledger: Ledger | None = None
         self.embedded: EmbeddedServers | None = None
+        self.directory: TenantDirectory | None = None
         self._watcher: asyncio.Task | None = None
-        self.ops = build_ops_app(self.readiness)
+        self.ops = build_ops_app(self.readiness, self.store_status, [build_admin_router(self)])
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -57,6 +60,9 @@ class Gateway:
             checks["redis"] = self.limiter is not None and self.limiter.available
         return checks
 
+    def known_tiers(self) -> frozenset[str]:
+        return self.config.current.tiers
+
     def store_status(self) -> dict[str, bool]:
         """Reachability of the stores; the gateway keeps serving without them (see the README)."""
         return {
@@ -71,12 +77,14 @@ class Gateway:
                 SimSettings(ttft_ms=settings.simulator_ttft_ms, itl_ms=settings.simulator_itl_ms)
             )
             await self.simulator.start()
-        self.config = ConfigStore(settings.config_dir, self.simulator.url if self.simulator else None)
         redis_url, database_url = settings.redis_url, settings.database_url
         if redis_url is None or database_url is None:
             self.embedded = EmbeddedServers(settings.data_dir)
             redis_url = redis_url or self.embedded.start_redis()
             database_url = database_url or self.embedded.start_postgres()
+        self.directory = TenantDirectory(database_url)
+        self.config = ConfigStore(settings.config_dir, self.simulator.url if self.simulator else None, self.directory)
+        await self.config.refresh_directory()
         tokens.load()
         self.limiter = Limiter(redis_url)
         await self.limiter.ping()
@@ -102,6 +110,8 @@ class Gateway:
             self._watcher.cancel()
         if self.ledger is not None:
             await self.ledger.close()
+        if self.directory is not None:
+            await self.directory.close()
         if self.limiter is not None:
             await self.limiter.close()
         await self.client.close()

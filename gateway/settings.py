@@ -44,6 +44,7 @@ class Settings:
     redis_failure_mode: str = "open"
     ledger_batch_size: int = 500
     ledger_flush_seconds: float = 0.2
+    admin_key: str | None = None  # GATEWAY_ADMIN_KEY: an admin key from the environment, besides tenants.yaml's
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -78,4 +79,5 @@ class Settings:
             redis_failure_mode=get("REDIS_FAILURE_MODE", _failure_mode, default.redis_failure_mode),
             ledger_batch_size=get("LEDGER_BATCH_SIZE", int, default.ledger_batch_size),
             ledger_flush_seconds=get("LEDGER_FLUSH_SECONDS", float, default.ledger_flush_seconds),
+            admin_key=env.get("GATEWAY_ADMIN_KEY") or None,
         )

@@ -2,19 +2,44 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from gateway import __version__
-from gateway.errors import error_body
+from gateway.errors import GatewayError, error_body
 
 
-def build_ops_app(readiness: Callable[[], dict[str, bool]]) -> FastAPI:
+def build_ops_app(readiness: Callable[[], dict[str, bool]], stores: Callable[[], dict[str, bool]],
+                  routers: Sequence[APIRouter] = ()) -> FastAPI:
     app = FastAPI(title="LLM gateway", version=__version__, docs_url="/docs", redoc_url=None)
+    for router in routers:
+        app.include_router(router)
+
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError) -> Response:
+        return Response(exc.body(), status_code=exc.status, media_type="application/json", headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_body(request: Request, exc: RequestValidationError) -> Response:
+        """FastAPI's 422 for a bad body becomes OpenAI's 400 naming the field."""
+        problems = exc.errors()
+        first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
+        location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+        param = ".".join(location) or None
+        message = first.get("msg", "invalid request").removeprefix("Value error, ")
+        if first.get("type") == "json_invalid":
+            message, param = "The request body is not valid JSON.", None
+        elif first.get("type") == "extra_forbidden":
+            message = f"Unknown field '{param}'."
+        elif param:
+            message = f"Invalid '{param}': {message}."
+        body = error_body(message, "invalid_request_error", param, "invalid_request")
+        return Response(body, status_code=400, media_type="application/json")
 
     @app.exception_handler(HTTPException)
     async def openai_shaped(request: Request, exc: HTTPException) -> Response:
@@ -34,7 +59,8 @@ def build_ops_app(readiness: Callable[[], dict[str, bool]]) -> FastAPI:
         """Every dependency the request path needs is in place."""
         checks = readiness()
         ok = all(checks.values())
-        return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
+        return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks, "stores": stores()},
+                            status_code=200 if ok else 503)
 
     @app.get("/metrics", tags=["observability"])
     async def metrics() -> Response:

@@ -69,7 +69,8 @@ def load_config(
         raise ConfigError(problems)
 
     models = _compile_models(models_file, simulator_url, environ)
-    tenants, keys, admin_keys = _compile_tenants(tenants_file, tenants_doc, models, api_state)
+    tiers = _compile_tiers(tenants_file)
+    tenants, keys, admin_keys = _compile_tenants(tenants_file, tenants_doc, models, tiers, api_state)
     warnings = [
         f"{models_doc.where(('models', m.name))}: model '{m.name}' has no usable deployment: "
         + "; ".join(f"{d.name}: {d.unavailable_reason}" for d in m.deployments)
@@ -81,6 +82,9 @@ def load_config(
         tenants=tenants,
         keys=keys,
         admin_keys=admin_keys,
+        reference_model=models_file.defaults.reference_model,
+        tiers=frozenset(tiers),
+        yaml_key_names={tenant_id: tuple(k.name for k in t.keys) for tenant_id, t in tenants_file.tenants.items()},
         sources=(models_doc.path, tenants_doc.path),
         warnings=tuple(warnings),
     )
@@ -156,6 +160,7 @@ def _compile_models(
         models[name] = Model(
             name=name,
             type=model_spec.type,
+            size=model_spec.size,
             description=model_spec.description,
             owned_by="gateway-simulator" if serving and all(d.is_simulator for d in serving) else model_spec.owned_by,
             context_window=model_spec.context_window,
@@ -182,7 +187,7 @@ def _expand(value: str, environ: Mapping[str, str], missing: list[str]) -> str:
     return _ENV_REFERENCE.sub(substitute, value) if "${" in value else value
 
 
-def _compile_tiers(spec: TenantsFile, doc: YamlDocument) -> dict[str, tuple[Limits, frozenset[str]]]:
+def _compile_tiers(spec: TenantsFile) -> dict[str, tuple[Limits, frozenset[str]]]:
     """Built-in tiers with the file's changes laid over them field by field, plus the file's own tiers."""
     tiers: dict[str, tuple[Limits, frozenset[str]]] = {}
     for name in {*BUILTIN_TIERS, *spec.tiers}:
@@ -209,9 +214,12 @@ def _key_limits(spec: KeyLimitsSpec | None) -> KeyLimits | None:
 
 
 def _compile_tenants(
-    spec: TenantsFile, doc: YamlDocument, models: dict[str, Model], api_state: ApiState | None
+    spec: TenantsFile,
+    doc: YamlDocument,
+    models: dict[str, Model],
+    tiers: dict[str, tuple[Limits, frozenset[str]]],
+    api_state: ApiState | None,
 ) -> tuple[dict[str, Tenant], dict[str, ApiKey], dict[str, str]]:
-    tiers = _compile_tiers(spec, doc)
     tenants: dict[str, Tenant] = {}
     keys: dict[str, ApiKey] = {}
     problems: list[str] = []

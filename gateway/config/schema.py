@@ -6,7 +6,7 @@ import datetime as dt
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 BUILTIN_SIMULATOR = "builtin:simulator"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
@@ -55,6 +55,8 @@ class DeploymentSpec(Strict):
 
 class ModelSpec(Strict):
     type: Literal["chat", "embedding"] = "chat"
+    size: Literal["small", "large", "largest"] | None = Field(
+        None, description="how the usage dashboard counts it: the small-model share counts 'small' models")
     description: str = ""
     owned_by: str = "gateway"
     context_window: int | None = Field(None, gt=0)
@@ -73,11 +75,20 @@ class ModelSpec(Strict):
 
 class ModelDefaults(Strict):
     timeouts: Timeouts = Timeouts()
+    reference_model: str | None = Field(
+        None, description="savings are reported against sending every request to this model")
 
 
 class ModelsFile(Strict):
     defaults: ModelDefaults = ModelDefaults()
     models: dict[str, ModelSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _reference_exists(self) -> "ModelsFile":
+        reference = self.defaults.reference_model
+        if reference is not None and reference not in self.models:
+            raise ValueError(f"defaults.reference_model '{reference}' is not a model of this file")
+        return self
 
     @field_validator("models")
     @classmethod

@@ -39,6 +39,7 @@ class Pricing:
 class Model:
     name: str
     type: str  # "chat" or "embedding"
+    size: str | None  # "small", "large", "largest" or unset
     description: str
     owned_by: str
     context_window: int | None
@@ -101,6 +102,9 @@ class GatewayConfig:
     tenants: dict[str, Tenant]
     keys: dict[str, ApiKey]  # hex SHA-256 of the key -> key
     admin_keys: dict[str, str] = field(default_factory=dict)  # hex SHA-256 -> key name
+    reference_model: str | None = None  # what savings are measured against
+    tiers: frozenset[str] = frozenset()
+    yaml_key_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tenant id -> names in the file
     sources: tuple[Path, ...] = field(default=())
     warnings: tuple[str, ...] = field(default=())
 

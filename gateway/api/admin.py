@@ -1,0 +1,261 @@
+"""The admin API (behind an admin key) and the tenants' own usage route.
+
+Tenants made here are kept in PostgreSQL and merged with tenants.yaml; the file stays the source of truth for the
+tenants it declares, which the API shows but does not change. Keys can be made here for any tenant; only keys
+made here can be revoked here (the file's keys are removed by editing the file).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import secrets
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.config.keys import generate_key, hash_key
+from gateway.config.schema import FEATURES, TENANT_ID_PATTERN, LimitsSpec, TenantSpec
+from gateway.config.types import GatewayConfig, Tenant
+from gateway.errors import GatewayError, invalid_api_key, missing_api_key
+from gateway.pipeline.auth import identify, presented_key
+from gateway.stores.directory import Conflict
+from gateway.stores.usage import period, usage_report
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+
+class TenantIn(BaseModel):
+    """A new tenant. seed 001's field names (organization_name, subscription_tier) are accepted too."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str | None = Field(None, pattern=TENANT_ID_PATTERN, description="made up from the name when left out")
+    name: str = Field(min_length=1, validation_alias=AliasChoices("name", "organization_name"))
+    tier: str = Field("basic", validation_alias=AliasChoices("tier", "subscription_tier"))
+    industry: str | None = None
+    enabled: bool = True
+    models: list[str] = Field(default_factory=lambda: ["*"])
+    system_prompt: str | None = None
+    limits: LimitsSpec = LimitsSpec()
+    features: list[str] | None = None
+
+
+class TenantPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, min_length=1)
+    tier: str | None = None
+    industry: str | None = None
+    enabled: bool | None = None
+    models: list[str] | None = None
+    system_prompt: str | None = None
+    limits: LimitsSpec | None = None
+    features: list[str] | None = None
+
+
+class KeyIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, min_length=1, max_length=64)
+    expires: dt.date | None = Field(None, description="the key stops working at the start of this day (UTC)")
+
+
+def build_admin_router(gateway: "Gateway") -> APIRouter:
+    router = APIRouter()
+
+    def config() -> GatewayConfig:
+        return gateway.config.current
+
+    def require_admin(request: Request) -> str:
+        key = presented_key(request.scope)
+        if key is None:
+            raise missing_api_key()
+        digest = hashlib.sha256(key.encode("latin-1")).hexdigest()
+        name = config().admin_keys.get(digest)
+        if name is not None:
+            return name
+        bootstrap = gateway.settings.admin_key
+        if bootstrap and hmac.compare_digest(digest, hash_key(bootstrap)):
+            return "GATEWAY_ADMIN_KEY"
+        if digest in config().keys:
+            raise GatewayError(403, "This is a tenant key; the admin API needs an admin key.",
+                               type="permission_error", code="admin_key_required")
+        raise invalid_api_key()
+
+    def tenant_or_404(tenant_id: str) -> Tenant:
+        tenant = config().tenants.get(tenant_id)
+        if tenant is None:
+            raise GatewayError(404, f"No tenant '{tenant_id}'.", type="not_found_error", code="tenant_not_found")
+        return tenant
+
+    def tenant_spec(fields: dict) -> TenantSpec:
+        """The tenant as tenants.yaml would declare it; a 400 naming the field if it is not valid."""
+        try:
+            spec = TenantSpec(**fields)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            param = ".".join(str(part) for part in error["loc"])
+            if param.startswith("features"):
+                message = f"Unknown feature; features are: {', '.join(FEATURES)}."
+                param = "features"
+            else:
+                message = f"Invalid '{param}': {error['msg']}."
+            raise GatewayError(400, message, param=param) from None
+        tiers = gateway.known_tiers()
+        if spec.tier not in tiers:
+            raise GatewayError(400, f"Unknown tier '{spec.tier}'; tiers are: {', '.join(sorted(tiers))}.",
+                               param="tier", code="unknown_tier")
+        return spec
+
+    async def apply() -> None:
+        await gateway.config.refresh_directory(force=True)
+
+    admin = [Depends(require_admin)]
+
+    @router.post("/api/v1/organizations", status_code=201, dependencies=admin, tags=["admin"])
+    async def create_tenant(body: TenantIn) -> dict:
+        """Create a tenant. It is kept in PostgreSQL and in force on every gateway within seconds."""
+        tenant_id = body.id or _id_from(body.name)
+        if tenant_id in config().tenants:
+            raise GatewayError(409, f"A tenant '{tenant_id}' already exists.", param="id", code="tenant_exists")
+        spec = tenant_spec(body.model_dump(exclude={"id"}))
+        try:
+            await gateway.directory.create_tenant(tenant_id, spec)
+        except Conflict as exc:
+            raise GatewayError(409, f"{exc}.", param="id", code="tenant_exists") from None
+        await apply()
+        return _view(tenant_or_404(tenant_id), config())
+
+    @router.get("/api/v1/organizations", dependencies=admin, tags=["admin"])
+    async def list_tenants() -> dict:
+        current = config()
+        return {"object": "list", "data": [_view(t, current) for _, t in sorted(current.tenants.items())]}
+
+    @router.get("/api/v1/organizations/{tenant_id}", dependencies=admin, tags=["admin"])
+    async def get_tenant(tenant_id: str) -> dict:
+        return _view(tenant_or_404(tenant_id), config())
+
+    @router.patch("/api/v1/organizations/{tenant_id}", dependencies=admin, tags=["admin"])
+    async def update_tenant(tenant_id: str, body: TenantPatch) -> dict:
+        tenant = _made_here(tenant_or_404(tenant_id))
+        state = gateway.config.api_state()
+        current = state.tenants[tenant.id].model_dump()
+        current.update(body.model_dump(exclude_unset=True))
+        spec = tenant_spec(current)
+        await gateway.directory.update_tenant(tenant_id, spec)
+        await apply()
+        return _view(tenant_or_404(tenant_id), config())
+
+    @router.delete("/api/v1/organizations/{tenant_id}", dependencies=admin, tags=["admin"])
+    async def delete_tenant(tenant_id: str) -> dict:
+        """Delete a tenant made here and revoke its keys. Its usage rows stay in the ledger."""
+        _made_here(tenant_or_404(tenant_id))
+        await gateway.directory.delete_tenant(tenant_id)
+        await apply()
+        return {"id": tenant_id, "object": "organization", "deleted": True}
+
+    @router.post("/api/v1/organizations/{tenant_id}/keys", status_code=201, dependencies=admin, tags=["admin"])
+    async def create_key(tenant_id: str, body: KeyIn | None = None) -> dict:
+        """Make a key. The key is in this answer only; the gateway keeps its SHA-256."""
+        tenant_or_404(tenant_id)
+        body = body or KeyIn()
+        name = body.name or f"key-{secrets.token_hex(4)}"
+        if name in _yaml_key_names(config(), tenant_id):
+            raise GatewayError(409, f"Tenant '{tenant_id}' already has a key named '{name}'.", param="name",
+                               code="key_exists")
+        key = generate_key()
+        expires = dt.datetime.combine(body.expires, dt.time.min, dt.timezone.utc) if body.expires else None
+        try:
+            await gateway.directory.add_key(tenant_id, name, hash_key(key), expires)
+        except Conflict as exc:
+            raise GatewayError(409, f"{exc}.", param="name", code="key_exists") from None
+        await apply()
+        return {"object": "api_key", "tenant": tenant_id, "name": name, "key": key,
+                "expires": body.expires.isoformat() if body.expires else None}
+
+    @router.get("/api/v1/organizations/{tenant_id}/keys", dependencies=admin, tags=["admin"])
+    async def list_keys(tenant_id: str) -> dict:
+        tenant_or_404(tenant_id)
+        from_file = [{"name": name, "source": "yaml"} for name in sorted(_yaml_key_names(config(), tenant_id))]
+        return {"object": "list", "data": from_file + await gateway.directory.keys(tenant_id)}
+
+    @router.delete("/api/v1/organizations/{tenant_id}/keys/{name}", dependencies=admin, tags=["admin"])
+    async def revoke_key(tenant_id: str, name: str) -> dict:
+        tenant_or_404(tenant_id)
+        if name in _yaml_key_names(config(), tenant_id):
+            raise GatewayError(409, f"Key '{name}' is declared in tenants.yaml; remove it there.",
+                               code="declared_in_file")
+        if not await gateway.directory.revoke_key(tenant_id, name):
+            raise GatewayError(404, f"Tenant '{tenant_id}' has no key named '{name}'.", type="not_found_error",
+                               code="key_not_found")
+        await apply()
+        return {"object": "api_key", "tenant": tenant_id, "name": name, "revoked": True}
+
+    @router.get("/api/v1/organizations/{tenant_id}/usage", dependencies=admin, tags=["admin"])
+    async def tenant_usage(tenant_id: str, start: dt.date | None = Query(None), end: dt.date | None = Query(None)):
+        tenant_or_404(tenant_id)
+        return await _report(gateway, tenant_id, start, end)
+
+    @router.get("/v1/usage", tags=["usage"])
+    @router.get("/usage", include_in_schema=False)
+    async def own_usage(request: Request, start: dt.date | None = Query(None), end: dt.date | None = Query(None)):
+        """The calling tenant's own usage: totals, by day, by model (its key decides which tenant)."""
+        tenant, _ = identify(request.scope, config())
+        return await _report(gateway, tenant.id, start, end)
+
+    return router
+
+
+async def _report(gateway: "Gateway", tenant_id: str, start: dt.date | None, end: dt.date | None) -> dict:
+    begin, finish = period(start, end)
+    if finish <= begin:
+        raise GatewayError(400, "'end' must not be before 'start'.", param="end")
+    try:
+        pool = await gateway.directory.pool_for_reports()
+        return await usage_report(pool, gateway.config.current, tenant_id, begin, finish)
+    except (OSError, ConnectionError) as exc:
+        raise GatewayError(503, f"Usage cannot be read right now: {exc}", type="server_error",
+                           code="ledger_unavailable") from None
+
+
+def _made_here(tenant: Tenant) -> Tenant:
+    if tenant.source != "api":
+        raise GatewayError(409, f"Tenant '{tenant.id}' is declared in tenants.yaml; change it there.",
+                           code="declared_in_file")
+    return tenant
+
+
+def _yaml_key_names(config: GatewayConfig, tenant_id: str) -> set[str]:
+    return set(config.yaml_key_names.get(tenant_id, ()))
+
+
+def _id_from(name: str) -> str:
+    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:40] or "tenant"
+    return f"{slug}-{secrets.token_hex(3)}"
+
+
+def _view(tenant: Tenant, config: GatewayConfig) -> dict:
+    limits = tenant.limits
+    return {
+        "object": "organization",
+        "id": tenant.id,
+        "name": tenant.name,
+        "tier": tenant.tier,
+        "industry": tenant.industry,
+        "enabled": tenant.enabled,
+        "models": list(tenant.model_patterns),
+        "allowed_models": sorted(tenant.allowed_models),
+        "system_prompt": tenant.system_prompt,
+        "limits": {
+            "requests_per_minute": limits.requests_per_minute,
+            "tokens_per_minute": limits.tokens_per_minute,
+            "tokens_per_hour": limits.tokens_per_hour,
+            "concurrent_requests": limits.concurrent_requests,
+            "calls_per_day": limits.calls_per_day,
+            "monthly_budget_usd": limits.monthly_budget_usd,
+            "completion_reservation": limits.completion_reservation,
+        },
+        "features": sorted(tenant.features),
+        "source": tenant.source,
+    }

@@ -1,0 +1,85 @@
+"""Usage reports read from the ledger: totals, by day and by model, with seed 001's dashboard figures."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import asyncpg
+
+from gateway.config.types import GatewayConfig
+
+_TOTALS = """
+SELECT count(*) AS requests,
+       count(*) FILTER (WHERE status < 400) AS answered,
+       count(*) FILTER (WHERE status >= 400) AS refused_or_failed,
+       coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+       coalesce(sum(completion_tokens), 0) AS completion_tokens,
+       coalesce(sum(cost_usd), 0) AS cost_usd,
+       count(*) FILTER (WHERE cache_hit) AS cache_hits,
+       count(*) FILTER (WHERE cascaded) AS cascaded,
+       count(*) FILTER (WHERE status < 400 AND model = ANY($4::text[])) AS small_model_answers
+FROM usage_ledger WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3
+"""
+_BY_DAY = """
+SELECT date_trunc('day', created_at AT TIME ZONE 'UTC')::date AS day, count(*) AS requests,
+       coalesce(sum(prompt_tokens + completion_tokens), 0) AS tokens, coalesce(sum(cost_usd), 0) AS cost_usd
+FROM usage_ledger WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3
+GROUP BY 1 ORDER BY 1
+"""
+_BY_MODEL = """
+SELECT model, count(*) AS requests, coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+       coalesce(sum(completion_tokens), 0) AS completion_tokens, coalesce(sum(cost_usd), 0) AS cost_usd
+FROM usage_ledger WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3 AND model IS NOT NULL
+GROUP BY 1 ORDER BY 2 DESC
+"""
+
+
+def period(start: dt.date | None, end: dt.date | None) -> tuple[dt.datetime, dt.datetime]:
+    """[start, end] as whole UTC days; by default the current calendar month."""
+    today = dt.datetime.now(dt.timezone.utc).date()
+    start = start or today.replace(day=1)
+    end = end or today
+    as_time = lambda day: dt.datetime.combine(day, dt.time.min, dt.timezone.utc)  # noqa: E731
+    return as_time(start), as_time(end) + dt.timedelta(days=1)
+
+
+async def usage_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str, start: dt.datetime,
+                       end: dt.datetime) -> dict:
+    small = [m.name for m in config.models.values() if m.size == "small"]
+    async with pool.acquire() as connection:
+        totals = await connection.fetchrow(_TOTALS, tenant_id, start, end, small)
+        by_day = await connection.fetch(_BY_DAY, tenant_id, start, end)
+        by_model = await connection.fetch(_BY_MODEL, tenant_id, start, end)
+    answered = totals["answered"]
+    cost = float(totals["cost_usd"])
+    reference = config.models.get(config.reference_model) if config.reference_model else None
+    report = {
+        "object": "usage_report",
+        "tenant": tenant_id,
+        "start": start.date().isoformat(),
+        "end": (end - dt.timedelta(days=1)).date().isoformat(),
+        "requests": totals["requests"],
+        "answered": answered,
+        "refused_or_failed": totals["refused_or_failed"],
+        "prompt_tokens": totals["prompt_tokens"],
+        "completion_tokens": totals["completion_tokens"],
+        "cost_usd": round(cost, 9),
+        "small_model_share": round(totals["small_model_answers"] / answered, 4) if answered else None,
+        "cascade_rate": round(totals["cascaded"] / answered, 4) if answered else None,
+        "cache_hit_rate": round(totals["cache_hits"] / answered, 4) if answered else None,
+        "savings": None,
+        "by_day": [{"day": r["day"].isoformat(), "requests": r["requests"], "tokens": r["tokens"],
+                    "cost_usd": round(float(r["cost_usd"]), 9)} for r in by_day],
+        "by_model": [{"model": r["model"], "requests": r["requests"], "prompt_tokens": r["prompt_tokens"],
+                      "completion_tokens": r["completion_tokens"], "cost_usd": round(float(r["cost_usd"]), 9)}
+                     for r in by_model],
+    }
+    if reference is not None:
+        everything_on_reference = reference.pricing.cost(totals["prompt_tokens"], totals["completion_tokens"])
+        report["savings"] = {
+            "reference_model": reference.name,
+            "reference_cost_usd": round(everything_on_reference, 9),
+            "saved_usd": round(everything_on_reference - cost, 9),
+            "saved_share": round(1 - cost / everything_on_reference, 4) if everything_on_reference else None,
+        }
+    return report
