@@ -77,20 +77,10 @@ class Gateway:
                 SimSettings(ttft_ms=settings.simulator_ttft_ms, itl_ms=settings.simulator_itl_ms)
             )
             await self.simulator.start()
-        redis_url, database_url = settings.redis_url, settings.database_url
-        if redis_url is None or database_url is None:
-            self.embedded = EmbeddedServers(settings.data_dir)
-            redis_url = redis_url or self.embedded.start_redis()
-            database_url = database_url or self.embedded.start_postgres()
-        self.directory = TenantDirectory(database_url)
+        if not settings.stateless:
+            await self._open_stores()
         self.config = ConfigStore(settings.config_dir, self.simulator.url if self.simulator else None, self.directory)
         await self.config.refresh_directory()
-        tokens.load()
-        self.limiter = Limiter(redis_url)
-        await self.limiter.ping()
-        self.ledger = Ledger(database_url, settings.data_dir / "spool", settings.ledger_batch_size,
-                             settings.ledger_flush_seconds)
-        await self.ledger.start()
         await self.client.open()
         pipeline = build_pipeline(
             self.client, self.limiter, self.ledger, max_body_bytes=settings.max_body_bytes,
@@ -103,6 +93,21 @@ class Gateway:
         log.info("gateway ready: %d models (%d on the built-in simulator), %d tenants, config from %s",
                  len(models), sum(m.simulated for m in models), len(self.config.current.tenants),
                  settings.config_dir)
+
+    async def _open_stores(self) -> None:
+        settings = self.settings
+        redis_url, database_url = settings.redis_url, settings.database_url
+        if redis_url is None or database_url is None:
+            self.embedded = EmbeddedServers(settings.data_dir)
+            redis_url = redis_url or self.embedded.start_redis()
+            database_url = database_url or self.embedded.start_postgres()
+        tokens.load()
+        self.limiter = Limiter(redis_url)
+        await self.limiter.ping()
+        self.ledger = Ledger(database_url, settings.data_dir / "spool", settings.ledger_batch_size,
+                             settings.ledger_flush_seconds)
+        await self.ledger.start()
+        self.directory = TenantDirectory(database_url)
 
     async def shutdown(self) -> None:
         """Runs after the server has let the requests under way finish: flush the ledger, then close."""

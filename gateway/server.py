@@ -33,9 +33,9 @@ def serve(settings: Settings) -> None:
     # Embedded stores start here, once, so that every worker shares them; workers find them through the URLs.
     embedded = EmbeddedServers(settings.data_dir)
     try:
-        if not settings.redis_url:
+        if not settings.redis_url and not settings.stateless:
             os.environ["REDIS_URL"] = embedded.start_redis()
-        if not settings.database_url:
+        if not settings.database_url and not settings.stateless:
             os.environ["DATABASE_URL"] = embedded.start_postgres()
         options = dict(
             factory=True, host=settings.host, port=settings.port, workers=settings.workers, loop="uvloop",

@@ -44,6 +44,9 @@ class Settings:
     redis_failure_mode: str = "open"
     ledger_batch_size: int = 500
     ledger_flush_seconds: float = 0.2
+    # A pass-through gateway: keys, model access, logs and metrics, but no limits, ledger or admin API,
+    # and no Redis or PostgreSQL.
+    stateless: bool = False
     admin_key: str | None = None  # GATEWAY_ADMIN_KEY: an admin key from the environment, besides tenants.yaml's
 
     @classmethod
@@ -80,4 +83,5 @@ class Settings:
             ledger_batch_size=get("LEDGER_BATCH_SIZE", int, default.ledger_batch_size),
             ledger_flush_seconds=get("LEDGER_FLUSH_SECONDS", float, default.ledger_flush_seconds),
             admin_key=env.get("GATEWAY_ADMIN_KEY") or None,
+            stateless=get("STATELESS", _flag, default.stateless),
         )

@@ -67,7 +67,13 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
     def config() -> GatewayConfig:
         return gateway.config.current
 
+    def require_stores() -> None:
+        if gateway.directory is None:
+            raise GatewayError(503, "This gateway runs stateless (GATEWAY_STATELESS): it keeps no tenants, keys or "
+                                    "usage of its own.", type="server_error", code="stateless_gateway")
+
     def require_admin(request: Request) -> str:
+        require_stores()
         key = presented_key(request.scope)
         if key is None:
             raise missing_api_key()
@@ -202,6 +208,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
     async def own_usage(request: Request, start: dt.date | None = Query(None), end: dt.date | None = Query(None)):
         """The calling tenant's own usage: totals, by day, by model (its key decides which tenant)."""
         tenant, _ = identify(request.scope, config())
+        require_stores()
         return await _report(gateway, tenant.id, start, end)
 
     return router

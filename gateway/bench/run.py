@@ -1,4 +1,6 @@
-"""``gateway bench``: the same load straight to the simulator, through a bare pass-through, and through the gateway.
+"""``gateway bench``: the same load straight to the simulator, through a bare pass-through, through the gateway's
+core path (stateless: auth, config, forwarding, logs, metrics) and through the whole gateway (limits in Redis and
+the ledger in PostgreSQL on top).
 
 Everything runs in one go on this machine, so the figures are ratios within one run, never absolutes compared
 across machines. Load comes from wrk (a separate C process); CPU time and memory are read from /proc for the
@@ -22,6 +24,7 @@ from pathlib import Path
 import yaml
 
 from gateway.config.keys import generate_key, hash_key
+from gateway.stores.embedded import EmbeddedServers
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "Say something short about gateways."}],
@@ -129,7 +132,7 @@ def run_benchmark(duration: float = 10.0, latency_ms: float = 5.0, output: Path 
     processes: list[subprocess.Popen] = []
     python = sys.executable
     try:
-        sim_port, pass_port, gw_port = _free_port(), _free_port(), _free_port()
+        sim_port, pass_port, gw_port, core_port = _free_port(), _free_port(), _free_port(), _free_port()
         sim = subprocess.Popen([python, "-m", "gateway", "sim", "--port", str(sim_port), "--ttft-ms",
                                 str(latency_ms), "--max-num-seqs", "4096"], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
@@ -141,18 +144,30 @@ def run_benchmark(duration: float = 10.0, latency_ms: float = 5.0, output: Path 
         config.mkdir()
         (config / "models.yaml").write_text(yaml.safe_dump({"models": {"bench": {"deployments": [
             {"name": "sim", "api_base": f"http://127.0.0.1:{sim_port}/v1", "model": "sim"}]}}}))
+        # Every limit is checked and counted, none binds: the load measures their cost, not their refusals.
+        unbound = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "tokens_per_hour": 10**12,
+                   "concurrent_requests": 10**6, "calls_per_day": 10**9, "monthly_budget_usd": 10**6}
         (config / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {"bench": {
-            "name": "Benchmark", "keys": [{"name": "bench", "sha256": hash_key(key)}]}}}))
-        env = {**os.environ, "GATEWAY_BUILTIN_SIMULATOR": "0"}
+            "name": "Benchmark", "tier": "enterprise", "limits": unbound,
+            "keys": [{"name": "bench", "sha256": hash_key(key)}]}}}))
+        stores = EmbeddedServers(workdir / "stores")
+        env = {**os.environ, "GATEWAY_BUILTIN_SIMULATOR": "0", "GATEWAY_DATA_DIR": str(workdir / "data"),
+               "REDIS_URL": stores.start_redis(), "DATABASE_URL": stores.start_postgres()}
         with open(workdir / "gateway.log", "wb") as log:
             gateway = subprocess.Popen([python, "-m", "gateway", "serve", "--port", str(gw_port), "--config-dir",
                                         str(config)], env=env, stdout=log, stderr=subprocess.STDOUT)
         processes.append(gateway)
+        with open(workdir / "core.log", "wb") as log:
+            core = subprocess.Popen([python, "-m", "gateway", "serve", "--port", str(core_port), "--config-dir",
+                                     str(config)], env={**env, "GATEWAY_STATELESS": "1"}, stdout=log,
+                                    stderr=subprocess.STDOUT)
+        processes.append(core)
         passthrough = subprocess.Popen([python, "-m", "gateway.bench.passthrough", str(pass_port),
                                         f"http://127.0.0.1:{sim_port}/v1"], stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
         processes.append(passthrough)
         _wait(f"http://127.0.0.1:{gw_port}/health/ready", gateway)
+        _wait(f"http://127.0.0.1:{core_port}/health/ready", core)
         _wait_port(pass_port, passthrough)
 
         script = workdir / "load.lua"
@@ -160,6 +175,7 @@ def run_benchmark(duration: float = 10.0, latency_ms: float = 5.0, output: Path 
         targets = [
             ("direct", f"http://127.0.0.1:{sim_port}/v1/chat/completions", sim.pid),
             ("passthrough", f"http://127.0.0.1:{pass_port}/v1/chat/completions", passthrough.pid),
+            ("core", f"http://127.0.0.1:{core_port}/v1/chat/completions", core.pid),
             ("gateway", f"http://127.0.0.1:{gw_port}/v1/chat/completions", gateway.pid),
         ]
         measurements = []
@@ -170,29 +186,50 @@ def run_benchmark(duration: float = 10.0, latency_ms: float = 5.0, output: Path 
                 print(f"  {name:<12} c={connections:<4} {measurement.rps:8.0f} req/s  p50 {measurement.p50_ms:7.2f} ms"
                       f"  p99 {measurement.p99_ms:7.2f} ms  cpu {measurement.cpu_ms_per_request or 0:.3f} ms/req"
                       f"  errors {measurement.errors}", file=sys.stderr, flush=True)
+        gateway.terminate()  # graceful: the ledger is flushed before the process ends
+        gateway.wait(timeout=60)
         logged = sum(1 for line in (workdir / "gateway.log").read_text().splitlines() if '"event":"request"' in line)
-        report = _report(measurements, latency_ms, duration, logged)
+        rows = _ledger_rows(env["DATABASE_URL"])
+        report = _report(measurements, latency_ms, duration, logged, rows)
     finally:
         for process in processes:
-            process.terminate()
+            if process.poll() is None:
+                process.terminate()
         for process in processes:
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 process.kill()
+        if "stores" in locals():
+            stores.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     text = json.dumps(report, indent=2)
-    print(text)
     if output:
         output.write_text(text + "\n")
+    print(text)
     return report
 
 
-def _report(measurements: list[Measurement], latency_ms: float, duration: float, logged: int) -> dict:
+def _ledger_rows(dsn: str) -> int:
+    import asyncio
+
+    import asyncpg
+
+    async def count() -> int:
+        connection = await asyncpg.connect(dsn)
+        try:
+            return await connection.fetchval("SELECT count(*) FROM usage_ledger")
+        finally:
+            await connection.close()
+
+    return asyncio.run(count())
+
+
+def _report(measurements: list[Measurement], latency_ms: float, duration: float, logged: int, rows: int) -> dict:
     by = {(m.target, m.concurrency): m for m in measurements}
     summary = {}
     for c in (1, 64, 128):
-        direct, floor, gw = by[("direct", c)], by[("passthrough", c)], by[("gateway", c)]
+        direct, floor, gw, core = by[("direct", c)], by[("passthrough", c)], by[("gateway", c)], by[("core", c)]
         summary[f"c{c}"] = {
             "gateway_added_p50_ms": round(gw.p50_ms - direct.p50_ms, 3),
             "gateway_added_p99_ms": round(gw.p99_ms - direct.p99_ms, 3),
@@ -203,6 +240,12 @@ def _report(measurements: list[Measurement], latency_ms: float, duration: float,
             "gateway_cpu_ms_per_request": round(gw.cpu_ms_per_request, 4),
             "passthrough_cpu_ms_per_request": round(floor.cpu_ms_per_request, 4),
             "gateway_cpu_ratio_to_passthrough": round(gw.cpu_ms_per_request / floor.cpu_ms_per_request, 3),
+            "core_added_p50_ms": round(core.p50_ms - direct.p50_ms, 3),
+            "core_added_p99_ms": round(core.p99_ms - direct.p99_ms, 3),
+            "core_throughput_ratio_to_direct": round(core.rps / direct.rps, 3),
+            "core_cpu_ms_per_request": round(core.cpu_ms_per_request, 4),
+            "core_cpu_ratio_to_passthrough": round(core.cpu_ms_per_request / floor.cpu_ms_per_request, 3),
+            "gateway_cpu_ratio_to_core": round(gw.cpu_ms_per_request / core.cpu_ms_per_request, 3),
         }
     gateway_requests = sum(m.requests + m.warmup_requests for m in measurements if m.target == "gateway")
     return {
@@ -210,8 +253,10 @@ def _report(measurements: list[Measurement], latency_ms: float, duration: float,
                   "cpus": os.cpu_count(), "load_generator": "wrk -t1"},
         "summary": summary,
         "gateway_rss_mb": round(by[("gateway", 128)].rss_mb, 1),
+        "core_rss_mb": round(by[("core", 128)].rss_mb, 1),
         "passthrough_rss_mb": round(by[("passthrough", 128)].rss_mb, 1),
         "gateway_requests_sent": gateway_requests,  # warm-ups included
         "gateway_request_log_lines": logged,
+        "gateway_ledger_rows": rows,
         "runs": [asdict(m) for m in measurements],
     }

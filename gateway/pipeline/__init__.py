@@ -18,8 +18,8 @@ from gateway.upstreams.select import DeploymentSelector
 
 def build_pipeline(
     client: UpstreamClient,
-    limiter: Limiter,
-    ledger: Ledger,
+    limiter: Limiter | None,
+    ledger: Ledger | None,
     *,
     max_body_bytes: int,
     log_prompts: bool,
@@ -28,15 +28,18 @@ def build_pipeline(
     async def read_request(ctx: RequestContext) -> None:
         await read_json_body(ctx, max_body_bytes)
 
+    stages = [
+        authenticate,  # who is calling (401 / 403)
+        read_request,  # the body, and the fields the gateway acts on (400 / 413)
+        authorize_model,  # may this tenant use this model, can it serve this request (404 / 400 / 503)
+        apply_system_prompt,  # the tenant's instructions before the client's
+        EnforceLimits(limiter, refuse_without_redis),  # limits and budget reserved, settled at the end (429)
+        Forward(client, DeploymentSelector()),  # to a deployment, answer relayed as it arrives
+    ]
+    if limiter is None:  # a stateless gateway: no Redis
+        stages = [stage for stage in stages if not isinstance(stage, EnforceLimits)]
     return Pipeline(
-        [
-            authenticate,  # who is calling (401 / 403)
-            read_request,  # the body, and the fields the gateway acts on (400 / 413)
-            authorize_model,  # may this tenant use this model, can it serve this request (404 / 400 / 503)
-            apply_system_prompt,  # the tenant's instructions before the client's
-            EnforceLimits(limiter, refuse_without_redis),  # limits and budget reserved, settled at the end (429)
-            Forward(client, DeploymentSelector()),  # to a deployment, answer relayed as it arrives
-        ],
+        stages,
         log_prompts=log_prompts,
         ledger=ledger,  # every request, answered or refused, gets its row
     )

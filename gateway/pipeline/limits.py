@@ -27,8 +27,8 @@ class EnforceLimits:
             body, ctx.tenant.limits.completion_reservation)
         cost_nano = int(ctx.model.pricing.cost(prompt, completion) * NANO)
         now = time.time()
-        checks = self.limiter.plan(ctx.tenant, ctx.api_key, ctx.request_id, prompt + completion, cost_nano, now)
-        admission = await self.limiter.admit(checks, ctx.request_id, now)
+        plan = self.limiter.plan(ctx.tenant, ctx.api_key, now)
+        admission = await self.limiter.admit(plan, ctx.request_id, prompt + completion, cost_nano, now)
         ctx.reserved_tokens = prompt + completion
         ctx.reserved_cost_nano = cost_nano
         if admission.degraded:
@@ -39,11 +39,11 @@ class EnforceLimits:
             return
         if not admission.admitted:
             metrics.LIMIT_REFUSALS.labels(ctx.tenant.id, admission.refused.name).inc()
-            raise _refusal(admission.refused, admission.used[0], now, ctx)
+            raise _refusal(admission.refused, admission.refused_amount, admission.used[0], now, ctx)
         ctx.response_headers += _rate_headers(admission, now)
 
         async def settle(ctx: RequestContext) -> None:
-            await self.limiter.settle(admission, ctx.request_id, _actual(ctx))
+            self.limiter.settle(admission, ctx.request_id, _actual(ctx))
 
         ctx.on_finish(settle)
 
@@ -59,26 +59,26 @@ def _actual(ctx: RequestContext) -> dict[str, int]:
     return {"tokens": 0, "budget": 0}
 
 
-def _refusal(check: Check, used: int, now: float, ctx: RequestContext) -> GatewayError:
+def _refusal(check: Check, amount: int, used: int, now: float, ctx: RequestContext) -> GatewayError:
     wait = max(1, int(check.reset_at - now + 0.999))
     headers = {"retry-after": str(wait)}
     if check.kind == "budget":
         budget = ctx.tenant.limits.monthly_budget_usd
         return GatewayError(
-            429, f"You exceeded your current quota: this request could cost up to ${check.amount / NANO:.6f} "
+            429, f"You exceeded your current quota: this request could cost up to ${amount / NANO:.6f} "
                  f"and ${used / NANO:.6f} of the ${budget:.2f} monthly budget is spent or reserved.",
             type="insufficient_quota", code="insufficient_quota", headers=headers)
     if check.kind == "concurrency":
         return GatewayError(
             429, f"Too many concurrent requests: the limit is {check.limit} at once. Retry when one finishes.",
             type="requests", code="concurrency_limit_exceeded", headers={"retry-after": "1"})
-    if check.kind == "tokens" and check.amount > (check.limit or 0):
+    if check.kind == "tokens" and amount > (check.limit or 0):
         return GatewayError(
-            429, f"Request too large for {check.name}: it may use {check.amount} tokens and the limit is "
+            429, f"Request too large for {check.name}: it may use {amount} tokens and the limit is "
                  f"{check.limit}. Send a shorter prompt or a lower max_tokens.",
             type="tokens", code="rate_limit_exceeded", headers=headers)
     return GatewayError(
-        429, f"Rate limit reached on {check.name}: limit {check.limit}, used {used}, requested {check.amount}. "
+        429, f"Rate limit reached on {check.name}: limit {check.limit}, used {used}, requested {amount}. "
              f"Please try again in {wait}s.",
         type=check.kind, code="rate_limit_exceeded", headers=headers)
 

@@ -11,20 +11,20 @@ requests in flight, each with an expiry, so a worker that dies cannot leak slots
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import logging
 import time
 from dataclasses import dataclass
 
-import redis.asyncio as redis
-from redis.exceptions import RedisError
-
 from gateway.config.types import ApiKey, Tenant
 from gateway.observability import metrics
+from gateway.stores.resp import Redis, ReplyError, Script, bulk
 
 log = logging.getLogger("gateway.limits")
 
 NANO = 1_000_000_000  # spend is counted in billionths of a dollar, as integers
+_FAILURES = (OSError, ReplyError, asyncio.TimeoutError)
 
 # KEYS: the concurrency sets first (ARGV[3] says how many), then counters.
 # ARGV: now_ms, request id, number of sets, then per key: limit (-1: none), amount, ttl_ms.
@@ -90,38 +90,53 @@ class Check:
     name: str  # what the refusal names: "requests per minute", ...
     key: str
     limit: int | None
-    amount: int
     ttl_ms: int
     reset_at: float  # unix time the window ends
-    kind: str  # "requests", "tokens", "concurrency", "budget"
-    settles: bool = False  # corrected to the real amount at the end (tokens, spend)
+    kind: str  # "requests", "tokens", "concurrency", "budget": also what one request counts in it
 
 
 @dataclass(slots=True)
 class Admission:
     admitted: bool
     checks: tuple[Check, ...]
+    amounts: tuple[int, ...] = ()  # per check, what this request reserved
     used: tuple[int, ...] = ()  # per check, the count after this request (admitted) or before it (refused)
     refused: Check | None = None
+    refused_amount: int = 0
     degraded: bool = False  # Redis was not reachable; nothing was counted
+
+
+_SETTLED_KINDS = ("tokens", "budget")  # reserved at the worst case, corrected to the real amount at the end
 
 
 class Limiter:
     def __init__(self, url: str, concurrency_ttl_seconds: float = 900.0) -> None:
-        self.client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=1.0,
-                                           retry_on_timeout=False, health_check_interval=0)
-        self._admit = self.client.register_script(_ADMIT)
-        self._settle = self.client.register_script(_SETTLE)
+        self.client = Redis(url, connect_timeout=0.5, timeout=1.0)
+        self._admit = Script(_ADMIT)
+        self._settle = Script(_SETTLE)
         self.concurrency_ttl_ms = int(concurrency_ttl_seconds * 1000)
         self._down_until = 0.0
         self.available = True
+        self._plans: dict[tuple[str, str], _Plan] = {}
 
     async def close(self) -> None:
-        await self.client.aclose()
+        await self.client.close()
 
-    def plan(self, tenant: Tenant, key: ApiKey, request_id: str, tokens: int, cost_nano: int,
-             now: float) -> tuple[Check, ...]:
-        """Every limit this request counts against, the concurrency sets first."""
+    def plan(self, tenant: Tenant, key: ApiKey, now: float) -> "_Plan":
+        """Every limit a request of this tenant and key counts against, the concurrency sets first.
+
+        The keys change once a minute at most, so the plan is kept for the minute (and for this config: a reload
+        makes new tenant objects, and with them a new plan).
+        """
+        minute = int(now // 60)
+        cached = self._plans.get((tenant.id, key.name))
+        if cached is not None and cached.tenant is tenant and cached.key is key and cached.minute == minute:
+            return cached
+        plan = self._plans[(tenant.id, key.name)] = _Plan(tenant, key, minute, self._make_plan(tenant, key, now),
+                                                          self._admit)
+        return plan
+
+    def _make_plan(self, tenant: Tenant, key: ApiKey, now: float) -> tuple[Check, ...]:
         limits = tenant.limits
         minute, hour, day = int(now // 60), int(now // 3600), int(now // 86400)
         month = time.strftime("%Y%m", time.gmtime(now))
@@ -129,77 +144,75 @@ class Limiter:
         key_prefix = f"{prefix}:key:{key.name}"
         key_limits = key.limits
         minute_end, hour_end, day_end = (minute + 1) * 60, (hour + 1) * 3600, (day + 1) * 86400
-        checks = [
-            Check("concurrent requests", f"{prefix}:inflight", limits.concurrent_requests, 1,
-                  self.concurrency_ttl_ms, now, "concurrency"),
-        ]
+        inflight = self.concurrency_ttl_ms
+        checks = [Check("concurrent requests", f"{prefix}:inflight", limits.concurrent_requests, inflight, now,
+                        "concurrency")]
         if key_limits and key_limits.concurrent_requests is not None:
             checks.append(Check("concurrent requests of this key", f"{key_prefix}:inflight",
-                                key_limits.concurrent_requests, 1, self.concurrency_ttl_ms, now, "concurrency"))
+                                key_limits.concurrent_requests, inflight, now, "concurrency"))
         checks += [
-            Check("requests per minute", f"{prefix}:req:m:{minute}", limits.requests_per_minute, 1, 120_000,
+            Check("requests per minute", f"{prefix}:req:m:{minute}", limits.requests_per_minute, 120_000,
                   minute_end, "requests"),
-            Check("tokens per minute", f"{prefix}:tok:m:{minute}", limits.tokens_per_minute, tokens, 120_000,
-                  minute_end, "tokens", settles=True),
-            Check("tokens per hour", f"{prefix}:tok:h:{hour}", limits.tokens_per_hour, tokens, 7_200_000,
-                  hour_end, "tokens", settles=True),
-            Check("calls per day", f"{prefix}:req:d:{day}", limits.calls_per_day, 1, 172_800_000, day_end,
+            Check("tokens per minute", f"{prefix}:tok:m:{minute}", limits.tokens_per_minute, 120_000,
+                  minute_end, "tokens"),
+            Check("tokens per hour", f"{prefix}:tok:h:{hour}", limits.tokens_per_hour, 7_200_000, hour_end,
+                  "tokens"),
+            Check("calls per day", f"{prefix}:req:d:{day}", limits.calls_per_day, 172_800_000, day_end,
                   "requests"),
             Check("monthly budget", f"{prefix}:spend:{month}",
                   None if limits.monthly_budget_usd is None else int(limits.monthly_budget_usd * NANO),
-                  cost_nano, 40 * 86_400_000, _month_end(now), "budget", settles=True),
+                  40 * 86_400_000, _month_end(now), "budget"),
         ]
-        if key_limits:
-            if key_limits.requests_per_minute is not None:
-                checks.append(Check("requests per minute of this key", f"{key_prefix}:req:m:{minute}",
-                                    key_limits.requests_per_minute, 1, 120_000, minute_end, "requests"))
-            if key_limits.tokens_per_minute is not None:
-                checks.append(Check("tokens per minute of this key", f"{key_prefix}:tok:m:{minute}",
-                                    key_limits.tokens_per_minute, tokens, 120_000, minute_end, "tokens",
-                                    settles=True))
+        if key_limits and key_limits.requests_per_minute is not None:
+            checks.append(Check("requests per minute of this key", f"{key_prefix}:req:m:{minute}",
+                                key_limits.requests_per_minute, 120_000, minute_end, "requests"))
+        if key_limits and key_limits.tokens_per_minute is not None:
+            checks.append(Check("tokens per minute of this key", f"{key_prefix}:tok:m:{minute}",
+                                key_limits.tokens_per_minute, 120_000, minute_end, "tokens"))
         return tuple(checks)
 
-    async def admit(self, checks: tuple[Check, ...], request_id: str, now: float) -> Admission:
+    async def admit(self, plan: "_Plan", request_id: str, tokens: int, cost_nano: int, now: float) -> Admission:
+        checks = plan.checks
+        amounts = tuple(tokens if c.kind == "tokens" else cost_nano if c.kind == "budget" else 1 for c in checks)
         if now < self._down_until:
-            return Admission(admitted=True, checks=checks, degraded=True)
-        sets = sum(1 for c in checks if c.kind == "concurrency")
-        args: list = [int(now * 1000), request_id, sets]
-        for check in checks:
-            args += [-1 if check.limit is None else check.limit, check.amount, check.ttl_ms]
+            return Admission(admitted=True, checks=checks, amounts=amounts, degraded=True)
+        parts = [plan.head, bulk(int(now * 1000)), bulk(request_id), plan.sets]
+        for (limit, ttl), amount in zip(plan.bounds, amounts):
+            parts += (limit, bulk(amount), ttl)
         try:
-            result = await self._admit(keys=[c.key for c in checks], args=args)
-        except (RedisError, OSError) as exc:
+            result = await self.client.run_packed_script(self._admit, b"".join(parts))
+        except _FAILURES as exc:
             self._mark_down(exc)
-            return Admission(admitted=True, checks=checks, degraded=True)
+            return Admission(admitted=True, checks=checks, amounts=amounts, degraded=True)
         self._mark_up()
         if result[0] == 0:
-            return Admission(admitted=True, checks=checks, used=tuple(int(v) for v in result[1:]))
-        refused = checks[int(result[0]) - 1]
-        return Admission(admitted=False, checks=checks, refused=refused, used=(int(result[1]),))
+            return Admission(admitted=True, checks=checks, amounts=amounts, used=tuple(result[1:]))
+        index = int(result[0]) - 1
+        return Admission(admitted=False, checks=checks, amounts=amounts, refused=checks[index],
+                         refused_amount=amounts[index], used=(int(result[1]),))
 
-    async def settle(self, admission: Admission, request_id: str, actual: dict[str, int]) -> None:
+    def settle(self, admission: Admission, request_id: str, actual: dict[str, int]) -> None:
         """Free the concurrency slots and correct tokens and spend to ``actual`` ("tokens", "budget")."""
         if admission.degraded or not admission.admitted:
             return
         sets = [c for c in admission.checks if c.kind == "concurrency"]
-        corrections = [c for c in admission.checks if c.settles]
-        deltas = [actual[c.kind] - c.amount for c in corrections]
-        try:
-            await self._settle(keys=[c.key for c in sets] + [c.key for c in corrections],
-                               args=[request_id, len(sets), *deltas])
-        except (RedisError, OSError) as exc:
-            self._mark_down(exc)
+        corrections = [(c, amount) for c, amount in zip(admission.checks, admission.amounts)
+                       if c.kind in _SETTLED_KINDS]
+        deltas = [actual[c.kind] - amount for c, amount in corrections]
+        # Nothing waits for the answer; a failure marks Redis down like any other.
+        self.client.run_script_nowait(self._settle, [c.key for c in sets] + [c.key for c, _ in corrections],
+                                      [request_id, len(sets), *deltas], self._mark_down)
 
     async def spend_nano(self, tenant_id: str, now: float) -> int:
         """The tenant's spend this month as Redis counts it (reservations in flight included)."""
         month = time.strftime("%Y%m", time.gmtime(now))
-        value = await self.client.get(f"gw:{{{tenant_id}}}:spend:{month}")
+        value = await self.client.execute("GET", f"gw:{{{tenant_id}}}:spend:{month}")
         return int(value or 0)
 
     async def ping(self) -> bool:
         try:
-            await self.client.ping()
-        except (RedisError, OSError) as exc:
+            await self.client.execute("PING")
+        except _FAILURES as exc:
             self._mark_down(exc)
             return False
         self._mark_up()
@@ -219,6 +232,20 @@ class Limiter:
             log.info("Redis reachable again, limits are counted again")
             self.available = True
             metrics.REDIS_UP.set(1)
+
+
+class _Plan:
+    """A tenant and key's checks for one minute, with the parts of the admit command that do not change."""
+
+    __slots__ = ("tenant", "key", "minute", "checks", "head", "sets", "bounds")
+
+    def __init__(self, tenant: Tenant, key: ApiKey, minute: int, checks: tuple[Check, ...], script: Script) -> None:
+        self.tenant, self.key, self.minute, self.checks = tenant, key, minute, checks
+        argument_count = 3 + 3 * len(checks)
+        self.head = (b"*%d\r\n" % (3 + len(checks) + argument_count) + bulk("EVALSHA") + bulk(script.sha)
+                     + bulk(len(checks)) + b"".join(bulk(c.key) for c in checks))
+        self.sets = bulk(sum(1 for c in checks if c.kind == "concurrency"))
+        self.bounds = tuple((bulk(-1 if c.limit is None else c.limit), bulk(c.ttl_ms)) for c in checks)
 
 
 def _month_end(now: float) -> float:
