@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> None:
     keys = commands.add_parser("keys", help="manage tenant API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = key_commands.add_parser("create", help="make a key, store its hash in tenants.yaml, print it once")
-    create.add_argument("--tenant", required=True)
+    owner = create.add_mutually_exclusive_group(required=True)
+    owner.add_argument("--tenant", help="the tenant the key belongs to")
+    owner.add_argument("--admin", action="store_true", help="make a key for the admin API instead")
     create.add_argument("--name", default=None, help="a label for the key (default: key-YYYYMMDD-HHMMSS)")
     create.add_argument("--expires", type=dt.date.fromisoformat, help="YYYY-MM-DD: the key stops working at the start of this day (UTC)")
     create.add_argument("--config-dir", type=Path)
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     check.set_defaults(run=_config_check)
 
     bench = commands.add_parser("bench", help="measure the gateway against a direct run to the simulator")
-    bench.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    bench.add_argument("--rounds", type=int, default=3, help="measurements per target, interleaved; medians reported")
     bench.add_argument("--latency-ms", type=float, default=5.0, help="the simulator's fixed time to answer")
     bench.add_argument("--output", type=Path, help="also write the results as JSON here")
     bench.set_defaults(run=_bench)
@@ -113,12 +116,13 @@ def _keys_create(args: argparse.Namespace) -> None:
 
     name = args.name or dt.datetime.now().strftime("key-%Y%m%d-%H%M%S")
     try:
-        key = add_key_to_tenants_file(_config_dir(args), args.tenant, name,
+        key = add_key_to_tenants_file(_config_dir(args), None if args.admin else args.tenant, name,
                                       args.expires.isoformat() if args.expires else None)
     except ConfigError as exc:
         print("\n".join(exc.problems), file=sys.stderr)
         raise SystemExit(2) from None
-    print(f"# key '{name}' of tenant '{args.tenant}': shown once, only its hash is stored", file=sys.stderr)
+    owner = "the admin API" if args.admin else f"tenant '{args.tenant}'"
+    print(f"# key '{name}' for {owner}: shown once, only its hash is stored", file=sys.stderr)
     print(key)
 
 
@@ -142,7 +146,7 @@ def _config_check(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from gateway.bench.run import run_benchmark
 
-    run_benchmark(duration=args.duration, latency_ms=args.latency_ms, output=args.output)
+    run_benchmark(duration=args.duration, latency_ms=args.latency_ms, output=args.output, rounds=args.rounds)
 
 
 if __name__ == "__main__":

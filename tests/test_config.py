@@ -229,3 +229,16 @@ def test_sigterm_lets_requests_under_way_finish(own_gateway, sim):
     assert results and results[0].choices[0].message.content
     assert gateway.process.wait(timeout=10) in (0, -15)  # uvicorn re-raises SIGTERM once it has shut down
     assert any("Application shutdown complete" in line.get("message", "") for line in gateway.log_lines())
+
+
+def test_keys_create_admin_writes_an_admin_key(tmp_path):
+    config_dir = _shipped_copy(tmp_path)
+    result = _gateway_cli("keys", "create", "--admin", "--name", "ops", "--config-dir", str(config_dir))
+    assert result.returncode == 0, result.stderr
+    key = result.stdout.strip()
+    assert key.startswith("sk-gw-admin-")
+    config = load_config(config_dir)
+    assert config.admin_keys[hash_key(key)].name == "ops"
+    assert hash_key(key) not in config.keys  # not a tenant key: it opens the admin API only
+    both = _gateway_cli("keys", "create", "--admin", "--tenant", "demo", "--config-dir", str(config_dir))
+    assert both.returncode == 2

@@ -11,6 +11,7 @@ import datetime as dt
 import hashlib
 import hmac
 import secrets
+import time
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -78,9 +79,11 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         if key is None:
             raise missing_api_key()
         digest = hashlib.sha256(key.encode("latin-1")).hexdigest()
-        name = config().admin_keys.get(digest)
-        if name is not None:
-            return name
+        admin_key = config().admin_keys.get(digest)
+        if admin_key is not None:
+            if admin_key.expires_at is not None and admin_key.expires_at <= time.time():
+                raise GatewayError(401, f"The admin key '{admin_key.name}' has expired.", code="expired_api_key")
+            return admin_key.name
         bootstrap = gateway.settings.admin_key
         if bootstrap and hmac.compare_digest(digest, hash_key(bootstrap)):
             return "GATEWAY_ADMIN_KEY"

@@ -55,7 +55,6 @@ class Measurement:
     p99_ms: float
     cpu_ms_per_request: float | None
     rss_mb: float | None
-    warmup_requests: int
 
 
 def _free_port() -> int:
@@ -112,7 +111,6 @@ def _wrk(url: str, script: Path, connections: int, duration: float) -> dict:
 
 
 def _measure(name: str, url: str, pid: int, script: Path, connections: int, duration: float) -> Measurement:
-    warmup = _wrk(url, script, connections, min(2.0, duration))  # warm up: connections, caches, allocator
     before = _cpu_seconds(pid)
     stats = _wrk(url, script, connections, duration)
     cpu = _cpu_seconds(pid) - before
@@ -121,11 +119,22 @@ def _measure(name: str, url: str, pid: int, script: Path, connections: int, dura
         target=name, concurrency=connections, requests=requests, errors=stats["errors"] + stats["non2xx"],
         rps=requests / (stats["duration_us"] / 1e6), p50_ms=stats["p50_us"] / 1000, p99_ms=stats["p99_us"] / 1000,
         cpu_ms_per_request=cpu * 1000 / requests if requests else None, rss_mb=_rss_mb(pid),
-        warmup_requests=warmup["requests"],
     )
 
 
-def run_benchmark(duration: float = 10.0, latency_ms: float = 5.0, output: Path | None = None) -> dict:
+def _median(runs: list[Measurement]) -> Measurement:
+    """One figure per target: the median of its rounds, field by field (the machine is shared and noisy)."""
+    middle = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
+    first = runs[0]
+    return Measurement(
+        target=first.target, concurrency=first.concurrency, requests=sum(r.requests for r in runs),
+        errors=sum(r.errors for r in runs), rps=middle([r.rps for r in runs]),
+        p50_ms=middle([r.p50_ms for r in runs]), p99_ms=middle([r.p99_ms for r in runs]),
+        cpu_ms_per_request=middle([r.cpu_ms_per_request for r in runs]), rss_mb=max(r.rss_mb for r in runs),
+    )
+
+
+def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path | None = None, rounds: int = 3) -> dict:
     if shutil.which("wrk") is None:
         raise SystemExit("gateway bench needs wrk (Debian: apt-get install wrk)")
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
@@ -178,10 +187,18 @@ def run_benchmark(duration: float = 10.0, latency_ms: float = 5.0, output: Path 
             ("core", f"http://127.0.0.1:{core_port}/v1/chat/completions", core.pid),
             ("gateway", f"http://127.0.0.1:{gw_port}/v1/chat/completions", gateway.pid),
         ]
-        measurements = []
+        measurements, sent = [], 0
         for connections in (1, 64, 128):
-            for name, url, pid in targets:
-                measurement = _measure(name, url, pid, script, connections, duration)
+            for name, url, _ in targets:  # warm up: connections, caches, allocator
+                warmed = _wrk(url, script, connections, 2)["requests"]
+                if name == "gateway":
+                    sent += warmed
+            rounds_by_target: dict[str, list[Measurement]] = {name: [] for name, _, _ in targets}
+            for _ in range(rounds):  # interleaved, so that a noisy moment hits every target alike
+                for name, url, pid in targets:
+                    rounds_by_target[name].append(_measure(name, url, pid, script, connections, duration))
+            for name, runs in rounds_by_target.items():
+                measurement = _median(runs)
                 measurements.append(measurement)
                 print(f"  {name:<12} c={connections:<4} {measurement.rps:8.0f} req/s  p50 {measurement.p50_ms:7.2f} ms"
                       f"  p99 {measurement.p99_ms:7.2f} ms  cpu {measurement.cpu_ms_per_request or 0:.3f} ms/req"
@@ -190,7 +207,8 @@ def run_benchmark(duration: float = 10.0, latency_ms: float = 5.0, output: Path 
         gateway.wait(timeout=60)
         logged = sum(1 for line in (workdir / "gateway.log").read_text().splitlines() if '"event":"request"' in line)
         rows = _ledger_rows(env["DATABASE_URL"])
-        report = _report(measurements, latency_ms, duration, logged, rows)
+        sent += sum(m.requests for m in measurements if m.target == "gateway")
+        report = _report(measurements, latency_ms, duration, rounds, logged, rows, sent)
     finally:
         for process in processes:
             if process.poll() is None:
@@ -225,7 +243,8 @@ def _ledger_rows(dsn: str) -> int:
     return asyncio.run(count())
 
 
-def _report(measurements: list[Measurement], latency_ms: float, duration: float, logged: int, rows: int) -> dict:
+def _report(measurements: list[Measurement], latency_ms: float, duration: float, rounds: int, logged: int,
+            rows: int, sent: int) -> dict:
     by = {(m.target, m.concurrency): m for m in measurements}
     summary = {}
     for c in (1, 64, 128):
@@ -247,15 +266,14 @@ def _report(measurements: list[Measurement], latency_ms: float, duration: float,
             "core_cpu_ratio_to_passthrough": round(core.cpu_ms_per_request / floor.cpu_ms_per_request, 3),
             "gateway_cpu_ratio_to_core": round(gw.cpu_ms_per_request / core.cpu_ms_per_request, 3),
         }
-    gateway_requests = sum(m.requests + m.warmup_requests for m in measurements if m.target == "gateway")
     return {
-        "setup": {"simulator_latency_ms": latency_ms, "seconds_per_run": duration, "workers": 1,
+        "setup": {"simulator_latency_ms": latency_ms, "seconds_per_run": duration, "rounds": rounds, "workers": 1,
                   "cpus": os.cpu_count(), "load_generator": "wrk -t1"},
         "summary": summary,
         "gateway_rss_mb": round(by[("gateway", 128)].rss_mb, 1),
         "core_rss_mb": round(by[("core", 128)].rss_mb, 1),
         "passthrough_rss_mb": round(by[("passthrough", 128)].rss_mb, 1),
-        "gateway_requests_sent": gateway_requests,  # warm-ups included
+        "gateway_requests_completed": sent,  # as wrk counts them, warm-ups included
         "gateway_request_log_lines": logged,
         "gateway_ledger_rows": rows,
         "runs": [asdict(m) for m in measurements],

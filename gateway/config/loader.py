@@ -219,7 +219,7 @@ def _compile_tenants(
     models: dict[str, Model],
     tiers: dict[str, tuple[Limits, frozenset[str]]],
     api_state: ApiState | None,
-) -> tuple[dict[str, Tenant], dict[str, ApiKey], dict[str, str]]:
+) -> tuple[dict[str, Tenant], dict[str, ApiKey], dict[str, ApiKey]]:
     tenants: dict[str, Tenant] = {}
     keys: dict[str, ApiKey] = {}
     problems: list[str] = []
@@ -261,7 +261,7 @@ def _compile_tenants(
     for index, key in enumerate(spec.admin_keys):
         if key.sha256 in keys or key.sha256 in admin_keys:
             problems.append(f"{doc.where(('admin_keys', index))}: an admin key must not also be a tenant key")
-        admin_keys[key.sha256] = key.name
+        admin_keys[key.sha256] = ApiKey("", key.name, _unix_time(key.expires))
     if problems:
         raise ConfigError(problems)
     return tenants, keys, admin_keys

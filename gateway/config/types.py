@@ -101,7 +101,7 @@ class GatewayConfig:
     models: dict[str, Model]
     tenants: dict[str, Tenant]
     keys: dict[str, ApiKey]  # hex SHA-256 of the key -> key
-    admin_keys: dict[str, str] = field(default_factory=dict)  # hex SHA-256 -> key name
+    admin_keys: dict[str, ApiKey] = field(default_factory=dict)  # hex SHA-256 -> key (tenant_id empty)
     reference_model: str | None = None  # what savings are measured against
     tiers: frozenset[str] = frozenset()
     yaml_key_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tenant id -> names in the file
