@@ -10,7 +10,7 @@ import openai
 
 from conftest import GatewayProcess, http_request
 from gateway.config.keys import generate_key
-from test_limits import _config, _tenant, _unique
+from test_limits import _away_from_minute_edge, _config, _tenant, _unique
 
 HELLO = [{"role": "user", "content": "hi"}]
 
@@ -48,6 +48,7 @@ def test_every_request_answered_or_refused_has_a_row(sim, stores, tmp_path):
     gateway = GatewayProcess(_config(tmp_path / "c", sim.url, {tenant: _tenant(key, requests_per_minute=3)}))
     try:
         client = gateway.client(key)
+        _away_from_minute_edge()  # the limit of 3 a minute must see all these requests in one minute
         ok = client.chat.completions.with_raw_response.create(model="small", messages=HELLO, max_tokens=4)
         ids = {ok.headers["x-request-id"]}
         for bad in ({"model": "nope", "messages": HELLO}, {"model": "small", "messages": "x"}):
