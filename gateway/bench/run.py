@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from gateway.config.keys import generate_key, hash_key
-from gateway.stores.embedded import EmbeddedServers
+from gateway.stores.embedded import EmbeddedServers, free_port
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "Say something short about gateways."}],
@@ -57,36 +57,21 @@ class Measurement:
     rss_mb: float | None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait(url: str, process: subprocess.Popen, timeout: float = 30) -> None:
+def _wait(process: subprocess.Popen, url: str | None = None, port: int | None = None, timeout: float = 30) -> None:
+    """Until ``url`` answers (or ``port`` accepts connections); fail at once if the process died."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{process.args} exited with {process.returncode}")
         try:
-            urllib.request.urlopen(url, timeout=1).read()
+            if url is not None:
+                urllib.request.urlopen(url, timeout=1).read()
+            else:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
         except OSError:
             time.sleep(0.1)
-    raise TimeoutError(url)
-
-
-def _wait_port(port: int, process: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args} exited with {process.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"port {port}")
+    raise TimeoutError(url or f"port {port}")
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -141,12 +126,12 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
     processes: list[subprocess.Popen] = []
     python = sys.executable
     try:
-        sim_port, pass_port, gw_port, core_port = _free_port(), _free_port(), _free_port(), _free_port()
+        sim_port, pass_port, gw_port, core_port = free_port(), free_port(), free_port(), free_port()
         sim = subprocess.Popen([python, "-m", "gateway", "sim", "--port", str(sim_port), "--ttft-ms",
                                 str(latency_ms), "--max-num-seqs", "4096"], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
         processes.append(sim)
-        _wait(f"http://127.0.0.1:{sim_port}/health", sim)
+        _wait(sim, url=f"http://127.0.0.1:{sim_port}/health")
 
         key = generate_key()
         config = workdir / "config"
@@ -175,9 +160,9 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
                                         f"http://127.0.0.1:{sim_port}/v1"], stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
         processes.append(passthrough)
-        _wait(f"http://127.0.0.1:{gw_port}/health/ready", gateway)
-        _wait(f"http://127.0.0.1:{core_port}/health/ready", core)
-        _wait_port(pass_port, passthrough)
+        _wait(gateway, url=f"http://127.0.0.1:{gw_port}/health/ready")
+        _wait(core, url=f"http://127.0.0.1:{core_port}/health/ready")
+        _wait(passthrough, port=pass_port)
 
         script = workdir / "load.lua"
         script.write_text(WRK_SCRIPT % {"body": json.dumps(BODY), "key": key})

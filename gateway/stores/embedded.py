@@ -27,7 +27,7 @@ class EmbeddedServers:
 
         directory = self.data_dir / "valkey"
         directory.mkdir(parents=True, exist_ok=True)
-        self._valkey = ValkeyServer(port=_free_port(), data_dir=directory, persist=True, appendonly="yes")
+        self._valkey = ValkeyServer(port=free_port(), data_dir=directory, persist=True, appendonly="yes")
         self._valkey.start()
         log.info("embedded Valkey started in %s", directory)
         return self._valkey.connection_url
@@ -54,7 +54,8 @@ class EmbeddedServers:
             self._postgres = None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

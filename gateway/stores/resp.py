@@ -181,25 +181,27 @@ class Redis:
         Saves the caller a wake-up per command (the settle after each request needs no answer).
         """
         command = pack(("EVALSHA", script.sha, len(keys), *keys, *args))
+        loop = asyncio.get_running_loop()
+
+        def the_long_way() -> None:
+            """Through run_packed_script: it connects, and loads the script if Redis lacks it."""
+            task = loop.create_task(self.run_packed_script(script, command))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or on_error(t.exception()))
 
         def done(future: asyncio.Future) -> None:
             error = future.exception() if not future.cancelled() else None
             if error is None and isinstance(future.result(), ReplyError):
                 error = future.result()
-            if error is None:
-                return
             if isinstance(error, ReplyError) and str(error).startswith("NOSCRIPT"):
-                task = asyncio.get_running_loop().create_task(self.run_packed_script(script, command))
-                task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or on_error(t.exception()))
-                return
-            on_error(error)
+                the_long_way()
+            elif error is not None:
+                on_error(error)
 
         protocol = self._protocol
         if protocol is None or protocol.closed:
-            task = asyncio.get_running_loop().create_task(self.run_packed_script(script, command))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or on_error(t.exception()))
+            the_long_way()
             return
-        future = asyncio.get_running_loop().create_future()
+        future = loop.create_future()
         future.add_done_callback(done)
         protocol.send(command, future)
 
