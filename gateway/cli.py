@@ -56,6 +56,22 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("--config-dir", type=Path)
     check.set_defaults(run=_config_check)
 
+    router = commands.add_parser("router", help="train and judge the complexity classifier")
+    router_commands = router.add_subparsers(dest="router_command", required=True)
+    for name, description in (("train", "fit the learned scorer on labelled prompts"),
+                              ("evaluate", "cost/quality curves and APGR on the held-out half"),
+                              ("calibrate", "the threshold that sends a given share to the large model")):
+        command = router_commands.add_parser(name, help=description)
+        command.add_argument("--data", type=Path, help="JSON lines: prompt, weak_correct, strong_correct "
+                                                       "(default: the shared MMLU routing data)")
+        command.add_argument("--scorer", type=Path, help="the scorer file (default: the one shipped)")
+        command.set_defaults(run=_router)
+    router_commands.choices["train"].add_argument("--all", action="store_true",
+                                                  help="train on every prompt, not only the training half")
+    router_commands.choices["evaluate"].add_argument("--svg", type=Path, help="draw the curves into this file")
+    router_commands.choices["calibrate"].add_argument("--large-share", type=float, required=True,
+                                                      help="share of requests to send to the large model (0 to 1)")
+
     bench = commands.add_parser("bench", help="measure the gateway against a direct run to the simulator")
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     bench.add_argument("--rounds", type=int, default=3, help="measurements per target, interleaved; medians reported")
@@ -141,6 +157,23 @@ def _config_check(args: argparse.Namespace) -> None:
         print(f"warning: {warning}", file=sys.stderr)
     keys = len(config.keys)
     print(f"{config_dir}: OK ({len(config.models)} models, {len(config.tenants)} tenants, {keys} keys)")
+
+
+def _router(args: argparse.Namespace) -> None:
+    from gateway.routing import commands
+
+    data = args.data or commands.DEFAULT_DATA
+    if not data.exists():
+        raise SystemExit(f"gateway router: no data at {data}; pass --data")
+    scorer = args.scorer or commands.DEFAULT_PATH
+    if args.router_command == "train":
+        commands.print_json(commands.train(data, scorer, args.all))
+    elif args.router_command == "evaluate":
+        commands.print_json(commands.evaluate(data, scorer, args.svg))
+    else:
+        if not 0 < args.large_share < 1:
+            raise SystemExit("gateway router calibrate: --large-share must be between 0 and 1")
+        commands.print_json(commands.calibrate(data, scorer, args.large_share))
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -1,0 +1,1 @@
+"""Complexity classification and, in time, routing: which model a request should go to."""

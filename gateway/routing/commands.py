@@ -1,0 +1,83 @@
+"""``gateway router train | evaluate | calibrate``: the learned scorer and the thresholds, judged on real data."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from gateway.routing.classifier import Classifier
+from gateway.routing.evaluate import RouterReport, judge, load_examples, split, svg, threshold_for_share
+from gateway.routing.scorer import DEFAULT_PATH, LearnedScorer
+
+DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "routing" / "mmlu_routing.jsonl"
+
+
+def train(data: Path, output: Path, use_all: bool) -> dict:
+    """Fit the scorer on the training half (or on everything with ``use_all``) and write it to ``output``."""
+    examples = load_examples(data)
+    train_set = examples if use_all else split(examples)[0]
+    started = time.perf_counter()
+    scorer = LearnedScorer.train([(e.prompt, e.strong_correct and not e.weak_correct) for e in train_set])
+    scorer.meta = {"trained_on": data.name, "examples": len(train_set), "split": "all" if use_all else "train half",
+                   "label": "large model right where the small one is wrong",
+                   "seconds": round(time.perf_counter() - started, 1)}
+    scorer.save(output)
+    return {"output": str(output), **scorer.meta, "weights": len(scorer.weights)}
+
+
+def evaluate(data: Path, scorer_path: Path, image: Path | None) -> dict:
+    """Judge the rules, the learned scorer and both together on the held-out half, beside the random router."""
+    test = split(load_examples(data))[1]
+    scorer = LearnedScorer.load(scorer_path)
+    rules = Classifier(scorer=None)
+    combined = Classifier(scorer=scorer)
+    reports = [
+        judge("rules", lambda text: rules.score_text(text)[0], test),
+        judge("learned scorer", scorer.score, test),
+        judge("rules + learned (the gateway's classifier)", lambda text: combined.score_text(text)[0], test),
+    ]
+    weak = sum(e.weak_correct for e in test) / len(test)
+    strong = sum(e.strong_correct for e in test) / len(test)
+    if image is not None:
+        image.write_text(svg(reports, weak, strong, f"{data.name}: {len(test)} held-out prompts"))
+    return {
+        "data": data.name,
+        "held_out_prompts": len(test),
+        "small_model_accuracy": round(weak, 4),
+        "large_model_accuracy": round(strong, 4),
+        "routers": [_summary(r, weak, strong) for r in reports] + [
+            {"name": "random", "apgr": 0.5, "share_for_half_the_gap": 0.5, "share_for_80_percent_of_the_gap": 0.8}],
+    }
+
+
+def calibrate(data: Path, scorer_path: Path, large_share: float) -> dict:
+    """The COMPLEX threshold that sends ``large_share`` of requests like these to the large model."""
+    examples = load_examples(data)
+    classifier = Classifier(scorer=LearnedScorer.load(scorer_path))
+    scores = [classifier.score_text(e.prompt)[0] for e in examples]
+    threshold = threshold_for_share(scores, large_share)
+    sent = [s >= threshold for s in scores]
+    accuracy = sum((e.strong_correct if big else e.weak_correct) for e, big in zip(examples, sent)) / len(examples)
+    return {"large_share_asked": large_share, "complex_threshold": round(threshold, 4),
+            "large_share_reached": round(sum(sent) / len(sent), 4), "accuracy_on_this_data": round(accuracy, 4)}
+
+
+def _summary(report: RouterReport, weak: float, strong: float) -> dict:
+    at = dict(report.points)
+    return {
+        "name": report.name,
+        "apgr": round(report.apgr, 4),
+        "share_for_half_the_gap": report.share_for_half_gap,
+        "share_for_80_percent_of_the_gap": report.share_for_80_percent,
+        "accuracy_at_20_percent_large": round(at[0.2], 4),
+        "accuracy_at_50_percent_large": round(at[0.5], 4),
+        "microseconds_per_call": round(report.microseconds_per_call, 1),
+    }
+
+
+def print_json(result: dict) -> None:
+    print(json.dumps(result, indent=2))
+
+
+__all__ = ["DEFAULT_DATA", "DEFAULT_PATH", "train", "evaluate", "calibrate", "print_json"]

@@ -1,0 +1,128 @@
+"""What a request says about its own difficulty: the signals the complexity classifier weighs.
+
+Each signal is a number from 0 to 1 read off the request's text and shape; the rules decide how much each one
+counts. The text is split into lower-case words once; the marker lists are looked up word by word (and word
+pair by word pair), so the cost grows with the text's length, not with the number of markers.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# Words and phrases as seed 001's routing examples use them; admins replace any list in models.yaml.
+SIMPLE_MARKERS = (
+    "hi", "hello", "hey", "thanks", "thank you", "what is", "what's", "who is", "when is", "list", "status",
+    "define", "translate", "summarize", "yes or no",
+)
+COMPLEX_MARKERS = (
+    "analyze", "analyse", "root cause", "design", "architecture", "strategy", "trade-off", "tradeoff", "compare",
+    "evaluate", "optimize", "optimise", "prove", "derive", "debug", "refactor", "investigate", "recommend",
+    "implications", "assess", "diagnose", "plan for", "recovery",
+)
+CRITICAL_MARKERS = (
+    "security breach", "breach", "compliance", "audit", "hipaa", "pci", "sox", "gdpr", "legal", "lawsuit",
+    "incident response", "fraud", "regulator", "patient safety", "vulnerability", "exploit",
+)
+TECHNICAL_TERMS = (
+    "database", "kubernetes", "latency", "throughput", "algorithm", "api", "protocol", "encryption", "cluster",
+    "distributed", "concurrency", "transaction", "schema", "index", "memory", "kernel", "network", "compiler",
+    "regression", "gradient", "matrix", "integral", "derivative", "theorem", "equation", "probability",
+    "statistic", "enzyme", "molecule", "statute", "jurisdiction", "liability", "portfolio",
+)
+REASONING_MARKERS = (
+    "step by step", "why", "how would", "how does", "explain", "calculate", "compute", "estimate", "justify",
+    "reason", "show that", "what if", "suppose", "assume", "therefore", "implies",
+)
+CATEGORIES = ("simple", "complex", "critical", "technical", "reasoning")
+SIGNALS = ("length", "simple_words", "complex_words", "critical_words", "technical_terms", "code", "reasoning",
+           "depth", "tools")
+
+WORD = re.compile(r"[a-z0-9']+")
+_CODE = re.compile(r"```|\bdef \w+\(|\bclass \w+[:(]|\bimport \w+|\bfunction\s*\(|=>|\breturn\b.*;|[{};][ \t]*$",
+                   re.MULTILINE)
+_CODE_HINTS = ("```", "def ", "class ", "import ", "function", "=>", ";", "{", "}")  # cheap scans before the regex
+_MATH = re.compile(r"[=^∫∑√±≤≥]|\d\s*[+\-*/]\s*\d")
+SCANNED_CHARS = 4000  # markers are looked for in the first this many characters; length counts the rest too
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Marker words and phrases by category, indexed for one pass over the words of a text."""
+
+    words: dict[str, str]  # single word -> category
+    phrases: dict[tuple[str, ...], str]  # several words -> category
+    starts: frozenset[str]  # first words of the phrases
+
+    @classmethod
+    def from_lists(cls, lists: dict[str, tuple[str, ...] | list[str]] | None = None) -> "Vocabulary":
+        defaults = {"simple": SIMPLE_MARKERS, "complex": COMPLEX_MARKERS, "critical": CRITICAL_MARKERS,
+                    "technical": TECHNICAL_TERMS, "reasoning": REASONING_MARKERS}
+        defaults.update({k: tuple(v) for k, v in (lists or {}).items()})
+        words: dict[str, str] = {}
+        phrases: dict[tuple[str, ...], str] = {}
+        for category, markers in defaults.items():
+            for marker in markers:
+                parts = tuple(WORD.findall(marker.lower()))
+                if len(parts) == 1:
+                    words[parts[0]] = category
+                elif parts:
+                    phrases[parts] = category
+        return cls(words, phrases, frozenset(p[0] for p in phrases))
+
+    def count(self, tokens: list[str]) -> dict[str, int]:
+        counts = dict.fromkeys(CATEGORIES, 0)
+        words, phrases, starts = self.words, self.phrases, self.starts
+        for i, token in enumerate(tokens):
+            category = words.get(token)
+            if category is not None:
+                counts[category] += 1
+            if token in starts:
+                for length in (2, 3):
+                    category = phrases.get(tuple(tokens[i:i + length]))
+                    if category is not None:
+                        counts[category] += 1
+        return counts
+
+
+DEFAULT_VOCABULARY = Vocabulary.from_lists()
+
+
+def request_text(body: dict) -> tuple[str, int]:
+    """The text the classifier reads (the last user turn, or the prompt) and the number of conversation turns."""
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "user":
+                content = message.get("content")
+                if isinstance(content, list):
+                    content = " ".join(p.get("text", "") for p in content if isinstance(p, dict)
+                                       and isinstance(p.get("text"), str))
+                return (content if isinstance(content, str) else ""), len(messages)
+        return "", len(messages)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    return (prompt if isinstance(prompt, str) else ""), 1
+
+
+def words_of(text: str) -> list[str]:
+    """The lower-case words of the scanned part of ``text``."""
+    return WORD.findall(text[:SCANNED_CHARS].lower())
+
+
+def signals(text: str, tokens: list[str], turns: int, wants_tools: bool, vocabulary: Vocabulary) -> dict[str, float]:
+    words = len(tokens) if len(text) <= SCANNED_CHARS else len(text) // 5
+    counts = vocabulary.count(tokens)
+    head = text[:SCANNED_CHARS]
+    return {
+        "length": min(1.0, words / 300),
+        "simple_words": min(1.0, counts["simple"] / 2) if words < 40 else 0.0,
+        "complex_words": min(1.0, counts["complex"] / 2),
+        "critical_words": min(1.0, float(counts["critical"])),
+        "technical_terms": min(1.0, counts["technical"] / 3),
+        "code": 1.0 if any(hint in head for hint in _CODE_HINTS) and _CODE.search(head) else 0.0,
+        "reasoning": min(1.0, counts["reasoning"] / 2 + (0.5 if _MATH.search(head) else 0.0)),
+        "depth": min(1.0, max(0, turns - 1) / 10),
+        "tools": 1.0 if wants_tools else 0.0,
+    }
