@@ -62,7 +62,8 @@ class OpenAIRoutes:
             await send_response(send, error.status, error.body())
             return
         data = [_model_card(config.models[name]) for name in sorted(tenant.allowed_models)
-                if config.models[name].serving]
+                if name in config.models and config.models[name].serving]
+        data += [_alias_card(name) for name in sorted(tenant.routes)]
         await send_response(send, 200, orjson.dumps({"object": "list", "data": data}))
 
     async def _get_model(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -70,11 +71,11 @@ class OpenAIRoutes:
         name = scope["path"].split("/models/", 1)[1]
         try:
             tenant, _ = identify(scope, config)
-            model = visible_model(config, tenant, name)
+            card = _alias_card(name) if name in tenant.routes else _model_card(visible_model(config, tenant, name))
         except GatewayError as error:
             await send_response(send, error.status, error.body())
             return
-        await send_response(send, 200, orjson.dumps(_model_card(model)))
+        await send_response(send, 200, orjson.dumps(card))
 
 
 _CREATED = 1735689600  # 2025-01-01: a fixed date, so listings are stable across restarts
@@ -82,3 +83,7 @@ _CREATED = 1735689600  # 2025-01-01: a fixed date, so listings are stable across
 
 def _model_card(model) -> dict:
     return {"id": model.name, "object": "model", "created": _CREATED, "owned_by": model.owned_by}
+
+
+def _alias_card(name: str) -> dict:
+    return {"id": name, "object": "model", "created": _CREATED, "owned_by": "gateway-router"}

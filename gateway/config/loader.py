@@ -13,8 +13,11 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ValidationError
 
 from gateway.config.schema import BUILTIN_SIMULATOR, KeyLimitsSpec, LimitsSpec, ModelsFile, TenantSpec, TenantsFile
+from gateway.config.routing import compile_router, tenant_routes
 from gateway.config.tiers import BUILTIN_TIERS
-from gateway.config.types import ApiKey, Deployment, GatewayConfig, KeyLimits, Limits, Model, Pricing, Tenant
+from gateway.config.types import (
+    ApiKey, Deployment, FallbackPolicy, GatewayConfig, KeyLimits, Limits, Model, Pricing, RouterConfig, Tenant,
+)
 from gateway.config.yaml_source import ConfigError, YamlDocument, read_yaml
 
 MODELS_FILE = "models.yaml"
@@ -68,10 +71,15 @@ def load_config(
     if problems or models_file is None or tenants_file is None:
         raise ConfigError(problems)
 
-    models = _compile_models(models_file, simulator_url, environ)
+    models = _compile_models(models_file, models_doc, simulator_url, environ, problems)
+    warnings: list[str] = []
+    router, profiles = compile_router(models_file, models_doc, models, config_dir, problems, warnings)
+    if problems:
+        raise ConfigError(problems)
     tiers = _compile_tiers(tenants_file)
-    tenants, keys, admin_keys = _compile_tenants(tenants_file, tenants_doc, models, tiers, api_state)
-    warnings = [
+    tenants, keys, admin_keys = _compile_tenants(tenants_file, tenants_doc, models, tiers, api_state,
+                                                 models_file, router, profiles)
+    warnings += [
         f"{models_doc.where(('models', m.name))}: model '{m.name}' has no usable deployment: "
         + "; ".join(f"{d.name}: {d.unavailable_reason}" for d in m.deployments)
         for m in models.values()
@@ -83,6 +91,8 @@ def load_config(
         keys=keys,
         admin_keys=admin_keys,
         reference_model=models_file.defaults.reference_model,
+        router=router,
+        fallback_policy=FallbackPolicy(**models_file.defaults.fallbacks.model_dump()),
         tiers=frozenset(tiers),
         yaml_key_names={tenant_id: tuple(k.name for k in t.keys) for tenant_id, t in tenants_file.tenants.items()},
         sources=(models_doc.path, tenants_doc.path),
@@ -109,7 +119,7 @@ def _validate(doc: YamlDocument, schema: type[BaseModel]) -> Any:
 
 
 def _compile_models(
-    spec: ModelsFile, simulator_url: str | None, environ: Mapping[str, str]
+    spec: ModelsFile, doc: YamlDocument, simulator_url: str | None, environ: Mapping[str, str], problems: list[str]
 ) -> dict[str, Model]:
     models: dict[str, Model] = {}
     for name, model_spec in spec.models.items():
@@ -157,6 +167,10 @@ def _compile_models(
         available = [d for d in deployments if d.unavailable_reason is None]
         first = min((d.priority for d in available), default=0)
         serving = [d for d in available if d.priority == first]
+        # A real deployment never falls back to the simulator: a made-up answer is worse than an error.
+        simulated = all(d.is_simulator for d in serving)
+        standby = sorted((d for d in available if d not in serving and (simulated or not d.is_simulator)),
+                         key=lambda d: d.priority)
         models[name] = Model(
             name=name,
             type=model_spec.type,
@@ -167,7 +181,15 @@ def _compile_models(
             pricing=Pricing(model_spec.pricing.input_per_million, model_spec.pricing.output_per_million),
             deployments=tuple(deployments),
             serving=tuple(serving),
+            fallbacks=tuple(model_spec.fallbacks),
+            standby=tuple(standby),
         )
+    for name, model_spec in spec.models.items():
+        for index, fallback in enumerate(model_spec.fallbacks):
+            other = models.get(fallback)
+            if other is None or other.type != models[name].type or fallback == name:
+                problems.append(f"{doc.where(('models', name, 'fallbacks', index))}: '{fallback}' is not another "
+                                f"{models[name].type} model of this file")
     return models
 
 
@@ -219,6 +241,9 @@ def _compile_tenants(
     models: dict[str, Model],
     tiers: dict[str, tuple[Limits, frozenset[str]]],
     api_state: ApiState | None,
+    models_file: ModelsFile,
+    router: RouterConfig | None,
+    profiles: dict,
 ) -> tuple[dict[str, Tenant], dict[str, ApiKey], dict[str, ApiKey]]:
     tenants: dict[str, Tenant] = {}
     keys: dict[str, ApiKey] = {}
@@ -233,9 +258,12 @@ def _compile_tenants(
                             f"unknown tier '{t.tier}' (tiers: {', '.join(sorted(tiers))})")
             continue
         tier_limits, tier_features = tiers[t.tier]
+        aliases = router.aliases if router is not None else {}
         allowed = frozenset(
-            name for name in models if any(fnmatch.fnmatchcase(name, pattern) for pattern in t.models)
+            name for name in (*models, *aliases) if any(fnmatch.fnmatchcase(name, pattern) for pattern in t.models)
         )
+        features = frozenset(t.features) if t.features is not None else tier_features
+        routes = tenant_routes(models_file, router, profiles, t, allowed, features, where, models, problems)
         tenants[tenant_id] = Tenant(
             id=tenant_id,
             name=t.name,
@@ -246,7 +274,8 @@ def _compile_tenants(
             industry=t.industry,
             system_prompt=t.system_prompt,
             limits=_tenant_limits(tier_limits, t.limits),
-            features=frozenset(t.features) if t.features is not None else tier_features,
+            features=features,
+            routes=routes,
             source=source,
         )
         for index, key in enumerate(t.keys):

@@ -55,6 +55,8 @@ class DeploymentSpec(Strict):
 
 class ModelSpec(Strict):
     type: Literal["chat", "embedding"] = "chat"
+    fallbacks: list[str] = Field(
+        default_factory=list, description="models tried in turn when every deployment of this one has failed")
     size: Literal["small", "large", "largest"] | None = Field(
         None, description="how the usage dashboard counts it: the small-model share counts 'small' models")
     description: str = ""
@@ -73,15 +75,91 @@ class ModelSpec(Strict):
         return value
 
 
+class FallbackPolicy(Strict):
+    max_attempts: int = Field(3, ge=1, le=10, description="upstream calls one request may make, fallbacks included")
+    failures_before_cooldown: int = Field(3, ge=1, description="failures in a row that cool a deployment down")
+    cooldown_seconds: float = Field(30.0, ge=0, description="how long a cooled-down deployment is passed over")
+
+
 class ModelDefaults(Strict):
     timeouts: Timeouts = Timeouts()
+    fallbacks: FallbackPolicy = FallbackPolicy()
     reference_model: str | None = Field(
         None, description="savings are reported against sending every request to this model")
+
+
+COMPLEXITIES = ("simple", "moderate", "complex", "critical")
+MARKER_LISTS = ("simple", "complex", "critical", "technical", "reasoning")
+
+
+class ProfileModels(Strict):
+    """A model for each complexity; a field left out is taken from the profile below."""
+
+    simple: str | None = None
+    moderate: str | None = None
+    complex: str | None = None
+    critical: str | None = None
+
+
+class ProfileSpec(ProfileModels):
+    long_context: str | None = Field(None, description="where a request too long for the chosen model goes")
+    cascade_threshold: float | None = Field(None, ge=0, le=1)
+    economy: ProfileModels | None = Field(None, description="models used once the tenant's spend passes the soft "
+                                                            "budget limit")
+    over_budget: ProfileModels | None = Field(None, description="models used once the monthly budget is spent "
+                                                                "(free ones, typically)")
+    tiers: dict[str, ProfileModels] = Field(default_factory=dict, description="changes for tenants of a tier")
+
+
+class ThresholdsSpec(Strict):
+    moderate: float = 0.12
+    complex: float = 0.2
+    critical: float = 0.5
+
+    @model_validator(mode="after")
+    def _rising(self) -> "ThresholdsSpec":
+        if not self.moderate <= self.complex <= self.critical:
+            raise ValueError("thresholds must rise: moderate <= complex <= critical")
+        return self
+
+
+class ClassifierSpec(Strict):
+    scorer: str = Field("builtin", description="builtin, none, or the path of a file made by gateway router train")
+    weights: dict[str, float] = Field(default_factory=dict, description="changes to the default signal weights")
+    thresholds: ThresholdsSpec = ThresholdsSpec()
+    markers: dict[Literal[MARKER_LISTS], list[str]] = Field(default_factory=dict,
+                                                            description="replace a built-in marker list")
+
+
+class CascadeSpec(Strict):
+    enabled: bool = True
+    threshold: float = Field(0.6, ge=0, le=1, description="answers of a small model below this are asked again "
+                                                          "of the next model up")
+    uncertainty_phrases: list[str] | None = None
+
+
+class BudgetRoutingSpec(Strict):
+    soft_limit: float = Field(0.8, gt=0, le=1, description="share of the monthly budget after which the "
+                                                           "profile's economy models are used")
+
+
+class AliasSpec(Strict):
+    description: str = ""
+    profile: str | None = Field(None, description="always use this profile instead of the tenant's")
+
+
+class RouterSpec(Strict):
+    aliases: dict[str, AliasSpec] = Field(default_factory=lambda: {"auto": AliasSpec()})
+    classifier: ClassifierSpec = ClassifierSpec()
+    profiles: dict[str, ProfileSpec] = Field(default_factory=dict)
+    cascade: CascadeSpec = CascadeSpec()
+    budget: BudgetRoutingSpec = BudgetRoutingSpec()
 
 
 class ModelsFile(Strict):
     defaults: ModelDefaults = ModelDefaults()
     models: dict[str, ModelSpec] = Field(min_length=1)
+    router: RouterSpec = RouterSpec()
 
     @model_validator(mode="after")
     def _reference_exists(self) -> "ModelsFile":
@@ -133,6 +211,14 @@ class TierSpec(Strict):
     features: list[Literal[FEATURES]] | None = None
 
 
+class TenantRoutingSpec(ProfileModels):
+    """A tenant's changes to its routing: another profile, other models, its own cascade setting."""
+
+    profile: str | None = None
+    cascade: bool | None = None
+    cascade_threshold: float | None = Field(None, ge=0, le=1)
+
+
 class TenantSpec(Strict):
     name: str = Field(min_length=1)
     enabled: bool = True
@@ -142,6 +228,7 @@ class TenantSpec(Strict):
     system_prompt: str | None = None
     limits: LimitsSpec = LimitsSpec()
     features: list[Literal[FEATURES]] | None = None  # replaces the tier's list when given
+    routing: TenantRoutingSpec | None = None
     keys: list[KeySpec] = Field(default_factory=list)
 
 

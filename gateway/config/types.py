@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway.routing.classifier import Classifier
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +51,48 @@ class Model:
     deployments: tuple[Deployment, ...]
     # The deployments requests go to: the usable ones of the lowest priority number.
     serving: tuple[Deployment, ...]
+    fallbacks: tuple[str, ...] = ()  # models tried in turn once every deployment of this one has failed
+    standby: tuple[Deployment, ...] = ()  # usable deployments of higher priority numbers, tried after the serving
 
     @property
     def simulated(self) -> bool:
         return bool(self.serving) and all(d.is_simulator for d in self.serving)
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackPolicy:
+    max_attempts: int = 3
+    failures_before_cooldown: int = 3
+    cooldown_seconds: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """How one tenant's requests to one router alias are routed (industry, tier and the tenant's changes resolved)."""
+
+    name: str  # "finance", "finance/professional", "finance+tenant": what the routing-rule header shows
+    models: dict[str, str]  # complexity -> model
+    economy: dict[str, str]  # complexity -> model, past the soft budget limit
+    over_budget: dict[str, str]  # complexity -> model, once the budget is spent
+    long_context: str | None
+    cascade: bool
+    cascade_threshold: float
+    ladder: tuple[str, ...]  # the profile's models from smallest to largest: where a cascade goes next
+
+
+@dataclass(frozen=True, slots=True)
+class Alias:
+    name: str
+    description: str
+    profile: str | None  # a fixed profile, or None for the tenant's own
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    aliases: dict[str, Alias]
+    classifier: "Classifier"
+    soft_budget_limit: float
+    uncertainty_phrases: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +135,7 @@ class Tenant:
     system_prompt: str | None = None
     limits: Limits = Limits()
     features: frozenset[str] = frozenset()
+    routes: dict[str, Profile] = field(default_factory=dict)  # router alias -> this tenant's profile for it
     source: str = "yaml"  # "yaml" or "api" (made through the admin API, kept in PostgreSQL)
 
 
@@ -103,6 +146,8 @@ class GatewayConfig:
     keys: dict[str, ApiKey]  # hex SHA-256 of the key -> key
     admin_keys: dict[str, ApiKey] = field(default_factory=dict)  # hex SHA-256 -> key (tenant_id empty)
     reference_model: str | None = None  # what savings are measured against
+    router: RouterConfig | None = None
+    fallback_policy: FallbackPolicy = FallbackPolicy()
     tiers: frozenset[str] = frozenset()
     yaml_key_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tenant id -> names in the file
     sources: tuple[Path, ...] = field(default=())

@@ -20,6 +20,14 @@ OVERHEAD = Histogram(
 UPSTREAM_ERRORS = Counter(
     "gateway_upstream_errors", "Failed upstream calls, by deployment and kind.", ["deployment", "kind"]
 )
+DEPLOYMENT_COOLDOWNS = Counter(
+    "gateway_deployment_cooldowns", "Times a deployment was passed over after failing repeatedly.", ["deployment"]
+)
+FALLBACKS = Counter("gateway_fallbacks", "Upstream calls retried on another deployment or model.", ["model"])
+ROUTED = Counter("gateway_routed_requests", "Requests for a router alias, by complexity and chosen model.",
+                 ["complexity", "model"])
+CASCADES = Counter("gateway_cascades", "Answers of a small model judged unsure and asked again of a larger one.",
+                   ["from_model", "to_model"])
 CONFIG_RELOADS = Counter("gateway_config_reloads", "Config reloads, by result.", ["result"])
 LIMIT_REFUSALS = Counter("gateway_limit_refusals", "Requests refused by a limit, by tenant and limit.",
                          ["tenant", "limit"])

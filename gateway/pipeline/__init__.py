@@ -9,6 +9,7 @@ from gateway.pipeline.forward import Forward
 from gateway.pipeline.limits import EnforceLimits
 from gateway.pipeline.parse import read_json_body
 from gateway.pipeline.prompt import apply_system_prompt
+from gateway.pipeline.route import RouteRequest
 from gateway.pipeline.runner import Pipeline
 from gateway.stores.ledger import Ledger
 from gateway.stores.limits import Limiter
@@ -33,8 +34,9 @@ def build_pipeline(
         read_request,  # the body, and the fields the gateway acts on (400 / 413)
         authorize_model,  # may this tenant use this model, can it serve this request (404 / 400 / 503)
         apply_system_prompt,  # the tenant's instructions before the client's
+        RouteRequest(limiter),  # "auto": complexity, profile, context window, budget; any model: fits? (400)
         EnforceLimits(limiter, refuse_without_redis),  # limits and budget reserved, settled at the end (429)
-        Forward(client, DeploymentSelector()),  # to a deployment, answer relayed as it arrives
+        Forward(client, DeploymentSelector()),  # deployments, fallbacks, cascade; the answer relayed as it comes
     ]
     if limiter is None:  # a stateless gateway: no Redis
         stages = [stage for stage in stages if not isinstance(stage, EnforceLimits)]

@@ -16,6 +16,13 @@ def visible_model(config: GatewayConfig, tenant: Tenant, name: str) -> Model:
 
 
 async def authorize_model(ctx: RequestContext) -> None:
+    profile = ctx.tenant.routes.get(ctx.model_requested)
+    if profile is not None:
+        if ctx.endpoint.model_type != "chat":
+            raise bad_request(f"The model `{ctx.model_requested}` is routed among chat models and cannot serve "
+                              f"{ctx.endpoint.route}.", param="model", code="model_not_supported")
+        ctx.profile = profile  # the routing stage picks the model
+        return
     model = visible_model(ctx.config, ctx.tenant, ctx.model_requested)
     if model.type != ctx.endpoint.model_type:
         what = "an embedding model" if model.type == "embedding" else "a chat model"

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from gateway.asgi import Headers, Receive, Scope, Send
-from gateway.config.types import ApiKey, Deployment, GatewayConfig, Model, Tenant
+from gateway.config.types import ApiKey, Deployment, GatewayConfig, Model, Profile, Tenant
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,8 @@ class RequestContext:
         "status", "error_type", "prompt_tokens", "completion_tokens",
         "upstream_started", "upstream_seconds", "overhead_seconds", "responded", "client_disconnected",
         "response_headers", "finishers", "reserved_tokens", "reserved_cost_nano", "limits_degraded", "cost_usd",
+        "body_size", "prompt_estimate", "profile", "complexity", "route_score", "routing_rule", "route_signals",
+        "cascade_to", "cascaded", "confidence", "attempts",
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, config: GatewayConfig, endpoint: Endpoint) -> None:
@@ -64,7 +66,19 @@ class RequestContext:
         self.reserved_tokens = 0
         self.reserved_cost_nano = 0
         self.limits_degraded = False  # admitted without counting: Redis was unreachable
-        self.cost_usd = 0.0
+        self.cost_usd = 0.0  # every upstream call of this request, cascades and partial answers included
+        self.body_size = 0
+        self.prompt_estimate: int | None = None  # prompt tokens as tiktoken counts them, once counted
+        # Routing (requests for a router alias such as "auto")
+        self.profile: Profile | None = None
+        self.complexity: str | None = None
+        self.route_score: float | None = None
+        self.routing_rule: str | None = None  # what decided the model: "finance:complex->gpt-4o"
+        self.route_signals: str | None = None  # the signals that moved the score most
+        self.cascade_to: Model | None = None  # asked if the first model's answer is unsure
+        self.cascaded = False
+        self.confidence: float | None = None
+        self.attempts: list[dict] = []  # every upstream call: model, deployment, status, tokens, cost
 
     def on_finish(self, finisher: Finisher) -> None:
         """Run ``finisher`` once the request is over, answered or not (in reverse order of registration)."""

@@ -1,26 +1,56 @@
-"""The last stage: send the request to a deployment and relay its answer to the client as it comes.
+"""The last stage: get an answer from an upstream and relay it to the client.
 
-Non-streamed answers are passed on byte for byte. Streams are passed on event by event as they arrive; the usage
-event is read on the way past. If the client goes away, the upstream call is cancelled at once.
+Attempts: the model's deployments in turn (see upstreams/select.py), then its configured fallback models, at
+most ``max_attempts`` calls in all. A connection failure, a timeout, a 429 or a 5xx (or an upstream refusing
+the gateway's credentials, or not knowing the model) moves on to the next attempt; an upstream's 400, 413 or
+422 is about the request itself and goes back to the client at once. The client gets the first good answer or
+the last error; every attempt is recorded.
+
+Relaying: non-streamed answers are passed on byte for byte; streams event by event as they arrive, the usage
+event read on the way past. Once the first byte has gone to the client there is no other attempt.
+
+Cascade (a small model chosen by the router): the small model's whole answer is fetched first, with logprobs,
+and its confidence measured. Sure enough: it is sent (its logprobs removed unless the client asked for them;
+as an SSE stream if the client asked for one). Unsure: the next model up answers, streamed straight through.
+Both calls are billed. If the larger model fails, the small model's answer is sent after all.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import aiohttp
 import orjson
 
 from gateway.asgi import DisconnectGuard, end_stream, send_chunk, send_response, start_stream
-from gateway.config.types import Deployment
+from gateway.config.types import Deployment, Model
 from gateway.errors import GatewayError, error_body
-from gateway.observability.metrics import UPSTREAM_ERRORS
+from gateway.observability.metrics import CASCADES, FALLBACKS, UPSTREAM_ERRORS
 from gateway.pipeline.context import RequestContext
+from gateway.routing.confidence import measure, strip_logprobs
 from gateway.upstreams.client import UpstreamClient
 from gateway.upstreams.errors import UPSTREAM_FAILURES, from_exception, from_upstream_response
+from gateway.upstreams.replay import as_stream
 from gateway.upstreams.select import DeploymentSelector
 from gateway.upstreams.sse import SSERelay
 from gateway.upstreams.usage import token_counts, usage_of
+
+# Statuses that say the request itself is wrong: another deployment would answer the same.
+_FINAL_STATUSES = frozenset((400, 413, 422))
+
+
+@dataclass(slots=True)
+class Answer:
+    """A good upstream answer: a stream still to be read, or a whole body already read."""
+
+    model: Model
+    deployment: Deployment
+    status: int
+    response: aiohttp.ClientResponse | None  # an open stream
+    body: bytes | None
+    content_type: bytes
+    attempt: dict  # this call's entry in ctx.attempts
 
 
 class Forward:
@@ -29,36 +59,86 @@ class Forward:
         self.selector = selector
 
     async def __call__(self, ctx: RequestContext) -> None:
-        deployment = self.selector.pick(ctx.model)
-        ctx.deployment = deployment
-        payload = self._payload(ctx, deployment)
-        ctx.response_headers += [
-            (b"x-gateway-model", ctx.model.name.encode()),
-            (b"x-gateway-deployment", deployment.name.encode()),
-            (b"x-gateway-upstream-model", deployment.upstream_model.encode()),
-        ]
         async with DisconnectGuard(ctx.receive):
-            ctx.upstream_started = time.perf_counter()
-            try:
-                response = await self.client.post(deployment, ctx.endpoint.upstream_path, payload)
-            except UPSTREAM_FAILURES as exc:
-                raise self._failure(ctx, deployment, exc) from None
-            try:
-                if response.status >= 400:
-                    body = await self._read(ctx, deployment, response)
-                    UPSTREAM_ERRORS.labels(deployment.name, str(response.status)).inc()
-                    raise from_upstream_response(deployment, response.status, body)
-                if ctx.stream and response.content_type == "text/event-stream":
-                    await self._relay_stream(ctx, deployment, response)
-                else:
-                    await self._relay_body(ctx, deployment, response)
-            finally:
-                response.release()
+            if ctx.cascade_to is not None:
+                await self._cascade(ctx)
+                return
+            answer = await self._first_good(ctx, ctx.model, ctx.body, stream=ctx.stream)
+            await self._relay(ctx, answer)
 
-    def _payload(self, ctx: RequestContext, deployment: Deployment) -> bytes:
-        body = ctx.body
+    # Attempts
+
+    async def _first_good(self, ctx: RequestContext, model: Model, body: dict, stream: bool) -> Answer:
+        config = ctx.config
+        policy = config.fallback_policy
+        last_error: GatewayError | None = None
+        models = [model, *(config.models[name] for name in model.fallbacks
+                           if name in ctx.tenant.allowed_models and config.models[name].serving)]
+        for candidate in models:
+            for deployment in self.selector.candidates(candidate):
+                if len(ctx.attempts) >= policy.max_attempts:
+                    break
+                if ctx.attempts:
+                    FALLBACKS.labels(model.name).inc()
+                try:
+                    return await self._attempt(ctx, candidate, deployment, body, stream)
+                except _Failed as failure:
+                    ctx.model, ctx.deployment = candidate, deployment  # the log names the last one tried
+                    if failure.final:  # the request's own fault, not the deployment's
+                        raise failure.error from None
+                    self.selector.failed(candidate, deployment, policy)
+                    last_error = failure.error
+        if last_error is None:
+            last_error = GatewayError(503, f"No deployment of model `{model.name}` is available right now.",
+                                      type="upstream_error", code="model_unavailable")
+        raise last_error
+
+    async def _attempt(self, ctx: RequestContext, model: Model, deployment: Deployment, body: dict,
+                       stream: bool) -> Answer:
+        payload = self._payload(ctx, body, deployment, stream)
+        attempt = {"model": model.name, "deployment": deployment.name, "status": 0}
+        ctx.attempts.append(attempt)
+        ctx.upstream_started = started = time.perf_counter()
+        try:
+            response = await self.client.post(deployment, ctx.endpoint.upstream_path, payload)
+            if response.status >= 400 or not (stream and response.content_type == "text/event-stream"):
+                try:
+                    content = await response.read()
+                finally:
+                    response.release()
+                response_for_stream = None
+            else:
+                content, response_for_stream = None, response
+        except UPSTREAM_FAILURES as exc:
+            error = from_exception(deployment, exc)
+            self._close_attempt(ctx, attempt, started, error.status, error.code)
+            raise _Failed(error, final=False) from None
+        if response.status >= 400:
+            error = from_upstream_response(deployment, response.status, content)
+            self._close_attempt(ctx, attempt, started, response.status, error.code or error.type)
+            raise _Failed(error, final=response.status in _FINAL_STATUSES)
+        if content is not None:
+            self._close_attempt(ctx, attempt, started, response.status, None)
+        else:
+            attempt["status"] = response.status
+        self.selector.succeeded(model, deployment)
+        ctx.model, ctx.deployment = model, deployment
+        return Answer(model, deployment, response.status, response_for_stream, content,
+                      response.headers.get("Content-Type", "application/json").encode(), attempt)
+
+    def _close_attempt(self, ctx: RequestContext, attempt: dict, started: float, status: int,
+                       error: str | None) -> None:
+        seconds = time.perf_counter() - started
+        ctx.upstream_seconds += seconds
+        attempt["status"] = status
+        attempt["ms"] = round(seconds * 1000, 2)
+        if error is not None:
+            attempt["error"] = error
+            UPSTREAM_ERRORS.labels(attempt["deployment"], error).inc()
+
+    def _payload(self, ctx: RequestContext, body: dict, deployment: Deployment, stream: bool) -> bytes:
         body["model"] = deployment.upstream_model
-        if ctx.stream:
+        if stream:
             options = body.get("stream_options") or {}
             if not options.get("include_usage"):
                 # Ask for usage so the stream can be accounted; the relay drops it again for this client.
@@ -66,41 +146,48 @@ class Forward:
                 ctx.usage_injected = True
         return orjson.dumps(body)
 
-    def _failure(self, ctx: RequestContext, deployment: Deployment, exc: BaseException) -> GatewayError:
-        ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
-        error = from_exception(deployment, exc)
-        UPSTREAM_ERRORS.labels(deployment.name, error.code or "error").inc()
-        return error
+    @staticmethod
+    def _bill(ctx: RequestContext, answer: Answer, usage: dict | None) -> None:
+        prompt, completion = token_counts(usage)
+        cost = answer.model.pricing.cost(prompt, completion)
+        ctx.prompt_tokens += prompt
+        ctx.completion_tokens += completion
+        ctx.cost_usd += cost
+        answer.attempt.update(prompt_tokens=prompt, completion_tokens=completion, cost_usd=round(cost, 9))
 
-    async def _read(self, ctx: RequestContext, deployment: Deployment, response: aiohttp.ClientResponse) -> bytes:
-        try:
-            body = await response.read()
-        except UPSTREAM_FAILURES as exc:
-            raise self._failure(ctx, deployment, exc) from None
-        ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
-        return body
+    # Relaying
 
-    async def _relay_body(self, ctx: RequestContext, deployment: Deployment, response: aiohttp.ClientResponse) -> None:
-        body = await self._read(ctx, deployment, response)
-        ctx.prompt_tokens, ctx.completion_tokens = token_counts(usage_of(body))
+    async def _relay(self, ctx: RequestContext, answer: Answer) -> None:
+        if answer.response is not None:
+            try:
+                await self._relay_stream(ctx, answer)
+            finally:
+                answer.response.release()
+            return
+        self._bill(ctx, answer, usage_of(answer.body))
+        await self._send_body(ctx, answer.status, answer.body, answer.content_type)
+
+    async def _send_body(self, ctx: RequestContext, status: int, body: bytes, content_type: bytes) -> None:
         ctx.overhead_seconds = ctx.elapsed() - ctx.upstream_seconds
-        headers = ctx.response_headers + [(b"x-gateway-overhead-ms", b"%.2f" % (ctx.overhead_seconds * 1000))]
-        content_type = response.headers.get("Content-Type", "application/json").encode()
-        await send_response(ctx.send, response.status, body, headers, content_type)
-        ctx.status = response.status
+        headers = ctx.response_headers + _answer_headers(ctx) + [
+            (b"x-gateway-cost-usd", b"%.9f" % ctx.cost_usd),
+            (b"x-gateway-overhead-ms", b"%.2f" % (ctx.overhead_seconds * 1000))]
+        await send_response(ctx.send, status, body, headers, content_type)
+        ctx.status = status
         ctx.responded = True
 
-    async def _relay_stream(self, ctx: RequestContext, deployment: Deployment, response: aiohttp.ClientResponse) -> None:
+    async def _relay_stream(self, ctx: RequestContext, answer: Answer) -> None:
         first_byte_wait = time.perf_counter() - ctx.upstream_started
-        overhead_ms = (ctx.elapsed() - first_byte_wait) * 1000
-        await start_stream(ctx.send, response.status,
-                           ctx.response_headers + [(b"x-gateway-overhead-ms", b"%.2f" % overhead_ms)])
-        ctx.status = response.status
+        overhead_ms = (ctx.elapsed() - ctx.upstream_seconds - first_byte_wait) * 1000
+        await start_stream(ctx.send, answer.status, ctx.response_headers + _answer_headers(ctx)
+                           + [(b"x-gateway-overhead-ms", b"%.2f" % overhead_ms)])
+        ctx.status = answer.status
         ctx.responded = True
         relay = SSERelay(drop_usage_event=ctx.usage_injected)
         send = ctx.send
+        started = ctx.upstream_started
         try:
-            async for chunk in response.content.iter_any():
+            async for chunk in answer.response.content.iter_any():
                 out = relay.feed(chunk)
                 if out:
                     await send_chunk(send, out)
@@ -109,12 +196,122 @@ class Forward:
                 await send_chunk(send, rest)
         except UPSTREAM_FAILURES as exc:
             # The status line is gone already: end the stream with an error event the SDKs raise as an APIError.
-            error = self._failure(ctx, deployment, exc)
+            error = from_exception(answer.deployment, exc)
+            self._close_attempt(ctx, answer.attempt, started, error.status, error.code)
             ctx.status, ctx.error_type = error.status, error.code
             event = error_body(f"{error.message} The stream is incomplete.", error.type, None, error.code)
             await send_chunk(send, b"data: " + event + b"\n\n")
         else:
-            ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
-        ctx.prompt_tokens, ctx.completion_tokens = token_counts(relay.usage)
+            self._close_attempt(ctx, answer.attempt, started, answer.status, None)
+        self._bill(ctx, answer, relay.usage)
         await end_stream(send)
         ctx.overhead_seconds = max(0.0, ctx.elapsed() - ctx.upstream_seconds)
+
+    # Cascade
+
+    async def _cascade(self, ctx: RequestContext) -> None:
+        larger = ctx.cascade_to
+        body, asked_logprobs = _judged_body(ctx)
+        try:
+            small = await self._first_good(ctx, ctx.model, body, stream=False)
+        except GatewayError as error:
+            if error.status in _FINAL_STATUSES:
+                raise
+            await self._escalate(ctx, larger, None)  # the small model failed: the larger one answers
+            return
+        self._bill(ctx, small, usage_of(small.body))
+        try:
+            parsed = orjson.loads(small.body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            await self._send_small(ctx, small, None, asked_logprobs)
+            return
+        confidence = measure(parsed, ctx.config.router.uncertainty_phrases)
+        ctx.confidence = confidence.value
+        small.attempt["confidence"] = confidence.value
+        if confidence.value >= ctx.profile.cascade_threshold:
+            await self._send_small(ctx, small, parsed, asked_logprobs)
+            return
+        CASCADES.labels(small.model.name, larger.name).inc()
+        await self._escalate(ctx, larger, (small, parsed, asked_logprobs))
+
+    async def _escalate(self, ctx: RequestContext, larger: Model, small: tuple | None) -> None:
+        ctx.cascaded = True
+        ctx.routing_rule = f"{ctx.routing_rule}=>{larger.name}"
+        try:
+            answer = await self._first_good(ctx, larger, ctx.body, stream=ctx.stream)
+        except GatewayError:
+            if small is None:
+                raise
+            ctx.cascaded = False  # the larger model failed: the small model's answer is the best there is
+            ctx.routing_rule += "(failed)"
+            answer, parsed, asked_logprobs = small
+            ctx.model, ctx.deployment = answer.model, answer.deployment
+            await self._send_small(ctx, answer, parsed, asked_logprobs)
+            return
+        await self._relay(ctx, answer)
+
+    async def _send_small(self, ctx: RequestContext, answer: Answer, parsed: dict | None,
+                          asked_logprobs: bool) -> None:
+        if parsed is None:
+            await self._send_body(ctx, answer.status, answer.body, answer.content_type)
+            return
+        if not asked_logprobs:
+            strip_logprobs(parsed)
+        if not ctx.stream:
+            await self._send_body(ctx, answer.status, orjson.dumps(parsed), b"application/json")
+            return
+        ctx.overhead_seconds = ctx.elapsed() - ctx.upstream_seconds
+        options = ctx.body.get("stream_options") or {}
+        await start_stream(ctx.send, answer.status, ctx.response_headers + _answer_headers(ctx) + [
+            (b"x-gateway-cost-usd", b"%.9f" % ctx.cost_usd),
+            (b"x-gateway-overhead-ms", b"%.2f" % (ctx.overhead_seconds * 1000))])
+        ctx.status = answer.status
+        ctx.responded = True
+        await send_chunk(ctx.send, as_stream(parsed, bool(options.get("include_usage"))))
+        await end_stream(ctx.send)
+
+
+class _Failed(Exception):
+    def __init__(self, error: GatewayError, final: bool) -> None:
+        self.error = error
+        self.final = final
+
+
+def _judged_body(ctx: RequestContext) -> tuple[dict, bool]:
+    """The small model's request of a cascade: whole (not streamed), with the logprobs the judgement needs."""
+    body = dict(ctx.body)
+    body.pop("stream", None)
+    body.pop("stream_options", None)
+    if ctx.endpoint.route == "chat.completions":
+        asked = bool(body.get("logprobs"))
+        body["logprobs"] = True
+    else:
+        asked = body.get("logprobs") is not None
+        if not asked:
+            body["logprobs"] = 1
+    return body, asked
+
+
+def _answer_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+    deployment = ctx.deployment
+    headers = [
+        (b"x-gateway-model", ctx.model.name.encode()),
+        (b"x-gateway-deployment", deployment.name.encode()),
+        (b"x-gateway-upstream-model", deployment.upstream_model.encode()),
+    ]
+    if len(ctx.attempts) > 1:
+        failed = [f"{a['deployment']}:{a['status']}" for a in ctx.attempts if a.get("error")]
+        if failed:
+            headers.append((b"x-gateway-fallbacks", ",".join(failed).encode()))
+    if ctx.routing_rule is not None:
+        headers += [
+            (b"x-gateway-complexity", ctx.complexity.encode()),
+            (b"x-gateway-routing-rule", ctx.routing_rule.encode()),
+            (b"x-gateway-route-signals", (ctx.route_signals or "").encode()),
+            (b"x-gateway-cascaded", b"true" if ctx.cascaded else b"false"),
+        ]
+        if ctx.confidence is not None:
+            headers.append((b"x-gateway-confidence", b"%.3f" % ctx.confidence))
+    return headers

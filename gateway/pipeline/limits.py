@@ -22,10 +22,13 @@ class EnforceLimits:
 
     async def __call__(self, ctx: RequestContext) -> None:
         body = ctx.body
-        prompt = tokens.prompt_tokens(body)
+        prompt = tokens.counted_prompt_tokens(ctx)
         completion = 0 if ctx.endpoint.model_type == "embedding" else tokens.completion_reservation(
             body, ctx.tenant.limits.completion_reservation)
         cost_nano = int(ctx.model.pricing.cost(prompt, completion) * NANO)
+        if ctx.cascade_to is not None:  # the worst case pays for both answers
+            cost_nano += int(ctx.cascade_to.pricing.cost(prompt, completion) * NANO)
+            prompt, completion = prompt * 2, completion * 2
         now = time.time()
         plan = self.limiter.plan(ctx.tenant, ctx.api_key, now)
         admission = await self.limiter.admit(plan, ctx.request_id, prompt + completion, cost_nano, now)
@@ -51,9 +54,7 @@ class EnforceLimits:
 def _actual(ctx: RequestContext) -> dict[str, int]:
     """What the request really used; an answer that never came costs nothing, one of unknown size its reservation."""
     if ctx.prompt_tokens or ctx.completion_tokens:
-        used = ctx.prompt_tokens + ctx.completion_tokens
-        cost = int(ctx.model.pricing.cost(ctx.prompt_tokens, ctx.completion_tokens) * NANO)
-        return {"tokens": used, "budget": cost}
+        return {"tokens": ctx.prompt_tokens + ctx.completion_tokens, "budget": int(ctx.cost_usd * NANO)}
     if ctx.status and ctx.status < 400:
         return {"tokens": ctx.reserved_tokens, "budget": ctx.reserved_cost_nano}
     return {"tokens": 0, "budget": 0}

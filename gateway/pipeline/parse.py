@@ -48,6 +48,7 @@ async def read_json_body(ctx: RequestContext, limit: int) -> None:
                            code="request_too_large") from None
     if not raw:
         raise bad_request("The request body is empty; send a JSON object.", code="invalid_json")
+    ctx.body_size = len(raw)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -5,6 +5,8 @@ Never a key; prompt text only when configured.
 
 from __future__ import annotations
 
+import orjson
+
 from gateway.observability import metrics
 from gateway.observability.logs import log_request
 from gateway.pipeline.context import RequestContext
@@ -15,17 +17,18 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
     elapsed = ctx.elapsed()
     if not ctx.overhead_seconds:
         ctx.overhead_seconds = max(0.0, elapsed - ctx.upstream_seconds)
-    if ctx.model is not None and (ctx.prompt_tokens or ctx.completion_tokens):
-        ctx.cost_usd = ctx.model.pricing.cost(ctx.prompt_tokens, ctx.completion_tokens)
     tenant = ctx.tenant.id if ctx.tenant else None
     deployment = ctx.deployment
+    failed = ",".join(f"{a['deployment']}:{a['status']}" for a in ctx.attempts if a.get("error")) or None
     if ledger is not None:
         ledger.record((
             ctx.request_id, ctx.started_at, tenant, ctx.api_key.name if ctx.api_key else None, ctx.endpoint.route,
             ctx.model_requested, ctx.model.name if ctx.model else None, deployment.name if deployment else None,
-            deployment.upstream_model if deployment else None, None, None, ctx.prompt_tokens,
+            deployment.upstream_model if deployment else None, ctx.routing_rule, ctx.complexity, ctx.prompt_tokens,
             ctx.completion_tokens, ctx.cost_usd, elapsed * 1000, ctx.upstream_seconds * 1000,
-            ctx.overhead_seconds * 1000, False, None, None, None, ctx.stream, ctx.status, ctx.error_type,
+            ctx.overhead_seconds * 1000, False, ctx.cascaded if ctx.profile is not None else None, ctx.confidence,
+            failed, ctx.stream, ctx.status, ctx.error_type, ctx.route_score,
+            orjson.dumps(ctx.attempts).decode() if len(ctx.attempts) > 1 else None,
         ))
     route = ctx.endpoint.route
     line = {
@@ -47,6 +50,12 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
         "upstream_ms": round(ctx.upstream_seconds * 1000, 2),
         "overhead_ms": round(ctx.overhead_seconds * 1000, 3),
     }
+    if ctx.routing_rule is not None:
+        line.update(complexity=ctx.complexity, route_score=ctx.route_score, routing_rule=ctx.routing_rule,
+                    route_signals=ctx.route_signals, cascaded=ctx.cascaded, confidence=ctx.confidence)
+        metrics.ROUTED.labels(ctx.complexity, ctx.model.name).inc()
+    if len(ctx.attempts) > 1:
+        line["attempts"] = ctx.attempts
     if ctx.client_disconnected:
         line["client_disconnected"] = True
     if ctx.limits_degraded:

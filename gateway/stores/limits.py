@@ -43,7 +43,7 @@ for i = 1, #KEYS do
   else
     current = tonumber(redis.call('GET', KEYS[i]) or '0')
   end
-  if limit >= 0 and current + amount > limit then
+  if limit >= 0 and amount > 0 and current + amount > limit then
     return {i, current}
   end
   used[i] = current + amount
@@ -118,6 +118,7 @@ class Limiter:
         self._down_until = 0.0
         self.available = True
         self._plans: dict[tuple[str, str], _Plan] = {}
+        self._budget_share: dict[str, float] = {}  # tenant -> share of its monthly budget spent, as last seen
 
     async def close(self) -> None:
         await self.client.close()
@@ -185,9 +186,14 @@ class Limiter:
             self._mark_down(exc)
             return Admission(admitted=True, checks=checks, amounts=amounts, degraded=True)
         self._mark_up()
+        budget = plan.budget_index
         if result[0] == 0:
+            if budget is not None:
+                self._budget_share[plan.tenant.id] = result[1 + budget] / checks[budget].limit
             return Admission(admitted=True, checks=checks, amounts=amounts, used=tuple(result[1:]))
         index = int(result[0]) - 1
+        if index == budget:
+            self._budget_share[plan.tenant.id] = (int(result[1]) + amounts[index]) / checks[index].limit
         return Admission(admitted=False, checks=checks, amounts=amounts, refused=checks[index],
                          refused_amount=amounts[index], used=(int(result[1]),))
 
@@ -202,6 +208,10 @@ class Limiter:
         # Nothing waits for the answer; a failure marks Redis down like any other.
         self.client.run_script_nowait(self._settle, [c.key for c in sets] + [c.key for c, _ in corrections],
                                       [request_id, len(sets), *deltas], self._mark_down)
+
+    def budget_share(self, tenant_id: str) -> float | None:
+        """The share of the tenant's monthly budget spent or reserved, as of its last request in this worker."""
+        return self._budget_share.get(tenant_id)
 
     async def spend_nano(self, tenant_id: str, now: float) -> int:
         """The tenant's spend this month as Redis counts it (reservations in flight included)."""
@@ -237,7 +247,7 @@ class Limiter:
 class _Plan:
     """A tenant and key's checks for one minute, with the parts of the admit command that do not change."""
 
-    __slots__ = ("tenant", "key", "minute", "checks", "head", "sets", "bounds")
+    __slots__ = ("tenant", "key", "minute", "checks", "head", "sets", "bounds", "budget_index")
 
     def __init__(self, tenant: Tenant, key: ApiKey, minute: int, checks: tuple[Check, ...], script: Script) -> None:
         self.tenant, self.key, self.minute, self.checks = tenant, key, minute, checks
@@ -246,6 +256,7 @@ class _Plan:
                      + bulk(len(checks)) + b"".join(bulk(c.key) for c in checks))
         self.sets = bulk(sum(1 for c in checks if c.kind == "concurrency"))
         self.bounds = tuple((bulk(-1 if c.limit is None else c.limit), bulk(c.ttl_ms)) for c in checks)
+        self.budget_index = next((i for i, c in enumerate(checks) if c.kind == "budget" and c.limit), None)
 
 
 def _month_end(now: float) -> float:

@@ -61,6 +61,12 @@ MIGRATIONS: tuple[str, ...] = (
                               CHECK (id = 1));
     INSERT INTO api_changes DEFAULT VALUES;
     """,
+    # 3: routing: the classifier's score (for calibrating thresholds from real traffic) and every upstream call
+    # of a request that made more than one (fallbacks, cascades)
+    """
+    ALTER TABLE usage_ledger ADD COLUMN route_score real, ADD COLUMN attempts jsonb;
+    CREATE INDEX usage_ledger_routed ON usage_ledger (tenant_id, created_at) WHERE complexity IS NOT NULL;
+    """,
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations
