@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import os
 import sys
@@ -69,8 +70,14 @@ def main(argv: list[str] | None = None) -> None:
     router_commands.choices["train"].add_argument("--all", action="store_true",
                                                   help="train on every prompt, not only the training half")
     router_commands.choices["evaluate"].add_argument("--svg", type=Path, help="draw the curves into this file")
-    router_commands.choices["calibrate"].add_argument("--large-share", type=float, required=True,
-                                                      help="share of requests to send to the large model (0 to 1)")
+    calibrate = router_commands.choices["calibrate"]
+    calibrate.add_argument("--large-share", type=float, required=True,
+                           help="share of requests to send to a large model: COMPLEX and CRITICAL (0 to 1)")
+    calibrate.add_argument("--critical-share", type=float, help="share of requests to classify CRITICAL (0 to 1)")
+    calibrate.add_argument("--from-ledger", action="store_true",
+                           help="use the scores of requests the gateway routed (DATABASE_URL) instead of --data")
+    calibrate.add_argument("--tenant", help="with --from-ledger: only this tenant's requests")
+    calibrate.add_argument("--days", type=int, default=30, help="with --from-ledger: the last this many days")
 
     bench = commands.add_parser("bench", help="measure the gateway against a direct run to the simulator")
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
@@ -162,18 +169,28 @@ def _config_check(args: argparse.Namespace) -> None:
 def _router(args: argparse.Namespace) -> None:
     from gateway.routing import commands
 
+    scorer = args.scorer or commands.DEFAULT_PATH
+    if args.router_command == "calibrate":
+        for name in ("large_share", "critical_share"):
+            value = getattr(args, name)
+            if value is not None and not 0 < value < 1:
+                raise SystemExit(f"gateway router calibrate: --{name.replace('_', '-')} must be between 0 and 1")
+        if args.from_ledger:
+            database_url = os.environ.get("DATABASE_URL")
+            if not database_url:
+                raise SystemExit("gateway router calibrate --from-ledger: set DATABASE_URL to the ledger's database")
+            commands.print_json(asyncio.run(commands.calibrate_from_ledger(
+                database_url, args.tenant, args.days, args.large_share, args.critical_share)))
+            return
     data = args.data or commands.DEFAULT_DATA
     if not data.exists():
         raise SystemExit(f"gateway router: no data at {data}; pass --data")
-    scorer = args.scorer or commands.DEFAULT_PATH
     if args.router_command == "train":
         commands.print_json(commands.train(data, scorer, args.all))
     elif args.router_command == "evaluate":
         commands.print_json(commands.evaluate(data, scorer, args.svg))
     else:
-        if not 0 < args.large_share < 1:
-            raise SystemExit("gateway router calibrate: --large-share must be between 0 and 1")
-        commands.print_json(commands.calibrate(data, scorer, args.large_share))
+        commands.print_json(commands.calibrate(data, scorer, args.large_share, args.critical_share))
 
 
 def _bench(args: argparse.Namespace) -> None:

@@ -18,12 +18,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.config.keys import generate_key, hash_key
-from gateway.config.schema import FEATURES, TENANT_ID_PATTERN, LimitsSpec, TenantSpec
+from gateway.config.schema import COMPLEXITIES, FEATURES, TENANT_ID_PATTERN, LimitsSpec, TenantRoutingSpec, TenantSpec
 from gateway.config.types import GatewayConfig, Tenant
 from gateway.errors import GatewayError, invalid_api_key, missing_api_key
 from gateway.pipeline.auth import identify, presented_key
 from gateway.stores.directory import Conflict
-from gateway.stores.usage import period, usage_report
+from gateway.stores.usage import period, routing_report, usage_report
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -42,6 +42,7 @@ class TenantIn(BaseModel):
     system_prompt: str | None = None
     limits: LimitsSpec = LimitsSpec()
     features: list[str] | None = None
+    routing: TenantRoutingSpec | None = None
 
 
 class TenantPatch(BaseModel):
@@ -54,6 +55,7 @@ class TenantPatch(BaseModel):
     system_prompt: str | None = None
     limits: LimitsSpec | None = None
     features: list[str] | None = None
+    routing: TenantRoutingSpec | None = None
 
 
 class KeyIn(BaseModel):
@@ -115,6 +117,8 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         if spec.tier not in tiers:
             raise GatewayError(400, f"Unknown tier '{spec.tier}'; tiers are: {', '.join(sorted(tiers))}.",
                                param="tier", code="unknown_tier")
+        if spec.routing is not None:
+            _check_routing(spec.routing, config())
         return spec
 
     async def apply() -> None:
@@ -206,6 +210,20 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         tenant_or_404(tenant_id)
         return await _report(gateway, tenant_id, start, end)
 
+    @router.get("/api/v1/organizations/{tenant_id}/routing", dependencies=admin, tags=["admin"])
+    async def tenant_routing(tenant_id: str, start: dt.date | None = Query(None), end: dt.date | None = Query(None)):
+        """What the router did for this tenant: by complexity and model, cascade rate, savings."""
+        tenant_or_404(tenant_id)
+        return await _report(gateway, tenant_id, start, end, routing_report)
+
+    @router.get("/v1/routing/stats", tags=["usage"])
+    @router.get("/routing/stats", include_in_schema=False)
+    async def own_routing(request: Request, start: dt.date | None = Query(None), end: dt.date | None = Query(None)):
+        """The calling tenant's routing statistics."""
+        tenant, _ = identify(request.scope, config())
+        require_stores()
+        return await _report(gateway, tenant.id, start, end, routing_report)
+
     @router.get("/v1/usage", tags=["usage"])
     @router.get("/usage", include_in_schema=False)
     async def own_usage(request: Request, start: dt.date | None = Query(None), end: dt.date | None = Query(None)):
@@ -217,13 +235,14 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
     return router
 
 
-async def _report(gateway: "Gateway", tenant_id: str, start: dt.date | None, end: dt.date | None) -> dict:
+async def _report(gateway: "Gateway", tenant_id: str, start: dt.date | None, end: dt.date | None,
+                  report=usage_report) -> dict:
     begin, finish = period(start, end)
     if finish <= begin:
         raise GatewayError(400, "'end' must not be before 'start'.", param="end")
     try:
         pool = await gateway.directory.pool_for_reports()
-        return await usage_report(pool, gateway.config.current, tenant_id, begin, finish)
+        return await report(pool, gateway.config.current, tenant_id, begin, finish)
     except (OSError, ConnectionError) as exc:
         raise GatewayError(503, f"Usage cannot be read right now: {exc}", type="server_error",
                            code="ledger_unavailable") from None
@@ -267,5 +286,22 @@ def _view(tenant: Tenant, config: GatewayConfig) -> dict:
             "completion_reservation": limits.completion_reservation,
         },
         "features": sorted(tenant.features),
+        "routing": {alias: {"profile": p.name, "models": p.models, "economy": p.economy or None,
+                            "over_budget": p.over_budget or None, "long_context": p.long_context,
+                            "cascade": p.cascade, "cascade_threshold": p.cascade_threshold}
+                    for alias, p in tenant.routes.items()},
         "source": tenant.source,
     }
+
+
+def _check_routing(routing: TenantRoutingSpec, config: GatewayConfig) -> None:
+    """The same checks the config load makes, as a 400 now rather than a tenant that never appears."""
+    profiles = config.router.profiles if config.router is not None else frozenset()
+    if routing.profile is not None and routing.profile not in profiles:
+        raise GatewayError(400, f"Unknown routing profile '{routing.profile}'; profiles are: "
+                                f"{', '.join(sorted(profiles))}.", param="routing.profile", code="unknown_profile")
+    for complexity in COMPLEXITIES:
+        name = getattr(routing, complexity)
+        if name is not None and (name not in config.models or config.models[name].type != "chat"):
+            raise GatewayError(400, f"'{name}' is not a chat model of this gateway.", param=f"routing.{complexity}",
+                               code="model_not_found")

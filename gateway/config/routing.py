@@ -56,7 +56,7 @@ def compile_router(spec: ModelsFile, doc: YamlDocument, models: dict[str, Model]
     aliases = {name: Alias(name, a.description or "Routed by the gateway: the model is chosen per request.",
                            a.profile) for name, a in router.aliases.items()}
     phrases = tuple(p.lower() for p in (router.cascade.uncertainty_phrases or UNCERTAINTY_PHRASES))
-    return RouterConfig(aliases, classifier, router.budget.soft_limit, phrases), profiles
+    return RouterConfig(aliases, frozenset(profiles), classifier, router.budget.soft_limit, phrases), profiles
 
 
 def tenant_routes(spec: ModelsFile, router: RouterConfig | None, profiles: dict[str, ProfileSpec],

@@ -90,6 +90,7 @@ class Alias:
 @dataclass(frozen=True)
 class RouterConfig:
     aliases: dict[str, Alias]
+    profiles: frozenset[str]  # the names of models.yaml's profiles
     classifier: "Classifier"
     soft_budget_limit: float
     uncertainty_phrases: tuple[str, ...]

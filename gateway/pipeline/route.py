@@ -97,7 +97,7 @@ def _fitting_model(ctx: RequestContext, config: GatewayConfig, tenant: Tenant, p
     candidates = [profile.long_context] if profile.long_context else []
     candidates += profile.ladder[profile.ladder.index(chosen.name) + 1:] if chosen.name in profile.ladder else []
     candidates += sorted((n for n in tenant.allowed_models if n in config.models
-                          and config.models[n].type == "chat"),
+                          and config.models[n].type == "chat" and config.models[n].context_window),
                          key=lambda n: config.models[n].pricing.input_per_million)
     for name in candidates:
         model = config.models[name]

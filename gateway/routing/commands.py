@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
-from gateway.routing.classifier import Classifier
+from gateway.routing.classifier import Classifier, Thresholds
 from gateway.routing.evaluate import RouterReport, judge, load_examples, split, svg, threshold_for_share
 from gateway.routing.scorer import DEFAULT_PATH, LearnedScorer
 
-DEFAULT_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "routing" / "mmlu_routing.jsonl"
+# The labelled MMLU prompts beside the repository (GATEWAY_ROUTING_DATA names another file).
+DEFAULT_DATA = Path(os.environ.get("GATEWAY_ROUTING_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data"
+                    / "routing" / "mmlu_routing.jsonl")
 
 
 def train(data: Path, output: Path, use_all: bool) -> dict:
@@ -51,16 +54,56 @@ def evaluate(data: Path, scorer_path: Path, image: Path | None) -> dict:
     }
 
 
-def calibrate(data: Path, scorer_path: Path, large_share: float) -> dict:
-    """The COMPLEX threshold that sends ``large_share`` of requests like these to the large model."""
-    examples = load_examples(data)
+def calibrate(data: Path, scorer_path: Path, large_share: float, critical_share: float | None) -> dict:
+    """The thresholds that send ``large_share`` of requests like these to the large model (COMPLEX and up) and
+    ``critical_share`` to the largest (CRITICAL), measured on the held-out half."""
+    examples = split(load_examples(data))[1]
     classifier = Classifier(scorer=LearnedScorer.load(scorer_path))
     scores = [classifier.score_text(e.prompt)[0] for e in examples]
-    threshold = threshold_for_share(scores, large_share)
-    sent = [s >= threshold for s in scores]
+    result = _thresholds(scores, large_share, critical_share)
+    sent = [s >= result["thresholds"]["complex"] for s in scores]
     accuracy = sum((e.strong_correct if big else e.weak_correct) for e, big in zip(examples, sent)) / len(examples)
-    return {"large_share_asked": large_share, "complex_threshold": round(threshold, 4),
-            "large_share_reached": round(sum(sent) / len(sent), 4), "accuracy_on_this_data": round(accuracy, 4)}
+    return {"data": data.name, "prompts": len(examples), **result, "accuracy_on_this_data": round(accuracy, 4)}
+
+
+async def calibrate_from_ledger(database_url: str, tenant: str | None, days: int, large_share: float,
+                                critical_share: float | None) -> dict:
+    """The same thresholds from the scores of the requests the gateway has routed (its usage ledger)."""
+    import asyncpg
+
+    query = ("SELECT route_score FROM usage_ledger WHERE route_score IS NOT NULL "
+             "AND created_at >= now() - make_interval(days => $1)" + (" AND tenant_id = $2" if tenant else ""))
+    connection = await asyncpg.connect(database_url)
+    try:
+        rows = await connection.fetch(query, days, *([tenant] if tenant else []))
+    finally:
+        await connection.close()
+    if not rows:
+        raise SystemExit("gateway router calibrate: no routed requests in the ledger for that period")
+    scores = [row["route_score"] for row in rows]
+    result = {"source": "ledger", "tenant": tenant, "days": days, "requests": len(scores),
+              **_thresholds(scores, large_share, critical_share)}
+    if len(scores) < 200:
+        result["warning"] = "fewer than 200 routed requests: these thresholds are rough"
+    return result
+
+
+def _thresholds(scores: list[float], large_share: float, critical_share: float | None) -> dict:
+    current = Thresholds()
+    complex_at = threshold_for_share(scores, large_share)
+    critical_at = threshold_for_share(scores, critical_share) if critical_share else max(current.critical,
+                                                                                          complex_at)
+    moderate_at = min(current.moderate, complex_at)
+    reached = sum(s >= complex_at for s in scores) / len(scores)
+    return {
+        "large_share_asked": large_share,
+        "large_share_reached": round(reached, 4),
+        "critical_share_reached": round(sum(s >= critical_at for s in scores) / len(scores), 4),
+        "thresholds": {"moderate": round(moderate_at, 4), "complex": round(complex_at, 4),
+                       "critical": round(max(critical_at, complex_at), 4)},
+        "models_yaml": (f"router:\n  classifier:\n    thresholds: {{moderate: {moderate_at:.4f}, "
+                        f"complex: {complex_at:.4f}, critical: {max(critical_at, complex_at):.4f}}}"),
+    }
 
 
 def _summary(report: RouterReport, weak: float, strong: float) -> dict:
@@ -80,4 +123,4 @@ def print_json(result: dict) -> None:
     print(json.dumps(result, indent=2))
 
 
-__all__ = ["DEFAULT_DATA", "DEFAULT_PATH", "train", "evaluate", "calibrate", "print_json"]
+__all__ = ["DEFAULT_DATA", "DEFAULT_PATH", "train", "evaluate", "calibrate", "calibrate_from_ledger", "print_json"]

@@ -33,6 +33,18 @@ FROM usage_ledger WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3 
 GROUP BY 1 ORDER BY 2 DESC
 """
 
+_ROUTED = """
+SELECT complexity, model, count(*) AS requests,
+       count(*) FILTER (WHERE status < 400) AS answered,
+       count(*) FILTER (WHERE cascaded) AS cascaded,
+       coalesce(sum(prompt_tokens), 0) AS prompt_tokens, coalesce(sum(completion_tokens), 0) AS completion_tokens,
+       coalesce(sum(cost_usd), 0) AS cost_usd, avg(confidence) AS confidence
+FROM usage_ledger
+WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3 AND complexity IS NOT NULL
+GROUP BY 1, 2 ORDER BY 1, 3 DESC
+"""
+_COMPLEXITY_ORDER = ("simple", "moderate", "complex", "critical")
+
 
 def period(start: dt.date | None, end: dt.date | None) -> tuple[dt.datetime, dt.datetime]:
     """[start, end] as whole UTC days; by default the current calendar month."""
@@ -76,6 +88,54 @@ async def usage_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str
     }
     if reference is not None:
         everything_on_reference = reference.pricing.cost(totals["prompt_tokens"], totals["completion_tokens"])
+        report["savings"] = {
+            "reference_model": reference.name,
+            "reference_cost_usd": round(everything_on_reference, 9),
+            "saved_usd": round(everything_on_reference - cost, 9),
+            "saved_share": round(1 - cost / everything_on_reference, 4) if everything_on_reference else None,
+        }
+    return report
+
+
+async def routing_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str, start: dt.datetime,
+                         end: dt.datetime) -> dict:
+    """What the router did for a tenant: requests by complexity and by model, cascades, savings."""
+    async with pool.acquire() as connection:
+        rows = await connection.fetch(_ROUTED, tenant_id, start, end)
+    by_complexity = {c: 0 for c in _COMPLEXITY_ORDER}
+    by_model: dict[str, int] = {}
+    requests = answered = cascaded = prompt = completion = 0
+    cost = 0.0
+    for row in rows:
+        by_complexity[row["complexity"]] = by_complexity.get(row["complexity"], 0) + row["requests"]
+        if row["model"] is not None:
+            by_model[row["model"]] = by_model.get(row["model"], 0) + row["requests"]
+        requests += row["requests"]
+        answered += row["answered"]
+        cascaded += row["cascaded"]
+        prompt += row["prompt_tokens"]
+        completion += row["completion_tokens"]
+        cost += float(row["cost_usd"])
+    reference = config.models.get(config.reference_model) if config.reference_model else None
+    report = {
+        "object": "routing_report",
+        "tenant": tenant_id,
+        "start": start.date().isoformat(),
+        "end": (end - dt.timedelta(days=1)).date().isoformat(),
+        "routed_requests": requests,
+        "by_complexity": by_complexity,
+        "by_model": dict(sorted(by_model.items(), key=lambda item: -item[1])),
+        "by_complexity_and_model": [
+            {"complexity": r["complexity"], "model": r["model"], "requests": r["requests"], "cascaded": r["cascaded"],
+             "cost_usd": round(float(r["cost_usd"]), 9),
+             "average_confidence": None if r["confidence"] is None else round(float(r["confidence"]), 4)}
+            for r in rows],
+        "cascade_rate": round(cascaded / answered, 4) if answered else None,
+        "cost_usd": round(cost, 9),
+        "savings": None,
+    }
+    if reference is not None:
+        everything_on_reference = reference.pricing.cost(prompt, completion)
         report["savings"] = {
             "reference_model": reference.name,
             "reference_cost_usd": round(everything_on_reference, 9),
