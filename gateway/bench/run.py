@@ -136,8 +136,13 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
         key = generate_key()
         config = workdir / "config"
         config.mkdir()
-        (config / "models.yaml").write_text(yaml.safe_dump({"models": {"bench": {"deployments": [
-            {"name": "sim", "api_base": f"http://127.0.0.1:{sim_port}/v1", "model": "sim"}]}}}))
+        on_sim = [{"name": "sim", "api_base": f"http://127.0.0.1:{sim_port}/v1", "model": "sim"}]
+        # "bench" is forwarded as named; "auto" is classified and routed between the two sized models (with the
+        # cascade's judgement of every small-model answer), all on the same simulator.
+        (config / "models.yaml").write_text(yaml.safe_dump({"models": {
+            "bench": {"deployments": on_sim},
+            "bench-small": {"size": "small", "deployments": on_sim},
+            "bench-large": {"size": "large", "deployments": on_sim}}}))
         # Every limit is checked and counted, none binds: the load measures their cost, not their refusals.
         unbound = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "tokens_per_hour": 10**12,
                    "concurrent_requests": 10**6, "calls_per_day": 10**9, "monthly_budget_usd": 10**6}
@@ -166,22 +171,26 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
 
         script = workdir / "load.lua"
         script.write_text(WRK_SCRIPT % {"body": json.dumps(BODY), "key": key})
+        routed_script = workdir / "routed.lua"
+        routed_script.write_text(WRK_SCRIPT % {"body": json.dumps({**BODY, "model": "auto"}), "key": key})
+        chat = "/v1/chat/completions"
         targets = [
-            ("direct", f"http://127.0.0.1:{sim_port}/v1/chat/completions", sim.pid),
-            ("passthrough", f"http://127.0.0.1:{pass_port}/v1/chat/completions", passthrough.pid),
-            ("core", f"http://127.0.0.1:{core_port}/v1/chat/completions", core.pid),
-            ("gateway", f"http://127.0.0.1:{gw_port}/v1/chat/completions", gateway.pid),
+            ("direct", f"http://127.0.0.1:{sim_port}{chat}", sim.pid, script),
+            ("passthrough", f"http://127.0.0.1:{pass_port}{chat}", passthrough.pid, script),
+            ("core", f"http://127.0.0.1:{core_port}{chat}", core.pid, script),
+            ("gateway", f"http://127.0.0.1:{gw_port}{chat}", gateway.pid, script),
+            ("routed", f"http://127.0.0.1:{gw_port}{chat}", gateway.pid, routed_script),
         ]
         measurements, sent = [], 0
         for connections in (1, 64, 128):
-            for name, url, _ in targets:  # warm up: connections, caches, allocator
-                warmed = _wrk(url, script, connections, 2)["requests"]
-                if name == "gateway":
+            for name, url, _, load in targets:  # warm up: connections, caches, allocator
+                warmed = _wrk(url, load, connections, 2)["requests"]
+                if name in ("gateway", "routed"):
                     sent += warmed
-            rounds_by_target: dict[str, list[Measurement]] = {name: [] for name, _, _ in targets}
+            rounds_by_target: dict[str, list[Measurement]] = {name: [] for name, *_ in targets}
             for _ in range(rounds):  # interleaved, so that a noisy moment hits every target alike
-                for name, url, pid in targets:
-                    rounds_by_target[name].append(_measure(name, url, pid, script, connections, duration))
+                for name, url, pid, load in targets:
+                    rounds_by_target[name].append(_measure(name, url, pid, load, connections, duration))
             for name, runs in rounds_by_target.items():
                 measurement = _median(runs)
                 measurements.append(measurement)
@@ -192,8 +201,9 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
         gateway.wait(timeout=60)
         logged = sum(1 for line in (workdir / "gateway.log").read_text().splitlines() if '"event":"request"' in line)
         rows = _ledger_rows(env["DATABASE_URL"])
-        sent += sum(m.requests for m in measurements if m.target == "gateway")
+        sent += sum(m.requests for m in measurements if m.target in ("gateway", "routed"))
         report = _report(measurements, latency_ms, duration, rounds, logged, rows, sent)
+        report["classifier_microseconds_per_request"] = classifier_cost()
     finally:
         for process in processes:
             if process.poll() is None:
@@ -211,6 +221,42 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
         output.write_text(text + "\n")
     print(text)
     return report
+
+
+def classifier_cost(calls: int = 20_000) -> dict:
+    """Microseconds per classification of chat requests (medians of five runs), in this process."""
+    import statistics
+
+    from gateway.routing.classifier import Classifier
+    from gateway.routing.scorer import LearnedScorer
+
+    bodies = [{"model": "auto", "messages": [{"role": "user", "content": text}]} for text in CLASSIFIED_PROMPTS]
+    long_body = {"model": "auto", "messages": [{"role": "system", "content": "You are a careful analyst."},
+                                               {"role": "user", "content": LONG_PROMPT}]}
+    classifier = Classifier(scorer=LearnedScorer.load())
+
+    def per_call(sample: list[dict]) -> float:
+        runs = []
+        for _ in range(5):
+            started = time.perf_counter()
+            for index in range(calls):
+                classifier.classify(sample[index % len(sample)])
+            runs.append((time.perf_counter() - started) / calls * 1e6)
+        return round(statistics.median(runs), 1)
+
+    return {"short_chat_prompts": per_call(bodies), "a_3000_character_prompt": per_call([long_body])}
+
+
+CLASSIFIED_PROMPTS = (
+    "Hi, how are you?",
+    "Tell me about incident management",
+    "Analyze the root cause of database outage last night and recommend changes to the replication architecture",
+    "We had a security breach exposing patient records; draft the HIPAA incident response plan",
+    "Write a Python function that merges two sorted lists",
+    "Translate 'good morning' to French",
+)
+LONG_PROMPT = ("Our payments service times out under load. The database connection pool is sized at 20, the "
+               "service runs 12 replicas, and p99 latency rises from 80 ms to 4 s during the evening peak. ") * 16
 
 
 def _ledger_rows(dsn: str) -> int:
@@ -234,6 +280,7 @@ def _report(measurements: list[Measurement], latency_ms: float, duration: float,
     summary = {}
     for c in (1, 64, 128):
         direct, floor, gw, core = by[("direct", c)], by[("passthrough", c)], by[("gateway", c)], by[("core", c)]
+        routed = by[("routed", c)]
         summary[f"c{c}"] = {
             "gateway_added_p50_ms": round(gw.p50_ms - direct.p50_ms, 3),
             "gateway_added_p99_ms": round(gw.p99_ms - direct.p99_ms, 3),
@@ -250,6 +297,11 @@ def _report(measurements: list[Measurement], latency_ms: float, duration: float,
             "core_cpu_ms_per_request": round(core.cpu_ms_per_request, 4),
             "core_cpu_ratio_to_passthrough": round(core.cpu_ms_per_request / floor.cpu_ms_per_request, 3),
             "gateway_cpu_ratio_to_core": round(gw.cpu_ms_per_request / core.cpu_ms_per_request, 3),
+            "routed_added_p50_ms": round(routed.p50_ms - direct.p50_ms, 3),
+            "routed_added_p99_ms": round(routed.p99_ms - direct.p99_ms, 3),
+            "routed_throughput_ratio_to_direct": round(routed.rps / direct.rps, 3),
+            "routed_cpu_ms_per_request": round(routed.cpu_ms_per_request, 4),
+            "routed_cpu_ratio_to_gateway": round(routed.cpu_ms_per_request / gw.cpu_ms_per_request, 3),
         }
     return {
         "setup": {"simulator_latency_ms": latency_ms, "seconds_per_run": duration, "rounds": rounds, "workers": 1,

@@ -42,8 +42,9 @@ WORD = re.compile(r"[a-z0-9']+")
 _CODE = re.compile(r"```|\bdef \w+\(|\bclass \w+[:(]|\bimport \w+|\bfunction\s*\(|=>|\breturn\b.*;|[{};][ \t]*$",
                    re.MULTILINE)
 _CODE_HINTS = ("```", "def ", "class ", "import ", "function", "=>", ";", "{", "}")  # cheap scans before the regex
-_MATH = re.compile(r"[=^∫∑√±≤≥]|\d\s*[+\-*/]\s*\d")
-SCANNED_CHARS = 4000  # markers are looked for in the first this many characters; length counts the rest too
+_MATH_SYMBOLS = "=^∫∑√±≤≥"
+_ARITHMETIC = re.compile(r"\d\s*[-+*/]\s*\d")  # one branch starting with a digit: several times faster than two
+HEAD_CHARS, TAIL_CHARS = 800, 400  # a long text is read at its start and its end (where the question usually is)
 
 
 @dataclass(frozen=True)
@@ -106,15 +107,24 @@ def request_text(body: dict) -> tuple[str, int]:
     return (prompt if isinstance(prompt, str) else ""), 1
 
 
+def excerpt(text: str) -> str:
+    """What the classifier reads of ``text``: all of it, or its first and last characters when it is long."""
+    if len(text) <= HEAD_CHARS + TAIL_CHARS:
+        return text
+    return text[:HEAD_CHARS] + "\n" + text[-TAIL_CHARS:]
+
+
 def words_of(text: str) -> list[str]:
-    """The lower-case words of the scanned part of ``text``."""
-    return WORD.findall(text[:SCANNED_CHARS].lower())
+    """The lower-case words of the excerpt of ``text``."""
+    return WORD.findall(excerpt(text).lower())
 
 
 def signals(text: str, tokens: list[str], turns: int, wants_tools: bool, vocabulary: Vocabulary) -> dict[str, float]:
-    words = len(tokens) if len(text) <= SCANNED_CHARS else len(text) // 5
+    """The signals of ``text``; ``tokens`` is ``words_of(text)``."""
+    words = len(tokens) if len(text) <= HEAD_CHARS + TAIL_CHARS else len(text) // 5
     counts = vocabulary.count(tokens)
-    head = text[:SCANNED_CHARS]
+    head = excerpt(text)
+    math = any(symbol in head for symbol in _MATH_SYMBOLS) or _ARITHMETIC.search(head) is not None
     return {
         "length": min(1.0, words / 300),
         "simple_words": min(1.0, counts["simple"] / 2) if words < 40 else 0.0,
@@ -122,7 +132,7 @@ def signals(text: str, tokens: list[str], turns: int, wants_tools: bool, vocabul
         "critical_words": min(1.0, float(counts["critical"])),
         "technical_terms": min(1.0, counts["technical"] / 3),
         "code": 1.0 if any(hint in head for hint in _CODE_HINTS) and _CODE.search(head) else 0.0,
-        "reasoning": min(1.0, counts["reasoning"] / 2 + (0.5 if _MATH.search(head) else 0.0)),
+        "reasoning": min(1.0, counts["reasoning"] / 2 + (0.5 if math else 0.0)),
         "depth": min(1.0, max(0, turns - 1) / 10),
         "tools": 1.0 if wants_tools else 0.0,
     }
