@@ -17,6 +17,7 @@ from gateway.settings import Settings
 from gateway.sim.server import EmbeddedSimulator
 from gateway.sim.settings import SimSettings
 from gateway.pipeline import tokens
+from gateway.stores.cache import ResponseCache
 from gateway.stores.directory import TenantDirectory
 from gateway.stores.embedded import EmbeddedServers
 from gateway.stores.ledger import Ledger
@@ -34,6 +35,7 @@ class Gateway:
         self.config: ConfigStore | None = None
         self.routes: OpenAIRoutes | None = None
         self.limiter: Limiter | None = None
+        self.cache: ResponseCache | None = None
         self.ledger: Ledger | None = None
         self.embedded: EmbeddedServers | None = None
         self.directory: TenantDirectory | None = None
@@ -83,7 +85,7 @@ class Gateway:
         await self.config.refresh_directory()
         await self.client.open()
         pipeline = build_pipeline(
-            self.client, self.limiter, self.ledger, max_body_bytes=settings.max_body_bytes,
+            self.client, self.limiter, self.ledger, self.cache, max_body_bytes=settings.max_body_bytes,
             log_prompts=settings.log_prompts, refuse_without_redis=settings.redis_failure_mode == "closed",
         )
         self.routes = OpenAIRoutes(self.config, pipeline)
@@ -104,6 +106,7 @@ class Gateway:
         tokens.load()
         self.limiter = Limiter(redis_url)
         await self.limiter.ping()
+        self.cache = ResponseCache(self.limiter.client)
         self.ledger = Ledger(database_url, settings.data_dir / "spool", settings.ledger_batch_size,
                              settings.ledger_flush_seconds)
         await self.ledger.start()

@@ -114,6 +114,10 @@ def test_bad_admin_input_gets_a_clear_4xx(admin_setup):
         ({"name": "X", "limits": {"requests_per_minute": "many"}}, 400, "limits.requests_per_minute"),
         ({"name": "X", "id": "Bad Id!"}, 400, "id"),
         ({"name": "X", "features": ["teleport"]}, 400, "features"),
+        ({"name": "X", "routing": {"profile": "nope"}}, 400, "routing.profile"),
+        ({"name": "X", "routing": {"complex": "ghost"}}, 400, "routing.complex"),
+        ({"name": "X", "routing": {"cascade_threshold": 2}}, 400, "routing.cascade_threshold"),
+        ({"name": "X", "cache": {"ttl_seconds": 0}}, 400, "cache.ttl_seconds"),
         (b"{not json", 400, None),
         ({"name": "X", "id": "yaml-tenant"}, 409, "id"),
     ]
@@ -134,6 +138,39 @@ def test_bad_admin_input_gets_a_clear_4xx(admin_setup):
     assert status == 404 and answer["error"]["code"] == "tenant_not_found"
     status, answer = _admin(gateway, "POST", "/api/v1/organizations/twice/keys", {"expires": "someday"})
     assert status == 400 and answer["error"]["param"] == "expires"
+
+
+def test_routing_of_a_tenant_made_through_the_api(admin_setup):
+    gateway, _, _ = admin_setup
+    status, made = _admin(gateway, "POST", "/api/v1/organizations",
+                          {"name": "Routed", "id": "routed", "routing": {"complex": "small", "cascade": False}})
+    assert status == 201, made
+    assert made["routing"]["auto"]["models"]["complex"] == "small" and made["routing"]["auto"]["cascade"] is False
+    status, key = _admin(gateway, "POST", "/api/v1/organizations/routed/keys", {"name": "k"})
+    raw = gateway.client(key["key"]).chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "Analyze the root cause of the database outage"}])
+    assert raw.headers["x-gateway-model"] == "small" and raw.headers["x-gateway-complexity"] == "complex"
+    status, report = _admin(gateway, "GET", "/api/v1/organizations/routed/routing")
+    assert status == 200 and report["object"] == "routing_report"
+
+
+def test_cache_policy_of_a_tenant_made_through_the_api(admin_setup):
+    gateway, _, _ = admin_setup
+    status, made = _admin(gateway, "POST", "/api/v1/organizations",
+                          {"name": "Cached", "id": "cached", "cache": {"nondeterministic": True, "ttl_seconds": 60}})
+    assert status == 201 and made["cache"] == {"nondeterministic": True, "ttl_seconds": 60}
+    status, key = _admin(gateway, "POST", "/api/v1/organizations/cached/keys", {"name": "k"})
+    client = gateway.client(key["key"])
+    ask = lambda: client.chat.completions.with_raw_response.create(  # noqa: E731
+        model="small", messages=[{"role": "user", "content": "cache me, loosely"}], temperature=0.8).headers
+    assert ask()["x-gateway-cache"] == "miss"
+    deadline = time.monotonic() + 5
+    while ask()["x-gateway-cache"] != "hit":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    status, patched = _admin(gateway, "PATCH", "/api/v1/organizations/cached", {"cache": {"enabled": False}})
+    assert status == 200 and patched["cache"] == {"enabled": False}
+    assert ask()["x-gateway-cache"] == "bypass; off"
 
 
 def test_usage_reports_for_the_tenant_and_the_admin(admin_setup):

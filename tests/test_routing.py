@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from pathlib import Path
 
 import openai
@@ -319,6 +320,27 @@ def test_when_the_larger_model_fails_the_small_answer_is_sent(gateway, keys, sim
     headers, answer = chat(gateway, keys["tech"], "Hi, how are you? sim:unsure")
     assert headers["x-gateway-model"] == "mini" and answer.choices[0].message.content
     assert headers["x-gateway-cascaded"] == "false" and headers["x-gateway-routing-rule"].endswith("(failed)")
+
+
+def test_only_the_answer_the_client_accepted_is_cached(gateway, keys, sims):
+    unsure = f"Hi, how are you? sim:unsure {uuid.uuid4()}"
+    headers, first = chat(gateway, keys["tech"], unsure, temperature=0)
+    assert headers["x-gateway-cascaded"] == "true" and headers["x-gateway-cache"] == "miss"
+    deadline = time.monotonic() + 5
+    while (repeat := chat(gateway, keys["tech"], unsure, temperature=0))[0]["x-gateway-cache"] != "hit":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert repeat[0]["x-gateway-model"] == "big" and repeat[1].choices[0].message.content == \
+        first.choices[0].message.content
+
+    sims["large"].control(error_rate=1.0, error_status=503)  # the small answer is rejected, yet the only one
+    rejected = f"Hi, how are you? sim:unsure {uuid.uuid4()}"
+    headers, _ = chat(gateway, keys["tech"], rejected, temperature=0)
+    assert headers["x-gateway-routing-rule"].endswith("(failed)")
+    sims["large"].control(error_rate=0.0)
+    time.sleep(0.3)
+    headers, _ = chat(gateway, keys["tech"], rejected, temperature=0)
+    assert headers["x-gateway-cache"] == "miss" and headers["x-gateway-cascaded"] == "true"
 
 
 def test_text_completions_cascade_too(gateway, keys):

@@ -7,6 +7,7 @@ made here can be revoked here (the file's keys are removed by editing the file).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import hmac
@@ -18,7 +19,8 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.config.keys import generate_key, hash_key
-from gateway.config.schema import COMPLEXITIES, FEATURES, TENANT_ID_PATTERN, LimitsSpec, TenantRoutingSpec, TenantSpec
+from gateway.config.schema import (COMPLEXITIES, FEATURES, TENANT_ID_PATTERN, CachePolicySpec, LimitsSpec,
+                                   TenantRoutingSpec, TenantSpec)
 from gateway.config.types import GatewayConfig, Tenant
 from gateway.errors import GatewayError, invalid_api_key, missing_api_key
 from gateway.pipeline.auth import identify, presented_key
@@ -43,6 +45,7 @@ class TenantIn(BaseModel):
     limits: LimitsSpec = LimitsSpec()
     features: list[str] | None = None
     routing: TenantRoutingSpec | None = None
+    cache: CachePolicySpec | None = None
 
 
 class TenantPatch(BaseModel):
@@ -56,6 +59,7 @@ class TenantPatch(BaseModel):
     limits: LimitsSpec | None = None
     features: list[str] | None = None
     routing: TenantRoutingSpec | None = None
+    cache: CachePolicySpec | None = None
 
 
 class KeyIn(BaseModel):
@@ -210,6 +214,19 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         tenant_or_404(tenant_id)
         return await _report(gateway, tenant_id, start, end)
 
+    @router.delete("/api/v1/organizations/{tenant_id}/cache", dependencies=admin, tags=["admin"])
+    async def purge_cache(tenant_id: str) -> dict:
+        """Delete every response cache entry of this tenant."""
+        tenant_or_404(tenant_id)
+        if gateway.cache is None:
+            require_stores()
+        try:
+            deleted = await gateway.cache.purge(tenant_id)
+        except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+            raise GatewayError(503, f"The cache cannot be reached right now: {exc}", type="server_error",
+                               code="cache_unavailable") from None
+        return {"object": "cache_purge", "tenant": tenant_id, "deleted": deleted}
+
     @router.get("/api/v1/organizations/{tenant_id}/routing", dependencies=admin, tags=["admin"])
     async def tenant_routing(tenant_id: str, start: dt.date | None = Query(None), end: dt.date | None = Query(None)):
         """What the router did for this tenant: by complexity and model, cascade rate, savings."""
@@ -290,6 +307,7 @@ def _view(tenant: Tenant, config: GatewayConfig) -> dict:
                             "over_budget": p.over_budget or None, "long_context": p.long_context,
                             "cascade": p.cascade, "cascade_threshold": p.cascade_threshold}
                     for alias, p in tenant.routes.items()},
+        "cache": tenant.cache,  # the tenant's own changes to the models' cache policy
         "source": tenant.source,
     }
 

@@ -16,7 +16,8 @@ from gateway.config.schema import BUILTIN_SIMULATOR, KeyLimitsSpec, LimitsSpec, 
 from gateway.config.routing import compile_router, tenant_routes
 from gateway.config.tiers import BUILTIN_TIERS
 from gateway.config.types import (
-    ApiKey, Deployment, FallbackPolicy, GatewayConfig, KeyLimits, Limits, Model, Pricing, RouterConfig, Tenant,
+    ApiKey, CachePolicy, Deployment, FallbackPolicy, GatewayConfig, KeyLimits, Limits, Model, Pricing, RouterConfig,
+    Tenant,
 )
 from gateway.config.yaml_source import ConfigError, YamlDocument, read_yaml
 
@@ -93,6 +94,7 @@ def load_config(
         reference_model=models_file.defaults.reference_model,
         router=router,
         fallback_policy=FallbackPolicy(**models_file.defaults.fallbacks.model_dump()),
+        cache_policy=_cache_policy(CachePolicy(), models_file.defaults.cache),
         tiers=frozenset(tiers),
         yaml_key_names={tenant_id: tuple(k.name for k in t.keys) for tenant_id, t in tenants_file.tenants.items()},
         sources=(models_doc.path, tenants_doc.path),
@@ -183,6 +185,7 @@ def _compile_models(
             serving=tuple(serving),
             fallbacks=tuple(model_spec.fallbacks),
             standby=tuple(standby),
+            cache=_cache_policy(_cache_policy(CachePolicy(), spec.defaults.cache), model_spec.cache),
         )
     for name, model_spec in spec.models.items():
         for index, fallback in enumerate(model_spec.fallbacks):
@@ -223,6 +226,10 @@ def _compile_tiers(spec: TenantsFile) -> dict[str, tuple[Limits, frozenset[str]]
                 features = override.features
         tiers[name] = (Limits(**limits), frozenset(features))
     return tiers
+
+
+def _cache_policy(base: CachePolicy, changes) -> CachePolicy:
+    return replace(base, **changes.model_dump(exclude_none=True)) if changes is not None else base
 
 
 def _tenant_limits(tier: Limits, overrides: LimitsSpec) -> Limits:
@@ -276,6 +283,7 @@ def _compile_tenants(
             limits=_tenant_limits(tier_limits, t.limits),
             features=features,
             routes=routes,
+            cache=t.cache.model_dump(exclude_none=True) if t.cache is not None else {},
             source=source,
         )
         for index, key in enumerate(t.keys):

@@ -53,8 +53,19 @@ class DeploymentSpec(Strict):
         return value
 
 
+class CachePolicySpec(Strict):
+    """The response cache's policy; a field left out is taken from the level below (tenant, model, defaults)."""
+
+    enabled: bool | None = None
+    ttl_seconds: int | None = Field(None, ge=1, le=30 * 86400)
+    max_entry_bytes: int | None = Field(None, ge=1)
+    nondeterministic: bool | None = Field(None, description="also cache requests with temperature above 0 and "
+                                                            "no seed")
+
+
 class ModelSpec(Strict):
     type: Literal["chat", "embedding"] = "chat"
+    cache: CachePolicySpec | None = None
     fallbacks: list[str] = Field(
         default_factory=list, description="models tried in turn when every deployment of this one has failed")
     size: Literal["small", "large", "largest"] | None = Field(
@@ -83,6 +94,7 @@ class FallbackPolicy(Strict):
 
 class ModelDefaults(Strict):
     timeouts: Timeouts = Timeouts()
+    cache: CachePolicySpec = CachePolicySpec()
     fallbacks: FallbackPolicy = FallbackPolicy()
     reference_model: str | None = Field(
         None, description="savings are reported against sending every request to this model")
@@ -229,6 +241,7 @@ class TenantSpec(Strict):
     limits: LimitsSpec = LimitsSpec()
     features: list[Literal[FEATURES]] | None = None  # replaces the tier's list when given
     routing: TenantRoutingSpec | None = None
+    cache: CachePolicySpec | None = None
     keys: list[KeySpec] = Field(default_factory=list)
 
 

@@ -40,6 +40,14 @@ class Pricing:
 
 
 @dataclass(frozen=True, slots=True)
+class CachePolicy:
+    enabled: bool = True
+    ttl_seconds: int = 3600
+    max_entry_bytes: int = 1 << 20
+    nondeterministic: bool = False  # cache requests with temperature above 0 and no seed
+
+
+@dataclass(frozen=True, slots=True)
 class Model:
     name: str
     type: str  # "chat" or "embedding"
@@ -53,6 +61,7 @@ class Model:
     serving: tuple[Deployment, ...]
     fallbacks: tuple[str, ...] = ()  # models tried in turn once every deployment of this one has failed
     standby: tuple[Deployment, ...] = ()  # usable deployments of higher priority numbers, tried after the serving
+    cache: CachePolicy = CachePolicy()
 
     @property
     def simulated(self) -> bool:
@@ -137,6 +146,7 @@ class Tenant:
     limits: Limits = Limits()
     features: frozenset[str] = frozenset()
     routes: dict[str, Profile] = field(default_factory=dict)  # router alias -> this tenant's profile for it
+    cache: dict[str, object] = field(default_factory=dict)  # the tenant's changes to the cache policy
     source: str = "yaml"  # "yaml" or "api" (made through the admin API, kept in PostgreSQL)
 
 
@@ -149,6 +159,7 @@ class GatewayConfig:
     reference_model: str | None = None  # what savings are measured against
     router: RouterConfig | None = None
     fallback_policy: FallbackPolicy = FallbackPolicy()
+    cache_policy: CachePolicy = CachePolicy()  # for router aliases (the model is not known when the cache is read)
     tiers: frozenset[str] = frozenset()
     yaml_key_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tenant id -> names in the file
     sources: tuple[Path, ...] = field(default=())

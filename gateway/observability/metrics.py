@@ -28,6 +28,10 @@ ROUTED = Counter("gateway_routed_requests", "Requests for a router alias, by com
                  ["complexity", "model"])
 CASCADES = Counter("gateway_cascades", "Answers of a small model judged unsure and asked again of a larger one.",
                    ["from_model", "to_model"])
+CACHE_LOOKUPS = Counter("gateway_cache_lookups", "Response cache lookups, by result (hit, miss, bypass, error).",
+                        ["result"])
+CACHE_BYTES = Counter("gateway_cache_bytes", "Bytes of answers stored in and served from the response cache.",
+                      ["direction"])
 CONFIG_RELOADS = Counter("gateway_config_reloads", "Config reloads, by result.", ["result"])
 LIMIT_REFUSALS = Counter("gateway_limit_refusals", "Requests refused by a limit, by tenant and limit.",
                          ["tenant", "limit"])

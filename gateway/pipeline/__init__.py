@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from gateway.pipeline.access import authorize_model
 from gateway.pipeline.auth import authenticate
+from gateway.pipeline.cache import LookupCache, serve_cached
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.forward import Forward
 from gateway.pipeline.limits import EnforceLimits
@@ -11,6 +12,7 @@ from gateway.pipeline.parse import read_json_body
 from gateway.pipeline.prompt import apply_system_prompt
 from gateway.pipeline.route import RouteRequest
 from gateway.pipeline.runner import Pipeline
+from gateway.stores.cache import ResponseCache
 from gateway.stores.ledger import Ledger
 from gateway.stores.limits import Limiter
 from gateway.upstreams.client import UpstreamClient
@@ -21,6 +23,7 @@ def build_pipeline(
     client: UpstreamClient,
     limiter: Limiter | None,
     ledger: Ledger | None,
+    cache: ResponseCache | None,
     *,
     max_body_bytes: int,
     log_prompts: bool,
@@ -34,12 +37,16 @@ def build_pipeline(
         read_request,  # the body, and the fields the gateway acts on (400 / 413)
         authorize_model,  # may this tenant use this model, can it serve this request (404 / 400 / 503)
         apply_system_prompt,  # the tenant's instructions before the client's
+        LookupCache(cache),  # a repeat of an answered request is found; new answers are kept at the end
         RouteRequest(limiter),  # "auto": complexity, profile, context window, budget; any model: fits? (400)
         EnforceLimits(limiter, refuse_without_redis),  # limits and budget reserved, settled at the end (429)
+        serve_cached,  # the cached answer, if there is one
         Forward(client, DeploymentSelector()),  # deployments, fallbacks, cascade; the answer relayed as it comes
     ]
     if limiter is None:  # a stateless gateway: no Redis
         stages = [stage for stage in stages if not isinstance(stage, EnforceLimits)]
+    if cache is None:
+        stages = [stage for stage in stages if not isinstance(stage, LookupCache) and stage is not serve_cached]
     return Pipeline(
         stages,
         log_prompts=log_prompts,

@@ -33,6 +33,7 @@ class RequestContext:
         "response_headers", "finishers", "reserved_tokens", "reserved_cost_nano", "limits_degraded", "cost_usd",
         "body_size", "prompt_estimate", "profile", "complexity", "route_score", "routing_rule", "route_signals",
         "cascade_to", "cascaded", "confidence", "attempts",
+        "cache_entry", "cache_hit", "cache_capture", "answer_bytes", "answer_content_type",
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, config: GatewayConfig, endpoint: Endpoint) -> None:
@@ -79,6 +80,12 @@ class RequestContext:
         self.cascaded = False
         self.confidence: float | None = None
         self.attempts: list[dict] = []  # every upstream call: model, deployment, status, tokens, cost
+        # Response cache
+        self.cache_entry: tuple[dict, bytes] | None = None  # found in the cache: served without an upstream
+        self.cache_hit = False
+        self.cache_capture = 0  # when above 0, the answer's bytes (up to this many) are kept for the cache
+        self.answer_bytes: bytes | None = None  # the whole answer as the client got it (stream: every event)
+        self.answer_content_type = b"application/json"
 
     def on_finish(self, finisher: Finisher) -> None:
         """Run ``finisher`` once the request is over, answered or not (in reverse order of registration)."""

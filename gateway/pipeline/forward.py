@@ -175,6 +175,8 @@ class Forward:
         await send_response(ctx.send, status, body, headers, content_type)
         ctx.status = status
         ctx.responded = True
+        if ctx.cache_capture:
+            ctx.answer_bytes, ctx.answer_content_type = body, content_type
 
     async def _relay_stream(self, ctx: RequestContext, answer: Answer) -> None:
         first_byte_wait = time.perf_counter() - ctx.upstream_started
@@ -186,8 +188,15 @@ class Forward:
         relay = SSERelay(drop_usage_event=ctx.usage_injected)
         send = ctx.send
         started = ctx.upstream_started
+        kept: list[bytes] | None = [] if ctx.cache_capture else None  # the upstream's events, usage included
+        kept_size = 0
         try:
             async for chunk in answer.response.content.iter_any():
+                if kept is not None:
+                    kept_size += len(chunk)
+                    kept = kept if kept_size <= ctx.cache_capture else None
+                    if kept is not None:
+                        kept.append(chunk)
                 out = relay.feed(chunk)
                 if out:
                     await send_chunk(send, out)
@@ -203,6 +212,10 @@ class Forward:
             await send_chunk(send, b"data: " + event + b"\n\n")
         else:
             self._close_attempt(ctx, answer.attempt, started, answer.status, None)
+            if kept:
+                whole = b"".join(kept)
+                if b"[DONE]" in whole[-64:]:  # a stream that ended as it should
+                    ctx.answer_bytes, ctx.answer_content_type = whole, b"text/event-stream"
         self._bill(ctx, answer, relay.usage)
         await end_stream(send)
         ctx.overhead_seconds = max(0.0, ctx.elapsed() - ctx.upstream_seconds)
@@ -246,6 +259,7 @@ class Forward:
                 raise
             ctx.cascaded = False  # the larger model failed: the small model's answer is the best there is
             ctx.routing_rule += "(failed)"
+            ctx.cache_capture = 0  # a rejected answer may be served, but is never kept
             answer, parsed, asked_logprobs = small
             ctx.model, ctx.deployment = answer.model, answer.deployment
             await self._send_small(ctx, answer, parsed, asked_logprobs)
@@ -269,8 +283,11 @@ class Forward:
             (b"x-gateway-overhead-ms", b"%.2f" % (ctx.overhead_seconds * 1000))])
         ctx.status = answer.status
         ctx.responded = True
-        await send_chunk(ctx.send, as_stream(parsed, bool(options.get("include_usage"))))
+        with_usage = as_stream(parsed, True)
+        await send_chunk(ctx.send, with_usage if options.get("include_usage") else as_stream(parsed, False))
         await end_stream(ctx.send)
+        if ctx.cache_capture:
+            ctx.answer_bytes, ctx.answer_content_type = with_usage, b"text/event-stream"
 
 
 class _Failed(Exception):

@@ -26,7 +26,9 @@ class EnforceLimits:
         completion = 0 if ctx.endpoint.model_type == "embedding" else tokens.completion_reservation(
             body, ctx.tenant.limits.completion_reservation)
         cost_nano = int(ctx.model.pricing.cost(prompt, completion) * NANO)
-        if ctx.cascade_to is not None:  # the worst case pays for both answers
+        if ctx.cache_entry is not None:  # a cached answer counts as a request, and costs no tokens and no budget
+            prompt = completion = cost_nano = 0
+        elif ctx.cascade_to is not None:  # the worst case pays for both answers
             cost_nano += int(ctx.cascade_to.pricing.cost(prompt, completion) * NANO)
             prompt, completion = prompt * 2, completion * 2
         now = time.time()

@@ -26,8 +26,8 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
             ctx.model_requested, ctx.model.name if ctx.model else None, deployment.name if deployment else None,
             deployment.upstream_model if deployment else None, ctx.routing_rule, ctx.complexity, ctx.prompt_tokens,
             ctx.completion_tokens, ctx.cost_usd, elapsed * 1000, ctx.upstream_seconds * 1000,
-            ctx.overhead_seconds * 1000, False, ctx.cascaded if ctx.profile is not None else None, ctx.confidence,
-            failed, ctx.stream, ctx.status, ctx.error_type, ctx.route_score,
+            ctx.overhead_seconds * 1000, ctx.cache_hit, ctx.cascaded if ctx.profile is not None else None,
+            ctx.confidence, failed, ctx.stream, ctx.status, ctx.error_type, ctx.route_score,
             orjson.dumps(ctx.attempts).decode() if len(ctx.attempts) > 1 else None,
         ))
     route = ctx.endpoint.route
@@ -56,6 +56,8 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
         metrics.ROUTED.labels(ctx.complexity, ctx.model.name).inc()
     if len(ctx.attempts) > 1:
         line["attempts"] = ctx.attempts
+    if ctx.cache_hit:
+        line["cache_hit"] = True
     if ctx.client_disconnected:
         line["client_disconnected"] = True
     if ctx.limits_degraded:

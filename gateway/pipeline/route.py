@@ -21,6 +21,8 @@ class RouteRequest:
         self.limiter = limiter
 
     async def __call__(self, ctx: RequestContext) -> None:
+        if ctx.cache_entry is not None:
+            return  # answered from the cache: no model is asked
         profile = ctx.profile
         if profile is None:
             if ctx.model.context_window is not None and _may_exceed(ctx, ctx.model.context_window):

@@ -1,0 +1,130 @@
+"""Stages: answer a repeated request from the response cache, and keep new answers for the next time.
+
+``LookupCache`` runs before routing and limits: on a hit the routing is skipped, the limits count the request
+(requests per minute and per day, concurrency) but no tokens and no budget, and ``ServeCached`` answers it. On a
+miss the answer the client gets is kept once the request is over, if it was complete and successful.
+
+Policy (models.yaml `defaults.cache`, a model's `cache:`, a tenant's `cache:`; the later wins field by field):
+on or off, TTL, largest entry, and whether requests that are not deterministic (temperature above 0, or unset,
+without a seed) are cached. Per request: ``Cache-Control: no-cache`` skips the lookup but stores the answer,
+``no-store`` does neither, and ``x-gateway-cache-ttl: SECONDS`` stores with another TTL.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+from gateway.asgi import end_stream, header, send_chunk, send_response, start_stream
+from gateway.config.types import CachePolicy
+from gateway.errors import bad_request
+from gateway.observability import metrics
+from gateway.pipeline.context import RequestContext
+from gateway.stores.cache import ResponseCache, cache_key
+from gateway.upstreams.sse import SSERelay
+
+CACHED_ROUTES = frozenset(("chat.completions", "completions"))
+
+
+class LookupCache:
+    def __init__(self, cache: ResponseCache) -> None:
+        self.cache = cache
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        if ctx.endpoint.route not in CACHED_ROUTES:
+            return
+        policy = _policy(ctx)
+        control = (header(ctx.scope, b"cache-control") or b"").lower()
+        reason = None
+        if not policy.enabled:
+            reason = "off"
+        elif b"no-store" in control:
+            reason = "no-store"
+        elif not policy.nondeterministic and not _deterministic(ctx.body):
+            reason = "nondeterministic"
+        if reason is not None:
+            ctx.response_headers.append((b"x-gateway-cache", b"bypass; " + reason.encode()))
+            metrics.CACHE_LOOKUPS.labels("bypass").inc()
+            return
+        ttl = _ttl_override(ctx) or policy.ttl_seconds
+        key = cache_key(ctx.tenant.id, ctx.endpoint.route, ctx.body)
+        if b"no-cache" not in control:
+            entry = await self.cache.get(key)
+            model = ctx.config.models.get(entry[0].get("model", "")) if entry is not None else None
+            if model is not None:
+                ctx.cache_entry, ctx.model = entry, model
+                metrics.CACHE_LOOKUPS.labels("hit").inc()
+                return
+        metrics.CACHE_LOOKUPS.labels("miss").inc()
+        ctx.response_headers.append((b"x-gateway-cache", b"miss"))
+        ctx.cache_capture = policy.max_entry_bytes
+
+        async def store(ctx: RequestContext) -> None:
+            body = ctx.answer_bytes
+            if (body is None or not 200 <= ctx.status < 300 or ctx.error_type or ctx.client_disconnected
+                    or len(body) > policy.max_entry_bytes):
+                return
+            meta = {"model": ctx.model.name, "deployment": ctx.deployment.name if ctx.deployment else None,
+                    "upstream_model": ctx.deployment.upstream_model if ctx.deployment else None,
+                    "stream": ctx.stream, "content_type": ctx.answer_content_type.decode(),
+                    "prompt_tokens": ctx.prompt_tokens, "completion_tokens": ctx.completion_tokens,
+                    "stored_at": round(time.time(), 3), "request_id": ctx.request_id}
+            self.cache.put(key, meta, body, ttl)
+
+        ctx.on_finish(store)
+
+
+async def serve_cached(ctx: RequestContext) -> None:
+    """The cached answer, as a stream if the request asked for one (its usage event only if asked for)."""
+    if ctx.cache_entry is None:
+        return
+    meta, body = ctx.cache_entry
+    ctx.cache_hit = True
+    age = max(0, int(time.time() - meta.get("stored_at", time.time())))
+    headers = ctx.response_headers + [
+        (b"x-gateway-cache", b"hit"), (b"age", str(age).encode()),
+        (b"x-gateway-model", ctx.model.name.encode()),
+        (b"x-gateway-cached-request-id", str(meta.get("request_id", "")).encode()),
+        (b"x-gateway-cost-usd", b"0.000000000"),
+    ]
+    if ctx.stream:
+        options = ctx.body.get("stream_options") or {}
+        relay = SSERelay(drop_usage_event=not options.get("include_usage"))
+        events = relay.feed(body) + relay.finish()
+        ctx.overhead_seconds = ctx.elapsed()
+        await start_stream(ctx.send, 200, headers + [(b"x-gateway-overhead-ms", b"%.2f" % (ctx.overhead_seconds
+                                                                                          * 1000))])
+        await send_chunk(ctx.send, events)
+        await end_stream(ctx.send)
+    else:
+        ctx.overhead_seconds = ctx.elapsed()
+        await send_response(ctx.send, 200, body, headers + [
+            (b"x-gateway-overhead-ms", b"%.2f" % (ctx.overhead_seconds * 1000))],
+            meta.get("content_type", "application/json").encode())
+    metrics.CACHE_BYTES.labels("served").inc(len(body))
+    ctx.status = 200
+    ctx.responded = True
+
+
+def _policy(ctx: RequestContext) -> CachePolicy:
+    policy = ctx.model.cache if ctx.model is not None else ctx.config.cache_policy  # an alias: not routed yet
+    return replace(policy, **ctx.tenant.cache) if ctx.tenant.cache else policy
+
+
+def _deterministic(body: dict) -> bool:
+    temperature = body.get("temperature")
+    return body.get("seed") is not None or (isinstance(temperature, (int, float)) and temperature == 0)
+
+
+def _ttl_override(ctx: RequestContext) -> int | None:
+    value = header(ctx.scope, b"x-gateway-cache-ttl")
+    if value is None:
+        return None
+    try:
+        ttl = int(value)
+    except ValueError:
+        ttl = 0
+    if not 1 <= ttl <= 30 * 86400:
+        raise bad_request("x-gateway-cache-ttl must be a whole number of seconds from 1 to 2592000.",
+                          param="x-gateway-cache-ttl", code="invalid_cache_ttl")
+    return ttl
