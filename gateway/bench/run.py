@@ -1,6 +1,6 @@
 """``gateway bench``: the same load straight to the simulator, through a bare pass-through, through the gateway's
 core path (stateless: auth, config, forwarding, logs, metrics) and through the whole gateway (limits in Redis and
-the ledger in PostgreSQL on top).
+the ledger in PostgreSQL on top), forwarded as named, routed by the classifier, and answered from the response cache.
 
 Everything runs in one go on this machine, so the figures are ratios within one run, never absolutes compared
 across machines. Load comes from wrk (a separate C process); CPU time and memory are read from /proc for the
@@ -27,6 +27,7 @@ from gateway.config.keys import generate_key, hash_key
 from gateway.stores.embedded import EmbeddedServers, free_port
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+THROUGH_GATEWAY = ("gateway", "routed", "cached")  # the targets served by the full gateway, counted in its ledger
 BODY = {"model": "bench", "messages": [{"role": "user", "content": "Say something short about gateways."}],
         "max_tokens": 16}
 
@@ -173,6 +174,9 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
         script.write_text(WRK_SCRIPT % {"body": json.dumps(BODY), "key": key})
         routed_script = workdir / "routed.lua"
         routed_script.write_text(WRK_SCRIPT % {"body": json.dumps({**BODY, "model": "auto"}), "key": key})
+        # The same question every time, deterministic: after the first, every request is answered from the cache.
+        cached_script = workdir / "cached.lua"
+        cached_script.write_text(WRK_SCRIPT % {"body": json.dumps({**BODY, "temperature": 0}), "key": key})
         chat = "/v1/chat/completions"
         targets = [
             ("direct", f"http://127.0.0.1:{sim_port}{chat}", sim.pid, script),
@@ -180,12 +184,13 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
             ("core", f"http://127.0.0.1:{core_port}{chat}", core.pid, script),
             ("gateway", f"http://127.0.0.1:{gw_port}{chat}", gateway.pid, script),
             ("routed", f"http://127.0.0.1:{gw_port}{chat}", gateway.pid, routed_script),
+            ("cached", f"http://127.0.0.1:{gw_port}{chat}", gateway.pid, cached_script),
         ]
         measurements, sent = [], 0
         for connections in (1, 64, 128):
             for name, url, _, load in targets:  # warm up: connections, caches, allocator
                 warmed = _wrk(url, load, connections, 2)["requests"]
-                if name in ("gateway", "routed"):
+                if name in THROUGH_GATEWAY:
                     sent += warmed
             rounds_by_target: dict[str, list[Measurement]] = {name: [] for name, *_ in targets}
             for _ in range(rounds):  # interleaved, so that a noisy moment hits every target alike
@@ -201,7 +206,7 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
         gateway.wait(timeout=60)
         logged = sum(1 for line in (workdir / "gateway.log").read_text().splitlines() if '"event":"request"' in line)
         rows = _ledger_rows(env["DATABASE_URL"])
-        sent += sum(m.requests for m in measurements if m.target in ("gateway", "routed"))
+        sent += sum(m.requests for m in measurements if m.target in THROUGH_GATEWAY)
         report = _report(measurements, latency_ms, duration, rounds, logged, rows, sent)
         report["classifier_microseconds_per_request"] = classifier_cost()
     finally:
@@ -280,7 +285,7 @@ def _report(measurements: list[Measurement], latency_ms: float, duration: float,
     summary = {}
     for c in (1, 64, 128):
         direct, floor, gw, core = by[("direct", c)], by[("passthrough", c)], by[("gateway", c)], by[("core", c)]
-        routed = by[("routed", c)]
+        routed, cached = by[("routed", c)], by[("cached", c)]
         summary[f"c{c}"] = {
             "gateway_added_p50_ms": round(gw.p50_ms - direct.p50_ms, 3),
             "gateway_added_p99_ms": round(gw.p99_ms - direct.p99_ms, 3),
@@ -302,6 +307,12 @@ def _report(measurements: list[Measurement], latency_ms: float, duration: float,
             "routed_throughput_ratio_to_direct": round(routed.rps / direct.rps, 3),
             "routed_cpu_ms_per_request": round(routed.cpu_ms_per_request, 4),
             "routed_cpu_ratio_to_gateway": round(routed.cpu_ms_per_request / gw.cpu_ms_per_request, 3),
+            # A hit calls no model: its whole latency is the gateway's (auth, limits, the Redis read, the ledger).
+            "cache_hit_p50_ms": round(cached.p50_ms, 3),
+            "cache_hit_p99_ms": round(cached.p99_ms, 3),
+            "cache_hit_rps": round(cached.rps),
+            "cache_hit_throughput_ratio_to_direct": round(cached.rps / direct.rps, 3),
+            "cache_hit_cpu_ms_per_request": round(cached.cpu_ms_per_request, 4),
         }
     return {
         "setup": {"simulator_latency_ms": latency_ms, "seconds_per_run": duration, "rounds": rounds, "workers": 1,
