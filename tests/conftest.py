@@ -251,6 +251,17 @@ def write_config(config_dir: Path, sim_url: str, keys: Keys, dead_port: int) -> 
     (config_dir / "tenants.yaml").write_text(yaml.safe_dump(tenants, sort_keys=False))
 
 
+def ledger_row(stores: Stores, request_id: str, timeout: float = 5.0) -> dict:
+    """The ledger row of one request, once the gateway has written it (rows are written in batches)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = stores.query("SELECT * FROM usage_ledger WHERE request_id = $1", request_id)
+        if rows:
+            return rows[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no ledger row for {request_id}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def stores(tmp_path_factory: pytest.TempPathFactory) -> Stores:
     """Started once for the session; every gateway the tests start uses them."""

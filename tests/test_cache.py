@@ -10,7 +10,7 @@ import openai
 import pytest
 import yaml
 
-from conftest import GatewayProcess, Simulator, free_port, http_request
+from conftest import GatewayProcess, Simulator, free_port, http_request, ledger_row
 from gateway.config.keys import generate_key, hash_key
 
 ADMIN_KEY = "sk-admin-cache-0123456789abcdef"
@@ -79,16 +79,6 @@ def ask(gateway, key, content=None, model="chat", headers=None, **options):
 
 def upstream_calls(sim: Simulator) -> int:
     return sim.stats()["requests"]
-
-
-def ledger_row(stores, request_id: str, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = stores.query("SELECT * FROM usage_ledger WHERE request_id = $1", request_id)
-        if rows:
-            return rows[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no ledger row for {request_id}")
 
 
 def wait_stored(gateway, key, content, **options):

@@ -16,7 +16,7 @@ import openai
 import pytest
 import yaml
 
-from conftest import GatewayProcess, Simulator, free_port, http_request
+from conftest import GatewayProcess, Simulator, free_port, http_request, ledger_row
 from gateway.config.keys import generate_key, hash_key
 
 PROMPTS = {
@@ -129,16 +129,6 @@ def chat(gateway: GatewayProcess, key: str, content: str, model: str = "auto", *
                                                            messages=[{"role": "user", "content": content}],
                                                            **options)
     return raw.headers, raw.parse()
-
-
-def ledger_row(stores, request_id: str, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        rows = stores.query("SELECT * FROM usage_ledger WHERE request_id = $1", request_id)
-        if rows:
-            return rows[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no ledger row for {request_id}")
 
 
 # Classification and profiles

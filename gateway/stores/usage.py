@@ -64,8 +64,7 @@ async def usage_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str
         by_model = await connection.fetch(_BY_MODEL, tenant_id, start, end)
     answered = totals["answered"]
     cost = float(totals["cost_usd"])
-    reference = config.models.get(config.reference_model) if config.reference_model else None
-    report = {
+    return {
         "object": "usage_report",
         "tenant": tenant_id,
         "start": start.date().isoformat(),
@@ -79,22 +78,27 @@ async def usage_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str
         "small_model_share": round(totals["small_model_answers"] / answered, 4) if answered else None,
         "cascade_rate": round(totals["cascaded"] / answered, 4) if answered else None,
         "cache_hit_rate": round(totals["cache_hits"] / answered, 4) if answered else None,
-        "savings": None,
+        "savings": _savings(config, totals["prompt_tokens"], totals["completion_tokens"], cost),
         "by_day": [{"day": r["day"].isoformat(), "requests": r["requests"], "tokens": r["tokens"],
                     "cost_usd": round(float(r["cost_usd"]), 9)} for r in by_day],
         "by_model": [{"model": r["model"], "requests": r["requests"], "prompt_tokens": r["prompt_tokens"],
                       "completion_tokens": r["completion_tokens"], "cost_usd": round(float(r["cost_usd"]), 9)}
                      for r in by_model],
     }
-    if reference is not None:
-        everything_on_reference = reference.pricing.cost(totals["prompt_tokens"], totals["completion_tokens"])
-        report["savings"] = {
-            "reference_model": reference.name,
-            "reference_cost_usd": round(everything_on_reference, 9),
-            "saved_usd": round(everything_on_reference - cost, 9),
-            "saved_share": round(1 - cost / everything_on_reference, 4) if everything_on_reference else None,
-        }
-    return report
+
+
+def _savings(config: GatewayConfig, prompt_tokens: int, completion_tokens: int, cost: float) -> dict | None:
+    """What the same tokens would have cost on the reference model, and what was saved against it."""
+    reference = config.models.get(config.reference_model) if config.reference_model else None
+    if reference is None:
+        return None
+    everything_on_reference = reference.pricing.cost(prompt_tokens, completion_tokens)
+    return {
+        "reference_model": reference.name,
+        "reference_cost_usd": round(everything_on_reference, 9),
+        "saved_usd": round(everything_on_reference - cost, 9),
+        "saved_share": round(1 - cost / everything_on_reference, 4) if everything_on_reference else None,
+    }
 
 
 async def routing_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str, start: dt.datetime,
@@ -116,8 +120,7 @@ async def routing_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: s
         prompt += row["prompt_tokens"]
         completion += row["completion_tokens"]
         cost += float(row["cost_usd"])
-    reference = config.models.get(config.reference_model) if config.reference_model else None
-    report = {
+    return {
         "object": "routing_report",
         "tenant": tenant_id,
         "start": start.date().isoformat(),
@@ -132,14 +135,5 @@ async def routing_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: s
             for r in rows],
         "cascade_rate": round(cascaded / answered, 4) if answered else None,
         "cost_usd": round(cost, 9),
-        "savings": None,
+        "savings": _savings(config, prompt, completion, cost),
     }
-    if reference is not None:
-        everything_on_reference = reference.pricing.cost(prompt, completion)
-        report["savings"] = {
-            "reference_model": reference.name,
-            "reference_cost_usd": round(everything_on_reference, 9),
-            "saved_usd": round(everything_on_reference - cost, 9),
-            "saved_share": round(1 - cost / everything_on_reference, 4) if everything_on_reference else None,
-        }
-    return report
