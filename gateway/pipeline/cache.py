@@ -87,20 +87,17 @@ async def serve_cached(ctx: RequestContext) -> None:
         (b"x-gateway-cached-request-id", str(meta.get("request_id", "")).encode()),
         (b"x-gateway-cost-usd", b"0.000000000"),
     ]
-    if ctx.stream:
+    content_type = meta.get("content_type", "application/json")
+    ctx.overhead_seconds = ctx.elapsed()
+    headers.append((b"x-gateway-overhead-ms", b"%.2f" % (ctx.overhead_seconds * 1000)))
+    if content_type.startswith("text/event-stream"):
         options = ctx.body.get("stream_options") or {}
         relay = SSERelay(drop_usage_event=not options.get("include_usage"))
-        events = relay.feed(body) + relay.finish()
-        ctx.overhead_seconds = ctx.elapsed()
-        await start_stream(ctx.send, 200, headers + [(b"x-gateway-overhead-ms", b"%.2f" % (ctx.overhead_seconds
-                                                                                          * 1000))])
-        await send_chunk(ctx.send, events)
+        await start_stream(ctx.send, 200, headers)
+        await send_chunk(ctx.send, relay.feed(body) + relay.finish())
         await end_stream(ctx.send)
-    else:
-        ctx.overhead_seconds = ctx.elapsed()
-        await send_response(ctx.send, 200, body, headers + [
-            (b"x-gateway-overhead-ms", b"%.2f" % (ctx.overhead_seconds * 1000))],
-            meta.get("content_type", "application/json").encode())
+    else:  # a plain answer (or an upstream that answered a stream request whole: kept and served whole)
+        await send_response(ctx.send, 200, body, headers, content_type.encode())
     metrics.CACHE_BYTES.labels("served").inc(len(body))
     ctx.status = 200
     ctx.responded = True
