@@ -19,8 +19,9 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.config.keys import generate_key, hash_key
-from gateway.config.schema import (COMPLEXITIES, FEATURES, TENANT_ID_PATTERN, CachePolicySpec, LimitsSpec,
-                                   TenantRoutingSpec, TenantSpec)
+from gateway.config.routing import unknown_chat_models
+from gateway.config.schema import (FEATURES, TENANT_ID_PATTERN, CachePolicySpec, LimitsSpec, TenantRoutingSpec,
+                                   TenantSpec)
 from gateway.config.types import GatewayConfig, Tenant
 from gateway.errors import GatewayError, invalid_api_key, missing_api_key
 from gateway.pipeline.auth import identify, presented_key
@@ -318,8 +319,8 @@ def _check_routing(routing: TenantRoutingSpec, config: GatewayConfig) -> None:
     if routing.profile is not None and routing.profile not in profiles:
         raise GatewayError(400, f"Unknown routing profile '{routing.profile}'; profiles are: "
                                 f"{', '.join(sorted(profiles))}.", param="routing.profile", code="unknown_profile")
-    for complexity in COMPLEXITIES:
-        name = getattr(routing, complexity)
-        if name is not None and (name not in config.models or config.models[name].type != "chat"):
-            raise GatewayError(400, f"'{name}' is not a chat model of this gateway.", param=f"routing.{complexity}",
-                               code="model_not_found")
+    unknown = unknown_chat_models(routing, config.models)
+    if unknown:
+        complexity, name = unknown[0]
+        raise GatewayError(400, f"'{name}' is not a chat model of this gateway.", param=f"routing.{complexity}",
+                           code="model_not_found")

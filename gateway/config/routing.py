@@ -27,6 +27,13 @@ from gateway.routing.signals import SIGNALS, Vocabulary
 _SIZE_ORDER = {"small": 0, "large": 1, "largest": 2}
 
 
+def unknown_chat_models(layer: ProfileModels, models: dict[str, Model]) -> list[tuple[str, str]]:
+    """(complexity, name) for each model ``layer`` names that is not a chat model of ``models``."""
+    named = ((complexity, getattr(layer, complexity)) for complexity in COMPLEXITIES)
+    return [(complexity, name) for complexity, name in named
+            if name is not None and (name not in models or models[name].type != "chat")]
+
+
 def compile_router(spec: ModelsFile, doc: YamlDocument, models: dict[str, Model], config_dir: Path,
                    problems: list[str], warnings: list[str]) -> tuple[RouterConfig | None, dict[str, ProfileSpec]]:
     """The router and its profiles by name (with a `default` one derived from model sizes when none is given)."""
@@ -71,11 +78,11 @@ def tenant_routes(spec: ModelsFile, router: RouterConfig | None, profiles: dict[
             problems.append(f"{where}: routing.profile: unknown profile '{own.profile}' "
                             f"(profiles: {', '.join(sorted(profiles))})")
             return {}
-        for complexity in COMPLEXITIES:
-            name = getattr(own, complexity)
-            if name is not None and (name not in models or models[name].type != "chat"):
-                problems.append(f"{where}: routing.{complexity}: '{name}' is not a chat model of models.yaml")
-                return {}
+        unknown = unknown_chat_models(own, models)
+        if unknown:
+            complexity, name = unknown[0]
+            problems.append(f"{where}: routing.{complexity}: '{name}' is not a chat model of models.yaml")
+            return {}
     routes = {}
     for alias in router.aliases.values():
         if alias.name not in allowed:
@@ -175,10 +182,8 @@ def _check_profile(profile: ProfileSpec, location: tuple, doc: YamlDocument, mod
     def check(layer: ProfileModels | None, path: tuple) -> None:
         if layer is None:
             return
-        for complexity in COMPLEXITIES:
-            name = getattr(layer, complexity)
-            if name is not None and (name not in models or models[name].type != "chat"):
-                problems.append(f"{doc.where(path + (complexity,))}: '{name}' is not a chat model of this file")
+        for complexity, name in unknown_chat_models(layer, models):
+            problems.append(f"{doc.where(path + (complexity,))}: '{name}' is not a chat model of this file")
 
     check(profile, location)
     check(profile.economy, location + ("economy",))

@@ -6,6 +6,7 @@ import datetime as dt
 
 import asyncpg
 
+from gateway.config.schema import COMPLEXITIES
 from gateway.config.types import GatewayConfig
 
 _TOTALS = """
@@ -43,7 +44,6 @@ FROM usage_ledger
 WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3 AND complexity IS NOT NULL
 GROUP BY 1, 2 ORDER BY 1, 3 DESC
 """
-_COMPLEXITY_ORDER = ("simple", "moderate", "complex", "critical")
 
 
 def period(start: dt.date | None, end: dt.date | None) -> tuple[dt.datetime, dt.datetime]:
@@ -106,7 +106,7 @@ async def routing_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: s
     """What the router did for a tenant: requests by complexity and by model, cascades, savings."""
     async with pool.acquire() as connection:
         rows = await connection.fetch(_ROUTED, tenant_id, start, end)
-    by_complexity = {c: 0 for c in _COMPLEXITY_ORDER}
+    by_complexity = dict.fromkeys(COMPLEXITIES, 0)
     by_model: dict[str, int] = {}
     requests = answered = cascaded = prompt = completion = 0
     cost = 0.0
