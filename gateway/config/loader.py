@@ -72,7 +72,8 @@ def load_config(
     if problems or models_file is None or tenants_file is None:
         raise ConfigError(problems)
 
-    models = _compile_models(models_file, models_doc, simulator_url, environ, problems)
+    cache_policy = _cache_policy(CachePolicy(), models_file.defaults.cache)
+    models = _compile_models(models_file, models_doc, simulator_url, environ, cache_policy, problems)
     warnings: list[str] = []
     router, profiles = compile_router(models_file, models_doc, models, config_dir, problems, warnings)
     if problems:
@@ -94,7 +95,7 @@ def load_config(
         reference_model=models_file.defaults.reference_model,
         router=router,
         fallback_policy=FallbackPolicy(**models_file.defaults.fallbacks.model_dump()),
-        cache_policy=_cache_policy(CachePolicy(), models_file.defaults.cache),
+        cache_policy=cache_policy,
         tiers=frozenset(tiers),
         yaml_key_names={tenant_id: tuple(k.name for k in t.keys) for tenant_id, t in tenants_file.tenants.items()},
         sources=(models_doc.path, tenants_doc.path),
@@ -121,7 +122,8 @@ def _validate(doc: YamlDocument, schema: type[BaseModel]) -> Any:
 
 
 def _compile_models(
-    spec: ModelsFile, doc: YamlDocument, simulator_url: str | None, environ: Mapping[str, str], problems: list[str]
+    spec: ModelsFile, doc: YamlDocument, simulator_url: str | None, environ: Mapping[str, str],
+    cache_policy: CachePolicy, problems: list[str],
 ) -> dict[str, Model]:
     models: dict[str, Model] = {}
     for name, model_spec in spec.models.items():
@@ -185,7 +187,7 @@ def _compile_models(
             serving=tuple(serving),
             fallbacks=tuple(model_spec.fallbacks),
             standby=tuple(standby),
-            cache=_cache_policy(_cache_policy(CachePolicy(), spec.defaults.cache), model_spec.cache),
+            cache=_cache_policy(cache_policy, model_spec.cache),
         )
     for name, model_spec in spec.models.items():
         for index, fallback in enumerate(model_spec.fallbacks):
@@ -253,6 +255,7 @@ def _compile_tenants(
     profiles: dict,
 ) -> tuple[dict[str, Tenant], dict[str, ApiKey], dict[str, ApiKey]]:
     tenants: dict[str, Tenant] = {}
+    aliases = router.aliases if router is not None else {}
     keys: dict[str, ApiKey] = {}
     problems: list[str] = []
     declared = [(tenant_id, t, "yaml") for tenant_id, t in spec.tenants.items()]
@@ -265,7 +268,6 @@ def _compile_tenants(
                             f"unknown tier '{t.tier}' (tiers: {', '.join(sorted(tiers))})")
             continue
         tier_limits, tier_features = tiers[t.tier]
-        aliases = router.aliases if router is not None else {}
         allowed = frozenset(
             name for name in (*models, *aliases) if any(fnmatch.fnmatchcase(name, pattern) for pattern in t.models)
         )

@@ -8,6 +8,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gateway.config.types import FallbackPolicy
+from gateway.routing.classifier import Thresholds
+
 BUILTIN_SIMULATOR = "builtin:simulator"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -86,16 +89,22 @@ class ModelSpec(Strict):
         return value
 
 
-class FallbackPolicy(Strict):
-    max_attempts: int = Field(3, ge=1, le=10, description="upstream calls one request may make, fallbacks included")
-    failures_before_cooldown: int = Field(3, ge=1, description="failures in a row that cool a deployment down")
-    cooldown_seconds: float = Field(30.0, ge=0, description="how long a cooled-down deployment is passed over")
+_FALLBACKS, _THRESHOLDS = FallbackPolicy(), Thresholds()  # the defaults, kept where the request path reads them
+
+
+class FallbackSpec(Strict):
+    max_attempts: int = Field(_FALLBACKS.max_attempts, ge=1, le=10,
+                              description="upstream calls one request may make, fallbacks included")
+    failures_before_cooldown: int = Field(_FALLBACKS.failures_before_cooldown, ge=1,
+                                          description="failures in a row that cool a deployment down")
+    cooldown_seconds: float = Field(_FALLBACKS.cooldown_seconds, ge=0,
+                                    description="how long a cooled-down deployment is passed over")
 
 
 class ModelDefaults(Strict):
     timeouts: Timeouts = Timeouts()
     cache: CachePolicySpec = CachePolicySpec()
-    fallbacks: FallbackPolicy = FallbackPolicy()
+    fallbacks: FallbackSpec = FallbackSpec()
     reference_model: str | None = Field(
         None, description="savings are reported against sending every request to this model")
 
@@ -124,9 +133,9 @@ class ProfileSpec(ProfileModels):
 
 
 class ThresholdsSpec(Strict):
-    moderate: float = 0.12
-    complex: float = 0.2
-    critical: float = 0.5
+    moderate: float = _THRESHOLDS.moderate
+    complex: float = _THRESHOLDS.complex
+    critical: float = _THRESHOLDS.critical
 
     @model_validator(mode="after")
     def _rising(self) -> "ThresholdsSpec":
