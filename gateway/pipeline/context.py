@@ -87,6 +87,10 @@ class RequestContext:
         self.answer_bytes: bytes | None = None  # the whole answer as the client got it (stream: every event)
         self.answer_content_type = b"application/json"
 
+    def failed_attempts(self) -> str | None:
+        """The upstream calls that failed, as "deployment:status,...", or None."""
+        return ",".join(f"{a['deployment']}:{a['status']}" for a in self.attempts if a.get("error")) or None
+
     def on_finish(self, finisher: Finisher) -> None:
         """Run ``finisher`` once the request is over, answered or not (in reverse order of registration)."""
         self.finishers.append(finisher)

@@ -168,11 +168,7 @@ class Forward:
         await self._send_body(ctx, answer.status, answer.body, answer.content_type)
 
     async def _send_body(self, ctx: RequestContext, status: int, body: bytes, content_type: bytes) -> None:
-        ctx.overhead_seconds = ctx.elapsed() - ctx.upstream_seconds
-        headers = ctx.response_headers + _answer_headers(ctx) + [
-            (b"x-gateway-cost-usd", b"%.9f" % ctx.cost_usd),
-            (b"x-gateway-overhead-ms", b"%.2f" % (ctx.overhead_seconds * 1000))]
-        await send_response(ctx.send, status, body, headers, content_type)
+        await send_response(ctx.send, status, body, _whole_answer_headers(ctx), content_type)
         ctx.status = status
         ctx.responded = True
         if ctx.cache_capture:
@@ -194,8 +190,9 @@ class Forward:
             async for chunk in answer.response.content.iter_any():
                 if kept is not None:
                     kept_size += len(chunk)
-                    kept = kept if kept_size <= ctx.cache_capture else None
-                    if kept is not None:
+                    if kept_size > ctx.cache_capture:
+                        kept = None  # too large to keep
+                    else:
                         kept.append(chunk)
                 out = relay.feed(chunk)
                 if out:
@@ -276,18 +273,16 @@ class Forward:
         if not ctx.stream:
             await self._send_body(ctx, answer.status, orjson.dumps(parsed), b"application/json")
             return
-        ctx.overhead_seconds = ctx.elapsed() - ctx.upstream_seconds
-        options = ctx.body.get("stream_options") or {}
-        await start_stream(ctx.send, answer.status, ctx.response_headers + _answer_headers(ctx) + [
-            (b"x-gateway-cost-usd", b"%.9f" % ctx.cost_usd),
-            (b"x-gateway-overhead-ms", b"%.2f" % (ctx.overhead_seconds * 1000))])
+        include_usage = bool((ctx.body.get("stream_options") or {}).get("include_usage"))
+        await start_stream(ctx.send, answer.status, _whole_answer_headers(ctx))
         ctx.status = answer.status
         ctx.responded = True
-        with_usage = as_stream(parsed, True)
-        await send_chunk(ctx.send, with_usage if options.get("include_usage") else as_stream(parsed, False))
+        events = as_stream(parsed, include_usage)
+        await send_chunk(ctx.send, events)
         await end_stream(ctx.send)
-        if ctx.cache_capture:
-            ctx.answer_bytes, ctx.answer_content_type = with_usage, b"text/event-stream"
+        if ctx.cache_capture:  # kept with its usage event, for the requests that will ask for it
+            ctx.answer_bytes = events if include_usage else as_stream(parsed, True)
+            ctx.answer_content_type = b"text/event-stream"
 
 
 class _Failed(Exception):
@@ -311,6 +306,14 @@ def _judged_body(ctx: RequestContext) -> tuple[dict, bool]:
     return body, asked
 
 
+def _whole_answer_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+    """The headers of an answer sent in one go: what answered, what it cost, the gateway's own time."""
+    ctx.overhead_seconds = ctx.elapsed() - ctx.upstream_seconds
+    return ctx.response_headers + _answer_headers(ctx) + [
+        (b"x-gateway-cost-usd", b"%.9f" % ctx.cost_usd),
+        (b"x-gateway-overhead-ms", b"%.2f" % (ctx.overhead_seconds * 1000))]
+
+
 def _answer_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     deployment = ctx.deployment
     headers = [
@@ -318,10 +321,9 @@ def _answer_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
         (b"x-gateway-deployment", deployment.name.encode()),
         (b"x-gateway-upstream-model", deployment.upstream_model.encode()),
     ]
-    if len(ctx.attempts) > 1:
-        failed = [f"{a['deployment']}:{a['status']}" for a in ctx.attempts if a.get("error")]
-        if failed:
-            headers.append((b"x-gateway-fallbacks", ",".join(failed).encode()))
+    failed = ctx.failed_attempts()
+    if failed:
+        headers.append((b"x-gateway-fallbacks", failed.encode()))
     if ctx.routing_rule is not None:
         headers += [
             (b"x-gateway-complexity", ctx.complexity.encode()),

@@ -19,7 +19,7 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
         ctx.overhead_seconds = max(0.0, elapsed - ctx.upstream_seconds)
     tenant = ctx.tenant.id if ctx.tenant else None
     deployment = ctx.deployment
-    failed = ",".join(f"{a['deployment']}:{a['status']}" for a in ctx.attempts if a.get("error")) or None
+    failed = ctx.failed_attempts()
     if ledger is not None:
         ledger.record((
             ctx.request_id, ctx.started_at, tenant, ctx.api_key.name if ctx.api_key else None, ctx.endpoint.route,

@@ -1,7 +1,7 @@
 """A complete chat or text completion, told again as the SSE stream an upstream would have sent.
 
 Used where the gateway holds a whole answer and the client asked for a stream: a small model's answer judged
-sure enough by the cascade (and, later, an answer from the response cache). The events follow OpenAI's: a
+sure enough by the cascade. The events follow OpenAI's: a
 role chunk, the content (with its logprobs, when kept), tool calls, a chunk with the finish reason, the usage
 chunk when the client asked for it (``stream_options.include_usage``), then ``[DONE]``.
 """
