@@ -170,13 +170,15 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
         _wait(core, url=f"http://127.0.0.1:{core_port}/health/ready")
         _wait(passthrough, port=pass_port)
 
-        script = workdir / "load.lua"
-        script.write_text(WRK_SCRIPT % {"body": json.dumps(BODY), "key": key})
-        routed_script = workdir / "routed.lua"
-        routed_script.write_text(WRK_SCRIPT % {"body": json.dumps({**BODY, "model": "auto"}), "key": key})
+        def load_script(name: str, body: dict) -> Path:
+            path = workdir / f"{name}.lua"
+            path.write_text(WRK_SCRIPT % {"body": json.dumps(body), "key": key})
+            return path
+
+        script = load_script("load", BODY)
+        routed_script = load_script("routed", {**BODY, "model": "auto"})
         # The same question every time, deterministic: after the first, every request is answered from the cache.
-        cached_script = workdir / "cached.lua"
-        cached_script.write_text(WRK_SCRIPT % {"body": json.dumps({**BODY, "temperature": 0}), "key": key})
+        cached_script = load_script("cached", {**BODY, "temperature": 0})
         chat = "/v1/chat/completions"
         targets = [
             ("direct", f"http://127.0.0.1:{sim_port}{chat}", sim.pid, script),

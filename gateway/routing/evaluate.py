@@ -121,7 +121,9 @@ def svg(reports: Sequence[RouterReport], weak: float, strong: float, title: str)
     low, high = weak - 0.02, max(strong, max(y for r in reports for _, y in r.points)) + 0.02
 
     def at(x: float, y: float) -> str:
-        return f"{margin + x * (width - 2 * margin):.1f},{height - margin - (y - low) / (high - low) * (height - 2 * margin):.1f}"
+        left = margin + x * (width - 2 * margin)
+        top = height - margin - (y - low) / (high - low) * (height - 2 * margin)
+        return f"{left:.1f},{top:.1f}"
 
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '

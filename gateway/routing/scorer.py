@@ -57,8 +57,7 @@ class LearnedScorer:
     def score_words(self, words: list[str]) -> float:
         """``score`` for a text already split by ``signals.words_of``."""
         table = self._table
-        z = self.bias + sum([table[f] for f in hashed_features(words, self.buckets, self.max_tokens)])
-        return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
+        return _sigmoid(self.bias + sum([table[f] for f in hashed_features(words, self.buckets, self.max_tokens)]))
 
     @classmethod
     def load(cls, path: Path = DEFAULT_PATH) -> "LearnedScorer":
@@ -88,8 +87,7 @@ class LearnedScorer:
         for _ in range(epochs):
             shuffle(rows)
             for features, label in rows:
-                z = bias + sum(weights.get(f, 0.0) for f in features)
-                error = 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z)))) - label
+                error = _sigmoid(bias + sum(weights.get(f, 0.0) for f in features)) - label
                 bias_square += error * error
                 bias -= rate * error / math.sqrt(bias_square)
                 for f in features:
@@ -98,3 +96,7 @@ class LearnedScorer:
                     squares[f] = squares.get(f, 1.0) + gradient * gradient
                     weights[f] = w - rate * gradient / math.sqrt(squares[f])
         return cls(weights, bias, buckets, max_tokens)
+
+
+def _sigmoid(z: float) -> float:
+    return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))

@@ -140,8 +140,8 @@ class Ledger:
         if not await self._connect():
             return False
         width = len(COLUMNS)  # rows spooled by an older version have fewer columns: the new ones stay null
-        columns = [list(column) for column in zip(*(row if len(row) == width else (*row, *(None,) * (width - len(row)))
-                                                    for row in rows))]
+        padded = (row if len(row) == width else (*row, *(None,) * (width - len(row))) for row in rows)
+        columns = [list(column) for column in zip(*padded)]
         columns[_CREATED_AT] = [_timestamp(value) for value in columns[_CREATED_AT]]
         try:
             async with asyncio.timeout(WRITE_TIMEOUT):
