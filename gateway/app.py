@@ -7,6 +7,9 @@ import gc
 import logging
 
 from gateway.api.admin import build_admin_router
+from gateway.api.cors import Cors
+from gateway.api.guard import AdminAuth, BodyGuard
+from gateway.api.identity import RequestIdentity
 from gateway.api.openai import OpenAIRoutes
 from gateway.api.ops import build_ops_app
 from gateway.asgi import Receive, Scope, Send
@@ -40,17 +43,42 @@ class Gateway:
         self.embedded: EmbeddedServers | None = None
         self.directory: TenantDirectory | None = None
         self._watcher: asyncio.Task | None = None
+        self.admin_auth = AdminAuth(lambda: self.config.current, settings.admin_key, settings.stateless)
         self.ops = build_ops_app(self.readiness, self.store_status, [build_admin_router(self)])
+        self._off_hot_path = BodyGuard(self.ops, self.admin_auth, settings.max_admin_body_bytes)
+        self._http = RequestIdentity(Cors(self._dispatch, self._cors_origins))
+        self._origins: tuple[object, frozenset[str]] = (None, frozenset())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            route = self.routes.match(scope["path"])
-            if route is not None:
-                await self.routes(scope, receive, send, route)
-            else:
-                await self.ops(scope, receive, send)
+            await self._http(scope, receive, send)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.routes.match(scope["path"])
+        if route is not None:
+            await self.routes(scope, receive, send, route)
+        else:
+            await self._off_hot_path(scope, receive, send)
+
+    def _cors_origins(self) -> frozenset[str]:
+        """Origins a browser may call from: the global list and every tenant's own (computed once per config)."""
+        config = self.config.current
+        if self._origins[0] is not config:
+            self._origins = (config, config.cors_origins | config.tenant_origins)
+        return self._origins[1]
+
+    async def forget_tenant_state(self, tenant_id: str) -> None:
+        """Drop a tenant's counters, slots and cached answers in Redis: its id is about to start a new tenant."""
+        if self.limiter is None:
+            return
+        try:
+            deleted = await self.limiter.forget(tenant_id)
+        except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
+            log.warning("cannot clear tenant %s's counters and cache in Redis now: %s", tenant_id, exc)
+            return
+        log.info("cleared %d Redis keys of tenant %s", deleted, tenant_id)
 
     def readiness(self) -> dict[str, bool]:
         checks = {
@@ -81,11 +109,12 @@ class Gateway:
             await self.simulator.start()
         if not settings.stateless:
             await self._open_stores()
-        self.config = ConfigStore(settings.config_dir, self.simulator.url if self.simulator else None, self.directory)
+        self.config = ConfigStore(settings.config_dir, self.simulator.url if self.simulator else None, self.directory,
+                                  local_copy=settings.data_dir / "directory.json" if self.directory else None)
         await self.config.refresh_directory()
         await self.client.open()
         pipeline = build_pipeline(
-            self.client, self.limiter, self.ledger, self.cache, max_body_bytes=settings.max_body_bytes,
+            self.config, self.client, self.limiter, self.ledger, self.cache, max_body_bytes=settings.max_body_bytes,
             log_prompts=settings.log_prompts, refuse_without_redis=settings.redis_failure_mode == "closed",
         )
         self.routes = OpenAIRoutes(self.config, pipeline)

@@ -18,6 +18,11 @@ Headers = list[tuple[bytes, bytes]]
 JSON = b"application/json"
 EVENT_STREAM = b"text/event-stream"
 
+# Scope keys the gateway's layers share (ASGI allows extension keys in the scope).
+REQUEST_ID = "gateway.request_id"  # the id of this request, given by the outermost layer
+LOGGED = "gateway.logged"  # set by a route that wrote its own log line for this request
+LOG_FIELDS = "gateway.log"  # fields a route adds to the log line the outermost layer writes (tenant, key)
+
 
 class BodyTooLarge(Exception):
     pass

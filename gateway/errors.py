@@ -51,6 +51,15 @@ def missing_api_key() -> GatewayError:
     )
 
 
+def malformed_authorization() -> GatewayError:
+    return GatewayError(
+        401,
+        "The Authorization header is not in the form 'Bearer YOUR_KEY': send 'Authorization: Bearer ' followed by "
+        "the key (or the key alone in an 'api-key' header).",
+        code="invalid_authorization_header",
+    )
+
+
 def invalid_api_key() -> GatewayError:
     # Never echo the key, not even a prefix: the message is the same for every wrong key.
     return GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")

@@ -29,6 +29,7 @@ class Settings:
     port: int = 4000
     workers: int = 1
     max_body_bytes: int = 16 * 1024 * 1024
+    max_admin_body_bytes: int = 1024 * 1024  # bodies of the admin API and every route off the hot path
     reload_interval: float = 2.0  # seconds between checks of the config files
     log_level: str = "info"
     log_prompts: bool = False  # write prompt text into the request log lines
@@ -69,6 +70,7 @@ class Settings:
             port=get("PORT", int, default.port),
             workers=get("WORKERS", int, default.workers),
             max_body_bytes=get("MAX_BODY_BYTES", int, default.max_body_bytes),
+            max_admin_body_bytes=get("MAX_ADMIN_BODY_BYTES", int, default.max_admin_body_bytes),
             reload_interval=get("RELOAD_INTERVAL", float, default.reload_interval),
             log_level=get("LOG_LEVEL", str, default.log_level),
             log_prompts=get("LOG_PROMPTS", _flag, default.log_prompts),

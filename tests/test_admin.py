@@ -113,7 +113,7 @@ def test_bad_admin_input_gets_a_clear_4xx(admin_setup):
         ({"tier": "basic"}, 400, "name"),
         ({"name": "X", "limits": {"requests_per_minute": "many"}}, 400, "limits.requests_per_minute"),
         ({"name": "X", "id": "Bad Id!"}, 400, "id"),
-        ({"name": "X", "features": ["teleport"]}, 400, "features"),
+        ({"name": "X", "features": ["teleport"]}, 400, "features.0"),
         ({"name": "X", "routing": {"profile": "nope"}}, 400, "routing.profile"),
         ({"name": "X", "routing": {"complex": "ghost"}}, 400, "routing.complex"),
         ({"name": "X", "routing": {"cascade_threshold": 2}}, 400, "routing.cascade_threshold"),

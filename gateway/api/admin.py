@@ -9,22 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hashlib
-import hmac
 import secrets
-import time
 from typing import TYPE_CHECKING
 
+import asyncpg
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 
+from gateway.api.guard import ADMIN, stateless_gateway
 from gateway.config.keys import generate_key, hash_key
 from gateway.config.routing import unknown_chat_models
-from gateway.config.schema import (FEATURES, TENANT_ID_PATTERN, CachePolicySpec, LimitsSpec, TenantRoutingSpec,
-                                   TenantSpec)
+from gateway.config.schema import (FEATURES, KEY_NAME_PATTERN, TENANT_ID_PATTERN, CalendarDate, Strict,
+                                   TenantFields, TenantRoutingSpec, TenantSpec, calendar_date, partial)
 from gateway.config.types import GatewayConfig, Tenant
-from gateway.errors import GatewayError, invalid_api_key, missing_api_key
-from gateway.pipeline.auth import identify, presented_key
+from gateway.errors import GatewayError
+from gateway.pipeline.auth import identify
 from gateway.stores.directory import Conflict
 from gateway.stores.usage import period, routing_report, usage_report
 
@@ -32,41 +31,27 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 
-class TenantIn(BaseModel):
+class TenantIn(TenantFields):
     """A new tenant. seed 001's field names (organization_name, subscription_tier) are accepted too."""
 
-    model_config = ConfigDict(extra="forbid")
     id: str | None = Field(None, pattern=TENANT_ID_PATTERN, description="made up from the name when left out")
-    name: str = Field(min_length=1, validation_alias=AliasChoices("name", "organization_name"))
-    tier: str = Field("basic", validation_alias=AliasChoices("tier", "subscription_tier"))
-    industry: str | None = None
-    enabled: bool = True
-    models: list[str] = Field(default_factory=lambda: ["*"])
-    system_prompt: str | None = None
-    limits: LimitsSpec = LimitsSpec()
-    features: list[str] | None = None
-    routing: TenantRoutingSpec | None = None
-    cache: CachePolicySpec | None = None
+    name: str = Field(min_length=1, max_length=200, validation_alias=AliasChoices("name", "organization_name"))
+    tier: str = Field("basic", max_length=64, validation_alias=AliasChoices("tier", "subscription_tier"))
 
 
-class TenantPatch(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(None, min_length=1)
-    tier: str | None = None
-    industry: str | None = None
-    enabled: bool | None = None
-    models: list[str] | None = None
-    system_prompt: str | None = None
-    limits: LimitsSpec | None = None
-    features: list[str] | None = None
-    routing: TenantRoutingSpec | None = None
-    cache: CachePolicySpec | None = None
+TenantPatch = partial(TenantFields, "TenantPatch")
 
 
-class KeyIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str | None = Field(None, min_length=1, max_length=64)
-    expires: dt.date | None = Field(None, description="the key stops working at the start of this day (UTC)")
+class KeyIn(Strict):
+    name: str | None = Field(None, pattern=KEY_NAME_PATTERN, description="letters, digits, . _ @ - (up to 64)")
+    expires: CalendarDate | None = Field(None, description="the key stops working at the start of this day (UTC)")
+
+    @field_validator("expires")
+    @classmethod
+    def _in_the_future(cls, value: dt.date | None) -> dt.date | None:
+        if value is not None and value <= dt.datetime.now(dt.timezone.utc).date():
+            raise ValueError("must be a day after today")
+        return value
 
 
 def build_admin_router(gateway: "Gateway") -> APIRouter:
@@ -77,27 +62,11 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
 
     def require_stores() -> None:
         if gateway.directory is None:
-            raise GatewayError(503, "This gateway runs stateless (GATEWAY_STATELESS): it keeps no tenants, keys or "
-                                    "usage of its own.", type="server_error", code="stateless_gateway")
+            raise stateless_gateway()
 
     def require_admin(request: Request) -> str:
-        require_stores()
-        key = presented_key(request.scope)
-        if key is None:
-            raise missing_api_key()
-        digest = hashlib.sha256(key.encode("latin-1")).hexdigest()
-        admin_key = config().admin_keys.get(digest)
-        if admin_key is not None:
-            if admin_key.expires_at is not None and admin_key.expires_at <= time.time():
-                raise GatewayError(401, f"The admin key '{admin_key.name}' has expired.", code="expired_api_key")
-            return admin_key.name
-        bootstrap = gateway.settings.admin_key
-        if bootstrap and hmac.compare_digest(digest, hash_key(bootstrap)):
-            return "GATEWAY_ADMIN_KEY"
-        if digest in config().keys:
-            raise GatewayError(403, "This is a tenant key; the admin API needs an admin key.",
-                               type="permission_error", code="admin_key_required")
-        raise invalid_api_key()
+        name = request.scope.get(ADMIN)  # checked by the guard before the body was read
+        return name if name is not None else gateway.admin_auth.check(request.scope)
 
     def tenant_or_404(tenant_id: str) -> Tenant:
         tenant = config().tenants.get(tenant_id)
@@ -127,7 +96,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         return spec
 
     async def apply() -> None:
-        await gateway.config.refresh_directory(force=True)
+        await gateway.config.refresh_directory()
 
     admin = [Depends(require_admin)]
 
@@ -142,6 +111,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
             await gateway.directory.create_tenant(tenant_id, spec)
         except Conflict as exc:
             raise GatewayError(409, f"{exc}.", param="id", code="tenant_exists") from None
+        await gateway.forget_tenant_state(tenant_id)  # a used id starts clean: no counters, no cached answers
         await apply()
         return _view(tenant_or_404(tenant_id), config())
 
@@ -157,8 +127,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
     @router.patch("/api/v1/organizations/{tenant_id}", dependencies=admin, tags=["admin"])
     async def update_tenant(tenant_id: str, body: TenantPatch) -> dict:
         tenant = _made_here(tenant_or_404(tenant_id))
-        state = gateway.config.api_state()
-        current = state.tenants[tenant.id].model_dump()
+        current = gateway.config.api_spec(tenant.id).model_dump()
         current.update(body.model_dump(exclude_unset=True))
         spec = tenant_spec(current)
         await gateway.directory.update_tenant(tenant_id, spec)
@@ -171,7 +140,20 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         _made_here(tenant_or_404(tenant_id))
         await gateway.directory.delete_tenant(tenant_id)
         await apply()
+        await gateway.forget_tenant_state(tenant_id)
         return {"id": tenant_id, "object": "organization", "deleted": True}
+
+    @router.get("/api/v1/organizations/{tenant_id}/history", dependencies=admin, tags=["admin"])
+    async def tenant_history(tenant_id: str) -> dict:
+        """Earlier tenants that had this id (deleted through the API): when each was made and deleted, and its
+        usage over its lifetime. The ledger keeps their rows; reports of the current tenant start at its making."""
+        require_stores()
+        past = await gateway.directory.history(tenant_id)
+        for entry in past:
+            begin = dt.datetime.fromisoformat(entry["created_at"])
+            end = dt.datetime.fromisoformat(entry["deleted_at"])
+            entry["usage"] = await _report_between(gateway, tenant_id, begin, end)
+        return {"object": "list", "id": tenant_id, "data": past}
 
     @router.post("/api/v1/organizations/{tenant_id}/keys", status_code=201, dependencies=admin, tags=["admin"])
     async def create_key(tenant_id: str, body: KeyIn | None = None) -> dict:
@@ -179,6 +161,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         tenant_or_404(tenant_id)
         body = body or KeyIn()
         name = body.name or f"key-{secrets.token_hex(4)}"
+        require_stores()
         if name in _yaml_key_names(config(), tenant_id):
             raise GatewayError(409, f"Tenant '{tenant_id}' already has a key named '{name}'.", param="name",
                                code="key_exists")
@@ -198,7 +181,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         from_file = [{"name": name, "source": "yaml"} for name in sorted(_yaml_key_names(config(), tenant_id))]
         return {"object": "list", "data": from_file + await gateway.directory.keys(tenant_id)}
 
-    @router.delete("/api/v1/organizations/{tenant_id}/keys/{name}", dependencies=admin, tags=["admin"])
+    @router.delete("/api/v1/organizations/{tenant_id}/keys/{name:path}", dependencies=admin, tags=["admin"])
     async def revoke_key(tenant_id: str, name: str) -> dict:
         tenant_or_404(tenant_id)
         if name in _yaml_key_names(config(), tenant_id):
@@ -211,9 +194,8 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         return {"object": "api_key", "tenant": tenant_id, "name": name, "revoked": True}
 
     @router.get("/api/v1/organizations/{tenant_id}/usage", dependencies=admin, tags=["admin"])
-    async def tenant_usage(tenant_id: str, start: dt.date | None = Query(None), end: dt.date | None = Query(None)):
-        tenant_or_404(tenant_id)
-        return await _report(gateway, tenant_id, start, end)
+    async def tenant_usage(tenant_id: str, start: str | None = START, end: str | None = END):
+        return await _report(gateway, tenant_or_404(tenant_id), start, end)
 
     @router.delete("/api/v1/organizations/{tenant_id}/cache", dependencies=admin, tags=["admin"])
     async def purge_cache(tenant_id: str) -> dict:
@@ -229,39 +211,59 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         return {"object": "cache_purge", "tenant": tenant_id, "deleted": deleted}
 
     @router.get("/api/v1/organizations/{tenant_id}/routing", dependencies=admin, tags=["admin"])
-    async def tenant_routing(tenant_id: str, start: dt.date | None = Query(None), end: dt.date | None = Query(None)):
+    async def tenant_routing(tenant_id: str, start: str | None = START, end: str | None = END):
         """What the router did for this tenant: by complexity and model, cascade rate, savings."""
-        tenant_or_404(tenant_id)
-        return await _report(gateway, tenant_id, start, end, routing_report)
+        return await _report(gateway, tenant_or_404(tenant_id), start, end, routing_report)
 
     @router.get("/v1/routing/stats", tags=["usage"])
     @router.get("/routing/stats", include_in_schema=False)
-    async def own_routing(request: Request, start: dt.date | None = Query(None), end: dt.date | None = Query(None)):
+    async def own_routing(request: Request, start: str | None = START, end: str | None = END):
         """The calling tenant's routing statistics."""
         tenant, _ = identify(request.scope, config())
         require_stores()
-        return await _report(gateway, tenant.id, start, end, routing_report)
+        return await _report(gateway, tenant, start, end, routing_report)
 
     @router.get("/v1/usage", tags=["usage"])
     @router.get("/usage", include_in_schema=False)
-    async def own_usage(request: Request, start: dt.date | None = Query(None), end: dt.date | None = Query(None)):
+    async def own_usage(request: Request, start: str | None = START, end: str | None = END):
         """The calling tenant's own usage: totals, by day, by model (its key decides which tenant)."""
         tenant, _ = identify(request.scope, config())
         require_stores()
-        return await _report(gateway, tenant.id, start, end)
+        return await _report(gateway, tenant, start, end)
 
     return router
 
 
-async def _report(gateway: "Gateway", tenant_id: str, start: dt.date | None, end: dt.date | None,
+DAY = r"^\d{4}-\d{2}-\d{2}$"
+START = Query(None, pattern=DAY, description="first day of the report, YYYY-MM-DD (default: the month's first)")
+END = Query(None, pattern=DAY, description="last day of the report, YYYY-MM-DD (default: today)")
+
+
+def _day(value: str | None, param: str) -> dt.date | None:
+    if value is None:
+        return None
+    try:
+        return calendar_date(value)
+    except ValueError as exc:
+        raise GatewayError(400, f"Invalid '{param}': {exc}.", param=param, code="invalid_date") from None
+
+
+async def _report(gateway: "Gateway", tenant: Tenant, start: str | None, end: str | None,
                   report=usage_report) -> dict:
-    begin, finish = period(start, end)
+    begin, finish = period(_day(start, "start"), _day(end, "end"))
     if finish <= begin:
         raise GatewayError(400, "'end' must not be before 'start'.", param="end")
+    if tenant.created_at is not None:  # an id used again: the earlier tenant's rows are not this one's
+        begin = max(begin, dt.datetime.fromtimestamp(tenant.created_at, dt.timezone.utc))
+    return await _report_between(gateway, tenant.id, begin, max(begin, finish), report)
+
+
+async def _report_between(gateway: "Gateway", tenant_id: str, begin: dt.datetime, finish: dt.datetime,
+                          report=usage_report) -> dict:
     try:
         pool = await gateway.directory.pool_for_reports()
         return await report(pool, gateway.config.current, tenant_id, begin, finish)
-    except (OSError, ConnectionError) as exc:
+    except (OSError, ConnectionError, asyncpg.PostgresError) as exc:
         raise GatewayError(503, f"Usage cannot be read right now: {exc}", type="server_error",
                            code="ledger_unavailable") from None
 

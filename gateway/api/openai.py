@@ -7,12 +7,12 @@ from typing import Awaitable, Callable
 
 import orjson
 
-from gateway.asgi import Receive, Scope, Send, send_response
+from gateway.asgi import LOG_FIELDS, Receive, Scope, Send, send_response
 from gateway.config.store import ConfigStore
 from gateway.errors import GatewayError
 from gateway.pipeline import Pipeline
 from gateway.pipeline.access import visible_model
-from gateway.pipeline.auth import identify
+from gateway.pipeline.auth import identify_fresh
 from gateway.pipeline.context import Endpoint, RequestContext
 from gateway.pipeline.endpoints import CHAT, COMPLETIONS, EMBEDDINGS
 
@@ -55,22 +55,22 @@ class OpenAIRoutes:
         return handle
 
     async def _list_models(self, scope: Scope, receive: Receive, send: Send) -> None:
-        config = self.config.current
         try:
-            tenant, _ = identify(scope, config)
+            tenant, key, config = await identify_fresh(scope, self.config.current, self.config)
         except GatewayError as error:
             await send_response(send, error.status, error.body())
             return
+        scope[LOG_FIELDS] = {"tenant": tenant.id, "key": key.name, "route": "models.list"}
         data = [_model_card(config.models[name]) for name in sorted(tenant.allowed_models)
                 if name in config.models and config.models[name].serving]
         data += [_alias_card(name) for name in sorted(tenant.routes)]
         await send_response(send, 200, orjson.dumps({"object": "list", "data": data}))
 
     async def _get_model(self, scope: Scope, receive: Receive, send: Send) -> None:
-        config = self.config.current
         name = scope["path"].split("/models/", 1)[1]
         try:
-            tenant, _ = identify(scope, config)
+            tenant, key, config = await identify_fresh(scope, self.config.current, self.config)
+            scope[LOG_FIELDS] = {"tenant": tenant.id, "key": key.name, "route": "models.retrieve", "model": name}
             card = _alias_card(name) if name in tenant.routes else _model_card(visible_model(config, tenant, name))
         except GatewayError as error:
             await send_response(send, error.status, error.body())

@@ -41,6 +41,12 @@ def build_ops_app(readiness: Callable[[], dict[str, bool]], stores: Callable[[],
         body = error_body(message, "invalid_request_error", param, "invalid_request")
         return Response(body, status_code=400, media_type="application/json")
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        """A failure inside a route: OpenAI's shape, not Starlette's plain text (the exception is logged)."""
+        body = error_body("The gateway failed to process this request.", "server_error", None, "internal_error")
+        return Response(body, status_code=500, media_type="application/json")
+
     @app.exception_handler(HTTPException)
     async def openai_shaped(request: Request, exc: HTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"

@@ -20,6 +20,7 @@ from gateway.config.types import (
     Tenant,
 )
 from gateway.config.yaml_source import ConfigError, YamlDocument, read_yaml
+from gateway.config.origins import parse_origins
 
 MODELS_FILE = "models.yaml"
 TENANTS_FILE = "tenants.yaml"
@@ -33,11 +34,37 @@ class ApiKeyRecord:
 
 
 @dataclass(frozen=True)
+class ApiTenantRecord:
+    """A tenant made through the admin API, as PostgreSQL keeps it."""
+
+    spec: TenantSpec
+    created_at: float | None = None  # unix time; a tenant id used again starts a new tenant
+
+
+@dataclass(frozen=True)
 class ApiState:
     """Tenants and keys made through the admin API (kept in PostgreSQL), to merge with tenants.yaml."""
 
-    tenants: dict[str, TenantSpec] = field(default_factory=dict)
+    tenants: dict[str, TenantSpec | ApiTenantRecord] = field(default_factory=dict)
     keys: tuple[ApiKeyRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """Everything the two files say, compiled: what every tenant made through the admin API is compiled against."""
+
+    models: dict[str, Model]
+    router: RouterConfig | None
+    profiles: dict
+    models_file: ModelsFile
+    tiers: dict[str, tuple[Limits, frozenset[str]]]
+    tenants: dict[str, Tenant]  # tenants.yaml's
+    keys: dict[str, ApiKey]  # tenants.yaml's
+    admin_keys: dict[str, ApiKey]
+    yaml_key_names: dict[str, tuple[str, ...]]
+    cors_origins: frozenset[str]  # GATEWAY_CORS_ORIGINS: origins every tenant may be called from
+    sources: tuple[Path, ...]
+    warnings: tuple[str, ...]
 
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -53,8 +80,34 @@ def load_config(
     """Read and validate both files of ``config_dir``; raise ConfigError listing every problem found.
 
     ``simulator_url`` is where deployments with ``api_base: builtin:simulator`` send requests; without it they are
-    unavailable. ``api_state`` holds the tenants and keys made through the admin API, merged with the file's.
+    unavailable. ``api_state`` holds the tenants and keys made through the admin API, merged with the file's; a
+    tenant of it that cannot be compiled is a problem here (the live config store skips it instead).
     """
+    base = load_base(config_dir, simulator_url=simulator_url, environ=environ)
+    tenants: dict[str, Tenant] = {}
+    problems: list[str] = []
+    for tenant_id, record in (api_state.tenants.items() if api_state else ()):
+        if tenant_id in base.tenants:
+            continue
+        if isinstance(record, TenantSpec):
+            record = ApiTenantRecord(record)
+        try:
+            tenants[tenant_id] = compile_api_tenant(base, tenant_id, record)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    keys: dict[str, ApiKey] = {}
+    for record in (api_state.keys if api_state else ()):
+        if record.tenant_id in tenants or record.tenant_id in base.tenants:
+            _add_key(keys, record.sha256, ApiKey(record.tenant_id, record.name, record.expires_at),
+                     f"key '{record.name}' of tenant '{record.tenant_id}' (admin API)", problems, base.keys)
+    if problems:
+        raise ConfigError(problems)
+    return assemble(base, tenants, keys)
+
+
+def load_base(config_dir: Path, *, simulator_url: str | None = None,
+              environ: Mapping[str, str] | None = None) -> BaseConfig:
+    """Read and validate both files; raise ConfigError listing every problem found."""
     environ = os.environ if environ is None else environ
     problems: list[str] = []
     models_doc = tenants_doc = None
@@ -79,27 +132,74 @@ def load_config(
     if problems:
         raise ConfigError(problems)
     tiers = _compile_tiers(tenants_file)
-    tenants, keys, admin_keys = _compile_tenants(tenants_file, tenants_doc, models, tiers, api_state,
-                                                 models_file, router, profiles)
+    context = _TenantContext(models, router, profiles, models_file, tiers)
+    tenants: dict[str, Tenant] = {}
+    keys: dict[str, ApiKey] = {}
+    for tenant_id, spec in tenants_file.tenants.items():
+        where = tenants_doc.where(("tenants", tenant_id))
+        tier_where = tenants_doc.where(("tenants", tenant_id, "tier"))
+        tenant = _compile_tenant(context, tenant_id, spec, "yaml", where, tier_where, None, problems)
+        if tenant is None:
+            continue
+        tenants[tenant_id] = tenant
+        for index, key in enumerate(spec.keys):
+            _add_key(keys, key.sha256, ApiKey(tenant_id, key.name, _unix_time(key.expires), _key_limits(key.limits)),
+                     tenants_doc.where(("tenants", tenant_id, "keys", index)), problems)
+    admin_keys = {}
+    for index, key in enumerate(tenants_file.admin_keys):
+        if key.sha256 in keys or key.sha256 in admin_keys:
+            problems.append(f"{tenants_doc.where(('admin_keys', index))}: an admin key must not also be a tenant key")
+        admin_keys[key.sha256] = ApiKey("", key.name, _unix_time(key.expires))
+    if problems:
+        raise ConfigError(problems)
     warnings += [
         f"{models_doc.where(('models', m.name))}: model '{m.name}' has no usable deployment: "
         + "; ".join(f"{d.name}: {d.unavailable_reason}" for d in m.deployments)
         for m in models.values()
         if not m.serving
     ]
+    return BaseConfig(
+        models=models, router=router, profiles=profiles, models_file=models_file, tiers=tiers, tenants=tenants,
+        keys=keys, admin_keys=admin_keys,
+        yaml_key_names={tenant_id: tuple(k.name for k in t.keys) for tenant_id, t in tenants_file.tenants.items()},
+        cors_origins=parse_origins(environ.get("GATEWAY_CORS_ORIGINS", "")),
+        sources=(models_doc.path, tenants_doc.path), warnings=tuple(warnings),
+    )
+
+
+def compile_api_tenant(base: BaseConfig, tenant_id: str, record: ApiTenantRecord) -> Tenant:
+    """A tenant made through the admin API, compiled against the files' models, tiers and profiles."""
+    problems: list[str] = []
+    where = f"tenant '{tenant_id}' (admin API)"
+    context = _TenantContext(base.models, base.router, base.profiles, base.models_file, base.tiers)
+    tenant = _compile_tenant(context, tenant_id, record.spec, "api", where, where, record.created_at, problems)
+    if tenant is None or problems:
+        raise ConfigError(problems or [f"{where}: cannot be compiled"])
+    return tenant
+
+
+def assemble(base: BaseConfig, api_tenants: dict[str, Tenant], api_keys: dict[str, ApiKey]) -> GatewayConfig:
+    """The snapshot the request path reads: the files' tenants and keys with the admin API's merged in (a tenant
+    id declared in tenants.yaml wins)."""
+    tenants = {**api_tenants, **base.tenants} if api_tenants else base.tenants
+    keys = {**api_keys, **base.keys} if api_keys else base.keys
+    models_file = base.models_file
     return GatewayConfig(
-        models=models,
+        models=base.models,
         tenants=tenants,
         keys=keys,
-        admin_keys=admin_keys,
+        admin_keys=base.admin_keys,
         reference_model=models_file.defaults.reference_model,
-        router=router,
+        router=base.router,
         fallback_policy=FallbackPolicy(**models_file.defaults.fallbacks.model_dump()),
-        cache_policy=cache_policy,
-        tiers=frozenset(tiers),
-        yaml_key_names={tenant_id: tuple(k.name for k in t.keys) for tenant_id, t in tenants_file.tenants.items()},
-        sources=(models_doc.path, tenants_doc.path),
-        warnings=tuple(warnings),
+        request_timeout=models_file.defaults.request_timeout,
+        cache_policy=_cache_policy(CachePolicy(), models_file.defaults.cache),
+        tiers=frozenset(base.tiers),
+        yaml_key_names=base.yaml_key_names,
+        cors_origins=base.cors_origins,
+        tenant_origins=frozenset(o for t in tenants.values() if t.cors_origins for o in t.cors_origins),
+        sources=base.sources,
+        warnings=base.warnings,
     )
 
 
@@ -244,70 +344,53 @@ def _key_limits(spec: KeyLimitsSpec | None) -> KeyLimits | None:
     return KeyLimits(**spec.model_dump())
 
 
-def _compile_tenants(
-    spec: TenantsFile,
-    doc: YamlDocument,
-    models: dict[str, Model],
-    tiers: dict[str, tuple[Limits, frozenset[str]]],
-    api_state: ApiState | None,
-    models_file: ModelsFile,
-    router: RouterConfig | None,
-    profiles: dict,
-) -> tuple[dict[str, Tenant], dict[str, ApiKey], dict[str, ApiKey]]:
-    tenants: dict[str, Tenant] = {}
-    aliases = router.aliases if router is not None else {}
-    keys: dict[str, ApiKey] = {}
-    problems: list[str] = []
-    declared = [(tenant_id, t, "yaml") for tenant_id, t in spec.tenants.items()]
-    if api_state is not None:
-        declared += [(tenant_id, t, "api") for tenant_id, t in api_state.tenants.items() if tenant_id not in spec.tenants]
-    for tenant_id, t, source in declared:
-        where = doc.where(("tenants", tenant_id)) if source == "yaml" else f"tenant '{tenant_id}' (admin API)"
-        if t.tier not in tiers:
-            problems.append(f"{doc.where(('tenants', tenant_id, 'tier')) if source == 'yaml' else where}: "
-                            f"unknown tier '{t.tier}' (tiers: {', '.join(sorted(tiers))})")
-            continue
-        tier_limits, tier_features = tiers[t.tier]
-        allowed = frozenset(
-            name for name in (*models, *aliases) if any(fnmatch.fnmatchcase(name, pattern) for pattern in t.models)
-        )
-        features = frozenset(t.features) if t.features is not None else tier_features
-        routes = tenant_routes(models_file, router, profiles, t, allowed, features, where, models, problems)
-        tenants[tenant_id] = Tenant(
-            id=tenant_id,
-            name=t.name,
-            enabled=t.enabled,
-            model_patterns=tuple(t.models),
-            allowed_models=allowed,
-            tier=t.tier,
-            industry=t.industry,
-            system_prompt=t.system_prompt,
-            limits=_tenant_limits(tier_limits, t.limits),
-            features=features,
-            routes=routes,
-            cache=t.cache.model_dump(exclude_none=True) if t.cache is not None else {},
-            source=source,
-        )
-        for index, key in enumerate(t.keys):
-            _add_key(keys, key.sha256, ApiKey(tenant_id, key.name, _unix_time(key.expires), _key_limits(key.limits)),
-                     doc.where(("tenants", tenant_id, "keys", index)), problems)
-    if api_state is not None:
-        for record in api_state.keys:
-            if record.tenant_id in tenants:
-                _add_key(keys, record.sha256, ApiKey(record.tenant_id, record.name, record.expires_at),
-                         f"key '{record.name}' of tenant '{record.tenant_id}' (admin API)", problems)
-    admin_keys = {}
-    for index, key in enumerate(spec.admin_keys):
-        if key.sha256 in keys or key.sha256 in admin_keys:
-            problems.append(f"{doc.where(('admin_keys', index))}: an admin key must not also be a tenant key")
-        admin_keys[key.sha256] = ApiKey("", key.name, _unix_time(key.expires))
-    if problems:
-        raise ConfigError(problems)
-    return tenants, keys, admin_keys
+@dataclass(frozen=True)
+class _TenantContext:
+    models: dict[str, Model]
+    router: RouterConfig | None
+    profiles: dict
+    models_file: ModelsFile
+    tiers: dict[str, tuple[Limits, frozenset[str]]]
 
 
-def _add_key(keys: dict[str, ApiKey], digest: str, key: ApiKey, where: str, problems: list[str]) -> None:
-    other = keys.get(digest)
+def _compile_tenant(context: _TenantContext, tenant_id: str, t: TenantSpec, source: str, where: str,
+                    tier_where: str, created_at: float | None, problems: list[str]) -> Tenant | None:
+    if t.tier not in context.tiers:
+        problems.append(f"{tier_where}: unknown tier '{t.tier}' (tiers: {', '.join(sorted(context.tiers))})")
+        return None
+    tier_limits, tier_features = context.tiers[t.tier]
+    aliases = context.router.aliases if context.router is not None else {}
+    allowed = frozenset(
+        name for name in (*context.models, *aliases) if any(fnmatch.fnmatchcase(name, pattern) for pattern in t.models)
+    )
+    features = frozenset(t.features) if t.features is not None else tier_features
+    before = len(problems)
+    routes = tenant_routes(context.models_file, context.router, context.profiles, t, allowed, features, where,
+                           context.models, problems)
+    if len(problems) > before:
+        return None
+    return Tenant(
+        id=tenant_id,
+        name=t.name,
+        enabled=t.enabled,
+        model_patterns=tuple(t.models),
+        allowed_models=allowed,
+        tier=t.tier,
+        industry=t.industry,
+        system_prompt=t.system_prompt,
+        limits=_tenant_limits(tier_limits, t.limits),
+        features=features,
+        routes=routes,
+        cache=t.cache.model_dump(exclude_none=True) if t.cache is not None else {},
+        cors_origins=frozenset(o.rstrip("/") for o in t.cors_origins),
+        source=source,
+        created_at=created_at,
+    )
+
+
+def _add_key(keys: dict[str, ApiKey], digest: str, key: ApiKey, where: str, problems: list[str],
+             also: dict[str, ApiKey] | None = None) -> None:
+    other = keys.get(digest) or (also.get(digest) if also else None)
     if other is not None:
         problems.append(f"{where}: the same key is already registered as '{other.name}' of tenant '{other.tenant_id}'")
         return

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, create_model,
+                      field_validator, model_validator)
+from pydantic.fields import FieldInfo
 
 from gateway.config.types import FallbackPolicy
 from gateway.routing.classifier import Thresholds
@@ -14,20 +16,71 @@ from gateway.routing.classifier import Thresholds
 BUILTIN_SIMULATOR = "builtin:simulator"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"  # safe in a URL path segment
+ORIGIN_PATTERN = r"^(\*|https?://[^/\s]+)/?$"
+
+# What the stores and their readers accept: PostgreSQL's jsonb has no NUL character, Redis scripts count in
+# doubles (exact to 2**53), spend is counted in billionths of a dollar in 64 bits, and dates must survive a trip
+# through timestamptz in any time zone.
+MAX_COUNT = 10**15
+MAX_USD = 1e9
+FIRST_DATE, LAST_DATE = dt.date(1970, 1, 2), dt.date(9999, 12, 30)
+
+
+def _no_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise ValueError("must not contain a NUL character")
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _no_nul(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _no_nul(key)
+            _no_nul(item)
+    return value
+
+
+def calendar_date(value: Any) -> Any:
+    """A date as YAML writes it or as ISO text (YYYY-MM-DD), inside the range the stores can hold."""
+    if isinstance(value, dt.datetime):
+        day = value.date()
+    elif isinstance(value, dt.date):
+        day = value
+    elif isinstance(value, str) and re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        try:
+            day = dt.date.fromisoformat(value)
+        except ValueError:
+            raise ValueError(f"'{value}' is not a date of the calendar") from None
+    else:
+        raise ValueError("must be a date written YYYY-MM-DD")
+    if not FIRST_DATE <= day <= LAST_DATE:
+        raise ValueError(f"must be between {FIRST_DATE} and {LAST_DATE}")
+    return value if isinstance(value, (dt.date, dt.datetime)) else day
+
+
+CalendarDate = Annotated[dt.date | dt.datetime, BeforeValidator(calendar_date)]
+Count = Annotated[StrictInt, Field(ge=0, le=MAX_COUNT)]
+Usd = Annotated[float, Field(ge=0, le=MAX_USD)]
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _storable(cls, value: Any) -> Any:
+        return _no_nul(value)
 
 
 class Timeouts(Strict):
-    connect: float = Field(5.0, gt=0, description="seconds to open a connection to the upstream")
-    read: float = Field(300.0, gt=0, description="seconds to wait for the next bytes from the upstream")
+    connect: float = Field(5.0, gt=0, le=3600, description="seconds to open a connection to the upstream")
+    read: float = Field(300.0, gt=0, le=86400, description="seconds to wait for the next bytes from the upstream")
 
 
 class Pricing(Strict):
-    input_per_million: float = Field(0.0, ge=0)
-    output_per_million: float = Field(0.0, ge=0)
+    input_per_million: float = Field(0.0, ge=0, le=1e6)
+    output_per_million: float = Field(0.0, ge=0, le=1e6)
 
 
 class DeploymentSpec(Strict):
@@ -35,7 +88,8 @@ class DeploymentSpec(Strict):
     api_base: str = Field(min_length=1, description="base URL up to /v1, or builtin:simulator")
     model: str = Field(min_length=1, description="the model name the upstream knows")
     api_key: str | None = Field(None, description="env:VAR; the deployment is off while VAR is unset")
-    priority: int = Field(0, ge=0, description="requests go to the usable deployments of the lowest priority")
+    priority: StrictInt = Field(0, ge=0, le=1000,
+                                description="requests go to the usable deployments of the lowest priority")
     timeouts: Timeouts | None = None
     headers: dict[str, str] = Field(default_factory=dict)
 
@@ -59,11 +113,11 @@ class DeploymentSpec(Strict):
 class CachePolicySpec(Strict):
     """The response cache's policy; a field left out is taken from the level below (tenant, model, defaults)."""
 
-    enabled: bool | None = None
-    ttl_seconds: int | None = Field(None, ge=1, le=30 * 86400)
-    max_entry_bytes: int | None = Field(None, ge=1)
-    nondeterministic: bool | None = Field(None, description="also cache requests with temperature above 0 and "
-                                                            "no seed")
+    enabled: StrictBool | None = None
+    ttl_seconds: StrictInt | None = Field(None, ge=1, le=30 * 86400)
+    max_entry_bytes: StrictInt | None = Field(None, ge=1, le=64 * 1024 * 1024)
+    nondeterministic: StrictBool | None = Field(None, description="also cache requests with temperature above 0 "
+                                                                  "and no seed")
 
 
 class ModelSpec(Strict):
@@ -75,7 +129,7 @@ class ModelSpec(Strict):
         None, description="how the usage dashboard counts it: the small-model share counts 'small' models")
     description: str = ""
     owned_by: str = "gateway"
-    context_window: int | None = Field(None, gt=0)
+    context_window: StrictInt | None = Field(None, gt=0, le=10**9)
     pricing: Pricing = Pricing()
     deployments: list[DeploymentSpec] = Field(min_length=1)
 
@@ -93,11 +147,11 @@ _FALLBACKS, _THRESHOLDS = FallbackPolicy(), Thresholds()  # the defaults, kept w
 
 
 class FallbackSpec(Strict):
-    max_attempts: int = Field(_FALLBACKS.max_attempts, ge=1, le=10,
-                              description="upstream calls one request may make, fallbacks included")
-    failures_before_cooldown: int = Field(_FALLBACKS.failures_before_cooldown, ge=1,
-                                          description="failures in a row that cool a deployment down")
-    cooldown_seconds: float = Field(_FALLBACKS.cooldown_seconds, ge=0,
+    max_attempts: StrictInt = Field(_FALLBACKS.max_attempts, ge=1, le=10,
+                                    description="upstream calls one request may make, fallbacks included")
+    failures_before_cooldown: StrictInt = Field(_FALLBACKS.failures_before_cooldown, ge=1, le=1000,
+                                                description="failures in a row that cool a deployment down")
+    cooldown_seconds: float = Field(_FALLBACKS.cooldown_seconds, ge=0, le=86400,
                                     description="how long a cooled-down deployment is passed over")
 
 
@@ -107,6 +161,9 @@ class ModelDefaults(Strict):
     fallbacks: FallbackSpec = FallbackSpec()
     reference_model: str | None = Field(
         None, description="savings are reported against sending every request to this model")
+    request_timeout: float = Field(600.0, gt=0, le=86400, description=(
+        "seconds one request may take in all (fallbacks, cascade and a whole stream included); its concurrency "
+        "slot is held no longer than this"))
 
 
 COMPLEXITIES = ("simple", "moderate", "complex", "critical")
@@ -153,7 +210,7 @@ class ClassifierSpec(Strict):
 
 
 class CascadeSpec(Strict):
-    enabled: bool = True
+    enabled: StrictBool = True
     threshold: float = Field(0.6, ge=0, le=1, description="answers of a small model below this are asked again "
                                                           "of the next model up")
     uncertainty_phrases: list[str] | None = None
@@ -204,26 +261,26 @@ FEATURES = ("router", "analytics", "sso", "custom_model")
 class LimitsSpec(Strict):
     """Limits of a tier, or a tenant's overrides of its tier's (a field left out is inherited)."""
 
-    requests_per_minute: int | None = Field(None, ge=0)
-    tokens_per_minute: int | None = Field(None, ge=0)
-    tokens_per_hour: int | None = Field(None, ge=0)
-    concurrent_requests: int | None = Field(None, ge=0)
-    calls_per_day: int | None = Field(None, ge=0)
-    monthly_budget_usd: float | None = Field(None, ge=0)
-    completion_reservation: int | None = Field(
-        None, ge=1, description="completion tokens reserved for a request that does not set max_tokens")
+    requests_per_minute: Count | None = None
+    tokens_per_minute: Count | None = None
+    tokens_per_hour: Count | None = None
+    concurrent_requests: Count | None = None
+    calls_per_day: Count | None = None
+    monthly_budget_usd: Usd | None = None
+    completion_reservation: StrictInt | None = Field(
+        None, ge=1, le=10**7, description="completion tokens reserved for a request that does not set max_tokens")
 
 
 class KeyLimitsSpec(Strict):
-    requests_per_minute: int | None = Field(None, ge=0)
-    tokens_per_minute: int | None = Field(None, ge=0)
-    concurrent_requests: int | None = Field(None, ge=0)
+    requests_per_minute: Count | None = None
+    tokens_per_minute: Count | None = None
+    concurrent_requests: Count | None = None
 
 
 class KeySpec(Strict):
-    name: str = Field(min_length=1, max_length=64)
+    name: str = Field(pattern=KEY_NAME_PATTERN, description="letters, digits, . _ @ -")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key; the key itself is never stored")
-    expires: dt.date | dt.datetime | None = None
+    expires: CalendarDate | None = None
     limits: KeyLimitsSpec | None = None
 
 
@@ -235,23 +292,41 @@ class TierSpec(Strict):
 class TenantRoutingSpec(ProfileModels):
     """A tenant's changes to its routing: another profile, other models, its own cascade setting."""
 
-    profile: str | None = None
-    cascade: bool | None = None
+    profile: str | None = Field(None, max_length=128)
+    cascade: StrictBool | None = None
     cascade_threshold: float | None = Field(None, ge=0, le=1)
 
 
-class TenantSpec(Strict):
-    name: str = Field(min_length=1)
-    enabled: bool = True
-    tier: str = "basic"
-    industry: str | None = None
-    models: list[str] = Field(default_factory=lambda: ["*"], description="patterns of model names, * and ? allowed")
-    system_prompt: str | None = None
+class TenantFields(Strict):
+    """What describes a tenant, in tenants.yaml and through the admin API alike."""
+
+    name: str = Field(min_length=1, max_length=200)
+    enabled: StrictBool = True
+    tier: str = Field("basic", max_length=64)
+    industry: str | None = Field(None, max_length=64)
+    models: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        default_factory=lambda: ["*"], max_length=1000, description="patterns of model names, * and ? allowed")
+    system_prompt: str | None = Field(None, max_length=100_000)
     limits: LimitsSpec = LimitsSpec()
     features: list[Literal[FEATURES]] | None = None  # replaces the tier's list when given
     routing: TenantRoutingSpec | None = None
     cache: CachePolicySpec | None = None
+    cors_origins: list[Annotated[str, Field(pattern=ORIGIN_PATTERN, max_length=300)]] = Field(
+        default_factory=list, max_length=100, description="browser origins this tenant's keys may be used from")
+
+
+class TenantSpec(TenantFields):
     keys: list[KeySpec] = Field(default_factory=list)
+
+
+def partial(model: type[BaseModel], name: str) -> type[BaseModel]:
+    """``model`` with every field optional and unset by default, each keeping its own checks (a PATCH body)."""
+    fields = {}
+    for field_name, info in model.model_fields.items():
+        optional = FieldInfo.merge_field_infos(info, default=None)
+        optional.default_factory = None
+        fields[field_name] = (info.annotation | None, optional)
+    return create_model(name, __base__=Strict, **fields)
 
 
 class TenantsFile(Strict):

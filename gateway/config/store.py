@@ -1,63 +1,71 @@
-"""The live config: the current snapshot, and a watcher that swaps in valid edits and keeps the last good one."""
+"""The live config: the snapshot requests read, kept current as the files and the admin API change.
+
+Two sources, applied differently:
+
+- **The files** (models.yaml, tenants.yaml) are checked every few seconds. An edit is loaded and compiled in a
+  worker thread, with every tenant of the admin API compiled again against it, then swapped in whole; an invalid
+  edit is refused and the last good config stays in force.
+- **The admin API's tenants and keys** (PostgreSQL) are read as changes: only the rows changed since the version
+  this gateway has seen, each compiled by itself and patched into the snapshot. A row that cannot be read is
+  skipped (logged, counted in ``gateway_directory_rows_rejected``) and never stops the others.
+
+While PostgreSQL is unreachable at start, the tenants and keys of the admin API come from a local copy of the last
+directory read (``GATEWAY_DATA_DIR/directory.json``), so known keys keep working.
+
+``current`` is swapped whole, so readers never see half an edit.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
+from dataclasses import replace
 from pathlib import Path
 
-from gateway.config.loader import MODELS_FILE, TENANTS_FILE, ApiState, load_config
-from gateway.config.types import GatewayConfig
+import orjson
+from pydantic import ValidationError
+
+from gateway.config.loader import (MODELS_FILE, TENANTS_FILE, ApiTenantRecord, BaseConfig, assemble,
+                                   compile_api_tenant, load_base)
+from gateway.config.schema import TenantSpec
+from gateway.config.types import ApiKey, GatewayConfig, Tenant
 from gateway.config.yaml_source import ConfigError
-from gateway.observability.metrics import CONFIG_RELOADS
+from gateway.observability.metrics import CONFIG_RELOADS, DIRECTORY_REJECTED
 
 log = logging.getLogger("gateway.config")
+
+UNKNOWN_KEY_RECHECK_SECONDS = 1.0  # an unknown key makes the gateway look for new keys at most this often
 
 
 class ConfigStore:
     """Holds the snapshot requests read; ``current`` is swapped whole, so readers never see half an edit."""
 
-    def __init__(self, config_dir: Path, simulator_url: str | None = None, directory=None) -> None:
+    def __init__(self, config_dir: Path, simulator_url: str | None = None, directory=None,
+                 local_copy: Path | None = None) -> None:
         self.config_dir = config_dir
         self.simulator_url = simulator_url
         self.directory = directory  # tenants and keys made through the admin API (a TenantDirectory), if any
-        self._api_state: ApiState | None = None
-        self._api_version: int | None = None
-        self.current: GatewayConfig = self._load()
+        self.local_copy = local_copy
+        self.base: BaseConfig = self._load_base()
         self._stamp = self._file_stamp()
+        self._records: dict[str, ApiTenantRecord] = {}  # every readable API tenant, by id
+        self._api_tenants: dict[str, Tenant] = {}  # those that compile against the current base
+        self._rejected: dict[str, str] = {}  # id -> why the row is skipped
+        self._api_keys: dict[str, ApiKey] = {}  # sha256 -> key, for every live API key
+        self._keys_of: dict[str, set[str]] = {}  # tenant id -> sha256 of its live API keys
+        self._version: int | None = None  # the directory version in force (None: nothing read yet)
+        self._changed_since_rebuild: set[str] | None = None  # tenant ids changed while a rebuild runs
+        self._copy_pending = False
+        self._last_recheck = 0.0
+        self.current: GatewayConfig = assemble(self.base, {}, {})
         self._log_warnings(self.current)
 
-    def _load(self) -> GatewayConfig:
-        return load_config(self.config_dir, simulator_url=self.simulator_url, api_state=self._api_state)
+    # -- the files ---------------------------------------------------------------------------------------------
 
-    def api_state(self) -> ApiState:
-        return self._api_state or ApiState()
-
-    async def refresh_directory(self, force: bool = False) -> bool:
-        """Merge the admin API's tenants and keys again if they changed; return whether a new config is in force."""
-        if self.directory is None:
-            return False
-        try:
-            if not force and await self.directory.version() == self._api_version:
-                return False
-            version, state = await self.directory.load()
-        except Exception as exc:  # PostgreSQL down: keep what is in force, try again on the next round
-            log.warning("cannot read tenants made through the admin API, keeping the current ones: %s", exc)
-            return False
-        previous = self._api_state
-        self._api_state = state
-        try:
-            config = self._load()
-        except ConfigError as exc:
-            self._api_state = previous
-            for problem in exc.problems:
-                log.error("config rejected, keeping the last good config: %s", problem)
-            CONFIG_RELOADS.labels("rejected").inc()
-            return False
-        self._api_version = version
-        self.current = config
-        CONFIG_RELOADS.labels("applied").inc()
-        return True
+    def _load_base(self) -> BaseConfig:
+        return load_base(self.config_dir, simulator_url=self.simulator_url)
 
     def _file_stamp(self) -> tuple:
         stamp = []
@@ -69,24 +77,233 @@ class ConfigStore:
                 stamp.append(None)
         return tuple(stamp)
 
-    def reload_if_changed(self) -> bool:
-        """Load the files again if they changed; return whether a new config is in force."""
+    async def reload_if_changed(self) -> bool:
+        """Load the files again if they changed (in a worker thread); return whether a new config is in force."""
         stamp = self._file_stamp()
         if stamp == self._stamp:
             return False
         self._stamp = stamp
+        records = dict(self._records)
+        self._changed_since_rebuild = set()
         try:
-            config = self._load()
+            base, tenants, rejected = await asyncio.to_thread(self._compile_all, records)
         except ConfigError as exc:
             for problem in exc.problems:
                 log.error("config rejected, keeping the last good config: %s", problem)
             CONFIG_RELOADS.labels("rejected").inc()
             return False
-        self.current = config
+        finally:
+            changed, self._changed_since_rebuild = self._changed_since_rebuild, None
+        self.base, self._api_tenants, self._rejected = base, tenants, rejected
+        for tenant_id in changed:  # changed by the admin API while the thread ran: compile them again
+            self._compile_one(tenant_id)
+        self._swap_in_everything()
         CONFIG_RELOADS.labels("applied").inc()
         log.info("config reloaded from %s", self.config_dir)
-        self._log_warnings(config)
+        self._log_warnings(self.current)
         return True
+
+    def _compile_all(self, records: dict[str, ApiTenantRecord]) -> tuple[BaseConfig, dict, dict]:
+        base = self._load_base()
+        tenants, rejected = {}, {}
+        for tenant_id, record in records.items():
+            try:
+                tenants[tenant_id] = compile_api_tenant(base, tenant_id, record)
+            except ConfigError as exc:
+                rejected[tenant_id] = "; ".join(exc.problems)
+        return base, tenants, rejected
+
+    # -- the admin API's tenants and keys -----------------------------------------------------------------------
+
+    def api_spec(self, tenant_id: str) -> TenantSpec | None:
+        record = self._records.get(tenant_id)
+        return record.spec if record is not None else None
+
+    async def refresh_directory(self) -> bool:
+        """Apply what changed in the admin API's directory since the last look; return whether anything did."""
+        if self.directory is None:
+            return False
+        try:
+            changes = await self.directory.changes(self._version)
+        except Exception as exc:  # PostgreSQL down: keep what is in force, try again on the next round
+            if self._version is None and not self._records and self._restore_local_copy():
+                return True
+            log.warning("cannot read tenants made through the admin API, keeping the current ones: %s", exc)
+            return False
+        if not changes.full and changes.version == self._version:
+            return False
+        if changes.full:
+            self._records, self._api_tenants, self._rejected, self._api_keys, self._keys_of = {}, {}, {}, {}, {}
+        for tenant_id in changes.deleted:
+            self._forget(tenant_id)
+        for tenant_id, row in changes.tenants.items():
+            self._remember(tenant_id, row.spec_json, row.created_at)
+        for key in changes.keys:
+            if key.revoked:
+                self._drop_key(key.sha256)
+            else:
+                self._add_key(key.sha256, ApiKey(key.tenant_id, key.name, key.expires_at))
+        self._version = changes.version
+        if changes.full:
+            self._swap_in_everything()
+        else:
+            self._swap_in_changes(set(changes.tenants) | changes.deleted, changes.keys)
+        self._save_local_copy_soon()
+        return True
+
+    def _remember(self, tenant_id: str, spec_json: str, created_at: float | None) -> None:
+        if self._changed_since_rebuild is not None:
+            self._changed_since_rebuild.add(tenant_id)
+        try:
+            spec = TenantSpec.model_validate_json(spec_json)
+        except ValidationError as exc:
+            self._records.pop(tenant_id, None)
+            self._api_tenants.pop(tenant_id, None)
+            self._reject(tenant_id, str(exc.errors()[0].get("msg")) + f" ({_location(exc)})")
+            return
+        self._records[tenant_id] = ApiTenantRecord(spec, created_at)
+        self._compile_one(tenant_id)
+
+    def _compile_one(self, tenant_id: str) -> None:
+        record = self._records.get(tenant_id)
+        if record is None:
+            return
+        try:
+            self._api_tenants[tenant_id] = compile_api_tenant(self.base, tenant_id, record)
+        except ConfigError as exc:
+            self._api_tenants.pop(tenant_id, None)
+            self._reject(tenant_id, "; ".join(exc.problems))
+            return
+        if self._rejected.pop(tenant_id, None) is not None:
+            DIRECTORY_REJECTED.set(len(self._rejected))
+
+    def _forget(self, tenant_id: str) -> None:
+        if self._changed_since_rebuild is not None:
+            self._changed_since_rebuild.add(tenant_id)
+        self._records.pop(tenant_id, None)
+        self._api_tenants.pop(tenant_id, None)
+        self._rejected.pop(tenant_id, None)  # its keys were revoked with it: they arrive as changes of their own
+
+    def _reject(self, tenant_id: str, why: str) -> None:
+        log.error("tenant '%s' of the admin API cannot be loaded and is skipped (the others are not): %s",
+                  tenant_id, why)
+        self._rejected[tenant_id] = why
+        DIRECTORY_REJECTED.set(len(self._rejected))
+
+    def _swap_in_everything(self) -> None:
+        self.current = assemble(self.base, self._api_tenants, self._live_keys(self._api_keys.items()))
+        DIRECTORY_REJECTED.set(len(self._rejected))
+
+    def _swap_in_changes(self, tenant_ids: set[str], keys: list) -> None:
+        """Patch the snapshot for the tenants and keys that changed: a copy of two dicts, no compiling of others."""
+        current = self.current
+        declared, declared_keys = self.base.tenants, self.base.keys
+        tenants = dict(current.tenants)
+        all_keys = dict(current.keys)
+        origins_touched = False
+        for tenant_id in tenant_ids:
+            if tenant_id in declared:
+                continue  # tenants.yaml wins
+            before = tenants.pop(tenant_id, None)
+            after = self._api_tenants.get(tenant_id)
+            if after is not None:
+                tenants[tenant_id] = after
+            origins_touched |= bool((before and before.cors_origins) or (after and after.cors_origins))
+            for digest in self._keys_of.get(tenant_id, ()):
+                if after is not None:
+                    all_keys[digest] = self._api_keys[digest]
+                elif digest not in declared_keys:
+                    all_keys.pop(digest, None)
+        for key in keys:
+            if key.sha256 in declared_keys:
+                continue
+            live = self._api_keys.get(key.sha256)
+            if live is not None and live.tenant_id in tenants:
+                all_keys[key.sha256] = live
+            else:
+                all_keys.pop(key.sha256, None)
+        origins = current.tenant_origins
+        if origins_touched:
+            origins = frozenset(o for t in tenants.values() if t.cors_origins for o in t.cors_origins)
+        self.current = replace(current, tenants=tenants, keys=all_keys, tenant_origins=origins)
+
+    def _add_key(self, digest: str, key: ApiKey) -> None:
+        self._api_keys[digest] = key
+        self._keys_of.setdefault(key.tenant_id, set()).add(digest)
+
+    def _drop_key(self, digest: str) -> None:
+        key = self._api_keys.pop(digest, None)
+        if key is not None:
+            owned = self._keys_of.get(key.tenant_id)
+            if owned is not None:
+                owned.discard(digest)
+                if not owned:
+                    del self._keys_of[key.tenant_id]
+
+    def _live_keys(self, items) -> dict[str, ApiKey]:
+        tenants = self.base.tenants
+        return {digest: key for digest, key in items
+                if (key.tenant_id in tenants or key.tenant_id in self._api_tenants) and digest not in self.base.keys}
+
+    # -- a key the gateway does not know ------------------------------------------------------------------------
+
+    async def recheck_for_key(self) -> bool:
+        """Look for new keys now (files and admin API), at most once a second; return whether anything changed.
+
+        So that a key made a moment ago (``gateway keys create``, or the admin API on another replica) works at
+        once instead of after the next polling round.
+        """
+        now = time.monotonic()
+        if now - self._last_recheck < UNKNOWN_KEY_RECHECK_SECONDS:
+            return False
+        self._last_recheck = now
+        changed = await self.reload_if_changed()
+        return await self.refresh_directory() or changed
+
+    # -- the local copy of the directory -----------------------------------------------------------------------
+
+    def _save_local_copy_soon(self) -> None:
+        """Write the local copy within a second, off the event loop; many changes in a row make one write."""
+        if self.local_copy is None or self._copy_pending:
+            return
+        self._copy_pending = True
+
+        async def save() -> None:
+            await asyncio.sleep(1.0)
+            self._copy_pending = False
+            document = {
+                "version": self._version, "written_at": time.time(),
+                "tenants": {tenant_id: {"spec": r.spec.model_dump(mode="json", exclude_none=True),
+                                        "created_at": r.created_at} for tenant_id, r in self._records.items()},
+                "keys": [{"tenant_id": k.tenant_id, "name": k.name, "sha256": d, "expires_at": k.expires_at}
+                         for d, k in self._api_keys.items()],
+            }
+            try:
+                await asyncio.to_thread(_write_private, self.local_copy, orjson.dumps(document))
+            except OSError as exc:
+                log.warning("cannot write the local copy of the directory to %s: %s", self.local_copy, exc)
+
+        asyncio.get_running_loop().create_task(save())
+
+    def _restore_local_copy(self) -> bool:
+        if self.local_copy is None or not self.local_copy.exists():
+            return False
+        try:
+            document = orjson.loads(self.local_copy.read_bytes())
+            for tenant_id, entry in document["tenants"].items():
+                self._remember(tenant_id, orjson.dumps(entry["spec"]).decode(), entry.get("created_at"))
+            for key in document["keys"]:
+                self._add_key(key["sha256"], ApiKey(key["tenant_id"], key["name"], key.get("expires_at")))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("cannot read the local copy of the directory %s: %s", self.local_copy, exc)
+            return False
+        self._swap_in_everything()
+        written = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(document.get("written_at", 0)))
+        log.warning("PostgreSQL unreachable: the %d tenants and %d keys of the admin API are served from the local "
+                    "copy written at %s UTC until it answers", len(self._records), len(self._api_keys), written)
+        return True
+
+    # -- watching -----------------------------------------------------------------------------------------------
 
     @staticmethod
     def _log_warnings(config: GatewayConfig) -> None:
@@ -98,7 +315,22 @@ class ConfigStore:
         while True:
             await asyncio.sleep(interval)
             try:
-                self.reload_if_changed()
+                await self.reload_if_changed()
                 await self.refresh_directory()
             except Exception:  # a watcher that dies silently would freeze the config
                 log.exception("config watcher failed; will retry")
+
+
+def _location(exc: ValidationError) -> str:
+    return ".".join(str(part) for part in exc.errors()[0].get("loc", ())) or "spec"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` atomically, readable by the gateway's user only (key hashes are inside)."""
+    temporary = path.with_suffix(".tmp")
+    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    temporary.replace(path)

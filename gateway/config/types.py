@@ -147,7 +147,9 @@ class Tenant:
     features: frozenset[str] = frozenset()
     routes: dict[str, Profile] = field(default_factory=dict)  # router alias -> this tenant's profile for it
     cache: dict[str, object] = field(default_factory=dict)  # the tenant's changes to the cache policy
+    cors_origins: frozenset[str] = frozenset()  # browser origins this tenant's keys may be used from
     source: str = "yaml"  # "yaml" or "api" (made through the admin API, kept in PostgreSQL)
+    created_at: float | None = None  # unix time the admin API made it; its usage starts there
 
 
 @dataclass(frozen=True)
@@ -159,9 +161,12 @@ class GatewayConfig:
     reference_model: str | None = None  # what savings are measured against
     router: RouterConfig | None = None
     fallback_policy: FallbackPolicy = FallbackPolicy()
+    request_timeout: float = 600.0  # seconds a whole request may take; bounds its concurrency slot too
     cache_policy: CachePolicy = CachePolicy()  # for router aliases (the model is not known when the cache is read)
     tiers: frozenset[str] = frozenset()
     yaml_key_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tenant id -> names in the file
+    cors_origins: frozenset[str] = frozenset()  # origins any tenant may be called from (GATEWAY_CORS_ORIGINS)
+    tenant_origins: frozenset[str] = frozenset()  # origins some tenant's own `cors_origins` allows
     sources: tuple[Path, ...] = field(default=())
     warnings: tuple[str, ...] = field(default=())
 

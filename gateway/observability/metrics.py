@@ -38,8 +38,14 @@ LIMIT_REFUSALS = Counter("gateway_limit_refusals", "Requests refused by a limit,
 REDIS_UP = Gauge("gateway_redis_up", "1 while Redis answers; 0 while limits cannot be counted.")
 REDIS_UP.set(1)
 REDIS_ERRORS = Counter("gateway_redis_errors", "Redis calls that failed.")
+UNSETTLED = Gauge("gateway_unsettled_requests",
+                  "Finished requests whose slots and usage Redis has not taken yet (sent again until it does).")
 LEDGER_ROWS = Counter("gateway_ledger_rows", "Usage rows, by where they went.", ["outcome"])
 LEDGER_SPOOLED = Gauge("gateway_ledger_spooled_rows", "Usage rows waiting in the spool for PostgreSQL.")
+LEDGER_DEAD_LETTERS = Counter("gateway_ledger_dead_letter_rows",
+                              "Usage rows PostgreSQL refused for their data, set aside in the dead-letter file.")
+DIRECTORY_REJECTED = Gauge("gateway_directory_rows_rejected",
+                           "Tenants of the admin API that cannot be loaded and are skipped (see the log).")
 
 
 class LabelCache:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from gateway.config.store import ConfigStore
 from gateway.pipeline.access import authorize_model
-from gateway.pipeline.auth import authenticate
+from gateway.pipeline.auth import Authenticate
 from gateway.pipeline.cache import LookupCache, serve_cached
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.forward import Forward
@@ -20,6 +21,7 @@ from gateway.upstreams.select import DeploymentSelector
 
 
 def build_pipeline(
+    config: ConfigStore,
     client: UpstreamClient,
     limiter: Limiter | None,
     ledger: Ledger | None,
@@ -33,7 +35,7 @@ def build_pipeline(
         await read_json_body(ctx, max_body_bytes)
 
     stages = [
-        authenticate,  # who is calling (401 / 403)
+        Authenticate(config),  # who is calling (401 / 403)
         read_request,  # the body, and the fields the gateway acts on (400 / 413)
         authorize_model,  # may this tenant use this model, can it serve this request (404 / 400 / 503)
         apply_system_prompt,  # the tenant's instructions before the client's

@@ -5,46 +5,76 @@ from __future__ import annotations
 import hashlib
 import time
 
-from gateway.asgi import Scope
+from gateway.asgi import Scope, header
+from gateway.config.origins import origin_allowed
 from gateway.config.types import ApiKey, GatewayConfig, Tenant
-from gateway.errors import GatewayError, invalid_api_key, missing_api_key
+from gateway.errors import GatewayError, invalid_api_key, malformed_authorization, missing_api_key
 from gateway.pipeline.context import RequestContext
 
 _KEY_HEADERS = (b"authorization", b"api-key", b"x-api-key")
 
 
-def presented_key(scope: Scope) -> str | None:
-    """The key from ``Authorization: Bearer``, ``api-key`` (Azure-style clients) or ``x-api-key``."""
+def presented_key(scope: Scope) -> str:
+    """The key from ``Authorization: Bearer``, ``api-key`` (Azure-style clients) or ``x-api-key``; a 401 that says
+    what is wrong when there is none."""
     found: dict[bytes, bytes] = {}
     for name, value in scope["headers"]:
         if name in _KEY_HEADERS:
             found.setdefault(name, value)
     authorization = found.get(b"authorization")
     if authorization is not None:
-        scheme, _, token = authorization.partition(b" ")
+        scheme, _, token = authorization.strip().partition(b" ")
         if scheme.lower() == b"bearer" and token.strip():
             return token.strip().decode("latin-1")
     for name in (b"api-key", b"x-api-key"):
         value = found.get(name)
         if value and value.strip():
             return value.strip().decode("latin-1")
-    return None
+    if authorization is not None and authorization.strip():
+        raise malformed_authorization()
+    raise missing_api_key()
 
 
 def identify(scope: Scope, config: GatewayConfig) -> tuple[Tenant, ApiKey]:
     key = presented_key(scope)
-    if key is None:
-        raise missing_api_key()
     record = config.keys.get(hashlib.sha256(key.encode("latin-1")).hexdigest())
     if record is None:
         raise invalid_api_key()
     if record.expires_at is not None and record.expires_at <= time.time():
         raise GatewayError(401, f"The API key '{record.name}' has expired.", code="expired_api_key")
-    tenant = config.tenants[record.tenant_id]
+    tenant = config.tenants.get(record.tenant_id)
+    if tenant is None:
+        raise invalid_api_key()
     if not tenant.enabled:
         raise GatewayError(403, "This tenant is disabled.", type="permission_error", code="tenant_disabled")
+    if config.tenant_origins:  # some tenant allows browsers on its own origins: keep each to its own
+        origin = header(scope, b"origin")
+        if origin is not None and not origin_allowed(origin, header(scope, b"host"), config.cors_origins,
+                                                     tenant.cors_origins):
+            raise GatewayError(403, "This key may not be used from this browser origin.", type="permission_error",
+                               code="origin_not_allowed")
     return tenant, record
 
 
-async def authenticate(ctx: RequestContext) -> None:
-    ctx.tenant, ctx.api_key = identify(ctx.scope, ctx.config)
+async def identify_fresh(scope: Scope, config: GatewayConfig, store) -> tuple[Tenant, ApiKey, GatewayConfig]:
+    """``identify``; a key the config does not know makes ``store`` (a ConfigStore) look for new keys first (at
+    most once a second), so that a key made a moment ago works at once."""
+    try:
+        tenant, key = identify(scope, config)
+        return tenant, key, config
+    except GatewayError as error:
+        if error.code != "invalid_api_key" or store is None or not await store.recheck_for_key():
+            raise
+    config = store.current
+    tenant, key = identify(scope, config)
+    return tenant, key, config
+
+
+class Authenticate:
+    """Stage: who is calling (401 / 403)."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    async def __call__(self, ctx: RequestContext) -> None:
+        ctx.tenant, ctx.api_key, ctx.config = await identify_fresh(ctx.scope, ctx.config, self.store)

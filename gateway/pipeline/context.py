@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from gateway.asgi import Headers, Receive, Scope, Send
+from gateway.asgi import REQUEST_ID, Headers, Receive, Scope, Send
 from gateway.config.types import ApiKey, Deployment, GatewayConfig, Model, Profile, Tenant
 
 
@@ -37,7 +37,7 @@ class RequestContext:
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, config: GatewayConfig, endpoint: Endpoint) -> None:
-        self.request_id = "req_" + os.urandom(12).hex()
+        self.request_id = scope.get(REQUEST_ID) or "req_" + os.urandom(12).hex()
         self.started = time.perf_counter()
         self.started_at = time.time()
         self.scope = scope
@@ -62,7 +62,7 @@ class RequestContext:
         self.overhead_seconds = 0.0
         self.responded = False  # a stage has sent the whole answer; later stages do not run
         self.client_disconnected = False
-        self.response_headers: Headers = [(b"x-request-id", self.request_id.encode())]
+        self.response_headers: Headers = []  # x-request-id is added by the outermost layer
         self.finishers: list[Finisher] = []
         self.reserved_tokens = 0
         self.reserved_cost_nano = 0

@@ -17,6 +17,7 @@ Both calls are billed. If the larger model fails, the small model's answer is se
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -59,12 +60,24 @@ class Forward:
         self.selector = selector
 
     async def __call__(self, ctx: RequestContext) -> None:
-        async with DisconnectGuard(ctx.receive):
-            if ctx.cascade_to is not None:
-                await self._cascade(ctx)
-                return
-            answer = await self._first_good(ctx, ctx.model, ctx.body, stream=ctx.stream)
-            await self._relay(ctx, answer)
+        limit = ctx.config.request_timeout
+        deadline = asyncio.get_running_loop().time() + limit - ctx.elapsed()
+        try:
+            async with asyncio.timeout_at(deadline):
+                async with DisconnectGuard(ctx.receive):
+                    if ctx.cascade_to is not None:
+                        await self._cascade(ctx)
+                        return
+                    answer = await self._first_good(ctx, ctx.model, ctx.body, stream=ctx.stream)
+                    await self._relay(ctx, answer)
+        except TimeoutError:
+            error = GatewayError(504, f"The request took longer than the gateway allows ({limit:g} s, "
+                                      f"defaults.request_timeout).", type="timeout_error", code="request_timeout")
+            if not ctx.responded:
+                raise error from None
+            ctx.status, ctx.error_type = 504, error.code  # a stream under way: it ends with an error event
+            await send_chunk(ctx.send, b"data: " + error.body() + b"\n\n")
+            await end_stream(ctx.send)
 
     # Attempts
 

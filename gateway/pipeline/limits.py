@@ -12,7 +12,7 @@ from gateway.errors import GatewayError
 from gateway.observability import metrics
 from gateway.pipeline import tokens
 from gateway.pipeline.context import RequestContext
-from gateway.stores.limits import NANO, Admission, Check, Limiter
+from gateway.stores.limits import NANO, Admission, Limiter
 
 
 class EnforceLimits:
@@ -32,7 +32,7 @@ class EnforceLimits:
             cost_nano += int(ctx.cascade_to.pricing.cost(prompt, completion) * NANO)
             prompt, completion = prompt * 2, completion * 2
         now = time.time()
-        plan = self.limiter.plan(ctx.tenant, ctx.api_key, now)
+        plan = self.limiter.plan(ctx.tenant, ctx.api_key, now, ctx.config.request_timeout)
         admission = await self.limiter.admit(plan, ctx.request_id, prompt + completion, cost_nano, now)
         ctx.reserved_tokens = prompt + completion
         ctx.reserved_cost_nano = cost_nano
@@ -42,10 +42,12 @@ class EnforceLimits:
                                    type="server_error", code="limits_unavailable", headers={"retry-after": "1"})
             ctx.limits_degraded = True
             return
+        rate_headers = _rate_headers(admission, now)
         if not admission.admitted:
             metrics.LIMIT_REFUSALS.labels(ctx.tenant.id, admission.refused.name).inc()
-            raise _refusal(admission.refused, admission.refused_amount, admission.used[0], now, ctx)
-        ctx.response_headers += _rate_headers(admission, now)
+            ctx.response_headers += rate_headers
+            raise _refusal(admission, now, ctx)
+        ctx.response_headers += rate_headers
 
         async def settle(ctx: RequestContext) -> None:
             self.limiter.settle(admission, ctx.request_id, _actual(ctx))
@@ -62,14 +64,18 @@ def _actual(ctx: RequestContext) -> dict[str, int]:
     return {"tokens": 0, "budget": 0}
 
 
-def _refusal(check: Check, amount: int, used: int, now: float, ctx: RequestContext) -> GatewayError:
-    wait = max(1, int(check.reset_at - now + 0.999))
-    headers = {"retry-after": str(wait)}
+def _refusal(admission: Admission, now: float, ctx: RequestContext) -> GatewayError:
+    check, amount = admission.refused, admission.refused_amount
+    index = admission.checks.index(check)
+    used = admission.used[index]
+    reset_at = admission.reset_at(index, now)
+    wait = max(1, int(reset_at - now + 0.999)) if reset_at is not None else None
+    headers = {"retry-after": str(wait)} if wait is not None else {}
     if check.kind == "budget":
         budget = ctx.tenant.limits.monthly_budget_usd
         return GatewayError(
-            429, f"You exceeded your current quota: this request could cost up to ${amount / NANO:.6f} "
-                 f"and ${used / NANO:.6f} of the ${budget:.2f} monthly budget is spent or reserved.",
+            429, f"You exceeded your current quota: this request could cost up to {usd(amount / NANO)} "
+                 f"and {usd(used / NANO)} of the {usd(budget)} monthly budget is spent or reserved.",
             type="insufficient_quota", code="insufficient_quota", headers=headers)
     if check.kind == "concurrency":
         return GatewayError(
@@ -86,16 +92,29 @@ def _refusal(check: Check, amount: int, used: int, now: float, ctx: RequestConte
         type=check.kind, code="rate_limit_exceeded", headers=headers)
 
 
+def usd(value: float) -> str:
+    """Dollars with every digit that matters: $12.50, $0.000345, $0."""
+    if value == 0:
+        return "$0"
+    if value >= 0.01:
+        return f"${value:,.2f}"
+    return "$" + f"{value:.9f}".rstrip("0")
+
+
 def _rate_headers(admission: Admission, now: float) -> list[tuple[bytes, bytes]]:
+    """OpenAI's x-ratelimit headers for the tenant's per-minute windows: limit, what is left, and when the window
+    is empty again (refused: when there is room for this request)."""
     headers = []
-    for check, used in zip(admission.checks, admission.used):
+    for index, check in enumerate(admission.checks):
         if check.limit is None or check.name not in ("requests per minute", "tokens per minute"):
             continue
-        kind = "requests" if check.kind == "requests" else "tokens"
+        kind = b"requests" if check.kind == "requests" else b"tokens"
+        used = admission.used[index]
+        reset_at = admission.reset_at(index, now)
         headers += [
-            (b"x-ratelimit-limit-" + kind.encode(), str(check.limit).encode()),
-            (b"x-ratelimit-remaining-" + kind.encode(), str(max(0, check.limit - used)).encode()),
-            (b"x-ratelimit-reset-" + kind.encode(), _duration(check.reset_at - now).encode()),
+            (b"x-ratelimit-limit-" + kind, str(check.limit).encode()),
+            (b"x-ratelimit-remaining-" + kind, str(max(0, check.limit - used)).encode()),
+            (b"x-ratelimit-reset-" + kind, _duration(0 if reset_at is None else reset_at - now).encode()),
         ]
     return headers
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import orjson
 
+from gateway.asgi import LOGGED
 from gateway.observability import metrics
 from gateway.observability.logs import log_request
 from gateway.pipeline.context import RequestContext
@@ -14,6 +15,7 @@ from gateway.stores.ledger import Ledger
 
 
 def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> None:
+    ctx.scope[LOGGED] = True
     elapsed = ctx.elapsed()
     if not ctx.overhead_seconds:
         ctx.overhead_seconds = max(0.0, elapsed - ctx.upstream_seconds)

@@ -35,7 +35,7 @@ class RouteRequest:
         ctx.route_signals = decision.explain(config.router.classifier.weights)
 
         table, column = profile.models, ""
-        spent = self.limiter.budget_share(ctx.tenant.id) if self.limiter is not None else None
+        spent = self.limiter.budget_share(ctx.tenant) if self.limiter is not None else None
         if spent is not None and spent >= 1.0 and profile.over_budget:
             table, column = profile.over_budget, "over_budget:"
         elif spent is not None and spent >= config.router.soft_budget_limit and profile.economy:

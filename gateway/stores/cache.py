@@ -70,14 +70,7 @@ class ResponseCache:
 
     async def purge(self, tenant_id: str) -> int:
         """Delete every entry of one tenant; the number deleted."""
-        cursor, deleted = b"0", 0
-        pattern = f"gw:{{{tenant_id}}}:cache:*"
-        while True:
-            cursor, keys = await self.client.execute("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
-            if keys:
-                deleted += await self.client.execute("UNLINK", *keys)
-            if cursor in (b"0", 0, "0"):
-                return deleted
+        return await self.client.unlink_matching(f"gw:{{{tenant_id}}}:cache:*")
 
     def _failed(self, exc: BaseException) -> None:
         # Skip the cache for a second rather than make every request wait on a dead connection.

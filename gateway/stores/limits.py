@@ -5,8 +5,21 @@ only if all pass, counts it in all of them: requests per minute and per day, tok
 concurrent requests, and the month's spend. Tokens and spend are reserved at their worst case (prompt plus the
 most completion tokens the request may produce) and corrected by a second script when the request ends.
 
-Windows are fixed and aligned to UTC (minute, hour, day, calendar month); concurrency is a sorted set of the
-requests in flight, each with an expiry, so a worker that dies cannot leak slots for long.
+**Sliding windows.** A window (a minute, an hour, a day) is a hash of buckets, each a thirtieth of the window.
+A request is admitted if what the buckets overlapping the last window's length hold, plus the request, stays
+within the limit. The oldest of those buckets reaches a little further back than the window, so the count is
+never less than what the last window really admitted: no span of the window's length ever admits more than the
+limit (a fixed window let a tenant send its limit just before a minute boundary and again just after). The price
+is that usage leaves the count up to a bucket's length late (2 s for a minute); ``Retry-After`` and
+``x-ratelimit-reset-*`` say exactly when it does.
+
+**Concurrency** is a sorted set of the requests in flight, each with an expiry of the request timeout (plus a
+margin): a worker that dies, or a settle that never reaches Redis, cannot hold a slot for longer than a request
+may last. The budget is a counter for the calendar month.
+
+**Settles are never lost to a short Redis outage.** A settle that could not be sent is kept and sent again until
+Redis takes it. It is idempotent: it corrects tokens and spend only if it also removed the request from the
+in-flight set, so a settle sent twice (its first reply lost) counts once.
 """
 
 from __future__ import annotations
@@ -15,71 +28,127 @@ import asyncio
 import calendar
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 
 from gateway.config.types import ApiKey, Tenant
 from gateway.observability import metrics
-from gateway.stores.resp import Redis, ReplyError, Script, bulk
+from gateway.stores.resp import Redis, ReplyError, Script, bulk, pack
 
 log = logging.getLogger("gateway.limits")
 
 NANO = 1_000_000_000  # spend is counted in billionths of a dollar, as integers
+BUCKETS_PER_WINDOW = 30
+SLOT_MARGIN_SECONDS = 30.0  # a concurrency slot outlives the request timeout by this much
+UNSETTLED_MAX = 200_000  # settles kept for a retry while Redis is away; past this the oldest are dropped
 _FAILURES = (OSError, ReplyError, asyncio.TimeoutError)
 
-# KEYS: the concurrency sets first (ARGV[3] says how many), then counters.
-# ARGV: now_ms, request id, number of sets, then per key: limit (-1: none), amount, ttl_ms.
+SET, WINDOW, COUNTER = 0, 1, 2
+
+# KEYS: one per check, the concurrency sets first.
+# ARGV: now_ms, request id, then per key: kind (0 set, 1 window, 2 counter), limit (-1: none), amount, a, b
+#   set: a = slot lifetime in ms; window: a = bucket length in ms, b = buckets in the window; counter: a = ttl ms.
+# Returns {refused check (0: admitted), used..., reset_ms...}: used is the count after this request (admitted) or
+# before it (refused); reset_ms is, for a window, the time until it is empty again (admitted) or until enough
+# has left it for this request (refused; -1 if it never will), and -1 for the others.
 _ADMIT = """
 local now = tonumber(ARGV[1])
-local sets = tonumber(ARGV[3])
-local used = {}
-for i = 1, #KEYS do
-  local base = 3 + (i - 1) * 3
-  local limit = tonumber(ARGV[base + 1])
-  local amount = tonumber(ARGV[base + 2])
-  local current
-  if i <= sets then
-    redis.call('ZREMRANGEBYSCORE', KEYS[i], '-inf', now)
-    current = redis.call('ZCARD', KEYS[i])
+local n = #KEYS
+local used, reset, live_of = {}, {}, {}
+local refused = 0
+for i = 1, n do
+  local base = 2 + (i - 1) * 5
+  local kind, limit, amount = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+  local a, b = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
+  local key = KEYS[i]
+  local current = 0
+  reset[i] = -1
+  if kind == 0 then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    current = redis.call('ZCARD', key)
+  elseif kind == 1 then
+    local oldest = math.floor(now / a) - b
+    local flat = redis.call('HGETALL', key)
+    local live, stale = {}, {}
+    for j = 1, #flat, 2 do
+      local index = tonumber(flat[j])
+      if index < oldest then
+        stale[#stale + 1] = flat[j]
+      else
+        local value = tonumber(flat[j + 1])
+        current = current + value
+        live[#live + 1] = {index, value}
+      end
+    end
+    if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+    table.sort(live, function(x, y) return x[1] < y[1] end)
+    live_of[i] = live
+    if #live > 0 then reset[i] = (live[#live][1] + b + 1) * a - now end
   else
-    current = tonumber(redis.call('GET', KEYS[i]) or '0')
+    current = tonumber(redis.call('GET', key) or '0')
   end
-  if limit >= 0 and amount > 0 and current + amount > limit then
-    return {i, current}
-  end
-  used[i] = current + amount
-end
-for i = 1, #KEYS do
-  local base = 3 + (i - 1) * 3
-  local amount = tonumber(ARGV[base + 2])
-  local ttl = tonumber(ARGV[base + 3])
-  if i <= sets then
-    redis.call('ZADD', KEYS[i], now + ttl, ARGV[2])
-    redis.call('PEXPIRE', KEYS[i], ttl)
-  elseif amount ~= 0 then
-    if redis.call('INCRBY', KEYS[i], amount) == amount then
-      redis.call('PEXPIRE', KEYS[i], ttl)
+  if refused == 0 and limit >= 0 and amount > 0 and current + amount > limit then
+    refused = i
+    if kind == 1 then
+      reset[i] = -1
+      if amount <= limit then
+        local excess, freed = current + amount - limit, 0
+        for _, bucket in ipairs(live_of[i]) do
+          freed = freed + bucket[2]
+          if freed >= excess then
+            reset[i] = (bucket[1] + b + 1) * a - now
+            break
+          end
+        end
+      end
     end
   end
+  used[i] = current
 end
-table.insert(used, 1, 0)
-return used
+if refused == 0 then
+  for i = 1, n do
+    local base = 2 + (i - 1) * 5
+    local kind, amount = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 3])
+    local a, b = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
+    local key = KEYS[i]
+    if kind == 0 then
+      redis.call('ZADD', key, now + a, ARGV[2])
+      if redis.call('PTTL', key) < a then redis.call('PEXPIRE', key, a) end
+    elseif kind == 1 then
+      if amount ~= 0 then
+        local bucket = math.floor(now / a)
+        redis.call('HINCRBY', key, bucket, amount)
+        redis.call('PEXPIRE', key, (b + 1) * a)
+        reset[i] = (bucket + b + 1) * a - now
+      end
+    elseif amount ~= 0 then
+      if redis.call('INCRBY', key, amount) == amount then redis.call('PEXPIRE', key, a) end
+    end
+    used[i] = used[i] + amount
+  end
+end
+local result = {refused}
+for i = 1, n do result[1 + i] = used[i] end
+for i = 1, n do result[1 + n + i] = reset[i] end
+return result
 """
 
-# KEYS: the concurrency sets first (ARGV[2] says how many), then counters to correct.
-# ARGV: request id, number of sets, then one delta per counter.
+# KEYS: the concurrency sets first (ARGV[2] says how many), then the windows and counters to correct.
+# ARGV: request id, number of sets, then per key to correct: the bucket it was counted in ('' for a counter), delta.
+# Corrects only if the request was still in the first set: a settle that arrives twice counts once.
 _SETTLE = """
 local sets = tonumber(ARGV[2])
-for i = 1, #KEYS do
-  if i <= sets then
-    redis.call('ZREM', KEYS[i], ARGV[1])
-  else
-    local delta = tonumber(ARGV[i - sets + 2])
-    if delta ~= 0 and redis.call('EXISTS', KEYS[i]) == 1 then
-      redis.call('INCRBY', KEYS[i], delta)
-    end
+local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+for i = 2, sets do redis.call('ZREM', KEYS[i], ARGV[1]) end
+if removed == 0 then return 0 end
+for i = sets + 1, #KEYS do
+  local base = 2 + (i - sets - 1) * 2
+  local field, delta = ARGV[base + 1], tonumber(ARGV[base + 2])
+  if delta ~= 0 and redis.call('EXISTS', KEYS[i]) == 1 then
+    if field == '' then redis.call('INCRBY', KEYS[i], delta) else redis.call('HINCRBY', KEYS[i], field, delta) end
   end
 end
-return 0
+return 1
 """
 
 
@@ -90,9 +159,10 @@ class Check:
     name: str  # what the refusal names: "requests per minute", ...
     key: str
     limit: int | None
-    ttl_ms: int
-    reset_at: float  # unix time the window ends
     kind: str  # "requests", "tokens", "concurrency", "budget": also what one request counts in it
+    store: int  # SET, WINDOW or COUNTER
+    a: int  # set: slot lifetime (ms); window: bucket length (ms); counter: ttl (ms)
+    b: int = 0  # window: buckets in the window
 
 
 @dataclass(slots=True)
@@ -101,75 +171,89 @@ class Admission:
     checks: tuple[Check, ...]
     amounts: tuple[int, ...] = ()  # per check, what this request reserved
     used: tuple[int, ...] = ()  # per check, the count after this request (admitted) or before it (refused)
+    resets: tuple[float, ...] = ()  # per check, seconds until the window is empty (or, refused: has room); -1 none
     refused: Check | None = None
     refused_amount: int = 0
     degraded: bool = False  # Redis was not reachable; nothing was counted
+    now_ms: int = 0
+
+    def reset_at(self, index: int, now: float) -> float | None:
+        """Unix time check ``index`` resets (see ``resets``); the month's end for the budget; None if never."""
+        check = self.checks[index]
+        if check.store == COUNTER:
+            return _month_end(now)
+        seconds = self.resets[index] if self.resets else -1
+        return None if seconds < 0 else now + seconds
 
 
 _SETTLED_KINDS = ("tokens", "budget")  # reserved at the worst case, corrected to the real amount at the end
 
 
+def _window(name: str, key: str, limit: int | None, kind: str, seconds: int) -> Check:
+    bucket_ms = seconds * 1000 // BUCKETS_PER_WINDOW
+    return Check(name, key, limit, kind, WINDOW, bucket_ms, BUCKETS_PER_WINDOW)
+
+
 class Limiter:
-    def __init__(self, url: str, concurrency_ttl_seconds: float = 900.0) -> None:
+    def __init__(self, url: str) -> None:
         self.client = Redis(url, connect_timeout=0.5, timeout=1.0)
         self._admit = Script(_ADMIT)
         self._settle = Script(_SETTLE)
-        self.concurrency_ttl_ms = int(concurrency_ttl_seconds * 1000)
         self._down_until = 0.0
         self.available = True
         self._plans: dict[tuple[str, str], _Plan] = {}
-        self._budget_share: dict[str, float] = {}  # tenant -> share of its monthly budget spent, as last seen
+        # (tenant id, when it was made) -> share of its monthly budget spent, as last seen in this worker
+        self._budget_share: dict[tuple[str, float | None], float] = {}
+        self._unsettled: deque[bytes] = deque()
+        self._retrying: asyncio.Task | None = None
 
     async def close(self) -> None:
+        if self._retrying is not None:
+            self._retrying.cancel()
+        await self._flush_unsettled()
         await self.client.close()
 
-    def plan(self, tenant: Tenant, key: ApiKey, now: float) -> "_Plan":
+    def plan(self, tenant: Tenant, key: ApiKey, now: float, slot_seconds: float) -> "_Plan":
         """Every limit a request of this tenant and key counts against, the concurrency sets first.
 
-        The keys change once a minute at most, so the plan is kept for the minute (and for this config: a reload
-        makes new tenant objects, and with them a new plan).
+        The plan holds for this config (a reload makes new tenant objects, and with them a new plan) and this
+        calendar month (the budget's key changes with it).
         """
-        minute = int(now // 60)
+        month = time.strftime("%Y%m", time.gmtime(now))
         cached = self._plans.get((tenant.id, key.name))
-        if cached is not None and cached.tenant is tenant and cached.key is key and cached.minute == minute:
+        if cached is not None and cached.tenant is tenant and cached.key is key and cached.month == month:
             return cached
-        plan = self._plans[(tenant.id, key.name)] = _Plan(tenant, key, minute, self._make_plan(tenant, key, now),
-                                                          self._admit)
+        slot_ms = int((slot_seconds + SLOT_MARGIN_SECONDS) * 1000)
+        plan = self._plans[(tenant.id, key.name)] = _Plan(tenant, key, month,
+                                                          self._make_plan(tenant, key, month, slot_ms), self._admit)
         return plan
 
-    def _make_plan(self, tenant: Tenant, key: ApiKey, now: float) -> tuple[Check, ...]:
+    @staticmethod
+    def _make_plan(tenant: Tenant, key: ApiKey, month: str, slot_ms: int) -> tuple[Check, ...]:
         limits = tenant.limits
-        minute, hour, day = int(now // 60), int(now // 3600), int(now // 86400)
-        month = time.strftime("%Y%m", time.gmtime(now))
         prefix = f"gw:{{{tenant.id}}}"  # hash tag: all of a tenant's keys on one cluster slot
         key_prefix = f"{prefix}:key:{key.name}"
         key_limits = key.limits
-        minute_end, hour_end, day_end = (minute + 1) * 60, (hour + 1) * 3600, (day + 1) * 86400
-        inflight = self.concurrency_ttl_ms
-        checks = [Check("concurrent requests", f"{prefix}:inflight", limits.concurrent_requests, inflight, now,
-                        "concurrency")]
+        checks = [Check("concurrent requests", f"{prefix}:inflight", limits.concurrent_requests, "concurrency", SET,
+                        slot_ms)]
         if key_limits and key_limits.concurrent_requests is not None:
             checks.append(Check("concurrent requests of this key", f"{key_prefix}:inflight",
-                                key_limits.concurrent_requests, inflight, now, "concurrency"))
+                                key_limits.concurrent_requests, "concurrency", SET, slot_ms))
         checks += [
-            Check("requests per minute", f"{prefix}:req:m:{minute}", limits.requests_per_minute, 120_000,
-                  minute_end, "requests"),
-            Check("tokens per minute", f"{prefix}:tok:m:{minute}", limits.tokens_per_minute, 120_000,
-                  minute_end, "tokens"),
-            Check("tokens per hour", f"{prefix}:tok:h:{hour}", limits.tokens_per_hour, 7_200_000, hour_end,
-                  "tokens"),
-            Check("calls per day", f"{prefix}:req:d:{day}", limits.calls_per_day, 172_800_000, day_end,
-                  "requests"),
+            _window("requests per minute", f"{prefix}:win:req:m", limits.requests_per_minute, "requests", 60),
+            _window("tokens per minute", f"{prefix}:win:tok:m", limits.tokens_per_minute, "tokens", 60),
+            _window("tokens per hour", f"{prefix}:win:tok:h", limits.tokens_per_hour, "tokens", 3600),
+            _window("calls per day", f"{prefix}:win:req:d", limits.calls_per_day, "requests", 86400),
             Check("monthly budget", f"{prefix}:spend:{month}",
                   None if limits.monthly_budget_usd is None else int(limits.monthly_budget_usd * NANO),
-                  40 * 86_400_000, _month_end(now), "budget"),
+                  "budget", COUNTER, 40 * 86_400_000),
         ]
         if key_limits and key_limits.requests_per_minute is not None:
-            checks.append(Check("requests per minute of this key", f"{key_prefix}:req:m:{minute}",
-                                key_limits.requests_per_minute, 120_000, minute_end, "requests"))
+            checks.append(_window("requests per minute of this key", f"{key_prefix}:win:req:m",
+                                  key_limits.requests_per_minute, "requests", 60))
         if key_limits and key_limits.tokens_per_minute is not None:
-            checks.append(Check("tokens per minute of this key", f"{key_prefix}:tok:m:{minute}",
-                                key_limits.tokens_per_minute, 120_000, minute_end, "tokens"))
+            checks.append(_window("tokens per minute of this key", f"{key_prefix}:win:tok:m",
+                                  key_limits.tokens_per_minute, "tokens", 60))
         return tuple(checks)
 
     async def admit(self, plan: "_Plan", request_id: str, tokens: int, cost_nano: int, now: float) -> Admission:
@@ -177,41 +261,83 @@ class Limiter:
         amounts = tuple(tokens if c.kind == "tokens" else cost_nano if c.kind == "budget" else 1 for c in checks)
         if now < self._down_until:
             return Admission(admitted=True, checks=checks, amounts=amounts, degraded=True)
-        parts = [plan.head, bulk(int(now * 1000)), bulk(request_id), plan.sets]
-        for (limit, ttl), amount in zip(plan.bounds, amounts):
-            parts += (limit, bulk(amount), ttl)
+        now_ms = int(now * 1000)
+        parts = [plan.head, bulk(now_ms), bulk(request_id)]
+        for (kind, limit, a, b), amount in zip(plan.bounds, amounts):
+            parts += (kind, limit, bulk(amount), a, b)
         try:
             result = await self.client.run_packed_script(self._admit, b"".join(parts))
         except _FAILURES as exc:
             self._mark_down(exc)
             return Admission(admitted=True, checks=checks, amounts=amounts, degraded=True)
         self._mark_up()
+        count = len(checks)
+        used = tuple(result[1:1 + count])
+        resets = tuple(r / 1000 if r >= 0 else -1 for r in result[1 + count:])
         budget = plan.budget_index
-        if result[0] == 0:
-            if budget is not None:
-                self._budget_share[plan.tenant.id] = result[1 + budget] / checks[budget].limit
-            return Admission(admitted=True, checks=checks, amounts=amounts, used=tuple(result[1:]))
-        index = int(result[0]) - 1
-        if index == budget:
-            self._budget_share[plan.tenant.id] = (int(result[1]) + amounts[index]) / checks[index].limit
-        return Admission(admitted=False, checks=checks, amounts=amounts, refused=checks[index],
-                         refused_amount=amounts[index], used=(int(result[1]),))
+        refused_index = int(result[0]) - 1
+        if budget is not None:
+            spent = used[budget] + (amounts[budget] if refused_index == budget else 0)
+            self._budget_share[(plan.tenant.id, plan.tenant.created_at)] = spent / checks[budget].limit
+        if refused_index < 0:
+            return Admission(admitted=True, checks=checks, amounts=amounts, used=used, resets=resets, now_ms=now_ms)
+        return Admission(admitted=False, checks=checks, amounts=amounts, used=used, resets=resets,
+                         refused=checks[refused_index], refused_amount=amounts[refused_index], now_ms=now_ms)
 
     def settle(self, admission: Admission, request_id: str, actual: dict[str, int]) -> None:
-        """Free the concurrency slots and correct tokens and spend to ``actual`` ("tokens", "budget")."""
+        """Free the concurrency slots and correct tokens and spend to ``actual`` ("tokens", "budget").
+
+        Nothing waits for Redis; a settle Redis does not take is kept and sent again until it does.
+        """
         if admission.degraded or not admission.admitted:
             return
-        sets = [c for c in admission.checks if c.kind == "concurrency"]
-        corrections = [(c, amount) for c, amount in zip(admission.checks, admission.amounts)
-                       if c.kind in _SETTLED_KINDS]
-        deltas = [actual[c.kind] - amount for c, amount in corrections]
-        # Nothing waits for the answer; a failure marks Redis down like any other.
-        self.client.run_script_nowait(self._settle, [c.key for c in sets] + [c.key for c, _ in corrections],
-                                      [request_id, len(sets), *deltas], self._mark_down)
+        sets = [c for c in admission.checks if c.store == SET]
+        keys = [c.key for c in sets]
+        corrections: list = []
+        for check, amount in zip(admission.checks, admission.amounts):
+            if check.kind in _SETTLED_KINDS:
+                keys.append(check.key)
+                field = str(admission.now_ms // check.a) if check.store == WINDOW else ""
+                corrections += (field, actual[check.kind] - amount)
+        command = pack(("EVALSHA", self._settle.sha, len(keys), *keys, request_id, len(sets), *corrections))
+        self.client.run_packed_nowait(self._settle, command, lambda exc: self._unsettled_later(command, exc))
 
-    def budget_share(self, tenant_id: str) -> float | None:
+    def _unsettled_later(self, command: bytes, exc: BaseException) -> None:
+        self._mark_down(exc)
+        if len(self._unsettled) >= UNSETTLED_MAX:
+            self._unsettled.popleft()
+            log.error("too many settles waiting for Redis; the oldest is dropped (its slot expires by itself)")
+        self._unsettled.append(command)
+        metrics.UNSETTLED.set(len(self._unsettled))
+        if self._retrying is None or self._retrying.done():
+            self._retrying = asyncio.get_running_loop().create_task(self._retry_unsettled())
+
+    async def _retry_unsettled(self) -> None:
+        """Send the kept settles again, oldest first, until Redis has taken every one."""
+        while self._unsettled:
+            await asyncio.sleep(0.5)
+            await self._flush_unsettled()
+
+    async def _flush_unsettled(self) -> None:
+        while self._unsettled:
+            command = self._unsettled[0]
+            try:
+                await self.client.run_packed_script(self._settle, command)
+            except _FAILURES as exc:
+                self._mark_down(exc)
+                return
+            self._unsettled.popleft()
+            metrics.UNSETTLED.set(len(self._unsettled))
+        self._mark_up()
+
+    def budget_share(self, tenant: Tenant) -> float | None:
         """The share of the tenant's monthly budget spent or reserved, as of its last request in this worker."""
-        return self._budget_share.get(tenant_id)
+        return self._budget_share.get((tenant.id, tenant.created_at))
+
+    async def forget(self, tenant_id: str) -> int:
+        """Delete every counter, slot and cached answer of a tenant (its id is about to be used again)."""
+        self._plans = {k: p for k, p in self._plans.items() if k[0] != tenant_id}
+        return await self.client.unlink_matching(f"gw:{{{tenant_id}}}:*")
 
     async def spend_nano(self, tenant_id: str, now: float) -> int:
         """The tenant's spend this month as Redis counts it (reservations in flight included)."""
@@ -238,6 +364,7 @@ class Limiter:
         metrics.REDIS_ERRORS.inc()
 
     def _mark_up(self) -> None:
+        self._down_until = 0.0
         if not self.available:
             log.info("Redis reachable again, limits are counted again")
             self.available = True
@@ -245,17 +372,17 @@ class Limiter:
 
 
 class _Plan:
-    """A tenant and key's checks for one minute, with the parts of the admit command that do not change."""
+    """A tenant and key's checks for one month, with the parts of the admit command that do not change."""
 
-    __slots__ = ("tenant", "key", "minute", "checks", "head", "sets", "bounds", "budget_index")
+    __slots__ = ("tenant", "key", "month", "checks", "head", "bounds", "budget_index")
 
-    def __init__(self, tenant: Tenant, key: ApiKey, minute: int, checks: tuple[Check, ...], script: Script) -> None:
-        self.tenant, self.key, self.minute, self.checks = tenant, key, minute, checks
-        argument_count = 3 + 3 * len(checks)
+    def __init__(self, tenant: Tenant, key: ApiKey, month: str, checks: tuple[Check, ...], script: Script) -> None:
+        self.tenant, self.key, self.month, self.checks = tenant, key, month, checks
+        argument_count = 2 + 5 * len(checks)
         self.head = (b"*%d\r\n" % (3 + len(checks) + argument_count) + bulk("EVALSHA") + bulk(script.sha)
                      + bulk(len(checks)) + b"".join(bulk(c.key) for c in checks))
-        self.sets = bulk(sum(1 for c in checks if c.kind == "concurrency"))
-        self.bounds = tuple((bulk(-1 if c.limit is None else c.limit), bulk(c.ttl_ms)) for c in checks)
+        self.bounds = tuple((bulk(c.store), bulk(-1 if c.limit is None else c.limit), bulk(c.a), bulk(c.b))
+                            for c in checks)
         self.budget_index = next((i for i, c in enumerate(checks) if c.kind == "budget" and c.limit), None)
 
 

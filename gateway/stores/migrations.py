@@ -67,6 +67,23 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE usage_ledger ADD COLUMN route_score real, ADD COLUMN attempts jsonb;
     CREATE INDEX usage_ledger_routed ON usage_ledger (tenant_id, created_at) WHERE complexity IS NOT NULL;
     """,
+    # 4: every admin change stamped with its version, so that replicas read only what changed; deleted tenants
+    # kept in a history (their usage stays readable once the id is used again)
+    """
+    ALTER TABLE api_tenants ADD COLUMN version bigint NOT NULL DEFAULT 0;
+    ALTER TABLE api_keys ADD COLUMN version bigint NOT NULL DEFAULT 0;
+    CREATE INDEX api_tenants_version ON api_tenants (version);
+    CREATE INDEX api_keys_version ON api_keys (version);
+    CREATE TABLE api_tenant_history (
+        tenant_id text NOT NULL,
+        spec jsonb,
+        created_at timestamptz NOT NULL,
+        deleted_at timestamptz NOT NULL DEFAULT now(),
+        version bigint NOT NULL
+    );
+    CREATE INDEX api_tenant_history_version ON api_tenant_history (version);
+    CREATE INDEX api_tenant_history_tenant ON api_tenant_history (tenant_id, deleted_at);
+    """,
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations

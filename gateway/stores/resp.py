@@ -175,12 +175,12 @@ class Redis:
             raise reply
         return reply
 
-    def run_script_nowait(self, script: Script, keys: list[str], args: list[Any], on_error) -> None:
-        """Run a script whose answer nobody waits for; ``on_error(exc)`` hears of a failure.
+    def run_packed_nowait(self, script: Script, command: bytes, on_error) -> None:
+        """Run an EVALSHA of ``script`` already in RESP form whose answer nobody waits for; ``on_error(exc)`` hears
+        of a failure.
 
         Saves the caller a wake-up per command (the settle after each request needs no answer).
         """
-        command = pack(("EVALSHA", script.sha, len(keys), *keys, *args))
         loop = asyncio.get_running_loop()
 
         def the_long_way() -> None:
@@ -217,6 +217,16 @@ class Redis:
                 raise
         await self.execute("SCRIPT", "LOAD", script.source)
         return await self.send_packed(command)
+
+    async def unlink_matching(self, pattern: str) -> int:
+        """Delete every key matching ``pattern`` (SCAN, then UNLINK in batches); the number deleted."""
+        cursor, deleted = b"0", 0
+        while True:
+            cursor, keys = await self.execute("SCAN", cursor, "MATCH", pattern, "COUNT", 1000)
+            if keys:
+                deleted += await self.execute("UNLINK", *keys)
+            if cursor in (b"0", 0, "0"):
+                return deleted
 
     async def close(self) -> None:
         if self._protocol is not None:

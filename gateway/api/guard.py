@@ -1,0 +1,102 @@
+"""The door of the routes off the hot path (admin API, usage, health, metrics, docs).
+
+- The admin API's key is checked before anything of the body is read: an unauthenticated client cannot make the
+  gateway buffer and parse a large body.
+- Every body is bounded; past the limit the answer is a 413 and the rest is never read.
+- A body is read as JSON whatever content type the client declared, as the OpenAI routes do (``curl -d`` sends
+  ``application/x-www-form-urlencoded``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import time
+from typing import Callable
+
+from gateway.asgi import BodyTooLarge, ClientDisconnected, Receive, Scope, Send, header, read_body, send_response
+from gateway.config.keys import hash_key
+from gateway.config.types import GatewayConfig
+from gateway.errors import GatewayError, invalid_api_key
+from gateway.pipeline.auth import presented_key
+
+ADMIN = "gateway.admin"  # scope key: the name of the admin key that was checked
+ADMIN_PREFIX = "/api/"
+_WITH_BODY = frozenset(("POST", "PUT", "PATCH", "DELETE"))
+
+
+class AdminAuth:
+    """Which admin key a request carries: one of tenants.yaml's ``admin_keys`` or ``GATEWAY_ADMIN_KEY``."""
+
+    def __init__(self, config: Callable[[], GatewayConfig], bootstrap_key: str | None, stateless: bool) -> None:
+        self._config = config
+        self._bootstrap = hash_key(bootstrap_key) if bootstrap_key else None
+        self._stateless = stateless
+
+    def check(self, scope: Scope) -> str:
+        """The admin key's name; a GatewayError (401, 403, 503) otherwise."""
+        if self._stateless:
+            raise stateless_gateway()
+        key = presented_key(scope)
+        digest = hashlib.sha256(key.encode("latin-1")).hexdigest()
+        config = self._config()
+        admin_key = config.admin_keys.get(digest)
+        if admin_key is not None:
+            if admin_key.expires_at is not None and admin_key.expires_at <= time.time():
+                raise GatewayError(401, f"The admin key '{admin_key.name}' has expired.", code="expired_api_key")
+            return admin_key.name
+        if self._bootstrap and hmac.compare_digest(digest, self._bootstrap):
+            return "GATEWAY_ADMIN_KEY"
+        if digest in config.keys:
+            raise GatewayError(403, "This is a tenant key; the admin API needs an admin key.",
+                               type="permission_error", code="admin_key_required")
+        raise invalid_api_key()
+
+
+def stateless_gateway() -> GatewayError:
+    return GatewayError(503, "This gateway runs stateless (GATEWAY_STATELESS): it keeps no tenants, keys or usage of "
+                             "its own.", type="server_error", code="stateless_gateway")
+
+
+class BodyGuard:
+    def __init__(self, app, admin: AdminAuth, limit: int) -> None:
+        self.app = app
+        self.admin = admin
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        try:
+            if scope["path"].startswith(ADMIN_PREFIX):
+                scope[ADMIN] = self.admin.check(scope)
+            if scope["method"] in _WITH_BODY:
+                receive = await self._buffered(scope, receive)
+        except GatewayError as error:
+            headers = [(k.encode(), v.encode()) for k, v in error.headers.items()]
+            await send_response(send, error.status, error.body(), headers)
+            return
+        except ClientDisconnected:
+            return
+        await self.app(scope, receive, send)
+
+    async def _buffered(self, scope: Scope, receive: Receive) -> Receive:
+        try:
+            body = await read_body(receive, self.limit, header(scope, b"content-length"))
+        except BodyTooLarge:
+            raise GatewayError(413, f"The request body is larger than this route's limit of {self.limit} bytes.",
+                               code="request_too_large") from None
+        if body:
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [
+                (b"content-type", b"application/json")]
+        sent = False
+
+        async def replay() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
