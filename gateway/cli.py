@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> None:
     sim.add_argument("--slow-stream-ms", type=float, default=0.0, help="extra time between streamed tokens")
     sim.set_defaults(run=_sim)
 
+    stores = commands.add_parser("stores", help="where the running gateway's embedded Valkey and PostgreSQL are")
+    stores.add_argument("--data-dir", type=Path, help="the gateway's data folder (GATEWAY_DATA_DIR, default data)")
+    stores.set_defaults(run=_stores)
+
     keys = commands.add_parser("keys", help="manage tenant API keys")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = key_commands.add_parser("create", help="make a key, store its hash in tenants.yaml, print it once")
@@ -131,6 +135,20 @@ def _sim(args: argparse.Namespace) -> None:
     )
     print(f"simulator listening on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     run(settings, args.host, args.port)
+
+
+def _stores(args: argparse.Namespace) -> None:
+    from gateway.stores.embedded import running_stores
+
+    data_dir = (args.data_dir or Settings.from_env().data_dir).resolve()
+    record = running_stores(data_dir)
+    if record is None:
+        raise SystemExit(f"gateway stores: no gateway with embedded stores is running on {data_dir} (the stores "
+                         f"start with `gateway serve`; with REDIS_URL and DATABASE_URL set, those are the stores)")
+    print(f"# embedded stores of gateway process {record['pid']}, data in {record['data_dir']}", file=sys.stderr)
+    for name in ("REDIS_URL", "DATABASE_URL"):
+        if name in record:
+            print(f"export {name}='{record[name]}'")
 
 
 def _keys_create(args: argparse.Namespace) -> None:

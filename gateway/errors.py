@@ -66,6 +66,8 @@ def invalid_api_key() -> GatewayError:
 
 
 def model_not_found(model: str) -> GatewayError:
+    if len(model) > 256:  # never echo a megabyte back
+        model = model[:256] + "..."
     return GatewayError(
         404,
         f"The model `{model}` does not exist or you do not have access to it.",

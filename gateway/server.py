@@ -8,8 +8,10 @@ import signal
 
 import uvicorn
 
+from gateway.http_protocol import GatewayHttpProtocol
+from gateway.observability.logs import setup_logging
 from gateway.settings import Settings
-from gateway.stores.embedded import EmbeddedServers
+from gateway.stores.embedded import DataFolderInUse, EmbeddedServers, port_in_use
 
 
 class _Server(uvicorn.Server):
@@ -30,17 +32,26 @@ class _Server(uvicorn.Server):
 
 
 def serve(settings: Settings) -> None:
+    setup_logging(settings.log_level)
+    if port_in_use(settings.host, settings.port):  # before any store starts
+        raise SystemExit(f"gateway: {settings.host}:{settings.port} is in use (another gateway?); pass --port")
     # Embedded stores start here, once, so that every worker shares them; workers find them through the URLs.
     embedded = EmbeddedServers(settings.data_dir)
     try:
+        if not settings.stateless and not (settings.redis_url and settings.database_url):
+            try:
+                embedded.lock()
+            except DataFolderInUse as exc:
+                raise SystemExit(f"gateway: {exc}") from None
         if not settings.redis_url and not settings.stateless:
             os.environ["REDIS_URL"] = embedded.start_redis()
         if not settings.database_url and not settings.stateless:
             os.environ["DATABASE_URL"] = embedded.start_postgres()
         options = dict(
             factory=True, host=settings.host, port=settings.port, workers=settings.workers, loop="uvloop",
-            http="httptools", lifespan="on", access_log=False, log_config=None,
+            http=GatewayHttpProtocol, lifespan="on", access_log=False, log_config=None,
             timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
+            timeout_keep_alive=settings.keep_alive_timeout,
         )
         if settings.workers > 1:
             uvicorn.run("gateway.app:create_app", **options)

@@ -30,6 +30,10 @@ class Settings:
     workers: int = 1
     max_body_bytes: int = 16 * 1024 * 1024
     max_admin_body_bytes: int = 1024 * 1024  # bodies of the admin API and every route off the hot path
+    max_header_bytes: int = 64 * 1024  # the request line and headers
+    header_timeout: float = 10.0  # seconds for a request's line and headers to arrive
+    body_timeout: float = 30.0  # longest wait for the next piece of a request body
+    keep_alive_timeout: float = 15.0  # an idle kept-alive connection is closed after this long
     reload_interval: float = 2.0  # seconds between checks of the config files
     log_level: str = "info"
     log_prompts: bool = False  # write prompt text into the request log lines
@@ -71,6 +75,10 @@ class Settings:
             workers=get("WORKERS", int, default.workers),
             max_body_bytes=get("MAX_BODY_BYTES", int, default.max_body_bytes),
             max_admin_body_bytes=get("MAX_ADMIN_BODY_BYTES", int, default.max_admin_body_bytes),
+            max_header_bytes=get("MAX_HEADER_BYTES", int, default.max_header_bytes),
+            header_timeout=get("HEADER_TIMEOUT", float, default.header_timeout),
+            body_timeout=get("BODY_TIMEOUT", float, default.body_timeout),
+            keep_alive_timeout=get("KEEP_ALIVE_TIMEOUT", float, default.keep_alive_timeout),
             reload_interval=get("RELOAD_INTERVAL", float, default.reload_interval),
             log_level=get("LOG_LEVEL", str, default.log_level),
             log_prompts=get("LOG_PROMPTS", _flag, default.log_prompts),

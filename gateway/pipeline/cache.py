@@ -20,6 +20,7 @@ from gateway.config.types import CachePolicy
 from gateway.errors import bad_request
 from gateway.observability import metrics
 from gateway.pipeline.context import RequestContext
+from gateway.pipeline.parse import encode
 from gateway.stores.cache import ResponseCache, cache_key
 from gateway.upstreams.sse import SSERelay
 
@@ -47,7 +48,7 @@ class LookupCache:
             metrics.CACHE_LOOKUPS.labels("bypass").inc()
             return
         ttl = _ttl_override(ctx) or policy.ttl_seconds
-        key = cache_key(ctx.tenant.id, ctx.endpoint.route, ctx.body)
+        key = cache_key(ctx.tenant.id, ctx.endpoint.route, ctx.body, encode)
         if b"no-cache" not in control:
             entry = await self.cache.get(key)
             model = ctx.config.models.get(entry[0].get("model", "")) if entry is not None else None

@@ -29,6 +29,7 @@ from gateway.config.types import Deployment, Model
 from gateway.errors import GatewayError, error_body
 from gateway.observability.metrics import CASCADES, FALLBACKS, UPSTREAM_ERRORS
 from gateway.pipeline.context import RequestContext
+from gateway.pipeline.parse import encode
 from gateway.routing.confidence import measure, strip_logprobs
 from gateway.upstreams.client import UpstreamClient
 from gateway.upstreams.errors import UPSTREAM_FAILURES, from_exception, from_upstream_response
@@ -157,7 +158,7 @@ class Forward:
                 # Ask for usage so the stream can be accounted; the relay drops it again for this client.
                 body["stream_options"] = {**options, "include_usage": True}
                 ctx.usage_injected = True
-        return orjson.dumps(body)
+        return encode(body)
 
     @staticmethod
     def _bill(ctx: RequestContext, answer: Answer, usage: dict | None) -> None:

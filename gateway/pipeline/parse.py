@@ -32,6 +32,34 @@ def _missing(param: str) -> GatewayError:
     return bad_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
 
 
+MAX_DEPTH = 254  # orjson reads deeper JSON than it writes; the gateway re-encodes what it forwards
+
+
+def encode(body: dict, option: int = 0) -> bytes:
+    """The body as JSON; a 400 naming the field that is nested too deeply to be sent on."""
+    try:
+        return orjson.dumps(body, option=option)
+    except orjson.JSONEncodeError:
+        path = _too_deep(body, 0)
+        raise bad_request(f"'{path or 'body'}' is nested too deeply: at most {MAX_DEPTH} levels of arrays and "
+                          "objects are accepted.", param=path, code="nesting_too_deep") from None
+
+
+def _too_deep(value: Any, depth: int) -> str | None:
+    """Where the first value nested deeper than MAX_DEPTH sits: its field and index (``messages[0]``)."""
+    if depth >= MAX_DEPTH and isinstance(value, (dict, list)):
+        return ""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _too_deep(item, depth + 1)
+        if found is not None:
+            if depth >= 2:
+                return ""
+            step = f"[{key}]" if isinstance(key, int) else (f".{key}" if depth else str(key))
+            return step + found
+    return None
+
+
 def _is_int(value: Any) -> bool:
     return type(value) is int
 
@@ -130,6 +158,8 @@ def check_chat(body: dict) -> None:
         content = message.get("content")
         if content is not None and not isinstance(content, (str, list)):
             raise _invalid_type(f"{param}.content", "a string or an array of content parts", content)
+        if isinstance(content, list):
+            _check_parts(content, f"{param}.content")
     for name in ("logprobs", "parallel_tool_calls"):
         value = body.get(name)
         if value is not None and type(value) is not bool:
@@ -144,6 +174,18 @@ def check_chat(body: dict) -> None:
     if response_format is not None and not isinstance(response_format, dict):
         raise _invalid_type("response_format", "an object", response_format)
     _check_common(body)
+
+
+def _check_parts(parts: list, param: str) -> None:
+    for index, part in enumerate(parts):
+        where = f"{param}[{index}]"
+        if not isinstance(part, dict):
+            raise _invalid_type(where, "an object", part)
+        kind = part.get("type")
+        if not isinstance(kind, str):
+            raise (_missing(f"{where}.type") if kind is None else _invalid_type(f"{where}.type", "a string", kind))
+        if kind == "text" and not isinstance(part.get("text"), str):
+            raise _invalid_type(f"{where}.text", "a string", part.get("text"))
 
 
 def check_completion(body: dict) -> None:
@@ -173,6 +215,13 @@ def check_embedding(body: dict) -> None:
     if isinstance(value, list) and not value:
         raise bad_request("Invalid 'input': empty array. Expected an array with minimum length 1.",
                           param="input", code="empty_array")
+    if value == "" or (isinstance(value, list) and any(item == "" or item == [] for item in value)):
+        raise bad_request("'$.input' is invalid: an input must not be empty (a string or an array of tokens "
+                          "with at least one element).", param="input", code="invalid_value")
+    if isinstance(value, list) and not (all(isinstance(item, str) for item in value) or all(
+            _is_int(item) for item in value) or all(isinstance(item, list) and all(_is_int(t) for t in item)
+                                                    for item in value)):
+        raise _invalid_type("input", "a string, an array of strings or an array of token ids", value)
     encoding = body.get("encoding_format")
     if encoding is not None and encoding not in ("float", "base64"):
         raise bad_request(f"Invalid value for 'encoding_format': {encoding!r}. Supported values are: "

@@ -22,10 +22,13 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
     tenant = ctx.tenant.id if ctx.tenant else None
     deployment = ctx.deployment
     failed = ctx.failed_attempts()
+    requested = ctx.model_requested
+    if requested is not None and len(requested) > 256:  # a client may send anything as a model name
+        requested = requested[:256] + "..."
     if ledger is not None:
         ledger.record((
             ctx.request_id, ctx.started_at, tenant, ctx.api_key.name if ctx.api_key else None, ctx.endpoint.route,
-            ctx.model_requested, ctx.model.name if ctx.model else None, deployment.name if deployment else None,
+            requested, ctx.model.name if ctx.model else None, deployment.name if deployment else None,
             deployment.upstream_model if deployment else None, ctx.routing_rule, ctx.complexity, ctx.prompt_tokens,
             ctx.completion_tokens, ctx.cost_usd, elapsed * 1000, ctx.upstream_seconds * 1000,
             ctx.overhead_seconds * 1000, ctx.cache_hit, ctx.cascaded if ctx.profile is not None else None,
@@ -38,7 +41,7 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
         "tenant": tenant,
         "key": ctx.api_key.name if ctx.api_key else None,
         "route": route,
-        "model_requested": ctx.model_requested,
+        "model_requested": requested,
         "model": ctx.model.name if ctx.model else None,
         "deployment": deployment.name if deployment else None,
         "upstream_model": deployment.upstream_model if deployment else None,

@@ -26,10 +26,10 @@ _FAILURES = (OSError, ReplyError, asyncio.TimeoutError, ConnectionError)
 _NOT_IN_KEY = frozenset(("stream_options", "user"))
 
 
-def cache_key(tenant_id: str, route: str, body: dict) -> str:
+def cache_key(tenant_id: str, route: str, body: dict, encode=orjson.dumps) -> str:
     """The key of a request's answer: the tenant, the operation and every field of the body that shapes it."""
     shaping = {k: v for k, v in body.items() if k not in _NOT_IN_KEY}
-    digest = hashlib.sha256(route.encode() + b"\n" + orjson.dumps(shaping, option=orjson.OPT_SORT_KEYS))
+    digest = hashlib.sha256(route.encode() + b"\n" + encode(shaping, option=orjson.OPT_SORT_KEYS))
     return f"gw:{{{tenant_id}}}:cache:{digest.hexdigest()}"
 
 

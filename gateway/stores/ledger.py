@@ -4,6 +4,11 @@ Requests put their row on a queue and move on. A writer task inserts the queue i
 cannot take a batch, the batch goes to a spool file on local disk (fsynced) and a replay task writes the spool
 once PostgreSQL is back. On shutdown the queue is drained into PostgreSQL, or into the spool if it is down, and
 the next start replays it. Rows are keyed by request id, so a batch written twice is stored once.
+
+One bad row never blocks the others. Text is made storable before it is sent (PostgreSQL's text has no NUL
+character, and a client's model name can be anything); a batch PostgreSQL refuses for its data, not for its
+connection, is split until every good row has landed, and a row refused alone is set aside in
+``spool/dead-letter.jsonl`` with a log line and ``gateway_ledger_dead_letter_rows``, where an admin can read it.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import asyncpg
 import orjson
 
 from gateway.observability import metrics
+from gateway.stores.embedded import process_alive
 from gateway.stores.migrations import migrate
 
 log = logging.getLogger("gateway.ledger")
@@ -42,8 +48,12 @@ _INSERT = (
     "ON CONFLICT (request_id) DO NOTHING"
 )
 _CREATED_AT = COLUMNS.index("created_at")
+_TEXT_COLUMNS = tuple(i for i, kind in enumerate(_TYPES) if kind == "text")
+_JSON_COLUMNS = tuple(i for i, kind in enumerate(_TYPES) if kind == "jsonb")
 _STOP: tuple = ()
 WRITE_TIMEOUT = 10.0  # seconds a batch may take before it is spooled instead
+TEXT_LIMIT = 1000  # characters kept of a text column (a client may send a megabyte as a model name)
+DEAD_LETTER_FILE = "dead-letter.jsonl"
 
 
 class Ledger:
@@ -131,27 +141,45 @@ class Ledger:
     async def _flush(self, batch: list[tuple]) -> None:
         if not batch:
             return
-        if await self._insert(batch):
-            metrics.LEDGER_ROWS.labels("written").inc(len(batch))
-        else:
+        set_aside = await self._insert(batch)
+        if set_aside is None:
             self._spool(batch)
+        else:
+            metrics.LEDGER_ROWS.labels("written").inc(len(batch) - set_aside)
 
-    async def _insert(self, rows: list[tuple]) -> bool:
+    async def _insert(self, rows: list[tuple]) -> int | None:
+        """Write ``rows``; the number set aside as dead letters, or None if PostgreSQL could not be reached."""
         if not await self._connect():
-            return False
-        width = len(COLUMNS)  # rows spooled by an older version have fewer columns: the new ones stay null
-        padded = (row if len(row) == width else (*row, *(None,) * (width - len(row))) for row in rows)
-        columns = [list(column) for column in zip(*padded)]
-        columns[_CREATED_AT] = [_timestamp(value) for value in columns[_CREATED_AT]]
+            return None
         try:
+            columns = _columns(rows)
             async with asyncio.timeout(WRITE_TIMEOUT):
                 async with self.pool.acquire() as connection:
                     await connection.execute(_INSERT, *columns)
-        except Exception as exc:  # the batch goes to the spool; a batch that did land is not stored twice
-            self._fail(exc)
-            return False
+        except Exception as exc:  # refused for its data: split; otherwise spooled (a landed batch is not stored twice)
+            if not _data_fault(exc):
+                self._fail(exc)
+                return None
+            if len(rows) == 1:
+                self._dead_letter(rows[0], exc)
+                return 1
+            middle = len(rows) // 2
+            first = await self._insert(rows[:middle])
+            second = await self._insert(rows[middle:]) if first is not None else None
+            return None if second is None else first + second
         self._set_reachable(True)
-        return True
+        return 0
+
+    def _dead_letter(self, row: tuple, exc: BaseException) -> None:
+        path = self.spool_dir / DEAD_LETTER_FILE
+        entry = {"row": dict(zip(COLUMNS, row)), "error": f"{type(exc).__name__}: {exc}", "at": time.time()}
+        with open(path, "ab") as handle:
+            handle.write(orjson.dumps(entry, default=str, option=orjson.OPT_APPEND_NEWLINE))
+            handle.flush()
+            os.fsync(handle.fileno())
+        metrics.LEDGER_DEAD_LETTERS.inc()
+        log.error("usage row of request %s refused by PostgreSQL (%s); set aside in %s", row[0] if row else "?",
+                  exc, path)
 
     def _spool(self, batch: list[tuple]) -> None:
         with open(self._spool_file, "ab") as handle:
@@ -181,7 +209,7 @@ class Ledger:
                 continue
             rows = [tuple(orjson.loads(line)) for line in claimed.read_bytes().splitlines() if line.strip()]
             for start in range(0, len(rows), self.batch_size):
-                if not await self._insert(rows[start:start + self.batch_size]):
+                if await self._insert(rows[start:start + self.batch_size]) is None:
                     return replayed  # still down: the claimed file stays and is tried again
             claimed.unlink()
             replayed += len(rows)
@@ -200,7 +228,7 @@ class Ledger:
             stem, owner, _ = path.name.rsplit(".", 2)
             if int(owner) == os.getpid():
                 return path
-            if _alive(int(owner)):
+            if process_alive(int(owner)):
                 return None
             target = path.with_name(f"{stem}.{os.getpid()}.claimed")
         else:
@@ -220,6 +248,42 @@ class Ledger:
             self.reachable = reachable
 
 
+def _columns(rows: list[tuple]) -> list[list]:
+    """The rows as one array per column, every value made storable."""
+    width = len(COLUMNS)  # rows spooled by an older version have fewer columns: the new ones stay null
+    padded = (row if len(row) == width else (*row, *(None,) * (width - len(row))) for row in rows)
+    columns = [list(column) for column in zip(*padded)]
+    columns[_CREATED_AT] = [_timestamp(value) for value in columns[_CREATED_AT]]
+    for index in _TEXT_COLUMNS:
+        columns[index] = [_storable(value) for value in columns[index]]
+    for index in _JSON_COLUMNS:
+        columns[index] = [value.replace("\\u0000", "\\ufffd") if isinstance(value, str) else value
+                          for value in columns[index]]
+    return columns
+
+
+def _storable(value: object) -> object:
+    """Text PostgreSQL can store: no NUL, valid UTF-8, at most TEXT_LIMIT characters."""
+    if not isinstance(value, str):
+        return value
+    if len(value) > TEXT_LIMIT:
+        value = value[:TEXT_LIMIT]
+    if "\x00" in value:
+        value = value.replace("\x00", "\ufffd")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def _data_fault(exc: BaseException) -> bool:
+    """Whether PostgreSQL (or the driver) refused the rows for what they hold rather than for the connection."""
+    if isinstance(exc, (ValueError, TypeError, OverflowError)):  # asyncpg's client-side DataError is a ValueError
+        return True
+    return (getattr(exc, "sqlstate", None) or "")[:2] in ("22", "23")  # data exception, integrity violation
+
+
 async def _init_connection(connection: asyncpg.Connection) -> None:
     await connection.execute("SET application_name = 'llm-gateway'")
 
@@ -230,13 +294,3 @@ def _timestamp(value: float | str | dt.datetime) -> dt.datetime:
     if isinstance(value, str):
         return dt.datetime.fromisoformat(value)
     return dt.datetime.fromtimestamp(value, dt.timezone.utc)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
