@@ -11,9 +11,10 @@ from gateway.routing.classifier import Classifier, Thresholds
 from gateway.routing.evaluate import RouterReport, judge, load_examples, split, svg, threshold_for_share
 from gateway.routing.scorer import DEFAULT_PATH, LearnedScorer
 
-# The labelled MMLU prompts beside the repository (GATEWAY_ROUTING_DATA names another file).
-DEFAULT_DATA = Path(os.environ.get("GATEWAY_ROUTING_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data"
-                    / "routing" / "mmlu_routing.jsonl")
+# The labelled MMLU prompts shipped with the package (RouteLLM's, Apache-2.0: data/LICENSE-RouteLLM);
+# GATEWAY_ROUTING_DATA names another file.
+PACKAGED_DATA = Path(__file__).with_name("data") / "mmlu_routing.jsonl.gz"
+DEFAULT_DATA = Path(os.environ.get("GATEWAY_ROUTING_DATA") or PACKAGED_DATA)
 
 
 def train(data: Path, output: Path, use_all: bool) -> dict:
@@ -120,7 +121,12 @@ def _summary(report: RouterReport, weak: float, strong: float) -> dict:
 
 
 def print_json(result: dict) -> None:
+    """The result as JSON; lines meant for models.yaml are printed after it as they are to be pasted."""
+    pasted = result.pop("models_yaml", None)
     print(json.dumps(result, indent=2))
+    if pasted:
+        print("# for models.yaml:")
+        print(pasted)
 
 
 __all__ = ["DEFAULT_DATA", "DEFAULT_PATH", "train", "evaluate", "calibrate", "calibrate_from_ledger", "print_json"]

@@ -9,6 +9,7 @@ draws the straight line between the two models and scores 0.5.
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 import zlib
@@ -28,14 +29,15 @@ class Example:
 def load_examples(path: Path) -> list[Example]:
     """The rows of ``path``, less the prompts listed in mmlu_contaminated_prompts.jsonl beside it, if any."""
     contaminated: set[str] = set()
-    listing = path.with_name("mmlu_contaminated_prompts.jsonl")
+    listing = path.with_name("mmlu_contaminated_prompts.jsonl")  # beside the data, compressed or not
     if listing.exists():
         for line in listing.read_text().splitlines():
             if line.strip():
                 row = json.loads(line)
                 contaminated.update(row.get(k, "") for k in ("eval_prompt", "train_prompt"))
     examples = []
-    for line in path.read_text().splitlines():
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    for line in text.splitlines():
         if line.strip():
             row = json.loads(line)
             if row["prompt"] not in contaminated:
