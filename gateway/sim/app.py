@@ -17,7 +17,7 @@ import orjson
 
 from gateway.asgi import DisconnectGuard, ClientDisconnected, Receive, Scope, Send, read_body, send_response
 from gateway.asgi import end_stream, send_chunk, start_stream
-from gateway.sim import generate
+from gateway.sim import generate, schema_json
 from gateway.sim.lora import LoraError, LoraSlots
 from gateway.sim.settings import SimSettings
 
@@ -176,7 +176,8 @@ class Simulator:
                                 f"However, you requested {prompt_tokens + (max_tokens or 0)} tokens.")
         await self._inject_faults(receive)
         completions = [
-            generate.complete(prompt, max_tokens, index, bool(body.get("ignore_eos")))
+            _structured(body, kind, prompt, index, max_tokens)
+            or generate.complete(prompt, max_tokens, index, bool(body.get("ignore_eos")))
             for prompt in prompts for index in range(n)
         ]
         completion_tokens = sum(len(c.tokens) for c in completions)
@@ -356,7 +357,7 @@ class _Options:
     """What one generation request asked for, and how its answer is written."""
 
     __slots__ = ("body", "kind", "model", "prompt_tokens", "completion_tokens", "id", "created", "logprobs",
-                 "top_logprobs", "include_usage", "tool_name", "json_mode")
+                 "top_logprobs", "include_usage", "tool_name")
 
     def __init__(self, body: dict, kind: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
         self.body, self.kind, self.model = body, kind, model
@@ -371,10 +372,7 @@ class _Options:
             self.top_logprobs = int(body.get("logprobs") or 0)
         options = body.get("stream_options")
         self.include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        self.tool_name = _forced_tool(body) if kind == "chat" else None
-        response_format = body.get("response_format")
-        self.json_mode = isinstance(response_format, dict) and response_format.get("type") in (
-            "json_object", "json_schema")
+        self.tool_name = _forced_tool(body)[0] if kind == "chat" else None
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -399,11 +397,8 @@ class _Options:
         if self.tool_name:
             return {"role": "assistant", "content": None, "tool_calls": [
                 {"id": _id("call"), "type": "function",
-                 "function": {"name": self.tool_name, "arguments": orjson.dumps({"text": completion.text}).decode()}}]}
-        return {"role": "assistant", "content": self._content(completion.text)}
-
-    def _content(self, text: str) -> str:
-        return orjson.dumps({"answer": text}).decode() if self.json_mode else text
+                 "function": {"name": self.tool_name, "arguments": completion.text}}]}
+        return {"role": "assistant", "content": completion.text}
 
     def _finish(self, completion: generate.Completion) -> str:
         return "tool_calls" if self.tool_name else completion.finish_reason
@@ -467,17 +462,68 @@ class _Options:
         return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-def _forced_tool(body: dict) -> str | None:
+def _forced_tool(body: dict) -> tuple[str | None, dict | None]:
+    """The tool a request makes the model call (tool_choice naming one, or "required"), and its parameters."""
     tools = body.get("tools")
     if not isinstance(tools, list) or not tools:
-        return None
-    choice = body.get("tool_choice")
+        return None, None
+    choice = body.get("tool_choice", "auto")
+    functions = [t.get("function") for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)]
     if isinstance(choice, dict):
-        return (choice.get("function") or {}).get("name")
-    if choice == "required":
-        first = tools[0] if isinstance(tools[0], dict) else {}
-        return (first.get("function") or {}).get("name")
-    return None
+        name = (choice.get("function") or {}).get("name")
+    elif choice == "required":
+        name = functions[0].get("name") if functions else None
+    elif choice == "auto":
+        name = _chosen_tool(body.get("messages"), functions)
+    else:
+        return None, None
+    if name is None:
+        return None, None
+    spec = next((f for f in functions if f.get("name") == name), {})
+    return name, spec.get("parameters") if isinstance(spec.get("parameters"), dict) else {"type": "object"}
+
+
+def _chosen_tool(messages: object, functions: list[dict]) -> str | None:
+    """With tool_choice "auto": after a user's turn, the tool the user names, or the only one offered; after a
+    tool's result, an answer in words (as a model would)."""
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        return None
+    if messages[-1].get("role") != "user":
+        return None
+    text = _text_of(messages[-1].get("content")).lower()
+    named = [f.get("name") for f in functions if isinstance(f.get("name"), str) and f["name"].lower() in text]
+    if named:
+        return named[0]
+    return functions[0].get("name") if len(functions) == 1 else None
+
+
+def _structured(body: dict, kind: str, prompt: str, index: int, max_tokens: int | None) -> generate.Completion | None:
+    """The answer as JSON when the request asks for it: a forced tool call's arguments, valid against the tool's
+    parameters; content valid against response_format's json_schema; a JSON object for json_object."""
+    if kind != "chat":
+        return None
+    seed = generate.seed_of(prompt, index)
+    name, parameters = _forced_tool(body)
+    response_format = body.get("response_format")
+    if name is not None:
+        text = orjson.dumps(schema_json.instance(parameters, seed)).decode()
+    elif isinstance(response_format, dict) and response_format.get("type") == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        text = orjson.dumps(schema_json.instance(schema if isinstance(schema, dict) else {}, seed)).decode()
+    elif isinstance(response_format, dict) and response_format.get("type") == "json_object":
+        # {"answer": "<the usual words>"}, one token a word, so that max_tokens still yields valid JSON
+        words = generate.complete(prompt, max_tokens, index)
+        tokens = list(words.tokens)
+        tokens[0] = '{"answer": "' + tokens[0]
+        tokens[-1] += '"}'
+        return generate.Completion(tokens=tokens, logprobs=words.logprobs, finish_reason=words.finish_reason)
+    else:
+        return None
+    tokens = schema_json.pieces(text, seed)
+    finish = "stop"
+    if max_tokens is not None and len(tokens) > max_tokens:
+        tokens, finish = tokens[:max_tokens], "length"
+    return generate.Completion(tokens=tokens, logprobs=[-0.01] * len(tokens), finish_reason=finish)
 
 
 def _text_of(content: Any) -> str:
