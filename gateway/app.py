@@ -44,7 +44,7 @@ class Gateway:
         self.directory: TenantDirectory | None = None
         self._watcher: asyncio.Task | None = None
         self.admin_auth = AdminAuth(lambda: self.config.current, settings.admin_key, settings.stateless)
-        self.ops = build_ops_app(self.readiness, self.store_status, [build_admin_router(self)])
+        self.ops = build_ops_app(self.readiness, self.store_status, [build_admin_router(self)], self._choices)
         self._off_hot_path = BodyGuard(self.ops, self.admin_auth, settings.max_admin_body_bytes)
         self._http = RequestIdentity(Cors(self._dispatch, self._cors_origins))
         self._origins: tuple[object, frozenset[str]] = (None, frozenset())
@@ -61,6 +61,13 @@ class Gateway:
             await self.routes(scope, receive, send, route)
         else:
             await self._off_hot_path(scope, receive, send)
+
+    def _choices(self) -> dict[str, list[str]]:
+        """Values the admin API accepts that depend on the config, for its OpenAPI document."""
+        config = self.config.current
+        return {"tier": sorted(config.tiers),
+                "profile": sorted(config.router.profiles) if config.router is not None else [],
+                "chat_model": sorted(name for name, m in config.models.items() if m.type == "chat")}
 
     def _cors_origins(self) -> frozenset[str]:
         """Origins a browser may call from: the global list and every tenant's own (computed once per config)."""

@@ -36,7 +36,6 @@ def test_values_the_stores_cannot_read_back_are_refused(admin_setup):
     _make_tenant(gateway, "strict")
     cases = [
         ("POST", "/api/v1/organizations/strict/keys", {"name": "old", "expires": "0001-01-01"}, "expires"),
-        ("POST", "/api/v1/organizations/strict/keys", {"name": "past", "expires": "2020-01-01"}, "expires"),
         ("POST", "/api/v1/organizations/strict/keys", {"name": "far", "expires": "99999-01-01"}, "expires"),
         ("POST", "/api/v1/organizations/strict/keys", {"name": "a/b"}, "name"),
         ("POST", "/api/v1/organizations/strict/keys", {"name": "nul\u0000"}, "name"),
@@ -162,7 +161,7 @@ def test_key_names_are_safe_in_a_path_and_revocable(admin_setup):
 def test_usage_dates_out_of_range_are_a_400(admin_setup):
     gateway, tenant_key, _ = admin_setup
     auth = {"Authorization": f"Bearer {tenant_key}"}
-    for query, param in (("start=0001-01-01&end=9999-12-31", "start"), ("start=2026-01-01&end=9999-12-31", "end"),
+    for query, param in (("start=0001-01-01&end=9999-12-31", "start"), ("start=2026-01-01&end=10000-01-01", "end"),
                          ("start=2026-02-30", "start"), ("start=0", "start"), ("end=20260101", "end")):
         status, answer = http_request(gateway.port, "GET", f"/v1/usage?{query}", headers=auth)
         assert status == 400, (query, answer)

@@ -14,13 +14,15 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError
 
 from gateway.api.guard import ADMIN, stateless_gateway
+from gateway.api.ops import error_responses
 from gateway.config.keys import generate_key, hash_key
 from gateway.config.routing import unknown_chat_models
-from gateway.config.schema import (FEATURES, KEY_NAME_PATTERN, TENANT_ID_PATTERN, CalendarDate, Strict,
-                                   TenantFields, TenantRoutingSpec, TenantSpec, calendar_date, partial)
+from gateway.config.schema import (DATE_PATTERN, FEATURES, KEY_NAME_PATTERN, TENANT_ID_PATTERN, TEXT_PATTERN,
+                                   CalendarDate, Strict, TenantFields, TenantRoutingSpec, TenantSpec, calendar_date,
+                                   partial)
 from gateway.config.types import GatewayConfig, Tenant
 from gateway.errors import GatewayError
 from gateway.pipeline.auth import identify
@@ -35,8 +37,10 @@ class TenantIn(TenantFields):
     """A new tenant. seed 001's field names (organization_name, subscription_tier) are accepted too."""
 
     id: str | None = Field(None, pattern=TENANT_ID_PATTERN, description="made up from the name when left out")
-    name: str = Field(min_length=1, max_length=200, validation_alias=AliasChoices("name", "organization_name"))
-    tier: str = Field("basic", max_length=64, validation_alias=AliasChoices("tier", "subscription_tier"))
+    name: str = Field(min_length=1, max_length=200, pattern=TEXT_PATTERN,
+                      validation_alias=AliasChoices("name", "organization_name"))
+    tier: str = Field("basic", max_length=64, pattern=TEXT_PATTERN,
+                      validation_alias=AliasChoices("tier", "subscription_tier"))
 
 
 TenantPatch = partial(TenantFields, "TenantPatch")
@@ -46,12 +50,9 @@ class KeyIn(Strict):
     name: str | None = Field(None, pattern=KEY_NAME_PATTERN, description="letters, digits, . _ @ - (up to 64)")
     expires: CalendarDate | None = Field(None, description="the key stops working at the start of this day (UTC)")
 
-    @field_validator("expires")
-    @classmethod
-    def _in_the_future(cls, value: dt.date | None) -> dt.date | None:
-        if value is not None and value <= dt.datetime.now(dt.timezone.utc).date():
-            raise ValueError("must be a day after today")
-        return value
+
+ADMIN_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 503)
+USAGE_ERRORS = error_responses(400, 401, 403, 503)
 
 
 def build_admin_router(gateway: "Gateway") -> APIRouter:
@@ -74,7 +75,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
             raise GatewayError(404, f"No tenant '{tenant_id}'.", type="not_found_error", code="tenant_not_found")
         return tenant
 
-    def tenant_spec(fields: dict) -> TenantSpec:
+    def tenant_spec(tenant_id: str, fields: dict) -> TenantSpec:
         """The tenant as tenants.yaml would declare it; a 400 naming the field if it is not valid."""
         try:
             spec = TenantSpec(**fields)
@@ -93,20 +94,23 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
                                param="tier", code="unknown_tier")
         if spec.routing is not None:
             _check_routing(spec.routing, config())
+        problem = gateway.config.problem_with(tenant_id, spec)
+        if problem is not None:
+            raise GatewayError(400, f"This tenant cannot be served: {problem}", code="invalid_tenant")
         return spec
 
     async def apply() -> None:
         await gateway.config.refresh_directory()
 
-    admin = [Depends(require_admin)]
+    admin = dict(dependencies=[Depends(require_admin)], tags=["admin"], responses=ADMIN_ERRORS)
 
-    @router.post("/api/v1/organizations", status_code=201, dependencies=admin, tags=["admin"])
+    @router.post("/api/v1/organizations", status_code=201, **admin)
     async def create_tenant(body: TenantIn) -> dict:
         """Create a tenant. It is kept in PostgreSQL and in force on every gateway within seconds."""
         tenant_id = body.id or _id_from(body.name)
         if tenant_id in config().tenants:
             raise GatewayError(409, f"A tenant '{tenant_id}' already exists.", param="id", code="tenant_exists")
-        spec = tenant_spec(body.model_dump(exclude={"id"}))
+        spec = tenant_spec(tenant_id, body.model_dump(exclude={"id"}))
         try:
             await gateway.directory.create_tenant(tenant_id, spec)
         except Conflict as exc:
@@ -115,26 +119,30 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         await apply()
         return _view(tenant_or_404(tenant_id), config())
 
-    @router.get("/api/v1/organizations", dependencies=admin, tags=["admin"])
+    @router.get("/api/v1/organizations", **admin)
     async def list_tenants() -> dict:
         current = config()
         return {"object": "list", "data": [_view(t, current) for _, t in sorted(current.tenants.items())]}
 
-    @router.get("/api/v1/organizations/{tenant_id}", dependencies=admin, tags=["admin"])
+    @router.get("/api/v1/organizations/{tenant_id}", **admin)
     async def get_tenant(tenant_id: str) -> dict:
         return _view(tenant_or_404(tenant_id), config())
 
-    @router.patch("/api/v1/organizations/{tenant_id}", dependencies=admin, tags=["admin"])
+    @router.patch("/api/v1/organizations/{tenant_id}", **admin)
     async def update_tenant(tenant_id: str, body: TenantPatch) -> dict:
         tenant = _made_here(tenant_or_404(tenant_id))
         current = gateway.config.api_spec(tenant.id).model_dump()
-        current.update(body.model_dump(exclude_unset=True))
-        spec = tenant_spec(current)
+        for field, value in body.model_dump(exclude_unset=True).items():
+            if value is None:
+                current.pop(field, None)  # null: back to the default (the tier's, for limits)
+            else:
+                current[field] = value
+        spec = tenant_spec(tenant_id, current)
         await gateway.directory.update_tenant(tenant_id, spec)
         await apply()
         return _view(tenant_or_404(tenant_id), config())
 
-    @router.delete("/api/v1/organizations/{tenant_id}", dependencies=admin, tags=["admin"])
+    @router.delete("/api/v1/organizations/{tenant_id}", **admin)
     async def delete_tenant(tenant_id: str) -> dict:
         """Delete a tenant made here and revoke its keys. Its usage rows stay in the ledger."""
         _made_here(tenant_or_404(tenant_id))
@@ -143,7 +151,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         await gateway.forget_tenant_state(tenant_id)
         return {"id": tenant_id, "object": "organization", "deleted": True}
 
-    @router.get("/api/v1/organizations/{tenant_id}/history", dependencies=admin, tags=["admin"])
+    @router.get("/api/v1/organizations/{tenant_id}/history", **admin)
     async def tenant_history(tenant_id: str) -> dict:
         """Earlier tenants that had this id (deleted through the API): when each was made and deleted, and its
         usage over its lifetime. The ledger keeps their rows; reports of the current tenant start at its making."""
@@ -155,7 +163,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
             entry["usage"] = await _report_between(gateway, tenant_id, begin, end)
         return {"object": "list", "id": tenant_id, "data": past}
 
-    @router.post("/api/v1/organizations/{tenant_id}/keys", status_code=201, dependencies=admin, tags=["admin"])
+    @router.post("/api/v1/organizations/{tenant_id}/keys", status_code=201, **admin)
     async def create_key(tenant_id: str, body: KeyIn | None = None) -> dict:
         """Make a key. The key is in this answer only; the gateway keeps its SHA-256."""
         tenant_or_404(tenant_id)
@@ -175,13 +183,13 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         return {"object": "api_key", "tenant": tenant_id, "name": name, "key": key,
                 "expires": body.expires.isoformat() if body.expires else None}
 
-    @router.get("/api/v1/organizations/{tenant_id}/keys", dependencies=admin, tags=["admin"])
+    @router.get("/api/v1/organizations/{tenant_id}/keys", **admin)
     async def list_keys(tenant_id: str) -> dict:
         tenant_or_404(tenant_id)
         from_file = [{"name": name, "source": "yaml"} for name in sorted(_yaml_key_names(config(), tenant_id))]
         return {"object": "list", "data": from_file + await gateway.directory.keys(tenant_id)}
 
-    @router.delete("/api/v1/organizations/{tenant_id}/keys/{name:path}", dependencies=admin, tags=["admin"])
+    @router.delete("/api/v1/organizations/{tenant_id}/keys/{name:path}", **admin)
     async def revoke_key(tenant_id: str, name: str) -> dict:
         tenant_or_404(tenant_id)
         if name in _yaml_key_names(config(), tenant_id):
@@ -193,11 +201,11 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         await apply()
         return {"object": "api_key", "tenant": tenant_id, "name": name, "revoked": True}
 
-    @router.get("/api/v1/organizations/{tenant_id}/usage", dependencies=admin, tags=["admin"])
+    @router.get("/api/v1/organizations/{tenant_id}/usage", **admin)
     async def tenant_usage(tenant_id: str, start: str | None = START, end: str | None = END):
         return await _report(gateway, tenant_or_404(tenant_id), start, end)
 
-    @router.delete("/api/v1/organizations/{tenant_id}/cache", dependencies=admin, tags=["admin"])
+    @router.delete("/api/v1/organizations/{tenant_id}/cache", **admin)
     async def purge_cache(tenant_id: str) -> dict:
         """Delete every response cache entry of this tenant."""
         tenant_or_404(tenant_id)
@@ -210,12 +218,12 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
                                code="cache_unavailable") from None
         return {"object": "cache_purge", "tenant": tenant_id, "deleted": deleted}
 
-    @router.get("/api/v1/organizations/{tenant_id}/routing", dependencies=admin, tags=["admin"])
+    @router.get("/api/v1/organizations/{tenant_id}/routing", **admin)
     async def tenant_routing(tenant_id: str, start: str | None = START, end: str | None = END):
         """What the router did for this tenant: by complexity and model, cascade rate, savings."""
         return await _report(gateway, tenant_or_404(tenant_id), start, end, routing_report)
 
-    @router.get("/v1/routing/stats", tags=["usage"])
+    @router.get("/v1/routing/stats", tags=["usage"], responses=USAGE_ERRORS)
     @router.get("/routing/stats", include_in_schema=False)
     async def own_routing(request: Request, start: str | None = START, end: str | None = END):
         """The calling tenant's routing statistics."""
@@ -223,7 +231,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         require_stores()
         return await _report(gateway, tenant, start, end, routing_report)
 
-    @router.get("/v1/usage", tags=["usage"])
+    @router.get("/v1/usage", tags=["usage"], responses=USAGE_ERRORS)
     @router.get("/usage", include_in_schema=False)
     async def own_usage(request: Request, start: str | None = START, end: str | None = END):
         """The calling tenant's own usage: totals, by day, by model (its key decides which tenant)."""
@@ -234,9 +242,10 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
     return router
 
 
-DAY = r"^\d{4}-\d{2}-\d{2}$"
-START = Query(None, pattern=DAY, description="first day of the report, YYYY-MM-DD (default: the month's first)")
-END = Query(None, pattern=DAY, description="last day of the report, YYYY-MM-DD (default: today)")
+START = Query(None, pattern=DATE_PATTERN, json_schema_extra={"format": "date"},
+              description="first day of the report, YYYY-MM-DD (default: the month's first)")
+END = Query(None, pattern=DATE_PATTERN, json_schema_extra={"format": "date"},
+            description="last day of the report, YYYY-MM-DD (default: today)")
 
 
 def _day(value: str | None, param: str) -> dt.date | None:

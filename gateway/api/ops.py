@@ -1,4 +1,9 @@
-"""Routes for operators: liveness, readiness and Prometheus metrics. Everything off the hot path is FastAPI."""
+"""Routes for operators: liveness, readiness and Prometheus metrics. Everything off the hot path is FastAPI.
+
+The OpenAPI document says what the routes really do: every error answer they can give (in OpenAI's shape, never
+FastAPI's 422), /metrics as Prometheus text, and the values that depend on the config (tiers, routing profiles,
+chat models) as the enumerations the running gateway accepts.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,55 @@ from typing import Callable, Sequence
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from gateway import __version__
 from gateway.errors import GatewayError, error_body
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """Every error the gateway answers, as OpenAI writes them."""
+
+    error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI ``responses`` for these statuses, each an OpenAI-shaped error."""
+    return {status: {"model": ErrorBody, "description": _REASONS.get(status, "error")} for status in statuses}
+
+
+_REASONS = {400: "bad input (the field is named in `param`)", 401: "missing, malformed, wrong or expired key",
+            403: "a key that may not do this", 404: "no such tenant, key or route", 409: "already exists, or "
+            "declared in tenants.yaml", 413: "body too large", 503: "the stores cannot be reached"}
+
+
 def build_ops_app(readiness: Callable[[], dict[str, bool]], stores: Callable[[], dict[str, bool]],
-                  routers: Sequence[APIRouter] = ()) -> FastAPI:
+                  routers: Sequence[APIRouter] = (), choices: Callable[[], dict[str, list[str]]] | None = None
+                  ) -> FastAPI:
     app = FastAPI(title="LLM gateway", version=__version__, docs_url="/docs", redoc_url=None)
     for router in routers:
         app.include_router(router)
+
+    def openapi() -> dict:
+        """Made anew on each call: the enumerations follow the config."""
+        document = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        _without_422(document)
+        if choices is not None:
+            _with_choices(document, choices())
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(GatewayError)
     async def gateway_error(request: Request, exc: GatewayError) -> Response:
@@ -51,8 +92,14 @@ def build_ops_app(readiness: Callable[[], dict[str, bool]], stores: Callable[[],
     async def openai_shaped(request: Request, exc: HTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         message = f"{request.method} {request.url.path} is not a route of this gateway." if exc.status_code == 404 \
+            else f"{request.method} is not allowed on {request.url.path}." if exc.status_code == 405 \
             else str(exc.detail)
-        return Response(error_body(message, kind), status_code=exc.status_code, media_type="application/json")
+        code = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = ", ".join(_methods_of(app, request.scope))
+        return Response(error_body(message, kind, None, code), status_code=exc.status_code,
+                        media_type="application/json", headers=headers)
 
     @app.get("/health", tags=["health"])
     @app.get("/health/live", tags=["health"])
@@ -60,7 +107,7 @@ def build_ops_app(readiness: Callable[[], dict[str, bool]], stores: Callable[[],
         """The process is up and serving HTTP."""
         return {"status": "ok"}
 
-    @app.get("/health/ready", tags=["health"])
+    @app.get("/health/ready", tags=["health"], responses={503: {"description": "a dependency is missing"}})
     async def ready() -> Response:
         """Every dependency the request path needs is in place."""
         checks = readiness()
@@ -68,8 +115,54 @@ def build_ops_app(readiness: Callable[[], dict[str, bool]], stores: Callable[[],
         return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks, "stores": stores()},
                             status_code=200 if ok else 503)
 
-    @app.get("/metrics", tags=["observability"])
+    @app.get("/metrics", tags=["observability"], response_class=Response, responses={200: {
+        "description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def _methods_of(app: FastAPI, scope: dict) -> list[str]:
+    """Every method some route serves at this path (Starlette's 405 names only the first route's)."""
+    methods: set[str] = set()
+    for route in app.routes:
+        regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        if regex is not None and route_methods and regex.match(scope["path"]):
+            methods |= route_methods
+    return sorted(methods)
+
+
+def _without_422(document: dict) -> None:
+    """FastAPI documents a 422 for every route with parameters; the gateway answers a 400 instead."""
+    for path in document.get("paths", {}).values():
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
+    schemas = document.get("components", {}).get("schemas", {})
+    schemas.pop("HTTPValidationError", None)
+    schemas.pop("ValidationError", None)
+
+
+def _with_choices(document: dict, choices: dict[str, list[str]]) -> None:
+    """Name the values the running config accepts: tiers, routing profiles, chat models."""
+    schemas = document.get("components", {}).get("schemas", {})
+    for name, schema in schemas.items():
+        properties = schema.get("properties", {})
+        if name.startswith("Tenant") and "tier" in properties and choices.get("tier"):
+            _enum(properties["tier"], choices["tier"])
+        if name == "TenantRoutingSpec":
+            if choices.get("profile"):
+                _enum(properties.get("profile", {}), choices["profile"])
+            for complexity in ("simple", "moderate", "complex", "critical"):
+                if choices.get("chat_model") and complexity in properties:
+                    _enum(properties[complexity], choices["chat_model"])
+
+
+def _enum(schema: dict, values: list[str]) -> None:
+    """Restrict a string (or string-or-null) property to ``values``."""
+    if "anyOf" in schema:
+        for option in schema["anyOf"]:
+            if option.get("type") == "string":
+                option["enum"] = values
+    elif schema.get("type") == "string":
+        schema["enum"] = values

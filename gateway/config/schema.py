@@ -6,8 +6,8 @@ import datetime as dt
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, create_model,
-                      field_validator, model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, WithJsonSchema,
+                      create_model, field_validator, model_validator)
 from pydantic.fields import FieldInfo
 
 from gateway.config.types import FallbackPolicy
@@ -17,14 +17,16 @@ BUILTIN_SIMULATOR = "builtin:simulator"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"  # safe in a URL path segment
-ORIGIN_PATTERN = r"^(\*|https?://[^/\s]+)/?$"
+ORIGIN_PATTERN = r"^(\*|https?://[A-Za-z0-9.:_\[\]-]+)/?$"  # as browsers send Origin (IDN hosts in punycode)
+TEXT_PATTERN = r"^[^\x00]*$"  # what jsonb can store: no NUL (said in the schema too, so that clients can know)
 
 # What the stores and their readers accept: PostgreSQL's jsonb has no NUL character, Redis scripts count in
 # doubles (exact to 2**53), spend is counted in billionths of a dollar in 64 bits, and dates must survive a trip
 # through timestamptz in any time zone.
 MAX_COUNT = 10**15
 MAX_USD = 1e9
-FIRST_DATE, LAST_DATE = dt.date(1970, 1, 2), dt.date(9999, 12, 30)
+FIRST_DATE, LAST_DATE = dt.date(1970, 1, 1), dt.date(9999, 12, 31)
+DATE_PATTERN = r"^(19[7-9][0-9]|[2-9][0-9]{3})-[0-9]{2}-[0-9]{2}$"  # the same range, as the OpenAPI document says it
 
 
 def _no_nul(value: Any) -> Any:
@@ -59,9 +61,26 @@ def calendar_date(value: Any) -> Any:
     return value if isinstance(value, (dt.date, dt.datetime)) else day
 
 
-CalendarDate = Annotated[dt.date | dt.datetime, BeforeValidator(calendar_date)]
-Count = Annotated[StrictInt, Field(ge=0, le=MAX_COUNT)]
-Usd = Annotated[float, Field(ge=0, le=MAX_USD)]
+CalendarDate = Annotated[dt.date | dt.datetime, BeforeValidator(calendar_date),
+                         WithJsonSchema({"type": "string", "format": "date", "pattern": DATE_PATTERN})]
+def _whole_number(value: Any) -> Any:
+    """An integer as JSON Schema counts one (3077 or 3077.0), never a boolean or a string of digits."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a whole number")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError("must be a whole number")
+        value = int(value)
+    return value
+
+
+def whole(low: int, high: int) -> Any:
+    """A whole number from ``low`` to ``high``, with those bounds in the JSON schema too."""
+    return Annotated[int, Field(ge=low, le=high), BeforeValidator(_whole_number)]
+
+
+Count = whole(0, MAX_COUNT)
+Usd = Annotated[StrictFloat, Field(ge=0, le=MAX_USD)]
 
 
 class Strict(BaseModel):
@@ -74,13 +93,14 @@ class Strict(BaseModel):
 
 
 class Timeouts(Strict):
-    connect: float = Field(5.0, gt=0, le=3600, description="seconds to open a connection to the upstream")
-    read: float = Field(300.0, gt=0, le=86400, description="seconds to wait for the next bytes from the upstream")
+    connect: StrictFloat = Field(5.0, gt=0, le=3600, description="seconds to open a connection to the upstream")
+    read: StrictFloat = Field(300.0, gt=0, le=86400,
+                              description="seconds to wait for the next bytes from the upstream")
 
 
 class Pricing(Strict):
-    input_per_million: float = Field(0.0, ge=0, le=1e6)
-    output_per_million: float = Field(0.0, ge=0, le=1e6)
+    input_per_million: StrictFloat = Field(0.0, ge=0, le=1e6)
+    output_per_million: StrictFloat = Field(0.0, ge=0, le=1e6)
 
 
 class DeploymentSpec(Strict):
@@ -88,7 +108,7 @@ class DeploymentSpec(Strict):
     api_base: str = Field(min_length=1, description="base URL up to /v1, or builtin:simulator")
     model: str = Field(min_length=1, description="the model name the upstream knows")
     api_key: str | None = Field(None, description="env:VAR; the deployment is off while VAR is unset")
-    priority: StrictInt = Field(0, ge=0, le=1000,
+    priority: whole(0, 1000) = Field(0,
                                 description="requests go to the usable deployments of the lowest priority")
     timeouts: Timeouts | None = None
     headers: dict[str, str] = Field(default_factory=dict)
@@ -114,8 +134,8 @@ class CachePolicySpec(Strict):
     """The response cache's policy; a field left out is taken from the level below (tenant, model, defaults)."""
 
     enabled: StrictBool | None = None
-    ttl_seconds: StrictInt | None = Field(None, ge=1, le=30 * 86400)
-    max_entry_bytes: StrictInt | None = Field(None, ge=1, le=64 * 1024 * 1024)
+    ttl_seconds: whole(1, 30 * 86400) | None = None
+    max_entry_bytes: whole(1, 64 * 1024 * 1024) | None = None
     nondeterministic: StrictBool | None = Field(None, description="also cache requests with temperature above 0 "
                                                                   "and no seed")
 
@@ -129,7 +149,7 @@ class ModelSpec(Strict):
         None, description="how the usage dashboard counts it: the small-model share counts 'small' models")
     description: str = ""
     owned_by: str = "gateway"
-    context_window: StrictInt | None = Field(None, gt=0, le=10**9)
+    context_window: whole(1, 10**9) | None = None
     pricing: Pricing = Pricing()
     deployments: list[DeploymentSpec] = Field(min_length=1)
 
@@ -147,11 +167,11 @@ _FALLBACKS, _THRESHOLDS = FallbackPolicy(), Thresholds()  # the defaults, kept w
 
 
 class FallbackSpec(Strict):
-    max_attempts: StrictInt = Field(_FALLBACKS.max_attempts, ge=1, le=10,
+    max_attempts: whole(1, 10) = Field(_FALLBACKS.max_attempts,
                                     description="upstream calls one request may make, fallbacks included")
-    failures_before_cooldown: StrictInt = Field(_FALLBACKS.failures_before_cooldown, ge=1, le=1000,
+    failures_before_cooldown: whole(1, 1000) = Field(_FALLBACKS.failures_before_cooldown,
                                                 description="failures in a row that cool a deployment down")
-    cooldown_seconds: float = Field(_FALLBACKS.cooldown_seconds, ge=0, le=86400,
+    cooldown_seconds: StrictFloat = Field(_FALLBACKS.cooldown_seconds, ge=0, le=86400,
                                     description="how long a cooled-down deployment is passed over")
 
 
@@ -161,7 +181,7 @@ class ModelDefaults(Strict):
     fallbacks: FallbackSpec = FallbackSpec()
     reference_model: str | None = Field(
         None, description="savings are reported against sending every request to this model")
-    request_timeout: float = Field(600.0, gt=0, le=86400, description=(
+    request_timeout: StrictFloat = Field(600.0, gt=0, le=86400, description=(
         "seconds one request may take in all (fallbacks, cascade and a whole stream included); its concurrency "
         "slot is held no longer than this"))
 
@@ -181,7 +201,7 @@ class ProfileModels(Strict):
 
 class ProfileSpec(ProfileModels):
     long_context: str | None = Field(None, description="where a request too long for the chosen model goes")
-    cascade_threshold: float | None = Field(None, ge=0, le=1)
+    cascade_threshold: StrictFloat | None = Field(None, ge=0, le=1)
     economy: ProfileModels | None = Field(None, description="models used once the tenant's spend passes the soft "
                                                             "budget limit")
     over_budget: ProfileModels | None = Field(None, description="models used once the monthly budget is spent "
@@ -190,9 +210,9 @@ class ProfileSpec(ProfileModels):
 
 
 class ThresholdsSpec(Strict):
-    moderate: float = _THRESHOLDS.moderate
-    complex: float = _THRESHOLDS.complex
-    critical: float = _THRESHOLDS.critical
+    moderate: StrictFloat = _THRESHOLDS.moderate
+    complex: StrictFloat = _THRESHOLDS.complex
+    critical: StrictFloat = _THRESHOLDS.critical
 
     @model_validator(mode="after")
     def _rising(self) -> "ThresholdsSpec":
@@ -203,7 +223,7 @@ class ThresholdsSpec(Strict):
 
 class ClassifierSpec(Strict):
     scorer: str = Field("builtin", description="builtin, none, or the path of a file made by gateway router train")
-    weights: dict[str, float] = Field(default_factory=dict, description="changes to the default signal weights")
+    weights: dict[str, StrictFloat] = Field(default_factory=dict, description="changes to the default signal weights")
     thresholds: ThresholdsSpec = ThresholdsSpec()
     markers: dict[Literal[MARKER_LISTS], list[str]] = Field(default_factory=dict,
                                                             description="replace a built-in marker list")
@@ -211,13 +231,13 @@ class ClassifierSpec(Strict):
 
 class CascadeSpec(Strict):
     enabled: StrictBool = True
-    threshold: float = Field(0.6, ge=0, le=1, description="answers of a small model below this are asked again "
-                                                          "of the next model up")
+    threshold: StrictFloat = Field(0.6, ge=0, le=1, description="answers of a small model below this are asked "
+                                                                "again of the next model up")
     uncertainty_phrases: list[str] | None = None
 
 
 class BudgetRoutingSpec(Strict):
-    soft_limit: float = Field(0.8, gt=0, le=1, description="share of the monthly budget after which the "
+    soft_limit: StrictFloat = Field(0.8, gt=0, le=1, description="share of the monthly budget after which the "
                                                            "profile's economy models are used")
 
 
@@ -267,8 +287,8 @@ class LimitsSpec(Strict):
     concurrent_requests: Count | None = None
     calls_per_day: Count | None = None
     monthly_budget_usd: Usd | None = None
-    completion_reservation: StrictInt | None = Field(
-        None, ge=1, le=10**7, description="completion tokens reserved for a request that does not set max_tokens")
+    completion_reservation: whole(1, 10**7) | None = Field(
+        None, description="completion tokens reserved for a request that does not set max_tokens")
 
 
 class KeyLimitsSpec(Strict):
@@ -292,21 +312,21 @@ class TierSpec(Strict):
 class TenantRoutingSpec(ProfileModels):
     """A tenant's changes to its routing: another profile, other models, its own cascade setting."""
 
-    profile: str | None = Field(None, max_length=128)
+    profile: str | None = Field(None, max_length=128, pattern=TEXT_PATTERN)
     cascade: StrictBool | None = None
-    cascade_threshold: float | None = Field(None, ge=0, le=1)
+    cascade_threshold: StrictFloat | None = Field(None, ge=0, le=1)
 
 
 class TenantFields(Strict):
     """What describes a tenant, in tenants.yaml and through the admin API alike."""
 
-    name: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)
     enabled: StrictBool = True
-    tier: str = Field("basic", max_length=64)
-    industry: str | None = Field(None, max_length=64)
-    models: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+    tier: str = Field("basic", max_length=64, pattern=TEXT_PATTERN)
+    industry: str | None = Field(None, max_length=64, pattern=TEXT_PATTERN)
+    models: list[Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)]] = Field(
         default_factory=lambda: ["*"], max_length=1000, description="patterns of model names, * and ? allowed")
-    system_prompt: str | None = Field(None, max_length=100_000)
+    system_prompt: str | None = Field(None, max_length=100_000, pattern=TEXT_PATTERN)
     limits: LimitsSpec = LimitsSpec()
     features: list[Literal[FEATURES]] | None = None  # replaces the tier's list when given
     routing: TenantRoutingSpec | None = None
@@ -320,12 +340,15 @@ class TenantSpec(TenantFields):
 
 
 def partial(model: type[BaseModel], name: str) -> type[BaseModel]:
-    """``model`` with every field optional and unset by default, each keeping its own checks (a PATCH body)."""
+    """``model`` with every field optional and unset by default, each keeping its own checks (a PATCH body).
+
+    A field that has a default may be sent as null (back to its default); one that is required may not.
+    """
     fields = {}
     for field_name, info in model.model_fields.items():
         optional = FieldInfo.merge_field_infos(info, default=None)
         optional.default_factory = None
-        fields[field_name] = (info.annotation | None, optional)
+        fields[field_name] = (info.annotation if info.is_required() else info.annotation | None, optional)
     return create_model(name, __base__=Strict, **fields)
 
 

@@ -115,6 +115,14 @@ class ConfigStore:
 
     # -- the admin API's tenants and keys -----------------------------------------------------------------------
 
+    def problem_with(self, tenant_id: str, spec: TenantSpec) -> str | None:
+        """Why a tenant of the admin API would not compile against the current files, or None."""
+        try:
+            compile_api_tenant(self.base, tenant_id, ApiTenantRecord(spec))
+        except ConfigError as exc:
+            return "; ".join(p.split(": ", 1)[-1] for p in exc.problems)
+        return None
+
     def api_spec(self, tenant_id: str) -> TenantSpec | None:
         record = self._records.get(tenant_id)
         return record.spec if record is not None else None

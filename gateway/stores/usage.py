@@ -47,12 +47,19 @@ GROUP BY 1, 2 ORDER BY 1, 3 DESC
 
 
 def period(start: dt.date | None, end: dt.date | None) -> tuple[dt.datetime, dt.datetime]:
-    """[start, end] as whole UTC days; by default the current calendar month."""
+    """[start, end] as whole UTC days; by default the current calendar month (with only ``end``, its month)."""
     today = dt.datetime.now(dt.timezone.utc).date()
-    start = start or today.replace(day=1)
-    end = end or today
+    end = end or max(today, start or today)
+    start = start or end.replace(day=1)
     as_time = lambda day: dt.datetime.combine(day, dt.time.min, dt.timezone.utc)  # noqa: E731
-    return as_time(start), as_time(end) + dt.timedelta(days=1)
+    finish = as_time(end) + dt.timedelta(days=1) if end < dt.date.max else dt.datetime.max.replace(
+        tzinfo=dt.timezone.utc)
+    return as_time(start), finish
+
+
+def last_day(end: dt.datetime) -> str:
+    """The last day of a period that ends (exclusively) at ``end``."""
+    return (end - dt.timedelta(microseconds=1)).date().isoformat()
 
 
 async def usage_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str, start: dt.datetime,
@@ -68,7 +75,7 @@ async def usage_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str
         "object": "usage_report",
         "tenant": tenant_id,
         "start": start.date().isoformat(),
-        "end": (end - dt.timedelta(days=1)).date().isoformat(),
+        "end": last_day(end),
         "requests": totals["requests"],
         "answered": answered,
         "refused_or_failed": totals["refused_or_failed"],
@@ -124,7 +131,7 @@ async def routing_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: s
         "object": "routing_report",
         "tenant": tenant_id,
         "start": start.date().isoformat(),
-        "end": (end - dt.timedelta(days=1)).date().isoformat(),
+        "end": last_day(end),
         "routed_requests": requests,
         "by_complexity": by_complexity,
         "by_model": dict(sorted(by_model.items(), key=lambda item: -item[1])),
