@@ -46,7 +46,8 @@ class Gateway:
         self.admin_auth = AdminAuth(lambda: self.config.current, settings.admin_key, settings.stateless)
         self.ops = build_ops_app(self.readiness, self.store_status, [build_admin_router(self)], self._choices)
         self._off_hot_path = BodyGuard(self.ops, self.admin_auth, settings.max_admin_body_bytes)
-        self._http = RequestIdentity(Cors(self._dispatch, self._cors_origins))
+        self._http = RequestIdentity(Cors(self._dispatch, self._cors_origins),
+                                     lambda scope: self.routes.answers_for_itself(scope))
         self._origins: tuple[object, frozenset[str]] = (None, frozenset())
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -92,26 +92,35 @@ async def end_stream(send: Send) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
+class DeadlinePassed(Exception):
+    pass
+
+
 class DisconnectGuard:
-    """Cancels the current task if the client goes away while the response is being produced.
+    """Cancels the current task if the client goes away while the response is being produced, or when the
+    request's deadline passes.
 
     uvicorn does not cancel an application when its client disconnects, and silently drops what is sent after;
     without this, an abandoned request would keep its upstream call (and its GPU time) running to the end.
     Leave the guard as soon as the response is sent: after that, ``receive()`` reports a disconnect at once.
 
     Watching costs a task, so it starts only once the request has taken ``grace`` seconds: most answers are sent
-    before that, and a client that leaves sooner costs at most ``grace`` seconds of upstream work.
+    before that, and a client that leaves sooner costs at most ``grace`` seconds of upstream work. The deadline
+    timer starts then too, so a request answered within ``grace`` pays for neither (``asyncio.timeout`` would cost
+    a timer for every request). Past the deadline, leaving the guard raises DeadlinePassed.
     """
 
-    __slots__ = ("_receive", "_grace", "_task", "_timer", "_watcher", "disconnected")
+    __slots__ = ("_receive", "_grace", "_deadline", "_task", "_timer", "_watcher", "disconnected", "expired")
 
-    def __init__(self, receive: Receive, grace: float = 0.05) -> None:
+    def __init__(self, receive: Receive, grace: float = 0.05, deadline: float | None = None) -> None:
         self._receive = receive
         self._grace = grace
+        self._deadline = deadline  # the event loop's time by which the request must be over
         self._task: asyncio.Task | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._watcher: asyncio.Task | None = None
         self.disconnected = False
+        self.expired = False
 
     async def __aenter__(self) -> "DisconnectGuard":
         self._task = asyncio.current_task()
@@ -119,7 +128,13 @@ class DisconnectGuard:
         return self
 
     def _start_watching(self) -> None:
-        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        loop = asyncio.get_running_loop()
+        self._watcher = loop.create_task(self._watch())
+        self._timer = loop.call_at(self._deadline, self._expire) if self._deadline is not None else None
+
+    def _expire(self) -> None:
+        self.expired = True
+        self._task.cancel()
 
     async def _watch(self) -> None:
         while True:
@@ -130,10 +145,11 @@ class DisconnectGuard:
                 return
 
     async def __aexit__(self, exc_type, exc, tb) -> bool:
-        self._timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
-        if self.disconnected and exc_type is asyncio.CancelledError:
+        if exc_type is asyncio.CancelledError and (self.disconnected or self.expired):
             self._task.uncancel()
-            raise ClientDisconnected
+            raise ClientDisconnected if self.disconnected else DeadlinePassed
         return False

@@ -88,7 +88,17 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--rounds", type=int, default=3, help="measurements per target, interleaved; medians reported")
     bench.add_argument("--latency-ms", type=float, default=5.0, help="the simulator's fixed time to answer")
     bench.add_argument("--output", type=Path, help="also write the results as JSON here")
+    bench.add_argument("--baseline", type=Path, help="a checkout of another version of the gateway: its core and "
+                                                     "whole gateway are measured in the same run, interleaved")
     bench.set_defaults(run=_bench)
+    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="[tenants]")
+    tenants_bench = bench_kinds.add_parser("tenants", help="admin writes, reloads, idle CPU, memory and the request "
+                                                           "path with many tenants")
+    tenants_bench.add_argument("--tenants", type=int, default=10_000, help="half in tenants.yaml, half made "
+                                                                         "through the admin API")
+    tenants_bench.add_argument("--duration", type=float, default=5.0, help="seconds per request-path measurement")
+    tenants_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
+    tenants_bench.set_defaults(run=_bench_tenants)
 
     args = parser.parse_args(argv)
     args.run(args)
@@ -211,10 +221,17 @@ def _router(args: argparse.Namespace) -> None:
         commands.print_json(commands.calibrate(data, scorer, args.large_share, args.critical_share))
 
 
+def _bench_tenants(args: argparse.Namespace) -> None:
+    from gateway.bench.tenants import run_tenant_benchmark
+
+    run_tenant_benchmark(tenants=args.tenants, duration=args.duration, output=args.output)
+
+
 def _bench(args: argparse.Namespace) -> None:
     from gateway.bench.run import run_benchmark
 
-    run_benchmark(duration=args.duration, latency_ms=args.latency_ms, output=args.output, rounds=args.rounds)
+    run_benchmark(duration=args.duration, latency_ms=args.latency_ms, output=args.output, rounds=args.rounds,
+                  baseline=args.baseline)
 
 
 if __name__ == "__main__":

@@ -39,113 +39,124 @@ def error_response(status: int, message: str, code: str) -> bytes:
                      b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n", body])
 
 
+SWEEP_SECONDS = 0.5  # how often the connections are checked against their deadlines
+_IDLE, _HEADERS, _BODY = 0, 1, 2
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
+    """Each connection notes a deadline as a request goes from phase to phase (an attribute write, no timer); one
+    task per event loop sweeps the open connections twice a second and closes those past their deadline. A timer
+    armed and cancelled three times a request would cost more than the rest of this class together."""
+
+    _sweepers: dict[asyncio.AbstractEventLoop, asyncio.Task] = {}
+
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         limits = _limits()
         self._header_timeout = limits.header_timeout
         self._body_timeout = limits.body_timeout
         self._max_header_bytes = limits.max_header_bytes
-        self._timer: asyncio.TimerHandle | None = None
+        self._phase = _IDLE
+        self._deadline = 0.0
         self._header_bytes = 0
         self._refused = False
-        self._reading_body = False
 
-    # -- timers ---------------------------------------------------------------------------------------------------
+    # -- deadlines ------------------------------------------------------------------------------------------------
 
-    def _arm(self, seconds: float, callback) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(seconds, callback)
+    def _sweep_later(self) -> None:
+        loop = self.loop
+        if loop not in self._sweepers or self._sweepers[loop].done():
+            self._sweepers[loop] = loop.create_task(_sweep(loop, self.connections))
 
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _headers_too_slow(self) -> None:
-        self._timer = None
-        if not self.transport.is_closing():
-            self.transport.write(error_response(408, "The request headers did not arrive in time.",
-                                                "request_timeout"))
-            self.transport.close()
-
-    def _body_too_slow(self) -> None:
-        self._timer = None
+    def _check(self, now: float) -> None:
+        if self._phase == _IDLE or now < self._deadline or self.transport.is_closing():
+            return
+        if self._phase == _HEADERS:
+            self._close_with(408, "The request headers did not arrive in time.")
+            return
         if self.flow is not None and self.flow.read_paused:  # waiting on the app, not on the client
-            self._arm(self._body_timeout, self._body_too_slow)
+            self._deadline = now + self._body_timeout
             return
         cycle = self.cycle
-        if cycle is not None and not cycle.response_started and not self.transport.is_closing():
+        if cycle is not None and not cycle.response_started:
             self.transport.write(error_response(408, "The request body did not arrive in time.", "request_timeout"))
         if cycle is not None:
             cycle.disconnected = True
             cycle.message_event.set()
+        self._phase = _IDLE
+        self.transport.close()
+
+    def _close_with(self, status: int, message: str, code: str = "request_timeout") -> None:
+        self._phase = _IDLE
+        self._refused = True
+        self.transport.write(error_response(status, message, code))
         self.transport.close()
 
     # -- connection and parser callbacks --------------------------------------------------------------------------
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._arm(self._header_timeout, self._headers_too_slow)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
-        super().connection_lost(exc)
+        self._phase, self._deadline = _HEADERS, self.loop.time() + self._header_timeout
+        self._sweep_later()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
         super().data_received(data)
+        if self._phase == _HEADERS and self._header_bytes > self._max_header_bytes and not self._refused:
+            self._too_large()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._header_bytes = 0
-        self._reading_body = False
-        self._arm(self._header_timeout, self._headers_too_slow)
+        self._phase, self._deadline = _HEADERS, self.loop.time() + self._header_timeout
 
     def on_url(self, url: bytes) -> None:
-        self._count(len(url))
-        super().on_url(url)
+        self._header_bytes += len(url)
+        self.url += url
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._count(len(name) + len(value) + 4)
-        super().on_header(name, value)
+    def on_header(self, name: bytes, value: bytes) -> None:  # uvicorn's, counting the bytes
+        self._header_bytes += len(name) + len(value) + 4
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
-    def _count(self, size: int) -> None:
-        self._header_bytes += size
-        if self._header_bytes > self._max_header_bytes and not self._refused:
-            self._refused = True
-            self._disarm()
-            self.transport.write(error_response(
-                431, f"The request line and headers are larger than the gateway's limit of "
-                     f"{self._max_header_bytes} bytes.", "request_header_fields_too_large"))
-            self.transport.close()
+    def _too_large(self) -> None:
+        self._close_with(431, f"The request line and headers are larger than the gateway's limit of "
+                              f"{self._max_header_bytes} bytes.", "request_header_fields_too_large")
 
     def on_headers_complete(self) -> None:
         if self._refused:
             return
-        self._disarm()
+        if self._header_bytes > self._max_header_bytes:
+            self._too_large()
+            return
         super().on_headers_complete()
-        self._reading_body = True
-        self._arm(self._body_timeout, self._body_too_slow)
+        self._phase, self._deadline = _BODY, self.loop.time() + self._body_timeout
 
     def on_body(self, body: bytes) -> None:
         if self._refused:
             return
         super().on_body(body)
-        self._arm(self._body_timeout, self._body_too_slow)
+        self._deadline = self.loop.time() + self._body_timeout
 
     def on_message_complete(self) -> None:
         if self._refused:
             return
-        self._reading_body = False
-        self._disarm()
+        self._phase = _IDLE
         super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
-        self._disarm()
-        self.transport.write(error_response(
-            400, "The request is not valid HTTP (a bare CR or LF, a NUL or another byte not allowed in a request "
-                 "line or header).", "invalid_http_request"))
-        self.transport.close()
+        self._close_with(400, "The request is not valid HTTP (a bare CR or LF, a NUL or another byte not allowed "
+                              "in a request line or header).", "invalid_http_request")
+
+
+async def _sweep(loop: asyncio.AbstractEventLoop, connections: set) -> None:
+    """Close the connections past their deadline; runs while the server has connections."""
+    while connections:
+        await asyncio.sleep(SWEEP_SECONDS)
+        now = loop.time()
+        for connection in list(connections):
+            if isinstance(connection, GatewayHttpProtocol):
+                connection._check(now)

@@ -1,9 +1,12 @@
 """Every answer of the gateway is accounted for: it carries a request id and writes one log line.
 
 This wraps the whole app, so the gateway's own 404s and 405s, the model list, the admin API and the health routes
-get the same as the OpenAI routes. The request path (the pipeline) takes the id from the scope and writes its own,
-richer log line; for everything else this writes it. An exception that escapes a route before its answer started
-becomes an OpenAI-shaped 500 rather than a plain-text one.
+get the same as the OpenAI routes. An exception that escapes a route before its answer started becomes an
+OpenAI-shaped 500 rather than a plain-text one.
+
+The request path (the pipeline) gives its answers the id itself and writes its own, richer log line. For the
+requests it will serve (``answers_for_itself``), this layer only hands out the id: wrapping ``send`` costs a call
+for every message of every answer, which the hot path does not pay.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Callable
 
 from gateway.asgi import LOG_FIELDS, LOGGED, REQUEST_ID, Message, Receive, Scope, Send, send_response
 from gateway.errors import error_body
@@ -24,8 +28,9 @@ def new_request_id() -> str:
 
 
 class RequestIdentity:
-    def __init__(self, app) -> None:
+    def __init__(self, app, answers_for_itself: Callable[[Scope], bool]) -> None:
         self.app = app
+        self.answers_for_itself = answers_for_itself
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -33,6 +38,9 @@ class RequestIdentity:
             return
         request_id = new_request_id()
         scope[REQUEST_ID] = request_id
+        if self.answers_for_itself(scope):
+            await self.app(scope, receive, send)
+            return
         header = (b"x-request-id", request_id.encode())
         started = time.perf_counter()
         status = 0

@@ -12,7 +12,7 @@ from gateway.config.store import ConfigStore
 from gateway.errors import GatewayError
 from gateway.pipeline import Pipeline
 from gateway.pipeline.access import visible_model
-from gateway.pipeline.auth import identify_fresh
+from gateway.pipeline.auth import identify, identify_again
 from gateway.pipeline.context import Endpoint, RequestContext
 from gateway.pipeline.endpoints import CHAT, COMPLETIONS, EMBEDDINGS
 
@@ -24,6 +24,7 @@ class OpenAIRoutes:
         self.config = config
         self.pipeline = pipeline
         table: dict[str, tuple[str, Handler]] = {}
+        self._pipeline: dict[str, str] = {}  # path -> method of the routes the pipeline serves
         for path, method, handler in (
             ("/chat/completions", "POST", self._endpoint(CHAT)),
             ("/completions", "POST", self._endpoint(COMPLETIONS)),
@@ -31,7 +32,13 @@ class OpenAIRoutes:
             ("/models", "GET", self._list_models),
         ):
             table[path] = table["/v1" + path] = (method, handler)
+            if path != "/models":
+                self._pipeline[path] = self._pipeline["/v1" + path] = method
         self.table = table
+
+    def answers_for_itself(self, scope: Scope) -> bool:
+        """Whether the pipeline will answer this request (it gives its answer the request id and logs it)."""
+        return self._pipeline.get(scope["path"]) == scope["method"]
 
     def match(self, path: str) -> tuple[str, Handler] | None:
         route = self.table.get(path)
@@ -54,9 +61,17 @@ class OpenAIRoutes:
 
         return handle
 
+    async def _identify(self, scope: Scope) -> tuple:
+        config = self.config.current
+        try:
+            tenant, key = identify(scope, config)
+        except GatewayError as error:
+            return await identify_again(scope, self.config, error)
+        return tenant, key, config
+
     async def _list_models(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            tenant, key, config = await identify_fresh(scope, self.config.current, self.config)
+            tenant, key, config = await self._identify(scope)
         except GatewayError as error:
             await send_response(send, error.status, error.body())
             return
@@ -69,7 +84,7 @@ class OpenAIRoutes:
     async def _get_model(self, scope: Scope, receive: Receive, send: Send) -> None:
         name = scope["path"].split("/models/", 1)[1]
         try:
-            tenant, key, config = await identify_fresh(scope, self.config.current, self.config)
+            tenant, key, config = await self._identify(scope)
             scope[LOG_FIELDS] = {"tenant": tenant.id, "key": key.name, "route": "models.retrieve", "model": name}
             card = _alias_card(name) if name in tenant.routes else _model_card(visible_model(config, tenant, name))
         except GatewayError as error:

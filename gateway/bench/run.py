@@ -120,7 +120,10 @@ def _median(runs: list[Measurement]) -> Measurement:
     )
 
 
-def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path | None = None, rounds: int = 3) -> dict:
+def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path | None = None, rounds: int = 3,
+                  baseline: Path | None = None) -> dict:
+    """``baseline``: a checkout of another version of the gateway, whose core and whole gateway are measured in the
+    same run, interleaved with this one's (an A/B on one noisy machine)."""
     if shutil.which("wrk") is None:
         raise SystemExit("gateway bench needs wrk (Debian: apt-get install wrk)")
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
@@ -162,6 +165,18 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
                                      str(config)], env={**env, "GATEWAY_STATELESS": "1"}, stdout=log,
                                     stderr=subprocess.STDOUT)
         processes.append(core)
+        baseline_targets = []
+        if baseline is not None:
+            old_env = {**env, "PYTHONPATH": str(baseline.resolve()), "GATEWAY_DATA_DIR": str(workdir / "data-old")}
+            for name, extra in (("baseline-core", {"GATEWAY_STATELESS": "1"}), ("baseline-gateway", {})):
+                port = free_port()
+                with open(workdir / f"{name}.log", "wb") as log:
+                    process = subprocess.Popen([python, "-m", "gateway", "serve", "--port", str(port), "--config-dir",
+                                                str(config)], env={**old_env, **extra}, cwd=baseline, stdout=log,
+                                               stderr=subprocess.STDOUT)
+                processes.append(process)
+                _wait(process, url=f"http://127.0.0.1:{port}/health/ready")
+                baseline_targets.append((name, port, process))
         passthrough = subprocess.Popen([python, "-m", "gateway.bench.passthrough", str(pass_port),
                                         f"http://127.0.0.1:{sim_port}/v1"], stdout=subprocess.DEVNULL,
                                        stderr=subprocess.DEVNULL)
@@ -187,7 +202,7 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
             ("gateway", f"http://127.0.0.1:{gw_port}{chat}", gateway.pid, script),
             ("routed", f"http://127.0.0.1:{gw_port}{chat}", gateway.pid, routed_script),
             ("cached", f"http://127.0.0.1:{gw_port}{chat}", gateway.pid, cached_script),
-        ]
+        ] + [(name, f"http://127.0.0.1:{port}{chat}", process.pid, script) for name, port, process in baseline_targets]
         measurements, sent = [], 0
         for connections in (1, 64, 128):
             for name, url, _, load in targets:  # warm up: connections, caches, allocator
@@ -206,10 +221,11 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
                       f"  errors {measurement.errors}", file=sys.stderr, flush=True)
         gateway.terminate()  # graceful: the ledger is flushed before the process ends
         gateway.wait(timeout=60)
-        logged = sum(1 for line in (workdir / "gateway.log").read_text().splitlines() if '"event":"request"' in line)
+        logged = sum(1 for line in (workdir / "gateway.log").read_text().splitlines()
+                     if '"event":"request"' in line and '"route":"chat.completions"' in line)
         rows = _ledger_rows(env["DATABASE_URL"])
         sent += sum(m.requests for m in measurements if m.target in THROUGH_GATEWAY)
-        report = _report(measurements, latency_ms, duration, rounds, logged, rows, sent)
+        report = _report(measurements, latency_ms, duration, rounds, logged, rows, sent, bool(baseline_targets))
         report["classifier_microseconds_per_request"] = classifier_cost()
     finally:
         for process in processes:
@@ -282,7 +298,7 @@ def _ledger_rows(dsn: str) -> int:
 
 
 def _report(measurements: list[Measurement], latency_ms: float, duration: float, rounds: int, logged: int,
-            rows: int, sent: int) -> dict:
+            rows: int, sent: int, with_baseline: bool = False) -> dict:
     by = {(m.target, m.concurrency): m for m in measurements}
     summary = {}
     for c in (1, 64, 128):
@@ -316,6 +332,16 @@ def _report(measurements: list[Measurement], latency_ms: float, duration: float,
             "cache_hit_throughput_ratio_to_direct": round(cached.rps / direct.rps, 3),
             "cache_hit_cpu_ms_per_request": round(cached.cpu_ms_per_request, 4),
         }
+        if with_baseline:
+            old_core, old_gateway = by[("baseline-core", c)], by[("baseline-gateway", c)]
+            summary[f"c{c}"].update({
+                "baseline_core_cpu_ms_per_request": round(old_core.cpu_ms_per_request, 4),
+                "baseline_gateway_cpu_ms_per_request": round(old_gateway.cpu_ms_per_request, 4),
+                "core_cpu_ratio_to_baseline": round(core.cpu_ms_per_request / old_core.cpu_ms_per_request, 3),
+                "gateway_cpu_ratio_to_baseline": round(gw.cpu_ms_per_request / old_gateway.cpu_ms_per_request, 3),
+                "baseline_gateway_added_p50_ms": round(old_gateway.p50_ms - direct.p50_ms, 3),
+                "baseline_gateway_added_p99_ms": round(old_gateway.p99_ms - direct.p99_ms, 3),
+            })
     return {
         "setup": {"simulator_latency_ms": latency_ms, "seconds_per_run": duration, "rounds": rounds, "workers": 1,
                   "cpus": os.cpu_count(), "load_generator": "wrk -t1"},

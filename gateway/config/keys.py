@@ -7,10 +7,12 @@ with one hash and one dict lookup.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 from pathlib import Path
 
 from gateway.config.loader import TENANTS_FILE
+from gateway.config.schema import KEY_NAME_PATTERN
 from gateway.config.yaml_source import ConfigError
 
 KEY_PREFIX = "sk-gw-"
@@ -30,6 +32,9 @@ def add_key_to_tenants_file(config_dir: Path, tenant_id: str | None, key_name: s
     """Create a key for ``tenant_id`` (an admin key when None), write its hash into tenants.yaml (comments kept)
     and return the key."""
     from ruamel.yaml import YAML  # only this command edits YAML; keep it off the server's import path
+
+    if not re.fullmatch(KEY_NAME_PATTERN, key_name):
+        raise ConfigError([f"--name '{key_name}': use letters, digits, . _ @ and - (up to 64 characters)"])
 
     path = config_dir / TENANTS_FILE
     yaml = YAML()
@@ -52,7 +57,8 @@ def add_key_to_tenants_file(config_dir: Path, tenant_id: str | None, key_name: s
             tenants[tenant_id]["keys"] = []
         keys, owner = tenants[tenant_id]["keys"], f"tenant '{tenant_id}'"
     if any(k.get("name") == key_name for k in keys):
-        raise ConfigError([f"{path}: {owner} already has a key named '{key_name}'"])
+        raise ConfigError([f"{path}: {owner} already has a key named '{key_name}' (a key is shown only once, when "
+                           f"it is made): make another with a new --name, or leave --name out for a dated one"])
     key = generate_key(ADMIN_PREFIX if tenant_id is None else KEY_PREFIX)
     entry = {"name": key_name, "sha256": hash_key(key)}
     if expires:

@@ -39,6 +39,7 @@ class ApiTenantRecord:
 
     spec: TenantSpec
     created_at: float | None = None  # unix time; a tenant id used again starts a new tenant
+    spec_json: str | None = None  # the spec as the directory stores it, kept for the local copy
 
 
 @dataclass(frozen=True)

@@ -56,15 +56,11 @@ def identify(scope: Scope, config: GatewayConfig) -> tuple[Tenant, ApiKey]:
     return tenant, record
 
 
-async def identify_fresh(scope: Scope, config: GatewayConfig, store) -> tuple[Tenant, ApiKey, GatewayConfig]:
-    """``identify``; a key the config does not know makes ``store`` (a ConfigStore) look for new keys first (at
-    most once a second), so that a key made a moment ago works at once."""
-    try:
-        tenant, key = identify(scope, config)
-        return tenant, key, config
-    except GatewayError as error:
-        if error.code != "invalid_api_key" or store is None or not await store.recheck_for_key():
-            raise
+async def identify_again(scope: Scope, store, refused: GatewayError) -> tuple[Tenant, ApiKey, GatewayConfig]:
+    """After ``identify`` refused a key: if the key was unknown, have ``store`` (a ConfigStore) look for new keys (at
+    most once a second) and try once more, so that a key made a moment ago works at once; else ``refused``."""
+    if refused.code != "invalid_api_key" or store is None or not await store.recheck_for_key():
+        raise refused
     config = store.current
     tenant, key = identify(scope, config)
     return tenant, key, config
@@ -77,4 +73,7 @@ class Authenticate:
         self.store = store
 
     async def __call__(self, ctx: RequestContext) -> None:
-        ctx.tenant, ctx.api_key, ctx.config = await identify_fresh(ctx.scope, ctx.config, self.store)
+        try:
+            ctx.tenant, ctx.api_key = identify(ctx.scope, ctx.config)
+        except GatewayError as error:
+            ctx.tenant, ctx.api_key, ctx.config = await identify_again(ctx.scope, self.store, error)

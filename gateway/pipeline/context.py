@@ -62,7 +62,7 @@ class RequestContext:
         self.overhead_seconds = 0.0
         self.responded = False  # a stage has sent the whole answer; later stages do not run
         self.client_disconnected = False
-        self.response_headers: Headers = []  # x-request-id is added by the outermost layer
+        self.response_headers: Headers = [(b"x-request-id", self.request_id.encode())]
         self.finishers: list[Finisher] = []
         self.reserved_tokens = 0
         self.reserved_cost_nano = 0

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import aiohttp
 import orjson
 
-from gateway.asgi import DisconnectGuard, end_stream, send_chunk, send_response, start_stream
+from gateway.asgi import DeadlinePassed, DisconnectGuard, end_stream, send_chunk, send_response, start_stream
 from gateway.config.types import Deployment, Model
 from gateway.errors import GatewayError, error_body
 from gateway.observability.metrics import CASCADES, FALLBACKS, UPSTREAM_ERRORS
@@ -64,14 +64,13 @@ class Forward:
         limit = ctx.config.request_timeout
         deadline = asyncio.get_running_loop().time() + limit - ctx.elapsed()
         try:
-            async with asyncio.timeout_at(deadline):
-                async with DisconnectGuard(ctx.receive):
-                    if ctx.cascade_to is not None:
-                        await self._cascade(ctx)
-                        return
-                    answer = await self._first_good(ctx, ctx.model, ctx.body, stream=ctx.stream)
-                    await self._relay(ctx, answer)
-        except TimeoutError:
+            async with DisconnectGuard(ctx.receive, deadline=deadline):
+                if ctx.cascade_to is not None:
+                    await self._cascade(ctx)
+                    return
+                answer = await self._first_good(ctx, ctx.model, ctx.body, stream=ctx.stream)
+                await self._relay(ctx, answer)
+        except DeadlinePassed:
             error = GatewayError(504, f"The request took longer than the gateway allows ({limit:g} s, "
                                       f"defaults.request_timeout).", type="timeout_error", code="request_timeout")
             if not ctx.responded:

@@ -67,7 +67,7 @@ def _actual(ctx: RequestContext) -> dict[str, int]:
 def _refusal(admission: Admission, now: float, ctx: RequestContext) -> GatewayError:
     check, amount = admission.refused, admission.refused_amount
     index = admission.checks.index(check)
-    used = admission.used[index]
+    used = admission.used(index)
     reset_at = admission.reset_at(index, now)
     wait = max(1, int(reset_at - now + 0.999)) if reset_at is not None else None
     headers = {"retry-after": str(wait)} if wait is not None else {}
@@ -105,15 +105,11 @@ def _rate_headers(admission: Admission, now: float) -> list[tuple[bytes, bytes]]
     """OpenAI's x-ratelimit headers for the tenant's per-minute windows: limit, what is left, and when the window
     is empty again (refused: when there is room for this request)."""
     headers = []
-    for index, check in enumerate(admission.checks):
-        if check.limit is None or check.name not in ("requests per minute", "tokens per minute"):
-            continue
-        kind = b"requests" if check.kind == "requests" else b"tokens"
-        used = admission.used[index]
+    for index, kind, limit_text, limit in admission.plan.header_checks:
         reset_at = admission.reset_at(index, now)
         headers += [
-            (b"x-ratelimit-limit-" + kind, str(check.limit).encode()),
-            (b"x-ratelimit-remaining-" + kind, str(max(0, check.limit - used)).encode()),
+            (b"x-ratelimit-limit-" + kind, limit_text),
+            (b"x-ratelimit-remaining-" + kind, str(max(0, limit - admission.used(index))).encode()),
             (b"x-ratelimit-reset-" + kind, _duration(0 if reset_at is None else reset_at - now).encode()),
         ]
     return headers

@@ -23,8 +23,8 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
     deployment = ctx.deployment
     failed = ctx.failed_attempts()
     requested = ctx.model_requested
-    if requested is not None and len(requested) > 256:  # a client may send anything as a model name
-        requested = requested[:256] + "..."
+    if requested is not None and (len(requested) > 256 or "\x00" in requested):  # a client may send anything
+        requested = requested[:256].replace("\x00", "\ufffd") + ("..." if len(requested) > 256 else "")
     if ledger is not None:
         ledger.record((
             ctx.request_id, ctx.started_at, tenant, ctx.api_key.name if ctx.api_key else None, ctx.endpoint.route,

@@ -147,12 +147,15 @@ class Ledger:
         else:
             metrics.LEDGER_ROWS.labels("written").inc(len(batch) - set_aside)
 
-    async def _insert(self, rows: list[tuple]) -> int | None:
-        """Write ``rows``; the number set aside as dead letters, or None if PostgreSQL could not be reached."""
+    async def _insert(self, rows: list[tuple], storable: bool = False) -> int | None:
+        """Write ``rows``; the number set aside as dead letters, or None if PostgreSQL could not be reached.
+
+        Rows are sent as they are first (the request path keeps client text storable already); a batch refused for
+        its data is made storable column by column and tried again, then split."""
         if not await self._connect():
             return None
         try:
-            columns = _columns(rows)
+            columns = _columns(rows, storable)
             async with asyncio.timeout(WRITE_TIMEOUT):
                 async with self.pool.acquire() as connection:
                     await connection.execute(_INSERT, *columns)
@@ -160,12 +163,14 @@ class Ledger:
             if not _data_fault(exc):
                 self._fail(exc)
                 return None
+            if not storable:
+                return await self._insert(rows, storable=True)
             if len(rows) == 1:
                 self._dead_letter(rows[0], exc)
                 return 1
             middle = len(rows) // 2
-            first = await self._insert(rows[:middle])
-            second = await self._insert(rows[middle:]) if first is not None else None
+            first = await self._insert(rows[:middle], storable=True)
+            second = await self._insert(rows[middle:], storable=True) if first is not None else None
             return None if second is None else first + second
         self._set_reachable(True)
         return 0
@@ -248,12 +253,14 @@ class Ledger:
             self.reachable = reachable
 
 
-def _columns(rows: list[tuple]) -> list[list]:
-    """The rows as one array per column, every value made storable."""
+def _columns(rows: list[tuple], storable: bool) -> list[list]:
+    """The rows as one array per column (``storable``: every text made storable)."""
     width = len(COLUMNS)  # rows spooled by an older version have fewer columns: the new ones stay null
     padded = (row if len(row) == width else (*row, *(None,) * (width - len(row))) for row in rows)
     columns = [list(column) for column in zip(*padded)]
     columns[_CREATED_AT] = [_timestamp(value) for value in columns[_CREATED_AT]]
+    if not storable:
+        return columns
     for index in _TEXT_COLUMNS:
         columns[index] = [_storable(value) for value in columns[index]]
     for index in _JSON_COLUMNS:

@@ -168,22 +168,35 @@ class Check:
 @dataclass(slots=True)
 class Admission:
     admitted: bool
-    checks: tuple[Check, ...]
+    plan: "_Plan"
     amounts: tuple[int, ...] = ()  # per check, what this request reserved
-    used: tuple[int, ...] = ()  # per check, the count after this request (admitted) or before it (refused)
-    resets: tuple[float, ...] = ()  # per check, seconds until the window is empty (or, refused: has room); -1 none
-    refused: Check | None = None
-    refused_amount: int = 0
+    result: list | None = None  # the admit script's answer: refused, used per check, reset (ms) per check
     degraded: bool = False  # Redis was not reachable; nothing was counted
     now_ms: int = 0
 
+    @property
+    def checks(self) -> tuple[Check, ...]:
+        return self.plan.checks
+
+    @property
+    def refused(self) -> Check | None:
+        return self.checks[self.result[0] - 1] if self.result and self.result[0] else None
+
+    @property
+    def refused_amount(self) -> int:
+        return self.amounts[self.result[0] - 1] if self.result and self.result[0] else 0
+
+    def used(self, index: int) -> int:
+        """The count of check ``index`` after this request (admitted) or before it (refused)."""
+        return self.result[1 + index]
+
     def reset_at(self, index: int, now: float) -> float | None:
-        """Unix time check ``index`` resets (see ``resets``); the month's end for the budget; None if never."""
-        check = self.checks[index]
-        if check.store == COUNTER:
+        """When check ``index`` resets: for a window, when it is empty (admitted) or has room for this request
+        (refused); the month's end for the budget; None if never."""
+        if self.checks[index].store == COUNTER:
             return _month_end(now)
-        seconds = self.resets[index] if self.resets else -1
-        return None if seconds < 0 else now + seconds
+        milliseconds = self.result[1 + len(self.checks) + index]
+        return None if milliseconds < 0 else now + milliseconds / 1000
 
 
 _SETTLED_KINDS = ("tokens", "budget")  # reserved at the worst case, corrected to the real amount at the end
@@ -225,7 +238,8 @@ class Limiter:
             return cached
         slot_ms = int((slot_seconds + SLOT_MARGIN_SECONDS) * 1000)
         plan = self._plans[(tenant.id, key.name)] = _Plan(tenant, key, month,
-                                                          self._make_plan(tenant, key, month, slot_ms), self._admit)
+                                                          self._make_plan(tenant, key, month, slot_ms), self._admit,
+                                                          self._settle)
         return plan
 
     @staticmethod
@@ -260,7 +274,7 @@ class Limiter:
         checks = plan.checks
         amounts = tuple(tokens if c.kind == "tokens" else cost_nano if c.kind == "budget" else 1 for c in checks)
         if now < self._down_until:
-            return Admission(admitted=True, checks=checks, amounts=amounts, degraded=True)
+            return Admission(admitted=True, plan=plan, amounts=amounts, degraded=True)
         now_ms = int(now * 1000)
         parts = [plan.head, bulk(now_ms), bulk(request_id)]
         for (kind, limit, a, b), amount in zip(plan.bounds, amounts):
@@ -269,20 +283,15 @@ class Limiter:
             result = await self.client.run_packed_script(self._admit, b"".join(parts))
         except _FAILURES as exc:
             self._mark_down(exc)
-            return Admission(admitted=True, checks=checks, amounts=amounts, degraded=True)
-        self._mark_up()
-        count = len(checks)
-        used = tuple(result[1:1 + count])
-        resets = tuple(r / 1000 if r >= 0 else -1 for r in result[1 + count:])
+            return Admission(admitted=True, plan=plan, amounts=amounts, degraded=True)
+        if self._down_until:
+            self._mark_up()
         budget = plan.budget_index
-        refused_index = int(result[0]) - 1
+        refused = result[0]
         if budget is not None:
-            spent = used[budget] + (amounts[budget] if refused_index == budget else 0)
-            self._budget_share[(plan.tenant.id, plan.tenant.created_at)] = spent / checks[budget].limit
-        if refused_index < 0:
-            return Admission(admitted=True, checks=checks, amounts=amounts, used=used, resets=resets, now_ms=now_ms)
-        return Admission(admitted=False, checks=checks, amounts=amounts, used=used, resets=resets,
-                         refused=checks[refused_index], refused_amount=amounts[refused_index], now_ms=now_ms)
+            spent = result[1 + budget] + (amounts[budget] if refused == budget + 1 else 0)
+            self._budget_share[plan.budget_key] = spent / checks[budget].limit
+        return Admission(admitted=not refused, plan=plan, amounts=amounts, result=result, now_ms=now_ms)
 
     def settle(self, admission: Admission, request_id: str, actual: dict[str, int]) -> None:
         """Free the concurrency slots and correct tokens and spend to ``actual`` ("tokens", "budget").
@@ -291,15 +300,11 @@ class Limiter:
         """
         if admission.degraded or not admission.admitted:
             return
-        sets = [c for c in admission.checks if c.store == SET]
-        keys = [c.key for c in sets]
+        plan, now_ms, amounts = admission.plan, admission.now_ms, admission.amounts
         corrections: list = []
-        for check, amount in zip(admission.checks, admission.amounts):
-            if check.kind in _SETTLED_KINDS:
-                keys.append(check.key)
-                field = str(admission.now_ms // check.a) if check.store == WINDOW else ""
-                corrections += (field, actual[check.kind] - amount)
-        command = pack(("EVALSHA", self._settle.sha, len(keys), *keys, request_id, len(sets), *corrections))
+        for index, kind, bucket_ms in plan.settled:
+            corrections += (now_ms // bucket_ms if bucket_ms else "", actual[kind] - amounts[index])
+        command = pack((*plan.settle_head, request_id, plan.set_count, *corrections))
         self.client.run_packed_nowait(self._settle, command, lambda exc: self._unsettled_later(command, exc))
 
     def _unsettled_later(self, command: bytes, exc: BaseException) -> None:
@@ -372,18 +377,33 @@ class Limiter:
 
 
 class _Plan:
-    """A tenant and key's checks for one month, with the parts of the admit command that do not change."""
+    """A tenant and key's checks for one month, with what every request's admit and settle commands share."""
 
-    __slots__ = ("tenant", "key", "month", "checks", "head", "bounds", "budget_index")
+    __slots__ = ("tenant", "key", "month", "checks", "head", "bounds", "budget_index", "budget_key", "settled",
+                 "settle_head", "set_count", "header_checks")
 
-    def __init__(self, tenant: Tenant, key: ApiKey, month: str, checks: tuple[Check, ...], script: Script) -> None:
+    def __init__(self, tenant: Tenant, key: ApiKey, month: str, checks: tuple[Check, ...], admit: Script,
+                 settle: Script) -> None:
         self.tenant, self.key, self.month, self.checks = tenant, key, month, checks
         argument_count = 2 + 5 * len(checks)
-        self.head = (b"*%d\r\n" % (3 + len(checks) + argument_count) + bulk("EVALSHA") + bulk(script.sha)
+        self.head = (b"*%d\r\n" % (3 + len(checks) + argument_count) + bulk("EVALSHA") + bulk(admit.sha)
                      + bulk(len(checks)) + b"".join(bulk(c.key) for c in checks))
         self.bounds = tuple((bulk(c.store), bulk(-1 if c.limit is None else c.limit), bulk(c.a), bulk(c.b))
                             for c in checks)
         self.budget_index = next((i for i, c in enumerate(checks) if c.kind == "budget" and c.limit), None)
+        self.budget_key = (tenant.id, tenant.created_at)
+        # Settle: the sets to leave, then per corrected check its index, kind and bucket length (0: a counter).
+        sets = [c.key for c in checks if c.store == SET]
+        self.settled = tuple((i, c.kind, c.a if c.store == WINDOW else 0) for i, c in enumerate(checks)
+                             if c.kind in _SETTLED_KINDS)
+        self.settle_head = ("EVALSHA", settle.sha, len(sets) + len(self.settled), *sets,
+                            *(checks[i].key for i, _, _ in self.settled))
+        self.set_count = len(sets)
+        # The per-minute windows OpenAI's x-ratelimit headers report.
+        self.header_checks = tuple(
+            (i, b"requests" if c.kind == "requests" else b"tokens", str(c.limit).encode(), c.limit)
+            for i, c in enumerate(checks) if c.limit is not None and c.name in ("requests per minute",
+                                                                               "tokens per minute"))
 
 
 def _month_end(now: float) -> float:
