@@ -8,6 +8,7 @@ import logging
 
 from gateway.api.admin import build_admin_router
 from gateway.api.cors import Cors
+from gateway.api.fleet import build_fleet_router
 from gateway.api.guard import AdminAuth, BodyGuard
 from gateway.api.identity import RequestIdentity
 from gateway.api.openai import OpenAIRoutes
@@ -26,6 +27,7 @@ from gateway.stores.embedded import EmbeddedServers
 from gateway.stores.ledger import Ledger
 from gateway.stores.limits import Limiter
 from gateway.upstreams.client import UpstreamClient
+from gateway.upstreams.fleet import Fleet
 
 log = logging.getLogger("gateway")
 
@@ -42,9 +44,11 @@ class Gateway:
         self.ledger: Ledger | None = None
         self.embedded: EmbeddedServers | None = None
         self.directory: TenantDirectory | None = None
+        self.fleet: Fleet | None = None
         self._watcher: asyncio.Task | None = None
         self.admin_auth = AdminAuth(lambda: self.config.current, settings.admin_key, settings.stateless)
-        self.ops = build_ops_app(self.readiness, self.store_status, [build_admin_router(self)], self._choices)
+        self.ops = build_ops_app(self.readiness, self.store_status,
+                                 [build_admin_router(self), build_fleet_router(self)], self._choices)
         self._off_hot_path = BodyGuard(self.ops, self.admin_auth, settings.max_admin_body_bytes)
         self._http = RequestIdentity(Cors(self._dispatch, self._cors_origins),
                                      lambda scope: self.routes.answers_for_itself(scope))
@@ -68,7 +72,8 @@ class Gateway:
         config = self.config.current
         return {"tier": sorted(config.tiers),
                 "profile": sorted(config.router.profiles) if config.router is not None else [],
-                "chat_model": sorted(name for name, m in config.models.items() if m.type == "chat")}
+                "chat_model": sorted(name for name, m in config.models.items() if m.type == "chat"),
+                "fleet_model": sorted(name for name, m in config.models.items() if any(d.pool for d in m.deployments))}
 
     def _cors_origins(self) -> frozenset[str]:
         """Origins a browser may call from: the global list and every tenant's own (computed once per config)."""
@@ -76,6 +81,17 @@ class Gateway:
         if self._origins[0] is not config:
             self._origins = (config, config.cors_origins | config.tenant_origins)
         return self._origins[1]
+
+    def _files_changed(self, config) -> None:
+        """The fleet follows models.yaml: made, changed or closed with it."""
+        if config.fleet is not None and self.fleet is not None:
+            self.fleet.update(config.fleet)
+        elif config.fleet is not None:
+            self.fleet = Fleet(config.fleet)
+            asyncio.get_running_loop().create_task(self.fleet.start())
+        elif self.fleet is not None:
+            fleet, self.fleet = self.fleet, None
+            asyncio.get_running_loop().create_task(fleet.close())
 
     async def forget_tenant_state(self, tenant_id: str) -> None:
         """Drop a tenant's counters, slots and cached answers in Redis: its id is about to start a new tenant."""
@@ -121,9 +137,14 @@ class Gateway:
                                   local_copy=settings.data_dir / "directory.json" if self.directory else None)
         await self.config.refresh_directory()
         await self.client.open()
+        if self.config.current.fleet is not None:
+            self.fleet = Fleet(self.config.current.fleet)
+            await self.fleet.start()
+        self.config.on_files_changed(self._files_changed)
         pipeline = build_pipeline(
             self.config, self.client, self.limiter, self.ledger, self.cache, max_body_bytes=settings.max_body_bytes,
             log_prompts=settings.log_prompts, refuse_without_redis=settings.redis_failure_mode == "closed",
+            fleet=lambda: self.fleet,
         )
         self.routes = OpenAIRoutes(self.config, pipeline)
         self._watcher = asyncio.create_task(self.config.watch(settings.reload_interval))
@@ -153,6 +174,8 @@ class Gateway:
         """Runs after the server has let the requests under way finish: flush the ledger, then close."""
         if self._watcher is not None:
             self._watcher.cancel()
+        if self.fleet is not None:
+            await self.fleet.close()
         if self.ledger is not None:
             await self.ledger.close()
         if self.directory is not None:

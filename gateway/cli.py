@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     sim.add_argument("--max-num-seqs", type=int, default=256, help="requests generated at once")
     sim.add_argument("--max-loras", type=int, default=4, help="LoRA adapter slots")
     sim.add_argument("--lora-swap-ms", type=float, default=0.0, help="time to bring an adapter into a slot")
+    sim.add_argument("--nodes", type=int, default=1, help="simulated vLLM nodes, on consecutive ports from --port")
     sim.add_argument("--error-rate", type=float, default=0.0, help="share of requests that fail")
     sim.add_argument("--error-status", type=int, default=500, help="status of the injected failures")
     sim.add_argument("--hang-rate", type=float, default=0.0, help="share of requests never answered")
@@ -143,8 +144,9 @@ def _sim(args: argparse.Namespace) -> None:
         error_status=args.error_status, hang_rate=args.hang_rate, break_stream_after=args.break_stream_after,
         slow_stream_ms=args.slow_stream_ms, api_key=args.api_key,
     )
-    print(f"simulator listening on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    run(settings, args.host, args.port)
+    for index in range(args.nodes):
+        print(f"simulator listening on http://{args.host}:{args.port + index}/v1", file=sys.stderr, flush=True)
+    run(settings, args.host, args.port, args.nodes)
 
 
 def _stores(args: argparse.Namespace) -> None:

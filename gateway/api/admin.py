@@ -55,6 +55,16 @@ ADMIN_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 503)
 USAGE_ERRORS = error_responses(400, 401, 403, 503)
 
 
+def admin_route(gateway: "Gateway") -> dict:
+    """What every admin route declares: the admin key required, its tag, its error answers."""
+
+    def require_admin(request: Request) -> str:
+        name = request.scope.get(ADMIN)  # checked by the guard before the body was read
+        return name if name is not None else gateway.admin_auth.check(request.scope)
+
+    return dict(dependencies=[Depends(require_admin)], tags=["admin"], responses=ADMIN_ERRORS)
+
+
 def build_admin_router(gateway: "Gateway") -> APIRouter:
     router = APIRouter()
 
@@ -64,10 +74,6 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
     def require_stores() -> None:
         if gateway.directory is None:
             raise stateless_gateway()
-
-    def require_admin(request: Request) -> str:
-        name = request.scope.get(ADMIN)  # checked by the guard before the body was read
-        return name if name is not None else gateway.admin_auth.check(request.scope)
 
     def tenant_or_404(tenant_id: str) -> Tenant:
         tenant = config().tenants.get(tenant_id)
@@ -102,7 +108,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
     async def apply() -> None:
         await gateway.config.refresh_directory()
 
-    admin = dict(dependencies=[Depends(require_admin)], tags=["admin"], responses=ADMIN_ERRORS)
+    admin = admin_route(gateway)
 
     @router.post("/api/v1/organizations", status_code=201, **admin)
     async def create_tenant(body: TenantIn) -> dict:

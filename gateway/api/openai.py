@@ -79,6 +79,8 @@ class OpenAIRoutes:
         data = [_model_card(config.models[name]) for name in sorted(tenant.allowed_models)
                 if name in config.models and config.models[name].serving]
         data += [_alias_card(name) for name in sorted(tenant.routes)]
+        data += [_adapter_card(adapter, tenant.id) for _, adapter in sorted(tenant.adapters.items())
+                 if adapter.base in config.models and config.models[adapter.base].serving]
         await send_response(send, 200, orjson.dumps({"object": "list", "data": data}))
 
     async def _get_model(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -86,7 +88,13 @@ class OpenAIRoutes:
         try:
             tenant, key, config = await self._identify(scope)
             scope[LOG_FIELDS] = {"tenant": tenant.id, "key": key.name, "route": "models.retrieve", "model": name}
-            card = _alias_card(name) if name in tenant.routes else _model_card(visible_model(config, tenant, name))
+            if name in tenant.routes:
+                card = _alias_card(name)
+            elif name in tenant.adapters:
+                visible_model(config, tenant, name)
+                card = _adapter_card(tenant.adapters[name], tenant.id)
+            else:
+                card = _model_card(visible_model(config, tenant, name))
         except GatewayError as error:
             await send_response(send, error.status, error.body())
             return
@@ -98,6 +106,11 @@ _CREATED = 1735689600  # 2025-01-01: a fixed date, so listings are stable across
 
 def _model_card(model) -> dict:
     return {"id": model.name, "object": "model", "created": _CREATED, "owned_by": model.owned_by}
+
+
+def _adapter_card(adapter, tenant_id: str) -> dict:
+    return {"id": adapter.name, "object": "model", "created": _CREATED, "owned_by": tenant_id,
+            "parent": adapter.base}
 
 
 def _alias_card(name: str) -> dict:

@@ -150,12 +150,22 @@ def _with_choices(document: dict, choices: dict[str, list[str]]) -> None:
         properties = schema.get("properties", {})
         if name.startswith("Tenant") and "tier" in properties and choices.get("tier"):
             _enum(properties["tier"], choices["tier"])
+        if name == "AdapterSpec":
+            _enum(properties.get("base", {}), choices.get("fleet_model") or ["(no fleet model)"])
+        if name.startswith("Tenant") and "adapters" in properties and not choices.get("fleet_model"):
+            _limit(properties["adapters"], 0)  # no model runs on a fleet: no adapter can be given
         if name == "TenantRoutingSpec":
             if choices.get("profile"):
                 _enum(properties.get("profile", {}), choices["profile"])
             for complexity in ("simple", "moderate", "complex", "critical"):
                 if choices.get("chat_model") and complexity in properties:
                     _enum(properties[complexity], choices["chat_model"])
+
+
+def _limit(schema: dict, most: int) -> None:
+    for option in schema.get("anyOf", [schema]):
+        if option.get("type") == "object":
+            option["maxProperties"] = most
 
 
 def _enum(schema: dict, values: list[str]) -> None:

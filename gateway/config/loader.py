@@ -9,15 +9,17 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 
-from gateway.config.schema import BUILTIN_SIMULATOR, KeyLimitsSpec, LimitsSpec, ModelsFile, TenantSpec, TenantsFile
+from gateway.config.schema import (BUILTIN_SIMULATOR, FLEET_PREFIX, KeyLimitsSpec, LimitsSpec, ModelsFile, TenantSpec,
+                                   TenantsFile)
 from gateway.config.routing import compile_router, tenant_routes
 from gateway.config.tiers import BUILTIN_TIERS
 from gateway.config.types import (
-    ApiKey, CachePolicy, Deployment, FallbackPolicy, GatewayConfig, KeyLimits, Limits, Model, Pricing, RouterConfig,
-    Tenant,
+    Adapter, ApiKey, CachePolicy, Deployment, FallbackPolicy, FleetConfig, FleetNode, GatewayConfig, KeyLimits, Limits,
+    Model, Pool, Pricing, RouterConfig, TailscaleDiscovery, Tenant,
 )
 from gateway.config.yaml_source import ConfigError, YamlDocument, read_yaml
 from gateway.config.origins import parse_origins
@@ -59,6 +61,7 @@ class BaseConfig:
     profiles: dict
     models_file: ModelsFile
     tiers: dict[str, tuple[Limits, frozenset[str]]]
+    fleet: FleetConfig | None
     tenants: dict[str, Tenant]  # tenants.yaml's
     keys: dict[str, ApiKey]  # tenants.yaml's
     admin_keys: dict[str, ApiKey]
@@ -127,13 +130,14 @@ def load_base(config_dir: Path, *, simulator_url: str | None = None,
         raise ConfigError(problems)
 
     cache_policy = _cache_policy(CachePolicy(), models_file.defaults.cache)
-    models = _compile_models(models_file, models_doc, simulator_url, environ, cache_policy, problems)
     warnings: list[str] = []
+    fleet = _compile_fleet(models_file, environ, warnings)
+    models = _compile_models(models_file, models_doc, simulator_url, environ, cache_policy, problems, fleet)
     router, profiles = compile_router(models_file, models_doc, models, config_dir, problems, warnings)
     if problems:
         raise ConfigError(problems)
     tiers = _compile_tiers(tenants_file)
-    context = _TenantContext(models, router, profiles, models_file, tiers)
+    context = _TenantContext(models, router, profiles, models_file, tiers, fleet)
     tenants: dict[str, Tenant] = {}
     keys: dict[str, ApiKey] = {}
     for tenant_id, spec in tenants_file.tenants.items():
@@ -160,7 +164,8 @@ def load_base(config_dir: Path, *, simulator_url: str | None = None,
         if not m.serving
     ]
     return BaseConfig(
-        models=models, router=router, profiles=profiles, models_file=models_file, tiers=tiers, tenants=tenants,
+        models=models, router=router, profiles=profiles, models_file=models_file, tiers=tiers, fleet=fleet,
+        tenants=tenants,
         keys=keys, admin_keys=admin_keys,
         yaml_key_names={tenant_id: tuple(k.name for k in t.keys) for tenant_id, t in tenants_file.tenants.items()},
         cors_origins=parse_origins(environ.get("GATEWAY_CORS_ORIGINS", "")),
@@ -172,7 +177,7 @@ def compile_api_tenant(base: BaseConfig, tenant_id: str, record: ApiTenantRecord
     """A tenant made through the admin API, compiled against the files' models, tiers and profiles."""
     problems: list[str] = []
     where = f"tenant '{tenant_id}' (admin API)"
-    context = _TenantContext(base.models, base.router, base.profiles, base.models_file, base.tiers)
+    context = _TenantContext(base.models, base.router, base.profiles, base.models_file, base.tiers, base.fleet)
     tenant = _compile_tenant(context, tenant_id, record.spec, "api", where, where, record.created_at, problems)
     if tenant is None or problems:
         raise ConfigError(problems or [f"{where}: cannot be compiled"])
@@ -194,6 +199,7 @@ def assemble(base: BaseConfig, api_tenants: dict[str, Tenant], api_keys: dict[st
         router=base.router,
         fallback_policy=FallbackPolicy(**models_file.defaults.fallbacks.model_dump()),
         request_timeout=models_file.defaults.request_timeout,
+        fleet=base.fleet,
         cache_policy=_cache_policy(CachePolicy(), models_file.defaults.cache),
         tiers=frozenset(base.tiers),
         yaml_key_names=base.yaml_key_names,
@@ -222,9 +228,45 @@ def _validate(doc: YamlDocument, schema: type[BaseModel]) -> Any:
         raise ConfigError(problems) from None
 
 
+def _secret(reference: str | None, environ: Mapping[str, str], missing: list[str]) -> str | None:
+    """The value of a key reference (``env:VAR``); None, noted in ``missing``, when it is not set."""
+    if reference is None:
+        return None
+    variable = reference.removeprefix("env:")
+    value = environ.get(variable) or None
+    if value is None:
+        missing.append(variable)
+    return value
+
+
+def _compile_fleet(spec: ModelsFile, environ: Mapping[str, str], warnings: list[str]) -> FleetConfig | None:
+    fleet = spec.fleet
+    if fleet is None:
+        return None
+    pools = {}
+    for name, pool in fleet.pools.items():
+        missing: list[str] = []
+        key = _secret(pool.api_key, environ, missing)
+        nodes = []
+        for node in pool.nodes:
+            node_key = _secret(node.api_key, environ, missing) if node.api_key else key
+            nodes.append(FleetNode(node.url.rstrip("/"), node.name or urlsplit(node.url).netloc, node_key,
+                                   node.weight))
+        if missing:
+            warnings.append(f"fleet pool '{name}': environment variable {', '.join(sorted(set(missing)))} not set; "
+                            f"its nodes are asked without that key")
+        discovery = pool.discovery.tailscale if pool.discovery is not None else None
+        pools[name] = Pool(name, pool.model, key, pool.max_loras, tuple(nodes), None if discovery is None else
+                           TailscaleDiscovery(discovery.tag, discovery.port, discovery.scheme, discovery.path,
+                                              discovery.command))
+    placement = fleet.placement
+    return FleetConfig(pools, fleet.refresh_seconds, fleet.failures_before_drain, fleet.load_timeout,
+                       placement.strategy, placement.queue_weight, placement.kv_weight)
+
+
 def _compile_models(
     spec: ModelsFile, doc: YamlDocument, simulator_url: str | None, environ: Mapping[str, str],
-    cache_policy: CachePolicy, problems: list[str],
+    cache_policy: CachePolicy, problems: list[str], fleet: FleetConfig | None = None,
 ) -> dict[str, Model]:
     models: dict[str, Model] = {}
     for name, model_spec in spec.models.items():
@@ -233,14 +275,10 @@ def _compile_models(
             timeouts = d.timeouts or spec.defaults.timeouts
             missing: list[str] = []
             api_base = _expand(d.api_base, environ, missing)
-            upstream_model = _expand(d.model, environ, missing)
+            pool = fleet.pools[api_base.removeprefix(FLEET_PREFIX)] if api_base.startswith(FLEET_PREFIX) else None
+            upstream_model = _expand(d.model, environ, missing) if d.model else pool.model
             headers = {k: _expand(v, environ, missing) for k, v in d.headers.items()}
-            api_key = None
-            if d.api_key is not None:
-                variable = d.api_key.removeprefix("env:")
-                api_key = environ.get(variable) or None
-                if api_key is None:
-                    missing.append(variable)
+            api_key = _secret(d.api_key, environ, missing)
             headers = {"Content-Type": "application/json", **headers}
             if api_key:
                 headers["Authorization"] = f"Bearer {api_key}"
@@ -248,6 +286,8 @@ def _compile_models(
             reason = None
             if missing:
                 reason = "environment variable " + ", ".join(sorted(set(missing))) + " not set"
+            elif pool is not None:
+                pass  # the fleet knows which of the pool's nodes can take a request
             elif is_simulator:
                 if simulator_url is None:
                     reason = "the built-in simulator is not running"
@@ -267,6 +307,7 @@ def _compile_models(
                     priority=d.priority,
                     is_simulator=is_simulator,
                     unavailable_reason=reason,
+                    pool=pool.name if pool is not None else None,
                 )
             )
         available = [d for d in deployments if d.unavailable_reason is None]
@@ -352,6 +393,7 @@ class _TenantContext:
     profiles: dict
     models_file: ModelsFile
     tiers: dict[str, tuple[Limits, frozenset[str]]]
+    fleet: FleetConfig | None
 
 
 def _compile_tenant(context: _TenantContext, tenant_id: str, t: TenantSpec, source: str, where: str,
@@ -368,6 +410,7 @@ def _compile_tenant(context: _TenantContext, tenant_id: str, t: TenantSpec, sour
     before = len(problems)
     routes = tenant_routes(context.models_file, context.router, context.profiles, t, allowed, features, where,
                            context.models, problems)
+    adapters = _compile_adapters(context, tenant_id, t, where, problems)
     if len(problems) > before:
         return None
     return Tenant(
@@ -384,9 +427,29 @@ def _compile_tenant(context: _TenantContext, tenant_id: str, t: TenantSpec, sour
         routes=routes,
         cache=t.cache.model_dump(exclude_none=True) if t.cache is not None else {},
         cors_origins=frozenset(o.rstrip("/") for o in t.cors_origins),
+        adapters=adapters,
+        default_adapters={a.base: a for a in adapters.values() if a.default},
         source=source,
         created_at=created_at,
     )
+
+
+def _compile_adapters(context: _TenantContext, tenant_id: str, t: TenantSpec, where: str,
+                      problems: list[str]) -> dict[str, Adapter]:
+    """A tenant's adapters; each applies to a model of the files that a fleet pool serves (whether the tenant may
+    use that model is checked at each request, as for any model)."""
+    adapters: dict[str, Adapter] = {}
+    defaults: set[str] = set()
+    for name, spec in t.adapters.items():
+        base = context.models.get(spec.base)
+        if base is None or not any(d.pool for d in base.deployments):
+            problems.append(f"{where}: adapters.{name}: base '{spec.base}' is not a model served by a fleet pool")
+            continue
+        default = spec.default and spec.base not in defaults
+        if default:
+            defaults.add(spec.base)
+        adapters[name] = Adapter(name, spec.base, spec.path, f"{tenant_id}/{name}", default, spec.on_failure)
+    return adapters
 
 
 def _add_key(keys: dict[str, ApiKey], digest: str, key: ApiKey, where: str, problems: list[str],

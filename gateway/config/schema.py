@@ -14,6 +14,7 @@ from gateway.config.types import FallbackPolicy
 from gateway.routing.classifier import Thresholds
 
 BUILTIN_SIMULATOR = "builtin:simulator"
+FLEET_PREFIX = "fleet:"  # api_base: fleet:<pool> sends a deployment's requests to a pool of vLLM nodes
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"  # safe in a URL path segment
@@ -105,8 +106,9 @@ class Pricing(Strict):
 
 class DeploymentSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
-    api_base: str = Field(min_length=1, description="base URL up to /v1, or builtin:simulator")
-    model: str = Field(min_length=1, description="the model name the upstream knows")
+    api_base: str = Field(min_length=1, description="base URL up to /v1, builtin:simulator, or fleet:<pool>")
+    model: str | None = Field(None, min_length=1, description="the model name the upstream knows (a fleet pool's "
+                                                              "deployment: the pool's model by default)")
     api_key: str | None = Field(None, description="env:VAR; the deployment is off while VAR is unset")
     priority: whole(0, 1000) = Field(0,
                                 description="requests go to the usable deployments of the lowest priority")
@@ -116,11 +118,18 @@ class DeploymentSpec(Strict):
     @field_validator("api_base")
     @classmethod
     def _api_base(cls, value: str) -> str:
-        if value == BUILTIN_SIMULATOR or value.startswith("${"):
+        if value == BUILTIN_SIMULATOR or value.startswith("${") or value.startswith(FLEET_PREFIX):
             return value
         if not re.match(r"^https?://", value):
-            raise ValueError(f"must start with http:// or https:// (or be {BUILTIN_SIMULATOR}), got '{value}'")
+            raise ValueError(f"must start with http:// or https:// (or be {BUILTIN_SIMULATOR} or fleet:<pool>), "
+                             f"got '{value}'")
         return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _upstream_model(self) -> "DeploymentSpec":
+        if self.model is None and not self.api_base.startswith(FLEET_PREFIX):
+            raise ValueError("model: the model name the upstream knows is required")
+        return self
 
     @field_validator("api_key")
     @classmethod
@@ -254,10 +263,95 @@ class RouterSpec(Strict):
     budget: BudgetRoutingSpec = BudgetRoutingSpec()
 
 
+URL_PATTERN = r"^https?://[^\s/]+(/[^\s]*)?$"
+
+
+class FleetNodeSpec(Strict):
+    url: str = Field(pattern=URL_PATTERN, description="the node's OpenAI-compatible base URL, up to /v1 "
+                                                      "(a Tailscale MagicDNS name or 100.x address is a URL like any)")
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="how the node is named (default host:port)")
+    api_key: str | None = Field(None, description="env:VAR: vLLM's --api-key, if the node has one (default: the "
+                                                  "pool's)")
+    weight: StrictFloat = Field(1.0, gt=0, le=1000, description="a node of weight 2 takes twice the load")
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, value: str | None) -> str | None:
+        return DeploymentSpec._api_key(value)
+
+
+class TailscaleDiscoverySpec(Strict):
+    tag: str = Field("tag:vllm", pattern=r"^tag:[A-Za-z0-9-]+$", description="the ACL tag of the vLLM nodes")
+    port: whole(1, 65535) = Field(8000, description="the port vLLM listens on")
+    scheme: Literal["http", "https"] = "http"
+    path: str = Field("/v1", pattern=r"^/[^\s]*$")
+    command: str = Field("tailscale", min_length=1, description="the tailscale CLI (its status --json is read)")
+
+
+class DiscoverySpec(Strict):
+    tailscale: TailscaleDiscoverySpec
+
+
+class PoolSpec(Strict):
+    model: str = Field(min_length=1, description="the base model the pool's nodes serve (vLLM's --model)")
+    api_key: str | None = Field(None, description="env:VAR: the nodes' --api-key")
+    max_loras: whole(1, 1024) = Field(4, description="adapter slots of a node whose metrics do not say")
+    nodes: list[FleetNodeSpec] = Field(default_factory=list)
+    discovery: DiscoverySpec | None = None
+
+    @field_validator("api_key")
+    @classmethod
+    def _api_key(cls, value: str | None) -> str | None:
+        return DeploymentSpec._api_key(value)
+
+    @model_validator(mode="after")
+    def _has_nodes(self) -> "PoolSpec":
+        if not self.nodes and self.discovery is None:
+            raise ValueError("a pool needs nodes, or discovery to find them")
+        return self
+
+
+class PlacementSpec(Strict):
+    strategy: Literal["adapter_aware", "round_robin", "least_loaded"] = Field(
+        "adapter_aware", description="adapter_aware: see the README; the others for comparison")
+    queue_weight: StrictFloat = Field(0.25, ge=0, le=100, description="score lost per request in flight or "
+                                                                      "waiting on a node")
+    kv_weight: StrictFloat = Field(1.0, ge=0, le=100, description="score lost at a full KV cache")
+
+
+class FleetSpec(Strict):
+    refresh_seconds: StrictFloat = Field(5.0, ge=0.1, le=3600, description="how often each node is checked")
+    failures_before_drain: whole(1, 100) = Field(3, description="failed requests in a row that drain a node")
+    load_timeout: StrictFloat = Field(120.0, gt=0, le=3600, description="seconds a node may take to load an "
+                                                                         "adapter")
+    placement: PlacementSpec = PlacementSpec()
+    pools: dict[str, PoolSpec] = Field(min_length=1)
+
+    @field_validator("pools")
+    @classmethod
+    def _pool_names(cls, value: dict[str, PoolSpec]) -> dict[str, PoolSpec]:
+        for name in value:
+            if not re.match(NAME_PATTERN, name):
+                raise ValueError(f"'{name}' is not a valid pool name (letters, digits, . _ : / -)")
+        return value
+
+
 class ModelsFile(Strict):
     defaults: ModelDefaults = ModelDefaults()
     models: dict[str, ModelSpec] = Field(min_length=1)
     router: RouterSpec = RouterSpec()
+    fleet: FleetSpec | None = None
+
+    @model_validator(mode="after")
+    def _fleet_pools_exist(self) -> "ModelsFile":
+        pools = self.fleet.pools if self.fleet is not None else {}
+        for name, model in self.models.items():
+            for deployment in model.deployments:
+                pool = deployment.api_base.removeprefix(FLEET_PREFIX)
+                if deployment.api_base.startswith(FLEET_PREFIX) and pool not in pools:
+                    raise ValueError(f"models.{name}: deployment '{deployment.name}' names the fleet pool '{pool}', "
+                                     f"which the fleet section does not declare")
+        return self
 
     @model_validator(mode="after")
     def _reference_exists(self) -> "ModelsFile":
@@ -317,6 +411,22 @@ class TenantRoutingSpec(ProfileModels):
     cascade_threshold: StrictFloat | None = Field(None, ge=0, le=1)
 
 
+ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class AdapterSpec(Strict):
+    """A tenant's fine-tuned LoRA adapter on a model served by a fleet pool; the tenant asks for it by its name."""
+
+    base: str = Field(min_length=1, max_length=200, pattern=TEXT_PATTERN, description="the model of models.yaml "
+                                                                                      "it applies to")
+    path: str = Field(min_length=1, max_length=1000, pattern=TEXT_PATTERN,
+                      description="where a node loads it from (vLLM's lora_path)")
+    default: StrictBool = Field(False, description="the tenant's requests for the base model run on it too (if "
+                                                   "several say so, the first written)")
+    on_failure: Literal["error", "base"] = Field(
+        "error", description="when no node can load it: a 503 naming it, or the base model without it")
+
+
 class TenantFields(Strict):
     """What describes a tenant, in tenants.yaml and through the admin API alike."""
 
@@ -333,6 +443,9 @@ class TenantFields(Strict):
     cache: CachePolicySpec | None = None
     cors_origins: list[Annotated[str, Field(pattern=ORIGIN_PATTERN, max_length=300)]] = Field(
         default_factory=list, max_length=100, description="browser origins this tenant's keys may be used from")
+    adapters: dict[Annotated[str, Field(pattern=ADAPTER_NAME_PATTERN)], AdapterSpec] = Field(
+        default_factory=dict, max_length=100, description="the tenant's LoRA adapters on fleet models, by the model "
+                                                          "name the tenant asks for")
 
 
 class TenantSpec(TenantFields):

@@ -60,7 +60,12 @@ class ConfigStore:
         self._copy_pending = False
         self._last_recheck = 0.0
         self.current: GatewayConfig = assemble(self.base, {}, {})
+        self._listeners: list = []  # called with the new config after an edit of the files is in force
         self._log_warnings(self.current)
+
+    def on_files_changed(self, listener) -> None:
+        """Call ``listener(config)`` whenever an edit of the files comes into force."""
+        self._listeners.append(listener)
 
     # -- the files ---------------------------------------------------------------------------------------------
 
@@ -100,6 +105,8 @@ class ConfigStore:
         self._swap_in_everything()
         CONFIG_RELOADS.labels("applied").inc()
         log.info("config reloaded from %s", self.config_dir)
+        for listener in self._listeners:
+            listener(self.current)
         self._log_warnings(self.current)
         return True
 

@@ -28,6 +28,58 @@ class Deployment:
     is_simulator: bool
     # Why the deployment cannot be used (an unset environment variable, say); None when it can.
     unavailable_reason: str | None = None
+    pool: str | None = None  # a fleet pool: its nodes serve the requests (api_base is unused)
+    node: str | None = None  # set on the deployments the fleet makes of its nodes, one a node
+
+
+@dataclass(frozen=True, slots=True)
+class Adapter:
+    """A tenant's LoRA adapter: what the tenant asks for, and what a node loads."""
+
+    name: str  # the model name the tenant uses
+    base: str  # the gateway model it applies to
+    path: str  # lora_path for the node
+    lora_name: str  # the name nodes know it by: "<tenant>/<name>", so that tenants never share one
+    default: bool  # also used for the tenant's requests for the base model
+    on_failure: str  # "error" or "base"
+
+
+@dataclass(frozen=True, slots=True)
+class FleetNode:
+    url: str
+    name: str
+    api_key: str | None = field(repr=False, default=None)
+    weight: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class TailscaleDiscovery:
+    tag: str
+    port: int
+    scheme: str
+    path: str
+    command: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    name: str
+    model: str  # the base model its nodes serve
+    api_key: str | None = field(repr=False)
+    max_loras: int
+    nodes: tuple[FleetNode, ...]
+    discovery: TailscaleDiscovery | None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetConfig:
+    pools: dict[str, Pool]
+    refresh_seconds: float
+    failures_before_drain: int
+    load_timeout: float
+    strategy: str
+    queue_weight: float
+    kv_weight: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +200,8 @@ class Tenant:
     routes: dict[str, Profile] = field(default_factory=dict)  # router alias -> this tenant's profile for it
     cache: dict[str, object] = field(default_factory=dict)  # the tenant's changes to the cache policy
     cors_origins: frozenset[str] = frozenset()  # browser origins this tenant's keys may be used from
+    adapters: dict[str, Adapter] = field(default_factory=dict)  # by the model name the tenant asks for
+    default_adapters: dict[str, Adapter] = field(default_factory=dict)  # base model -> adapter used for it
     source: str = "yaml"  # "yaml" or "api" (made through the admin API, kept in PostgreSQL)
     created_at: float | None = None  # unix time the admin API made it; its usage starts there
 
@@ -162,6 +216,7 @@ class GatewayConfig:
     router: RouterConfig | None = None
     fallback_policy: FallbackPolicy = FallbackPolicy()
     request_timeout: float = 600.0  # seconds a whole request may take; bounds its concurrency slot too
+    fleet: FleetConfig | None = None
     cache_policy: CachePolicy = CachePolicy()  # for router aliases (the model is not known when the cache is read)
     tiers: frozenset[str] = frozenset()
     yaml_key_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tenant id -> names in the file

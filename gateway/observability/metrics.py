@@ -48,6 +48,23 @@ DIRECTORY_REJECTED = Gauge("gateway_directory_rows_rejected",
                            "Tenants of the admin API that cannot be loaded and are skipped (see the log).")
 
 
+FLEET_NODE_UP = Gauge("gateway_fleet_node_up", "1 while a fleet node takes requests.", ["pool", "node"])
+FLEET_NODE_INFLIGHT = Gauge("gateway_fleet_node_inflight", "The gateway's requests on a node now.", ["pool", "node"])
+FLEET_NODE_QUEUE = Gauge("gateway_fleet_node_waiting", "Requests waiting on a node, as it last said.",
+                         ["pool", "node"])
+FLEET_NODE_KV = Gauge("gateway_fleet_node_kv_cache_usage", "A node's KV-cache use (0 to 1), as it last said.",
+                      ["pool", "node"])
+FLEET_NODE_ADAPTERS = Gauge("gateway_fleet_node_adapters", "Adapters registered on a node.", ["pool", "node"])
+FLEET_ADAPTER_REQUESTS = Counter("gateway_fleet_adapter_requests",
+                                 "Requests with an adapter, by whether it was on the node already (resident) or had "
+                                 "to be loaded (loaded).", ["result"])
+FLEET_ADAPTER_LOADS = Counter("gateway_fleet_adapter_loads", "Adapters loaded onto a node.", ["pool", "node"])
+FLEET_ADAPTER_EVICTIONS = Counter("gateway_fleet_adapter_evictions", "Adapters unloaded to make room.",
+                                  ["pool", "node"])
+FLEET_ADAPTER_LOAD_FAILURES = Counter("gateway_fleet_adapter_load_failures", "Adapter loads that failed.",
+                                      ["pool", "node"])
+
+
 class LabelCache:
     """Children of a labelled metric, looked up once per label set (``labels()`` costs a lock and a tuple)."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 from gateway.config.store import ConfigStore
 from gateway.pipeline.access import authorize_model
 from gateway.pipeline.auth import Authenticate
@@ -17,6 +19,7 @@ from gateway.stores.cache import ResponseCache
 from gateway.stores.ledger import Ledger
 from gateway.stores.limits import Limiter
 from gateway.upstreams.client import UpstreamClient
+from gateway.upstreams.fleet import Fleet
 from gateway.upstreams.select import DeploymentSelector
 
 
@@ -30,6 +33,7 @@ def build_pipeline(
     max_body_bytes: int,
     log_prompts: bool,
     refuse_without_redis: bool,
+    fleet: Callable[[], Fleet | None] = lambda: None,
 ) -> Pipeline:
     async def read_request(ctx: RequestContext) -> None:
         await read_json_body(ctx, max_body_bytes)
@@ -43,7 +47,7 @@ def build_pipeline(
         RouteRequest(limiter),  # "auto": complexity, profile, context window, budget; any model: fits? (400)
         EnforceLimits(limiter, refuse_without_redis),  # limits and budget reserved, settled at the end (429)
         serve_cached,  # the cached answer, if there is one
-        Forward(client, DeploymentSelector()),  # deployments, fallbacks, cascade; the answer relayed as it comes
+        Forward(client, DeploymentSelector(), fleet),  # deployments, fallbacks, cascade; the answer relayed as it comes
     ]
     if limiter is None:  # a stateless gateway: no Redis
         stages = [stage for stage in stages if not isinstance(stage, EnforceLimits)]

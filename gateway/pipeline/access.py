@@ -8,10 +8,14 @@ from gateway.pipeline.context import RequestContext
 
 
 def visible_model(config: GatewayConfig, tenant: Tenant, name: str) -> Model:
-    """The model ``name`` if the tenant may use it; otherwise the same 404 whether it exists or not."""
+    """The model ``name`` if the tenant may use it (one of its adapters names its base model); otherwise the same
+    404 whether it exists or not."""
+    adapter = tenant.adapters.get(name) if tenant.adapters else None
+    if adapter is not None:
+        name = adapter.base
     model = config.models.get(name)
     if model is None or name not in tenant.allowed_models:
-        raise model_not_found(name)
+        raise model_not_found(name if adapter is None else adapter.name)
     return model
 
 
@@ -24,6 +28,8 @@ async def authorize_model(ctx: RequestContext) -> None:
         ctx.profile = profile  # the routing stage picks the model
         return
     model = visible_model(ctx.config, ctx.tenant, ctx.model_requested)
+    if ctx.tenant.adapters:  # the tenant's own adapter: asked for by name, or its default for this model
+        ctx.adapter = ctx.tenant.adapters.get(ctx.model_requested) or ctx.tenant.default_adapters.get(model.name)
     if model.type != ctx.endpoint.model_type:
         what = "an embedding model" if model.type == "embedding" else "a chat model"
         raise bad_request(f"The model `{model.name}` is {what} and cannot serve {ctx.endpoint.route}.",

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from gateway.asgi import REQUEST_ID, Headers, Receive, Scope, Send
-from gateway.config.types import ApiKey, Deployment, GatewayConfig, Model, Profile, Tenant
+from gateway.config.types import Adapter, ApiKey, Deployment, GatewayConfig, Model, Profile, Tenant
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +34,7 @@ class RequestContext:
         "body_size", "prompt_estimate", "profile", "complexity", "route_score", "routing_rule", "route_signals",
         "cascade_to", "cascaded", "confidence", "attempts",
         "cache_entry", "cache_hit", "cache_capture", "answer_bytes", "answer_content_type",
+        "adapter", "adapter_bypassed", "leases", "upstream_model",
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, config: GatewayConfig, endpoint: Endpoint) -> None:
@@ -86,6 +87,11 @@ class RequestContext:
         self.cache_capture = 0  # when above 0, the answer's bytes (up to this many) are kept for the cache
         self.answer_bytes: bytes | None = None  # the whole answer as the client got it (stream: every event)
         self.answer_content_type = b"application/json"
+        # The fleet (models served by pools of vLLM nodes)
+        self.adapter: Adapter | None = None  # the tenant's LoRA adapter this request runs on
+        self.adapter_bypassed = False  # no node could load it, and the tenant's choice is the base model then
+        self.leases: list = []  # (attempt, node deployment, adapter) of the node calls not yet accounted for
+        self.upstream_model: str | None = None  # the model name sent upstream, when it is not the deployment's
 
     def failed_attempts(self) -> str | None:
         """The upstream calls that failed, as "deployment:status,...", or None."""

@@ -20,18 +20,20 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import aiohttp
 import orjson
 
 from gateway.asgi import DeadlinePassed, DisconnectGuard, end_stream, send_chunk, send_response, start_stream
-from gateway.config.types import Deployment, Model
+from gateway.config.types import Adapter, Deployment, Model
 from gateway.errors import GatewayError, error_body
 from gateway.observability.metrics import CASCADES, FALLBACKS, UPSTREAM_ERRORS
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.parse import encode
 from gateway.routing.confidence import measure, strip_logprobs
 from gateway.upstreams.client import UpstreamClient
+from gateway.upstreams.fleet import AdapterLoadFailed, Fleet
 from gateway.upstreams.errors import UPSTREAM_FAILURES, from_exception, from_upstream_response
 from gateway.upstreams.replay import as_stream
 from gateway.upstreams.select import DeploymentSelector
@@ -56,9 +58,11 @@ class Answer:
 
 
 class Forward:
-    def __init__(self, client: UpstreamClient, selector: DeploymentSelector) -> None:
+    def __init__(self, client: UpstreamClient, selector: DeploymentSelector,
+                 fleet: Callable[[], Fleet | None] = lambda: None) -> None:
         self.client = client
         self.selector = selector
+        self.fleet = fleet  # the inference fleet, for models served by pools of vLLM nodes
 
     async def __call__(self, ctx: RequestContext) -> None:
         limit = ctx.config.request_timeout
@@ -78,6 +82,9 @@ class Forward:
             ctx.status, ctx.error_type = 504, error.code  # a stream under way: it ends with an error event
             await send_chunk(ctx.send, b"data: " + error.body() + b"\n\n")
             await end_stream(ctx.send)
+        finally:
+            if ctx.leases:  # node calls a disconnect or the deadline cut short
+                release_leases(ctx, self.fleet())
 
     # Attempts
 
@@ -88,8 +95,8 @@ class Forward:
         models = [model, *(config.models[name] for name in model.fallbacks
                            if name in ctx.tenant.allowed_models and config.models[name].serving)]
         for candidate in models:
-            for deployment in self.selector.candidates(candidate):
-                if len(ctx.attempts) >= policy.max_attempts:
+            for deployment in self._deployments(ctx, candidate):
+                if _calls(ctx) >= policy.max_attempts:
                     break
                 if ctx.attempts:
                     FALLBACKS.labels(model.name).inc()
@@ -99,18 +106,64 @@ class Forward:
                     ctx.model, ctx.deployment = candidate, deployment  # the log names the last one tried
                     if failure.final:  # the request's own fault, not the deployment's
                         raise failure.error from None
-                    self.selector.failed(candidate, deployment, policy)
+                    if deployment.node is None:  # a node's failures are the fleet's to weigh
+                        self.selector.failed(candidate, deployment, policy)
                     last_error = failure.error
+            if (last_error is not None and last_error.code == "adapter_unavailable" and ctx.adapter is not None
+                    and ctx.adapter.on_failure == "base" and not ctx.adapter_bypassed):
+                ctx.adapter_bypassed = True  # the tenant's choice: its base model without the adapter
+                return await self._first_good(ctx, model, body, stream)
         if last_error is None:
             last_error = GatewayError(503, f"No deployment of model `{model.name}` is available right now.",
                                       type="upstream_error", code="model_unavailable")
         raise last_error
 
+    def _deployments(self, ctx: RequestContext, model: Model) -> list[Deployment]:
+        """The model's deployments in the order to try; a fleet pool's stand for its nodes, best first."""
+        deployments = self.selector.candidates(model)
+        if not any(d.pool for d in deployments):
+            return deployments
+        fleet = self.fleet()
+        adapter = self._adapter_for(ctx, model)
+        expanded = []
+        for deployment in deployments:
+            if deployment.pool is None:
+                expanded.append(deployment)
+            elif fleet is not None:
+                expanded += fleet.candidates(deployment, adapter)
+        return expanded
+
+    @staticmethod
+    def _adapter_for(ctx: RequestContext, model: Model) -> Adapter | None:
+        adapter = ctx.adapter
+        return adapter if adapter is not None and adapter.base == model.name and not ctx.adapter_bypassed else None
+
+    async def _on_node(self, ctx: RequestContext, model: Model, deployment: Deployment, attempt: dict) -> str:
+        """Before a call to a fleet node: its adapter registered there, its load counted; the model name to send."""
+        fleet = self.fleet()
+        adapter = self._adapter_for(ctx, model)
+        attempt["node"] = deployment.node
+        if adapter is not None:
+            attempt["adapter"] = adapter.name
+        try:
+            upstream = await fleet.prepare(deployment, adapter)
+        except AdapterLoadFailed as exc:
+            error = GatewayError(503, f"No node could load the adapter `{adapter.name}` right now ({exc.reason}).",
+                                 type="upstream_error", code="adapter_unavailable")
+            attempt.update(status=503, error=error.code)
+            UPSTREAM_ERRORS.labels(deployment.name, error.code).inc()
+            raise _Failed(error, final=False) from None
+        lora = adapter.lora_name if adapter is not None else None
+        fleet.started(deployment, lora)
+        ctx.leases.append((attempt, deployment, lora))
+        return upstream
+
     async def _attempt(self, ctx: RequestContext, model: Model, deployment: Deployment, body: dict,
                        stream: bool) -> Answer:
-        payload = self._payload(ctx, body, deployment, stream)
         attempt = {"model": model.name, "deployment": deployment.name, "status": 0}
         ctx.attempts.append(attempt)
+        upstream_model = await self._on_node(ctx, model, deployment, attempt) if deployment.node else None
+        payload = self._payload(ctx, body, deployment, stream, upstream_model)
         ctx.upstream_started = started = time.perf_counter()
         try:
             response = await self.client.post(deployment, ctx.endpoint.upstream_path, payload)
@@ -148,9 +201,12 @@ class Forward:
         if error is not None:
             attempt["error"] = error
             UPSTREAM_ERRORS.labels(attempt["deployment"], error).inc()
+        if ctx.leases:
+            release_leases(ctx, self.fleet(), attempt)
 
-    def _payload(self, ctx: RequestContext, body: dict, deployment: Deployment, stream: bool) -> bytes:
-        body["model"] = deployment.upstream_model
+    def _payload(self, ctx: RequestContext, body: dict, deployment: Deployment, stream: bool,
+                 upstream_model: str | None = None) -> bytes:
+        body["model"] = ctx.upstream_model = upstream_model or deployment.upstream_model
         if stream:
             options = body.get("stream_options") or {}
             if not options.get("include_usage"):
@@ -298,6 +354,27 @@ class Forward:
             ctx.answer_content_type = b"text/event-stream"
 
 
+def _calls(ctx: RequestContext) -> int:
+    """Upstream calls made so far; an adapter a node could not load is not one (the next node may)."""
+    return sum(1 for attempt in ctx.attempts if attempt.get("error") != "adapter_unavailable")
+
+
+def release_leases(ctx: RequestContext, fleet: Fleet | None, attempt: dict | None = None) -> None:
+    """Account the node calls of ``attempt`` (all of them, when None: the request is over) to the fleet."""
+    kept = []
+    for lease in ctx.leases:
+        leased_attempt, deployment, lora = lease
+        if attempt is not None and leased_attempt is not attempt:
+            kept.append(lease)
+            continue
+        if fleet is not None:
+            error = leased_attempt.get("error")
+            failed = error is not None and error not in ("client_disconnected",) and (
+                leased_attempt.get("status", 0) >= 500 or error in ("upstream_unreachable", "upstream_timeout"))
+            fleet.finished(deployment, lora, failed, unreachable=error == "upstream_unreachable")
+    ctx.leases = kept
+
+
 class _Failed(Exception):
     def __init__(self, error: GatewayError, final: bool) -> None:
         self.error = error
@@ -332,8 +409,13 @@ def _answer_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     headers = [
         (b"x-gateway-model", ctx.model.name.encode()),
         (b"x-gateway-deployment", deployment.name.encode()),
-        (b"x-gateway-upstream-model", deployment.upstream_model.encode()),
+        (b"x-gateway-upstream-model", (ctx.upstream_model or deployment.upstream_model).encode()),
     ]
+    if deployment.node is not None:
+        headers.append((b"x-gateway-node", deployment.node.encode()))
+        adapter = Forward._adapter_for(ctx, ctx.model)
+        headers.append((b"x-gateway-adapter", adapter.name.encode() if adapter else
+                        (b"none; " + ctx.adapter.name.encode() + b" unavailable" if ctx.adapter_bypassed else b"none")))
     failed = ctx.failed_attempts()
     if failed:
         headers.append((b"x-gateway-fallbacks", failed.encode()))

@@ -22,6 +22,9 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
     tenant = ctx.tenant.id if ctx.tenant else None
     deployment = ctx.deployment
     failed = ctx.failed_attempts()
+    upstream_model = (ctx.upstream_model or deployment.upstream_model) if deployment else None
+    node = deployment.node if deployment else None
+    adapter = ctx.adapter.name if ctx.adapter is not None and node is not None and not ctx.adapter_bypassed else None
     requested = ctx.model_requested
     if requested is not None and (len(requested) > 256 or "\x00" in requested):  # a client may send anything
         requested = requested[:256].replace("\x00", "\ufffd") + ("..." if len(requested) > 256 else "")
@@ -29,11 +32,12 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
         ledger.record((
             ctx.request_id, ctx.started_at, tenant, ctx.api_key.name if ctx.api_key else None, ctx.endpoint.route,
             requested, ctx.model.name if ctx.model else None, deployment.name if deployment else None,
-            deployment.upstream_model if deployment else None, ctx.routing_rule, ctx.complexity, ctx.prompt_tokens,
+            upstream_model, ctx.routing_rule, ctx.complexity, ctx.prompt_tokens,
             ctx.completion_tokens, ctx.cost_usd, elapsed * 1000, ctx.upstream_seconds * 1000,
             ctx.overhead_seconds * 1000, ctx.cache_hit, ctx.cascaded if ctx.profile is not None else None,
             ctx.confidence, failed, ctx.stream, ctx.status, ctx.error_type, ctx.route_score,
             orjson.dumps(ctx.attempts).decode() if len(ctx.attempts) > 1 else None,
+            node, adapter,
         ))
     route = ctx.endpoint.route
     line = {
@@ -44,7 +48,7 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
         "model_requested": requested,
         "model": ctx.model.name if ctx.model else None,
         "deployment": deployment.name if deployment else None,
-        "upstream_model": deployment.upstream_model if deployment else None,
+        "upstream_model": upstream_model,
         "stream": ctx.stream,
         "status": ctx.status,
         "error_type": ctx.error_type,
@@ -59,6 +63,9 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
         line.update(complexity=ctx.complexity, route_score=ctx.route_score, routing_rule=ctx.routing_rule,
                     route_signals=ctx.route_signals, cascaded=ctx.cascaded, confidence=ctx.confidence)
         metrics.ROUTED.labels(ctx.complexity, ctx.model.name).inc()
+    if node is not None:
+        line["node"] = node
+        line["adapter"] = adapter
     if len(ctx.attempts) > 1:
         line["attempts"] = ctx.attempts
     if ctx.cache_hit:

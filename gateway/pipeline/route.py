@@ -52,6 +52,7 @@ class RouteRequest:
             model = _serving_neighbour(config, profile, model)
             rule += ":unavailable"
         ctx.model = model
+        ctx.adapter = ctx.tenant.default_adapters.get(model.name) if ctx.tenant.default_adapters else None
         ctx.routing_rule = f"{rule}->{model.name}"
         if profile.cascade and model.size == "small" and ctx.endpoint.route in ("chat.completions", "completions"):
             ctx.cascade_to = _next_up(config, profile, model)

@@ -183,13 +183,14 @@ class Simulator:
         completion_tokens = sum(len(c.tokens) for c in completions)
         kv = prompt_tokens + completion_tokens
         self.waiting += 1
+        adapter = model if model in self.lora.registered else None
         async with self._slots:
             self.waiting -= 1
             self.running += 1
             self.kv_tokens_in_use += kv
             try:
-                if model in self.lora.registered:
-                    await self.lora.use(model)
+                if adapter is not None:
+                    await self.lora.acquire(adapter)
                 options = _Options(body, kind, model, prompt_tokens, completion_tokens)
                 if body.get("stream"):
                     async with DisconnectGuard(receive):
@@ -201,6 +202,8 @@ class Simulator:
                             await asyncio.sleep(delay / 1000)
                     await send_response(send, 200, orjson.dumps(options.full_response(completions)))
             finally:
+                if adapter is not None:
+                    await self.lora.release(adapter)
                 self.running -= 1
                 self.kv_tokens_in_use -= kv
         self.stats.prompt_tokens += prompt_tokens
@@ -282,15 +285,20 @@ class Simulator:
 
     async def _load_lora(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._json_body(receive)
-        await self._lora_call(send, lambda: self.lora.load(body.get("lora_name"), body.get("lora_path")))
+        failing = self.settings.lora_load_error_status
+        if failing:  # as vLLM answers a path it cannot load
+            raise SimError(failing, f"Loading lora {body.get('lora_name')} failed: No adapter found for "
+                                    f"{body.get('lora_path')}", "BadRequestError" if failing < 500 else
+                           "InternalServerError")
+        await self._lora_call(send, self.lora.load(_text(body.get("lora_name")), _text(body.get("lora_path"))))
 
     async def _unload_lora(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._json_body(receive)
-        await self._lora_call(send, lambda: self.lora.unload(body.get("lora_name")))
+        await self._lora_call(send, self.lora.unload(_text(body.get("lora_name"))))
 
     async def _lora_call(self, send: Send, action) -> None:
         try:
-            message = action()
+            message = await action
         except LoraError as error:
             raise SimError(error.status, error.message, error.type) from None
         await send_response(send, 200, message.encode(), content_type=b"text/plain; charset=utf-8")
@@ -316,7 +324,8 @@ class Simulator:
             "# HELP vllm:lora_requests_info Running stats on lora requests.",
             "# TYPE vllm:lora_requests_info gauge",
             f'vllm:lora_requests_info{{max_lora="{self.lora.max_loras}",'
-            f'running_lora_adapters="{",".join(self.lora.active)}",waiting_lora_adapters=""}} {time.time()}',
+            f'running_lora_adapters="{",".join(self.lora.running)}",'
+            f'waiting_lora_adapters="{",".join(self.lora.waiting)}"}} {time.time()}',
             "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.",
             "# TYPE vllm:prompt_tokens_total counter",
             f"vllm:prompt_tokens_total{{{label}}} {float(self.stats.prompt_tokens)}",
@@ -340,8 +349,9 @@ class Simulator:
         await send_response(send, 200, orjson.dumps(self.settings.as_dict()))
 
     async def _stats(self, scope: Scope, receive: Receive, send: Send) -> None:
-        stats = dict(vars(self.stats), running=self.running, waiting=self.waiting, lora_swaps=self.lora.swaps,
-                     lora_active=list(self.lora.active))
+        stats = dict(vars(self.stats), running=self.running, waiting=self.waiting, lora_loads=self.lora.loads,
+                     lora_unloads=self.lora.unloads, lora_swaps=self.lora.swaps, lora_active=list(self.lora.active),
+                     lora_registered=list(self.lora.registered))
         await send_response(send, 200, orjson.dumps(stats))
 
     async def _requests(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -349,6 +359,7 @@ class Simulator:
 
     async def _reset(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.stats.reset()
+        self.lora.loads = self.lora.unloads = self.lora.swaps = 0
         self.recorded.clear()
         await send_response(send, 200, b"{}")
 
@@ -532,6 +543,10 @@ def _text_of(content: Any) -> str:
     if isinstance(content, list):
         return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
     return ""
+
+
+def _text(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def _id(prefix: str) -> str:

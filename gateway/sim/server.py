@@ -4,17 +4,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 
 import uvicorn
+import uvloop
 
 from gateway.sim.app import Simulator
 from gateway.sim.settings import SimSettings
 
 
-def run(settings: SimSettings, host: str, port: int) -> None:
-    uvicorn.run(Simulator(settings), host=host, port=port, log_level="warning", access_log=False,
-                loop="uvloop", http="httptools", lifespan="off")
+def run(settings: SimSettings, host: str, port: int, nodes: int = 1) -> None:
+    """Serve ``nodes`` simulators, each a node of its own (its adapters, load and faults), on consecutive ports."""
+    if nodes == 1:
+        uvicorn.run(Simulator(settings), host=host, port=port, log_level="warning", access_log=False,
+                    loop="uvloop", http="httptools", lifespan="off")
+        return
+    servers = [_FleetServer(uvicorn.Config(Simulator(dataclasses.replace(settings)), host=host, port=port + index,
+                                           log_level="warning", access_log=False, loop="uvloop", http="httptools",
+                                           lifespan="off")) for index in range(nodes)]
+    for server in servers:
+        server.fleet = servers
+
+    async def serve_all() -> None:
+        await asyncio.gather(*(server.serve() for server in servers))
+
+    uvloop.run(serve_all())
+
+
+class _FleetServer(uvicorn.Server):
+    """One node of several in one process: a signal stops them all."""
+
+    fleet: list["_FleetServer"] = []
+
+    def handle_exit(self, sig, frame) -> None:
+        for server in self.fleet:
+            uvicorn.Server.handle_exit(server, sig, frame)
 
 
 class _QuietServer(uvicorn.Server):

@@ -84,6 +84,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX api_tenant_history_version ON api_tenant_history (version);
     CREATE INDEX api_tenant_history_tenant ON api_tenant_history (tenant_id, deleted_at);
     """,
+    # 5: the fleet: which vLLM node answered, and with which of the tenant's adapters
+    """
+    ALTER TABLE usage_ledger ADD COLUMN node text, ADD COLUMN adapter text;
+    """,
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations
