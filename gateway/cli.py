@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--baseline", type=Path, help="a checkout of another version of the gateway: its core and "
                                                      "whole gateway are measured in the same run, interleaved")
     bench.set_defaults(run=_bench)
-    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="[tenants]")
+    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="[tenants | fleet]")
     tenants_bench = bench_kinds.add_parser("tenants", help="admin writes, reloads, idle CPU, memory and the request "
                                                            "path with many tenants")
     tenants_bench.add_argument("--tenants", type=int, default=10_000, help="half in tenants.yaml, half made "
@@ -100,6 +100,12 @@ def main(argv: list[str] | None = None) -> None:
     tenants_bench.add_argument("--duration", type=float, default=5.0, help="seconds per request-path measurement")
     tenants_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
     tenants_bench.set_defaults(run=_bench_tenants)
+    fleet_bench = bench_kinds.add_parser("fleet", help="adapter placement on a simulated fleet against round-robin "
+                                                       "and least-loaded")
+    fleet_bench.add_argument("--requests", type=int, default=2000, help="requests per placement strategy")
+    fleet_bench.add_argument("--rate", type=float, default=40.0, help="requests per second (an open loop)")
+    fleet_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
+    fleet_bench.set_defaults(run=_bench_fleet)
 
     args = parser.parse_args(argv)
     args.run(args)
@@ -221,6 +227,12 @@ def _router(args: argparse.Namespace) -> None:
         commands.print_json(commands.evaluate(data, scorer, args.svg))
     else:
         commands.print_json(commands.calibrate(data, scorer, args.large_share, args.critical_share))
+
+
+def _bench_fleet(args: argparse.Namespace) -> None:
+    from gateway.bench.fleet import run_fleet_benchmark
+
+    run_fleet_benchmark(requests=args.requests, rate=args.rate, output=args.output)
 
 
 def _bench_tenants(args: argparse.Namespace) -> None:

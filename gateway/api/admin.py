@@ -326,6 +326,9 @@ def _view(tenant: Tenant, config: GatewayConfig) -> dict:
                             "cascade": p.cascade, "cascade_threshold": p.cascade_threshold}
                     for alias, p in tenant.routes.items()},
         "cache": tenant.cache,  # the tenant's own changes to the models' cache policy
+        "cors_origins": sorted(tenant.cors_origins),
+        "adapters": {name: {"base": a.base, "path": a.path, "default": a.default, "on_failure": a.on_failure,
+                            "node_name": a.lora_name} for name, a in sorted(tenant.adapters.items())},
         "source": tenant.source,
     }
 

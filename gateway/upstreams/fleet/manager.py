@@ -154,6 +154,7 @@ class Fleet:
             node.num_running, node.num_waiting, node.kv_usage = load.running, load.waiting, load.kv_usage
             node.running_adapters, node.waiting_adapters = load.running_adapters, load.waiting_adapters
             node.max_lora = load.max_lora
+            node.slot_freed.set()  # what the node says runs may have changed
         node.checked_at = time.monotonic()
         metrics.FLEET_NODE_QUEUE.labels(node.pool, node.name).set(node.num_waiting)
         metrics.FLEET_NODE_KV.labels(node.pool, node.name).set(node.kv_usage)
@@ -244,10 +245,14 @@ class Fleet:
             node.loading.pop(lora, None)
 
     async def _evict(self, node: Node) -> None:
-        """Unload the adapter whose absence hurts least, so that a load fits the node's slots."""
-        evicted = victim(node, self.popularity[node.pool], by_frequency=self.config.strategy == "adapter_aware")
-        if evicted is None:
-            raise RuntimeError(f"all {node.slots} adapter slots are busy with running requests")
+        """Unload the adapter whose absence hurts least, so that a load fits the node's slots; while every slot is
+        busy with running requests, wait for one to finish (within the load's timeout)."""
+        while True:
+            evicted = victim(node, self.popularity[node.pool], by_frequency=self.config.strategy == "adapter_aware")
+            if evicted is not None:
+                break
+            node.slot_freed.clear()
+            await node.slot_freed.wait()
         node.adapters.discard(evicted)  # no new request goes to it from now
         node.evicting.add(evicted)
         metrics.FLEET_ADAPTER_EVICTIONS.labels(node.pool, node.name).inc()
@@ -282,6 +287,7 @@ class Fleet:
             node.inflight_by_adapter[lora] -= 1
             if node.inflight_by_adapter[lora] <= 0:
                 del node.inflight_by_adapter[lora]
+                node.slot_freed.set()
         metrics.FLEET_NODE_INFLIGHT.labels(node.pool, node.name).dec()
         if not failed:
             node.failures = 0

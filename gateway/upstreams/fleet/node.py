@@ -48,6 +48,7 @@ class Node:
     last_used: dict[str, float] = field(default_factory=dict)  # adapter -> monotonic time of its last request
     loading: dict[str, asyncio.Future] = field(default_factory=dict)  # adapter -> its load under way
     evicting: set[str] = field(default_factory=set)  # adapters being unloaded
+    slot_freed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # an adapter's last request ended
     pinned: set[str] = field(default_factory=set)  # adapters an admin keeps here
     checked_at: float = 0.0
     error: str | None = None  # why the last check failed

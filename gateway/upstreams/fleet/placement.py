@@ -6,7 +6,9 @@
 
 with the adapter's affinity by what it would cost to run there: running already (4.0), registered and idle (3.2),
 being loaded (2.8: joining the load saves a second one), a free slot (1.2: one load), a slot to take from another
-adapter (0.0 minus that adapter's popularity: the eviction that hurts least comes first). An affinity difference
+adapter (0.0 less four times that adapter's share of the pool's recent requests: the eviction that costs the least
+traffic comes first). A node whose slots are all busy with running requests comes last: a request placed there
+waits for a slot to free. An affinity difference
 of 0.8 is worth about three queued requests: a node with the adapter is preferred until it is clearly busier, and
 then a hot adapter spreads to a second node (its load is paid once, its queue shrinks). Requests without an
 adapter go to the least loaded node.
@@ -43,6 +45,12 @@ class Popularity:
         self._count[adapter] = self.of(adapter, now) + 1.0
         self._at[adapter] = now
 
+    def share(self, adapter: str) -> float:
+        """The adapter's part of the pool's recent requests (0 to 1)."""
+        now = time.monotonic()
+        total = sum(self.of(a, now) for a in self._count)
+        return self.of(adapter, now) / total if total else 0.0
+
     def of(self, adapter: str, now: float | None = None) -> float:
         count = self._count.get(adapter)
         if count is None:
@@ -78,9 +86,9 @@ class Placement:
             return usable[start:] + usable[:start]
         if self.strategy == "least_loaded" or adapter is None:
             return sorted(usable, key=lambda n: (n.queue(), n.kv_usage))
-        scored = [(self.score(n, adapter, popularity), n) for n in usable]
-        scored.sort(key=lambda pair: -pair[0])
-        return [n for score, n in scored if score > -math.inf]
+        scored = [(self.score(n, adapter, popularity), n.queue(), n) for n in usable]
+        scored.sort(key=lambda entry: (-entry[0], entry[1]))  # a node whose slots are all busy last: it must wait
+        return [n for _, _, n in scored]
 
     def score(self, node: Node, adapter: str, popularity: Popularity) -> float:
         if adapter in node.running_adapters or node.inflight_by_adapter.get(adapter):
@@ -94,6 +102,6 @@ class Placement:
         else:
             evicted = victim(node, popularity, by_frequency=True)
             if evicted is None:
-                return -math.inf  # every slot is busy: the node cannot take this adapter now
-            affinity = EVICT - min(1.0, popularity.of(evicted) / 10.0)
+                return -math.inf  # every slot is busy: the node can take this adapter only once one is free
+            affinity = EVICT - 4.0 * popularity.share(evicted)  # the eviction that costs the least traffic first
         return affinity - self.queue_weight * node.queue() - self.kv_weight * node.kv_usage
