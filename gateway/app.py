@@ -25,6 +25,7 @@ from gateway.stores.cache import ResponseCache
 from gateway.stores.directory import TenantDirectory
 from gateway.stores.embedded import EmbeddedServers
 from gateway.stores.ledger import Ledger
+from gateway.stores.secrets import Secrets
 from gateway.stores.limits import Limiter
 from gateway.upstreams.client import UpstreamClient
 from gateway.upstreams.fleet import Fleet
@@ -45,6 +46,8 @@ class Gateway:
         self.embedded: EmbeddedServers | None = None
         self.directory: TenantDirectory | None = None
         self.fleet: Fleet | None = None
+        self.providers = None  # LiteLLM's path (gateway.upstreams.providers), loaded only when the config needs it
+        self.secrets = Secrets()
         self._watcher: asyncio.Task | None = None
         self.admin_auth = AdminAuth(lambda: self.config.current, settings.admin_key, settings.stateless)
         self.ops = build_ops_app(self.readiness, self.store_status,
@@ -83,7 +86,13 @@ class Gateway:
         return self._origins[1]
 
     def _files_changed(self, config) -> None:
-        """The fleet follows models.yaml: made, changed or closed with it."""
+        """The fleet follows models.yaml: made, changed or closed with it; LiteLLM is loaded once a provider needs
+        it (in a worker thread)."""
+        if config.uses_litellm and self.providers is None:
+            async def load() -> None:
+                self.providers = await asyncio.to_thread(_load_providers)
+
+            asyncio.get_running_loop().create_task(load())
         if config.fleet is not None and self.fleet is not None:
             self.fleet.update(config.fleet)
         elif config.fleet is not None:
@@ -119,10 +128,13 @@ class Gateway:
 
     def store_status(self) -> dict[str, bool]:
         """Reachability of the stores; the gateway keeps serving without them (see the README)."""
-        return {
+        status = {
             "redis": self.limiter is not None and self.limiter.available,
             "postgres": self.ledger is not None and self.ledger.reachable,
         }
+        if self.secrets.vault is not None:  # while it is away, the last good secrets are in use
+            status["vault"] = self.secrets.reachable is not False
+        return status
 
     async def startup(self) -> None:
         settings = self.settings
@@ -133,8 +145,11 @@ class Gateway:
             await self.simulator.start()
         if not settings.stateless:
             await self._open_stores()
-        self.config = ConfigStore(settings.config_dir, self.simulator.url if self.simulator else None, self.directory,
-                                  local_copy=settings.data_dir / "directory.json" if self.directory else None)
+        self.config = await asyncio.to_thread(
+            ConfigStore, settings.config_dir, self.simulator.url if self.simulator else None, self.directory,
+            settings.data_dir / "directory.json" if self.directory else None, self.secrets)
+        if self.config.current.uses_litellm:
+            self.providers = await asyncio.to_thread(_load_providers)
         await self.config.refresh_directory()
         await self.client.open()
         if self.config.current.fleet is not None:
@@ -144,7 +159,7 @@ class Gateway:
         pipeline = build_pipeline(
             self.config, self.client, self.limiter, self.ledger, self.cache, max_body_bytes=settings.max_body_bytes,
             log_prompts=settings.log_prompts, refuse_without_redis=settings.redis_failure_mode == "closed",
-            fleet=lambda: self.fleet,
+            fleet=lambda: self.fleet, providers=lambda: self.providers,
         )
         self.routes = OpenAIRoutes(self.config, pipeline)
         self._watcher = asyncio.create_task(self.config.watch(settings.reload_interval))
@@ -203,6 +218,14 @@ class Gateway:
                 await self.shutdown()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _load_providers():
+    """LiteLLM's path: seconds to import, so only for a config that needs it, and off the event loop."""
+    from gateway.upstreams.providers import Providers
+
+    log.info("LiteLLM loaded for the providers that do not speak OpenAI's API")
+    return Providers()
 
 
 def create_app(settings: Settings | None = None) -> Gateway:

@@ -13,15 +13,16 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 
-from gateway.config.schema import (BUILTIN_SIMULATOR, FLEET_PREFIX, KeyLimitsSpec, LimitsSpec, ModelsFile, TenantSpec,
+from gateway.config.schema import (BUILTIN_SIMULATOR, FLEET_PREFIX, VIA_LITELLM, KeyLimitsSpec, LimitsSpec, ModelsFile, TenantSpec,
                                    TenantsFile)
 from gateway.config.routing import compile_router, tenant_routes
 from gateway.config.tiers import BUILTIN_TIERS
 from gateway.config.types import (
-    Adapter, ApiKey, CachePolicy, Deployment, FallbackPolicy, FleetConfig, FleetNode, GatewayConfig, KeyLimits, Limits,
-    Model, Pool, Pricing, RouterConfig, TailscaleDiscovery, Tenant,
+    Adapter, ApiKey, CachePolicy, Deployment, FallbackPolicy, FleetConfig, FleetNode, GatewayConfig, KeyLimits,
+    LiteLLMCall, Limits, Model, Pool, Pricing, RouterConfig, TailscaleDiscovery, Tenant,
 )
 from gateway.config.yaml_source import ConfigError, YamlDocument, read_yaml
+from gateway.stores.secrets import SecretUnavailable, Secrets
 from gateway.config.origins import parse_origins
 
 MODELS_FILE = "models.yaml"
@@ -69,6 +70,7 @@ class BaseConfig:
     cors_origins: frozenset[str]  # GATEWAY_CORS_ORIGINS: origins every tenant may be called from
     sources: tuple[Path, ...]
     warnings: tuple[str, ...]
+    secrets: Secrets
 
 
 _ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -80,6 +82,7 @@ def load_config(
     simulator_url: str | None = None,
     environ: Mapping[str, str] | None = None,
     api_state: ApiState | None = None,
+    secrets: Secrets | None = None,
 ) -> GatewayConfig:
     """Read and validate both files of ``config_dir``; raise ConfigError listing every problem found.
 
@@ -87,7 +90,7 @@ def load_config(
     unavailable. ``api_state`` holds the tenants and keys made through the admin API, merged with the file's; a
     tenant of it that cannot be compiled is a problem here (the live config store skips it instead).
     """
-    base = load_base(config_dir, simulator_url=simulator_url, environ=environ)
+    base = load_base(config_dir, simulator_url=simulator_url, environ=environ, secrets=secrets)
     tenants: dict[str, Tenant] = {}
     problems: list[str] = []
     for tenant_id, record in (api_state.tenants.items() if api_state else ()):
@@ -110,9 +113,11 @@ def load_config(
 
 
 def load_base(config_dir: Path, *, simulator_url: str | None = None,
-              environ: Mapping[str, str] | None = None) -> BaseConfig:
-    """Read and validate both files; raise ConfigError listing every problem found."""
-    environ = os.environ if environ is None else environ
+              environ: Mapping[str, str] | None = None, secrets: Secrets | None = None) -> BaseConfig:
+    """Read and validate both files; raise ConfigError listing every problem found (a secret in Vault that cannot
+    be read among them, named by its reference)."""
+    secrets = secrets if secrets is not None else Secrets(os.environ if environ is None else environ)
+    environ = secrets.environ
     problems: list[str] = []
     models_doc = tenants_doc = None
     models_file = tenants_file = None
@@ -129,10 +134,15 @@ def load_base(config_dir: Path, *, simulator_url: str | None = None,
     if problems or models_file is None or tenants_file is None:
         raise ConfigError(problems)
 
+    try:
+        secrets.load(key_references(models_file) | tenant_key_references(tenants_file.tenants.values()),
+                     strict=True)
+    except SecretUnavailable as exc:
+        raise ConfigError([f"a secret cannot be read: {problem}" for problem in str(exc).split("; ")]) from None
     cache_policy = _cache_policy(CachePolicy(), models_file.defaults.cache)
     warnings: list[str] = []
-    fleet = _compile_fleet(models_file, environ, warnings)
-    models = _compile_models(models_file, models_doc, simulator_url, environ, cache_policy, problems, fleet)
+    fleet = _compile_fleet(models_file, secrets, warnings)
+    models = _compile_models(models_file, models_doc, simulator_url, secrets, cache_policy, problems, fleet)
     router, profiles = compile_router(models_file, models_doc, models, config_dir, problems, warnings)
     if problems:
         raise ConfigError(problems)
@@ -169,7 +179,7 @@ def load_base(config_dir: Path, *, simulator_url: str | None = None,
         keys=keys, admin_keys=admin_keys,
         yaml_key_names={tenant_id: tuple(k.name for k in t.keys) for tenant_id, t in tenants_file.tenants.items()},
         cors_origins=parse_origins(environ.get("GATEWAY_CORS_ORIGINS", "")),
-        sources=(models_doc.path, tenants_doc.path), warnings=tuple(warnings),
+        sources=(models_doc.path, tenants_doc.path), warnings=tuple(warnings), secrets=secrets,
     )
 
 
@@ -200,6 +210,8 @@ def assemble(base: BaseConfig, api_tenants: dict[str, Tenant], api_keys: dict[st
         fallback_policy=FallbackPolicy(**models_file.defaults.fallbacks.model_dump()),
         request_timeout=models_file.defaults.request_timeout,
         fleet=base.fleet,
+        secrets=base.secrets,
+        uses_litellm=any(d.litellm is not None for m in base.models.values() for d in m.deployments),
         cache_policy=_cache_policy(CachePolicy(), models_file.defaults.cache),
         tiers=frozenset(base.tiers),
         yaml_key_names=base.yaml_key_names,
@@ -228,33 +240,43 @@ def _validate(doc: YamlDocument, schema: type[BaseModel]) -> Any:
         raise ConfigError(problems) from None
 
 
-def _secret(reference: str | None, environ: Mapping[str, str], missing: list[str]) -> str | None:
-    """The value of a key reference (``env:VAR``); None, noted in ``missing``, when it is not set."""
+def _secret(reference: str | None, secrets: Secrets, missing: list[str]) -> str | None:
+    """The value of a key reference; None, with the reason noted in ``missing``, when it cannot be had."""
     if reference is None:
         return None
-    variable = reference.removeprefix("env:")
-    value = environ.get(variable) or None
+    value = secrets.get(reference)
     if value is None:
-        missing.append(variable)
+        missing.append(secrets.why_missing(reference))
     return value
 
 
-def _compile_fleet(spec: ModelsFile, environ: Mapping[str, str], warnings: list[str]) -> FleetConfig | None:
+def key_references(spec: ModelsFile) -> set[str]:
+    """Every secret the models file names."""
+    references = set()
+    for model in spec.models.values():
+        for d in model.deployments:
+            references.update(r for r in (d.api_key, *d.credentials.values()) if r)
+    for pool in (spec.fleet.pools.values() if spec.fleet is not None else ()):
+        references.update(r for r in (pool.api_key, *(n.api_key for n in pool.nodes)) if r)
+    return references
+
+
+def _compile_fleet(spec: ModelsFile, secrets: Secrets, warnings: list[str]) -> FleetConfig | None:
     fleet = spec.fleet
     if fleet is None:
         return None
     pools = {}
     for name, pool in fleet.pools.items():
         missing: list[str] = []
-        key = _secret(pool.api_key, environ, missing)
+        key = _secret(pool.api_key, secrets, missing)
         nodes = []
         for node in pool.nodes:
-            node_key = _secret(node.api_key, environ, missing) if node.api_key else key
+            node_key = _secret(node.api_key, secrets, missing) if node.api_key else key
             nodes.append(FleetNode(node.url.rstrip("/"), node.name or urlsplit(node.url).netloc, node_key,
                                    node.weight))
         if missing:
-            warnings.append(f"fleet pool '{name}': environment variable {', '.join(sorted(set(missing)))} not set; "
-                            f"its nodes are asked without that key")
+            warnings.append(f"fleet pool '{name}': {'; '.join(sorted(set(missing)))}: its nodes are asked without "
+                            f"that key")
         discovery = pool.discovery.tailscale if pool.discovery is not None else None
         pools[name] = Pool(name, pool.model, key, pool.max_loras, tuple(nodes), None if discovery is None else
                            TailscaleDiscovery(discovery.tag, discovery.port, discovery.scheme, discovery.path,
@@ -265,29 +287,38 @@ def _compile_fleet(spec: ModelsFile, environ: Mapping[str, str], warnings: list[
 
 
 def _compile_models(
-    spec: ModelsFile, doc: YamlDocument, simulator_url: str | None, environ: Mapping[str, str],
+    spec: ModelsFile, doc: YamlDocument, simulator_url: str | None, secrets: Secrets,
     cache_policy: CachePolicy, problems: list[str], fleet: FleetConfig | None = None,
 ) -> dict[str, Model]:
+    environ = secrets.environ
     models: dict[str, Model] = {}
     for name, model_spec in spec.models.items():
         deployments = []
         for d in model_spec.deployments:
             timeouts = d.timeouts or spec.defaults.timeouts
             missing: list[str] = []
-            api_base = _expand(d.api_base, environ, missing)
-            pool = fleet.pools[api_base.removeprefix(FLEET_PREFIX)] if api_base.startswith(FLEET_PREFIX) else None
+            api_base = _expand(d.api_base, environ, missing) if d.api_base else None
+            pool = (fleet.pools[api_base.removeprefix(FLEET_PREFIX)]
+                    if api_base and api_base.startswith(FLEET_PREFIX) else None)
             upstream_model = _expand(d.model, environ, missing) if d.model else pool.model
+            provider, upstream_model = provider_of(d.provider, upstream_model)
             headers = {k: _expand(v, environ, missing) for k, v in d.headers.items()}
-            api_key = _secret(d.api_key, environ, missing)
+            api_key = _secret(d.api_key, secrets, missing)
             headers = {"Content-Type": "application/json", **headers}
             if api_key:
                 headers["Authorization"] = f"Bearer {api_key}"
             is_simulator = api_base == BUILTIN_SIMULATOR
             reason = None
+            via = None
+            if provider in VIA_LITELLM:
+                credentials = {k: _secret(r, secrets, missing) for k, r in d.credentials.items()}
+                via = LiteLLMCall(f"{provider}/{upstream_model}", {
+                    k: v for k, v in {"api_key": api_key, "api_base": api_base, "api_version": d.api_version,
+                                      **d.params, **credentials}.items() if v is not None})
             if missing:
-                reason = "environment variable " + ", ".join(sorted(set(missing))) + " not set"
-            elif pool is not None:
-                pass  # the fleet knows which of the pool's nodes can take a request
+                reason = "; ".join(sorted(set(missing)))
+            elif pool is not None or via is not None:
+                pass  # the fleet knows which of the pool's nodes can take a request; LiteLLM knows the provider
             elif is_simulator:
                 if simulator_url is None:
                     reason = "the built-in simulator is not running"
@@ -299,7 +330,7 @@ def _compile_models(
                     name=d.name,
                     model=name,
                     upstream_model=upstream_model,
-                    api_base=api_base.rstrip("/"),
+                    api_base=(api_base or "").rstrip("/"),
                     api_key=api_key,
                     headers=headers,
                     connect_timeout=timeouts.connect,
@@ -308,6 +339,8 @@ def _compile_models(
                     is_simulator=is_simulator,
                     unavailable_reason=reason,
                     pool=pool.name if pool is not None else None,
+                    provider=provider,
+                    litellm=via,
                 )
             )
         available = [d for d in deployments if d.unavailable_reason is None]
@@ -427,11 +460,28 @@ def _compile_tenant(context: _TenantContext, tenant_id: str, t: TenantSpec, sour
         routes=routes,
         cache=t.cache.model_dump(exclude_none=True) if t.cache is not None else {},
         cors_origins=frozenset(o.rstrip("/") for o in t.cors_origins),
+        provider_keys=dict(t.provider_keys),
         adapters=adapters,
         default_adapters={a.base: a for a in adapters.values() if a.default},
         source=source,
         created_at=created_at,
     )
+
+
+def provider_of(declared: str | None, model: str) -> tuple[str | None, str]:
+    """A deployment's provider and its model's name there: ``provider: anthropic`` and ``model: claude-...``, or
+    LiteLLM's form ``model: anthropic/claude-...``."""
+    if declared is not None:
+        return declared, model.removeprefix(f"{declared}/") if declared in VIA_LITELLM else model
+    prefix, _, rest = model.partition("/")
+    if prefix in VIA_LITELLM and rest:
+        return prefix, rest
+    return None, model
+
+
+def tenant_key_references(tenants) -> set[str]:
+    """The tenants' own provider keys (bring your own key)."""
+    return {reference for tenant in tenants for reference in tenant.provider_keys.values()}
 
 
 def _compile_adapters(context: _TenantContext, tenant_id: str, t: TenantSpec, where: str,

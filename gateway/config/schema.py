@@ -104,12 +104,31 @@ class Pricing(Strict):
     output_per_million: StrictFloat = Field(0.0, ge=0, le=1e6)
 
 
+# Providers that do not speak OpenAI's API, reached through LiteLLM (named as LiteLLM names them); and the names of
+# OpenAI-compatible ones, which stay on the direct path (a deployment may name them so that a tenant's own key for
+# that provider is used).
+VIA_LITELLM = ("anthropic", "gemini", "vertex_ai", "bedrock", "azure")
+OPENAI_COMPATIBLE = ("openai", "openrouter", "groq", "together", "vllm")
+PROVIDERS = VIA_LITELLM + OPENAI_COMPATIBLE
+
+
 class DeploymentSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
-    api_base: str = Field(min_length=1, description="base URL up to /v1, builtin:simulator, or fleet:<pool>")
+    api_base: str | None = Field(None, min_length=1, description="base URL up to /v1, builtin:simulator, or "
+                                                                 "fleet:<pool>; a provider's own by default")
+    provider: Literal[PROVIDERS] | None = Field(None, description="anthropic, gemini, vertex_ai, bedrock, azure: "
+                                                                  "reached through LiteLLM; openai, openrouter, groq, "
+                                                                  "together, vllm: OpenAI's API, named")
+    api_version: str | None = Field(None, max_length=40, pattern=TEXT_PATTERN, description="azure: the API version")
+    credentials: dict[Literal["aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+                              "vertex_credentials"], str] = Field(
+        default_factory=dict, description="other secrets a provider needs, as references (env:VAR, vault:...)")
+    params: dict[Literal["aws_region_name", "vertex_project", "vertex_location"], str] = Field(
+        default_factory=dict, description="other settings a provider needs")
     model: str | None = Field(None, min_length=1, description="the model name the upstream knows (a fleet pool's "
                                                               "deployment: the pool's model by default)")
-    api_key: str | None = Field(None, description="env:VAR; the deployment is off while VAR is unset")
+    api_key: str | None = Field(None, description="env:VAR or vault:<mount>/<path>#<field>; the deployment is off "
+                                                  "while it cannot be read")
     priority: whole(0, 1000) = Field(0,
                                 description="requests go to the usable deployments of the lowest priority")
     timeouts: Timeouts | None = None
@@ -117,8 +136,8 @@ class DeploymentSpec(Strict):
 
     @field_validator("api_base")
     @classmethod
-    def _api_base(cls, value: str) -> str:
-        if value == BUILTIN_SIMULATOR or value.startswith("${") or value.startswith(FLEET_PREFIX):
+    def _api_base(cls, value: str | None) -> str | None:
+        if value is None or value == BUILTIN_SIMULATOR or value.startswith("${") or value.startswith(FLEET_PREFIX):
             return value
         if not re.match(r"^https?://", value):
             raise ValueError(f"must start with http:// or https:// (or be {BUILTIN_SIMULATOR} or fleet:<pool>), "
@@ -127,16 +146,41 @@ class DeploymentSpec(Strict):
 
     @model_validator(mode="after")
     def _upstream_model(self) -> "DeploymentSpec":
-        if self.model is None and not self.api_base.startswith(FLEET_PREFIX):
+        fleet = self.api_base is not None and self.api_base.startswith(FLEET_PREFIX)
+        provider = self.provider or (self.model.split("/", 1)[0] if self.model and "/" in self.model else None)
+        if self.model is None and not fleet:
             raise ValueError("model: the model name the upstream knows is required")
+        if self.api_base is None and provider not in VIA_LITELLM:
+            raise ValueError("api_base: required, unless `provider` names one of " + ", ".join(VIA_LITELLM))
+        if fleet and provider in VIA_LITELLM:
+            raise ValueError("a fleet pool's deployment speaks OpenAI's API: it takes no provider of LiteLLM's")
+        if (self.credentials or self.params or self.api_version) and provider not in VIA_LITELLM:
+            raise ValueError("credentials, params and api_version belong to a deployment with a provider")
         return self
 
     @field_validator("api_key")
     @classmethod
     def _api_key(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith("env:"):
-            raise ValueError("must be a reference such as env:OPENAI_API_KEY; secrets are never written in YAML")
+        return key_reference(value)
+
+    @field_validator("credentials")
+    @classmethod
+    def _credentials(cls, value: dict[str, str]) -> dict[str, str]:
+        for reference in value.values():
+            key_reference(reference)
         return value
+
+
+def key_reference(value: str | None) -> str | None:
+    """A secret is named, never written: env:VAR, or vault:<mount>/<path>#<field>."""
+    if value is not None and not (re.fullmatch(r"env:[A-Za-z_][A-Za-z0-9_]*", value)
+                                  or re.fullmatch(VAULT_REFERENCE, value)):
+        raise ValueError("must be a reference such as env:OPENAI_API_KEY or vault:secret/gateway/openai#api_key; "
+                         "secrets are never written in YAML")
+    return value
+
+
+VAULT_REFERENCE = r"vault:[A-Za-z0-9_.-]+/[A-Za-z0-9_./-]+#[A-Za-z0-9_.-]+"
 
 
 class CachePolicySpec(Strict):
@@ -277,7 +321,7 @@ class FleetNodeSpec(Strict):
     @field_validator("api_key")
     @classmethod
     def _api_key(cls, value: str | None) -> str | None:
-        return DeploymentSpec._api_key(value)
+        return key_reference(value)
 
 
 class TailscaleDiscoverySpec(Strict):
@@ -302,7 +346,7 @@ class PoolSpec(Strict):
     @field_validator("api_key")
     @classmethod
     def _api_key(cls, value: str | None) -> str | None:
-        return DeploymentSpec._api_key(value)
+        return key_reference(value)
 
     @model_validator(mode="after")
     def _has_nodes(self) -> "PoolSpec":
@@ -347,8 +391,8 @@ class ModelsFile(Strict):
         pools = self.fleet.pools if self.fleet is not None else {}
         for name, model in self.models.items():
             for deployment in model.deployments:
-                pool = deployment.api_base.removeprefix(FLEET_PREFIX)
-                if deployment.api_base.startswith(FLEET_PREFIX) and pool not in pools:
+                pool = (deployment.api_base or "").removeprefix(FLEET_PREFIX)
+                if (deployment.api_base or "").startswith(FLEET_PREFIX) and pool not in pools:
                     raise ValueError(f"models.{name}: deployment '{deployment.name}' names the fleet pool '{pool}', "
                                      f"which the fleet section does not declare")
         return self
@@ -443,9 +487,20 @@ class TenantFields(Strict):
     cache: CachePolicySpec | None = None
     cors_origins: list[Annotated[str, Field(pattern=ORIGIN_PATTERN, max_length=300)]] = Field(
         default_factory=list, max_length=100, description="browser origins this tenant's keys may be used from")
+    provider_keys: dict[Literal[PROVIDERS], str] = Field(
+        default_factory=dict, description="the tenant's own keys for providers (bring your own key), as references "
+                                          "(vault:... or env:...); its requests to that provider use them")
     adapters: dict[Annotated[str, Field(pattern=ADAPTER_NAME_PATTERN)], AdapterSpec] = Field(
         default_factory=dict, max_length=100, description="the tenant's LoRA adapters on fleet models, by the model "
                                                           "name the tenant asks for")
+
+
+    @field_validator("provider_keys")
+    @classmethod
+    def _provider_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for reference in value.values():
+            key_reference(reference)
+        return value
 
 
 class TenantSpec(TenantFields):

@@ -33,6 +33,7 @@ from gateway.config.schema import TenantSpec
 from gateway.config.types import ApiKey, GatewayConfig, Tenant
 from gateway.config.yaml_source import ConfigError
 from gateway.observability.metrics import CONFIG_RELOADS, DIRECTORY_REJECTED
+from gateway.stores.secrets import Secrets
 
 log = logging.getLogger("gateway.config")
 
@@ -43,9 +44,11 @@ class ConfigStore:
     """Holds the snapshot requests read; ``current`` is swapped whole, so readers never see half an edit."""
 
     def __init__(self, config_dir: Path, simulator_url: str | None = None, directory=None,
-                 local_copy: Path | None = None) -> None:
+                 local_copy: Path | None = None, secrets: Secrets | None = None) -> None:
         self.config_dir = config_dir
         self.simulator_url = simulator_url
+        self.secrets = secrets if secrets is not None else Secrets()
+        self._secrets_read_at = time.monotonic()
         self.directory = directory  # tenants and keys made through the admin API (a TenantDirectory), if any
         self.local_copy = local_copy
         self.base: BaseConfig = self._load_base()
@@ -70,7 +73,7 @@ class ConfigStore:
     # -- the files ---------------------------------------------------------------------------------------------
 
     def _load_base(self) -> BaseConfig:
-        return load_base(self.config_dir, simulator_url=self.simulator_url)
+        return load_base(self.config_dir, simulator_url=self.simulator_url, secrets=self.secrets)
 
     def _file_stamp(self) -> tuple:
         stamp = []
@@ -88,6 +91,20 @@ class ConfigStore:
         if stamp == self._stamp:
             return False
         self._stamp = stamp
+        return await self._rebuild("config reloaded from " + str(self.config_dir))
+
+    async def refresh_secrets(self) -> bool:
+        """Read the secrets in Vault again if their refresh is due; a rotated one makes a new config."""
+        vault = self.secrets.vault
+        if vault is None or time.monotonic() - self._secrets_read_at < vault.refresh_seconds:
+            return False
+        self._secrets_read_at = time.monotonic()
+        if not await asyncio.to_thread(self.secrets.refresh):
+            return False
+        return await self._rebuild("secrets rotated in Vault are in force")
+
+    async def _rebuild(self, done: str) -> bool:
+        """Compile the files and every tenant of the admin API again (in a worker thread) and swap them in."""
         records = dict(self._records)
         self._changed_since_rebuild = set()
         try:
@@ -104,7 +121,7 @@ class ConfigStore:
             self._compile_one(tenant_id)
         self._swap_in_everything()
         CONFIG_RELOADS.labels("applied").inc()
-        log.info("config reloaded from %s", self.config_dir)
+        log.info("%s", done)
         for listener in self._listeners:
             listener(self.current)
         self._log_warnings(self.current)
@@ -147,6 +164,9 @@ class ConfigStore:
             return False
         if not changes.full and changes.version == self._version:
             return False
+        references = {r for row in changes.tenants.values() for r in _provider_key_references(row.spec_json)}
+        if references:  # tenants' own provider keys in Vault: read off the event loop, before they are needed
+            await asyncio.to_thread(self.secrets.load, references, False)
         if changes.full:
             self._records, self._api_tenants, self._rejected, self._api_keys, self._keys_of = {}, {}, {}, {}, {}
         for tenant_id in changes.deleted:
@@ -327,8 +347,18 @@ class ConfigStore:
             try:
                 await self.reload_if_changed()
                 await self.refresh_directory()
+                await self.refresh_secrets()
             except Exception:  # a watcher that dies silently would freeze the config
                 log.exception("config watcher failed; will retry")
+
+
+def _provider_key_references(spec_json: str) -> list[str]:
+    try:
+        keys = orjson.loads(spec_json).get("provider_keys") or {}
+    except (ValueError, AttributeError):
+        return []
+    return [r for r in keys.values() if isinstance(r, str) and r.startswith("vault:")] if isinstance(keys, dict) \
+        else []
 
 
 def _location(exc: ValidationError) -> str:

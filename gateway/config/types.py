@@ -30,6 +30,16 @@ class Deployment:
     unavailable_reason: str | None = None
     pool: str | None = None  # a fleet pool: its nodes serve the requests (api_base is unused)
     node: str | None = None  # set on the deployments the fleet makes of its nodes, one a node
+    provider: str | None = None  # its provider, when named (a tenant's own key for it is used)
+    litellm: "LiteLLMCall | None" = field(default=None, repr=False)  # a provider reached through LiteLLM
+
+
+@dataclass(frozen=True, slots=True)
+class LiteLLMCall:
+    """How LiteLLM reaches a provider that does not speak OpenAI's API."""
+
+    model: str  # LiteLLM's name: "anthropic/claude-sonnet-4-5"
+    params: dict[str, str] = field(repr=False)  # api_key, api_base, api_version, cloud credentials and settings
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +210,7 @@ class Tenant:
     routes: dict[str, Profile] = field(default_factory=dict)  # router alias -> this tenant's profile for it
     cache: dict[str, object] = field(default_factory=dict)  # the tenant's changes to the cache policy
     cors_origins: frozenset[str] = frozenset()  # browser origins this tenant's keys may be used from
+    provider_keys: dict[str, str] = field(default_factory=dict)  # provider -> reference of the tenant's own key
     adapters: dict[str, Adapter] = field(default_factory=dict)  # by the model name the tenant asks for
     default_adapters: dict[str, Adapter] = field(default_factory=dict)  # base model -> adapter used for it
     source: str = "yaml"  # "yaml" or "api" (made through the admin API, kept in PostgreSQL)
@@ -217,6 +228,8 @@ class GatewayConfig:
     fallback_policy: FallbackPolicy = FallbackPolicy()
     request_timeout: float = 600.0  # seconds a whole request may take; bounds its concurrency slot too
     fleet: FleetConfig | None = None
+    secrets: object = None  # the Secrets the key references were read from (tenants' own keys are read at a request)
+    uses_litellm: bool = False  # some deployment is reached through LiteLLM
     cache_policy: CachePolicy = CachePolicy()  # for router aliases (the model is not known when the cache is read)
     tiers: frozenset[str] = frozenset()
     yaml_key_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tenant id -> names in the file

@@ -65,6 +65,13 @@ FLEET_ADAPTER_LOAD_FAILURES = Counter("gateway_fleet_adapter_load_failures", "Ad
                                       ["pool", "node"])
 
 
+VAULT_UP = Gauge("gateway_vault_up", "1 while Vault answers; 0 while the last good secrets are used.")
+VAULT_TOKEN_RENEWALS = Counter("gateway_vault_token_renewals", "Vault tokens renewed, or replaced by a new login.",
+                               ["result"])
+PROVIDER_CALLS = Counter("gateway_provider_calls", "Calls through LiteLLM to providers that do not speak OpenAI's "
+                                                   "API, by provider and status.", ["provider", "status"])
+
+
 class LabelCache:
     """Children of a labelled metric, looked up once per label set (``labels()`` costs a lock and a tuple)."""
 

@@ -34,6 +34,7 @@ def build_pipeline(
     log_prompts: bool,
     refuse_without_redis: bool,
     fleet: Callable[[], Fleet | None] = lambda: None,
+    providers: Callable[[], object] = lambda: None,
 ) -> Pipeline:
     async def read_request(ctx: RequestContext) -> None:
         await read_json_body(ctx, max_body_bytes)
@@ -47,7 +48,7 @@ def build_pipeline(
         RouteRequest(limiter),  # "auto": complexity, profile, context window, budget; any model: fits? (400)
         EnforceLimits(limiter, refuse_without_redis),  # limits and budget reserved, settled at the end (429)
         serve_cached,  # the cached answer, if there is one
-        Forward(client, DeploymentSelector(), fleet),  # deployments, fallbacks, cascade; the answer relayed as it comes
+        Forward(client, DeploymentSelector(), fleet, providers),  # deployments, fallbacks, cascade; the answer relayed as it comes
     ]
     if limiter is None:  # a stateless gateway: no Redis
         stages = [stage for stage in stages if not isinstance(stage, EnforceLimits)]

@@ -34,7 +34,7 @@ class RequestContext:
         "body_size", "prompt_estimate", "profile", "complexity", "route_score", "routing_rule", "route_signals",
         "cascade_to", "cascaded", "confidence", "attempts",
         "cache_entry", "cache_hit", "cache_capture", "answer_bytes", "answer_content_type",
-        "adapter", "adapter_bypassed", "leases", "upstream_model",
+        "adapter", "adapter_bypassed", "leases", "upstream_model", "tenant_paid_usd",
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, config: GatewayConfig, endpoint: Endpoint) -> None:
@@ -69,6 +69,7 @@ class RequestContext:
         self.reserved_cost_nano = 0
         self.limits_degraded = False  # admitted without counting: Redis was unreachable
         self.cost_usd = 0.0  # every upstream call of this request, cascades and partial answers included
+        self.tenant_paid_usd = 0.0  # the part of it made with the tenant's own provider keys
         self.body_size = 0
         self.prompt_estimate: int | None = None  # prompt tokens as tiktoken counts them, once counted
         # Routing (requests for a router alias such as "auto")

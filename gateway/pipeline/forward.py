@@ -34,7 +34,7 @@ from gateway.pipeline.parse import encode
 from gateway.routing.confidence import measure, strip_logprobs
 from gateway.upstreams.client import UpstreamClient
 from gateway.upstreams.fleet import AdapterLoadFailed, Fleet
-from gateway.upstreams.errors import UPSTREAM_FAILURES, from_exception, from_upstream_response
+from gateway.upstreams.errors import UPSTREAM_FAILURES, Unreachable, from_exception, from_upstream_response
 from gateway.upstreams.replay import as_stream
 from gateway.upstreams.select import DeploymentSelector
 from gateway.upstreams.sse import SSERelay
@@ -59,10 +59,12 @@ class Answer:
 
 class Forward:
     def __init__(self, client: UpstreamClient, selector: DeploymentSelector,
-                 fleet: Callable[[], Fleet | None] = lambda: None) -> None:
+                 fleet: Callable[[], Fleet | None] = lambda: None, providers: Callable[[], object] = lambda: None
+                 ) -> None:
         self.client = client
         self.selector = selector
         self.fleet = fleet  # the inference fleet, for models served by pools of vLLM nodes
+        self.providers = providers  # LiteLLM's path, loaded when the config has a provider that needs it
 
     async def __call__(self, ctx: RequestContext) -> None:
         limit = ctx.config.request_timeout
@@ -163,10 +165,15 @@ class Forward:
         attempt = {"model": model.name, "deployment": deployment.name, "status": 0}
         ctx.attempts.append(attempt)
         upstream_model = await self._on_node(ctx, model, deployment, attempt) if deployment.node else None
-        payload = self._payload(ctx, body, deployment, stream, upstream_model)
+        own_key = self._tenant_key(ctx, deployment, attempt) if ctx.tenant.provider_keys else None
         ctx.upstream_started = started = time.perf_counter()
         try:
-            response = await self.client.post(deployment, ctx.endpoint.upstream_path, payload)
+            if deployment.litellm is not None:
+                response = await self._through_litellm(ctx, deployment, body, stream, own_key)
+            else:
+                payload = self._payload(ctx, body, deployment, stream, upstream_model)
+                headers = None if own_key is None else {**deployment.headers, "Authorization": f"Bearer {own_key}"}
+                response = await self.client.post(deployment, ctx.endpoint.upstream_path, payload, headers)
             if response.status >= 400 or not (stream and response.content_type == "text/event-stream"):
                 try:
                     content = await response.read()
@@ -192,6 +199,29 @@ class Forward:
         return Answer(model, deployment, response.status, response_for_stream, content,
                       response.headers.get("Content-Type", "application/json").encode(), attempt)
 
+    @staticmethod
+    def _tenant_key(ctx: RequestContext, deployment: Deployment, attempt: dict) -> str | None:
+        """The tenant's own key for the deployment's provider (bring your own key), if it has one."""
+        reference = ctx.tenant.provider_keys.get(deployment.provider) if deployment.provider else None
+        if reference is None:
+            return None
+        key = ctx.config.secrets.get(reference)
+        if key is None:
+            error = GatewayError(503, f"Your own key for {deployment.provider} cannot be read right now.",
+                                 type="upstream_error", code="provider_key_unavailable")
+            attempt.update(status=503, error=error.code)
+            raise _Failed(error, final=False)
+        attempt["paid_by"] = "tenant"
+        return key
+
+    async def _through_litellm(self, ctx: RequestContext, deployment: Deployment, body: dict, stream: bool,
+                               own_key: str | None):
+        providers = self.providers()
+        if providers is None:  # a config with a new provider, whose path is still being loaded
+            raise Unreachable("the path to this provider is still being loaded")
+        prepared = self._prepare(ctx, body, deployment, stream, None)
+        return await providers.post(deployment, ctx.endpoint.route, prepared, stream, own_key)
+
     def _close_attempt(self, ctx: RequestContext, attempt: dict, started: float, status: int,
                        error: str | None) -> None:
         seconds = time.perf_counter() - started
@@ -206,6 +236,11 @@ class Forward:
 
     def _payload(self, ctx: RequestContext, body: dict, deployment: Deployment, stream: bool,
                  upstream_model: str | None = None) -> bytes:
+        return encode(self._prepare(ctx, body, deployment, stream, upstream_model))
+
+    @staticmethod
+    def _prepare(ctx: RequestContext, body: dict, deployment: Deployment, stream: bool,
+                 upstream_model: str | None) -> dict:
         body["model"] = ctx.upstream_model = upstream_model or deployment.upstream_model
         if stream:
             options = body.get("stream_options") or {}
@@ -213,7 +248,7 @@ class Forward:
                 # Ask for usage so the stream can be accounted; the relay drops it again for this client.
                 body["stream_options"] = {**options, "include_usage": True}
                 ctx.usage_injected = True
-        return encode(body)
+        return body
 
     @staticmethod
     def _bill(ctx: RequestContext, answer: Answer, usage: dict | None) -> None:
@@ -222,6 +257,8 @@ class Forward:
         ctx.prompt_tokens += prompt
         ctx.completion_tokens += completion
         ctx.cost_usd += cost
+        if answer.attempt.get("paid_by") == "tenant":  # the tenant's own key: the provider bills it, not the budget
+            ctx.tenant_paid_usd += cost
         answer.attempt.update(prompt_tokens=prompt, completion_tokens=completion, cost_usd=round(cost, 9))
 
     # Relaying

@@ -58,7 +58,8 @@ class EnforceLimits:
 def _actual(ctx: RequestContext) -> dict[str, int]:
     """What the request really used; an answer that never came costs nothing, one of unknown size its reservation."""
     if ctx.prompt_tokens or ctx.completion_tokens:
-        return {"tokens": ctx.prompt_tokens + ctx.completion_tokens, "budget": int(ctx.cost_usd * NANO)}
+        return {"tokens": ctx.prompt_tokens + ctx.completion_tokens,
+                "budget": int((ctx.cost_usd - ctx.tenant_paid_usd) * NANO)}
     if ctx.status and ctx.status < 400:
         return {"tokens": ctx.reserved_tokens, "budget": ctx.reserved_cost_nano}
     return {"tokens": 0, "budget": 0}

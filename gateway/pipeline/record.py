@@ -25,6 +25,8 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
     upstream_model = (ctx.upstream_model or deployment.upstream_model) if deployment else None
     node = deployment.node if deployment else None
     adapter = ctx.adapter.name if ctx.adapter is not None and node is not None and not ctx.adapter_bypassed else None
+    # The answer came with the tenant's own provider key: the provider bills the tenant.
+    paid_by = "tenant" if any(a.get("paid_by") and not a.get("error") for a in ctx.attempts) else None
     requested = ctx.model_requested
     if requested is not None and (len(requested) > 256 or "\x00" in requested):  # a client may send anything
         requested = requested[:256].replace("\x00", "\ufffd") + ("..." if len(requested) > 256 else "")
@@ -37,7 +39,7 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
             ctx.overhead_seconds * 1000, ctx.cache_hit, ctx.cascaded if ctx.profile is not None else None,
             ctx.confidence, failed, ctx.stream, ctx.status, ctx.error_type, ctx.route_score,
             orjson.dumps(ctx.attempts).decode() if len(ctx.attempts) > 1 else None,
-            node, adapter,
+            node, adapter, paid_by,
         ))
     route = ctx.endpoint.route
     line = {
@@ -70,6 +72,8 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
         line["attempts"] = ctx.attempts
     if ctx.cache_hit:
         line["cache_hit"] = True
+    if paid_by:
+        line["paid_by"] = paid_by
     if ctx.client_disconnected:
         line["client_disconnected"] = True
     if ctx.limits_degraded:

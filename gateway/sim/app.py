@@ -15,9 +15,9 @@ from typing import Any
 
 import orjson
 
-from gateway.asgi import DisconnectGuard, ClientDisconnected, Receive, Scope, Send, read_body, send_response
+from gateway.asgi import DisconnectGuard, ClientDisconnected, Receive, Scope, Send, header, read_body, send_response
 from gateway.asgi import end_stream, send_chunk, start_stream
-from gateway.sim import generate, schema_json
+from gateway.sim import generate, protocols, schema_json
 from gateway.sim.lora import LoraError, LoraSlots
 from gateway.sim.settings import SimSettings
 
@@ -84,37 +84,94 @@ class Simulator:
             if scope["type"] == "lifespan":
                 await _lifespan(receive, send)
             return
-        handler = self._routes.get((scope["method"], scope["path"]))
+        path = scope["path"]
+        handler, style = self._routes.get((scope["method"], path)), "openai"
+        if handler is None and scope["method"] == "POST":
+            handler, style = self._provider_route(path)
         if handler is None:
-            status = 405 if any(path == scope["path"] for _, path in self._routes) else 404
-            error = SimError(status, f"{scope['method']} {scope['path']} is not served here", "NotFoundError")
+            status = 405 if any(known == path for _, known in self._routes) else 404
+            error = SimError(status, f"{scope['method']} {path} is not served here", "NotFoundError")
             await send_response(send, status, error.body())
             return
-        if self.settings.api_key and scope["path"].startswith("/v1/") and not self._authorized(scope):
-            await send_response(send, 401, b'{"error":"Unauthorized"}')  # vLLM's answer, word for word
+        if self.settings.api_key and (path.startswith("/v1") or style != "openai") and not self._authorized(
+                scope, style):
+            await self._send_error(send, style, SimError(401, "Unauthorized", "AuthenticationError"))
             return
         try:
             await handler(scope, receive, send)
         except SimError as error:
-            await send_response(send, error.status, error.body())
+            await self._send_error(send, style, error)
+        except protocols.ProtocolError as error:
+            await self._send_error(send, style, SimError(error.status, error.message))
         except ClientDisconnected:
             self.stats.cancelled += 1
 
-    def _authorized(self, scope: Scope) -> bool:
-        expected = b"Bearer " + self.settings.api_key.encode()
-        return any(name == b"authorization" and value == expected for name, value in scope["headers"])
+    def _provider_route(self, path: str) -> tuple:
+        """The routes of other providers' protocols: Anthropic, Gemini, Azure OpenAI's deployment URLs."""
+        if path == "/v1/messages":
+            return self._anthropic, "anthropic"
+        if path.startswith("/v1beta/models/") and (path.endswith(":generateContent")
+                                                   or path.endswith(":streamGenerateContent")):
+            return self._gemini, "gemini"
+        if path.startswith("/openai/deployments/") and path.endswith("/chat/completions"):
+            return self._azure_chat, "azure"
+        return None, "openai"
+
+    def _authorized(self, scope: Scope, style: str) -> bool:
+        """Each provider's way of presenting a key: Bearer (vLLM, OpenAI), x-api-key, x-goog-api-key or ?key=,
+        api-key (Azure)."""
+        key = self.settings.api_key.encode()
+        wanted = {"openai": (b"authorization", b"Bearer " + key), "anthropic": (b"x-api-key", key),
+                  "gemini": (b"x-goog-api-key", key), "azure": (b"api-key", key)}[style]
+        if any(pair == wanted for pair in scope["headers"]):
+            return True
+        return style == "gemini" and b"key=" + key in scope.get("query_string", b"").split(b"&")
+
+    async def _send_error(self, send: Send, style: str, error: SimError) -> None:
+        if style == "anthropic":
+            body = protocols.anthropic_error(error.status, error.message)
+        elif style == "gemini":
+            body = protocols.gemini_error(error.status, error.message)
+        elif error.status == 401 and style == "openai":
+            body = b'{"error":"Unauthorized"}'  # vLLM's answer, word for word
+        else:
+            body = error.body()
+        await send_response(send, error.status, body)
+
+    # -- other providers' protocols ----------------------------------------------------------------------------
+
+    async def _anthropic(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not header(scope, b"anthropic-version"):
+            raise SimError(400, "anthropic-version: header is required")
+        body = protocols.from_anthropic(await self._json_body(receive))
+        await self._chat_body(scope, receive, send, body, protocols.AnthropicWriter)
+
+    async def _gemini(self, scope: Scope, receive: Receive, send: Send) -> None:
+        model, _, action = scope["path"].removeprefix("/v1beta/models/").partition(":")
+        body = protocols.from_gemini(await self._json_body(receive), model, action == "streamGenerateContent")
+        await self._chat_body(scope, receive, send, body, protocols.GeminiWriter)
+
+    async def _azure_chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if b"api-version=" not in scope.get("query_string", b""):
+            raise SimError(404, "Resource not found")  # Azure's answer to a URL without api-version
+        body = await self._json_body(receive)
+        body["model"] = scope["path"].split("/")[3]  # the deployment name
+        await self._chat_body(scope, receive, send, body)
 
     # -- OpenAI endpoints ------------------------------------------------------------------------------------
 
     async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = await self._json_body(receive)
+        await self._chat_body(scope, receive, send, await self._json_body(receive))
+
+    async def _chat_body(self, scope: Scope, receive: Receive, send: Send, body: dict, writer: type | None = None
+                         ) -> None:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise SimError(400, "'messages' must be a non-empty list", param="messages")
         prompt = "\n".join(f"{m.get('role')}: {_text_of(m.get('content'))}" for m in messages if isinstance(m, dict))
         prompt_tokens = sum(generate.count_tokens(_text_of(m.get("content"))) + 4 for m in messages
                             if isinstance(m, dict)) + 2
-        await self._generate(scope, receive, send, body, "chat", [prompt], prompt_tokens)
+        await self._generate(scope, receive, send, body, "chat", [prompt], prompt_tokens, writer)
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._json_body(receive)
@@ -163,7 +220,9 @@ class Simulator:
     # -- generation --------------------------------------------------------------------------------------------
 
     async def _generate(self, scope: Scope, receive: Receive, send: Send, body: dict, kind: str,
-                        prompts: list[str], prompt_tokens: int) -> None:
+                        prompts: list[str], prompt_tokens: int, writer: type | None = None) -> None:
+        """Generate the answers of one request and write them in OpenAI's format (or ``writer``'s: another
+        provider's); ``body`` is in OpenAI's terms."""
         model = self._served_model(body)
         max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
@@ -191,7 +250,7 @@ class Simulator:
             try:
                 if adapter is not None:
                     await self.lora.acquire(adapter)
-                options = _Options(body, kind, model, prompt_tokens, completion_tokens)
+                options = (writer or _Options)(body, kind, model, prompt_tokens, completion_tokens)
                 if body.get("stream"):
                     async with DisconnectGuard(receive):
                         await self._stream(send, options, completions)
@@ -200,7 +259,7 @@ class Simulator:
                     if delay:
                         async with DisconnectGuard(receive):
                             await asyncio.sleep(delay / 1000)
-                    await send_response(send, 200, orjson.dumps(options.full_response(completions)))
+                    await send_response(send, 200, options.full_body(completions))
             finally:
                 if adapter is not None:
                     await self.lora.release(adapter)
@@ -215,9 +274,9 @@ class Simulator:
         if settings.ttft_ms:
             await asyncio.sleep(settings.ttft_ms / 1000)
         await start_stream(send, 200)
-        if options.kind == "chat":
-            for index in range(len(completions)):
-                await send_chunk(send, options.chunk(index, {"role": "assistant", "content": ""}))
+        opening = options.opening(completions)
+        if opening:
+            await send_chunk(send, opening)
         gap = (settings.itl_ms + settings.slow_stream_ms) / 1000
         longest = max(len(c.tokens) for c in completions)
         sent = 0
@@ -233,10 +292,7 @@ class Simulator:
                     parts.append(options.token_chunk(index, completion, position))
             await send_chunk(send, b"".join(parts))
             sent += 1
-        await send_chunk(send, b"".join(options.final_chunk(i, c) for i, c in enumerate(completions)))
-        if options.include_usage:
-            await send_chunk(send, options.usage_chunk())
-        await send_chunk(send, b"data: [DONE]\n\n")
+        await send_chunk(send, options.closing(completions))
         await end_stream(send)
 
     async def _inject_faults(self, receive: Receive) -> None:
@@ -388,6 +444,23 @@ class _Options:
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    # What a writer of answers provides (the Anthropic and Gemini writers in protocols.py too)
+
+    def full_body(self, completions: list[generate.Completion]) -> bytes:
+        return orjson.dumps(self.full_response(completions))
+
+    def opening(self, completions: list[generate.Completion]) -> bytes:
+        if self.kind != "chat":
+            return b""
+        return b"".join(self.chunk(index, {"role": "assistant", "content": ""}) for index in range(len(completions)))
+
+    def closing(self, completions: list[generate.Completion]) -> bytes:
+        parts = [self.final_chunk(i, c) for i, c in enumerate(completions)]
+        if self.include_usage:
+            parts.append(self.usage_chunk())
+        parts.append(b"data: [DONE]\n\n")
+        return b"".join(parts)
 
     def full_response(self, completions: list[generate.Completion]) -> dict:
         choices = []

@@ -88,6 +88,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE usage_ledger ADD COLUMN node text, ADD COLUMN adapter text;
     """,
+    # 6: who paid the provider: NULL the gateway, 'tenant' when the tenant's own key was used
+    """
+    ALTER TABLE usage_ledger ADD COLUMN paid_by text;
+    """,
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations

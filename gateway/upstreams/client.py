@@ -35,8 +35,9 @@ class UpstreamClient:
             self._timeouts[key] = timeout
         return timeout
 
-    async def post(self, deployment: Deployment, path: str, payload: bytes) -> aiohttp.ClientResponse:
-        """Send ``payload`` to ``path`` of the deployment; the caller reads and releases the response."""
-        return await self._session.post(
-            deployment.api_base + path, data=payload, headers=deployment.headers, timeout=self._timeout(deployment)
-        )
+    async def post(self, deployment: Deployment, path: str, payload: bytes,
+                   headers: dict[str, str] | None = None) -> aiohttp.ClientResponse:
+        """Send ``payload`` to ``path`` of the deployment (with ``headers`` instead of its own, when given); the
+        caller reads and releases the response."""
+        return await self._session.post(deployment.api_base + path, data=payload,
+                                        headers=headers or deployment.headers, timeout=self._timeout(deployment))

@@ -54,6 +54,10 @@ def _parse(body: bytes) -> tuple[str | None, str | None, str | None, object]:
     return None, None, None, None
 
 
+class Unreachable(ConnectionError):
+    """An upstream that could not be reached (raised by the paths that are not aiohttp's)."""
+
+
 def from_exception(deployment: Deployment, exc: BaseException) -> GatewayError:
     """A failure to get an answer at all: timeouts, refused connections, broken responses."""
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
@@ -63,7 +67,7 @@ def from_exception(deployment: Deployment, exc: BaseException) -> GatewayError:
             f"(connect timeout {deployment.connect_timeout:g} s, read timeout {deployment.read_timeout:g} s).",
             type="timeout_error", code="upstream_timeout",
         )
-    if isinstance(exc, aiohttp.ClientConnectorError):
+    if isinstance(exc, (aiohttp.ClientConnectorError, Unreachable)):
         return GatewayError(
             502, f"The upstream of deployment '{deployment.name}' could not be reached.",
             type="upstream_error", code="upstream_unreachable",
