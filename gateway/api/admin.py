@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import secrets
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import asyncpg
 from fastapi import APIRouter, Depends, Query, Request
@@ -20,9 +20,9 @@ from gateway.api.guard import ADMIN, stateless_gateway
 from gateway.api.ops import error_responses
 from gateway.config.keys import generate_key, hash_key
 from gateway.config.routing import unknown_chat_models
-from gateway.config.schema import (DATE_PATTERN, FEATURES, KEY_NAME_PATTERN, TENANT_ID_PATTERN, TEXT_PATTERN,
-                                   CalendarDate, Strict, TenantFields, TenantRoutingSpec, TenantSpec, calendar_date,
-                                   partial)
+from gateway.config.schema import (DATE_PATTERN, FEATURES, KEY_NAME_PATTERN, PROVIDERS, TENANT_ID_PATTERN,
+                                   TEXT_PATTERN, CalendarDate, Strict, TenantFields, TenantRoutingSpec, TenantSpec,
+                                   calendar_date, partial)
 from gateway.config.types import GatewayConfig, Tenant
 from gateway.errors import GatewayError
 from gateway.pipeline.auth import identify
@@ -44,6 +44,11 @@ class TenantIn(TenantFields):
 
 
 TenantPatch = partial(TenantFields, "TenantPatch")
+
+
+class ProviderKeyIn(Strict):
+    key: str = Field(min_length=1, max_length=4096, pattern=TEXT_PATTERN,
+                     description="the tenant's own key: written to Vault, never shown again")
 
 
 class KeyIn(Strict):
@@ -207,6 +212,56 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         await apply()
         return {"object": "api_key", "tenant": tenant_id, "name": name, "revoked": True}
 
+    @router.get("/api/v1/organizations/{tenant_id}/provider-keys", **admin)
+    async def list_provider_keys(tenant_id: str) -> dict:
+        """The providers for which the tenant brings its own key, and where each key is kept (never the key)."""
+        tenant = tenant_or_404(tenant_id)
+        return {"object": "list", "data": [{"object": "provider_key", "provider": provider, "reference": reference}
+                                           for provider, reference in sorted(tenant.provider_keys.items())]}
+
+    @router.put("/api/v1/organizations/{tenant_id}/provider-keys/{provider}", **admin)
+    async def put_provider_key(tenant_id: str, provider: Literal[PROVIDERS], body: ProviderKeyIn) -> dict:
+        """Keep the tenant's own key for a provider in Vault; its requests to that provider use it from now on,
+        and their usage is marked as paid by the tenant."""
+        tenant = _made_here(tenant_or_404(tenant_id))
+        if gateway.secrets.vault is None:
+            raise GatewayError(409, "This gateway keeps no secrets of its own: tenants' keys are kept in Vault, and "
+                                    "VAULT_ADDR is not set. Reference a key instead (PATCH provider_keys).",
+                               code="vault_not_configured")
+        try:
+            reference = await asyncio.to_thread(gateway.secrets.write_tenant_key, tenant.id, provider, body.key)
+        except Exception as exc:  # Vault not configured, unreachable, or refusing: never the key in the message
+            raise GatewayError(503, f"The key cannot be kept in Vault right now ({type(exc).__name__}).",
+                               type="server_error", code="vault_unavailable") from None
+        await _set_provider_key(tenant.id, provider, reference)
+        return {"object": "provider_key", "tenant": tenant.id, "provider": provider, "reference": reference}
+
+    @router.delete("/api/v1/organizations/{tenant_id}/provider-keys/{provider}", **admin)
+    async def delete_provider_key(tenant_id: str, provider: Literal[PROVIDERS]) -> dict:
+        tenant = _made_here(tenant_or_404(tenant_id))
+        reference = tenant.provider_keys.get(provider)
+        if reference is None:
+            raise GatewayError(404, f"Tenant '{tenant.id}' has no key of its own for {provider}.",
+                               type="not_found_error", code="provider_key_not_found")
+        await _set_provider_key(tenant.id, provider, None)
+        if reference.startswith("vault:"):
+            try:
+                await asyncio.to_thread(gateway.secrets.delete_tenant_key, reference)
+            except Exception:  # the tenant no longer uses it; a copy left in Vault is the operator's to remove
+                pass
+        return {"object": "provider_key", "tenant": tenant.id, "provider": provider, "deleted": True}
+
+    async def _set_provider_key(tenant_id: str, provider: str, reference: str | None) -> None:
+        current = gateway.config.api_spec(tenant_id).model_dump()
+        keys = dict(current.get("provider_keys") or {})
+        if reference is None:
+            keys.pop(provider, None)
+        else:
+            keys[provider] = reference
+        current["provider_keys"] = keys
+        await gateway.directory.update_tenant(tenant_id, tenant_spec(tenant_id, current))
+        await apply()
+
     @router.get("/api/v1/organizations/{tenant_id}/usage", **admin)
     async def tenant_usage(tenant_id: str, start: str | None = START, end: str | None = END):
         return await _report(gateway, tenant_or_404(tenant_id), start, end)
@@ -327,6 +382,7 @@ def _view(tenant: Tenant, config: GatewayConfig) -> dict:
                     for alias, p in tenant.routes.items()},
         "cache": tenant.cache,  # the tenant's own changes to the models' cache policy
         "cors_origins": sorted(tenant.cors_origins),
+        "provider_keys": dict(sorted(tenant.provider_keys.items())),  # references, never keys
         "adapters": {name: {"base": a.base, "path": a.path, "default": a.default, "on_failure": a.on_failure,
                             "node_name": a.lora_name} for name, a in sorted(tenant.adapters.items())},
         "source": tenant.source,

@@ -173,14 +173,15 @@ class DeploymentSpec(Strict):
 
 def key_reference(value: str | None) -> str | None:
     """A secret is named, never written: env:VAR, or vault:<mount>/<path>#<field>."""
-    if value is not None and not (re.fullmatch(r"env:[A-Za-z_][A-Za-z0-9_]*", value)
-                                  or re.fullmatch(VAULT_REFERENCE, value)):
+    if value is not None and not re.fullmatch(KEY_REFERENCE_PATTERN, value):
         raise ValueError("must be a reference such as env:OPENAI_API_KEY or vault:secret/gateway/openai#api_key; "
                          "secrets are never written in YAML")
     return value
 
 
 VAULT_REFERENCE = r"vault:[A-Za-z0-9_.-]+/[A-Za-z0-9_./-]+#[A-Za-z0-9_.-]+"
+KEY_REFERENCE_PATTERN = rf"^(env:[A-Za-z_][A-Za-z0-9_]*|{VAULT_REFERENCE})$"
+KeyReference = Annotated[str, Field(pattern=KEY_REFERENCE_PATTERN, max_length=500)]
 
 
 class CachePolicySpec(Strict):
@@ -487,7 +488,7 @@ class TenantFields(Strict):
     cache: CachePolicySpec | None = None
     cors_origins: list[Annotated[str, Field(pattern=ORIGIN_PATTERN, max_length=300)]] = Field(
         default_factory=list, max_length=100, description="browser origins this tenant's keys may be used from")
-    provider_keys: dict[Literal[PROVIDERS], str] = Field(
+    provider_keys: dict[Literal[PROVIDERS], KeyReference] = Field(
         default_factory=dict, description="the tenant's own keys for providers (bring your own key), as references "
                                           "(vault:... or env:...); its requests to that provider use them")
     adapters: dict[Annotated[str, Field(pattern=ADAPTER_NAME_PATTERN)], AdapterSpec] = Field(

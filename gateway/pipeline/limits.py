@@ -26,6 +26,8 @@ class EnforceLimits:
         completion = 0 if ctx.endpoint.model_type == "embedding" else tokens.completion_reservation(
             body, ctx.tenant.limits.completion_reservation)
         cost_nano = int(ctx.model.pricing.cost(prompt, completion) * NANO)
+        if ctx.tenant.provider_keys and _paid_by_tenant(ctx):
+            cost_nano = 0  # the provider bills the tenant: nothing to reserve from its budget (settled to the truth)
         if ctx.cache_entry is not None:  # a cached answer counts as a request, and costs no tokens and no budget
             prompt = completion = cost_nano = 0
         elif ctx.cascade_to is not None:  # the worst case pays for both answers
@@ -53,6 +55,12 @@ class EnforceLimits:
             self.limiter.settle(admission, ctx.request_id, _actual(ctx))
 
         ctx.on_finish(settle)
+
+
+def _paid_by_tenant(ctx: RequestContext) -> bool:
+    """Whether every deployment that may answer is reached with one of the tenant's own provider keys."""
+    serving = ctx.model.serving
+    return bool(serving) and all(d.provider in ctx.tenant.provider_keys for d in serving)
 
 
 def _actual(ctx: RequestContext) -> dict[str, int]:

@@ -51,6 +51,7 @@ class VaultSettings:
     k8s_mount: str = "kubernetes"
     ca_cert: str | None = None
     refresh_seconds: float = 60.0
+    timeout: float = 3.0  # seconds a Vault call may take (a Vault that hangs counts as away)
     byok_mount: str = "secret"  # where the admin API writes tenants' own provider keys
     byok_prefix: str = "gateway/tenants"
 
@@ -68,6 +69,7 @@ class VaultSettings:
                    k8s_mount=environ.get("VAULT_K8S_MOUNT") or "kubernetes",
                    ca_cert=environ.get("VAULT_CACERT") or None,
                    refresh_seconds=float(environ.get("GATEWAY_VAULT_REFRESH_SECONDS") or 60.0),
+                   timeout=float(environ.get("GATEWAY_VAULT_TIMEOUT") or 3.0),
                    byok_mount=environ.get("GATEWAY_VAULT_BYOK_MOUNT") or "secret",
                    byok_prefix=(environ.get("GATEWAY_VAULT_BYOK_PREFIX") or "gateway/tenants").strip("/"))
 
@@ -220,7 +222,7 @@ class Secrets:
         if self._client is not None:
             return self._client
         settings = self.vault
-        client = hvac.Client(url=settings.address, namespace=settings.namespace,
+        client = hvac.Client(url=settings.address, namespace=settings.namespace, timeout=settings.timeout,
                              verify=settings.ca_cert if settings.ca_cert else True)
         if settings.method == "approle":
             answer = client.auth.approle.login(role_id=settings.role_id, secret_id=settings.secret_id,
