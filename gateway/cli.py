@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--baseline", type=Path, help="a checkout of another version of the gateway: its core and "
                                                      "whole gateway are measured in the same run, interleaved")
     bench.set_defaults(run=_bench)
-    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="[tenants | fleet]")
+    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="[tenants | fleet | providers]")
     tenants_bench = bench_kinds.add_parser("tenants", help="admin writes, reloads, idle CPU, memory and the request "
                                                            "path with many tenants")
     tenants_bench.add_argument("--tenants", type=int, default=10_000, help="half in tenants.yaml, half made "
@@ -106,6 +106,11 @@ def main(argv: list[str] | None = None) -> None:
     fleet_bench.add_argument("--rate", type=float, default=40.0, help="requests per second (an open loop)")
     fleet_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
     fleet_bench.set_defaults(run=_bench_fleet)
+    providers_bench = bench_kinds.add_parser("providers", help="LiteLLM's path against the direct one, and what "
+                                                               "loading it costs")
+    providers_bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    providers_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
+    providers_bench.set_defaults(run=_bench_providers)
 
     args = parser.parse_args(argv)
     args.run(args)
@@ -227,6 +232,12 @@ def _router(args: argparse.Namespace) -> None:
         commands.print_json(commands.evaluate(data, scorer, args.svg))
     else:
         commands.print_json(commands.calibrate(data, scorer, args.large_share, args.critical_share))
+
+
+def _bench_providers(args: argparse.Namespace) -> None:
+    from gateway.bench.providers import run_provider_benchmark
+
+    run_provider_benchmark(duration=args.duration, output=args.output)
 
 
 def _bench_fleet(args: argparse.Namespace) -> None:
