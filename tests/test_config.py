@@ -242,3 +242,20 @@ def test_keys_create_admin_writes_an_admin_key(tmp_path):
     assert hash_key(key) not in config.keys  # not a tenant key: it opens the admin API only
     both = _gateway_cli("keys", "create", "--admin", "--tenant", "demo", "--config-dir", str(config_dir))
     assert both.returncode == 2
+
+
+def test_a_deployment_knows_its_provider_for_tenants_own_keys(tmp_path):
+    """A tenant's own key for a provider is used on that provider's deployments: named, in LiteLLM's form, or known
+    by the host of its API."""
+    config_dir = _shipped_copy(tmp_path)
+    models = yaml.safe_load((config_dir / "models.yaml").read_text())
+    models["models"]["hosted"] = {"deployments": [
+        {"name": "by-host", "api_base": "https://api.groq.com/openai/v1", "model": "llama", "api_key": "env:K"},
+        {"name": "by-form", "model": "anthropic/claude-x", "api_key": "env:K"},
+        {"name": "elsewhere", "api_base": "https://llm.example.com/v1", "model": "m"}]}
+    (config_dir / "models.yaml").write_text(yaml.safe_dump(models))
+    config = load_config(config_dir, environ={"K": "k"})
+    providers = {d.name: d.provider for model in config.models.values() for d in model.deployments}
+    assert providers["openai-gpt-4o-mini"] == "openai"  # the shipped file names it
+    assert providers["by-host"] == "groq" and providers["by-form"] == "anthropic"
+    assert providers["elsewhere"] is None

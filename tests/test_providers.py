@@ -83,6 +83,8 @@ def test_plain_and_streamed_answers_in_openais_shape(providers, stores, model):
                                 {"Authorization": client.api_key and f"Bearer {client.api_key}",
                                  "Content-Type": "application/json"})
     assert body.count(b"data: [DONE]") == 1
+    for line in gateway.log_path.read_text().splitlines():  # LiteLLM's own lines would break the JSON log
+        assert json.loads(line).get("logger") != "LiteLLM", line
 
 
 @pytest.mark.parametrize("model", ["claude", "gemini-flash", "azure-gpt"])

@@ -301,7 +301,7 @@ def _compile_models(
             pool = (fleet.pools[api_base.removeprefix(FLEET_PREFIX)]
                     if api_base and api_base.startswith(FLEET_PREFIX) else None)
             upstream_model = _expand(d.model, environ, missing) if d.model else pool.model
-            provider, upstream_model = provider_of(d.provider, upstream_model)
+            provider, upstream_model = provider_of(d.provider, upstream_model, api_base)
             headers = {k: _expand(v, environ, missing) for k, v in d.headers.items()}
             api_key = _secret(d.api_key, secrets, missing)
             headers = {"Content-Type": "application/json", **headers}
@@ -468,15 +468,22 @@ def _compile_tenant(context: _TenantContext, tenant_id: str, t: TenantSpec, sour
     )
 
 
-def provider_of(declared: str | None, model: str) -> tuple[str | None, str]:
-    """A deployment's provider and its model's name there: ``provider: anthropic`` and ``model: claude-...``, or
-    LiteLLM's form ``model: anthropic/claude-...``."""
+# OpenAI-compatible providers known by their API's host: a tenant's own key for them is used without the
+# deployment having to say `provider:`.
+_PROVIDER_HOSTS = {"api.openai.com": "openai", "openrouter.ai": "openrouter", "api.groq.com": "groq",
+                   "api.together.xyz": "together"}
+
+
+def provider_of(declared: str | None, model: str, api_base: str | None = None) -> tuple[str | None, str]:
+    """A deployment's provider and its model's name there: ``provider: anthropic`` and ``model: claude-...``,
+    LiteLLM's form ``model: anthropic/claude-...``, or the host of a well-known OpenAI-compatible API."""
     if declared is not None:
         return declared, model.removeprefix(f"{declared}/") if declared in VIA_LITELLM else model
     prefix, _, rest = model.partition("/")
     if prefix in VIA_LITELLM and rest:
         return prefix, rest
-    return None, model
+    host = urlsplit(api_base).hostname if api_base and api_base.startswith(("http://", "https://")) else None
+    return _PROVIDER_HOSTS.get(host or ""), model
 
 
 def tenant_key_references(tenants) -> set[str]:

@@ -17,6 +17,7 @@ answers by their words alone).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import AsyncIterator
 
@@ -29,6 +30,14 @@ import orjson  # noqa: E402
 from gateway.config.types import Deployment  # noqa: E402
 from gateway.observability import metrics  # noqa: E402
 from gateway.upstreams.errors import Unreachable  # noqa: E402
+
+# LiteLLM writes an INFO line of its own per call, in plain text beside the gateway's JSON lines: its loggers speak
+# only of warnings, through the gateway's handler.
+for _name in ("LiteLLM", "LiteLLM Router", "LiteLLM Proxy"):
+    _logger = logging.getLogger(_name)
+    _logger.handlers.clear()
+    _logger.setLevel(max(logging.WARNING, logging.getLogger().getEffectiveLevel()))
+    _logger.propagate = True
 
 litellm.drop_params = True
 litellm.num_retries = 0
