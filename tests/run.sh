@@ -3,14 +3,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the tests use: HAProxy, in front of several gateway replicas.
-if ! command -v haproxy >/dev/null 2>&1; then
+# System packages the tests use: HAProxy, in front of several gateway replicas; Node.js, for the openai Node SDK.
+missing=()
+command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+command -v npm >/dev/null 2>&1 || missing+=(npm)
+if [ "${#missing[@]}" -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "tests/run.sh: install haproxy (tests/test_replicas.py runs it)" >&2
+    echo "tests/run.sh: install ${missing[*]}" >&2
   fi
 fi
+(cd tests/clients/node && npm ci --no-audit --no-fund --silent)
 
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
