@@ -64,16 +64,22 @@ def main(argv: list[str] | None = None) -> None:
 
     router = commands.add_parser("router", help="train and judge the complexity classifier")
     router_commands = router.add_subparsers(dest="router_command", required=True)
-    for name, description in (("train", "fit the learned scorer on labelled prompts"),
-                              ("evaluate", "cost/quality curves and APGR on the held-out half"),
+    for name, description in (("train", "fit a scorer and choose its blend leave-group-out"),
+                              ("evaluate", "APGR on the held-out half and leave-group-out, and the curves"),
                               ("calibrate", "the threshold that sends a given share to the large model")):
         command = router_commands.add_parser(name, help=description)
         command.add_argument("--data", type=Path, help="JSON lines: prompt, weak_correct, strong_correct "
-                                                       "(default: the shared MMLU routing data)")
-        command.add_argument("--scorer", type=Path, help="the scorer file (default: the one shipped)")
+                                                       "(default: the MMLU routing data shipped with the package)")
+        command.add_argument("--scorer", type=Path, help="the scorer file (default: the one shipped; train: the "
+                                                         "file to write, required)")
         command.set_defaults(run=_router)
-    router_commands.choices["train"].add_argument("--all", action="store_true",
-                                                  help="train on every prompt, not only the training half")
+    train = router_commands.choices["train"]
+    train.add_argument("--all", action="store_true", help="train on every example, not only the training half")
+    train.add_argument("--from-ledger", action="store_true",
+                       help="learn from the gateway's own traffic (DATABASE_URL): cascade judgements and feedback; "
+                            "with --data, from both")
+    train.add_argument("--tenant", help="with --from-ledger: only this tenant's requests")
+    train.add_argument("--days", type=int, default=90, help="with --from-ledger: the last this many days")
     router_commands.choices["evaluate"].add_argument("--svg", type=Path, help="draw the curves into this file")
     calibrate = router_commands.choices["calibrate"]
     calibrate.add_argument("--large-share", type=float, required=True,
@@ -223,15 +229,51 @@ def _router(args: argparse.Namespace) -> None:
             commands.print_json(asyncio.run(commands.calibrate_from_ledger(
                 database_url, args.tenant, args.days, args.large_share, args.critical_share)))
             return
+    if args.router_command == "train":
+        _router_train(args, commands)
+        return
     data = args.data or commands.DEFAULT_DATA
     if not data.exists():
         raise SystemExit(f"gateway router: no data at {data}; pass --data")
-    if args.router_command == "train":
-        commands.print_json(commands.train(data, scorer, args.all))
-    elif args.router_command == "evaluate":
+    if args.router_command == "evaluate":
         commands.print_json(commands.evaluate(data, scorer, args.svg))
     else:
         commands.print_json(commands.calibrate(data, scorer, args.large_share, args.critical_share))
+
+
+def _router_train(args: argparse.Namespace, commands) -> None:
+    if args.scorer is None or args.scorer.resolve() == commands.DEFAULT_PATH.resolve():
+        raise SystemExit("gateway router train: name the file to write with --scorer (the shipped scorer is never "
+                         "overwritten); then name it in models.yaml (router.classifier.scorer)")
+    examples, sources = [], []
+    if args.from_ledger:
+        database_url = os.environ.get("DATABASE_URL")
+        if not database_url:
+            raise SystemExit("gateway router train --from-ledger: set DATABASE_URL to the ledger's database")
+        examples += asyncio.run(_ledger_examples(commands, database_url, args.tenant, args.days))
+        sources.append(f"ledger ({len(examples)} labelled requests)")
+    if args.data is not None or not args.from_ledger:
+        from gateway.routing.evaluate import load_examples
+
+        data = args.data or commands.DEFAULT_DATA
+        if not data.exists():
+            raise SystemExit(f"gateway router: no data at {data}; pass --data")
+        examples += load_examples(data)
+        sources.append(data.name)
+    try:
+        commands.print_json(commands.train(examples, args.scorer, args.all, " + ".join(sources)))
+    except commands.CannotTrain as exc:
+        raise SystemExit(f"gateway router train: {exc}") from None
+
+
+async def _ledger_examples(commands, database_url: str, tenant: str | None, days: int) -> list:
+    import asyncpg
+
+    connection = await asyncpg.connect(database_url)
+    try:
+        return await commands.ledger_examples(connection, tenant, days)
+    finally:
+        await connection.close()
 
 
 def _bench_providers(args: argparse.Namespace) -> None:

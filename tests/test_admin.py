@@ -148,7 +148,9 @@ def test_routing_of_a_tenant_made_through_the_api(admin_setup):
     assert made["routing"]["auto"]["models"]["complex"] == "small" and made["routing"]["auto"]["cascade"] is False
     status, key = _admin(gateway, "POST", "/api/v1/organizations/routed/keys", {"name": "k"})
     raw = gateway.client(key["key"]).chat.completions.with_raw_response.create(
-        model="auto", messages=[{"role": "user", "content": "Analyze the root cause of the database outage"}])
+        model="auto", messages=[{"role": "user", "content": "Our replication architecture failed: analyze the root cause, then "
+                                                  "debug it step by step, compare each trade-off, and recommend "
+                                                  "exactly three changes"}])
     assert raw.headers["x-gateway-model"] == "small" and raw.headers["x-gateway-complexity"] == "complex"
     status, report = _admin(gateway, "GET", "/api/v1/organizations/routed/routing")
     assert status == 200 and report["object"] == "routing_report"

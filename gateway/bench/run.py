@@ -256,7 +256,8 @@ def classifier_cost(calls: int = 20_000) -> dict:
     bodies = [{"model": "auto", "messages": [{"role": "user", "content": text}]} for text in CLASSIFIED_PROMPTS]
     long_body = {"model": "auto", "messages": [{"role": "system", "content": "You are a careful analyst."},
                                                {"role": "user", "content": LONG_PROMPT}]}
-    classifier = Classifier(scorer=LearnedScorer.load())
+    scorer = LearnedScorer.load()
+    classifier = Classifier(weights=scorer.blend, scorer=scorer)  # as the shipped models.yaml runs it
 
     def per_call(sample: list[dict]) -> float:
         runs = []

@@ -1,8 +1,8 @@
 """Request complexity: SIMPLE, MODERATE, COMPLEX or CRITICAL, with the signals that decided it.
 
 The score is a weighted sum of the request's signals (see signals.py) plus, when a learned scorer is loaded,
-its estimate that the small model would get the request wrong. Thresholds on the score give the class. Every
-decision can say which signals moved it most.
+its estimate of what the large model would do better, with the weights chosen for that scorer out of domain
+(fit.py). Thresholds on the score give the class. Every decision can say which signals moved it most.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from gateway.routing.scorer import LearnedScorer
-from gateway.routing.signals import DEFAULT_VOCABULARY, Vocabulary, request_text, signals, words_of
+from gateway.routing.signals import (DEFAULT_VOCABULARY, Vocabulary, question_of, request_text, signals,
+                                     words_of)
 
 
 class Complexity(str, Enum):
@@ -21,29 +22,42 @@ class Complexity(str, Enum):
     CRITICAL = "critical"
 
 
+# Without a learned scorer: the marker words of seed 001's routing examples as rules, and the weights of the other
+# signals chosen by `gateway router train` leave-group-out on the MMLU routing data (see routing/fit.py).
 DEFAULT_WEIGHTS: dict[str, float] = {
-    # The learned scorer's estimate carries most of the decision (it is what beats random on real data); the
-    # rules move it where a request says plainly what it is: a greeting, a breach, code, a long analysis.
-    "learned": 1.0,
-    "length": 0.08,
+    "length": 0.005,
     "simple_words": -0.3,
     "complex_words": 0.15,
     "critical_words": 0.5,
-    "technical_terms": 0.05,
+    "technical_terms": 0.0,
     "code": 0.07,
-    "reasoning": 0.05,
+    "reasoning": 0.025,
+    "quantitative": 0.125,
+    "multi_step": 0.05,
+    "negation": 0.0,
+    "constraints": 0.0,
     "depth": 0.03,
     "tools": 0.05,
 }
+LEARNED_WEIGHT = 1.0  # for a scorer file without a blend of its own
 
 
 @dataclass(frozen=True)
 class Thresholds:
     """The lowest score of each class above SIMPLE."""
 
-    moderate: float = 0.12
-    complex: float = 0.2
+    moderate: float = 0.1
+    complex: float = 0.15
     critical: float = 0.5
+
+    def complexity_of(self, score: float) -> "Complexity":
+        if score >= self.critical:
+            return Complexity.CRITICAL
+        if score >= self.complex:
+            return Complexity.COMPLEX
+        if score >= self.moderate:
+            return Complexity.MODERATE
+        return Complexity.SIMPLE
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,7 @@ class Decision:
     complexity: Complexity
     score: float
     signals: dict[str, float]
+    words: list[str] = field(default_factory=list, repr=False)  # what the scorer read, to learn from later
 
     def explain(self, weights: dict[str, float], top: int = 3) -> str:
         """The signals that moved the score most, as 'name=value' in falling order of weight times value."""
@@ -66,24 +81,23 @@ class Classifier:
     scorer: LearnedScorer | None = None
 
     def score_text(self, text: str, turns: int = 1, wants_tools: bool = False) -> tuple[float, dict[str, float]]:
-        words = words_of(text)
-        found = signals(text, words, turns, wants_tools, self.vocabulary)
-        if self.scorer is not None and self.weights.get("learned"):
-            found["learned"] = self.scorer.score_words(words)
-        weights = self.weights
-        return sum(weights.get(name, 0.0) * value for name, value in found.items()), found
+        score, found, _ = self._score(text, turns, wants_tools)
+        return score, found
 
     def classify(self, body: dict) -> Decision:
         text, turns = request_text(body)
-        score, found = self.score_text(text, turns, bool(body.get("tools")))
-        return Decision(self.complexity_of(score), score, found)
+        score, found, words = self._score(text, turns, bool(body.get("tools")))
+        return Decision(self.complexity_of(score), score, found, words)
+
+    def _score(self, text: str, turns: int, wants_tools: bool) -> tuple[float, dict[str, float], list[str]]:
+        words = words_of(text)
+        question = question_of(text)
+        found = signals(question, words if question is text else words_of(question), turns, wants_tools,
+                        self.vocabulary)
+        if self.scorer is not None and self.weights.get("learned"):
+            found["learned"] = self.scorer.score_words(words)
+        weights = self.weights
+        return sum(weights.get(name, 0.0) * value for name, value in found.items()), found, words
 
     def complexity_of(self, score: float) -> Complexity:
-        t = self.thresholds
-        if score >= t.critical:
-            return Complexity.CRITICAL
-        if score >= t.complex:
-            return Complexity.COMPLEX
-        if score >= t.moderate:
-            return Complexity.MODERATE
-        return Complexity.SIMPLE
+        return self.thresholds.complexity_of(score)

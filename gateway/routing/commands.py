@@ -1,50 +1,97 @@
-"""``gateway router train | evaluate | calibrate``: the learned scorer and the thresholds, judged on real data."""
+"""``gateway router train | evaluate | calibrate``: the learned scorer, its blend and its thresholds, judged on
+labelled data both on a random held-out half and leave-group-out (see fit.py)."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+import zlib
+from dataclasses import replace
 from pathlib import Path
+from typing import Sequence
 
-from gateway.routing.classifier import Classifier, Thresholds
-from gateway.routing.evaluate import RouterReport, judge, load_examples, split, svg, threshold_for_share
+from gateway.routing import fit
+from gateway.routing.classifier import DEFAULT_WEIGHTS, Classifier, Thresholds
+from gateway.routing.evaluate import (Example, RouterReport, accuracies, credible, groups_of, judge_scores,
+                                      load_examples, split, svg, threshold_for_share)
 from gateway.routing.scorer import DEFAULT_PATH, LearnedScorer
 
 # The labelled MMLU prompts shipped with the package (RouteLLM's, Apache-2.0: data/LICENSE-RouteLLM);
 # GATEWAY_ROUTING_DATA names another file.
 PACKAGED_DATA = Path(__file__).with_name("data") / "mmlu_routing.jsonl.gz"
 DEFAULT_DATA = Path(os.environ.get("GATEWAY_ROUTING_DATA") or PACKAGED_DATA)
+LARGE_SHARE, CRITICAL_SHARE = 0.2, 0.02  # the shares a trained scorer's own thresholds are set for
+MINIMUM_EXAMPLES = 50
 
 
-def train(data: Path, output: Path, use_all: bool) -> dict:
-    """Fit the scorer on the training half (or on everything with ``use_all``) and write it to ``output``."""
-    examples = load_examples(data)
-    train_set = examples if use_all else split(examples)[0]
+class CannotTrain(ValueError):
+    """Too few examples, or examples that all say the same."""
+
+
+def train(examples: Sequence[Example], output: Path, use_all: bool, source: str) -> dict:
+    """Fit a scorer and choose its blend leave-group-out; write it (with its report) to ``output``."""
+    if len(examples) < MINIMUM_EXAMPLES:
+        raise CannotTrain(f"{len(examples)} labelled examples; at least {MINIMUM_EXAMPLES} are needed")
+    if len({e.gain for e in examples}) < 2:
+        raise CannotTrain(f"all {len(examples)} labelled examples say the same (the large model was "
+                          f"{'always' if examples[0].gain > 0.5 else 'never'} needed): there is nothing to learn")
     started = time.perf_counter()
-    scorer = LearnedScorer.train([(e.prompt, e.strong_correct and not e.weak_correct) for e in train_set])
-    scorer.meta = {"trained_on": data.name, "examples": len(train_set), "split": "all" if use_all else "train half",
-                   "label": "large model right where the small one is wrong",
-                   "seconds": round(time.perf_counter() - started, 1)}
+    usable, left_out = credible(examples)
+    grouped = _grouped(usable)
+    fold_list = fit.folds(grouped)
+    rules = fit.choose_weights(fold_list, {k: v for k, v in DEFAULT_WEIGHTS.items() if k in fit.TUNED},
+                               with_learned=False)
+    blend = fit.choose_weights(fold_list, {**rules, "learned": 1.0}, with_learned=True)
+    train_set = usable if use_all else split(usable)[0]
+    scorer = fit.train_scorer(train_set)
+    classifier = Classifier(weights=blend, scorer=scorer)
+    scores = [_score(classifier, e) for e in train_set]
+    thresholds = _thresholds(scores, LARGE_SHARE, CRITICAL_SHARE)["thresholds"]
+    report = {
+        "source": source,
+        "examples": len(examples),
+        "left_out_subjects": left_out,
+        "trained_on": len(train_set),
+        "split": "all" if use_all else "training half",
+        "target": "the large model's gain: 1 where only it is right, 0 where only the small one is",
+        "groups": _group_note(grouped, usable),
+        "leave_group_out": _fold_report(fold_list, {"rules": rules, "this scorer's blend": blend,
+                                                    "learned scorer alone": {"learned": 1.0}}),
+        "blend": blend,
+        "rules_without_a_scorer": rules,
+        "thresholds": thresholds,
+    }
+    if not use_all:
+        report["held_out_half"] = _held_out(split(examples)[1], classifier, rules)
+    scorer.meta = {"trained_on": source, "examples": len(train_set), "split": report["split"],
+                   "seconds": round(time.perf_counter() - started, 1), "blend": blend, "thresholds": thresholds,
+                   "report": report}
     scorer.save(output)
-    return {"output": str(output), **scorer.meta, "weights": len(scorer.weights)}
+    return {"output": str(output), "weights": len(scorer.weights), **report,
+            "models_yaml": f"router:\n  classifier:\n    scorer: {output}"}
 
 
 def evaluate(data: Path, scorer_path: Path, image: Path | None) -> dict:
-    """Judge the rules, the learned scorer and both together on the held-out half, beside the random router."""
-    test = split(load_examples(data))[1]
+    """The rules, the learned scorer, the gateway's classifier and prompt length, on the held-out half and
+    leave-group-out, beside the random router; and what one decision costs."""
+    examples = load_examples(data)
     scorer = LearnedScorer.load(scorer_path)
+    blend = scorer.blend or {**DEFAULT_WEIGHTS, "learned": 1.0}
+    test = split(examples)[1]
+    gateway = Classifier(weights=blend, scorer=scorer)
     rules = Classifier(scorer=None)
-    combined = Classifier(scorer=scorer)
-    reports = [
-        judge("rules", lambda text: rules.score_text(text)[0], test),
-        judge("learned scorer", scorer.score, test),
-        judge("rules + learned (the gateway's classifier)", lambda text: combined.score_text(text)[0], test),
-    ]
-    weak = sum(e.weak_correct for e in test) / len(test)
-    strong = sum(e.strong_correct for e in test) / len(test)
+    named = {"rules (no scorer)": [_score(rules, e) for e in test],
+             "learned scorer alone": [scorer.score_features(fit.features(e)) for e in test],
+             "rules + learned (the gateway's classifier)": [_score(gateway, e) for e in test],
+             "prompt length alone": [len(e.prompt or "") for e in test]}
+    reports = [judge_scores(name, scores, test) for name, scores in named.items()]
+    weak, strong = accuracies(test)
     if image is not None:
-        image.write_text(svg(reports, weak, strong, f"{data.name}: {len(test)} held-out prompts"))
+        image.write_text(svg(reports[:3], weak, strong, f"{data.name}: {len(test)} held-out prompts"))
+    usable, left_out = credible(examples)
+    grouped = _grouped(usable)
+    prompts = [e.prompt for e in test[:2000] if e.prompt]
     return {
         "data": data.name,
         "held_out_prompts": len(test),
@@ -52,15 +99,27 @@ def evaluate(data: Path, scorer_path: Path, image: Path | None) -> dict:
         "large_model_accuracy": round(strong, 4),
         "routers": [_summary(r, weak, strong) for r in reports] + [
             {"name": "random", "apgr": 0.5, "share_for_half_the_gap": 0.5, "share_for_80_percent_of_the_gap": 0.8}],
+        "held_out_without_left_out_subjects": {
+            name: round(judge_scores(name, [s for s, e in zip(scores, test) if e.subject not in left_out],
+                                     [e for e in test if e.subject not in left_out]).apgr, 4)
+            for name, scores in named.items()},
+        "left_out_subjects": left_out,
+        "groups": _group_note(grouped, usable),
+        "leave_group_out": _fold_report(fit.folds(grouped), {
+            "rules (no scorer)": rules.weights, "rules + learned (the gateway's classifier)": blend,
+            "learned scorer alone": {"learned": 1.0}, "prompt length alone": {"length": 1.0}}),
+        "microseconds_per_decision": {
+            "rules + learned (the gateway's classifier)": round(fit.decision_microseconds(gateway, prompts), 1),
+            "rules (no scorer)": round(fit.decision_microseconds(rules, prompts), 1)},
     }
 
 
-def calibrate(data: Path, scorer_path: Path, large_share: float, critical_share: float | None) -> dict:
+def calibrate(data: Path, scorer_path: Path | None, large_share: float, critical_share: float | None) -> dict:
     """The thresholds that send ``large_share`` of requests like these to the large model (COMPLEX and up) and
     ``critical_share`` to the largest (CRITICAL), measured on the held-out half."""
     examples = split(load_examples(data))[1]
-    classifier = Classifier(scorer=LearnedScorer.load(scorer_path))
-    scores = [classifier.score_text(e.prompt)[0] for e in examples]
+    classifier = _shipped_classifier(scorer_path)
+    scores = [_score(classifier, e) for e in examples]
     result = _thresholds(scores, large_share, critical_share)
     sent = [s >= result["thresholds"]["complex"] for s in scores]
     accuracy = sum((e.strong_correct if big else e.weak_correct) for e, big in zip(examples, sent)) / len(examples)
@@ -89,21 +148,99 @@ async def calibrate_from_ledger(database_url: str, tenant: str | None, days: int
     return result
 
 
+async def ledger_examples(database, tenant: str | None, days: int) -> list[Example]:
+    """The gateway's own traffic as labelled examples: every routed request a small model answered, with what the
+    gateway kept of it (hashed words, signals). Its label: the tenant's feedback when there is some (bad: the large
+    model was needed; good: it was not), else the cascade's judgement of the small model's answer (unsure: needed).
+    Grouped by tenant, so that the folds hold out one tenant at a time. ``database``: a connection or a pool."""
+    query = ("SELECT l.tenant_id, l.route_example, l.cascaded, f.rating FROM usage_ledger l "
+             "LEFT JOIN feedback f ON f.tenant_id = l.tenant_id AND f.request_id = l.request_id "
+             "WHERE l.route_example IS NOT NULL AND l.created_at >= now() - make_interval(days => $1)"
+             + (" AND l.tenant_id = $2" if tenant else ""))
+    rows = await database.fetch(query, days, *([tenant] if tenant else []))
+    examples = []
+    for row in rows:
+        kept = json.loads(row["route_example"])
+        if row["rating"] is not None:
+            needed = row["rating"] < 0
+        elif row["cascaded"] is not None:
+            needed = bool(row["cascaded"])
+        else:
+            continue  # neither judged nor rated: no label
+        examples.append(Example(None, "", not needed, True, row["tenant_id"] or "",
+                                tuple(kept["words"]), dict(kept["signals"])))
+    return examples
+
+
+def _shipped_classifier(scorer_path: Path | None) -> Classifier:
+    if scorer_path is None:
+        scorer_path = DEFAULT_PATH
+    scorer = LearnedScorer.load(scorer_path)
+    return Classifier(weights=scorer.blend or {**DEFAULT_WEIGHTS, "learned": 1.0}, scorer=scorer)
+
+
+def _score(classifier: Classifier, example: Example) -> float:
+    """The classifier's score for an example, from its text, or from what the gateway kept of it."""
+    if example.prompt is not None:
+        return classifier.score_text(example.prompt)[0]
+    found = dict(fit.signals_of(example))
+    if classifier.scorer is not None:
+        found["learned"] = classifier.scorer.score_features(fit.features(example))
+    return sum(classifier.weights.get(name, 0.0) * value for name, value in found.items())
+
+
+def _grouped(examples: list[Example]) -> list[Example]:
+    """The examples with groups to hold out; when they have fewer than two, four groups drawn by hash (then the
+    folds are not out of domain, and the report says so)."""
+    if len(groups_of(examples)) >= 2:
+        return examples
+
+    def drawn(example: Example) -> str:
+        key = (example.prompt or str(example.features)).encode()
+        return f"draw-{zlib.crc32(key) % 4}"
+
+    return [replace(e, group=drawn(e)) for e in examples]
+
+
+def _group_note(grouped: list[Example], usable: list[Example]) -> str:
+    groups = groups_of(grouped)
+    if grouped is not usable:
+        return f"the examples name fewer than two groups: {len(groups)} random folds instead (not out of domain)"
+    return f"{len(groups)} groups held out one at a time: {', '.join(groups)}"
+
+
+def _fold_report(fold_list: list[fit.Fold], routers: dict[str, dict[str, float]]) -> dict:
+    report = {}
+    for name, weights in routers.items():
+        mean, each = fit.mean_apgr(fold_list, weights)
+        report[name] = {"mean_apgr": round(mean, 4), "folds": {k: round(v, 4) for k, v in each.items()}}
+    return report
+
+
+def _held_out(test: list[Example], classifier: Classifier, rules: dict[str, float]) -> dict:
+    without_scorer = Classifier(weights={**rules}, scorer=None)
+    return {"examples": len(test),
+            "apgr": {"rules": round(judge_scores("", [_score(without_scorer, e) for e in test], test).apgr, 4),
+                     "this scorer's blend": round(judge_scores("", [_score(classifier, e) for e in test],
+                                                               test).apgr, 4)}}
+
+
 def _thresholds(scores: list[float], large_share: float, critical_share: float | None) -> dict:
     current = Thresholds()
     complex_at = threshold_for_share(scores, large_share)
     critical_at = threshold_for_share(scores, critical_share) if critical_share else max(current.critical,
                                                                                           complex_at)
-    moderate_at = min(current.moderate, complex_at)
+    moderate_at = min(complex_at, threshold_for_share(scores, min(0.95, large_share * 2)))
     reached = sum(s >= complex_at for s in scores) / len(scores)
+    critical_at = max(critical_at, complex_at)
     return {
         "large_share_asked": large_share,
         "large_share_reached": round(reached, 4),
         "critical_share_reached": round(sum(s >= critical_at for s in scores) / len(scores), 4),
         "thresholds": {"moderate": round(moderate_at, 4), "complex": round(complex_at, 4),
-                       "critical": round(max(critical_at, complex_at), 4)},
+                       "critical": round(critical_at, 4)},
         "models_yaml": (f"router:\n  classifier:\n    thresholds: {{moderate: {moderate_at:.4f}, "
-                        f"complex: {complex_at:.4f}, critical: {max(critical_at, complex_at):.4f}}}"),
+                        f"complex: {complex_at:.4f}, critical: {critical_at:.4f}}}"),
     }
 
 
@@ -116,7 +253,6 @@ def _summary(report: RouterReport, weak: float, strong: float) -> dict:
         "share_for_80_percent_of_the_gap": report.share_for_80_percent,
         "accuracy_at_20_percent_large": round(at[0.2], 4),
         "accuracy_at_50_percent_large": round(at[0.5], 4),
-        "microseconds_per_call": round(report.microseconds_per_call, 1),
     }
 
 
@@ -129,4 +265,4 @@ def print_json(result: dict) -> None:
         print(pasted)
 
 
-__all__ = ["DEFAULT_DATA", "DEFAULT_PATH", "train", "evaluate", "calibrate", "calibrate_from_ledger", "print_json"]
+__all__ = ["CannotTrain", "DEFAULT_DATA", "DEFAULT_PATH", "train", "evaluate", "calibrate", "calibrate_from_ledger", "print_json"]

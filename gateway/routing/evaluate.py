@@ -20,10 +20,44 @@ from typing import Callable, Sequence
 
 @dataclass(frozen=True)
 class Example:
-    prompt: str
+    """A labelled request: its text (or, for one from the gateway's traffic, only its hashed words and signals),
+    its group (MMLU's family of subjects, or the tenant), and whether each model answered it well."""
+
+    prompt: str | None
     subject: str
     weak_correct: bool
     strong_correct: bool
+    group: str = ""
+    features: tuple[int, ...] | None = None
+    signals: dict[str, float] | None = None
+
+    @property
+    def gain(self) -> float:
+        """What sending it to the large model is worth, 0 (it loses) to 1 (it wins); 0.5 when both agree."""
+        return (self.strong_correct - self.weak_correct + 1) / 2
+
+
+# MMLU's 57 subjects in the four families of its authors (Hendrycks et al.): the groups held out one at a time.
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "stem": ("abstract_algebra", "astronomy", "college_biology", "college_chemistry", "college_computer_science",
+             "college_mathematics", "college_physics", "computer_security", "conceptual_physics",
+             "electrical_engineering", "elementary_mathematics", "high_school_biology", "high_school_chemistry",
+             "high_school_computer_science", "high_school_mathematics", "high_school_physics",
+             "high_school_statistics", "machine_learning"),
+    "humanities": ("formal_logic", "high_school_european_history", "high_school_us_history",
+                   "high_school_world_history", "international_law", "jurisprudence", "logical_fallacies",
+                   "moral_disputes", "moral_scenarios", "philosophy", "prehistory", "professional_law",
+                   "world_religions"),
+    "social_sciences": ("econometrics", "high_school_geography", "high_school_government_and_politics",
+                        "high_school_macroeconomics", "high_school_microeconomics", "high_school_psychology",
+                        "human_sexuality", "professional_psychology", "public_relations", "security_studies",
+                        "sociology", "us_foreign_policy"),
+    "other": ("anatomy", "business_ethics", "clinical_knowledge", "college_medicine", "global_facts", "human_aging",
+              "management", "marketing", "medical_genetics", "miscellaneous", "nutrition", "professional_accounting",
+              "professional_medicine", "virology"),
+}
+_FAMILY_OF = {subject: family for family, subjects in FAMILIES.items() for subject in subjects}
+CHANCE = 0.25  # four options: a model graded below this on a whole subject was graded wrongly, not found wanting
 
 
 def load_examples(path: Path) -> list[Example]:
@@ -41,16 +75,38 @@ def load_examples(path: Path) -> list[Example]:
         if line.strip():
             row = json.loads(line)
             if row["prompt"] not in contaminated:
-                examples.append(Example(row["prompt"], row.get("subject", ""), bool(row["weak_correct"]),
-                                        bool(row["strong_correct"])))
+                subject = row.get("subject", "")
+                examples.append(Example(row["prompt"], subject, bool(row["weak_correct"]),
+                                        bool(row["strong_correct"]), _FAMILY_OF.get(subject, subject)))
     return examples
+
+
+def credible(examples: Sequence[Example], minimum: int = 20) -> tuple[list[Example], list[str]]:
+    """The examples less the subjects whose grading cannot be believed: a model below chance on a whole subject of
+    at least ``minimum`` questions (the large model's 3% on high-school mathematics is a failure to read its
+    answers, and would teach the scorer that arithmetic needs no large model). And the subjects left out."""
+    by_subject: dict[str, list[Example]] = {}
+    for example in examples:
+        by_subject.setdefault(example.subject, []).append(example)
+    left_out = sorted(subject for subject, rows in by_subject.items() if subject and len(rows) >= minimum and min(
+        sum(e.weak_correct for e in rows), sum(e.strong_correct for e in rows)) < CHANCE * len(rows))
+    return [e for e in examples if e.subject not in left_out], left_out
+
+
+def groups_of(examples: Sequence[Example]) -> list[str]:
+    """The groups to hold out one at a time: every group with at least 5% of the examples."""
+    counts: dict[str, int] = {}
+    for example in examples:
+        counts[example.group] = counts.get(example.group, 0) + 1
+    return sorted(group for group, count in counts.items() if group and count >= 0.05 * len(examples))
 
 
 def split(examples: Sequence[Example], test_percent: int = 50) -> tuple[list[Example], list[Example]]:
     """A fixed train/test split by a hash of the prompt: the same on every machine and run."""
     train, test = [], []
     for example in examples:
-        (test if zlib.crc32(example.prompt.encode()) % 100 < test_percent else train).append(example)
+        key = example.prompt.encode() if example.prompt is not None else bytes(str(example.features), "ascii")
+        (test if zlib.crc32(key) % 100 < test_percent else train).append(example)
     return train, test
 
 
@@ -73,6 +129,8 @@ def curve(scores: Sequence[float], examples: Sequence[Example], points: int = 10
 def apgr(points: Sequence[tuple[float, float]], weak: float, strong: float) -> float:
     """The average performance gap recovered over the curve (trapezoids)."""
     gap = strong - weak
+    if not gap:
+        return 0.5  # both models as good: no router can do better or worse than another
     area = 0.0
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         area += (x1 - x0) * ((y0 - weak) + (y1 - weak)) / 2 / gap
@@ -106,15 +164,30 @@ class RouterReport:
     microseconds_per_call: float
 
 
-def judge(name: str, score: Callable[[str], float], examples: Sequence[Example]) -> RouterReport:
+def judge(name: str, score: Callable[[Example], float], examples: Sequence[Example]) -> RouterReport:
     started = time.perf_counter()
-    scores = [score(e.prompt) for e in examples]
+    scores = [score(e) for e in examples]
     elapsed = time.perf_counter() - started
-    weak = sum(e.weak_correct for e in examples) / len(examples)
-    strong = sum(e.strong_correct for e in examples) / len(examples)
+    return judge_scores(name, scores, examples, elapsed / len(examples) * 1e6)
+
+
+def judge_scores(name: str, scores: Sequence[float], examples: Sequence[Example],
+                 microseconds: float = 0.0) -> RouterReport:
+    weak, strong = accuracies(examples)
     points = curve(scores, examples)
     return RouterReport(name, points, apgr(points, weak, strong), share_for_quality(points, weak, strong, 0.5),
-                        share_for_quality(points, weak, strong, 0.8), elapsed / len(examples) * 1e6)
+                        share_for_quality(points, weak, strong, 0.8), microseconds)
+
+
+def accuracies(examples: Sequence[Example]) -> tuple[float, float]:
+    """The small (weak) and the large (strong) model's accuracy on ``examples``."""
+    return (sum(e.weak_correct for e in examples) / len(examples),
+            sum(e.strong_correct for e in examples) / len(examples))
+
+
+def apgr_of(scores: Sequence[float], examples: Sequence[Example]) -> float:
+    weak, strong = accuracies(examples)
+    return apgr(curve(scores, examples), weak, strong) if strong != weak else 0.5
 
 
 def svg(reports: Sequence[RouterReport], weak: float, strong: float, title: str) -> str:

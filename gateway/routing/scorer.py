@@ -1,8 +1,9 @@
-"""A small learned scorer: how likely the small model is to get a request wrong.
+"""A small learned scorer: how much sending a request to the large model is worth.
 
 Logistic regression over hashed words and word pairs of the request's text, trained offline on labelled
-prompts (``gateway router train``) and shipped as a JSON file of the non-zero weights. Scoring is one pass of
-crc32 and array lookups over at most ``max_tokens`` words: tens of microseconds, no model server, no numpy.
+requests (``gateway router train``) and kept as a JSON file of the non-zero weights, with the blend of signals
+chosen for it out of domain. Scoring is one pass of crc32 and array lookups over at most ``max_tokens`` words:
+tens of microseconds, no model server, no numpy.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from typing import Iterable
 from gateway.routing.signals import words_of
 
 DEFAULT_PATH = Path(__file__).with_name("scorer.json")
+BUCKETS, MAX_TOKENS = 1 << 18, 64
 SAVED_PRECISION = 3  # decimals kept in the file
-SAVED_MINIMUM = 0.01  # smaller weights are left out of the file (they change held-out APGR by < 0.001)
+SAVED_MINIMUM = 0.001  # smaller weights are left out of the file (they change held-out APGR by < 0.001)
 
 
 def hashed_features(words: list[str], buckets: int, max_tokens: int) -> set[int]:
@@ -38,8 +40,13 @@ def hashed_features(words: list[str], buckets: int, max_tokens: int) -> set[int]
     return features
 
 
+def features_of(text: str, buckets: int = BUCKETS, max_tokens: int = MAX_TOKENS) -> tuple[int, ...]:
+    """The sorted hashed features of ``text``, as training and the gateway's traffic keep them."""
+    return tuple(sorted(hashed_features(words_of(text), buckets, max_tokens)))
+
+
 class LearnedScorer:
-    def __init__(self, weights: dict[int, float], bias: float, buckets: int = 1 << 18, max_tokens: int = 64,
+    def __init__(self, weights: dict[int, float], bias: float, buckets: int = BUCKETS, max_tokens: int = MAX_TOKENS,
                  meta: dict | None = None) -> None:
         self.weights = weights
         self.bias = bias
@@ -51,13 +58,17 @@ class LearnedScorer:
             self._table[bucket] = weight
 
     def score(self, text: str) -> float:
-        """The probability that the small model answers this wrongly (0 to 1)."""
+        """From 0 to 1: how much the large model is expected to do better than the small one on ``text`` (above
+        0.5: better; the scale is the training's target)."""
         return self.score_words(words_of(text))
 
     def score_words(self, words: list[str]) -> float:
         """``score`` for a text already split by ``signals.words_of``."""
+        return self.score_features(hashed_features(words, self.buckets, self.max_tokens))
+
+    def score_features(self, features: Iterable[int]) -> float:
         table = self._table
-        return _sigmoid(self.bias + sum([table[f] for f in hashed_features(words, self.buckets, self.max_tokens)]))
+        return _sigmoid(self.bias + sum([table[f] for f in features]))
 
     @classmethod
     def load(cls, path: Path = DEFAULT_PATH) -> "LearnedScorer":
@@ -72,13 +83,28 @@ class LearnedScorer:
                 "meta": self.meta, "weights": weights}
         Path(path).write_text(json.dumps(data, separators=(",", ":")) + "\n")
 
+    @property
+    def blend(self) -> dict[str, float] | None:
+        """The signal weights chosen with this scorer (by its leave-group-out evaluation), if it was trained so."""
+        blend = self.meta.get("blend")
+        return dict(blend) if isinstance(blend, dict) else None
+
+    @property
+    def thresholds(self) -> dict[str, float] | None:
+        """The thresholds chosen with this scorer (for the share of large-model calls it was trained for), if any."""
+        found = self.meta.get("thresholds")
+        return dict(found) if isinstance(found, dict) else None
+
     @classmethod
-    def train(cls, examples: Iterable[tuple[str, bool]], *, buckets: int = 1 << 18, max_tokens: int = 64,
-              epochs: int = 6, rate: float = 0.1, l2: float = 1e-6, seed: int = 0) -> "LearnedScorer":
-        """Fit on (text, small model got it wrong) pairs with AdaGrad-scaled stochastic gradient descent."""
-        rows = [(sorted(hashed_features(words_of(text), buckets, max_tokens)), 1.0 if wrong else 0.0)
-                for text, wrong in examples]
-        prior = sum(y for _, y in rows) / len(rows)
+    def train(cls, rows: Iterable[tuple[Iterable[int], float]], *, buckets: int = BUCKETS,
+              max_tokens: int = MAX_TOKENS, epochs: int = 6, rate: float = 0.1, l2: float = 1e-6,
+              seed: int = 0) -> "LearnedScorer":
+        """Fit on (hashed features, target from 0 to 1) pairs with AdaGrad-scaled stochastic gradient descent; the
+        features come from ``features_of`` with the same ``buckets`` and ``max_tokens``."""
+        rows = [(sorted(features), float(target)) for features, target in rows]
+        if not rows:
+            raise ValueError("no examples to train on")
+        prior = min(0.99, max(0.01, sum(y for _, y in rows) / len(rows)))
         bias = math.log(prior / (1 - prior))
         weights: dict[int, float] = {}
         squares: dict[int, float] = {}

@@ -34,9 +34,19 @@ REASONING_MARKERS = (
     "step by step", "why", "how would", "how does", "explain", "calculate", "compute", "estimate", "justify",
     "reason", "show that", "what if", "suppose", "assume", "therefore", "implies",
 )
-CATEGORIES = ("simple", "complex", "critical", "technical", "reasoning")
+# Markers of how a request is put rather than what it is about: they carry over from one field to another.
+MULTI_STEP_MARKERS = (
+    "then", "after", "afterwards", "each", "every", "per", "total", "remaining", "altogether", "twice", "half",
+    "times", "left", "first", "second", "finally", "next", "how many", "how much", "how long", "in all",
+)
+NEGATION_MARKERS = ("not", "except", "false", "incorrect", "never", "cannot", "neither", "nor", "least", "unless")
+CONSTRAINT_MARKERS = (
+    "must", "exactly", "at least", "at most", "only", "without", "no more than", "no less than", "ensure",
+    "required", "make sure", "within", "limit",
+)
+CATEGORIES = ("simple", "complex", "critical", "technical", "reasoning", "multi_step", "negation", "constraints")
 SIGNALS = ("length", "simple_words", "complex_words", "critical_words", "technical_terms", "code", "reasoning",
-           "depth", "tools")
+           "quantitative", "multi_step", "negation", "constraints", "depth", "tools")
 
 WORD = re.compile(r"[a-z0-9']+")
 _CODE = re.compile(r"```|\bdef \w+\(|\bclass \w+[:(]|\bimport \w+|\bfunction\s*\(|=>|\breturn\b.*;|[{};][ \t]*$",
@@ -44,6 +54,9 @@ _CODE = re.compile(r"```|\bdef \w+\(|\bclass \w+[:(]|\bimport \w+|\bfunction\s*\
 _CODE_HINTS = ("```", "def ", "class ", "import ", "function", "=>", ";", "{", "}")  # cheap scans before the regex
 _MATH_SYMBOLS = "=^∫∑√±≤≥"
 _ARITHMETIC = re.compile(r"\d\s*[-+*/]\s*\d")  # one branch starting with a digit: several times faster than two
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
+# Answer options listed after a question ("A. ...", "(B) ...", "C) ..."): the question is what is read for its shape.
+_OPTIONS = re.compile(r"\n\s*\(?A[.)]\s.*\n\s*\(?B[.)]\s", re.DOTALL)
 HEAD_CHARS, TAIL_CHARS = 800, 400  # a long text is read at its start and its end (where the question usually is)
 
 
@@ -58,7 +71,8 @@ class Vocabulary:
     @classmethod
     def from_lists(cls, lists: dict[str, tuple[str, ...] | list[str]] | None = None) -> "Vocabulary":
         defaults = {"simple": SIMPLE_MARKERS, "complex": COMPLEX_MARKERS, "critical": CRITICAL_MARKERS,
-                    "technical": TECHNICAL_TERMS, "reasoning": REASONING_MARKERS}
+                    "technical": TECHNICAL_TERMS, "reasoning": REASONING_MARKERS, "multi_step": MULTI_STEP_MARKERS,
+                    "negation": NEGATION_MARKERS, "constraints": CONSTRAINT_MARKERS}
         defaults.update({k: tuple(v) for k, v in (lists or {}).items()})
         words: dict[str, str] = {}
         phrases: dict[tuple[str, ...], str] = {}
@@ -119,12 +133,22 @@ def words_of(text: str) -> list[str]:
     return WORD.findall(excerpt(text).lower())
 
 
+def question_of(text: str) -> str:
+    """``text`` without the answer options listed after it, if it lists some ("A. ..." then "B. ..."): an option
+    that says "Not wrong" does not make the question a negated one."""
+    if "A" not in text or "\n" not in text:
+        return text
+    found = _OPTIONS.search(text)
+    return text[:found.start()] if found is not None and found.start() > 0 else text
+
+
 def signals(text: str, tokens: list[str], turns: int, wants_tools: bool, vocabulary: Vocabulary) -> dict[str, float]:
-    """The signals of ``text``; ``tokens`` is ``words_of(text)``."""
+    """The signals of ``text`` (a question, its options left out); ``tokens`` is ``words_of(text)``."""
     words = len(tokens) if len(text) <= HEAD_CHARS + TAIL_CHARS else len(text) // 5
     counts = vocabulary.count(tokens)
     head = excerpt(text)
     math = any(symbol in head for symbol in _MATH_SYMBOLS) or _ARITHMETIC.search(head) is not None
+    numbers = len(_NUMBER.findall(head)) if any(c.isdigit() for c in head) else 0
     return {
         "length": min(1.0, words / 300),
         "simple_words": min(1.0, counts["simple"] / 2) if words < 40 else 0.0,
@@ -133,6 +157,10 @@ def signals(text: str, tokens: list[str], turns: int, wants_tools: bool, vocabul
         "technical_terms": min(1.0, counts["technical"] / 3),
         "code": 1.0 if any(hint in head for hint in _CODE_HINTS) and _CODE.search(head) else 0.0,
         "reasoning": min(1.0, counts["reasoning"] / 2 + (0.5 if math else 0.0)),
+        "quantitative": min(1.0, numbers / 6 + (0.25 if math else 0.0)),
+        "multi_step": min(1.0, counts["multi_step"] / 4),
+        "negation": min(1.0, counts["negation"] / 2),
+        "constraints": min(1.0, counts["constraints"] / 2),
         "depth": min(1.0, max(0, turns - 1) / 10),
         "tools": 1.0 if wants_tools else 0.0,
     }

@@ -92,6 +92,20 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE usage_ledger ADD COLUMN paid_by text;
     """,
+    # 7: what the router keeps of a request a small model answered (hashed words, signals), to learn from; and
+    # the tenants' ratings of answers
+    """
+    ALTER TABLE usage_ledger ADD COLUMN route_example jsonb;
+    CREATE TABLE feedback (
+        tenant_id text NOT NULL,
+        request_id text NOT NULL,
+        rating smallint NOT NULL,
+        comment text,
+        created_at timestamptz NOT NULL,
+        updated_at timestamptz NOT NULL,
+        PRIMARY KEY (tenant_id, request_id)
+    );
+    """,
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations
