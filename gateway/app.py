@@ -9,6 +9,7 @@ import logging
 from gateway.api.admin import build_admin_router
 from gateway.api.cors import Cors
 from gateway.api.fleet import build_fleet_router
+from gateway.api.router_admin import build_router_admin
 from gateway.api.guard import AdminAuth, BodyGuard
 from gateway.api.identity import RequestIdentity
 from gateway.api.openai import OpenAIRoutes
@@ -27,6 +28,9 @@ from gateway.stores.embedded import EmbeddedServers
 from gateway.stores.ledger import Ledger
 from gateway.stores.secrets import Secrets
 from gateway.stores.limits import Limiter
+from gateway.stores import route_window
+from gateway.stores.resp import ReplyError
+from gateway.routing.share import WINDOW, ShareKeeper
 from gateway.upstreams.client import UpstreamClient
 from gateway.upstreams.fleet import Fleet
 
@@ -49,9 +53,12 @@ class Gateway:
         self.providers = None  # LiteLLM's path (gateway.upstreams.providers), loaded only when the config needs it
         self.secrets = Secrets()
         self._watcher: asyncio.Task | None = None
+        self._share_keeper: asyncio.Task | None = None
+        self.shares = ShareKeeper()  # thresholds kept at a target share of large-model calls
         self.admin_auth = AdminAuth(lambda: self.config.current, settings.admin_key, settings.stateless)
         self.ops = build_ops_app(self.readiness, self.store_status,
-                                 [build_admin_router(self), build_fleet_router(self)], self._choices)
+                                 [build_admin_router(self), build_fleet_router(self), build_router_admin(self)],
+                                 self._choices)
         self._off_hot_path = BodyGuard(self.ops, self.admin_auth, settings.max_admin_body_bytes)
         self._http = RequestIdentity(Cors(self._dispatch, self._cors_origins),
                                      lambda scope: self.routes.answers_for_itself(scope))
@@ -159,10 +166,11 @@ class Gateway:
         pipeline = build_pipeline(
             self.config, self.client, self.limiter, self.ledger, self.cache, max_body_bytes=settings.max_body_bytes,
             log_prompts=settings.log_prompts, refuse_without_redis=settings.redis_failure_mode == "closed",
-            fleet=lambda: self.fleet, providers=lambda: self.providers,
+            fleet=lambda: self.fleet, providers=lambda: self.providers, shares=self.shares,
         )
         self.routes = OpenAIRoutes(self.config, pipeline)
         self._watcher = asyncio.create_task(self.config.watch(settings.reload_interval))
+        self._share_keeper = asyncio.create_task(self._keep_shares(settings.share_interval))
         gc.freeze()  # what startup built lives for good: keep the collector from walking it on every pass
         models = self.config.current.models.values()
         log.info("gateway ready: %d models (%d on the built-in simulator), %d tenants, config from %s",
@@ -185,10 +193,36 @@ class Gateway:
         await self.ledger.start()
         self.directory = TenantDirectory(database_url)
 
+    async def _keep_shares(self, interval: float) -> None:
+        """Recalibrate the thresholds of scopes with a target share of large-model calls from their recent scores
+        (shared through Redis by the replicas; this process's own while Redis cannot be reached)."""
+        shares, shared = self.shares, True
+        while True:
+            await asyncio.sleep(interval)
+            pending = shares.take_pending()
+            if not shares.targets:
+                continue
+            windows = {scope: list(shares.local.get(scope, ())) for scope in shares.targets}
+            if self.limiter is not None:
+                try:
+                    windows = await route_window.exchange(self.limiter.client, pending, shares.targets, WINDOW)
+                    shared = True
+                except (OSError, ConnectionError, asyncio.TimeoutError, ReplyError) as exc:
+                    if shared:
+                        log.warning("route scores cannot be shared through Redis now (%s): thresholds follow this "
+                                    "replica's own", exc)
+                    shared = False
+            router = self.config.current.router
+            if router is not None:
+                for scope, window in windows.items():
+                    shares.update(scope, router.classifier.thresholds, window)
+
     async def shutdown(self) -> None:
         """Runs after the server has let the requests under way finish: flush the ledger, then close."""
         if self._watcher is not None:
             self._watcher.cancel()
+        if self._share_keeper is not None:
+            self._share_keeper.cancel()
         if self.fleet is not None:
             await self.fleet.close()
         if self.ledger is not None:

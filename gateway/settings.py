@@ -35,6 +35,7 @@ class Settings:
     body_timeout: float = 30.0  # longest wait for the next piece of a request body
     keep_alive_timeout: float = 15.0  # an idle kept-alive connection is closed after this long
     reload_interval: float = 2.0  # seconds between checks of the config files
+    share_interval: float = 5.0  # seconds between recalibrations of thresholds kept at a target share
     log_level: str = "info"
     log_prompts: bool = False  # write prompt text into the request log lines
     builtin_simulator: bool = True  # serve deployments with api_base: builtin:simulator
@@ -80,6 +81,7 @@ class Settings:
             body_timeout=get("BODY_TIMEOUT", float, default.body_timeout),
             keep_alive_timeout=get("KEEP_ALIVE_TIMEOUT", float, default.keep_alive_timeout),
             reload_interval=get("RELOAD_INTERVAL", float, default.reload_interval),
+            share_interval=get("SHARE_INTERVAL", float, default.share_interval),
             log_level=get("LOG_LEVEL", str, default.log_level),
             log_prompts=get("LOG_PROMPTS", _flag, default.log_prompts),
             builtin_simulator=get("BUILTIN_SIMULATOR", _flag, default.builtin_simulator),

@@ -441,8 +441,8 @@ def _compile_tenant(context: _TenantContext, tenant_id: str, t: TenantSpec, sour
     )
     features = frozenset(t.features) if t.features is not None else tier_features
     before = len(problems)
-    routes = tenant_routes(context.models_file, context.router, context.profiles, t, allowed, features, where,
-                           context.models, problems)
+    routes = tenant_routes(context.models_file, context.router, context.profiles, tenant_id, t, allowed, features,
+                           where, context.models, problems)
     adapters = _compile_adapters(context, tenant_id, t, where, problems)
     if len(problems) > before:
         return None

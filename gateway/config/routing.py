@@ -14,12 +14,13 @@ the nearest larger one).
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 from pathlib import Path
 
 from gateway.config.schema import COMPLEXITIES, ModelsFile, ProfileModels, ProfileSpec, TenantSpec
 from gateway.config.types import Alias, Model, Profile, RouterConfig
 from gateway.config.yaml_source import YamlDocument
-from gateway.routing.classifier import DEFAULT_WEIGHTS, Classifier, Thresholds
+from gateway.routing.classifier import DEFAULT_WEIGHTS, LEARNED_WEIGHT, Classifier, Thresholds
 from gateway.routing.confidence import UNCERTAINTY_PHRASES
 from gateway.routing.scorer import DEFAULT_PATH, LearnedScorer
 from gateway.routing.signals import SIGNALS, Vocabulary
@@ -63,11 +64,12 @@ def compile_router(spec: ModelsFile, doc: YamlDocument, models: dict[str, Model]
     aliases = {name: Alias(name, a.description or "Routed by the gateway: the model is chosen per request.",
                            a.profile) for name, a in router.aliases.items()}
     phrases = tuple(p.lower() for p in (router.cascade.uncertainty_phrases or UNCERTAINTY_PHRASES))
-    return RouterConfig(aliases, frozenset(profiles), classifier, router.budget.soft_limit, phrases), profiles
+    return RouterConfig(aliases, frozenset(profiles), classifier, router.budget.soft_limit, phrases,
+                        router.learning.keep_examples), profiles
 
 
 def tenant_routes(spec: ModelsFile, router: RouterConfig | None, profiles: dict[str, ProfileSpec],
-                  tenant: TenantSpec, allowed: frozenset[str], features: frozenset[str], where: str,
+                  tenant_id: str, tenant: TenantSpec, allowed: frozenset[str], features: frozenset[str], where: str,
                   models: dict[str, Model], problems: list[str]) -> dict[str, Profile]:
     """For each alias this tenant may use, its resolved profile."""
     if router is None or "router" not in features:
@@ -89,11 +91,11 @@ def tenant_routes(spec: ModelsFile, router: RouterConfig | None, profiles: dict[
             continue
         base = alias.profile or (own.profile if own and own.profile else None) or (
             tenant.industry if tenant.industry in profiles else "default")
-        routes[alias.name] = _resolve(spec, profiles, base, tenant, allowed, models)
+        routes[alias.name] = _resolve(spec, profiles, base, tenant_id, tenant, allowed, models)
     return {name: profile for name, profile in routes.items() if profile is not None}
 
 
-def _resolve(spec: ModelsFile, profiles: dict[str, ProfileSpec], base: str, tenant: TenantSpec,
+def _resolve(spec: ModelsFile, profiles: dict[str, ProfileSpec], base: str, tenant_id: str, tenant: TenantSpec,
              allowed: frozenset[str], models: dict[str, Model]) -> Profile | None:
     default, chosen = profiles["default"], profiles[base]  # the same profile twice is harmless below
     tier_layers = [default.tiers.get(tenant.tier), chosen.tiers.get(tenant.tier)]
@@ -117,6 +119,9 @@ def _resolve(spec: ModelsFile, profiles: dict[str, ProfileSpec], base: str, tena
     threshold = next(v for v in ((own.cascade_threshold if own else None), chosen.cascade_threshold,
                                  default.cascade_threshold, spec.router.cascade.threshold) if v is not None)
     cascade = spec.router.cascade.enabled if own is None or own.cascade is None else own.cascade
+    own_share = own.target_large_share if own is not None else None
+    share = own_share or chosen.target_large_share  # a profile's own: another profile's would not suit it
+    large_from = next((c for c in COMPLEXITIES if (models[resolved[c]].size or "large") != "small"), COMPLEXITIES[-1])
     return Profile(
         name=name,
         models=resolved,
@@ -126,6 +131,9 @@ def _resolve(spec: ModelsFile, profiles: dict[str, ProfileSpec], base: str, tena
         cascade=cascade,
         cascade_threshold=threshold,
         ladder=tuple(_ladder(resolved.values(), models)),
+        target_large_share=share,
+        share_scope=f"tenant:{tenant_id}" if own_share else f"profile:{name}",
+        large_from=large_from,
     )
 
 
@@ -196,13 +204,8 @@ def _check_profile(profile: ProfileSpec, location: tuple, doc: YamlDocument, mod
 
 
 def _classifier(spec: ModelsFile, doc: YamlDocument, config_dir: Path, problems: list[str]) -> Classifier:
+    """The rules' weights, or the scorer's own blend and thresholds, with the admin's changes laid over them."""
     settings = spec.router.classifier
-    weights = dict(DEFAULT_WEIGHTS)
-    for name, value in settings.weights.items():
-        if name not in DEFAULT_WEIGHTS:
-            problems.append(f"{doc.where(('router', 'classifier', 'weights', name))}: unknown signal '{name}' "
-                            f"(signals: {', '.join((*SIGNALS, 'learned'))})")
-        weights[name] = value
     scorer = None
     if settings.scorer != "none":
         path = DEFAULT_PATH if settings.scorer == "builtin" else (config_dir / settings.scorer)
@@ -210,9 +213,24 @@ def _classifier(spec: ModelsFile, doc: YamlDocument, config_dir: Path, problems:
             scorer = _load_scorer(path.resolve(), path.stat().st_mtime)
         except (OSError, ValueError, KeyError) as exc:
             problems.append(f"{doc.where(('router', 'classifier', 'scorer'))}: cannot load the scorer {path}: {exc}")
-    t = settings.thresholds
-    return Classifier(weights=weights, thresholds=Thresholds(t.moderate, t.complex, t.critical),
-                      vocabulary=Vocabulary.from_lists(settings.markers), scorer=scorer)
+    weights = dict(DEFAULT_WEIGHTS)
+    thresholds = Thresholds()
+    if scorer is not None:
+        weights = scorer.blend or {**DEFAULT_WEIGHTS, "learned": LEARNED_WEIGHT}
+        thresholds = Thresholds(**scorer.thresholds) if scorer.thresholds else thresholds
+    for name, value in settings.weights.items():
+        if name not in DEFAULT_WEIGHTS and name != "learned":
+            problems.append(f"{doc.where(('router', 'classifier', 'weights', name))}: unknown signal '{name}' "
+                            f"(signals: {', '.join((*SIGNALS, 'learned'))})")
+        weights[name] = value
+    given = settings.thresholds.model_dump(exclude_none=True)
+    thresholds = replace(thresholds, **given)
+    if not thresholds.moderate <= thresholds.complex <= thresholds.critical:
+        problems.append(f"{doc.where(('router', 'classifier', 'thresholds'))}: thresholds must rise: moderate "
+                        f"({thresholds.moderate}) <= complex ({thresholds.complex}) <= critical "
+                        f"({thresholds.critical})")
+    return Classifier(weights=weights, thresholds=thresholds, vocabulary=Vocabulary.from_lists(settings.markers),
+                      scorer=scorer)
 
 
 @functools.lru_cache(maxsize=4)

@@ -11,7 +11,6 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool,
 from pydantic.fields import FieldInfo
 
 from gateway.config.types import FallbackPolicy
-from gateway.routing.classifier import Thresholds
 
 BUILTIN_SIMULATOR = "builtin:simulator"
 FLEET_PREFIX = "fleet:"  # api_base: fleet:<pool> sends a deployment's requests to a pool of vLLM nodes
@@ -217,7 +216,7 @@ class ModelSpec(Strict):
         return value
 
 
-_FALLBACKS, _THRESHOLDS = FallbackPolicy(), Thresholds()  # the defaults, kept where the request path reads them
+_FALLBACKS = FallbackPolicy()  # the defaults, kept where the request path reads them
 
 
 class FallbackSpec(Strict):
@@ -241,7 +240,8 @@ class ModelDefaults(Strict):
 
 
 COMPLEXITIES = ("simple", "moderate", "complex", "critical")
-MARKER_LISTS = ("simple", "complex", "critical", "technical", "reasoning")
+MARKER_LISTS = ("simple", "complex", "critical", "technical", "reasoning", "multi_step", "negation",
+                "constraints")
 
 
 class ProfileModels(Strict):
@@ -256,6 +256,8 @@ class ProfileModels(Strict):
 class ProfileSpec(ProfileModels):
     long_context: str | None = Field(None, description="where a request too long for the chosen model goes")
     cascade_threshold: StrictFloat | None = Field(None, ge=0, le=1)
+    target_large_share: StrictFloat | None = Field(None, gt=0, lt=1, description="the share of routed requests "
+                                                   "sent to large models; thresholds follow the traffic to keep it")
     economy: ProfileModels | None = Field(None, description="models used once the tenant's spend passes the soft "
                                                             "budget limit")
     over_budget: ProfileModels | None = Field(None, description="models used once the monthly budget is spent "
@@ -264,20 +266,17 @@ class ProfileSpec(ProfileModels):
 
 
 class ThresholdsSpec(Strict):
-    moderate: StrictFloat = _THRESHOLDS.moderate
-    complex: StrictFloat = _THRESHOLDS.complex
-    critical: StrictFloat = _THRESHOLDS.critical
+    """Thresholds set by the admin; a field left out is the scorer's own (or, without a scorer, the default)."""
 
-    @model_validator(mode="after")
-    def _rising(self) -> "ThresholdsSpec":
-        if not self.moderate <= self.complex <= self.critical:
-            raise ValueError("thresholds must rise: moderate <= complex <= critical")
-        return self
+    moderate: StrictFloat | None = None
+    complex: StrictFloat | None = None
+    critical: StrictFloat | None = None
 
 
 class ClassifierSpec(Strict):
     scorer: str = Field("builtin", description="builtin, none, or the path of a file made by gateway router train")
-    weights: dict[str, StrictFloat] = Field(default_factory=dict, description="changes to the default signal weights")
+    weights: dict[str, StrictFloat] = Field(default_factory=dict, description="changes to the scorer's signal "
+                                                                              "weights")
     thresholds: ThresholdsSpec = ThresholdsSpec()
     markers: dict[Literal[MARKER_LISTS], list[str]] = Field(default_factory=dict,
                                                             description="replace a built-in marker list")
@@ -300,12 +299,18 @@ class AliasSpec(Strict):
     profile: str | None = Field(None, description="always use this profile instead of the tenant's")
 
 
+class LearningSpec(Strict):
+    keep_examples: StrictBool = Field(True, description="keep the hashed words and signals of routed requests a small "
+                                                        "model answered in the ledger, to train on")
+
+
 class RouterSpec(Strict):
     aliases: dict[str, AliasSpec] = Field(default_factory=lambda: {"auto": AliasSpec()})
     classifier: ClassifierSpec = ClassifierSpec()
     profiles: dict[str, ProfileSpec] = Field(default_factory=dict)
     cascade: CascadeSpec = CascadeSpec()
     budget: BudgetRoutingSpec = BudgetRoutingSpec()
+    learning: LearningSpec = LearningSpec()
 
 
 URL_PATTERN = r"^https?://[^\s/]+(/[^\s]*)?$"
@@ -454,6 +459,8 @@ class TenantRoutingSpec(ProfileModels):
     profile: str | None = Field(None, max_length=128, pattern=TEXT_PATTERN)
     cascade: StrictBool | None = None
     cascade_threshold: StrictFloat | None = Field(None, ge=0, le=1)
+    target_large_share: StrictFloat | None = Field(None, gt=0, lt=1, description="the share of this tenant's "
+                                                   "routed requests sent to large models")
 
 
 ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"

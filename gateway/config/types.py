@@ -149,6 +149,9 @@ class Profile:
     cascade: bool
     cascade_threshold: float
     ladder: tuple[str, ...]  # the profile's models from smallest to largest: where a cascade goes next
+    target_large_share: float | None = None  # thresholds follow the traffic to keep this share on large models
+    share_scope: str = ""  # whose traffic the share is kept over: "profile:<name>" or "tenant:<id>"
+    large_from: str = "complex"  # the lowest complexity whose model is not a small one
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +168,7 @@ class RouterConfig:
     classifier: "Classifier"
     soft_budget_limit: float
     uncertainty_phrases: tuple[str, ...]
+    keep_examples: bool = True  # keep what the router read of requests a small model answered, to learn from
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from gateway.pipeline.parse import read_json_body
 from gateway.pipeline.prompt import apply_system_prompt
 from gateway.pipeline.route import RouteRequest
 from gateway.pipeline.runner import Pipeline
+from gateway.routing.share import ShareKeeper
 from gateway.stores.cache import ResponseCache
 from gateway.stores.ledger import Ledger
 from gateway.stores.limits import Limiter
@@ -35,6 +36,7 @@ def build_pipeline(
     refuse_without_redis: bool,
     fleet: Callable[[], Fleet | None] = lambda: None,
     providers: Callable[[], object] = lambda: None,
+    shares: ShareKeeper | None = None,
 ) -> Pipeline:
     async def read_request(ctx: RequestContext) -> None:
         await read_json_body(ctx, max_body_bytes)
@@ -45,7 +47,7 @@ def build_pipeline(
         authorize_model,  # may this tenant use this model, can it serve this request (404 / 400 / 503)
         apply_system_prompt,  # the tenant's instructions before the client's
         LookupCache(cache),  # a repeat of an answered request is found; new answers are kept at the end
-        RouteRequest(limiter),  # "auto": complexity, profile, context window, budget; any model: fits? (400)
+        RouteRequest(limiter, shares),  # "auto": complexity, profile, context window, budget; fits? (400)
         EnforceLimits(limiter, refuse_without_redis),  # limits and budget reserved, settled at the end (429)
         serve_cached,  # the cached answer, if there is one
         Forward(client, DeploymentSelector(), fleet, providers),  # deployments, fallbacks, cascade; the answer relayed as it comes

@@ -9,16 +9,22 @@ if its answer is unsure, the next model up the profile's ladder answers instead.
 
 from __future__ import annotations
 
+import orjson
+
 from gateway.config.types import GatewayConfig, Model, Profile, Tenant
 from gateway.errors import GatewayError, bad_request
 from gateway.pipeline import tokens
 from gateway.pipeline.context import RequestContext
+from gateway.routing.classifier import Decision
+from gateway.routing.scorer import BUCKETS, MAX_TOKENS, hashed_features
+from gateway.routing.share import ShareKeeper
 from gateway.stores.limits import Limiter
 
 
 class RouteRequest:
-    def __init__(self, limiter: Limiter | None) -> None:
+    def __init__(self, limiter: Limiter | None, shares: ShareKeeper | None = None) -> None:
         self.limiter = limiter
+        self.shares = shares
 
     async def __call__(self, ctx: RequestContext) -> None:
         if ctx.cache_entry is not None:
@@ -31,6 +37,10 @@ class RouteRequest:
         config = ctx.config
         decision = config.router.classifier.classify(ctx.body)
         complexity = decision.complexity.value
+        if profile.target_large_share is not None and self.shares is not None:  # thresholds that follow traffic
+            self.shares.observe(profile.share_scope, decision.score, profile.target_large_share, profile.large_from)
+            kept = self.shares.complexity(profile.share_scope, decision.score)
+            complexity = kept.value if kept is not None else complexity
         ctx.complexity, ctx.route_score = complexity, round(decision.score, 4)
         ctx.route_signals = decision.explain(config.router.classifier.weights)
 
@@ -56,6 +66,17 @@ class RouteRequest:
         ctx.routing_rule = f"{rule}->{model.name}"
         if profile.cascade and model.size == "small" and ctx.endpoint.route in ("chat.completions", "completions"):
             ctx.cascade_to = _next_up(config, profile, model)
+        if model.size == "small" and config.router.keep_examples:
+            ctx.route_example = _example(decision)
+
+
+def _example(decision: Decision) -> str:
+    """What the ledger keeps of a request a small model answers, to learn from: its words hashed as the learned
+    scorer reads them (not its text), and its signals."""
+    return orjson.dumps({
+        "words": sorted(hashed_features(decision.words, BUCKETS, MAX_TOKENS)),
+        "signals": {name: round(value, 3) for name, value in decision.signals.items() if value and name != "learned"},
+    }).decode()
 
 
 def _may_exceed(ctx: RequestContext, window: int | None) -> bool:

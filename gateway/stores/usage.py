@@ -45,6 +45,13 @@ WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3 AND complexity IS 
 GROUP BY 1, 2 ORDER BY 1, 3 DESC
 """
 
+_DECIDED = """
+SELECT split_part(routing_rule, '->', 2) AS decided, count(*) AS requests
+FROM usage_ledger
+WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3 AND complexity IS NOT NULL
+GROUP BY 1
+"""
+
 
 def period(start: dt.date | None, end: dt.date | None) -> tuple[dt.datetime, dt.datetime]:
     """[start, end] as whole UTC days; by default the current calendar month (with only ``end``, its month)."""
@@ -113,6 +120,7 @@ async def routing_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: s
     """What the router did for a tenant: requests by complexity and by model, cascades, savings."""
     async with pool.acquire() as connection:
         rows = await connection.fetch(_ROUTED, tenant_id, start, end)
+        decided = await connection.fetch(_DECIDED, tenant_id, start, end)
     by_complexity = dict.fromkeys(COMPLEXITIES, 0)
     by_model: dict[str, int] = {}
     requests = answered = cascaded = prompt = completion = 0
@@ -141,6 +149,19 @@ async def routing_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: s
              "average_confidence": None if r["confidence"] is None else round(float(r["confidence"]), 4)}
             for r in rows],
         "cascade_rate": round(cascaded / answered, 4) if answered else None,
+        "large_share": {
+            "routed_to_large": _large_share(config, [(r["decided"], r["requests"]) for r in decided]),
+            "answered_by_large": _large_share(config, [(r["model"], r["answered"]) for r in rows]),
+        },
         "cost_usd": round(cost, 9),
         "savings": _savings(config, prompt, completion, cost),
     }
+
+
+def _large_share(config: GatewayConfig, counts: list[tuple[str | None, int]]) -> float | None:
+    """The share of ``counts`` on models that are not small ones (the router's decision, or the final answer)."""
+    total = sum(n for _, n in counts)
+    if not total:
+        return None
+    small = sum(n for name, n in counts if name in config.models and config.models[name].size == "small")
+    return round(1 - small / total, 4)
