@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 
 import asyncpg
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, field_validator
 
 from gateway.api.guard import ADMIN, stateless_gateway
 from gateway.api.ops import error_responses
@@ -27,6 +27,7 @@ from gateway.config.types import GatewayConfig, Tenant
 from gateway.errors import GatewayError
 from gateway.pipeline.auth import identify
 from gateway.stores.directory import Conflict
+from gateway.stores.feedback import rate
 from gateway.stores.usage import period, routing_report, usage_report
 
 if TYPE_CHECKING:
@@ -49,6 +50,20 @@ TenantPatch = partial(TenantFields, "TenantPatch")
 class ProviderKeyIn(Strict):
     key: str = Field(min_length=1, max_length=4096, pattern=TEXT_PATTERN,
                      description="the tenant's own key: written to Vault, never shown again")
+
+
+class FeedbackIn(Strict):
+    request_id: str = Field(min_length=1, max_length=200, pattern=TEXT_PATTERN,
+                            description="the x-request-id header of the answer rated")
+    rating: Literal["good", "bad"] | Literal[1, -1] = Field(description="good (1) or bad (-1)")
+    comment: str | None = Field(None, max_length=2000, pattern=TEXT_PATTERN)
+
+    @field_validator("rating", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: object) -> object:
+        if isinstance(value, bool):
+            raise ValueError("rating is good, bad, 1 or -1")
+        return value
 
 
 class KeyIn(Strict):
@@ -281,8 +296,10 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
 
     @router.get("/api/v1/organizations/{tenant_id}/routing", **admin)
     async def tenant_routing(tenant_id: str, start: str | None = START, end: str | None = END):
-        """What the router did for this tenant: by complexity and model, cascade rate, savings."""
-        return await _report(gateway, tenant_or_404(tenant_id), start, end, routing_report)
+        """What the router did for this tenant: by complexity and model, cascade rate, the share sent to large
+        models against its target, savings."""
+        tenant = tenant_or_404(tenant_id)
+        return _with_targets(await _report(gateway, tenant, start, end, routing_report), tenant)
 
     @router.get("/v1/routing/stats", tags=["usage"], responses=USAGE_ERRORS)
     @router.get("/routing/stats", include_in_schema=False)
@@ -290,7 +307,41 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         """The calling tenant's routing statistics."""
         tenant, _ = identify(request.scope, config())
         require_stores()
-        return await _report(gateway, tenant, start, end, routing_report)
+        return _with_targets(await _report(gateway, tenant, start, end, routing_report), tenant)
+
+    def _with_targets(report: dict, tenant: Tenant) -> dict:
+        """The target share of large-model calls of each of the tenant's router aliases that has one, and the
+        thresholds kept for it now."""
+        report["large_share"]["targets"] = {
+            alias: gateway.shares.status(profile.share_scope) | {"target_large_share": profile.target_large_share}
+            for alias, profile in sorted(tenant.routes.items()) if profile.target_large_share is not None}
+        return report
+
+    @router.post("/v1/feedback", tags=["usage"], responses=error_responses(400, 401, 403, 404, 413, 503))
+    async def feedback(request: Request, body: FeedbackIn) -> dict:
+        """Rate an answer by its request id (the x-request-id header): good or bad. Only the calling tenant's own
+        requests can be rated; a bad rating of a small model's routed answer teaches the router that the large
+        model was needed."""
+        tenant, _ = identify(request.scope, config())
+        require_stores()
+        rating = 1 if body.rating in ("good", 1) else -1
+        since = (dt.datetime.fromtimestamp(tenant.created_at, dt.timezone.utc) if tenant.created_at is not None
+                 else dt.datetime.min.replace(tzinfo=dt.timezone.utc))
+        try:
+            pool = await gateway.directory.pool_for_reports()
+            kept = await rate(pool, tenant.id, body.request_id, rating, body.comment, since)
+            if kept is None and gateway.ledger is not None:  # the answer's row may still be on its way
+                await asyncio.sleep(gateway.ledger.flush_seconds * 2 + 0.1)
+                kept = await rate(pool, tenant.id, body.request_id, rating, body.comment, since)
+        except (OSError, ConnectionError, asyncpg.PostgresError) as exc:
+            raise GatewayError(503, f"Feedback cannot be kept right now: {exc}", type="server_error",
+                               code="ledger_unavailable") from None
+        if kept is None:
+            raise GatewayError(404, f"No request '{body.request_id}' of yours to rate.", type="not_found_error",
+                               param="request_id", code="request_not_found")
+        return {"object": "feedback", "request_id": body.request_id, "rating": "good" if rating > 0 else "bad",
+                "comment": body.comment, "created_at": kept["created_at"].isoformat(),
+                "updated_at": kept["updated_at"].isoformat(), "used_by_router": kept["used_by_router"]}
 
     @router.get("/v1/usage", tags=["usage"], responses=USAGE_ERRORS)
     @router.get("/usage", include_in_schema=False)
