@@ -9,6 +9,7 @@ import logging
 from gateway.api.admin import build_admin_router
 from gateway.api.cors import Cors
 from gateway.api.fleet import build_fleet_router
+from gateway.api.reports import build_reports_router
 from gateway.api.router_admin import build_router_admin
 from gateway.api.guard import AdminAuth, BodyGuard
 from gateway.api.identity import RequestIdentity
@@ -16,8 +17,10 @@ from gateway.api.openai import OpenAIRoutes
 from gateway.api.ops import build_ops_app
 from gateway.asgi import Receive, Scope, Send
 from gateway.config.store import ConfigStore
+from gateway.observability import metrics
 from gateway.observability.logs import setup_logging
 from gateway.pipeline import build_pipeline
+from gateway.upstreams.select import DeploymentSelector
 from gateway.settings import Settings
 from gateway.sim.server import EmbeddedSimulator
 from gateway.sim.settings import SimSettings
@@ -55,9 +58,11 @@ class Gateway:
         self._watcher: asyncio.Task | None = None
         self._share_keeper: asyncio.Task | None = None
         self.shares = ShareKeeper()  # thresholds kept at a target share of large-model calls
+        self.selector = DeploymentSelector()  # deployments' failures and cooldowns, shown by /api/v1/status
         self.admin_auth = AdminAuth(lambda: self.config.current, settings.admin_key, settings.stateless)
         self.ops = build_ops_app(self.readiness, self.store_status,
-                                 [build_admin_router(self), build_fleet_router(self), build_router_admin(self)],
+                                 [build_admin_router(self), build_fleet_router(self), build_router_admin(self),
+                                  build_reports_router(self)],
                                  self._choices)
         self._off_hot_path = BodyGuard(self.ops, self.admin_auth, settings.max_admin_body_bytes)
         self._http = RequestIdentity(Cors(self._dispatch, self._cors_origins),
@@ -166,7 +171,7 @@ class Gateway:
         pipeline = build_pipeline(
             self.config, self.client, self.limiter, self.ledger, self.cache, max_body_bytes=settings.max_body_bytes,
             log_prompts=settings.log_prompts, refuse_without_redis=settings.redis_failure_mode == "closed",
-            fleet=lambda: self.fleet, providers=lambda: self.providers, shares=self.shares,
+            fleet=lambda: self.fleet, providers=lambda: self.providers, shares=self.shares, selector=self.selector,
         )
         self.routes = OpenAIRoutes(self.config, pipeline)
         self._watcher = asyncio.create_task(self.config.watch(settings.reload_interval))
@@ -186,6 +191,7 @@ class Gateway:
             database_url = database_url or self.embedded.start_postgres()
         tokens.load()
         self.limiter = Limiter(redis_url)
+        metrics.BUDGETS.source = self.limiter.budget_shares
         await self.limiter.ping()
         self.cache = ResponseCache(self.limiter.client)
         self.ledger = Ledger(database_url, settings.data_dir / "spool", settings.ledger_batch_size,

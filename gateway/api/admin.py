@@ -161,6 +161,9 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         for field, value in body.model_dump(exclude_unset=True).items():
             if value is None:
                 current.pop(field, None)  # null: back to the default (the tier's, for limits)
+            elif field == "limits":  # merged limit by limit, as a JSON merge patch: a limit sent as null goes back
+                merged = {**(current.get("limits") or {}), **value}
+                current["limits"] = {name: v for name, v in merged.items() if v is not None}
             else:
                 current[field] = value
         spec = tenant_spec(tenant_id, current)

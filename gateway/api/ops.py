@@ -18,6 +18,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from gateway import __version__
+from gateway.console import Console
 from gateway.errors import GatewayError, error_body
 
 
@@ -50,6 +51,7 @@ def build_ops_app(readiness: Callable[[], dict[str, bool]], stores: Callable[[],
     app = FastAPI(title="LLM gateway", version=__version__, docs_url="/docs", redoc_url=None)
     for router in routers:
         app.include_router(router)
+    app.mount("/console", Console(), name="console")
 
     def openapi() -> dict:
         """Made anew on each call: the enumerations follow the config."""

@@ -37,6 +37,7 @@ def build_pipeline(
     fleet: Callable[[], Fleet | None] = lambda: None,
     providers: Callable[[], object] = lambda: None,
     shares: ShareKeeper | None = None,
+    selector: DeploymentSelector | None = None,
 ) -> Pipeline:
     async def read_request(ctx: RequestContext) -> None:
         await read_json_body(ctx, max_body_bytes)
@@ -50,7 +51,7 @@ def build_pipeline(
         RouteRequest(limiter, shares),  # "auto": complexity, profile, context window, budget; fits? (400)
         EnforceLimits(limiter, refuse_without_redis),  # limits and budget reserved, settled at the end (429)
         serve_cached,  # the cached answer, if there is one
-        Forward(client, DeploymentSelector(), fleet, providers),  # deployments, fallbacks, cascade; the answer relayed as it comes
+        Forward(client, selector or DeploymentSelector(), fleet, providers),  # deployments, fallbacks, cascade; the answer relayed as it comes
     ]
     if limiter is None:  # a stateless gateway: no Redis
         stages = [stage for stage in stages if not isinstance(stage, EnforceLimits)]

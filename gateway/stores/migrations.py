@@ -106,6 +106,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (tenant_id, request_id)
     );
     """,
+    # 8: reports over every tenant and the newest requests (the console) read by time
+    """
+    CREATE INDEX usage_ledger_time ON usage_ledger (created_at);
+    """,
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations

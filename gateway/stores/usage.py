@@ -1,4 +1,5 @@
-"""Usage reports read from the ledger: totals, by day and by model, with seed 001's dashboard figures."""
+"""Usage reports read from the ledger: totals, by day and by model, with seed 001's dashboard figures; for one
+tenant, or (``tenant_id`` None) for all of them, then also by tenant; and the recent requests themselves."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ _TOTALS = """
 SELECT count(*) AS requests,
        count(*) FILTER (WHERE status < 400) AS answered,
        count(*) FILTER (WHERE status >= 400) AS refused_or_failed,
+       count(*) FILTER (WHERE status = 429) AS limit_refusals,
        coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
        coalesce(sum(completion_tokens), 0) AS completion_tokens,
        coalesce(sum(cost_usd), 0) AS cost_usd,
@@ -32,6 +34,21 @@ SELECT model, count(*) AS requests, coalesce(sum(prompt_tokens), 0) AS prompt_to
        coalesce(sum(completion_tokens), 0) AS completion_tokens, coalesce(sum(cost_usd), 0) AS cost_usd
 FROM usage_ledger WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3 AND model IS NOT NULL
 GROUP BY 1 ORDER BY 2 DESC
+"""
+_BY_TENANT = """
+SELECT tenant_id, count(*) AS requests, coalesce(sum(prompt_tokens + completion_tokens), 0) AS tokens,
+       coalesce(sum(cost_usd), 0) AS cost_usd, count(*) FILTER (WHERE status = 429) AS limit_refusals
+FROM usage_ledger WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3
+GROUP BY 1 ORDER BY 4 DESC, 2 DESC LIMIT 100
+"""
+_RECENT = """
+SELECT request_id, created_at, tenant_id, key_name, route, model_requested, model, deployment, status, error_type,
+       prompt_tokens, completion_tokens, cost_usd, latency_ms, overhead_ms, stream, cache_hit, complexity,
+       routing_rule, cascaded, fallbacks, node, adapter, paid_by
+FROM usage_ledger
+WHERE tenant_id = $1 AND ($2::text IS NULL OR model = $2) AND ($3::int IS NULL OR status = $3)
+  AND ($4::timestamptz IS NULL OR created_at < $4)
+ORDER BY created_at DESC LIMIT $5
 """
 
 _ROUTED = """
@@ -53,6 +70,11 @@ GROUP BY 1
 """
 
 
+def _for(query: str, tenant_id: str | None) -> str:
+    """``query`` for one tenant, or for every tenant when ``tenant_id`` is None (then $1 is NULL)."""
+    return query if tenant_id is not None else query.replace("tenant_id = $1", "$1::text IS NULL")
+
+
 def period(start: dt.date | None, end: dt.date | None) -> tuple[dt.datetime, dt.datetime]:
     """[start, end] as whole UTC days; by default the current calendar month (with only ``end``, its month)."""
     today = dt.datetime.now(dt.timezone.utc).date()
@@ -69,16 +91,18 @@ def last_day(end: dt.datetime) -> str:
     return (end - dt.timedelta(microseconds=1)).date().isoformat()
 
 
-async def usage_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str, start: dt.datetime,
+async def usage_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str | None, start: dt.datetime,
                        end: dt.datetime) -> dict:
     small = [m.name for m in config.models.values() if m.size == "small"]
     async with pool.acquire() as connection:
-        totals = await connection.fetchrow(_TOTALS, tenant_id, start, end, small)
-        by_day = await connection.fetch(_BY_DAY, tenant_id, start, end)
-        by_model = await connection.fetch(_BY_MODEL, tenant_id, start, end)
+        totals = await connection.fetchrow(_for(_TOTALS, tenant_id), tenant_id, start, end, small)
+        by_day = await connection.fetch(_for(_BY_DAY, tenant_id), tenant_id, start, end)
+        by_model = await connection.fetch(_for(_BY_MODEL, tenant_id), tenant_id, start, end)
+        by_tenant = None if tenant_id is not None else await connection.fetch(_for(_BY_TENANT, None), None, start,
+                                                                              end)
     answered = totals["answered"]
     cost = float(totals["cost_usd"])
-    return {
+    report = {
         "object": "usage_report",
         "tenant": tenant_id,
         "start": start.date().isoformat(),
@@ -86,6 +110,7 @@ async def usage_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str
         "requests": totals["requests"],
         "answered": answered,
         "refused_or_failed": totals["refused_or_failed"],
+        "limit_refusals": totals["limit_refusals"],
         "prompt_tokens": totals["prompt_tokens"],
         "completion_tokens": totals["completion_tokens"],
         "cost_usd": round(cost, 9),
@@ -99,6 +124,20 @@ async def usage_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str
                       "completion_tokens": r["completion_tokens"], "cost_usd": round(float(r["cost_usd"]), 9)}
                      for r in by_model],
     }
+    if by_tenant is not None:
+        report["by_tenant"] = [{"tenant": r["tenant_id"], "requests": r["requests"], "tokens": r["tokens"],
+                                "cost_usd": round(float(r["cost_usd"]), 9), "limit_refusals": r["limit_refusals"]}
+                               for r in by_tenant]
+    return report
+
+
+async def recent_requests(pool: asyncpg.Pool, tenant_id: str | None, model: str | None, status: int | None,
+                          before: dt.datetime | None, limit: int) -> list[dict]:
+    """The newest ledger rows (never prompt text: the ledger has none), newest first."""
+    async with pool.acquire() as connection:
+        rows = await connection.fetch(_for(_RECENT, tenant_id), tenant_id, model, status, before, limit)
+    return [{**dict(row), "created_at": row["created_at"].isoformat(),
+             "cost_usd": None if row["cost_usd"] is None else round(float(row["cost_usd"]), 9)} for row in rows]
 
 
 def _savings(config: GatewayConfig, prompt_tokens: int, completion_tokens: int, cost: float) -> dict | None:
@@ -115,12 +154,12 @@ def _savings(config: GatewayConfig, prompt_tokens: int, completion_tokens: int, 
     }
 
 
-async def routing_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str, start: dt.datetime,
+async def routing_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str | None, start: dt.datetime,
                          end: dt.datetime) -> dict:
-    """What the router did for a tenant: requests by complexity and by model, cascades, savings."""
+    """What the router did for a tenant (or all): requests by complexity and by model, cascades, savings."""
     async with pool.acquire() as connection:
-        rows = await connection.fetch(_ROUTED, tenant_id, start, end)
-        decided = await connection.fetch(_DECIDED, tenant_id, start, end)
+        rows = await connection.fetch(_for(_ROUTED, tenant_id), tenant_id, start, end)
+        decided = await connection.fetch(_for(_DECIDED, tenant_id), tenant_id, start, end)
     by_complexity = dict.fromkeys(COMPLEXITIES, 0)
     by_model: dict[str, int] = {}
     requests = answered = cascaded = prompt = completion = 0

@@ -48,6 +48,13 @@ class DeploymentSelector:
             self._cooling_until[key] = time.monotonic() + policy.cooldown_seconds
             metrics.DEPLOYMENT_COOLDOWNS.labels(deployment.name).inc()
 
+    def status(self) -> dict[tuple[str, str], dict]:
+        """(model, deployment) -> failures in a row and seconds of cooldown left, for those that failed lately."""
+        now = time.monotonic()
+        return {key: {"failures_in_a_row": failures,
+                      "cooldown_seconds_left": round(max(0.0, self._cooling_until.get(key, now) - now), 1)}
+                for key, failures in self._failures.items()}
+
     def succeeded(self, model: Model, deployment: Deployment) -> None:
         key = (model.name, deployment.name)
         if key in self._failures:
