@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--baseline", type=Path, help="a checkout of another version of the gateway: its core and "
                                                      "whole gateway are measured in the same run, interleaved")
     bench.set_defaults(run=_bench)
-    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="[tenants | fleet | providers]")
+    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="[tenants | fleet | providers | console]")
     tenants_bench = bench_kinds.add_parser("tenants", help="admin writes, reloads, idle CPU, memory and the request "
                                                            "path with many tenants")
     tenants_bench.add_argument("--tenants", type=int, default=10_000, help="half in tenants.yaml, half made "
@@ -117,6 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     providers_bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     providers_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
     providers_bench.set_defaults(run=_bench_providers)
+    console_bench = bench_kinds.add_parser("console", help="the console's pages with a large ledger behind them")
+    console_bench.add_argument("--rows", type=int, default=100_000, help="ledger rows generated over this month")
+    console_bench.add_argument("--rounds", type=int, default=20, help="loads of each page")
+    console_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
+    console_bench.set_defaults(run=_bench_console)
 
     args = parser.parse_args(argv)
     args.run(args)
@@ -286,6 +291,12 @@ def _bench_fleet(args: argparse.Namespace) -> None:
     from gateway.bench.fleet import run_fleet_benchmark
 
     run_fleet_benchmark(requests=args.requests, rate=args.rate, output=args.output)
+
+
+def _bench_console(args: argparse.Namespace) -> None:
+    from gateway.bench.console import run_console_benchmark
+
+    run_console_benchmark(rows=args.rows, rounds=args.rounds, output=args.output)
 
 
 def _bench_tenants(args: argparse.Namespace) -> None:

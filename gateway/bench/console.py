@@ -1,0 +1,146 @@
+"""``gateway bench console``: how long the console's pages take with a large ledger behind them.
+
+A gateway on embedded stores, with 100 tenants and ``rows`` generated ledger rows spread over the current month
+(the period every page shows by default). Each page is timed as the browser loads it: its API calls made together,
+the page ready when the last answers. Reported per page: median and 95th percentile over the rounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import yaml
+
+from gateway.bench.tenants import ADMIN_KEY, _start
+from gateway.config.keys import generate_key, hash_key
+from gateway.stores.embedded import EmbeddedServers, free_port
+
+TENANTS = 100
+MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4-turbo", "llama-3.1-8b", "claude-sonnet")
+_FILL = """
+INSERT INTO usage_ledger (request_id, created_at, tenant_id, key_name, route, model_requested, model, deployment,
+                          prompt_tokens, completion_tokens, cost_usd, latency_ms, overhead_ms, cache_hit, cascaded,
+                          complexity, routing_rule, confidence, stream, status, error_type)
+SELECT 'bench-' || i,
+       date_trunc('month', now()) + (random() * (now() - date_trunc('month', now()))),
+       'tenant-' || lpad((i % $2)::text, 3, '0'), 'main', 'chat.completions',
+       CASE WHEN i % 3 = 0 THEN 'auto' ELSE ($3::text[])[1 + i % 5] END,
+       ($3::text[])[1 + i % 5], 'dep-' || (i % 5), 200 + i % 700, 50 + i % 300, (i % 1000) / 1e5, 80 + i % 400,
+       1.5, i % 11 = 0, i % 7 = 0,
+       CASE WHEN i % 3 = 0 THEN (ARRAY['simple','moderate','complex','critical'])[1 + i % 4] END,
+       CASE WHEN i % 3 = 0 THEN 'default:simple->' || ($3::text[])[1 + i % 5] END,
+       CASE WHEN i % 3 = 0 THEN 0.5 + (i % 50) / 100.0 END, i % 2 = 0,
+       CASE WHEN i % 97 = 0 THEN 429 WHEN i % 89 = 0 THEN 502 ELSE 200 END,
+       CASE WHEN i % 97 = 0 THEN 'rate_limit_exceeded' END
+FROM generate_series($1::bigint, $1::bigint + $4 - 1) AS i
+"""
+
+
+def run_console_benchmark(rows: int = 100_000, rounds: int = 20, output: Path | None = None) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-console-"))
+    stores = EmbeddedServers(workdir / "stores")
+    gateway = None
+    try:
+        database_url = stores.start_postgres()
+        env = {**os.environ, "GATEWAY_ADMIN_KEY": ADMIN_KEY, "REDIS_URL": stores.start_redis(),
+               "DATABASE_URL": database_url, "GATEWAY_DATA_DIR": str(workdir / "data")}
+        tenant_key = generate_key()
+        config = _config(workdir / "config", tenant_key)
+        port = free_port()
+        gateway = _start(config, port, env, workdir / "gateway.log")  # it makes the ledger's tables
+        print(f"  writing {rows:,} ledger rows...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        asyncio.run(_fill(database_url, rows))
+        fill_seconds = time.perf_counter() - started
+        pages = asyncio.run(_time_pages(port, tenant_key, rounds))
+        report = {"ledger_rows": rows, "tenants": TENANTS, "rounds": rounds,
+                  "rows_written_seconds": round(fill_seconds, 1), "pages_ms": pages,
+                  "slowest_page_p95_ms": max(page["p95"] for page in pages.values())}
+    finally:
+        if gateway is not None and gateway.poll() is None:
+            gateway.terminate()
+            gateway.wait(timeout=30)
+        stores.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = json.dumps(report, indent=2)
+    if output:
+        output.write_text(text + "\n")
+    print(text)
+    return report
+
+
+def _config(folder: Path, tenant_key: str) -> Path:
+    folder.mkdir(parents=True)
+    models = {"defaults": {"reference_model": "gpt-4o"},
+              "models": {name: {"size": "small" if "mini" in name or "8b" in name else "large",
+                                "pricing": {"input_per_million": 1.0, "output_per_million": 2.0},
+                                "deployments": [{"name": f"{name}-sim", "api_base": "builtin:simulator", "model": name}]}
+                         for name in MODELS}}
+    tenants = {f"tenant-{i:03d}": {"name": f"Tenant {i}", "tier": "enterprise",
+                                   "keys": [{"name": "main", "sha256": hash_key(tenant_key if i == 0 else
+                                                                                generate_key())}]}
+               for i in range(TENANTS)}
+    (folder / "models.yaml").write_text(yaml.safe_dump(models))
+    (folder / "tenants.yaml").write_text(yaml.safe_dump({"tenants": tenants}))
+    return folder
+
+
+async def _fill(database_url: str, rows: int, batch: int = 100_000) -> None:
+    connection = await asyncpg.connect(database_url)
+    try:
+        for first in range(0, rows, batch):
+            await connection.execute(_FILL, first, TENANTS, list(MODELS), min(batch, rows - first))
+        await connection.execute("ANALYZE usage_ledger")
+    finally:
+        await connection.close()
+
+
+def _pages(tenant_key: str) -> dict[str, tuple[str, list[str]]]:
+    """Each page: the key it is seen with and the API calls it makes when it opens."""
+    return {
+        "admin overview (every tenant)": (ADMIN_KEY, ["/api/v1/organizations", "/api/v1/usage", "/api/v1/routing"]),
+        "admin overview (one tenant)": (ADMIN_KEY, ["/api/v1/organizations", "/api/v1/organizations/tenant-007/usage",
+                                                    "/api/v1/organizations/tenant-007/routing"]),
+        "tenants": (ADMIN_KEY, ["/api/v1/organizations"]),
+        "tenant detail": (ADMIN_KEY, ["/api/v1/organizations/tenant-007", "/api/v1/organizations/tenant-007/keys"]),
+        "recent requests": (ADMIN_KEY, ["/api/v1/requests?limit=100"]),
+        "recent requests (tenant and status)": (ADMIN_KEY, ["/api/v1/requests?limit=100&tenant=tenant-007&status=429"]),
+        "health": (ADMIN_KEY, ["/api/v1/status"]),
+        "tenant account": (tenant_key, ["/v1/account"]),
+        "tenant usage": (tenant_key, ["/v1/usage", "/v1/routing/stats"]),
+        "console files": (ADMIN_KEY, ["/console/", "/console/console.js", "/console/charts.js", "/console/console.css"]),
+    }
+
+
+async def _time_pages(port: int, tenant_key: str, rounds: int) -> dict[str, dict]:
+    base = f"http://127.0.0.1:{port}"
+    results: dict[str, dict] = {}
+    async with aiohttp.ClientSession() as session:
+        async def get(path: str, key: str) -> None:
+            async with session.get(base + path, headers={"Authorization": f"Bearer {key}"}) as answer:
+                await answer.read()
+                if answer.status != 200:
+                    raise SystemExit(f"{path}: {answer.status}")
+
+        for name, (key, paths) in _pages(tenant_key).items():
+            await asyncio.gather(*(get(path, key) for path in paths))  # warm: connections, plans
+            times = []
+            for _ in range(rounds):
+                started = time.perf_counter()
+                await asyncio.gather(*(get(path, key) for path in paths))
+                times.append((time.perf_counter() - started) * 1000)
+            times.sort()
+            results[name] = {"median": round(statistics.median(times), 1),
+                             "p95": round(times[min(len(times) - 1, int(0.95 * len(times)))], 1)}
+    return results

@@ -1,0 +1,488 @@
+// The gateway's console: every figure comes from the admin and usage APIs, called with the key given at sign-in
+// (kept in sessionStorage: this tab only). Text from the server is always set as text, never parsed as HTML.
+"use strict";
+
+const KEY = "gateway.console.key";
+const state = { key: sessionStorage.getItem(KEY), role: null, tenant: null };
+const $ = (id) => document.getElementById(id);
+
+// ---------- helpers ----------
+
+function el(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attributes)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else if (key === "text") node.textContent = value;
+    else node.setAttribute(key, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === null || child === undefined || child === false) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+class ApiError extends Error {
+  constructor(status, body) {
+    const detail = (body && body.error) || {};
+    super(detail.message || `HTTP ${status}`);
+    this.status = status;
+    this.code = detail.code;
+  }
+}
+
+async function api(path, { method = "GET", body } = {}) {
+  const response = await fetch(path, {
+    method,
+    headers: { Authorization: `Bearer ${state.key}`, ...(body ? { "Content-Type": "application/json" } : {}) },
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  const text = await response.text();
+  let parsed = null;
+  try { parsed = text ? JSON.parse(text) : null; } catch (_) { parsed = null; }
+  if (!response.ok) throw new ApiError(response.status, parsed);
+  return parsed;
+}
+
+const money = (value) => {
+  if (value === null || value === undefined) return "–";
+  const amount = Number(value);
+  if (amount === 0) return "$0";
+  if (Math.abs(amount) < 0.01) return "$" + amount.toPrecision(2);  // a few requests cost fractions of a cent
+  return "$" + amount.toLocaleString("en-US", { maximumFractionDigits: Math.abs(amount) >= 100 ? 0 : 2 });
+};
+const count = (value) => (value === null || value === undefined ? "–" : Number(value).toLocaleString("en-US"));
+const percent = (value) => (value === null || value === undefined ? "–" : (100 * value).toFixed(1) + "%");
+const compact = (value) => {
+  if (value >= 1e9) return (value / 1e9).toFixed(1) + "G";
+  if (value >= 1e6) return (value / 1e6).toFixed(1) + "M";
+  if (value >= 1e3) return (value / 1e3).toFixed(1) + "k";
+  return Number.isInteger(value) ? String(value) : value.toFixed(2);
+};
+
+function toast(message) {
+  const box = $("toast");
+  box.textContent = message;
+  box.hidden = false;
+  clearTimeout(toast.timer);
+  toast.timer = setTimeout(() => { box.hidden = true; }, 3500);
+}
+
+function stat(label, value, name) {
+  return el("div", { class: "stat", "data-stat": name }, el("div", { class: "label", text: label }),
+            el("div", { class: "value", text: value }));
+}
+
+function table(columns, rows, { empty = "nothing to show", name } = {}) {
+  const head = el("tr", {}, columns.map((c) => el("th", { class: c.num ? "num" : null, text: c.title })));
+  const body = rows.length
+    ? rows.map((row) => el("tr", {}, columns.map((c) => {
+        const value = c.cell(row);
+        return el("td", { class: c.num ? "num" : null }, value instanceof Node ? value : String(value ?? "–"));
+      })))
+    : [el("tr", {}, el("td", { colspan: columns.length, class: "muted", text: empty }))];
+  return el("div", { class: "scroll" }, el("table", { "data-table": name }, el("thead", {}, head), el("tbody", {}, body)));
+}
+
+function card(title, ...children) {
+  return el("section", { class: "card" }, title ? el("h2", { text: title }) : null, ...children);
+}
+
+function failure(error) {
+  return el("p", { class: "error", role: "alert", text: error.message || String(error) });
+}
+
+function monthStart() {
+  const now = new Date();
+  return new Date(Date.UTC(now.getUTCFullYear(), now.getUTCMonth(), 1)).toISOString().slice(0, 10);
+}
+const today = () => new Date().toISOString().slice(0, 10);
+
+// ---------- sign-in ----------
+
+async function signIn(key) {
+  state.key = key;
+  try {
+    await api("/api/v1/status");
+    state.role = "admin";
+  } catch (error) {
+    if (error.status !== 403) throw error;
+    const account = await api("/v1/account");
+    state.role = "tenant";
+    state.tenant = account;
+  }
+  sessionStorage.setItem(KEY, key);
+}
+
+function signOut() {
+  sessionStorage.removeItem(KEY);
+  Object.assign(state, { key: null, role: null, tenant: null });
+  location.hash = "";
+  render();
+}
+
+const ADMIN_PAGES = [["overview", "Overview"], ["tenants", "Tenants"], ["requests", "Requests"],
+                     ["fleet", "Fleet"], ["health", "Health"]];
+const TENANT_PAGES = [["account", "Account"], ["usage", "Usage"]];
+
+function render() {
+  const signedIn = Boolean(state.role);
+  $("login").hidden = signedIn;
+  $("view").hidden = !signedIn;
+  $("nav").hidden = !signedIn;
+  $("sign-out").hidden = !signedIn;
+  if (!signedIn) { $("who").textContent = ""; return; }
+  const pages = state.role === "admin" ? ADMIN_PAGES : TENANT_PAGES;
+  const [page, ...rest] = (location.hash.slice(2) || pages[0][0]).split("/");
+  $("nav").replaceChildren(...pages.map(([id, title]) =>
+    el("a", { href: `#/${id}`, class: id === page ? "active" : null, "data-page": id, text: title })));
+  $("who").textContent = state.role === "admin" ? "admin" : `${state.tenant.name} (${state.tenant.id})`;
+  const view = $("view");
+  view.replaceChildren(el("p", { class: "muted", text: "Loading…" }));
+  const draw = (state.role === "admin" ? ADMIN_VIEWS : TENANT_VIEWS)[page] || (() => el("p", { text: "No such page." }));
+  Promise.resolve(draw(rest.map(decodeURIComponent))).then((content) => {
+    view.replaceChildren(content);
+    view.dataset.page = page;
+  }).catch((error) => view.replaceChildren(failure(error)));
+}
+
+// ---------- usage and routing, shared by the admin and tenant views ----------
+
+function usageFigures(usage, routing) {
+  const savings = usage.savings;
+  return el("div", { class: "grid" },
+    stat("Requests", count(usage.requests), "requests"),
+    stat("Tokens", compact(usage.prompt_tokens + usage.completion_tokens), "tokens"),
+    stat("Cost", money(usage.cost_usd), "cost"),
+    stat("Small-model share", percent(usage.small_model_share), "small_model_share"),
+    stat("Cascade rate", percent(usage.cascade_rate), "cascade_rate"),
+    stat("Cache hit rate", percent(usage.cache_hit_rate), "cache_hit_rate"),
+    stat(savings ? `Saved vs ${savings.reference_model}` : "Savings", savings ? money(savings.saved_usd) : "–", "saved"),
+    stat("Limit refusals", count(usage.limit_refusals), "limit_refusals"),
+    routing ? stat("Routed to large", percent(routing.large_share && routing.large_share.routed_to_large), "routed_to_large") : null);
+}
+
+function usageCharts(usage, routing) {
+  const byDay = usage.by_day;
+  const days = (field) => byDay.map((d) => ({ label: d.day.slice(5), value: d[field] }));
+  const models = (field) => usage.by_model.map((m) => ({ label: m.model, value: m[field] }));
+  const parts = [
+    el("div", { class: "two" },
+       card("Requests by day", charts.columnChart(days("requests"), { name: "requests_by_day", format: compact })),
+       card("Cost by day", charts.columnChart(days("cost_usd"), { name: "cost_by_day", color: "#8e44ad", format: money }))),
+    el("div", { class: "two" },
+       card("Tokens by day", charts.columnChart(days("tokens"), { name: "tokens_by_day", color: "#d35400", format: compact })),
+       card("Requests by model", charts.barList(models("requests"), { name: "requests_by_model", format: compact }))),
+    el("div", { class: "two" },
+       card("Cost by model", charts.barList(models("cost_usd"), { name: "cost_by_model", color: "#8e44ad", format: money })),
+       routing ? card("Routed requests by complexity",
+                      charts.columnChart(Object.entries(routing.by_complexity).map(([k, v]) => ({ label: k, value: v })),
+                                         { name: "routing_by_complexity", color: "#16a085", format: compact })) : null),
+  ];
+  if (routing) {
+    parts.push(card("Routing: complexity and model", table([
+      { title: "Complexity", cell: (r) => r.complexity }, { title: "Model", cell: (r) => r.model },
+      { title: "Requests", num: true, cell: (r) => count(r.requests) },
+      { title: "Cascaded", num: true, cell: (r) => count(r.cascaded) },
+      { title: "Avg confidence", num: true, cell: (r) => (r.average_confidence ?? "–") },
+      { title: "Cost", num: true, cell: (r) => money(r.cost_usd) }],
+      routing.by_complexity_and_model, { name: "routing", empty: "no routed requests in this period" })));
+  }
+  return parts;
+}
+
+function periodForm(values, onChange, extra = []) {
+  const start = el("input", { type: "date", value: values.start, "data-field": "start" });
+  const end = el("input", { type: "date", value: values.end, "data-field": "end" });
+  return el("form", { class: "row", onsubmit: (event) => { event.preventDefault(); onChange(start.value, end.value); } },
+            el("label", {}, "From", start), el("label", {}, "To", end), ...extra, el("button", { type: "submit", text: "Show" }));
+}
+
+// ---------- admin views ----------
+
+const ADMIN_VIEWS = {
+  async overview() {
+    const box = el("div");
+    const tenants = (await api("/api/v1/organizations")).data;
+    const choice = el("select", { "data-field": "tenant" }, el("option", { value: "", text: "All tenants" }),
+                      tenants.map((t) => el("option", { value: t.id, text: `${t.name} (${t.id})` })));
+    const body = el("div");
+    const show = async (start, end) => {
+      body.replaceChildren(el("p", { class: "muted", text: "Loading…" }));
+      const query = `?start=${start}&end=${end}`;
+      const base = choice.value ? `/api/v1/organizations/${encodeURIComponent(choice.value)}` : "/api/v1";
+      try {
+        const [usage, routing] = await Promise.all([api(`${base}/usage${query}`), api(`${base}/routing${query}`)]);
+        const parts = [usageFigures(usage, routing), ...usageCharts(usage, routing)];
+        if (usage.by_tenant) {
+          parts.push(card("Tenants by cost", table([
+            { title: "Tenant", cell: (r) => r.tenant }, { title: "Requests", num: true, cell: (r) => count(r.requests) },
+            { title: "Tokens", num: true, cell: (r) => compact(r.tokens) }, { title: "Cost", num: true, cell: (r) => money(r.cost_usd) },
+            { title: "Limit refusals", num: true, cell: (r) => count(r.limit_refusals) }], usage.by_tenant, { name: "by_tenant" })));
+        }
+        body.replaceChildren(...parts);
+      } catch (error) { body.replaceChildren(failure(error)); }
+    };
+    const form = periodForm({ start: monthStart(), end: today() }, show, [el("label", {}, "Tenant", choice)]);
+    box.append(el("h1", { text: "Overview" }), form, body);
+    await show(monthStart(), today());
+    return box;
+  },
+
+  async tenants(path) {
+    if (path.length && path[0]) return tenantPage(path[0]);
+    const all = (await api("/api/v1/organizations")).data;
+    const search = el("input", { type: "search", placeholder: "id, name or tier", "data-field": "search" });
+    const list = el("div");
+    const draw = () => {
+      const word = search.value.trim().toLowerCase();
+      const shown = all.filter((t) => !word || [t.id, t.name, t.tier].some((v) => String(v).toLowerCase().includes(word)));
+      list.replaceChildren(table([
+        { title: "Tenant", cell: (t) => el("a", { href: `#/tenants/${encodeURIComponent(t.id)}`, text: t.name }) },
+        { title: "Id", cell: (t) => t.id }, { title: "Tier", cell: (t) => t.tier },
+        { title: "Profile", cell: (t) => (t.routing.auto ? t.routing.auto.profile : "–") },
+        { title: "Monthly budget", num: true, cell: (t) => money(t.limits.monthly_budget_usd) },
+        { title: "Source", cell: (t) => t.source },
+        { title: "State", cell: (t) => el("span", { class: t.enabled ? "pill good" : "pill bad", text: t.enabled ? "enabled" : "disabled" }) },
+      ], shown, { name: "tenants", empty: "no tenant matches" }));
+    };
+    search.addEventListener("input", draw);
+    draw();
+    const name = el("input", { required: true, "data-field": "new-name", maxlength: 200 });
+    const id = el("input", { placeholder: "made from the name", "data-field": "new-id" });
+    const tier = el("input", { value: "basic", "data-field": "new-tier", list: "tiers" });
+    const tiers = el("datalist", { id: "tiers" }, [...new Set(["basic", "professional", "enterprise", ...all.map((t) => t.tier)])]
+      .map((t) => el("option", { value: t })));
+    const budget = el("input", { type: "number", min: 0, step: "any", "data-field": "new-budget" });
+    const message = el("p", { role: "alert" });
+    const create = el("form", { class: "row", "data-form": "create-tenant", onsubmit: async (event) => {
+      event.preventDefault();
+      const body = { name: name.value, tier: tier.value };
+      if (id.value) body.id = id.value;
+      if (budget.value) body.limits = { monthly_budget_usd: Number(budget.value) };
+      try {
+        const made = await api("/api/v1/organizations", { method: "POST", body });
+        location.hash = `#/tenants/${encodeURIComponent(made.id)}`;
+        toast(`Tenant ${made.id} created`);
+      } catch (error) { message.replaceChildren(failure(error)); }
+    } }, el("label", {}, "Name", name), el("label", {}, "Id", id), el("label", {}, "Tier", tier), tiers,
+       el("label", {}, "Monthly budget ($)", budget), el("button", { type: "submit", text: "Create tenant" }));
+    return el("div", {}, el("h1", { text: "Tenants" }), card("New tenant", create, message),
+              card(null, el("div", { class: "toolbar" }, el("label", {}, "Search", search)), list));
+  },
+
+  async requests() {
+    const tenant = el("input", { placeholder: "any", "data-field": "tenant" });
+    const model = el("input", { placeholder: "any", "data-field": "model" });
+    const status = el("input", { type: "number", placeholder: "any", min: 100, max: 599, "data-field": "status" });
+    const body = el("div");
+    let rows = [];
+    const load = async (more) => {
+      const query = new URLSearchParams({ limit: "100" });
+      if (tenant.value) query.set("tenant", tenant.value);
+      if (model.value) query.set("model", model.value);
+      if (status.value) query.set("status", status.value);
+      if (more && rows.length) query.set("before", rows[rows.length - 1].created_at);
+      try {
+        const page = await api(`/api/v1/requests?${query}`);
+        rows = more ? rows.concat(page.data) : page.data;
+        body.replaceChildren(table([
+          { title: "Time (UTC)", cell: (r) => r.created_at.replace("T", " ").slice(0, 19) },
+          { title: "Tenant", cell: (r) => r.tenant_id }, { title: "Key", cell: (r) => r.key_name },
+          { title: "Route", cell: (r) => r.route }, { title: "Model", cell: (r) => r.model || r.model_requested },
+          { title: "Status", cell: (r) => el("span", { class: r.status < 400 ? "pill good" : "pill bad", text: r.status }) },
+          { title: "Tokens", num: true, cell: (r) => count((r.prompt_tokens || 0) + (r.completion_tokens || 0)) },
+          { title: "Cost", num: true, cell: (r) => (r.cost_usd === null ? "–" : "$" + r.cost_usd.toFixed(6)) },
+          { title: "Latency ms", num: true, cell: (r) => (r.latency_ms === null ? "–" : Math.round(r.latency_ms)) },
+          { title: "Complexity", cell: (r) => r.complexity }, { title: "Cache", cell: (r) => (r.cache_hit ? "hit" : "") },
+          { title: "Cascaded", cell: (r) => (r.cascaded ? "yes" : "") }, { title: "Error", cell: (r) => r.error_type },
+        ], rows, { name: "requests", empty: "no request matches" }),
+        page.has_more ? el("button", { class: "link", text: "Older requests", onclick: () => load(true) }) : null);
+      } catch (error) { body.replaceChildren(failure(error)); }
+    };
+    const form = el("form", { class: "row", onsubmit: (event) => { event.preventDefault(); load(false); } },
+                    el("label", {}, "Tenant", tenant), el("label", {}, "Model", model), el("label", {}, "Status", status),
+                    el("button", { type: "submit", text: "Filter" }));
+    await load(false);
+    return el("div", {}, el("h1", { text: "Recent requests" }),
+              el("p", { class: "muted", text: "From the usage ledger, newest first. The ledger keeps no prompt or answer text." }),
+              form, card(null, body));
+  },
+
+  async fleet() {
+    let fleet;
+    try { fleet = await api("/api/v1/fleet"); } catch (error) {
+      if (error.code === "fleet_not_configured") return el("div", {}, el("h1", { text: "Fleet" }), card(null, el("p", { text: error.message })));
+      throw error;
+    }
+    const pools = Object.entries(fleet.pools).map(([name, pool]) => card(`${name} (${pool.model})`, table([
+      { title: "Node", cell: (n) => n.name }, { title: "URL", cell: (n) => n.url },
+      { title: "State", cell: (n) => el("span", { class: n.state === "up" ? "pill good" : "pill bad", text: n.drained_by_admin ? "drained by admin" : n.state }) },
+      { title: "Running", num: true, cell: (n) => n.num_running }, { title: "Waiting", num: true, cell: (n) => n.num_waiting },
+      { title: "In flight", num: true, cell: (n) => n.inflight }, { title: "KV cache", num: true, cell: (n) => percent(n.kv_cache_usage) },
+      { title: "Adapters", cell: (n) => `${n.adapters.length}${n.slots ? " / " + n.slots : ""}` },
+      { title: "Running adapters", cell: (n) => n.running_adapters.join(", ") },
+    ], pool.nodes, { name: "fleet", empty: "no node" })));
+    return el("div", {}, el("h1", { text: "Fleet" }), el("p", { class: "muted", text: `Placement: ${fleet.strategy}` }), ...pools);
+  },
+
+  async health() {
+    const status = await api("/api/v1/status");
+    const flags = (object) => Object.entries(object).map(([name, ok]) =>
+      el("span", { class: ok ? "pill good" : "pill bad", "data-health": name, text: `${name}: ${ok ? "ok" : "down"}` }));
+    return el("div", {}, el("h1", { text: "Health" }),
+      card("Stores", el("div", { class: "toolbar" }, flags(status.stores))),
+      card("Readiness", el("div", { class: "toolbar" }, flags(status.ready))),
+      status.fleet ? card("Fleet", el("p", { text: `${status.fleet.up} of ${status.fleet.nodes} nodes up` })) : null,
+      card("Deployments", table([
+        { title: "Model", cell: (d) => d.model }, { title: "Deployment", cell: (d) => d.deployment },
+        { title: "Provider", cell: (d) => d.provider }, { title: "Standby", cell: (d) => (d.standby ? "yes" : "") },
+        { title: "Failures in a row", num: true, cell: (d) => d.failures_in_a_row },
+        { title: "Cooldown left (s)", num: true, cell: (d) => d.cooldown_seconds_left },
+      ], status.deployments, { name: "deployments" })));
+  },
+};
+
+async function tenantPage(id) {
+  const path = `/api/v1/organizations/${encodeURIComponent(id)}`;
+  const [tenant, keys] = await Promise.all([api(path), api(`${path}/keys`)]);
+  const fromFile = tenant.source !== "api";
+  const limits = tenant.limits;
+  const field = (name, value, attributes = {}) => el("input", { value: value ?? "", "data-field": name, disabled: fromFile, ...attributes });
+  const inputs = {
+    tier: field("tier", tenant.tier),
+    requests_per_minute: field("requests_per_minute", limits.requests_per_minute, { type: "number", min: 0 }),
+    tokens_per_minute: field("tokens_per_minute", limits.tokens_per_minute, { type: "number", min: 0 }),
+    concurrent_requests: field("concurrent_requests", limits.concurrent_requests, { type: "number", min: 0 }),
+    monthly_budget_usd: field("monthly_budget_usd", limits.monthly_budget_usd, { type: "number", min: 0, step: "any" }),
+    models: field("models", tenant.models.join(", "), { placeholder: "every model of the tier" }),
+    profile: field("profile", tenant.routing.auto ? tenant.routing.auto.profile : "", { placeholder: "by industry" }),
+  };
+  const cache = el("textarea", { "data-field": "cache", disabled: fromFile }, JSON.stringify(tenant.cache || {}, null, 1));
+  const adapters = el("textarea", { "data-field": "adapters", disabled: fromFile },
+                      JSON.stringify(Object.fromEntries(Object.entries(tenant.adapters || {}).map(([k, a]) =>
+                        [k, { base: a.base, path: a.path, default: a.default || undefined }])), null, 1));
+  const message = el("div", { role: "alert" });
+  const number = (input) => (input.value === "" ? null : Number(input.value));
+  const changed = (input, before) => String(input.value) !== String(before ?? "");
+  const save = el("form", { "data-form": "edit-tenant", onsubmit: async (event) => {
+    event.preventDefault();
+    try {
+      const body = {};  // only what was changed: the rest keeps its value (an emptied limit goes back to the tier's)
+      if (changed(inputs.tier, tenant.tier)) body.tier = inputs.tier.value;
+      const limitsChanged = {};
+      for (const name of ["requests_per_minute", "tokens_per_minute", "concurrent_requests", "monthly_budget_usd"]) {
+        if (changed(inputs[name], limits[name])) limitsChanged[name] = number(inputs[name]);
+      }
+      if (Object.keys(limitsChanged).length) body.limits = limitsChanged;
+      if (changed(inputs.models, tenant.models.join(", "))) {
+        body.models = inputs.models.value.trim() ? inputs.models.value.split(",").map((m) => m.trim()).filter(Boolean) : null;
+      }
+      if (changed(inputs.profile, tenant.routing.auto ? tenant.routing.auto.profile : "")) {
+        body.routing = inputs.profile.value ? { profile: inputs.profile.value } : null;
+      }
+      if (cache.value !== cache.defaultValue) body.cache = JSON.parse(cache.value || "{}");
+      if (adapters.value !== adapters.defaultValue) body.adapters = JSON.parse(adapters.value || "{}");
+      await api(path, { method: "PATCH", body });
+      toast("Saved");
+      render();
+    } catch (error) { message.replaceChildren(failure(error)); }
+  } },
+    el("div", { class: "form row" }, Object.entries(inputs).map(([name, input]) => el("label", {}, name.replaceAll("_", " "), input))),
+    el("div", { class: "two" }, el("label", {}, "cache policy (JSON)", cache), el("label", {}, "adapters (JSON)", adapters)),
+    fromFile ? el("p", { class: "muted", text: "Declared in tenants.yaml: change it there." })
+             : el("p", {}, el("button", { type: "submit", text: "Save" })), message);
+
+  const newKey = el("div");
+  const keyName = el("input", { "data-field": "key-name", placeholder: "backend" });
+  const expires = el("input", { type: "date", "data-field": "key-expires" });
+  const keyForm = el("form", { class: "row", "data-form": "create-key", onsubmit: async (event) => {
+    event.preventDefault();
+    try {
+      const made = await api(`${path}/keys`, { method: "POST", body: { name: keyName.value || undefined, expires: expires.value || undefined } });
+      newKey.replaceChildren(el("p", { text: `Key ${made.name}: copy it now; it is not shown again.` }),
+                             el("div", { class: "secret", "data-secret": "key", text: made.key }));
+      keyList.replaceChildren(keysTable((await api(`${path}/keys`)).data));
+    } catch (error) { newKey.replaceChildren(failure(error)); }
+  } }, el("label", {}, "Name", keyName), el("label", {}, "Expires", expires), el("button", { type: "submit", text: "Make a key" }));
+  const keysTable = (rows) => table([
+    { title: "Name", cell: (k) => k.name }, { title: "Source", cell: (k) => k.source },
+    { title: "Expires", cell: (k) => k.expires_at || "never" },
+    { title: "", cell: (k) => (k.source === "api" ? el("button", { class: "danger", "data-revoke": k.name, text: "Revoke", onclick: async () => {
+      if (!confirm(`Revoke the key ${k.name}? Clients using it stop working at once.`)) return;
+      try {
+        await api(`${path}/keys/${encodeURIComponent(k.name)}`, { method: "DELETE" });
+        toast(`Key ${k.name} revoked`);
+        keyList.replaceChildren(keysTable((await api(`${path}/keys`)).data));
+      } catch (error) { newKey.replaceChildren(failure(error)); }
+    } }) : "") },
+  ], rows, { name: "keys", empty: "no key" });
+  const keyList = el("div", {}, keysTable(keys.data));
+
+  return el("div", {}, el("h1", { text: `${tenant.name} (${tenant.id})` }),
+            el("p", {}, el("a", { href: "#/tenants", text: "All tenants" }), " · ",
+               el("span", { class: "muted", text: `${tenant.source} · allowed models: ${tenant.allowed_models.join(", ")}` })),
+            card("Settings", save), card("Keys", keyForm, newKey, keyList));
+}
+
+// ---------- tenant views ----------
+
+const TENANT_VIEWS = {
+  async account() {
+    const account = await api("/v1/account");
+    state.tenant = account;
+    const budget = account.budget;
+    const used = budget.monthly_budget_usd ? Math.min(1, (budget.spent_usd || 0) / budget.monthly_budget_usd) : null;
+    return el("div", {}, el("h1", { text: `${account.name}` }),
+      el("div", { class: "grid" }, stat("Tier", account.tier, "tier"),
+         stat(`Spent in ${budget.month}`, money(budget.spent_usd), "spent"),
+         stat("Budget left", budget.monthly_budget_usd === null ? "no budget" : money(budget.left_usd), "budget_left")),
+      used === null ? null : card("Monthly budget", el("div", { class: "bar" }, el("div", { style: `width:${(100 * used).toFixed(1)}%` })),
+                                  el("p", { class: "muted", text: `${money(budget.spent_usd)} of ${money(budget.monthly_budget_usd)}` })),
+      card("Limits", table([{ title: "Limit", cell: (r) => r[0].replaceAll("_", " ") },
+                            { title: "Value", num: true, cell: (r) => (r[1] === null ? "none" : count(r[1])) }],
+                           Object.entries(account.limits), { name: "limits" })),
+      card("Models", el("p", { text: account.models.join(", ") })),
+      card("Keys", table([{ title: "Name", cell: (k) => k.name }, { title: "Expires", cell: (k) => k.expires_at || "never" }],
+                         account.keys, { name: "keys", empty: "no key" })));
+  },
+
+  async usage() {
+    const body = el("div");
+    const show = async (start, end) => {
+      const query = `?start=${start}&end=${end}`;
+      try {
+        const [usage, routing] = await Promise.all([api(`/v1/usage${query}`), api(`/v1/routing/stats${query}`)]);
+        body.replaceChildren(usageFigures(usage, routing), ...usageCharts(usage, routing));
+      } catch (error) { body.replaceChildren(failure(error)); }
+    };
+    await show(monthStart(), today());
+    return el("div", {}, el("h1", { text: "Usage" }), periodForm({ start: monthStart(), end: today() }, show), body);
+  },
+};
+
+// ---------- start ----------
+
+$("login-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  $("login-error").textContent = "";
+  try {
+    await signIn($("login-key").value.trim());
+    $("login-key").value = "";
+    location.hash = state.role === "admin" ? "#/overview" : "#/account";
+    render();
+  } catch (error) {
+    state.key = null;
+    $("login-error").textContent = error.status === 401 ? "This key is not valid." : error.message;
+  }
+});
+$("sign-out").addEventListener("click", signOut);
+window.addEventListener("hashchange", render);
+
+(async () => {
+  if (state.key) {
+    try { await signIn(state.key); } catch (_) { sessionStorage.removeItem(KEY); state.key = null; }
+  }
+  render();
+})();
