@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+from typing import Callable
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 REQUESTS = Counter(
     "gateway_requests", "Requests answered, by tenant, model asked, route and status.",
     ["tenant", "model", "route", "status"],
 )
 TOKENS = Counter("gateway_tokens", "Tokens used, by tenant, model and kind.", ["tenant", "model", "kind"])
+COST = Counter("gateway_cost_usd", "What requests cost in US dollars (all their upstream calls), by tenant and model.",
+               ["tenant", "model"])
 LATENCY = Histogram(
     "gateway_request_duration_seconds", "Time from request to the last byte of the answer.", ["route"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
@@ -40,6 +45,7 @@ REDIS_UP.set(1)
 REDIS_ERRORS = Counter("gateway_redis_errors", "Redis calls that failed.")
 UNSETTLED = Gauge("gateway_unsettled_requests",
                   "Finished requests whose slots and usage Redis has not taken yet (sent again until it does).")
+POSTGRES_UP = Gauge("gateway_postgres_up", "1 while the ledger's PostgreSQL takes rows; 0 while they are spooled.")
 LEDGER_ROWS = Counter("gateway_ledger_rows", "Usage rows, by where they went.", ["outcome"])
 LEDGER_SPOOLED = Gauge("gateway_ledger_spooled_rows", "Usage rows waiting in the spool for PostgreSQL.")
 LEDGER_DEAD_LETTERS = Counter("gateway_ledger_dead_letter_rows",
@@ -72,6 +78,28 @@ PROVIDER_CALLS = Counter("gateway_provider_calls", "Calls through LiteLLM to pro
                                                    "API, by provider and status.", ["provider", "status"])
 
 
+class BudgetShares:
+    """``gateway_tenant_budget_used_ratio``: read from the limiter when /metrics is scraped, never on the request
+    path."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], dict[str, float]] = dict
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        family = GaugeMetricFamily("gateway_tenant_budget_used_ratio", "Share of a tenant's monthly budget spent or "
+                                   "reserved, as of its last request in this worker.", labels=["tenant"])
+        for tenant, share in sorted(self.source().items()):
+            family.add_metric([tenant], share)
+        yield family
+
+
+BUDGETS = BudgetShares()
+REGISTRY.register(BUDGETS)
+
+
 class LabelCache:
     """Children of a labelled metric, looked up once per label set (``labels()`` costs a lock and a tuple)."""
 
@@ -90,4 +118,5 @@ class LabelCache:
 
 requests_by = LabelCache(REQUESTS)
 tokens_by = LabelCache(TOKENS)
+cost_by = LabelCache(COST)
 latency_by = LabelCache(LATENCY)

@@ -91,3 +91,5 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
         metrics.tokens_by(tenant_label, model_label, "prompt").inc(ctx.prompt_tokens)
     if ctx.completion_tokens:
         metrics.tokens_by(tenant_label, model_label, "completion").inc(ctx.completion_tokens)
+    if ctx.cost_usd:
+        metrics.cost_by(tenant_label, model_label).inc(ctx.cost_usd)

@@ -251,6 +251,7 @@ class Ledger:
             else:
                 log.error("PostgreSQL unreachable, usage rows are spooled to %s: %s", self.spool_dir, exc)
             self.reachable = reachable
+        metrics.POSTGRES_UP.set(1 if reachable else 0)
 
 
 def _columns(rows: list[tuple], storable: bool) -> list[list]:

@@ -339,6 +339,10 @@ class Limiter:
         """The share of the tenant's monthly budget spent or reserved, as of its last request in this worker."""
         return self._budget_share.get((tenant.id, tenant.created_at))
 
+    def budget_shares(self) -> dict[str, float]:
+        """Every tenant's share of its monthly budget, as of its last request in this worker (for /metrics)."""
+        return {tenant_id: share for (tenant_id, _), share in list(self._budget_share.items())}
+
     async def forget(self, tenant_id: str) -> int:
         """Delete every counter, slot and cached answer of a tenant (its id is about to be used again)."""
         self._plans = {k: p for k, p in self._plans.items() if k[0] != tenant_id}
