@@ -11,10 +11,10 @@ from pathlib import Path
 
 import openai
 import pytest
+from playwright import sync_api as playwright_api
 
 from console_setup import ADMIN_KEY, HOSTILE_NAME, admin, start, traffic
 
-playwright_api = pytest.importorskip("playwright.sync_api")  # installed by tests/run.sh with the test extras
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOTS = os.environ.get("GATEWAY_CONSOLE_SCREENSHOTS")
 
