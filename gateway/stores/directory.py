@@ -67,7 +67,7 @@ class TenantDirectory:
 
     async def _pool(self) -> asyncpg.Pool:
         if self.pool is None:
-            pool = await asyncpg.create_pool(self.dsn, min_size=0, max_size=2, timeout=5, command_timeout=10)
+            pool = await asyncpg.create_pool(self.dsn, min_size=0, max_size=4, timeout=5, command_timeout=10)
             async with pool.acquire() as connection:
                 await migrate(connection)
             self.pool = pool

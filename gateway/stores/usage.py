@@ -3,6 +3,7 @@ tenant, or (``tenant_id`` None) for all of them, then also by tenant; and the re
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 
 import asyncpg
@@ -70,6 +71,11 @@ GROUP BY 1
 """
 
 
+async def _fetch(pool: asyncpg.Pool, method: str, query: str, *args):
+    async with pool.acquire() as connection:
+        return await getattr(connection, method)(query, *args)
+
+
 def _for(query: str, tenant_id: str | None) -> str:
     """``query`` for one tenant, or for every tenant when ``tenant_id`` is None (then $1 is NULL)."""
     return query if tenant_id is not None else query.replace("tenant_id = $1", "$1::text IS NULL")
@@ -94,12 +100,13 @@ def last_day(end: dt.datetime) -> str:
 async def usage_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str | None, start: dt.datetime,
                        end: dt.datetime) -> dict:
     small = [m.name for m in config.models.values() if m.size == "small"]
-    async with pool.acquire() as connection:
-        totals = await connection.fetchrow(_for(_TOTALS, tenant_id), tenant_id, start, end, small)
-        by_day = await connection.fetch(_for(_BY_DAY, tenant_id), tenant_id, start, end)
-        by_model = await connection.fetch(_for(_BY_MODEL, tenant_id), tenant_id, start, end)
-        by_tenant = None if tenant_id is not None else await connection.fetch(_for(_BY_TENANT, None), None, start,
-                                                                              end)
+    queries = [_fetch(pool, "fetchrow", _for(_TOTALS, tenant_id), tenant_id, start, end, small),
+               _fetch(pool, "fetch", _for(_BY_DAY, tenant_id), tenant_id, start, end),
+               _fetch(pool, "fetch", _for(_BY_MODEL, tenant_id), tenant_id, start, end)]
+    if tenant_id is None:
+        queries.append(_fetch(pool, "fetch", _for(_BY_TENANT, None), None, start, end))
+    totals, by_day, by_model, *rest = await asyncio.gather(*queries)  # each on its own connection, at once
+    by_tenant = rest[0] if rest else None
     answered = totals["answered"]
     cost = float(totals["cost_usd"])
     report = {
@@ -157,9 +164,8 @@ def _savings(config: GatewayConfig, prompt_tokens: int, completion_tokens: int, 
 async def routing_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str | None, start: dt.datetime,
                          end: dt.datetime) -> dict:
     """What the router did for a tenant (or all): requests by complexity and by model, cascades, savings."""
-    async with pool.acquire() as connection:
-        rows = await connection.fetch(_for(_ROUTED, tenant_id), tenant_id, start, end)
-        decided = await connection.fetch(_for(_DECIDED, tenant_id), tenant_id, start, end)
+    rows, decided = await asyncio.gather(_fetch(pool, "fetch", _for(_ROUTED, tenant_id), tenant_id, start, end),
+                                         _fetch(pool, "fetch", _for(_DECIDED, tenant_id), tenant_id, start, end))
     by_complexity = dict.fromkeys(COMPLEXITIES, 0)
     by_model: dict[str, int] = {}
     requests = answered = cascaded = prompt = completion = 0
