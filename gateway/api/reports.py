@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from gateway.app import Gateway
 
 MOST_REQUESTS = 500  # rows per page of recent requests
+TIME_PATTERN = r"^(19[7-9]\d|[2-9]\d{3})-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:?\d{2})?$"
 
 
 def build_reports_router(gateway: "Gateway") -> APIRouter:
@@ -65,8 +66,9 @@ def build_reports_router(gateway: "Gateway") -> APIRouter:
     async def requests(tenant: str | None = Query(None, pattern=TENANT_ID_PATTERN),
                        model: str | None = Query(None, max_length=200, pattern=TEXT_PATTERN),
                        status: int | None = Query(None, ge=100, le=599),
-                       before: str | None = Query(None, max_length=40, description="ISO time: rows older than this "
-                                                                                   "(the next page)"),
+                       before: str | None = Query(None, max_length=40, pattern=TIME_PATTERN,
+                                                  json_schema_extra={"format": "date-time"},
+                                                  description="ISO time: rows older than this (the next page)"),
                        limit: int = Query(100, ge=1, le=MOST_REQUESTS)) -> dict:
         """The newest ledger rows, newest first, filtered by tenant, model and status: who, what, how long, what
         it cost. The ledger keeps no prompt or answer text."""
