@@ -6,6 +6,8 @@ import asyncio
 import gc
 import logging
 
+import asyncpg
+
 from gateway.api.admin import build_admin_router
 from gateway.api.cors import Cors
 from gateway.api.fleet import build_fleet_router
@@ -31,7 +33,7 @@ from gateway.stores.embedded import EmbeddedServers
 from gateway.stores.ledger import Ledger
 from gateway.stores.secrets import Secrets
 from gateway.stores.limits import Limiter
-from gateway.stores import route_window
+from gateway.stores import partitions, route_window
 from gateway.stores.resp import ReplyError
 from gateway.routing.share import WINDOW, ShareKeeper
 from gateway.upstreams.client import UpstreamClient
@@ -57,6 +59,7 @@ class Gateway:
         self.secrets = Secrets()
         self._watcher: asyncio.Task | None = None
         self._share_keeper: asyncio.Task | None = None
+        self._partition_keeper: asyncio.Task | None = None
         self.shares = ShareKeeper()  # thresholds kept at a target share of large-model calls
         self.selector = DeploymentSelector()  # deployments' failures and cooldowns, shown by /api/v1/status
         self.admin_auth = AdminAuth(lambda: self.config.current, settings.admin_key, settings.stateless)
@@ -176,6 +179,8 @@ class Gateway:
         self.routes = OpenAIRoutes(self.config, pipeline)
         self._watcher = asyncio.create_task(self.config.watch(settings.reload_interval))
         self._share_keeper = asyncio.create_task(self._keep_shares(settings.share_interval))
+        if self.directory is not None:
+            self._partition_keeper = asyncio.create_task(self._keep_partitions())
         gc.freeze()  # what startup built lives for good: keep the collector from walking it on every pass
         models = self.config.current.models.values()
         log.info("gateway ready: %d models (%d on the built-in simulator), %d tenants, config from %s",
@@ -223,12 +228,24 @@ class Gateway:
                 for scope, window in windows.items():
                     shares.update(scope, router.classifier.thresholds, window)
 
+    async def _keep_partitions(self, interval: float = 3600.0) -> None:
+        """The ledger's daily partitions made ahead and dropped past the retention, now and every hour."""
+        while True:
+            try:
+                pool = await self.directory.pool_for_reports()
+                await partitions.maintain(pool, self.settings.ledger_partitions_ahead,
+                                          self.settings.ledger_retention_days)
+            except (OSError, ConnectionError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
+                log.warning("ledger partitions cannot be kept now (%s); trying again in %gs", exc, interval)
+            await asyncio.sleep(interval)
+
     async def shutdown(self) -> None:
         """Runs after the server has let the requests under way finish: flush the ledger, then close."""
         if self._watcher is not None:
             self._watcher.cancel()
-        if self._share_keeper is not None:
-            self._share_keeper.cancel()
+        for task in (self._share_keeper, self._partition_keeper):
+            if task is not None:
+                task.cancel()
         if self.fleet is not None:
             await self.fleet.close()
         if self.ledger is not None:

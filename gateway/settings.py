@@ -50,6 +50,8 @@ class Settings:
     redis_failure_mode: str = "open"
     ledger_batch_size: int = 500
     ledger_flush_seconds: float = 0.2
+    ledger_retention_days: int = 0  # days of ledger rows kept (whole daily partitions dropped after); 0 keeps all
+    ledger_partitions_ahead: int = 7  # days of partitions made ahead
     # A pass-through gateway: keys, model access, logs and metrics, but no limits, ledger or admin API,
     # and no Redis or PostgreSQL.
     stateless: bool = False
@@ -94,6 +96,8 @@ class Settings:
             redis_failure_mode=get("REDIS_FAILURE_MODE", _failure_mode, default.redis_failure_mode),
             ledger_batch_size=get("LEDGER_BATCH_SIZE", int, default.ledger_batch_size),
             ledger_flush_seconds=get("LEDGER_FLUSH_SECONDS", float, default.ledger_flush_seconds),
+            ledger_retention_days=get("LEDGER_RETENTION_DAYS", int, default.ledger_retention_days),
+            ledger_partitions_ahead=get("LEDGER_PARTITIONS_AHEAD", int, default.ledger_partitions_ahead),
             admin_key=env.get("GATEWAY_ADMIN_KEY") or None,
             stateless=get("STATELESS", _flag, default.stateless),
         )

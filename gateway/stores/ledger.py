@@ -45,7 +45,7 @@ _TYPES = (
 _INSERT = (
     f"INSERT INTO usage_ledger ({', '.join(COLUMNS)}) "
     f"SELECT * FROM unnest({', '.join(f'${i + 1}::{t}[]' for i, t in enumerate(_TYPES))}) "
-    "ON CONFLICT (request_id) DO NOTHING"
+    "ON CONFLICT (request_id, created_at) DO NOTHING"
 )
 _CREATED_AT = COLUMNS.index("created_at")
 _TEXT_COLUMNS = tuple(i for i, kind in enumerate(_TYPES) if kind == "text")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncpg
 
+from gateway.stores import rollups
+
 MIGRATIONS: tuple[str, ...] = (
     # 1: the usage ledger
     """
@@ -110,6 +112,30 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX usage_ledger_time ON usage_ledger (created_at);
     """,
+    # 9: the ledger partitioned by day (the rows already there become one partition, up to tomorrow; later days
+    # get partitions of their own, made ahead by the gateway: see partitions.py), a default partition for rows
+    # no day's partition takes, and the daily rollups the reports read, filled from the rows already there and
+    # kept by a trigger. A request's row is unique by (request_id, created_at): a replayed row has both.
+    """
+    ALTER TABLE usage_ledger RENAME TO usage_ledger_unpartitioned;
+    ALTER INDEX usage_ledger_tenant_time RENAME TO usage_ledger_unpartitioned_tenant_time;
+    ALTER INDEX usage_ledger_time RENAME TO usage_ledger_unpartitioned_time;
+    CREATE TABLE usage_ledger (LIKE usage_ledger_unpartitioned INCLUDING DEFAULTS) PARTITION BY RANGE (created_at);
+    ALTER SEQUENCE usage_ledger_id_seq OWNED BY usage_ledger.id;  -- the old partition may be dropped one day
+    CREATE UNIQUE INDEX usage_ledger_request ON usage_ledger (request_id, created_at);
+    CREATE INDEX usage_ledger_tenant_time ON usage_ledger (tenant_id, created_at);
+    CREATE INDEX usage_ledger_time ON usage_ledger (created_at);
+    CREATE TABLE usage_ledger_default PARTITION OF usage_ledger DEFAULT;
+    DO $migrate$
+    DECLARE tomorrow timestamptz := date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' + interval '1 day';
+    BEGIN
+        INSERT INTO usage_ledger_default SELECT * FROM usage_ledger_unpartitioned WHERE created_at >= tomorrow;
+        DELETE FROM usage_ledger_unpartitioned WHERE created_at >= tomorrow;
+        EXECUTE format('ALTER TABLE usage_ledger ATTACH PARTITION usage_ledger_unpartitioned '
+                       'FOR VALUES FROM (MINVALUE) TO (%L)', tomorrow);
+    END
+    $migrate$;
+    """ + rollups.TABLES + rollups.backfill() + rollups.trigger(),
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations

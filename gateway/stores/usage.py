@@ -1,5 +1,6 @@
-"""Usage reports read from the ledger: totals, by day and by model, with seed 001's dashboard figures; for one
-tenant, or (``tenant_id`` None) for all of them, then also by tenant; and the recent requests themselves."""
+"""Usage reports: totals, by day and by model, with seed 001's dashboard figures; for one tenant, or (``tenant_id``
+None) for all of them, then also by tenant; read from the daily rollups (see ``rollups``), so that they cost the
+same at ten million ledger rows as at a thousand. And the recent requests themselves, from the ledger."""
 
 from __future__ import annotations
 
@@ -10,37 +11,48 @@ import asyncpg
 
 from gateway.config.schema import COMPLEXITIES
 from gateway.config.types import GatewayConfig
+from gateway.stores.rollups import ROUTING_MEASURES, USAGE_MEASURES, routing_rows, usage_rows
 
-_TOTALS = """
-SELECT count(*) AS requests,
-       count(*) FILTER (WHERE status < 400) AS answered,
-       count(*) FILTER (WHERE status >= 400) AS refused_or_failed,
-       count(*) FILTER (WHERE status = 429) AS limit_refusals,
-       coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
-       coalesce(sum(completion_tokens), 0) AS completion_tokens,
-       coalesce(sum(cost_usd), 0) AS cost_usd,
-       count(*) FILTER (WHERE cache_hit) AS cache_hits,
-       count(*) FILTER (WHERE cascaded) AS cascaded,
-       count(*) FILTER (WHERE status < 400 AND model = ANY($4::text[])) AS small_model_answers
-FROM usage_ledger WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3
+# Whole days come from the rollups; the edges of a period that are not whole days (a tenant made at 14:05) from
+# the ledger's rows. $1 the tenant, $2 and $3 the whole days [first, end), $4-$7 the two raw ranges.
+_RAW = "tenant_id = $1 AND ((created_at >= $4 AND created_at < $5) OR (created_at >= $6 AND created_at < $7))"
+_USAGE = f"""
+WITH daily AS (
+    SELECT tenant_id, day, model, {", ".join(USAGE_MEASURES)} FROM usage_daily
+    WHERE tenant_id = $1 AND day >= $2 AND day < $3
+    UNION ALL {usage_rows("usage_ledger", _RAW)}
+)"""
+_ROUTING = f"""
+WITH daily AS (
+    SELECT tenant_id, day, complexity, model, decided, {", ".join(ROUTING_MEASURES)} FROM routing_daily
+    WHERE tenant_id = $1 AND day >= $2 AND day < $3
+    UNION ALL {routing_rows("usage_ledger", _RAW)}
+)"""
+_TOTALS = _USAGE + """
+SELECT coalesce(sum(requests), 0)::bigint AS requests, coalesce(sum(answered), 0)::bigint AS answered,
+       coalesce(sum(refused_or_failed), 0)::bigint AS refused_or_failed,
+       coalesce(sum(limit_refusals), 0)::bigint AS limit_refusals,
+       coalesce(sum(prompt_tokens), 0)::bigint AS prompt_tokens,
+       coalesce(sum(completion_tokens), 0)::bigint AS completion_tokens,
+       coalesce(sum(cost_usd), 0) AS cost_usd, coalesce(sum(cache_hits), 0)::bigint AS cache_hits,
+       coalesce(sum(cascaded), 0)::bigint AS cascaded,
+       coalesce(sum(answered) FILTER (WHERE model = ANY($8::text[])), 0)::bigint AS small_model_answers
+FROM daily
 """
-_BY_DAY = """
-SELECT date_trunc('day', created_at AT TIME ZONE 'UTC')::date AS day, count(*) AS requests,
-       coalesce(sum(prompt_tokens + completion_tokens), 0) AS tokens, coalesce(sum(cost_usd), 0) AS cost_usd
-FROM usage_ledger WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3
-GROUP BY 1 ORDER BY 1
+_BY_DAY = _USAGE + """
+SELECT day, sum(requests)::bigint AS requests, sum(prompt_tokens + completion_tokens)::bigint AS tokens,
+       sum(cost_usd) AS cost_usd
+FROM daily GROUP BY 1 ORDER BY 1
 """
-_BY_MODEL = """
-SELECT model, count(*) AS requests, coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
-       coalesce(sum(completion_tokens), 0) AS completion_tokens, coalesce(sum(cost_usd), 0) AS cost_usd
-FROM usage_ledger WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3 AND model IS NOT NULL
-GROUP BY 1 ORDER BY 2 DESC
+_BY_MODEL = _USAGE + """
+SELECT model, sum(requests)::bigint AS requests, sum(prompt_tokens)::bigint AS prompt_tokens,
+       sum(completion_tokens)::bigint AS completion_tokens, sum(cost_usd) AS cost_usd
+FROM daily WHERE model <> '' GROUP BY 1 ORDER BY 2 DESC
 """
-_BY_TENANT = """
-SELECT tenant_id, count(*) AS requests, coalesce(sum(prompt_tokens + completion_tokens), 0) AS tokens,
-       coalesce(sum(cost_usd), 0) AS cost_usd, count(*) FILTER (WHERE status = 429) AS limit_refusals
-FROM usage_ledger WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3
-GROUP BY 1 ORDER BY 4 DESC, 2 DESC LIMIT 100
+_BY_TENANT = _USAGE + """
+SELECT tenant_id, sum(requests)::bigint AS requests, sum(prompt_tokens + completion_tokens)::bigint AS tokens,
+       sum(cost_usd) AS cost_usd, sum(limit_refusals)::bigint AS limit_refusals
+FROM daily GROUP BY 1 ORDER BY 4 DESC, 2 DESC LIMIT 100
 """
 _RECENT = """
 SELECT request_id, created_at, tenant_id, key_name, route, model_requested, model, deployment, status, error_type,
@@ -52,22 +64,15 @@ WHERE tenant_id = $1 AND ($2::text IS NULL OR model = $2) AND ($3::int IS NULL O
 ORDER BY created_at DESC LIMIT $5
 """
 
-_ROUTED = """
-SELECT complexity, model, count(*) AS requests,
-       count(*) FILTER (WHERE status < 400) AS answered,
-       count(*) FILTER (WHERE cascaded) AS cascaded,
-       coalesce(sum(prompt_tokens), 0) AS prompt_tokens, coalesce(sum(completion_tokens), 0) AS completion_tokens,
-       coalesce(sum(cost_usd), 0) AS cost_usd, avg(confidence) AS confidence
-FROM usage_ledger
-WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3 AND complexity IS NOT NULL
-GROUP BY 1, 2 ORDER BY 1, 3 DESC
+_ROUTED = _ROUTING + """
+SELECT complexity, model, sum(requests)::bigint AS requests, sum(answered)::bigint AS answered,
+       sum(cascaded)::bigint AS cascaded, sum(prompt_tokens)::bigint AS prompt_tokens,
+       sum(completion_tokens)::bigint AS completion_tokens, sum(cost_usd) AS cost_usd,
+       sum(confidence_sum) / nullif(sum(confidence_count), 0) AS confidence
+FROM daily GROUP BY 1, 2 ORDER BY 1, 3 DESC
 """
-
-_DECIDED = """
-SELECT split_part(routing_rule, '->', 2) AS decided, count(*) AS requests
-FROM usage_ledger
-WHERE tenant_id = $1 AND created_at >= $2 AND created_at < $3 AND complexity IS NOT NULL
-GROUP BY 1
+_DECIDED = _ROUTING + """
+SELECT decided, sum(requests)::bigint AS requests FROM daily GROUP BY 1
 """
 
 
@@ -79,6 +84,19 @@ async def _fetch(pool: asyncpg.Pool, method: str, query: str, *args):
 def _for(query: str, tenant_id: str | None) -> str:
     """``query`` for one tenant, or for every tenant when ``tenant_id`` is None (then $1 is NULL)."""
     return query if tenant_id is not None else query.replace("tenant_id = $1", "$1::text IS NULL")
+
+
+def _between(start: dt.datetime, end: dt.datetime) -> tuple:
+    """The query arguments $2-$7 of [start, end): the whole days in it, and the raw ranges before and after them."""
+    first = start.date() if start.time() == dt.time.min else start.date() + dt.timedelta(days=1)
+    last = end.date()  # the day ``end`` falls in: whole only if end is its midnight (then it is not in the period)
+    if first >= last:  # less than a whole day: all raw
+        return first, first, start, end, end, end
+    return first, last, start, _midnight(first), _midnight(last), end
+
+
+def _midnight(day: dt.date) -> dt.datetime:
+    return dt.datetime.combine(day, dt.time.min, dt.timezone.utc)
 
 
 def period(start: dt.date | None, end: dt.date | None) -> tuple[dt.datetime, dt.datetime]:
@@ -100,11 +118,12 @@ def last_day(end: dt.datetime) -> str:
 async def usage_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str | None, start: dt.datetime,
                        end: dt.datetime) -> dict:
     small = [m.name for m in config.models.values() if m.size == "small"]
-    queries = [_fetch(pool, "fetchrow", _for(_TOTALS, tenant_id), tenant_id, start, end, small),
-               _fetch(pool, "fetch", _for(_BY_DAY, tenant_id), tenant_id, start, end),
-               _fetch(pool, "fetch", _for(_BY_MODEL, tenant_id), tenant_id, start, end)]
+    span = _between(start, end)
+    queries = [_fetch(pool, "fetchrow", _for(_TOTALS, tenant_id), tenant_id, *span, small),
+               _fetch(pool, "fetch", _for(_BY_DAY, tenant_id), tenant_id, *span),
+               _fetch(pool, "fetch", _for(_BY_MODEL, tenant_id), tenant_id, *span)]
     if tenant_id is None:
-        queries.append(_fetch(pool, "fetch", _for(_BY_TENANT, None), None, start, end))
+        queries.append(_fetch(pool, "fetch", _for(_BY_TENANT, None), None, *span))
     totals, by_day, by_model, *rest = await asyncio.gather(*queries)  # each on its own connection, at once
     by_tenant = rest[0] if rest else None
     answered = totals["answered"]
@@ -132,7 +151,7 @@ async def usage_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str
                      for r in by_model],
     }
     if by_tenant is not None:
-        report["by_tenant"] = [{"tenant": r["tenant_id"], "requests": r["requests"], "tokens": r["tokens"],
+        report["by_tenant"] = [{"tenant": r["tenant_id"] or None, "requests": r["requests"], "tokens": r["tokens"],
                                 "cost_usd": round(float(r["cost_usd"]), 9), "limit_refusals": r["limit_refusals"]}
                                for r in by_tenant]
     return report
@@ -164,8 +183,10 @@ def _savings(config: GatewayConfig, prompt_tokens: int, completion_tokens: int, 
 async def routing_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str | None, start: dt.datetime,
                          end: dt.datetime) -> dict:
     """What the router did for a tenant (or all): requests by complexity and by model, cascades, savings."""
-    rows, decided = await asyncio.gather(_fetch(pool, "fetch", _for(_ROUTED, tenant_id), tenant_id, start, end),
-                                         _fetch(pool, "fetch", _for(_DECIDED, tenant_id), tenant_id, start, end))
+    span = _between(start, end)
+    rows, decided = await asyncio.gather(_fetch(pool, "fetch", _for(_ROUTED, tenant_id), tenant_id, *span),
+                                         _fetch(pool, "fetch", _for(_DECIDED, tenant_id), tenant_id, *span))
+    rows = [{**dict(row), "model": row["model"] or None} for row in rows]
     by_complexity = dict.fromkeys(COMPLEXITIES, 0)
     by_model: dict[str, int] = {}
     requests = answered = cascaded = prompt = completion = 0
