@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--baseline", type=Path, help="a checkout of another version of the gateway: its core and "
                                                      "whole gateway are measured in the same run, interleaved")
     bench.set_defaults(run=_bench)
-    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="[tenants | fleet | providers | console]")
+    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="[tenants | fleet | providers | console | ledger]")
     tenants_bench = bench_kinds.add_parser("tenants", help="admin writes, reloads, idle CPU, memory and the request "
                                                            "path with many tenants")
     tenants_bench.add_argument("--tenants", type=int, default=10_000, help="half in tenants.yaml, half made "
@@ -122,6 +122,12 @@ def main(argv: list[str] | None = None) -> None:
     console_bench.add_argument("--rounds", type=int, default=20, help="loads of each page")
     console_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
     console_bench.set_defaults(run=_bench_console)
+    ledger_bench = bench_kinds.add_parser("ledger", help="the ledger's write rate, and reports at 1 and 10 million "
+                                                         "rows")
+    ledger_bench.add_argument("--sizes", default="1000000,10000000", help="ledger sizes to time the reports at")
+    ledger_bench.add_argument("--writes", type=int, default=100_000, help="rows written to measure the write rate")
+    ledger_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
+    ledger_bench.set_defaults(run=_bench_ledger)
 
     args = parser.parse_args(argv)
     args.run(args)
@@ -291,6 +297,13 @@ def _bench_fleet(args: argparse.Namespace) -> None:
     from gateway.bench.fleet import run_fleet_benchmark
 
     run_fleet_benchmark(requests=args.requests, rate=args.rate, output=args.output)
+
+
+def _bench_ledger(args: argparse.Namespace) -> None:
+    from gateway.bench.ledger import run_ledger_benchmark
+
+    sizes = tuple(int(size) for size in args.sizes.split(","))
+    run_ledger_benchmark(sizes=sizes, writes=args.writes, output=args.output)
 
 
 def _bench_console(args: argparse.Namespace) -> None:

@@ -56,14 +56,14 @@ def run_console_benchmark(rows: int = 100_000, rounds: int = 20, output: Path | 
         env = {**os.environ, "GATEWAY_ADMIN_KEY": ADMIN_KEY, "REDIS_URL": stores.start_redis(),
                "DATABASE_URL": database_url, "GATEWAY_DATA_DIR": str(workdir / "data")}
         tenant_key = generate_key()
-        config = _config(workdir / "config", tenant_key)
+        config = make_config(workdir / "config", tenant_key)
         port = free_port()
         gateway = _start(config, port, env, workdir / "gateway.log")  # it makes the ledger's tables
         print(f"  writing {rows:,} ledger rows...", file=sys.stderr, flush=True)
         started = time.perf_counter()
-        asyncio.run(_fill(database_url, rows))
+        asyncio.run(fill(database_url, 0, rows))
         fill_seconds = time.perf_counter() - started
-        pages = asyncio.run(_time_pages(port, tenant_key, rounds))
+        pages = asyncio.run(time_pages(port, _pages(tenant_key), rounds))
         report = {"ledger_rows": rows, "tenants": TENANTS, "rounds": rounds,
                   "rows_written_seconds": round(fill_seconds, 1), "pages_ms": pages,
                   "slowest_page_p95_ms": max(page["p95"] for page in pages.values())}
@@ -80,7 +80,8 @@ def run_console_benchmark(rows: int = 100_000, rounds: int = 20, output: Path | 
     return report
 
 
-def _config(folder: Path, tenant_key: str) -> Path:
+def make_config(folder: Path, tenant_key: str) -> Path:
+    """100 tenants (tenant-000 has ``tenant_key``) and five models on the built-in simulator."""
     folder.mkdir(parents=True)
     models = {"defaults": {"reference_model": "gpt-4o"},
               "models": {name: {"size": "small" if "mini" in name or "8b" in name else "large",
@@ -96,11 +97,12 @@ def _config(folder: Path, tenant_key: str) -> Path:
     return folder
 
 
-async def _fill(database_url: str, rows: int, batch: int = 100_000) -> None:
+async def fill(database_url: str, first: int, rows: int, batch: int = 100_000) -> None:
+    """Generated ledger rows ``first`` to ``first + rows`` (request ids bench-N), over this month so far."""
     connection = await asyncpg.connect(database_url)
     try:
-        for first in range(0, rows, batch):
-            await connection.execute(_FILL, first, TENANTS, list(MODELS), min(batch, rows - first))
+        for start in range(first, first + rows, batch):
+            await connection.execute(_FILL, start, TENANTS, list(MODELS), min(batch, first + rows - start))
         await connection.execute("ANALYZE usage_ledger")
     finally:
         await connection.close()
@@ -123,7 +125,8 @@ def _pages(tenant_key: str) -> dict[str, tuple[str, list[str]]]:
     }
 
 
-async def _time_pages(port: int, tenant_key: str, rounds: int) -> dict[str, dict]:
+async def time_pages(port: int, pages: dict[str, tuple[str, list[str]]], rounds: int) -> dict[str, dict]:
+    """Median and 95th percentile milliseconds of each page: its calls made at once, done when the last answers."""
     base = f"http://127.0.0.1:{port}"
     results: dict[str, dict] = {}
     async with aiohttp.ClientSession() as session:
@@ -133,7 +136,7 @@ async def _time_pages(port: int, tenant_key: str, rounds: int) -> dict[str, dict
                 if answer.status != 200:
                     raise SystemExit(f"{path}: {answer.status}")
 
-        for name, (key, paths) in _pages(tenant_key).items():
+        for name, (key, paths) in pages.items():
             await asyncio.gather(*(get(path, key) for path in paths))  # warm: connections, plans
             times = []
             for _ in range(rounds):
