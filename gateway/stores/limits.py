@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 from gateway.config.types import ApiKey, Tenant
 from gateway.observability import metrics
-from gateway.stores.resp import Redis, ReplyError, Script, bulk, pack
+from gateway.stores.redis_client import redis_client
+from gateway.stores.resp import ReplyError, Script, bulk, pack
 
 log = logging.getLogger("gateway.limits")
 
@@ -209,7 +210,7 @@ def _window(name: str, key: str, limit: int | None, kind: str, seconds: int) -> 
 
 class Limiter:
     def __init__(self, url: str) -> None:
-        self.client = Redis(url, connect_timeout=0.5, timeout=1.0)
+        self.client = redis_client(url, connect_timeout=0.5, timeout=1.0)
         self._admit = Script(_ADMIT)
         self._settle = Script(_SETTLE)
         self._down_until = 0.0

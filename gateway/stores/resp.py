@@ -115,6 +115,19 @@ class _Protocol(asyncio.Protocol):
             self.transport.abort()
 
 
+_TCP_SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
+_TLS_SCHEMES = ("rediss", "rediss+sentinel")
+
+
+def _database(parsed) -> str:
+    if parsed.scheme == "unix":
+        return ""
+    if parsed.scheme.endswith("+sentinel"):  # /<service name>[/<db>]
+        parts = parsed.path.strip("/").split("/")
+        return parts[1] if len(parts) > 1 else ""
+    return parsed.path.strip("/")
+
+
 class Script:
     def __init__(self, source: str) -> None:
         self.source = source
@@ -138,29 +151,40 @@ class Redis:
         async with self._connecting:
             if self._protocol is not None and not self._protocol.closed:
                 return self._protocol
-            loop = asyncio.get_running_loop()
             parsed = urlparse(self.url)
-            try:
-                async with asyncio.timeout(self.connect_timeout):
-                    make = lambda: _Protocol(self.timeout)  # noqa: E731
-                    if parsed.scheme == "unix":
-                        _, protocol = await loop.create_unix_connection(make, parsed.path)
-                    elif parsed.scheme in ("redis", "rediss"):
-                        context = ssl.create_default_context() if parsed.scheme == "rediss" else None
-                        _, protocol = await loop.create_connection(
-                            make, parsed.hostname or "127.0.0.1", parsed.port or 6379, ssl=context)
-                    else:
-                        raise ValueError(f"unsupported Redis URL scheme '{parsed.scheme}'")
-            except (OSError, asyncio.TimeoutError) as exc:
-                raise RedisUnavailable(f"cannot connect to Redis at {parsed.hostname}:{parsed.port}: {exc}") from None
-            self._protocol = protocol
-            if parsed.password:
-                user = unquote(parsed.username) if parsed.username else None
-                await self.execute("AUTH", *([user] if user else []), unquote(parsed.password))
-            database = parsed.path.strip("/") if parsed.scheme != "unix" else ""
-            if database and database != "0":
-                await self.execute("SELECT", database)
-            return protocol
+            host, port = await self._address(parsed)
+            self._protocol = await self._open(parsed, host, port)
+            await self._hello(parsed)
+            return self._protocol
+
+    async def _address(self, parsed) -> tuple[str, int]:
+        """Where the server is: the URL's host and port (a Sentinel client asks the Sentinels)."""
+        return parsed.hostname or "127.0.0.1", parsed.port or 6379
+
+    async def _open(self, parsed, host: str, port: int) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                make = lambda: _Protocol(self.timeout)  # noqa: E731
+                if parsed.scheme == "unix":
+                    _, protocol = await loop.create_unix_connection(make, parsed.path)
+                elif parsed.scheme in _TCP_SCHEMES:
+                    context = ssl.create_default_context() if parsed.scheme in _TLS_SCHEMES else None
+                    _, protocol = await loop.create_connection(make, host, port, ssl=context)
+                else:
+                    raise ValueError(f"unsupported Redis URL scheme '{parsed.scheme}'")
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise RedisUnavailable(f"cannot connect to Redis at {host}:{port}: {exc}") from None
+        return protocol
+
+    async def _hello(self, parsed) -> None:
+        """AUTH and SELECT from the URL, on a new connection."""
+        if parsed.password:
+            user = unquote(parsed.username) if parsed.username else None
+            await self.execute("AUTH", *([user] if user else []), unquote(parsed.password))
+        database = _database(parsed)
+        if database and database != "0":
+            await self.execute("SELECT", database)
 
     async def execute(self, *args: Any) -> Any:
         return await self.send_packed(pack(args))
@@ -172,8 +196,16 @@ class Redis:
         protocol.send(command, future)
         reply = await future
         if isinstance(reply, ReplyError):
+            self._on_error(reply)
             raise reply
         return reply
+
+    def _on_error(self, error: ReplyError) -> None:
+        """An error reply that says this connection is to the wrong server (a master demoted to a replica, or
+        loading) drops it: the next command connects anew."""
+        if str(error).startswith(("READONLY", "LOADING", "MASTERDOWN")) and self._protocol is not None:
+            self._protocol.abort(RedisUnavailable(str(error)))
+            self._protocol = None
 
     def run_packed_nowait(self, script: Script, command: bytes, on_error) -> None:
         """Run an EVALSHA of ``script`` already in RESP form whose answer nobody waits for; ``on_error(exc)`` hears
@@ -192,6 +224,8 @@ class Redis:
             error = future.exception() if not future.cancelled() else None
             if error is None and isinstance(future.result(), ReplyError):
                 error = future.result()
+            if isinstance(error, ReplyError):
+                self._on_error(error)
             if isinstance(error, ReplyError) and str(error).startswith("NOSCRIPT"):
                 the_long_way()
             elif error is not None:
