@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--baseline", type=Path, help="a checkout of another version of the gateway: its core and "
                                                      "whole gateway are measured in the same run, interleaved")
     bench.set_defaults(run=_bench)
-    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="[tenants | fleet | providers | console | ledger]")
+    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="[tenants | fleet | providers | console | ledger | redis]")
     tenants_bench = bench_kinds.add_parser("tenants", help="admin writes, reloads, idle CPU, memory and the request "
                                                            "path with many tenants")
     tenants_bench.add_argument("--tenants", type=int, default=10_000, help="half in tenants.yaml, half made "
@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> None:
     ledger_bench.add_argument("--writes", type=int, default=100_000, help="rows written to measure the write rate")
     ledger_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
     ledger_bench.set_defaults(run=_bench_ledger)
+    redis_bench = bench_kinds.add_parser("redis", help="the request path on one Redis and on a Redis Cluster")
+    redis_bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    redis_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
+    redis_bench.set_defaults(run=_bench_redis)
 
     args = parser.parse_args(argv)
     args.run(args)
@@ -297,6 +301,12 @@ def _bench_fleet(args: argparse.Namespace) -> None:
     from gateway.bench.fleet import run_fleet_benchmark
 
     run_fleet_benchmark(requests=args.requests, rate=args.rate, output=args.output)
+
+
+def _bench_redis(args: argparse.Namespace) -> None:
+    from gateway.bench.redis_modes import run_redis_benchmark
+
+    run_redis_benchmark(duration=args.duration, output=args.output)
 
 
 def _bench_ledger(args: argparse.Namespace) -> None:
