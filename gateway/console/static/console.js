@@ -126,6 +126,8 @@ const ADMIN_PAGES = [["overview", "Overview"], ["tenants", "Tenants"], ["request
                      ["fleet", "Fleet"], ["health", "Health"]];
 const TENANT_PAGES = [["account", "Account"], ["usage", "Usage"]];
 
+render.generation = 0;
+
 function render() {
   const signedIn = Boolean(state.role);
   $("login").hidden = signedIn;
@@ -141,10 +143,12 @@ function render() {
   const view = $("view");
   view.replaceChildren(el("p", { class: "muted", text: "Loading…" }));
   const draw = (state.role === "admin" ? ADMIN_VIEWS : TENANT_VIEWS)[page] || (() => el("p", { text: "No such page." }));
+  const generation = ++render.generation;  // a page still loading when another is opened is dropped
   Promise.resolve(draw(rest.map(decodeURIComponent))).then((content) => {
+    if (generation !== render.generation) return;
     view.replaceChildren(content);
     view.dataset.page = page;
-  }).catch((error) => view.replaceChildren(failure(error)));
+  }).catch((error) => { if (generation === render.generation) view.replaceChildren(failure(error)); });
 }
 
 // ---------- usage and routing, shared by the admin and tenant views ----------
