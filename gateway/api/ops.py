@@ -72,7 +72,9 @@ def build_ops_app(readiness: Callable[[], dict[str, bool]], stores: Callable[[],
         """FastAPI's 422 for a bad body becomes OpenAI's 400 naming the field."""
         problems = exc.errors()
         first = problems[0] if problems else {"loc": (), "msg": "invalid request"}
-        location = [str(part) for part in first.get("loc", ()) if part not in ("body", "query", "path")]
+        location = [str(part) for part in first.get("loc", ())]
+        if location and location[0] in ("body", "query", "path", "header"):  # where it was, not which field
+            location = location[1:]
         param = ".".join(location) or None
         message = first.get("msg", "invalid request").removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
