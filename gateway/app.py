@@ -12,6 +12,7 @@ from gateway.api.admin import build_admin_router
 from gateway.api.cors import Cors
 from gateway.api.fleet import build_fleet_router
 from gateway.api.reports import build_reports_router
+from gateway.api.retrieval import build_retrieval_router
 from gateway.api.router_admin import build_router_admin
 from gateway.api.guard import AdminAuth, BodyGuard
 from gateway.api.identity import RequestIdentity
@@ -24,6 +25,11 @@ from gateway.observability.logs import setup_logging
 from gateway.pipeline import build_pipeline
 from gateway.upstreams.select import DeploymentSelector
 from gateway.settings import Settings
+from gateway.retrieval.calls import InternalCalls
+from gateway.retrieval.catalog import Catalog
+from gateway.retrieval.embed_app import Embedder
+from gateway.retrieval.service import Retrieval
+from gateway.retrieval.vectors import Vectors
 from gateway.sim.server import EmbeddedSimulator
 from gateway.sim.settings import SimSettings
 from gateway.pipeline import tokens
@@ -61,13 +67,15 @@ class Gateway:
         self._share_keeper: asyncio.Task | None = None
         self._partition_keeper: asyncio.Task | None = None
         self.shares = ShareKeeper()  # thresholds kept at a target share of large-model calls
+        self.retrieval: Retrieval | None = None  # files, vector stores, chats with retrieval (needs PostgreSQL)
         self.selector = DeploymentSelector()  # deployments' failures and cooldowns, shown by /api/v1/status
         self.admin_auth = AdminAuth(lambda: self.config.current, settings.admin_key, settings.stateless)
         self.ops = build_ops_app(self.readiness, self.store_status,
                                  [build_admin_router(self), build_fleet_router(self), build_router_admin(self),
-                                  build_reports_router(self)],
+                                  build_reports_router(self), build_retrieval_router(self)],
                                  self._choices)
-        self._off_hot_path = BodyGuard(self.ops, self.admin_auth, settings.max_admin_body_bytes)
+        self._off_hot_path = BodyGuard(self.ops, self.admin_auth, settings.max_admin_body_bytes,
+                                       settings.max_body_bytes)
         self._http = RequestIdentity(Cors(self._dispatch, self._cors_origins),
                                      lambda scope: self.routes.answers_for_itself(scope))
         self._origins: tuple[object, frozenset[str]] = (None, frozenset())
@@ -155,7 +163,8 @@ class Gateway:
         settings = self.settings
         if settings.builtin_simulator:
             self.simulator = EmbeddedSimulator(
-                SimSettings(ttft_ms=settings.simulator_ttft_ms, itl_ms=settings.simulator_itl_ms)
+                SimSettings(ttft_ms=settings.simulator_ttft_ms, itl_ms=settings.simulator_itl_ms),
+                mounts={"/embedder": Embedder()},  # builtin:embedder, the embedded embedding model
             )
             await self.simulator.start()
         if not settings.stateless:
@@ -177,6 +186,13 @@ class Gateway:
             fleet=lambda: self.fleet, providers=lambda: self.providers, shares=self.shares, selector=self.selector,
         )
         self.routes = OpenAIRoutes(self.config, pipeline)
+        if self.directory is not None:
+            self.retrieval = Retrieval(
+                Catalog(self.directory.pool_for_reports),
+                Vectors(path=settings.data_dir / "qdrant", url=settings.qdrant_url, api_key=settings.qdrant_api_key),
+                InternalCalls(lambda: pipeline, lambda: self.config.current), settings.retrieval_model,
+                lambda: self.config.current)
+            self.retrieval.start()
         self._watcher = asyncio.create_task(self.config.watch(settings.reload_interval))
         self._share_keeper = asyncio.create_task(self._keep_shares(settings.share_interval))
         if self.directory is not None:
@@ -246,6 +262,8 @@ class Gateway:
         for task in (self._share_keeper, self._partition_keeper):
             if task is not None:
                 task.cancel()
+        if self.retrieval is not None:
+            await self.retrieval.close()  # indexing jobs stop (taken up again by the next start)
         if self.fleet is not None:
             await self.fleet.close()
         if self.ledger is not None:

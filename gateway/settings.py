@@ -50,6 +50,9 @@ class Settings:
     redis_failure_mode: str = "open"
     ledger_batch_size: int = 500
     ledger_flush_seconds: float = 0.2
+    qdrant_url: str | None = None  # a Qdrant server; unset: qdrant-client's local mode in data_dir/qdrant
+    qdrant_api_key: str | None = None
+    retrieval_model: str = "all-minilm-l6-v2"  # the embedding model of vector stores and chats with retrieval
     ledger_retention_days: int = 0  # days of ledger rows kept (whole daily partitions dropped after); 0 keeps all
     ledger_partitions_ahead: int = 7  # days of partitions made ahead
     # A pass-through gateway: keys, model access, logs and metrics, but no limits, ledger or admin API,
@@ -97,6 +100,9 @@ class Settings:
             ledger_batch_size=get("LEDGER_BATCH_SIZE", int, default.ledger_batch_size),
             ledger_flush_seconds=get("LEDGER_FLUSH_SECONDS", float, default.ledger_flush_seconds),
             ledger_retention_days=get("LEDGER_RETENTION_DAYS", int, default.ledger_retention_days),
+            qdrant_url=env.get("QDRANT_URL") or None,
+            qdrant_api_key=env.get("QDRANT_API_KEY") or None,
+            retrieval_model=get("RETRIEVAL_MODEL", str, default.retrieval_model),
             ledger_partitions_ahead=get("LEDGER_PARTITIONS_AHEAD", int, default.ledger_partitions_ahead),
             admin_key=env.get("GATEWAY_ADMIN_KEY") or None,
             stateless=get("STATELESS", _flag, default.stateless),

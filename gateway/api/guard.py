@@ -58,11 +58,15 @@ def stateless_gateway() -> GatewayError:
                              "its own.", type="server_error", code="stateless_gateway")
 
 
+UPLOADS = frozenset(("/v1/files", "/files"))  # multipart bodies, as large as the request path allows
+
+
 class BodyGuard:
-    def __init__(self, app, admin: AdminAuth, limit: int) -> None:
+    def __init__(self, app, admin: AdminAuth, limit: int, upload_limit: int | None = None) -> None:
         self.app = app
         self.admin = admin
         self.limit = limit
+        self.upload_limit = upload_limit or limit
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,12 +86,14 @@ class BodyGuard:
         await self.app(scope, receive, send)
 
     async def _buffered(self, scope: Scope, receive: Receive) -> Receive:
+        upload = scope["path"] in UPLOADS
+        limit = self.upload_limit if upload else self.limit
         try:
-            body = await read_body(receive, self.limit, header(scope, b"content-length"))
+            body = await read_body(receive, limit, header(scope, b"content-length"))
         except BodyTooLarge:
-            raise GatewayError(413, f"The request body is larger than this route's limit of {self.limit} bytes.",
+            raise GatewayError(413, f"The request body is larger than this route's limit of {limit} bytes.",
                                code="request_too_large") from None
-        if body:
+        if body and not upload:  # an upload keeps its multipart content type
             scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [
                 (b"content-type", b"application/json")]
         sent = False

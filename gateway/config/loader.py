@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 
-from gateway.config.schema import (BUILTIN_SIMULATOR, FLEET_PREFIX, VIA_LITELLM, KeyLimitsSpec, LimitsSpec, ModelsFile, TenantSpec,
+from gateway.config.schema import (BUILTIN_EMBEDDER, BUILTIN_SIMULATOR, FLEET_PREFIX, VIA_LITELLM, KeyLimitsSpec, LimitsSpec, ModelsFile, TenantSpec,
                                    TenantsFile)
 from gateway.config.routing import compile_router, tenant_routes
 from gateway.config.tiers import BUILTIN_TIERS
@@ -323,6 +323,10 @@ def _compile_models(
                 if simulator_url is None:
                     reason = "the built-in simulator is not running"
                 api_base = f"{simulator_url}/v1" if simulator_url else api_base
+            elif api_base == BUILTIN_EMBEDDER:  # served on the same built-in loopback server
+                if simulator_url is None:
+                    reason = "the gateway's built-in servers are off (GATEWAY_BUILTIN_SIMULATOR=0)"
+                api_base = f"{simulator_url}/embedder/v1" if simulator_url else api_base
             elif not re.match(r"^https?://", api_base):
                 reason = f"api_base '{api_base}' is not an http(s) URL"
             deployments.append(

@@ -13,6 +13,7 @@ from pydantic.fields import FieldInfo
 from gateway.config.types import FallbackPolicy
 
 BUILTIN_SIMULATOR = "builtin:simulator"
+BUILTIN_EMBEDDER = "builtin:embedder"  # the embedded embedding model (all-MiniLM-L6-v2), served by the gateway
 FLEET_PREFIX = "fleet:"  # api_base: fleet:<pool> sends a deployment's requests to a pool of vLLM nodes
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
 TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
@@ -136,11 +137,11 @@ class DeploymentSpec(Strict):
     @field_validator("api_base")
     @classmethod
     def _api_base(cls, value: str | None) -> str | None:
-        if value is None or value == BUILTIN_SIMULATOR or value.startswith("${") or value.startswith(FLEET_PREFIX):
+        if value is None or value in (BUILTIN_SIMULATOR, BUILTIN_EMBEDDER) or value.startswith(("${", FLEET_PREFIX)):
             return value
         if not re.match(r"^https?://", value):
-            raise ValueError(f"must start with http:// or https:// (or be {BUILTIN_SIMULATOR} or fleet:<pool>), "
-                             f"got '{value}'")
+            raise ValueError(f"must start with http:// or https:// (or be {BUILTIN_SIMULATOR}, {BUILTIN_EMBEDDER} or "
+                             f"fleet:<pool>), got '{value}'")
         return value.rstrip("/")
 
     @model_validator(mode="after")

@@ -35,6 +35,11 @@ def presented_key(scope: Scope) -> str:
     raise missing_api_key()
 
 
+# Scope key of a request the gateway makes itself on a tenant's behalf (embeddings for retrieval): the tenant and
+# key it was made for. Only code in this process can set it; no HTTP request carries it.
+INTERNAL_CALLER = "gateway.internal_caller"
+
+
 def identify(scope: Scope, config: GatewayConfig) -> tuple[Tenant, ApiKey]:
     key = presented_key(scope)
     record = config.keys.get(hashlib.sha256(key.encode("latin-1")).hexdigest())
@@ -73,6 +78,10 @@ class Authenticate:
         self.store = store
 
     async def __call__(self, ctx: RequestContext) -> None:
+        internal = ctx.scope.get(INTERNAL_CALLER)
+        if internal is not None:  # a call the gateway makes itself, for a tenant it already knows
+            ctx.tenant, ctx.api_key = internal
+            return
         try:
             ctx.tenant, ctx.api_key = identify(ctx.scope, ctx.config)
         except GatewayError as error:

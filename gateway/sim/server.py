@@ -42,6 +42,25 @@ class _FleetServer(uvicorn.Server):
             uvicorn.Server.handle_exit(server, sig, frame)
 
 
+class _Mounted:
+    """The simulator, with other apps under path prefixes (the gateway's embedder at /embedder)."""
+
+    def __init__(self, app, mounts: dict) -> None:
+        self.app = app
+        self.mounts = mounts
+
+    def __getattr__(self, name: str):
+        return getattr(self.app, name)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            for prefix, mounted in self.mounts.items():
+                if scope["path"].startswith(prefix + "/"):
+                    await mounted({**scope, "path": scope["path"][len(prefix):]}, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
 class _QuietServer(uvicorn.Server):
     """A server that lives inside another: it leaves signals and log levels to the host server."""
 
@@ -53,8 +72,8 @@ class _QuietServer(uvicorn.Server):
 class EmbeddedSimulator:
     """A simulator on an ephemeral loopback port of the current event loop."""
 
-    def __init__(self, settings: SimSettings | None = None) -> None:
-        self.app = Simulator(settings)
+    def __init__(self, settings: SimSettings | None = None, mounts: dict | None = None) -> None:
+        self.app = _Mounted(Simulator(settings), mounts or {})
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind(("127.0.0.1", 0))

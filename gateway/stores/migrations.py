@@ -136,6 +136,43 @@ MIGRATIONS: tuple[str, ...] = (
     END
     $migrate$;
     """ + rollups.TABLES + rollups.backfill() + rollups.trigger(),
+    # 10: retrieval: tenants' files, vector stores and the files in them (their vectors live in Qdrant), and what a
+    # chat with retrieval read, in its ledger row
+    """
+    CREATE TABLE retrieval_files (
+        tenant_id text NOT NULL,
+        id text NOT NULL,
+        filename text NOT NULL,
+        purpose text NOT NULL,
+        bytes integer NOT NULL,
+        content bytea NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (tenant_id, id)
+    );
+    CREATE TABLE vector_stores (
+        tenant_id text NOT NULL,
+        id text NOT NULL,
+        name text,
+        metadata jsonb,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (tenant_id, id)
+    );
+    CREATE TABLE vector_store_files (
+        tenant_id text NOT NULL,
+        store_id text NOT NULL,
+        file_id text NOT NULL,
+        status text NOT NULL,
+        last_error text,
+        chunks integer NOT NULL DEFAULT 0,
+        claimed_at timestamptz,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (tenant_id, store_id, file_id),
+        FOREIGN KEY (tenant_id, store_id) REFERENCES vector_stores ON DELETE CASCADE,
+        FOREIGN KEY (tenant_id, file_id) REFERENCES retrieval_files ON DELETE CASCADE
+    );
+    ALTER TABLE usage_ledger ADD COLUMN retrieval jsonb;
+    """,
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations

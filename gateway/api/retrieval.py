@@ -1,0 +1,233 @@
+"""OpenAI's Files and Vector Stores routes, for a tenant's own key: upload a document, put it in a vector store (it
+is chunked and embedded off the request path), list, read, delete, and search a store by meaning.
+
+Every id is looked up with the caller's tenant: another tenant's file or store is a 404, as an unknown one is.
+Uploads are ``multipart/form-data`` as OpenAI's SDKs send them (``file`` and ``purpose``); text, Markdown, HTML and
+PDF files are read.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response
+from pydantic import Field, StrictInt
+
+from gateway.api.admin import USAGE_ERRORS
+from gateway.api.guard import stateless_gateway
+from gateway.config.schema import TEXT_PATTERN, Strict
+from gateway.errors import GatewayError
+from gateway.pipeline.auth import identify
+from gateway.retrieval import documents
+from gateway.retrieval.catalog import link_view
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+MAX_RESULTS = 50
+
+
+class StoreIn(Strict):
+    name: str | None = Field(None, max_length=256, pattern=TEXT_PATTERN)
+    file_ids: list[str] = Field(default_factory=list, max_length=500)
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+
+
+class StoreFileIn(Strict):
+    file_id: str = Field(pattern=ID_PATTERN)
+
+
+class SearchIn(Strict):
+    query: str = Field(min_length=1, max_length=4000, pattern=TEXT_PATTERN)
+    max_num_results: StrictInt = Field(10, ge=1, le=MAX_RESULTS)
+
+
+def build_retrieval_router(gateway: "Gateway") -> APIRouter:
+    router = APIRouter(tags=["retrieval"], responses=USAGE_ERRORS)
+
+    def caller(request: Request):
+        tenant, key = identify(request.scope, gateway.config.current)
+        if gateway.retrieval is None:
+            raise stateless_gateway() if gateway.directory is None else GatewayError(
+                503, "Retrieval is off on this gateway.", type="server_error", code="retrieval_unavailable")
+        return tenant, key
+
+    async def own_store(tenant_id: str, store_id: str) -> dict:
+        store = await gateway.retrieval.catalog.store(tenant_id, store_id)
+        if store is None:
+            raise GatewayError(404, f"No vector store found with id '{store_id}'.", type="not_found_error",
+                               code="vector_store_not_found")
+        return store
+
+    async def own_file(tenant_id: str, file_id: str, with_content: bool = False) -> dict:
+        found = await gateway.retrieval.catalog.file(tenant_id, file_id, with_content)
+        if found is None:
+            raise GatewayError(404, f"No such File object: {file_id}", type="not_found_error", param="file_id",
+                               code="file_not_found")
+        return found
+
+    @router.post("/v1/files")
+    async def upload(request: Request) -> dict:
+        """Upload a document (multipart/form-data: ``file``, ``purpose``): .txt, .md, .html or .pdf."""
+        tenant, _ = caller(request)
+        fields = _multipart(request.headers.get("content-type", ""), await request.body())
+        upload = fields.get("file")
+        if upload is None or upload[0] is None:
+            raise GatewayError(400, "The upload needs a 'file' part with a filename.", param="file")
+        filename, content = upload
+        purpose = (fields.get("purpose") or (None, b""))[1].decode(errors="replace").strip()
+        if not purpose or len(purpose) > 64:
+            raise GatewayError(400, "'purpose' is required (for example 'assistants').", param="purpose")
+        if "\x00" in filename or not filename.strip() or len(filename) > 255:
+            raise GatewayError(400, "The file's name must be 1 to 255 characters, without NUL.", param="file")
+        if documents.kind_of(filename) is None:
+            raise GatewayError(400, f"'{filename}' is not a kind of file this gateway reads: use "
+                                    f"{', '.join(sorted(documents.KINDS))}.", param="file", code="unsupported_file")
+        if not content:
+            raise GatewayError(400, "The file is empty.", param="file", code="empty_file")
+        return await gateway.retrieval.catalog.add_file(tenant.id, filename, purpose, content)
+
+    @router.get("/v1/files")
+    async def list_files(request: Request, limit: int = Query(100, ge=1, le=10_000),
+                         after: str | None = Query(None, pattern=ID_PATTERN)) -> dict:
+        tenant, _ = caller(request)
+        return _page(await gateway.retrieval.catalog.files(tenant.id, limit, after), limit)
+
+    @router.get("/v1/files/{file_id}")
+    async def get_file(request: Request, file_id: str) -> dict:
+        tenant, _ = caller(request)
+        return await own_file(tenant.id, file_id)
+
+    @router.get("/v1/files/{file_id}/content", response_class=Response)
+    async def file_content(request: Request, file_id: str) -> Response:
+        tenant, _ = caller(request)
+        found = await own_file(tenant.id, file_id, with_content=True)
+        return Response(found["content"], media_type="application/octet-stream")
+
+    @router.delete("/v1/files/{file_id}")
+    async def delete_file(request: Request, file_id: str) -> dict:
+        """Delete a file, and its chunks from every store it was in."""
+        tenant, _ = caller(request)
+        if not await gateway.retrieval.delete_file(tenant.id, file_id):
+            await own_file(tenant.id, file_id)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    @router.post("/v1/vector_stores")
+    async def create_store(request: Request, body: StoreIn) -> dict:
+        tenant, _ = caller(request)
+        for file_id in body.file_ids:
+            await own_file(tenant.id, file_id)
+        store_id = await gateway.retrieval.catalog.add_store(tenant.id, body.name, body.metadata)
+        for file_id in body.file_ids:
+            await gateway.retrieval.attach(tenant.id, store_id, file_id)
+        return await own_store(tenant.id, store_id)
+
+    @router.get("/v1/vector_stores")
+    async def list_stores(request: Request, limit: int = Query(20, ge=1, le=100),
+                          after: str | None = Query(None, pattern=ID_PATTERN)) -> dict:
+        tenant, _ = caller(request)
+        return _page(await gateway.retrieval.catalog.stores(tenant.id, limit, after), limit)
+
+    @router.get("/v1/vector_stores/{store_id}")
+    async def get_store(request: Request, store_id: str) -> dict:
+        tenant, _ = caller(request)
+        return await own_store(tenant.id, store_id)
+
+    @router.delete("/v1/vector_stores/{store_id}")
+    async def delete_store(request: Request, store_id: str) -> dict:
+        """Delete a store and its chunks (its files stay)."""
+        tenant, _ = caller(request)
+        if not await gateway.retrieval.delete_store(tenant.id, store_id):
+            await own_store(tenant.id, store_id)
+        return {"id": store_id, "object": "vector_store.deleted", "deleted": True}
+
+    @router.post("/v1/vector_stores/{store_id}/files")
+    async def add_store_file(request: Request, store_id: str, body: StoreFileIn) -> dict:
+        """Put a file in a store: it is indexed off the request path; follow ``status``."""
+        tenant, _ = caller(request)
+        await own_store(tenant.id, store_id)
+        await own_file(tenant.id, body.file_id)
+        await gateway.retrieval.attach(tenant.id, store_id, body.file_id)
+        return link_view(await gateway.retrieval.catalog.link(tenant.id, store_id, body.file_id))
+
+    @router.get("/v1/vector_stores/{store_id}/files")
+    async def list_store_files(request: Request, store_id: str, limit: int = Query(20, ge=1, le=100),
+                               after: str | None = Query(None, pattern=ID_PATTERN),
+                               filter: str | None = Query(None, pattern="^(in_progress|completed|failed|cancelled)$")
+                               ) -> dict:
+        tenant, _ = caller(request)
+        await own_store(tenant.id, store_id)
+        rows = await gateway.retrieval.catalog.links(tenant.id, store_id, filter, limit, after)
+        return _page([link_view(row) for row in rows], limit)
+
+    @router.get("/v1/vector_stores/{store_id}/files/{file_id}")
+    async def get_store_file(request: Request, store_id: str, file_id: str) -> dict:
+        tenant, _ = caller(request)
+        link = await gateway.retrieval.catalog.link(tenant.id, store_id, file_id)
+        if link is None:
+            await own_store(tenant.id, store_id)
+            raise GatewayError(404, f"No file '{file_id}' in vector store '{store_id}'.", type="not_found_error",
+                               code="file_not_found")
+        return link_view(link)
+
+    @router.delete("/v1/vector_stores/{store_id}/files/{file_id}")
+    async def remove_store_file(request: Request, store_id: str, file_id: str) -> dict:
+        """Take a file out of a store, with its chunks (the file stays)."""
+        tenant, _ = caller(request)
+        if not await gateway.retrieval.detach(tenant.id, store_id, file_id):
+            await own_store(tenant.id, store_id)
+            raise GatewayError(404, f"No file '{file_id}' in vector store '{store_id}'.", type="not_found_error",
+                               code="file_not_found")
+        return {"id": file_id, "object": "vector_store.file.deleted", "deleted": True}
+
+    @router.post("/v1/vector_stores/{store_id}/search")
+    async def search(request: Request, store_id: str, body: SearchIn) -> dict:
+        """The chunks of the store nearest in meaning to ``query``, best first, with their file and score."""
+        tenant, key = caller(request)
+        store = await own_store(tenant.id, store_id)
+        _ready(store)
+        hits = await gateway.retrieval.search(tenant, key, [store_id], body.query, body.max_num_results)
+        return {"object": "vector_store.search_results.page", "search_query": body.query, "has_more": False,
+                "next_page": None,
+                "data": [{"file_id": h.file_id, "filename": h.filename, "score": round(h.score, 6),
+                          "attributes": {"chunk": h.chunk}, "content": [{"type": "text", "text": h.text}]}
+                         for h in hits]}
+
+    return router
+
+
+def _ready(store: dict) -> None:
+    """A store with files still being indexed is not searched: its answers would change under the caller."""
+    waiting = store["file_counts"]["in_progress"]
+    if waiting:
+        raise GatewayError(409, f"Vector store '{store['id']}' is still indexing {waiting} file(s); search it when "
+                                f"its status is 'completed'.", code="vector_store_indexing")
+
+
+def _page(rows: list[dict], limit: int) -> dict:
+    return {"object": "list", "data": rows, "first_id": rows[0]["id"] if rows else None,
+            "last_id": rows[-1]["id"] if rows else None, "has_more": len(rows) == limit}
+
+
+def _multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """The parts of a multipart/form-data body: name -> (filename, bytes)."""
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise GatewayError(400, "Upload files as multipart/form-data (the 'file' and 'purpose' fields).",
+                           code="invalid_content_type")
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not message.is_multipart():
+        raise GatewayError(400, "The multipart body cannot be read.", code="invalid_multipart")
+    fields = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name:
+            fields[name] = (part.get_filename(), part.get_payload(decode=True) or b"")
+    return fields
+
+
+__all__ = ["build_retrieval_router"]

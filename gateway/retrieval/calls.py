@@ -1,0 +1,61 @@
+"""Requests the gateway makes to itself for a tenant (the embeddings of retrieval), through the same pipeline as a
+client's: the tenant's model access, limits and budget apply, and each call has its ledger row and cost."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Callable
+
+import numpy as np
+import orjson
+
+from gateway.config.types import ApiKey, Tenant
+from gateway.errors import GatewayError
+from gateway.pipeline.auth import INTERNAL_CALLER
+from gateway.pipeline.context import RequestContext
+from gateway.pipeline.endpoints import EMBEDDINGS
+
+
+class InternalCalls:
+    def __init__(self, pipeline: Callable[[], object], config: Callable[[], object]) -> None:
+        self._pipeline = pipeline
+        self._config = config
+
+    async def embed(self, tenant: Tenant, api_key: ApiKey, model: str, texts: list[str]) -> np.ndarray:
+        """Unit vectors of ``texts`` from ``model``, billed to ``tenant``; a GatewayError as the client would get."""
+        status, answer = await self._post(tenant, api_key, "/v1/embeddings",
+                                          {"model": model, "input": texts, "encoding_format": "base64"})
+        if status != 200:
+            error = answer.get("error") or {}
+            raise GatewayError(status, f"Embedding with '{model}' failed: {error.get('message', status)}",
+                               type=error.get("type") or "server_error", code=error.get("code"))
+        rows = sorted(answer["data"], key=lambda row: row["index"])
+        vectors = np.stack([np.frombuffer(base64.b64decode(row["embedding"]), dtype=np.float32) for row in rows])
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+    async def _post(self, tenant: Tenant, api_key: ApiKey, path: str, body: dict) -> tuple[int, dict]:
+        payload = orjson.dumps(body)
+        scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
+                 "http_version": "1.1", "scheme": "http", "client": None, "server": None, "root_path": "",
+                 INTERNAL_CALLER: (tenant, api_key)}
+        sent = False
+        answer: dict = {"status": 0, "body": bytearray()}
+
+        async def receive() -> dict:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": payload, "more_body": False}
+            await asyncio.Event().wait()  # never disconnects
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                answer["status"] = message["status"]
+            elif message["type"] == "http.response.body":
+                answer["body"] += message.get("body", b"")
+
+        await self._pipeline().run(RequestContext(scope, receive, send, self._config(), EMBEDDINGS))
+        return answer["status"], orjson.loads(bytes(answer["body"]) or b"{}")

@@ -1,0 +1,178 @@
+"""Tenants' files and vector stores in PostgreSQL. Every query names the tenant: an id of another tenant is simply
+not found."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+
+import asyncpg
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+def _seconds(value: dt.datetime) -> int:
+    return int(value.timestamp())
+
+
+class Catalog:
+    def __init__(self, pool) -> None:
+        self._pool = pool  # an async callable giving the asyncpg pool
+
+    # files
+
+    async def add_file(self, tenant_id: str, filename: str, purpose: str, content: bytes) -> dict:
+        file_id = new_id("file-")
+        pool = await self._pool()
+        row = await pool.fetchrow(
+            "INSERT INTO retrieval_files (tenant_id, id, filename, purpose, bytes, content) VALUES ($1, $2, $3, $4, "
+            "$5, $6) RETURNING id, filename, purpose, bytes, created_at", tenant_id, file_id, filename, purpose,
+            len(content), content)
+        return file_view(row)
+
+    async def files(self, tenant_id: str, limit: int, after: str | None) -> list[dict]:
+        pool = await self._pool()
+        rows = await pool.fetch(
+            "SELECT id, filename, purpose, bytes, created_at FROM retrieval_files WHERE tenant_id = $1 "
+            "AND ($2::text IS NULL OR id > $2) ORDER BY id LIMIT $3", tenant_id, after, limit)
+        return [file_view(row) for row in rows]
+
+    async def file(self, tenant_id: str, file_id: str, with_content: bool = False) -> dict | None:
+        pool = await self._pool()
+        row = await pool.fetchrow(
+            "SELECT id, filename, purpose, bytes, created_at" + (", content" if with_content else "") +
+            " FROM retrieval_files WHERE tenant_id = $1 AND id = $2", tenant_id, file_id)
+        if row is None:
+            return None
+        view = file_view(row)
+        if with_content:
+            view["content"] = bytes(row["content"])
+        return view
+
+    async def delete_file(self, tenant_id: str, file_id: str) -> list[str] | None:
+        """The stores the file was in (its links go with it); None if there is no such file."""
+        pool = await self._pool()
+        async with pool.acquire() as connection, connection.transaction():
+            stores = await connection.fetch("SELECT store_id FROM vector_store_files WHERE tenant_id = $1 AND "
+                                            "file_id = $2", tenant_id, file_id)
+            deleted = await connection.fetchval("DELETE FROM retrieval_files WHERE tenant_id = $1 AND id = $2 "
+                                                "RETURNING id", tenant_id, file_id)
+        return None if deleted is None else [row["store_id"] for row in stores]
+
+    # stores
+
+    async def add_store(self, tenant_id: str, name: str | None, metadata: dict | None) -> str:
+        store_id = new_id("vs_")
+        pool = await self._pool()
+        await pool.execute("INSERT INTO vector_stores (tenant_id, id, name, metadata) VALUES ($1, $2, $3, $4)",
+                           tenant_id, store_id, name, None if metadata is None else json.dumps(metadata))
+        return store_id
+
+    async def store(self, tenant_id: str, store_id: str) -> dict | None:
+        pool = await self._pool()
+        row = await pool.fetchrow(_STORE + " WHERE s.tenant_id = $1 AND s.id = $2 GROUP BY s.tenant_id, s.id",
+                                  tenant_id, store_id)
+        return None if row is None else store_view(row)
+
+    async def stores(self, tenant_id: str, limit: int, after: str | None) -> list[dict]:
+        pool = await self._pool()
+        rows = await pool.fetch(_STORE + " WHERE s.tenant_id = $1 AND ($2::text IS NULL OR s.id > $2) "
+                                         "GROUP BY s.tenant_id, s.id ORDER BY s.id LIMIT $3", tenant_id, after, limit)
+        return [store_view(row) for row in rows]
+
+    async def known_stores(self, tenant_id: str, store_ids: list[str]) -> set[str]:
+        pool = await self._pool()
+        rows = await pool.fetch("SELECT id FROM vector_stores WHERE tenant_id = $1 AND id = ANY($2::text[])",
+                                tenant_id, store_ids)
+        return {row["id"] for row in rows}
+
+    async def delete_store(self, tenant_id: str, store_id: str) -> bool:
+        pool = await self._pool()
+        return await pool.fetchval("DELETE FROM vector_stores WHERE tenant_id = $1 AND id = $2 RETURNING id",
+                                   tenant_id, store_id) is not None
+
+    # files in stores
+
+    async def attach(self, tenant_id: str, store_id: str, file_id: str) -> dict:
+        pool = await self._pool()
+        row = await pool.fetchrow(
+            "INSERT INTO vector_store_files (tenant_id, store_id, file_id, status) VALUES ($1, $2, $3, 'in_progress') "
+            "ON CONFLICT (tenant_id, store_id, file_id) DO UPDATE SET status = 'in_progress', last_error = NULL, "
+            "claimed_at = NULL, updated_at = now() RETURNING *", tenant_id, store_id, file_id)
+        return dict(row)
+
+    async def link(self, tenant_id: str, store_id: str, file_id: str) -> dict | None:
+        pool = await self._pool()
+        row = await pool.fetchrow(_LINK + " WHERE l.tenant_id = $1 AND l.store_id = $2 AND l.file_id = $3",
+                                  tenant_id, store_id, file_id)
+        return None if row is None else dict(row)
+
+    async def links(self, tenant_id: str, store_id: str, status: str | None, limit: int, after: str | None) -> list:
+        pool = await self._pool()
+        rows = await pool.fetch(_LINK + " WHERE l.tenant_id = $1 AND l.store_id = $2 AND ($3::text IS NULL OR "
+                                        "l.status = $3) AND ($4::text IS NULL OR l.file_id > $4) ORDER BY l.file_id "
+                                        "LIMIT $5", tenant_id, store_id, status, after, limit)
+        return [dict(row) for row in rows]
+
+    async def detach(self, tenant_id: str, store_id: str, file_id: str) -> bool:
+        pool = await self._pool()
+        return await pool.fetchval("DELETE FROM vector_store_files WHERE tenant_id = $1 AND store_id = $2 AND "
+                                   "file_id = $3 RETURNING file_id", tenant_id, store_id, file_id) is not None
+
+    async def claim(self, older_than_seconds: float) -> list[dict]:
+        """Files waiting to be indexed that nobody works on (new, or claimed by a gateway that stopped)."""
+        pool = await self._pool()
+        rows = await pool.fetch(
+            "UPDATE vector_store_files SET claimed_at = now() WHERE status = 'in_progress' AND (claimed_at IS NULL "
+            "OR claimed_at < now() - make_interval(secs => $1)) RETURNING tenant_id, store_id, file_id",
+            older_than_seconds)
+        return [dict(row) for row in rows]
+
+    async def finish(self, tenant_id: str, store_id: str, file_id: str, status: str, chunks: int,
+                     error: str | None) -> None:
+        pool = await self._pool()
+        await pool.execute("UPDATE vector_store_files SET status = $4, chunks = $5, last_error = $6, "
+                           "updated_at = now() WHERE tenant_id = $1 AND store_id = $2 AND file_id = $3",
+                           tenant_id, store_id, file_id, status, chunks, error)
+
+
+_STORE = """
+SELECT s.id, s.name, s.metadata, s.created_at,
+       count(l.file_id) AS total,
+       count(l.file_id) FILTER (WHERE l.status = 'in_progress') AS in_progress,
+       count(l.file_id) FILTER (WHERE l.status = 'completed') AS completed,
+       count(l.file_id) FILTER (WHERE l.status = 'failed') AS failed,
+       coalesce(sum(f.bytes) FILTER (WHERE l.status = 'completed'), 0) AS usage_bytes
+FROM vector_stores s
+LEFT JOIN vector_store_files l ON l.tenant_id = s.tenant_id AND l.store_id = s.id
+LEFT JOIN retrieval_files f ON f.tenant_id = l.tenant_id AND f.id = l.file_id
+"""
+_LINK = """
+SELECT l.store_id, l.file_id, l.status, l.last_error, l.chunks, l.created_at, f.bytes, f.filename
+FROM vector_store_files l JOIN retrieval_files f ON f.tenant_id = l.tenant_id AND f.id = l.file_id
+"""
+
+
+def file_view(row) -> dict:
+    return {"id": row["id"], "object": "file", "bytes": row["bytes"], "created_at": _seconds(row["created_at"]),
+            "filename": row["filename"], "purpose": row["purpose"], "status": "processed"}
+
+
+def store_view(row) -> dict:
+    counts = {"in_progress": row["in_progress"], "completed": row["completed"], "failed": row["failed"],
+              "cancelled": 0, "total": row["total"]}
+    return {"id": row["id"], "object": "vector_store", "created_at": _seconds(row["created_at"]),
+            "name": row["name"], "usage_bytes": int(row["usage_bytes"]), "file_counts": counts,
+            "status": "in_progress" if row["in_progress"] else "completed",
+            "metadata": json.loads(row["metadata"]) if row["metadata"] else {}}
+
+
+def link_view(row: dict) -> dict:
+    error = {"code": "server_error" if row["last_error"] and row["last_error"].startswith("embedding") else
+             "invalid_file", "message": row["last_error"]} if row["status"] == "failed" else None
+    return {"id": row["file_id"], "object": "vector_store.file", "vector_store_id": row["store_id"],
+            "status": row["status"], "created_at": _seconds(row["created_at"]), "usage_bytes": row["bytes"],
+            "last_error": error, "chunks": row["chunks"]}

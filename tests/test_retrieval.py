@@ -1,0 +1,171 @@
+"""Files and vector stores through the official openai client: real embeddings from the embedded model, Qdrant's
+local mode, every id the tenant's own, bad input refused in OpenAI's shape."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import openai
+import pytest
+
+from conftest import http_request, ledger_row
+from retrieval_setup import DOCUMENTS, client, pdf_with, start, wait_indexed
+
+
+@pytest.fixture(scope="module")
+def setup(sim, tmp_path_factory):
+    gateway, keys = start(tmp_path_factory.mktemp("retrieval"), sim.url)
+    yield gateway, keys
+    gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def indexed(setup):
+    gateway, keys = setup
+    api = client(gateway, keys["acme"])
+    files = {name: api.files.create(file=(name, io.BytesIO(text.encode())), purpose="assistants")
+             for name, text in DOCUMENTS.items()}
+    files["manual.pdf"] = api.files.create(file=("manual.pdf", io.BytesIO(pdf_with(
+        "To calibrate the espresso machine, hold the steam button for five seconds."))), purpose="assistants")
+    store = api.vector_stores.create(name="Help centre", file_ids=[f.id for f in files.values()])
+    assert store.status == "in_progress" and store.file_counts.total == 4
+    store = wait_indexed(api, store.id)
+    assert store.status == "completed" and store.file_counts.completed == 4, store
+    return store, files
+
+
+def test_the_embedded_model_gives_real_embeddings(setup):
+    gateway, keys = setup
+    api = client(gateway, keys["acme"])
+    answer = api.embeddings.create(model="all-minilm-l6-v2", input=["The new movie is awesome",
+                                                                    "The new movie is so great"])
+    first, second = (item.embedding for item in answer.data)
+    assert len(first) == 384 and answer.usage.prompt_tokens > 0
+    assert sum(a * b for a, b in zip(first, second)) == pytest.approx(0.8939, abs=0.001)  # as sentence-transformers
+
+
+def test_files_are_indexed_and_searched_by_meaning(setup, indexed):
+    gateway, keys = setup
+    store, files = indexed
+    api = client(gateway, keys["acme"])
+    for question, expected in (("I forgot my login, how do I get a new one?", "passwords.md"),
+                               ("when do I get my money back if I cancel a yearly subscription", "billing.txt"),
+                               ("how far apart should vegetable plants be", "garden.html"),
+                               ("coffee machine setup", "manual.pdf")):
+        page = api.vector_stores.search(store.id, query=question, max_num_results=4)
+        assert page.data[0].filename == expected, (question, [(r.filename, r.score) for r in page.data])
+        assert page.data[0].file_id == files[expected].id and page.data[0].score > page.data[-1].score
+    html = api.vector_stores.search(store.id, query="tomatoes", max_num_results=1).data[0].content[0].text
+    assert "Tomatoes" in html and "var x" not in html and "<p>" not in html  # markup and scripts left out
+    listed = api.vector_stores.files.list(store.id)
+    assert {f.id for f in listed.data} == {f.id for f in files.values()} and all(f.status == "completed"
+                                                                                 for f in listed.data)
+
+
+def test_another_tenant_sees_nothing_of_it(setup, indexed):
+    gateway, keys = setup
+    store, files = indexed
+    other = client(gateway, keys["globex"])
+    assert other.files.list().data == [] and other.vector_stores.list().data == []
+    file_id = files["billing.txt"].id
+    for call in (lambda: other.files.retrieve(file_id), lambda: other.files.content(file_id),
+                 lambda: other.files.delete(file_id), lambda: other.vector_stores.retrieve(store.id),
+                 lambda: other.vector_stores.delete(store.id), lambda: other.vector_stores.files.list(store.id),
+                 lambda: other.vector_stores.search(store.id, query="refund"),
+                 lambda: other.vector_stores.files.create(store.id, file_id=file_id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    mine = other.vector_stores.create(name="mine")
+    with pytest.raises(openai.NotFoundError):  # attaching another tenant's file to one's own store
+        other.vector_stores.files.create(mine.id, file_id=file_id)
+    assert client(gateway, keys["acme"]).files.retrieve(file_id).filename == "billing.txt"  # still there
+
+
+def test_deleting_removes_the_vectors(setup):
+    gateway, keys = setup
+    api = client(gateway, keys["acme"])
+    kept = api.files.create(file=("kept.txt", io.BytesIO(b"Parking is free after six in the evening.")),
+                            purpose="assistants")
+    gone = api.files.create(file=("gone.txt", io.BytesIO(b"The staff canteen serves soup on Fridays.")),
+                            purpose="assistants")
+    store = api.vector_stores.create(name="short-lived", file_ids=[kept.id, gone.id])
+    wait_indexed(api, store.id)
+    assert api.vector_stores.search(store.id, query="soup", max_num_results=1).data[0].file_id == gone.id
+    assert api.files.delete(gone.id).deleted
+    assert {r.file_id for r in api.vector_stores.search(store.id, query="soup").data} == {kept.id}
+    with pytest.raises(openai.NotFoundError):
+        api.files.retrieve(gone.id)
+    api.vector_stores.files.delete(kept.id, vector_store_id=store.id)
+    assert api.vector_stores.search(store.id, query="parking").data == []
+    assert api.vector_stores.delete(store.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        api.vector_stores.retrieve(store.id)
+
+
+def test_unreadable_files_fail_with_the_reason(setup):
+    gateway, keys = setup
+    api = client(gateway, keys["acme"])
+    broken = api.files.create(file=("broken.pdf", io.BytesIO(b"%PDF-1.4 this is not really a pdf")),
+                              purpose="assistants")
+    latin = api.files.create(file=("latin.txt", io.BytesIO("café crème".encode("latin-1"))), purpose="assistants")
+    store = api.vector_stores.create(name="bad", file_ids=[broken.id, latin.id])
+    store = wait_indexed(api, store.id)
+    assert store.file_counts.failed == 2
+    errors = {f.id: f.last_error.message for f in api.vector_stores.files.list(store.id).data}
+    assert "PDF" in errors[broken.id] and "UTF-8" in errors[latin.id]
+    assert api.vector_stores.search(store.id, query="café").data == []  # nothing half-indexed
+
+
+def test_bad_input_is_refused_in_openais_shape(setup, indexed):
+    gateway, keys = setup
+    store, _ = indexed
+    api = client(gateway, keys["acme"])
+    headers = {"Authorization": f"Bearer {keys['acme']}"}
+    with pytest.raises(openai.BadRequestError, match="not a kind of file"):
+        api.files.create(file=("tool.exe", io.BytesIO(b"MZ")), purpose="assistants")
+    with pytest.raises(openai.BadRequestError, match="empty"):
+        api.files.create(file=("empty.txt", io.BytesIO(b"")), purpose="assistants")
+    status, error = http_request(gateway.port, "POST", "/v1/files", b'{"file": "x"}',
+                                 {**headers, "Content-Type": "application/json"})
+    assert status == 400 and error["error"]["code"] == "invalid_content_type"
+    boundary = "b0undary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n\r\nhello\r\n"
+            f"--{boundary}--\r\n").encode()
+    status, error = http_request(gateway.port, "POST", "/v1/files", body,
+                                 {**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 400 and error["error"]["param"] == "purpose"
+    for bad, param in (({"query": ""}, "query"), ({"query": "x", "max_num_results": 0}, "max_num_results"),
+                       ({"query": "x", "max_num_results": 10**9}, "max_num_results"),
+                       ({"query": "a\u0000b"}, "query"), ({"query": "x", "unknown": 1}, "unknown")):
+        status, error = http_request(gateway.port, "POST", f"/v1/vector_stores/{store.id}/search",
+                                     json.dumps(bad).encode(), headers)
+        assert status == 400 and error["error"]["param"] == param, (bad, error)
+    status, error = http_request(gateway.port, "POST", "/v1/vector_stores/vs_nothing/search", b'{"query": "x"}',
+                                 headers)
+    assert status == 404 and error["error"]["code"] == "vector_store_not_found"
+    status, error = http_request(gateway.port, "POST", "/v1/vector_stores", b'{"file_ids": ["file-nope"]}', headers)
+    assert status == 404 and error["error"]["code"] == "file_not_found"
+    status, error = http_request(gateway.port, "GET", "/v1/files", headers={"Authorization": "Bearer sk-wrong"})
+    assert status == 401
+
+
+def test_a_store_still_indexing_is_not_searched(setup):
+    gateway, keys = setup
+    api = client(gateway, keys["acme"])
+    long_text = " ".join(f"Paragraph {i} explains the warranty terms of product line {i % 7}." for i in range(2500))
+    big = api.files.create(file=("warranty.txt", io.BytesIO(long_text.encode())), purpose="assistants")
+    store = api.vector_stores.create(name="slow", file_ids=[big.id])
+    with pytest.raises(openai.ConflictError, match="still indexing"):
+        api.vector_stores.search(store.id, query="warranty")
+    wait_indexed(api, store.id, timeout=300)
+    assert api.vector_stores.search(store.id, query="warranty", max_num_results=2).data
+
+
+def test_embeddings_for_retrieval_are_billed_to_the_tenant(setup, indexed, stores):
+    gateway, keys = setup
+    rows = stores.query("SELECT key_name, route, model, prompt_tokens, cost_usd FROM usage_ledger WHERE tenant_id = "
+                        "'acme' AND key_name = 'retrieval'")
+    assert rows and all(r["route"] == "embeddings" and r["model"] == "all-minilm-l6-v2" for r in rows)
+    assert sum(r["prompt_tokens"] for r in rows) > 100 and sum(float(r["cost_usd"]) for r in rows) > 0
+    assert ledger_row
