@@ -184,6 +184,7 @@ class Gateway:
             self.config, self.client, self.limiter, self.ledger, self.cache, max_body_bytes=settings.max_body_bytes,
             log_prompts=settings.log_prompts, refuse_without_redis=settings.redis_failure_mode == "closed",
             fleet=lambda: self.fleet, providers=lambda: self.providers, shares=self.shares, selector=self.selector,
+            retrieval=lambda: self.retrieval,
         )
         self.routes = OpenAIRoutes(self.config, pipeline)
         if self.directory is not None:

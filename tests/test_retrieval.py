@@ -169,3 +169,51 @@ def test_embeddings_for_retrieval_are_billed_to_the_tenant(setup, indexed, store
     assert rows and all(r["route"] == "embeddings" and r["model"] == "all-minilm-l6-v2" for r in rows)
     assert sum(r["prompt_tokens"] for r in rows) > 100 and sum(float(r["cost_usd"]) for r in rows) > 0
     assert ledger_row
+
+
+def test_a_chat_with_retrieval_gets_the_chunks_and_cites_them(setup, indexed, sim, stores):
+    gateway, keys = setup
+    store, files = indexed
+    api = client(gateway, keys["acme"])
+    raw = api.chat.completions.with_raw_response.create(
+        model="small", messages=[{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": "How long is the password reset link valid?"}],
+        extra_body={"retrieval": {"vector_store_ids": [store.id], "max_results": 2}})
+    answer = json.loads(raw.text)
+    assert answer["citations"][0]["file_id"] == files["passwords.md"].id and len(answer["citations"]) == 2
+    assert answer["citations"][0]["index"] == 1 and answer["citations"][0]["vector_store_id"] == store.id
+    assert raw.headers["x-gateway-citations"].startswith(files["passwords.md"].id + "#0:")
+    sent = sim.last_request()
+    assert "retrieval" not in sent  # the gateway's own field never goes upstream
+    roles = [m["role"] for m in sent["messages"]]
+    assert roles == ["system", "system", "user"] and "thirty minutes" in sent["messages"][1]["content"]
+    assert "[1] passwords.md" in sent["messages"][1]["content"]
+    row = ledger_row(stores, raw.headers["x-request-id"])
+    kept = row["retrieval"] if isinstance(row["retrieval"], dict) else json.loads(row["retrieval"])
+    assert kept["vector_store_ids"] == [store.id] and kept["chunks"][0]["file_id"] == files["passwords.md"].id
+
+    stream = api.chat.completions.with_raw_response.create(
+        model="small", stream=True, messages=[{"role": "user", "content": "tomato spacing?"}],
+        extra_body={"retrieval": {"vector_store_ids": [store.id]}})
+    assert stream.headers["x-gateway-citations"].startswith(files["garden.html"].id)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream.parse() if chunk.choices)
+
+
+def test_chat_retrieval_refuses_what_it_cannot_do(setup, indexed):
+    gateway, keys = setup
+    store, _ = indexed
+    headers = {"Authorization": f"Bearer {keys['acme']}"}
+    question = [{"role": "user", "content": "refund?"}]
+    for retrieval, status, param in (("vs_x", 400, "retrieval"), ({"vector_store_ids": []}, 400,
+                                                                  "retrieval.vector_store_ids"),
+                                     ({"vector_store_ids": [store.id], "max_results": 0}, 400,
+                                      "retrieval.max_results"),
+                                     ({"vector_store_ids": [store.id], "rank": 1}, 400, "retrieval.rank"),
+                                     ({"vector_store_ids": ["vs_unknown"]}, 404, "retrieval.vector_store_ids")):
+        got, error = http_request(gateway.port, "POST", "/v1/chat/completions", json.dumps(
+            {"model": "small", "messages": question, "retrieval": retrieval}).encode(), headers)
+        assert got == status and error["error"]["param"] == param, (retrieval, error)
+    got, error = http_request(gateway.port, "POST", "/v1/chat/completions", json.dumps(
+        {"model": "small", "messages": question, "retrieval": {"vector_store_ids": [store.id]}}).encode(),
+        {"Authorization": f"Bearer {keys['globex']}"})
+    assert got == 404  # another tenant's store

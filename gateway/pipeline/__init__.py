@@ -21,6 +21,7 @@ from gateway.stores.ledger import Ledger
 from gateway.stores.limits import Limiter
 from gateway.upstreams.client import UpstreamClient
 from gateway.upstreams.fleet import Fleet
+from gateway.pipeline.retrieve import Retrieve
 from gateway.upstreams.select import DeploymentSelector
 
 
@@ -38,6 +39,7 @@ def build_pipeline(
     providers: Callable[[], object] = lambda: None,
     shares: ShareKeeper | None = None,
     selector: DeploymentSelector | None = None,
+    retrieval: Callable[[], object] = lambda: None,
 ) -> Pipeline:
     async def read_request(ctx: RequestContext) -> None:
         await read_json_body(ctx, max_body_bytes)
@@ -47,6 +49,7 @@ def build_pipeline(
         read_request,  # the body, and the fields the gateway acts on (400 / 413)
         authorize_model,  # may this tenant use this model, can it serve this request (404 / 400 / 503)
         apply_system_prompt,  # the tenant's instructions before the client's
+        Retrieve(retrieval),  # "retrieval": the tenant's stores searched, the chunks given as context (404 / 409)
         LookupCache(cache),  # a repeat of an answered request is found; new answers are kept at the end
         RouteRequest(limiter, shares),  # "auto": complexity, profile, context window, budget; fits? (400)
         EnforceLimits(limiter, refuse_without_redis),  # limits and budget reserved, settled at the end (429)

@@ -31,6 +31,7 @@ from gateway.errors import GatewayError, error_body
 from gateway.observability.metrics import CASCADES, FALLBACKS, UPSTREAM_ERRORS
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.parse import encode
+from gateway.pipeline.retrieve import with_citations
 from gateway.routing.confidence import measure, strip_logprobs
 from gateway.upstreams.client import UpstreamClient
 from gateway.upstreams.fleet import AdapterLoadFailed, Fleet
@@ -274,6 +275,8 @@ class Forward:
         await self._send_body(ctx, answer.status, answer.body, answer.content_type)
 
     async def _send_body(self, ctx: RequestContext, status: int, body: bytes, content_type: bytes) -> None:
+        if ctx.citations is not None and status == 200:
+            body = with_citations(body, ctx.citations)
         await send_response(ctx.send, status, body, _whole_answer_headers(ctx), content_type)
         ctx.status = status
         ctx.responded = True

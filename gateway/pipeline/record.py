@@ -39,7 +39,7 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
             ctx.overhead_seconds * 1000, ctx.cache_hit, ctx.cascaded if ctx.profile is not None else None,
             ctx.confidence, failed, ctx.stream, ctx.status, ctx.error_type, ctx.route_score,
             orjson.dumps(ctx.attempts).decode() if len(ctx.attempts) > 1 else None,
-            node, adapter, paid_by, ctx.route_example,
+            node, adapter, paid_by, ctx.route_example, ctx.retrieval,
         ))
     route = ctx.endpoint.route
     line = {
