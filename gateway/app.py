@@ -28,6 +28,7 @@ from gateway.settings import Settings
 from gateway.retrieval.calls import InternalCalls
 from gateway.retrieval.catalog import Catalog
 from gateway.retrieval.embed_app import Embedder
+from gateway.retrieval.semantic import SemanticIndex
 from gateway.retrieval.service import Retrieval
 from gateway.retrieval.vectors import Vectors
 from gateway.sim.server import EmbeddedSimulator
@@ -68,6 +69,7 @@ class Gateway:
         self._partition_keeper: asyncio.Task | None = None
         self.shares = ShareKeeper()  # thresholds kept at a target share of large-model calls
         self.retrieval: Retrieval | None = None  # files, vector stores, chats with retrieval (needs PostgreSQL)
+        self.semantic: SemanticIndex | None = None  # the semantic cache's index (on Qdrant, beside retrieval)
         self.selector = DeploymentSelector()  # deployments' failures and cooldowns, shown by /api/v1/status
         self.admin_auth = AdminAuth(lambda: self.config.current, settings.admin_key, settings.stateless)
         self.ops = build_ops_app(self.readiness, self.store_status,
@@ -184,7 +186,7 @@ class Gateway:
             self.config, self.client, self.limiter, self.ledger, self.cache, max_body_bytes=settings.max_body_bytes,
             log_prompts=settings.log_prompts, refuse_without_redis=settings.redis_failure_mode == "closed",
             fleet=lambda: self.fleet, providers=lambda: self.providers, shares=self.shares, selector=self.selector,
-            retrieval=lambda: self.retrieval,
+            retrieval=lambda: self.retrieval, semantic=lambda: self.semantic,
         )
         self.routes = OpenAIRoutes(self.config, pipeline)
         if self.directory is not None:
@@ -194,6 +196,7 @@ class Gateway:
                 InternalCalls(lambda: pipeline, lambda: self.config.current), settings.retrieval_model,
                 lambda: self.config.current)
             self.retrieval.start()
+            self.semantic = SemanticIndex(self.retrieval.vectors)
         self._watcher = asyncio.create_task(self.config.watch(settings.reload_interval))
         self._share_keeper = asyncio.create_task(self._keep_shares(settings.share_interval))
         if self.directory is not None:

@@ -54,7 +54,7 @@ def start(folder: Path, sim_url: str) -> tuple[GatewayProcess, dict[str, str]]:
                              "deployments": [{"name": "embedded", "api_base": "builtin:embedder",
                                               "model": "all-MiniLM-L6-v2"}]},
     }}
-    tenants = {"tenants": {name: {"name": name.title(), "tier": "enterprise",
+    tenants = {"tenants": {name: {"name": name.title(), "tier": "enterprise", "cache": {"semantic": True},
                                   "keys": [{"name": "k", "sha256": hash_key(key)}]} for name, key in keys.items()}}
     (folder / "models.yaml").write_text(yaml.safe_dump(models))
     (folder / "tenants.yaml").write_text(yaml.safe_dump(tenants))

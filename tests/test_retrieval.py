@@ -217,3 +217,25 @@ def test_chat_retrieval_refuses_what_it_cannot_do(setup, indexed):
         {"model": "small", "messages": question, "retrieval": {"vector_store_ids": [store.id]}}).encode(),
         {"Authorization": f"Bearer {keys['globex']}"})
     assert got == 404  # another tenant's store
+
+
+def test_the_semantic_cache_answers_a_question_asked_in_other_words(setup):
+    gateway, keys = setup
+    api = client(gateway, keys["globex"])
+
+    def ask(question: str, api=api, **extra):
+        extra = {"max_tokens": 12, **extra}
+        raw = api.chat.completions.with_raw_response.create(
+            model="small", temperature=0, messages=[{"role": "system", "content": "Be brief."},
+                                                    {"role": "user", "content": question}], **extra)
+        return raw.headers["x-gateway-cache"], raw.parse().choices[0].message.content
+
+    first, answer = ask("How do I change the password of my account?")
+    assert first == "miss"
+    kind, again = ask("How can I change my account's password?")
+    assert kind.startswith("semantic-hit; similarity=0.9") and again == answer
+    assert ask("How do I change the e-mail address of my account?")[0] == "miss"  # close in words, not in meaning
+    assert ask("How can I change my account's password?", max_tokens=13)[0] == "miss"  # other parameters
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
+    assert ask("How can one change the password of an account?", tools=tools)[0] == "miss"  # tools: exact only
+    assert ask("How can I change my account's password?", api=client(gateway, keys["acme"]))[0] == "miss"  # tenants

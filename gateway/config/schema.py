@@ -192,6 +192,11 @@ class CachePolicySpec(Strict):
     max_entry_bytes: whole(1, 64 * 1024 * 1024) | None = None
     nondeterministic: StrictBool | None = Field(None, description="also cache requests with temperature above 0 "
                                                                   "and no seed")
+    semantic: StrictBool | None = Field(None, description="also answer a chat whose question is close in meaning to "
+                                                          "one answered before (same tenant, model and parameters)")
+    semantic_threshold: Annotated[float, Field(ge=0.5, le=1.0, allow_inf_nan=False)] | None = Field(
+        None, description="the least cosine similarity of a semantic hit")
+    semantic_with_tools: StrictBool | None = Field(None, description="also for requests that offer tools")
 
 
 class ModelSpec(Strict):

@@ -107,6 +107,9 @@ class CachePolicy:
     ttl_seconds: int = 3600
     max_entry_bytes: int = 1 << 20
     nondeterministic: bool = False  # cache requests with temperature above 0 and no seed
+    semantic: bool = False  # answer chats whose question is close in meaning to an answered one
+    semantic_threshold: float = 0.9  # the least cosine similarity of a semantic hit (measured: README)
+    semantic_with_tools: bool = False
 
 
 @dataclass(frozen=True, slots=True)

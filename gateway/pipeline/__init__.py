@@ -40,6 +40,7 @@ def build_pipeline(
     shares: ShareKeeper | None = None,
     selector: DeploymentSelector | None = None,
     retrieval: Callable[[], object] = lambda: None,
+    semantic: Callable[[], object] = lambda: None,
 ) -> Pipeline:
     async def read_request(ctx: RequestContext) -> None:
         await read_json_body(ctx, max_body_bytes)
@@ -50,7 +51,7 @@ def build_pipeline(
         authorize_model,  # may this tenant use this model, can it serve this request (404 / 400 / 503)
         apply_system_prompt,  # the tenant's instructions before the client's
         Retrieve(retrieval),  # "retrieval": the tenant's stores searched, the chunks given as context (404 / 409)
-        LookupCache(cache),  # a repeat of an answered request is found; new answers are kept at the end
+        LookupCache(cache, semantic),  # a repeat of an answered request is found; new answers are kept at the end
         RouteRequest(limiter, shares),  # "auto": complexity, profile, context window, budget; fits? (400)
         EnforceLimits(limiter, refuse_without_redis),  # limits and budget reserved, settled at the end (429)
         serve_cached,  # the cached answer, if there is one

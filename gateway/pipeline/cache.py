@@ -12,8 +12,10 @@ without a seed) are cached. Per request: ``Cache-Control: no-cache`` skips the l
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import replace
+from typing import Callable
 
 from gateway.asgi import end_stream, header, send_chunk, send_response, start_stream
 from gateway.config.types import CachePolicy
@@ -21,15 +23,18 @@ from gateway.errors import bad_request
 from gateway.observability import metrics
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.parse import encode
+from gateway.retrieval.semantic import question_and_context
 from gateway.stores.cache import ResponseCache, cache_key
 from gateway.upstreams.sse import SSERelay
 
 CACHED_ROUTES = frozenset(("chat.completions", "completions"))
+log = logging.getLogger("gateway.cache")
 
 
 class LookupCache:
-    def __init__(self, cache: ResponseCache) -> None:
+    def __init__(self, cache: ResponseCache, semantic: Callable[[], object] = lambda: None) -> None:
         self.cache = cache
+        self.semantic = semantic  # the semantic cache's index (gateway.retrieval.semantic), when retrieval is on
 
     async def __call__(self, ctx: RequestContext) -> None:
         if ctx.endpoint.route not in CACHED_ROUTES:
@@ -56,6 +61,9 @@ class LookupCache:
                 ctx.cache_entry, ctx.model = entry, model
                 metrics.CACHE_LOOKUPS.labels("hit").inc()
                 return
+        semantic = await self._semantic(ctx, policy, control) if policy.semantic else None
+        if ctx.cache_entry is not None:
+            return
         metrics.CACHE_LOOKUPS.labels("miss").inc()
         ctx.response_headers.append((b"x-gateway-cache", b"miss"))
         ctx.cache_capture = policy.max_entry_bytes
@@ -71,8 +79,43 @@ class LookupCache:
                     "prompt_tokens": ctx.prompt_tokens, "completion_tokens": ctx.completion_tokens,
                     "stored_at": round(time.time(), 3), "request_id": ctx.request_id}
             self.cache.put(key, meta, body, ttl)
+            if semantic is not None:
+                index, context, question, vector = semantic
+                try:
+                    await index.remember(ctx.tenant.id, context, question, vector, key, ttl)
+                except Exception as exc:  # the exact cache has the answer; only the semantic lookup misses it
+                    log.warning("the semantic cache cannot keep an answer now: %s", exc)
 
         ctx.on_finish(store)
+
+    async def _semantic(self, ctx: RequestContext, policy: CachePolicy, control: bytes):
+        """After an exact miss: an answer to a question close enough in meaning (``ctx.cache_entry`` set), or what
+        keeping this answer for such lookups needs (the index, the context, the question's vector)."""
+        index = self.semantic()
+        if index is None or (ctx.body.get("tools") and not policy.semantic_with_tools):
+            return None
+        found = question_and_context(ctx.body, encode)
+        if found is None:
+            return None
+        question, context = found
+        try:
+            vector = await index.embed(question)
+            if vector is None:
+                return None
+            nearest = (await index.nearest(ctx.tenant.id, context, question, vector, policy.semantic_threshold)
+                       if b"no-cache" not in control else None)
+        except Exception as exc:
+            log.warning("the semantic cache cannot be read now: %s", exc)
+            return None
+        if nearest is not None:
+            entry = await self.cache.get(nearest[0])
+            model = ctx.config.models.get(entry[0].get("model", "")) if entry is not None else None
+            if model is not None:
+                ctx.cache_entry, ctx.model = entry, model
+                ctx.semantic_similarity = nearest[1]
+                metrics.CACHE_LOOKUPS.labels("semantic_hit").inc()
+                return None
+        return index, context, question, vector
 
 
 async def serve_cached(ctx: RequestContext) -> None:
@@ -82,8 +125,9 @@ async def serve_cached(ctx: RequestContext) -> None:
     meta, body = ctx.cache_entry
     ctx.cache_hit = True
     age = max(0, int(time.time() - meta.get("stored_at", time.time())))
+    kind = b"hit" if ctx.semantic_similarity is None else b"semantic-hit; similarity=%.4f" % ctx.semantic_similarity
     headers = ctx.response_headers + [
-        (b"x-gateway-cache", b"hit"), (b"age", str(age).encode()),
+        (b"x-gateway-cache", kind), (b"age", str(age).encode()),
         (b"x-gateway-model", ctx.model.name.encode()),
         (b"x-gateway-cached-request-id", str(meta.get("request_id", "")).encode()),
         (b"x-gateway-cost-usd", b"0.000000000"),

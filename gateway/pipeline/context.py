@@ -33,7 +33,7 @@ class RequestContext:
         "response_headers", "finishers", "reserved_tokens", "reserved_cost_nano", "limits_degraded", "cost_usd",
         "body_size", "prompt_estimate", "profile", "complexity", "route_score", "routing_rule", "route_signals",
         "route_example", "citations", "retrieval", "cascade_to", "cascaded", "confidence", "attempts",
-        "cache_entry", "cache_hit", "cache_capture", "answer_bytes", "answer_content_type",
+        "cache_entry", "cache_hit", "semantic_similarity", "cache_capture", "answer_bytes", "answer_content_type",
         "adapter", "adapter_bypassed", "leases", "upstream_model", "tenant_paid_usd",
     )
 
@@ -79,6 +79,7 @@ class RequestContext:
         self.routing_rule: str | None = None  # what decided the model: "finance:complex->gpt-4o"
         self.route_signals: str | None = None  # the signals that moved the score most
         self.route_example: str | None = None  # JSON of what the router keeps to learn from (hashed words, signals)
+        self.semantic_similarity: float | None = None  # a semantic cache hit: how close its question was
         self.citations: list[dict] | None = None  # the chunks a chat with retrieval was given, for its answer
         self.retrieval: str | None = None  # JSON for the ledger: the stores searched and the chunks used
         self.cascade_to: Model | None = None  # asked if the first model's answer is unsure

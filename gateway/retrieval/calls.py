@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 import orjson
 
 from gateway.config.types import ApiKey, Tenant
@@ -15,6 +14,9 @@ from gateway.errors import GatewayError
 from gateway.pipeline.auth import INTERNAL_CALLER
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.endpoints import EMBEDDINGS
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class InternalCalls:
@@ -24,6 +26,8 @@ class InternalCalls:
 
     async def embed(self, tenant: Tenant, api_key: ApiKey, model: str, texts: list[str]) -> np.ndarray:
         """Unit vectors of ``texts`` from ``model``, billed to ``tenant``; a GatewayError as the client would get."""
+        import numpy as np  # imported when retrieval is first used: a gateway that never retrieves never loads it
+
         status, answer = await self._post(tenant, api_key, "/v1/embeddings",
                                           {"model": model, "input": texts, "encoding_format": "base64"})
         if status != 200:

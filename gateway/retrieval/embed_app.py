@@ -13,13 +13,14 @@ import base64
 import orjson
 
 from gateway.asgi import BodyTooLarge, Receive, Scope, Send, read_body, send_response
-from gateway.retrieval.minilm import DIMENSIONS, MODEL_NAME, ModelMissing, model
 
 MAX_INPUTS = 2048
 
 
 class Embedder:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from gateway.retrieval.minilm import DIMENSIONS, MODEL_NAME, ModelMissing, model  # numpy: on first use
+
         path = scope["path"]
         if (scope["method"], path) == ("GET", "/v1/models"):
             await _json(send, 200, {"object": "list", "data": [{"id": MODEL_NAME, "object": "model",

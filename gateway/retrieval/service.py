@@ -14,14 +14,14 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from gateway.errors import GatewayError
 from gateway.retrieval import documents
 from gateway.retrieval.catalog import Catalog
 from gateway.retrieval.vectors import Hit, Vectors
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from gateway.config.types import ApiKey, Tenant
     from gateway.retrieval.calls import InternalCalls
 

@@ -14,8 +14,10 @@ import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 _NAMESPACE = uuid.UUID("8a5f3c0e-4d8b-4f7e-9a53-6f1f0c2d7b11")
 
