@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--baseline", type=Path, help="a checkout of another version of the gateway: its core and "
                                                      "whole gateway are measured in the same run, interleaved")
     bench.set_defaults(run=_bench)
-    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="[tenants | fleet | providers | console | ledger | redis]")
+    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="[tenants | fleet | providers | console | ledger | redis | retrieval | semantic]")
     tenants_bench = bench_kinds.add_parser("tenants", help="admin writes, reloads, idle CPU, memory and the request "
                                                            "path with many tenants")
     tenants_bench.add_argument("--tenants", type=int, default=10_000, help="half in tenants.yaml, half made "
@@ -132,6 +132,15 @@ def main(argv: list[str] | None = None) -> None:
     redis_bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     redis_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
     redis_bench.set_defaults(run=_bench_redis)
+    retrieval_bench = bench_kinds.add_parser("retrieval", help="recall@5 and nDCG@10 of retrieval, and what a chat "
+                                                               "with retrieval and a semantic lookup add")
+    retrieval_bench.add_argument("--requests", type=int, default=100, help="chats per latency measurement")
+    retrieval_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
+    retrieval_bench.set_defaults(run=_bench_retrieval)
+    semantic_bench = bench_kinds.add_parser("semantic", help="the semantic cache's hits and wrong hits on "
+                                                             "paraphrases and near misses")
+    semantic_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
+    semantic_bench.set_defaults(run=_bench_semantic)
 
     args = parser.parse_args(argv)
     args.run(args)
@@ -301,6 +310,18 @@ def _bench_fleet(args: argparse.Namespace) -> None:
     from gateway.bench.fleet import run_fleet_benchmark
 
     run_fleet_benchmark(requests=args.requests, rate=args.rate, output=args.output)
+
+
+def _bench_retrieval(args: argparse.Namespace) -> None:
+    from gateway.bench.retrieval import run_retrieval_benchmark
+
+    run_retrieval_benchmark(requests=args.requests, output=args.output)
+
+
+def _bench_semantic(args: argparse.Namespace) -> None:
+    from gateway.bench.retrieval import run_semantic_benchmark
+
+    run_semantic_benchmark(output=args.output)
 
 
 def _bench_redis(args: argparse.Namespace) -> None:
