@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import openai
 import pytest
@@ -239,3 +240,25 @@ def test_the_semantic_cache_answers_a_question_asked_in_other_words(setup):
     tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}]
     assert ask("How can one change the password of an account?", tools=tools)[0] == "miss"  # tools: exact only
     assert ask("How can I change my account's password?", api=client(gateway, keys["acme"]))[0] == "miss"  # tenants
+
+
+def test_an_upload_cut_off_or_too_large_keeps_nothing(setup):
+    import socket
+
+    gateway, keys = setup
+    api = client(gateway, keys["globex"])
+    before = {f.id for f in api.files.list().data}
+    boundary = "cut0ff"
+    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nassistants\r\n--{boundary}\r\n"
+            f"Content-Disposition: form-data; name=\"file\"; filename=\"half.txt\"\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", gateway.port)) as connection:
+        connection.sendall(b"POST /v1/files HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + keys["globex"].encode()
+                           + f"\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
+                             f"Content-Length: {len(head) + 100_000}\r\n\r\n".encode() + head + b"half of it " * 100)
+    time.sleep(0.5)  # the gateway sees the client leave half way
+    assert {f.id for f in api.files.list().data} == before
+    too_large = b"x" * (16 * 1024 * 1024 + 1)  # past GATEWAY_MAX_BODY_BYTES
+    with pytest.raises(openai.APIStatusError) as refused:
+        api.files.create(file=("huge.txt", io.BytesIO(too_large)), purpose="assistants")
+    assert refused.value.status_code == 413
+    assert {f.id for f in api.files.list().data} == before
