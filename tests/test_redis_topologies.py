@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import GatewayProcess, http_request
+from conftest import GatewayProcess
 from gateway.config.keys import generate_key
 from gateway.bench.topologies import Cluster, Sentinels
 from test_limits import _config, _tenant

@@ -8,7 +8,6 @@ from urllib.parse import quote
 
 import pytest
 
-from conftest import ledger_row
 from console_setup import admin, start, traffic
 
 
@@ -55,7 +54,6 @@ def test_recent_requests_filtered_and_paged(setup):
     assert status == 200 and {row["model"] for row in by_model["data"]} <= {"large"}
     row = page["data"][0]
     assert "messages" not in row and "prompt" not in row  # the ledger keeps no text
-    assert ledger_row  # the same rows the ledger holds
     for bad, param in (("status=abc", "status"), ("status=99", "status"), ("limit=100000", "limit"),
                        ("before=yesterday", "before"), ("tenant=Not%20An%20Id", "tenant"),
                        ("model=a%00b", "model")):

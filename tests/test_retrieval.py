@@ -169,7 +169,6 @@ def test_embeddings_for_retrieval_are_billed_to_the_tenant(setup, indexed, store
                         "'acme' AND key_name = 'retrieval'")
     assert rows and all(r["route"] == "embeddings" and r["model"] == "all-minilm-l6-v2" for r in rows)
     assert sum(r["prompt_tokens"] for r in rows) > 100 and sum(float(r["cost_usd"]) for r in rows) > 0
-    assert ledger_row
 
 
 def test_a_chat_with_retrieval_gets_the_chunks_and_cites_them(setup, indexed, sim, stores):

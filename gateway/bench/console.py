@@ -8,11 +8,9 @@ the page ready when the last answers. Reported per page: median and 95th percent
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -22,6 +20,7 @@ import aiohttp
 import asyncpg
 import yaml
 
+from gateway.bench.run import write_report
 from gateway.bench.tenants import ADMIN_KEY, _start
 from gateway.config.keys import generate_key, hash_key
 from gateway.stores.embedded import EmbeddedServers, free_port
@@ -73,11 +72,7 @@ def run_console_benchmark(rows: int = 100_000, rounds: int = 20, output: Path | 
             gateway.wait(timeout=30)
         stores.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    if output:
-        output.write_text(text + "\n")
-    print(text)
-    return report
+    return write_report(report, output)
 
 
 def make_config(folder: Path, tenant_key: str) -> Path:
@@ -86,7 +81,8 @@ def make_config(folder: Path, tenant_key: str) -> Path:
     models = {"defaults": {"reference_model": "gpt-4o"},
               "models": {name: {"size": "small" if "mini" in name or "8b" in name else "large",
                                 "pricing": {"input_per_million": 1.0, "output_per_million": 2.0},
-                                "deployments": [{"name": f"{name}-sim", "api_base": "builtin:simulator", "model": name}]}
+                                "deployments": [{"name": f"{name}-sim", "api_base": "builtin:simulator",
+                                                 "model": name}]}
                          for name in MODELS}}
     tenants = {f"tenant-{i:03d}": {"name": f"Tenant {i}", "tier": "enterprise",
                                    "keys": [{"name": "main", "sha256": hash_key(tenant_key if i == 0 else
@@ -121,7 +117,8 @@ def _pages(tenant_key: str) -> dict[str, tuple[str, list[str]]]:
         "health": (ADMIN_KEY, ["/api/v1/status"]),
         "tenant account": (tenant_key, ["/v1/account"]),
         "tenant usage": (tenant_key, ["/v1/usage", "/v1/routing/stats"]),
-        "console files": (ADMIN_KEY, ["/console/", "/console/console.js", "/console/charts.js", "/console/console.css"]),
+        "console files": (ADMIN_KEY, ["/console/", "/console/console.js", "/console/charts.js",
+                                      "/console/console.css"]),
     }
 
 

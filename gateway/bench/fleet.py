@@ -25,7 +25,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from gateway.bench.run import WRK_SCRIPT, _cpu_seconds, _wait, _wrk
+from gateway.bench.run import WRK_SCRIPT, _cpu_seconds, _wait, _wrk, write_report
 from gateway.config.keys import generate_key, hash_key
 from gateway.stores.embedded import EmbeddedServers, free_port
 
@@ -67,11 +67,7 @@ def run_fleet_benchmark(requests: int = 2000, rate: float = 40.0, tenants: int =
     finally:
         stores.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    if output:
-        output.write_text(text + "\n")
-    print(text)
-    return report
+    return write_report(report, output)
 
 
 def _placement_run(folder: Path, env: dict, strategy: str, tenants: int, order: list[int], gaps: list[float],

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 import os
 import shutil
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import asyncpg
 
+from gateway.bench.run import write_report
 from gateway.bench.console import fill, make_config, time_pages
 from gateway.bench.tenants import ADMIN_KEY, _start
 from gateway.config.keys import generate_key
@@ -60,11 +60,7 @@ def run_ledger_benchmark(sizes: tuple[int, ...] = (1_000_000, 10_000_000), write
             gateway.wait(timeout=30)
         stores.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    if output:
-        output.write_text(text + "\n")
-    print(text)
-    return report
+    return write_report(report, output)
 
 
 def _reports(tenant_key: str) -> dict[str, tuple[str, list[str]]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.bench.run import _cpu_seconds, _rss_mb, _wait, _wrk
+from gateway.bench.run import _cpu_seconds, _rss_mb, _wait, _wrk, stop_processes, write_report
 from gateway.config.keys import generate_key, hash_key
 from gateway.stores.embedded import EmbeddedServers, free_port
 
@@ -161,18 +161,7 @@ def run_provider_benchmark(duration: float = 5.0, rounds: int = 3, connections: 
             "rss_mb_after_load": {name: round(_rss_mb(g["process"].pid), 1) for name, g in gateways.items()},
         }
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(processes, timeout=30)
         stores.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    if output:
-        output.write_text(text + "\n")
-    print(text)
-    return report
+    return write_report(report, output)

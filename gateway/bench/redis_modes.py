@@ -16,7 +16,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from gateway.bench.run import WRK_SCRIPT, _measure, _median, _wait
+from gateway.bench.run import WRK_SCRIPT, _measure, _median, _wait, stop_processes, write_report
 from gateway.bench.tenants import CHAT, _config, _start
 from gateway.bench.topologies import Cluster
 from gateway.config.keys import generate_key
@@ -62,20 +62,9 @@ def run_redis_benchmark(duration: float = 5.0, rounds: int = 3, connections: int
         report = {"connections": connections, "duration_seconds": duration, "rounds": rounds, "targets": medians,
                   "cluster_cpu_ratio": round(clustered["cpu_ms_per_request"] / single["cpu_ms_per_request"], 3)}
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(processes, timeout=30)
         if cluster is not None:
             cluster.stop()
         stores.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    if output:
-        output.write_text(text + "\n")
-    print(text)
-    return report
+    return write_report(report, output)

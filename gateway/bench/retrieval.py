@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import math
 import os
 import re
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 import yaml
+
+from gateway.bench.run import write_report
 
 PAIRS = Path(__file__).with_name("data") / "semantic_pairs.tsv"
 
@@ -109,7 +110,7 @@ def run_semantic_benchmark(output: Path | None = None) -> dict:
                 "near_misses_answered_wrongly": round(hits.count("near_miss") / _count(scored, "near_miss"), 3)}
     report = {"pairs": {"paraphrase": _count(scored, "paraphrase"), "near_miss": _count(scored, "near_miss")},
               "shipped_threshold": shipped, "at_shipped": rows[f"{shipped} with the guard"], "thresholds": rows}
-    return _write(report, output)
+    return write_report(report, output)
 
 
 def _count(scored, kind: str) -> int:
@@ -123,7 +124,7 @@ def run_retrieval_benchmark(requests: int = 100, output: Path | None = None) -> 
         cost = _cost(workdir, requests)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return _write({"quality": quality, "cost_ms": cost}, output)
+    return write_report({"quality": quality, "cost_ms": cost}, output)
 
 
 def _cost(workdir: Path, requests: int) -> dict:
@@ -198,10 +199,3 @@ def _percentiles(times: list[float]) -> dict:
     return {"p50": round(statistics.median(ordered), 2), "p99": round(ordered[min(len(ordered) - 1,
                                                                                    int(0.99 * len(ordered)))], 2)}
 
-
-def _write(report: dict, output: Path | None) -> dict:
-    text = json.dumps(report, indent=2)
-    if output:
-        output.write_text(text + "\n")
-    print(text)
-    return report

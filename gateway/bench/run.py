@@ -228,17 +228,27 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
         report = _report(measurements, latency_ms, duration, rounds, logged, rows, sent, bool(baseline_targets))
         report["classifier_microseconds_per_request"] = classifier_cost()
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(processes)
         if "stores" in locals():
             stores.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+    return write_report(report, output)
+
+
+def stop_processes(processes: list[subprocess.Popen], timeout: float = 10) -> None:
+    """Terminate every process still running, then wait for each (killing one that does not stop in time)."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def write_report(report: dict, output: Path | None) -> dict:
+    """Print a benchmark's report as JSON, and write it to ``output`` too when given."""
     text = json.dumps(report, indent=2)
     if output:
         output.write_text(text + "\n")

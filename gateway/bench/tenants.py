@@ -22,7 +22,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from gateway.bench.run import WRK_SCRIPT, _cpu_seconds, _rss_mb, _wait, _wrk
+from gateway.bench.run import WRK_SCRIPT, _cpu_seconds, _rss_mb, _wait, _wrk, stop_processes, write_report
 from gateway.config.keys import generate_key, hash_key
 from gateway.stores.embedded import EmbeddedServers, free_port
 
@@ -100,21 +100,10 @@ def run_tenant_benchmark(tenants: int = 10_000, duration: float = 5.0, output: P
             "chat_while_30_patches": during,
         }
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.terminate()
-        for process in processes:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(processes, timeout=30)
         stores.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    text = json.dumps(report, indent=2)
-    if output:
-        output.write_text(text + "\n")
-    print(text)
-    return report
+    return write_report(report, output)
 
 
 def _config(folder: Path, sim_port: int, yaml_tenants: int, bench_key: str) -> Path:

@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import secrets
 
-import asyncpg
 
 
 def new_id(prefix: str) -> str:
