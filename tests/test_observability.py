@@ -75,7 +75,7 @@ def test_the_compose_file_follows_the_compose_specification():
     run(str(checker), "--builtin-schema", "vendor.compose-spec", str(COMPOSE))
     compose = yaml.safe_load(COMPOSE.read_text())
     services = compose["services"]
-    assert set(services) >= {"valkey", "postgres", "openbao", "gateway1", "gateway2", "haproxy", "prometheus",
+    assert set(services) >= {"valkey", "postgres", "qdrant", "openbao", "gateway1", "gateway2", "haproxy", "prometheus",
                              "alertmanager", "grafana", "open-webui", "sillytavern", "vllm"}
     for name, service in services.items():
         image = service.get("image")
@@ -93,6 +93,7 @@ def test_the_compose_file_follows_the_compose_specification():
     assert services["vllm"]["profiles"] == ["gpu"]
     for gateway in ("gateway1", "gateway2"):
         assert services[gateway]["environment"]["VAULT_ADDR"] == "http://openbao:8200"
+        assert services[gateway]["environment"]["QDRANT_URL"] == "http://qdrant:6333"
 
 
 # ---------- a real Prometheus ----------
