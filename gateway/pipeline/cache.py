@@ -8,6 +8,10 @@ Policy (models.yaml `defaults.cache`, a model's `cache:`, a tenant's `cache:`; t
 on or off, TTL, largest entry, and whether requests that are not deterministic (temperature above 0, or unset,
 without a seed) are cached. Per request: ``Cache-Control: no-cache`` skips the lookup but stores the answer,
 ``no-store`` does neither, and ``x-gateway-cache-ttl: SECONDS`` stores with another TTL.
+
+With the policy's ``semantic``, an exact miss is looked up again by meaning (``gateway.retrieval.semantic``): the
+closest answered question of the same tenant and otherwise identical request, if close enough and asking the
+same, gives its answer; a new answer is kept for such lookups too.
 """
 
 from __future__ import annotations
