@@ -116,7 +116,10 @@ def test_limits_and_the_cache_on_a_cluster_are_exact_across_two_gateways(cluster
         gateways = _gateways(tmp_path / "d", sim, {"cached": _tenant(cached_key)}, cluster.url)
         body = {**HELLO, "temperature": 0}
         assert _call(gateways[0], cached_key, body)[1]["x-gateway-cache"] == "miss"
-        assert _call(gateways[1], cached_key, body)[1]["x-gateway-cache"] == "hit"  # stored on its slot's master
+        deadline = time.monotonic() + 5  # the answer is stored after it is sent: wait for it to land
+        while _call(gateways[1], cached_key, body)[1]["x-gateway-cache"] != "hit":  # read from its slot's master
+            assert time.monotonic() < deadline, "the other gateway never found the cached answer"
+            time.sleep(0.1)
     finally:
         for gateway in gateways:
             gateway.stop()

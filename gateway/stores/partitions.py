@@ -40,7 +40,6 @@ async def maintain(pool: asyncpg.Pool, ahead_days: int, retention_days: int,
         if not await connection.fetchval("SELECT pg_try_advisory_lock($1)", _LOCK):
             return {"made": made, "dropped": dropped}  # another gateway is at it
         try:
-            await connection.execute("SET TIME ZONE 'UTC'")
             ranges = await _ranges(connection)
             for offset in range(ahead_days + 1):
                 day = today + dt.timedelta(days=offset)
