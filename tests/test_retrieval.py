@@ -10,7 +10,7 @@ import time
 import openai
 import pytest
 
-from conftest import http_request, ledger_row
+from conftest import GatewayProcess, http_request, ledger_row
 from retrieval_setup import DOCUMENTS, client, pdf_with, start, wait_indexed
 
 
@@ -261,3 +261,22 @@ def test_an_upload_cut_off_or_too_large_keeps_nothing(setup):
         api.files.create(file=("huge.txt", io.BytesIO(too_large)), purpose="assistants")
     assert refused.value.status_code == 413
     assert {f.id for f in api.files.list().data} == before
+
+
+def test_indexing_cut_short_by_a_restart_is_finished_by_the_next_start(sim, tmp_path):
+    gateway, keys = start(tmp_path / "restart", sim.url)
+    try:
+        api = client(gateway, keys["acme"])
+        text = " ".join(f"Section {i} describes how the boiler of model {i % 9} is serviced every spring." for i in
+                        range(600))
+        document = api.files.create(file=("boilers.txt", io.BytesIO(text.encode())), purpose="assistants")
+        store = api.vector_stores.create(name="interrupted", file_ids=[document.id])
+    finally:
+        gateway.stop()  # while the file is being indexed
+    gateway = GatewayProcess(tmp_path / "restart")
+    try:
+        api = client(gateway, keys["acme"])
+        assert wait_indexed(api, store.id).file_counts.completed == 1
+        assert api.vector_stores.search(store.id, query="boiler servicing", max_num_results=1).data
+    finally:
+        gateway.stop()

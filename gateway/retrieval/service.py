@@ -4,7 +4,8 @@ searched by meaning.
 A file attached to a store is ``in_progress`` until a background job has read it, cut it into chunks, embedded
 them with the retrieval embedding model (billed to the tenant, through the gateway's own pipeline) and written
 them to Qdrant; then ``completed``, or ``failed`` with the reason (its partial vectors removed). Jobs are claimed
-in PostgreSQL, so a job a stopped gateway left is taken up again by the next one.
+in PostgreSQL: a job a stopped gateway left is taken up again when that gateway starts again (with Qdrant's local
+mode there is only one), or by any gateway once its claim is ten minutes old (with a Qdrant server).
 """
 
 from __future__ import annotations
@@ -60,14 +61,17 @@ class Retrieval:
         self._wake.set()
 
     async def _work(self) -> None:
+        # With the local mode this process is the only indexer: every job still in progress at its start is its own.
+        stale_after = 0.0 if self.vectors.url is None else STALE_CLAIM_SECONDS
         while True:
             try:
-                for job in await self.catalog.claim(STALE_CLAIM_SECONDS):
+                for job in await self.catalog.claim(stale_after):
                     task = asyncio.create_task(self._index(job["tenant_id"], job["store_id"], job["file_id"]))
                     self._jobs.add(task)
                     task.add_done_callback(self._jobs.discard)
             except Exception as exc:  # PostgreSQL away: try again soon
                 log.warning("retrieval jobs cannot be read now: %s", exc)
+            stale_after = STALE_CLAIM_SECONDS
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=5.0)
             except asyncio.TimeoutError:
