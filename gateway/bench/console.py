@@ -8,20 +8,23 @@ the page ready when the last answers. Reported per page: median and 95th percent
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import aiohttp
 import asyncpg
 import yaml
 
-from gateway.bench.run import write_report
-from gateway.bench.tenants import ADMIN_KEY, _start
+from gateway.bench.run import start_gateway, stop_processes, write_report
+from gateway.bench.tenants import ADMIN_KEY
 from gateway.config.keys import generate_key, hash_key
 from gateway.stores.embedded import EmbeddedServers, free_port
 
@@ -47,7 +50,31 @@ FROM generate_series($1::bigint, $1::bigint + $4 - 1) AS i
 
 
 def run_console_benchmark(rows: int = 100_000, rounds: int = 20, output: Path | None = None) -> dict:
-    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-console-"))
+    with reporting_gateway("gateway-bench-console-") as bench:
+        print(f"  writing {rows:,} ledger rows...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        asyncio.run(fill(bench.database_url, 0, rows))
+        fill_seconds = time.perf_counter() - started
+        pages = asyncio.run(time_pages(bench.port, _pages(bench.tenant_key), rounds))
+        report = {"ledger_rows": rows, "tenants": TENANTS, "rounds": rounds,
+                  "rows_written_seconds": round(fill_seconds, 1), "pages_ms": pages,
+                  "slowest_page_p95_ms": max(page["p95"] for page in pages.values())}
+    return write_report(report, output)
+
+
+@dataclass
+class ReportingGateway:
+    port: int
+    tenant_key: str  # tenant-000's
+    database_url: str
+    workdir: Path
+
+
+@contextlib.contextmanager
+def reporting_gateway(prefix: str) -> Iterator[ReportingGateway]:
+    """A gateway on embedded stores with the tenants of ``make_config`` (it has made the ledger's tables);
+    stopped, with its stores and folder, when the block ends."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     stores = EmbeddedServers(workdir / "stores")
     gateway = None
     try:
@@ -55,24 +82,14 @@ def run_console_benchmark(rows: int = 100_000, rounds: int = 20, output: Path | 
         env = {**os.environ, "GATEWAY_ADMIN_KEY": ADMIN_KEY, "REDIS_URL": stores.start_redis(),
                "DATABASE_URL": database_url, "GATEWAY_DATA_DIR": str(workdir / "data")}
         tenant_key = generate_key()
-        config = make_config(workdir / "config", tenant_key)
         port = free_port()
-        gateway = _start(config, port, env, workdir / "gateway.log")  # it makes the ledger's tables
-        print(f"  writing {rows:,} ledger rows...", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        asyncio.run(fill(database_url, 0, rows))
-        fill_seconds = time.perf_counter() - started
-        pages = asyncio.run(time_pages(port, _pages(tenant_key), rounds))
-        report = {"ledger_rows": rows, "tenants": TENANTS, "rounds": rounds,
-                  "rows_written_seconds": round(fill_seconds, 1), "pages_ms": pages,
-                  "slowest_page_p95_ms": max(page["p95"] for page in pages.values())}
+        gateway = start_gateway(make_config(workdir / "config", tenant_key), port, env, workdir / "gateway.log")
+        yield ReportingGateway(port, tenant_key, database_url, workdir)
     finally:
-        if gateway is not None and gateway.poll() is None:
-            gateway.terminate()
-            gateway.wait(timeout=30)
+        if gateway is not None:
+            stop_processes([gateway], timeout=30)
         stores.stop()
         shutil.rmtree(workdir, ignore_errors=True)
-    return write_report(report, output)
 
 
 def make_config(folder: Path, tenant_key: str) -> Path:

@@ -25,7 +25,8 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from gateway.bench.run import WRK_SCRIPT, _cpu_seconds, _wait, _wrk, write_report
+from gateway.bench.run import (WRK_SCRIPT, _cpu_seconds, _wait, _wrk, start_gateway, start_simulator,
+                               write_report)
 from gateway.config.keys import generate_key, hash_key
 from gateway.stores.embedded import EmbeddedServers, free_port
 
@@ -95,12 +96,8 @@ def _placement_run(folder: Path, env: dict, strategy: str, tenants: int, order: 
     try:
         for i in range(3):
             _wait(sims, url=f"http://127.0.0.1:{sim_port + i}/health")
-        with open(folder / "gateway.log", "wb") as log:
-            gateway = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port),
-                                        "--config-dir", str(folder)],
-                                       env={**env, "GATEWAY_DATA_DIR": str(folder / "data")}, stdout=log,
-                                       stderr=subprocess.STDOUT)
-        _wait(gateway, url=f"http://127.0.0.1:{port}/health/ready", timeout=60)
+        gateway = start_gateway(folder, port, {**env, "GATEWAY_DATA_DIR": str(folder / "data")},
+                                folder / "gateway.log", timeout=60)
         time.sleep(1.5)  # the fleet's first look at the nodes
         latencies, errors = asyncio.run(_open_loop(port, keys, order, gaps))
         stats = [json.loads(urllib.request.urlopen(f"http://127.0.0.1:{sim_port + i}/sim/stats").read())
@@ -173,9 +170,7 @@ def _cpu_with_and_without_fleet(folder: Path, env: dict, duration: float = 5.0, 
     """CPU per request of the same request to a model on a fleet pool of one node and to a plain deployment."""
     folder.mkdir(parents=True)
     sim_port, port = free_port(), free_port()
-    sim = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--port", str(sim_port), "--model", "base",
-                            "--ttft-ms", "5", "--max-num-seqs", "4096"], stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+    sim = start_simulator(sim_port, "--model", "base", "--ttft-ms", "5", "--max-num-seqs", "4096")
     key = generate_key()
     models = {"fleet": {"pools": {"one": {"model": "base", "nodes": [{"url": f"http://127.0.0.1:{sim_port}/v1"}]}}},
               "models": {"on-fleet": {"deployments": [{"name": "one", "api_base": "fleet:one"}]},
@@ -186,13 +181,8 @@ def _cpu_with_and_without_fleet(folder: Path, env: dict, duration: float = 5.0, 
         "name": "B", "tier": "enterprise", "limits": UNBOUND, "keys": [{"name": "k", "sha256": hash_key(key)}]}}}))
     gateway = None
     try:
-        _wait(sim, url=f"http://127.0.0.1:{sim_port}/health")
-        with open(folder / "gateway.log", "wb") as log:
-            gateway = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port),
-                                        "--config-dir", str(folder)],
-                                       env={**env, "GATEWAY_DATA_DIR": str(folder / "data")}, stdout=log,
-                                       stderr=subprocess.STDOUT)
-        _wait(gateway, url=f"http://127.0.0.1:{port}/health/ready", timeout=60)
+        gateway = start_gateway(folder, port, {**env, "GATEWAY_DATA_DIR": str(folder / "data")},
+                                folder / "gateway.log", timeout=60)
         time.sleep(1)
         scripts = {}
         for model in ("on-fleet", "direct"):

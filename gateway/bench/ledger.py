@@ -11,35 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import asyncpg
 
+from gateway.bench.console import ADMIN_KEY, fill, reporting_gateway, time_pages
 from gateway.bench.run import write_report
-from gateway.bench.console import fill, make_config, time_pages
-from gateway.bench.tenants import ADMIN_KEY, _start
-from gateway.config.keys import generate_key
-from gateway.stores.embedded import EmbeddedServers, free_port
 from gateway.stores.ledger import COLUMNS, Ledger
 
 
 def run_ledger_benchmark(sizes: tuple[int, ...] = (1_000_000, 10_000_000), writes: int = 100_000, rounds: int = 10,
                          output: Path | None = None) -> dict:
-    workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-ledger-"))
-    stores = EmbeddedServers(workdir / "stores")
-    gateway = None
-    try:
-        database_url = stores.start_postgres()
-        env = {**os.environ, "GATEWAY_ADMIN_KEY": ADMIN_KEY, "REDIS_URL": stores.start_redis(),
-               "DATABASE_URL": database_url, "GATEWAY_DATA_DIR": str(workdir / "data")}
-        tenant_key = generate_key()
-        gateway = _start(make_config(workdir / "config", tenant_key), free_port(), env, workdir / "gateway.log")
-        port = int(gateway.args[gateway.args.index("--port") + 1])
+    with reporting_gateway("gateway-bench-ledger-") as bench:
+        database_url, workdir, tenant_key = bench.database_url, bench.workdir, bench.tenant_key
         throughput = {
             "with_rollups": asyncio.run(_write_rate(database_url, workdir, writes, "with")),
             "without_rollups": asyncio.run(_write_rate(database_url, workdir, writes, "without")),
@@ -50,16 +36,10 @@ def run_ledger_benchmark(sizes: tuple[int, ...] = (1_000_000, 10_000_000), write
             print(f"  filling the ledger to {size:,} generated rows...", file=sys.stderr, flush=True)
             asyncio.run(fill(database_url, written, size - written))
             written = size
-            reports[f"{size:,} rows"] = asyncio.run(time_pages(port, _reports(tenant_key), rounds))
+            reports[f"{size:,} rows"] = asyncio.run(time_pages(bench.port, _reports(tenant_key), rounds))
         report = {"rows_per_second_written": throughput, "reports_ms": reports,
                   "slowest_report_p95_ms": {size: max(r["p95"] for r in pages.values())
                                             for size, pages in reports.items()}}
-    finally:
-        if gateway is not None and gateway.poll() is None:
-            gateway.terminate()
-            gateway.wait(timeout=30)
-        stores.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
     return write_report(report, output)
 
 

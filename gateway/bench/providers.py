@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.bench.run import _cpu_seconds, _rss_mb, _wait, _wrk, stop_processes, write_report
+from gateway.bench.run import _cpu_seconds, _rss_mb, _wait, _wrk, start_simulator, stop_processes, write_report
 from gateway.config.keys import generate_key, hash_key
 from gateway.stores.embedded import EmbeddedServers, free_port
 
@@ -58,10 +58,7 @@ def run_provider_benchmark(duration: float = 5.0, rounds: int = 3, connections: 
     processes = []
     try:
         sim_port = free_port()
-        sim = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--port", str(sim_port), "--ttft-ms", "5",
-                                "--max-num-seqs", "4096"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        processes.append(sim)
-        _wait(sim, url=f"http://127.0.0.1:{sim_port}/health")
+        processes.append(start_simulator(sim_port, "--ttft-ms", "5", "--max-num-seqs", "4096"))
         env = {**os.environ, "GATEWAY_BUILTIN_SIMULATOR": "0", "REDIS_URL": stores.start_redis(),
                "DATABASE_URL": stores.start_postgres(), "PROVIDER_KEY": PROVIDER_KEY}
         key = generate_key()

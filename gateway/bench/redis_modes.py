@@ -11,13 +11,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from gateway.bench.run import WRK_SCRIPT, _measure, _median, _wait, stop_processes, write_report
-from gateway.bench.tenants import CHAT, _config, _start
+from gateway.bench.run import (WRK_SCRIPT, _measure, _median, start_gateway, start_simulator, stop_processes,
+                               write_report)
+from gateway.bench.tenants import CHAT, _config
 from gateway.bench.topologies import Cluster
 from gateway.config.keys import generate_key
 from gateway.stores.embedded import EmbeddedServers, free_port
@@ -33,10 +33,7 @@ def run_redis_benchmark(duration: float = 5.0, rounds: int = 3, connections: int
     cluster = None
     try:
         sim_port = free_port()
-        sim = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--port", str(sim_port), "--ttft-ms", "5",
-                                "--max-num-seqs", "4096"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        processes.append(sim)
-        _wait(sim, url=f"http://127.0.0.1:{sim_port}/health")
+        processes.append(start_simulator(sim_port, "--ttft-ms", "5", "--max-num-seqs", "4096"))
         cluster = Cluster(workdir / "cluster", replicas=False)
         key = generate_key()
         config = _config(workdir / "config", sim_port, 0, key)
@@ -45,7 +42,7 @@ def run_redis_benchmark(duration: float = 5.0, rounds: int = 3, connections: int
         for name, url in (("one Redis", stores.start_redis()), ("Redis Cluster (3 masters)", cluster.url)):
             port = free_port()
             env = {**base, "REDIS_URL": url, "GATEWAY_DATA_DIR": str(workdir / f"data-{port}")}
-            gateway = _start(config, port, env, workdir / f"{port}.log")
+            gateway = start_gateway(config, port, env, workdir / f"{port}.log")
             processes.append(gateway)
             targets[name] = (port, gateway.pid)
         script = workdir / "chat.lua"

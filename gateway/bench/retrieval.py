@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.bench.run import write_report
+from gateway.bench.run import start_gateway, write_report
 
 PAIRS = Path(__file__).with_name("data") / "semantic_pairs.tsv"
 
@@ -130,7 +130,6 @@ def run_retrieval_benchmark(requests: int = 100, output: Path | None = None) -> 
 def _cost(workdir: Path, requests: int) -> dict:
     import openai
 
-    from gateway.bench.tenants import _start
     from gateway.config.keys import generate_key, hash_key
     from gateway.stores.embedded import EmbeddedServers, free_port
 
@@ -154,7 +153,7 @@ def _cost(workdir: Path, requests: int) -> dict:
         env = {**os.environ, "REDIS_URL": stores.start_redis(), "DATABASE_URL": stores.start_postgres(),
                "GATEWAY_DATA_DIR": str(workdir / "data"), "GATEWAY_SIMULATOR_TTFT_MS": "0",
                "GATEWAY_SIMULATOR_ITL_MS": "0"}
-        gateway = _start(config, port, env, workdir / "gateway.log")
+        gateway = start_gateway(config, port, env, workdir / "gateway.log")
         api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=60)
         documents = [api.files.create(file=(f"topic{i}.txt", io.BytesIO(text.encode())), purpose="assistants").id
                      for i, (_, text) in enumerate(topics_corpus()[:20])]

@@ -131,11 +131,8 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
     python = sys.executable
     try:
         sim_port, pass_port, gw_port, core_port = free_port(), free_port(), free_port(), free_port()
-        sim = subprocess.Popen([python, "-m", "gateway", "sim", "--port", str(sim_port), "--ttft-ms",
-                                str(latency_ms), "--max-num-seqs", "4096"], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+        sim = start_simulator(sim_port, "--ttft-ms", str(latency_ms), "--max-num-seqs", "4096")
         processes.append(sim)
-        _wait(sim, url=f"http://127.0.0.1:{sim_port}/health")
 
         key = generate_key()
         config = workdir / "config"
@@ -233,6 +230,30 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
             stores.stop()
         shutil.rmtree(workdir, ignore_errors=True)
     return write_report(report, output)
+
+
+def start_simulator(port: int, *options: str) -> subprocess.Popen:
+    """``gateway sim`` on ``port`` with ``options``, returned once it answers /health."""
+    sim = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--port", str(port), *options],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return _ready(sim, f"http://127.0.0.1:{port}/health", 30)
+
+
+def start_gateway(config: Path, port: int, env: dict, log: Path, timeout: float = 300) -> subprocess.Popen:
+    """``gateway serve`` on ``port`` for the config folder ``config``, its output in ``log``, returned once ready."""
+    with open(log, "ab") as handle:
+        process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port), "--config-dir",
+                                    str(config)], env=env, stdout=handle, stderr=subprocess.STDOUT)
+    return _ready(process, f"http://127.0.0.1:{port}/health/ready", timeout)
+
+
+def _ready(process: subprocess.Popen, url: str, timeout: float) -> subprocess.Popen:
+    try:
+        _wait(process, url=url, timeout=timeout)
+    except BaseException:
+        process.kill()  # a process that never became ready is not left behind
+        raise
+    return process
 
 
 def stop_processes(processes: list[subprocess.Popen], timeout: float = 10) -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from gateway.bench.run import WRK_SCRIPT, _cpu_seconds, _rss_mb, _wait, _wrk, stop_processes, write_report
+from gateway.bench.run import (WRK_SCRIPT, _cpu_seconds, _rss_mb, _wrk, start_gateway, start_simulator,
+                               stop_processes, write_report)
 from gateway.config.keys import generate_key, hash_key
 from gateway.stores.embedded import EmbeddedServers, free_port
 
@@ -40,10 +41,7 @@ def run_tenant_benchmark(tenants: int = 10_000, duration: float = 5.0, output: P
     stores = EmbeddedServers(workdir / "stores")
     try:
         sim_port = free_port()
-        sim = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--port", str(sim_port), "--ttft-ms", "5",
-                                "--max-num-seqs", "4096"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        processes.append(sim)
-        _wait(sim, url=f"http://127.0.0.1:{sim_port}/health")
+        processes.append(start_simulator(sim_port, "--ttft-ms", "5", "--max-num-seqs", "4096"))
         env = {**os.environ, "GATEWAY_BUILTIN_SIMULATOR": "0", "GATEWAY_ADMIN_KEY": ADMIN_KEY,
                "REDIS_URL": stores.start_redis(), "DATABASE_URL": stores.start_postgres()}
         bench_key = generate_key()
@@ -52,10 +50,11 @@ def run_tenant_benchmark(tenants: int = 10_000, duration: float = 5.0, output: P
 
         many_port, one_port = free_port(), free_port()
         started = time.perf_counter()
-        gateway = _start(many, many_port, {**env, "GATEWAY_DATA_DIR": str(workdir / "data-many")}, workdir / "g.log")
+        gateway = start_gateway(many, many_port, {**env, "GATEWAY_DATA_DIR": str(workdir / "data-many")},
+                                workdir / "g.log")
         processes.append(gateway)
         start_seconds = time.perf_counter() - started
-        single = _start(one, one_port, {**env, "GATEWAY_DATA_DIR": str(workdir / "data-one")}, workdir / "o.log")
+        single = start_gateway(one, one_port, {**env, "GATEWAY_DATA_DIR": str(workdir / "data-one")}, workdir / "o.log")
         processes.append(single)
 
         print(f"  making {tenants - tenants // 2} tenants through the admin API...", file=sys.stderr, flush=True)
@@ -68,7 +67,8 @@ def run_tenant_benchmark(tenants: int = 10_000, duration: float = 5.0, output: P
         gateway.wait(timeout=60)
         processes.remove(gateway)
         started = time.perf_counter()
-        gateway = _start(many, many_port, {**env, "GATEWAY_DATA_DIR": str(workdir / "data-many")}, workdir / "g.log")
+        gateway = start_gateway(many, many_port, {**env, "GATEWAY_DATA_DIR": str(workdir / "data-many")},
+                                workdir / "g.log")
         processes.append(gateway)
         restart_seconds = time.perf_counter() - started
 
@@ -119,14 +119,6 @@ def _config(folder: Path, sim_port: int, yaml_tenants: int, bench_key: str) -> P
     (folder / "models.yaml").write_text(yaml.safe_dump(models))
     (folder / "tenants.yaml").write_text(yaml.safe_dump({"tenants": tenants}))
     return folder
-
-
-def _start(config: Path, port: int, env: dict, log: Path) -> subprocess.Popen:
-    with open(log, "ab") as handle:
-        process = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port), "--config-dir",
-                                    str(config)], env=env, stdout=handle, stderr=subprocess.STDOUT)
-    _wait(process, url=f"http://127.0.0.1:{port}/health/ready", timeout=300)
-    return process
 
 
 def _headers() -> dict:
