@@ -62,7 +62,8 @@ class MiniLM:
                 np.ascontiguousarray(weights[p + "attention.output.dense.weight"].T),
                 weights[p + "attention.output.dense.bias"],
                 (weights[p + "attention.output.LayerNorm.weight"], weights[p + "attention.output.LayerNorm.bias"]),
-                np.ascontiguousarray(weights[p + "intermediate.dense.weight"].T), weights[p + "intermediate.dense.bias"],
+                np.ascontiguousarray(weights[p + "intermediate.dense.weight"].T),
+                weights[p + "intermediate.dense.bias"],
                 np.ascontiguousarray(weights[p + "output.dense.weight"].T), weights[p + "output.dense.bias"],
                 (weights[p + "output.LayerNorm.weight"], weights[p + "output.LayerNorm.bias"]),
             ))

@@ -22,6 +22,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
+from gateway.retrieval.vectors import equal
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -124,8 +126,7 @@ class SemanticIndex:
         found = await self.vectors.client.query_points(
             COLLECTION, query=vector.tolist(), limit=3, with_payload=True, score_threshold=threshold,
             query_filter=models.Filter(must=[
-                models.FieldCondition(key="tenant_id", match=models.MatchValue(value=tenant_id)),
-                models.FieldCondition(key="context", match=models.MatchValue(value=context)),
+                *equal(tenant_id=tenant_id, context=context),
                 models.FieldCondition(key="expires_at", range=models.Range(gt=time.time()))]))
         for point in found.points:
             if same_ask(question, point.payload["question"]):
@@ -147,4 +148,4 @@ class SemanticIndex:
 
         await self._ensure()
         await self.vectors.client.delete(COLLECTION, points_selector=models.FilterSelector(filter=models.Filter(
-            must=[models.FieldCondition(key="tenant_id", match=models.MatchValue(value=tenant_id))])))
+            must=equal(tenant_id=tenant_id))))

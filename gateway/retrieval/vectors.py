@@ -32,6 +32,14 @@ class Hit:
     store_id: str
 
 
+def equal(**fields: str | None) -> list:
+    """Qdrant conditions that each named payload field equals its value (fields given as None are left out)."""
+    from qdrant_client import models
+
+    return [models.FieldCondition(key=key, match=models.MatchValue(value=value))
+            for key, value in fields.items() if value is not None]
+
+
 class Vectors:
     def __init__(self, path: Path | None = None, url: str | None = None, api_key: str | None = None) -> None:
         self.path, self.url, self.api_key = path, url, api_key
@@ -91,9 +99,8 @@ class Vectors:
             return []
         found = await self.client.query_points(
             name, query=vector.tolist(), limit=limit, with_payload=True,
-            query_filter=models.Filter(must=[
-                models.FieldCondition(key="tenant_id", match=models.MatchValue(value=tenant_id)),
-                models.FieldCondition(key="store_id", match=models.MatchAny(any=store_ids))]))
+            query_filter=models.Filter(must=[*equal(tenant_id=tenant_id), models.FieldCondition(
+                key="store_id", match=models.MatchAny(any=store_ids))]))
         return [Hit(p.payload["file_id"], p.payload["filename"], p.payload["chunk"], p.payload["text"],
                     float(p.score), p.payload["store_id"]) for p in found.points]
 
@@ -104,24 +111,9 @@ class Vectors:
         name = self.collection(model)
         if not await self.client.collection_exists(name):
             return
-        must = [models.FieldCondition(key="tenant_id", match=models.MatchValue(value=tenant_id))]
-        if store_id is not None:
-            must.append(models.FieldCondition(key="store_id", match=models.MatchValue(value=store_id)))
-        if file_id is not None:
-            must.append(models.FieldCondition(key="file_id", match=models.MatchValue(value=file_id)))
+        must = equal(tenant_id=tenant_id, store_id=store_id, file_id=file_id)
         await self.client.delete(name, points_selector=models.FilterSelector(filter=models.Filter(must=must)),
                                  wait=True)
-
-    async def count(self, model: str, tenant_id: str, store_id: str | None = None) -> int:
-        from qdrant_client import models
-
-        name = self.collection(model)
-        if not await self.client.collection_exists(name):
-            return 0
-        must = [models.FieldCondition(key="tenant_id", match=models.MatchValue(value=tenant_id))]
-        if store_id is not None:
-            must.append(models.FieldCondition(key="store_id", match=models.MatchValue(value=store_id)))
-        return (await self.client.count(name, count_filter=models.Filter(must=must), exact=True)).count
 
     async def close(self) -> None:
         if self._client is not None:

@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from gateway.stores.resp import Redis, RedisUnavailable, ReplyError, Script, pack
+from gateway.stores.resp import Redis, RedisUnavailable, ReplyError, Script, host_port, pack
 
 log = logging.getLogger("gateway.redis")
 
@@ -76,7 +76,7 @@ class ClusterRedis:
     def __init__(self, url: str, connect_timeout: float = 0.5, timeout: float = 1.0) -> None:
         parsed = urlparse(url)
         credentials, _, hosts = parsed.netloc.rpartition("@")
-        self.seeds = [_host_port(address) for address in hosts.split(",") if address]
+        self.seeds = [host_port(address) for address in hosts.split(",") if address]
         if not self.seeds:
             raise ValueError("a cluster URL is redis+cluster://host:port[,host:port...]")
         self._scheme = "rediss" if parsed.scheme.startswith("rediss") else "redis"
@@ -198,7 +198,7 @@ class ClusterRedis:
                     await self._after_failure()
                     raise RedisUnavailable(str(exc)) from None
                 _, address = where.split(" ", 1)
-                target = _host_port(address)
+                target = host_port(address)
                 node, asking = self._node(target), kind == "ASK"
                 if kind == "MOVED":
                     self.slots[slot] = target
@@ -240,8 +240,3 @@ class ClusterRedis:
         for node in self.nodes.values():
             await node.close()
         self.nodes.clear()
-
-
-def _host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return (host.strip("[]") or "127.0.0.1"), int(port or 6379)

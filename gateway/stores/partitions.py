@@ -15,6 +15,8 @@ import re
 
 import asyncpg
 
+from gateway.stores.usage import midnight
+
 log = logging.getLogger("gateway.ledger")
 
 _LOCK = 7_301_244_772  # advisory lock id of partition maintenance
@@ -43,12 +45,12 @@ async def maintain(pool: asyncpg.Pool, ahead_days: int, retention_days: int,
             ranges = await _ranges(connection)
             for offset in range(ahead_days + 1):
                 day = today + dt.timedelta(days=offset)
-                start, end = _midnight(day), _midnight(day + dt.timedelta(days=1))
+                start, end = midnight(day), midnight(day + dt.timedelta(days=1))
                 if not any(_covers(lower, upper, start, end) for lower, upper in ranges.values()):
                     await _make(connection, day, start, end)
                     made.append(partition_name(day))
             if retention_days > 0:
-                oldest_kept = _midnight(today - dt.timedelta(days=retention_days))
+                oldest_kept = midnight(today - dt.timedelta(days=retention_days))
                 for name, (_, upper) in ranges.items():
                     if upper is not None and upper <= oldest_kept:
                         await connection.execute(f'DROP TABLE "{name}"')
@@ -77,10 +79,6 @@ def _time(text: str | None) -> dt.datetime | None:
 def _covers(lower, upper, start: dt.datetime, end: dt.datetime) -> bool:
     """Does [lower, upper) overlap [start, end)? (A day half covered cannot get a partition of its own.)"""
     return (lower is None or lower < end) and (upper is None or upper > start)
-
-
-def _midnight(day: dt.date) -> dt.datetime:
-    return dt.datetime.combine(day, dt.time.min, dt.timezone.utc)
 
 
 async def _make(connection: asyncpg.Connection, day: dt.date, start: dt.datetime, end: dt.datetime) -> None:

@@ -115,6 +115,12 @@ class _Protocol(asyncio.Protocol):
             self.transport.abort()
 
 
+def host_port(address: str, default_port: int = 6379) -> tuple[str, int]:
+    """``host:port`` (or ``[v6]:port``) of a URL's list of servers, as a pair."""
+    host, _, port = address.rpartition(":")
+    return (host.strip("[]") or "127.0.0.1"), int(port or default_port)
+
+
 _TCP_SCHEMES = ("redis", "rediss", "redis+sentinel", "rediss+sentinel")
 _TLS_SCHEMES = ("rediss", "rediss+sentinel")
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from urllib.parse import urlparse
 
-from gateway.stores.resp import Redis, RedisUnavailable, ReplyError, _Protocol
+from gateway.stores.resp import Redis, RedisUnavailable, ReplyError, _Protocol, host_port
 
 
 class SentinelRedis(Redis):
@@ -21,7 +21,7 @@ class SentinelRedis(Redis):
         super().__init__(url, connect_timeout, timeout)
         parsed = urlparse(url)
         netloc = parsed.netloc.rsplit("@", 1)[-1]
-        self.sentinels = [_host_port(address) for address in netloc.split(",") if address]
+        self.sentinels = [host_port(address, 26379) for address in netloc.split(",") if address]
         self.service = parsed.path.strip("/").split("/")[0]
         if not self.sentinels or not self.service:
             raise ValueError("a Sentinel URL is redis+sentinel://host:port[,host:port...]/<service name>[/<db>]")
@@ -65,8 +65,3 @@ class SentinelRedis(Redis):
         if protocol is not None:
             protocol.abort(RedisUnavailable(reason))
         self._protocol = None
-
-
-def _host_port(address: str) -> tuple[str, int]:
-    host, _, port = address.rpartition(":")
-    return (host.strip("[]") or "127.0.0.1"), int(port or 26379)

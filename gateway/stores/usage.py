@@ -92,10 +92,11 @@ def _between(start: dt.datetime, end: dt.datetime) -> tuple:
     last = end.date()  # the day ``end`` falls in: whole only if end is its midnight (then it is not in the period)
     if first >= last:  # less than a whole day: all raw
         return first, first, start, end, end, end
-    return first, last, start, _midnight(first), _midnight(last), end
+    return first, last, start, midnight(first), midnight(last), end
 
 
-def _midnight(day: dt.date) -> dt.datetime:
+def midnight(day: dt.date) -> dt.datetime:
+    """The start of ``day``, UTC."""
     return dt.datetime.combine(day, dt.time.min, dt.timezone.utc)
 
 
@@ -104,10 +105,9 @@ def period(start: dt.date | None, end: dt.date | None) -> tuple[dt.datetime, dt.
     today = dt.datetime.now(dt.timezone.utc).date()
     end = end or max(today, start or today)
     start = start or end.replace(day=1)
-    as_time = lambda day: dt.datetime.combine(day, dt.time.min, dt.timezone.utc)  # noqa: E731
-    finish = as_time(end) + dt.timedelta(days=1) if end < dt.date.max else dt.datetime.max.replace(
+    finish = midnight(end) + dt.timedelta(days=1) if end < dt.date.max else dt.datetime.max.replace(
         tzinfo=dt.timezone.utc)
-    return as_time(start), finish
+    return midnight(start), finish
 
 
 def last_day(end: dt.datetime) -> str:
