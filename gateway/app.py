@@ -128,7 +128,14 @@ class Gateway:
             asyncio.get_running_loop().create_task(fleet.close())
 
     async def forget_tenant_state(self, tenant_id: str) -> None:
-        """Drop a tenant's counters, slots and cached answers in Redis: its id is about to start a new tenant."""
+        """Drop a tenant's counters, slots and cached answers in Redis, and its documents and semantic cache
+        entries: its id is about to start a new tenant."""
+        if self.retrieval is not None:
+            try:
+                await self.retrieval.forget_tenant(tenant_id)
+                await self.semantic.forget_tenant(tenant_id)
+            except Exception as exc:  # PostgreSQL or Qdrant away: said, and the Redis part still done
+                log.warning("cannot delete tenant %s's documents now: %s", tenant_id, exc)
         if self.limiter is None:
             return
         try:

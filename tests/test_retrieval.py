@@ -280,3 +280,35 @@ def test_indexing_cut_short_by_a_restart_is_finished_by_the_next_start(sim, tmp_
         assert api.vector_stores.search(store.id, query="boiler servicing", max_num_results=1).data
     finally:
         gateway.stop()
+
+
+def test_a_tenant_id_used_again_starts_without_the_old_tenants_documents(sim, tmp_path):
+    admin_key = "sk-admin-retrieval-" + "r" * 24
+    gateway, _ = start(tmp_path / "reuse", sim.url)
+    gateway.stop()
+    gateway = GatewayProcess(tmp_path / "reuse", env={"GATEWAY_ADMIN_KEY": admin_key})
+    admin = {"Authorization": f"Bearer {admin_key}"}
+    try:
+        def new_tenant() -> openai.OpenAI:
+            status, made = http_request(gateway.port, "POST", "/api/v1/organizations",
+                                        json.dumps({"name": "Reused", "id": "reused"}).encode(), admin)
+            assert status == 201, made
+            status, key = http_request(gateway.port, "POST", "/api/v1/organizations/reused/keys", b"{}", admin)
+            return client(gateway, key["key"])
+
+        api = new_tenant()
+        old = api.files.create(file=("secret.txt", io.BytesIO(b"The old tenant's launch date is in May.")),
+                               purpose="assistants")
+        store = api.vector_stores.create(name="old", file_ids=[old.id])
+        wait_indexed(api, store.id)
+        status, _ = http_request(gateway.port, "DELETE", "/api/v1/organizations/reused", headers=admin)
+        assert status == 200
+        api = new_tenant()
+        assert api.files.list().data == [] and api.vector_stores.list().data == []
+        for call in (lambda: api.files.retrieve(old.id), lambda: api.vector_stores.retrieve(store.id)):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        mine = api.vector_stores.create(name="new")
+        assert api.vector_stores.search(mine.id, query="launch date").data == []
+    finally:
+        gateway.stop()

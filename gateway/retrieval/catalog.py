@@ -61,6 +61,13 @@ class Catalog:
                                                 "RETURNING id", tenant_id, file_id)
         return None if deleted is None else [row["store_id"] for row in stores]
 
+    async def forget_tenant(self, tenant_id: str) -> None:
+        """Every file and store of the tenant (the files in stores go with them)."""
+        pool = await self._pool()
+        async with pool.acquire() as connection, connection.transaction():
+            await connection.execute("DELETE FROM vector_stores WHERE tenant_id = $1", tenant_id)
+            await connection.execute("DELETE FROM retrieval_files WHERE tenant_id = $1", tenant_id)
+
     # stores
 
     async def add_store(self, tenant_id: str, name: str | None, metadata: dict | None) -> str:

@@ -140,6 +140,11 @@ class Retrieval:
         await self.vectors.delete(self.model, tenant_id, store_id=store_id)
         return True
 
+    async def forget_tenant(self, tenant_id: str) -> None:
+        """Every file, store and vector of the tenant: its id is about to start a new tenant."""
+        await self.catalog.forget_tenant(tenant_id)
+        await self.vectors.delete(self.model, tenant_id)
+
     async def search(self, tenant: "Tenant", key: "ApiKey", store_ids: list[str], query: str,
                      limit: int) -> list[Hit]:
         """The ``limit`` chunks of the tenant's stores nearest to ``query``; a 404 names a store it does not have."""
