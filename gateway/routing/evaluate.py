@@ -111,16 +111,27 @@ def split(examples: Sequence[Example], test_percent: int = 50) -> tuple[list[Exa
 
 
 def curve(scores: Sequence[float], examples: Sequence[Example], points: int = 100) -> list[tuple[float, float]]:
-    """(share sent to the large model, accuracy) as the share goes from 0 to 1, highest scores first."""
+    """(share sent to the large model, accuracy) as the share goes from 0 to 1, highest scores first.
+
+    Requests with equal scores are sent in no particular order, so within a run of ties each one counts as the
+    run's mean: the curve is what random tie-breaking gives on average, whatever order the rows come in."""
     order = sorted(range(len(examples)), key=lambda i: -scores[i])
     n = len(examples)
+    gains = [examples[i].strong_correct - examples[i].weak_correct for i in order]
+    start = 0
+    while start < n:  # each run of tied scores gets its mean gain
+        end = start + 1
+        while end < n and scores[order[end]] == scores[order[start]]:
+            end += 1
+        if end - start > 1:
+            gains[start:end] = [sum(gains[start:end]) / (end - start)] * (end - start)
+        start = end
     correct = sum(e.weak_correct for e in examples)
     result, sent = [(0.0, correct / n)], 0
     for step in range(1, points + 1):
         until = round(n * step / points)
         while sent < until:
-            example = examples[order[sent]]
-            correct += example.strong_correct - example.weak_correct
+            correct += gains[sent]
             sent += 1
         result.append((step / points, correct / n))
     return result
