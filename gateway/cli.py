@@ -80,7 +80,12 @@ def main(argv: list[str] | None = None) -> None:
                             "with --data, from both")
     train.add_argument("--tenant", help="with --from-ledger: only this tenant's requests")
     train.add_argument("--days", type=int, default=90, help="with --from-ledger: the last this many days")
-    router_commands.choices["evaluate"].add_argument("--svg", type=Path, help="draw the curves into this file")
+    evaluate = router_commands.choices["evaluate"]
+    evaluate.add_argument("--svg", type=Path, help="draw the curves into this file")
+    evaluate.add_argument("--every-row", action="store_true",
+                          help="judge on every row, not the held-out half: for data the scorer was not trained on")
+    evaluate.add_argument("--learning-curve", action="store_true",
+                          help="also: each group's APGR as its own labelled examples join the training (minutes)")
     calibrate = router_commands.choices["calibrate"]
     calibrate.add_argument("--large-share", type=float, required=True,
                            help="share of requests to send to a large model: COMPLEX and CRITICAL (0 to 1)")
@@ -260,7 +265,7 @@ def _router(args: argparse.Namespace) -> None:
     if not data.exists():
         raise SystemExit(f"gateway router: no data at {data}; pass --data")
     if args.router_command == "evaluate":
-        commands.print_json(commands.evaluate(data, scorer, args.svg))
+        commands.print_json(commands.evaluate(data, scorer, args.svg, args.every_row, args.learning_curve))
     else:
         commands.print_json(commands.calibrate(data, scorer, args.large_share, args.critical_share))
 

@@ -39,7 +39,7 @@ def test_the_data_ships_with_the_package():
 def test_evaluate_reports_the_held_out_half_and_every_group_left_out(tmp_path):
     image = tmp_path / "curve.svg"
     report = router("evaluate", "--svg", str(image))
-    assert report["held_out_prompts"] > 6000
+    assert report["judged_on"] == "the held-out half" and report["prompts_judged"] > 6000
     routers = {r["name"]: r for r in report["routers"]}
     gateway = routers["rules + learned (the gateway's classifier)"]
     assert gateway["apgr"] > 0.62 and routers["learned scorer alone"]["apgr"] > 0.6
@@ -53,6 +53,29 @@ def test_evaluate_reports_the_held_out_half_and_every_group_left_out(tmp_path):
     assert 0 < report["microseconds_per_decision"]["rules + learned (the gateway's classifier)"] < 1000
     svg = image.read_text()
     assert svg.startswith("<svg") and "random router" in svg and "APGR" in svg
+
+
+def test_data_the_scorer_never_saw_is_judged_on_every_row(tmp_path):
+    rows = [{"prompt": f"A train leaves at {i} and travels {i * 3} miles; " + "then it stops. " * (i % 7)
+             + "How far has it gone?", "weak_correct": i % 7 < 3, "strong_correct": i % 5 != 0} for i in range(300)]
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    report = router("evaluate", "--data", str(outside), "--every-row")
+    assert report["judged_on"] == "every row" and report["prompts_judged"] == 300
+    assert router("evaluate", "--data", str(outside))["prompts_judged"] < 200
+
+
+def test_the_learning_curve_judges_each_group_on_examples_it_never_trained_on(tmp_path):
+    sample = tmp_path / "sample.jsonl"
+    lines = gzip.decompress(DEFAULT_DATA.read_bytes()).decode().splitlines()
+    sample.write_text("\n".join(lines[::3]) + "\n")  # every third: the larger families keep 1,200+ examples
+    curve = router("evaluate", "--data", str(sample), "--learning-curve")["learning_from_labelled_examples"]
+    by_size = curve["by_examples"]
+    assert list(by_size) == ["0", "250", "500", "1000"]
+    groups = set(by_size["0"]["groups"])
+    assert groups and groups <= {"stem", "humanities", "social_sciences", "other"}
+    for size in by_size.values():
+        assert set(size["groups"]) == groups and 0.3 < size["mean_apgr"] < 0.8
 
 
 def test_calibrate_sets_thresholds_for_a_large_model_share():
@@ -81,7 +104,7 @@ def test_train_writes_a_scorer_with_its_blend_and_never_the_shipped_one(tmp_path
     assert scorer.blend == report["blend"] and scorer.blend["critical_words"] == 0.5  # a rule, kept
     assert set(scorer.thresholds) == {"moderate", "complex", "critical"}
     assert 0 < scorer.score("What is the capital of France?") < 1
-    assert router("evaluate", "--data", str(sample), "--scorer", str(output))["held_out_prompts"] > 200
+    assert router("evaluate", "--data", str(sample), "--scorer", str(output))["prompts_judged"] > 200
 
     shipped = DEFAULT_PATH.read_bytes()
     for args in (("train",), ("train", "--scorer", str(DEFAULT_PATH))):

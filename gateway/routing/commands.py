@@ -72,13 +72,15 @@ def train(examples: Sequence[Example], output: Path, use_all: bool, source: str)
             "models_yaml": f"router:\n  classifier:\n    scorer: {output}"}
 
 
-def evaluate(data: Path, scorer_path: Path, image: Path | None) -> dict:
-    """The rules, the learned scorer, the gateway's classifier and prompt length, on the held-out half and
-    leave-group-out, beside the random router; and what one decision costs."""
+def evaluate(data: Path, scorer_path: Path, image: Path | None, every_row: bool = False,
+             learning: bool = False) -> dict:
+    """The rules, the learned scorer, the gateway's classifier and prompt length, on the held-out half (or, for
+    data the scorer never saw, on ``every_row``) and leave-group-out, beside the random router; what one decision
+    costs; and with ``learning``, how the router improves on each group as it learns from labelled examples of it."""
     examples = load_examples(data)
     scorer = LearnedScorer.load(scorer_path)
     blend = scorer.blend or {**DEFAULT_WEIGHTS, "learned": 1.0}
-    test = split(examples)[1]
+    test = examples if every_row else split(examples)[1]
     gateway = Classifier(weights=blend, scorer=scorer)
     rules = Classifier(scorer=None)
     named = {"rules (no scorer)": [_score(rules, e) for e in test],
@@ -88,13 +90,15 @@ def evaluate(data: Path, scorer_path: Path, image: Path | None) -> dict:
     reports = [judge_scores(name, scores, test) for name, scores in named.items()]
     weak, strong = accuracies(test)
     if image is not None:
-        image.write_text(svg(reports[:3], weak, strong, f"{data.name}: {len(test)} held-out prompts"))
+        image.write_text(svg(reports[:3], weak, strong,
+                                     f"{data.name}: {len(test)} {'' if every_row else 'held-out '}prompts"))
     usable, left_out = credible(examples)
     grouped = _grouped(usable)
     prompts = [e.prompt for e in test[:2000] if e.prompt]
-    return {
+    report = {
         "data": data.name,
-        "held_out_prompts": len(test),
+        "judged_on": "every row" if every_row else "the held-out half",
+        "prompts_judged": len(test),
         "small_model_accuracy": round(weak, 4),
         "large_model_accuracy": round(strong, 4),
         "routers": [_summary(r, weak, strong) for r in reports] + [
@@ -112,6 +116,15 @@ def evaluate(data: Path, scorer_path: Path, image: Path | None) -> dict:
             "rules + learned (the gateway's classifier)": round(fit.decision_microseconds(gateway, prompts), 1),
             "rules (no scorer)": round(fit.decision_microseconds(rules, prompts), 1)},
     }
+    if learning:
+        curve = fit.learning_curve(grouped, blend)
+        report["learning_from_labelled_examples"] = {
+            "what": "per group: a scorer trained on the other groups plus this many labelled examples of this one, "
+                    f"judged on the rest of it (at least {fit.LEARNING_TEST_MINIMUM}), with this scorer's blend",
+            "by_examples": {str(size): {"mean_apgr": round(sum(each.values()) / len(each), 4) if each else None,
+                                        "groups": {k: round(v, 4) for k, v in each.items()}}
+                            for size, each in curve.items()}}
+    return report
 
 
 def calibrate(data: Path, scorer_path: Path | None, large_share: float, critical_share: float | None) -> dict:

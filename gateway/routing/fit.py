@@ -14,6 +14,7 @@ The others may only raise the score, so that a quirk of one data set cannot turn
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -116,3 +117,31 @@ def decision_microseconds(classifier: Classifier, prompts: Sequence[str]) -> flo
     for body in bodies:
         classifier.classify(body)
     return (time.perf_counter() - started) / max(1, len(bodies)) * 1e6
+
+
+LEARNING_SIZES = (0, 250, 500, 1000)
+LEARNING_TEST_MINIMUM = 200  # a group is judged on at least this many of its examples never trained on
+
+
+def learning_curve(examples: Sequence[Example], weights: dict[str, float],
+                   sizes: Sequence[int] = LEARNING_SIZES) -> dict[int, dict[str, float]]:
+    """How fast the router learns a kind of traffic it was not fitted to, as it would from the gateway's ledger:
+    for each group, a scorer trained on the other groups plus the first ``size`` labelled examples of this one
+    (in a fixed order by hash), judged on the group's examples past the largest size. APGR per group, by size."""
+    result: dict[int, dict[str, float]] = {size: {} for size in sizes}
+    for group in groups_of(examples):
+        own = sorted((e for e in examples if e.group == group), key=_draw_order)
+        if len(own) - max(sizes) < LEARNING_TEST_MINIMUM:
+            continue
+        others = [e for e in examples if e.group != group]
+        judged = own[max(sizes):]
+        judged_signals = [signals_of(e) for e in judged]
+        for size in sizes:
+            scorer = train_scorer(others + own[:size])
+            fold = Fold(group, judged, judged_signals, [scorer.score_features(features(e)) for e in judged])
+            result[size][group] = apgr_of(fold_scores(fold, weights), judged)
+    return result
+
+
+def _draw_order(example: Example) -> int:
+    return zlib.crc32((example.prompt or str(example.features)).encode())
