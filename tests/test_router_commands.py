@@ -70,12 +70,13 @@ def test_the_learning_curve_judges_each_group_on_examples_it_never_trained_on(tm
     lines = gzip.decompress(DEFAULT_DATA.read_bytes()).decode().splitlines()
     sample.write_text("\n".join(lines[::3]) + "\n")  # every third: the larger families keep 1,200+ examples
     curve = router("evaluate", "--data", str(sample), "--learning-curve")["learning_from_labelled_examples"]
-    by_size = curve["by_examples"]
-    assert list(by_size) == ["0", "250", "500", "1000"]
-    groups = set(by_size["0"]["groups"])
-    assert groups and groups <= {"stem", "humanities", "social_sciences", "other"}
-    for size in by_size.values():
-        assert set(size["groups"]) == groups and 0.3 < size["mean_apgr"] < 0.8
+    for router_name in ("this scorer's blend", "learned scorer alone"):
+        by_size = curve[router_name]
+        assert list(by_size) == ["0", "250", "500", "1000"]
+        groups = set(by_size["0"]["groups"])
+        assert groups and groups <= {"stem", "humanities", "social_sciences", "other"}
+        for size in by_size.values():
+            assert set(size["groups"]) == groups and 0.3 < size["mean_apgr"] < 0.8
 
 
 def test_calibrate_sets_thresholds_for_a_large_model_share():

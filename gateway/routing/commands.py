@@ -117,13 +117,14 @@ def evaluate(data: Path, scorer_path: Path, image: Path | None, every_row: bool 
             "rules (no scorer)": round(fit.decision_microseconds(rules, prompts), 1)},
     }
     if learning:
-        curve = fit.learning_curve(grouped, blend)
+        curves = fit.learning_curve(grouped, blend)
         report["learning_from_labelled_examples"] = {
             "what": "per group: a scorer trained on the other groups plus this many labelled examples of this one, "
-                    f"judged on the rest of it (at least {fit.LEARNING_TEST_MINIMUM}), with this scorer's blend",
-            "by_examples": {str(size): {"mean_apgr": round(sum(each.values()) / len(each), 4) if each else None,
-                                        "groups": {k: round(v, 4) for k, v in each.items()}}
-                            for size, each in curve.items()}}
+                    f"judged on the rest of it (at least {fit.LEARNING_TEST_MINIMUM})",
+            **{name: {str(size): {"mean_apgr": round(sum(each.values()) / len(each), 4) if each else None,
+                                  "groups": {k: round(v, 4) for k, v in each.items()}}
+                      for size, each in curves[key].items()}
+               for name, key in (("this scorer's blend", "blend"), ("learned scorer alone", "learned"))}}
     return report
 
 

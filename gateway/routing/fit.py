@@ -25,7 +25,8 @@ from gateway.routing.signals import DEFAULT_VOCABULARY, question_of, signals, wo
 
 RULES = {"simple_words": -0.3, "complex_words": 0.15, "critical_words": 0.5, "code": 0.07, "depth": 0.03,
          "tools": 0.05}  # kept as they are
-TUNED = ("length", "technical_terms", "reasoning", "quantitative", "multi_step", "negation", "constraints")
+TUNED = ("length", "technical_terms", "reasoning", "quantitative", "multi_step", "negation", "constraints",
+         "sentences", "instruction")
 SMOOTHING = 0.2  # an example's target: this much its own gain, the rest its subject's mean gain
 STEPS = (0.1, 0.05, 0.025, 0.0125, 0.005)
 
@@ -124,11 +125,13 @@ LEARNING_TEST_MINIMUM = 200  # a group is judged on at least this many of its ex
 
 
 def learning_curve(examples: Sequence[Example], weights: dict[str, float],
-                   sizes: Sequence[int] = LEARNING_SIZES) -> dict[int, dict[str, float]]:
+                   sizes: Sequence[int] = LEARNING_SIZES) -> dict[str, dict[int, dict[str, float]]]:
     """How fast the router learns a kind of traffic it was not fitted to, as it would from the gateway's ledger:
     for each group, a scorer trained on the other groups plus the first ``size`` labelled examples of this one
-    (in a fixed order by hash), judged on the group's examples past the largest size. APGR per group, by size."""
-    result: dict[int, dict[str, float]] = {size: {} for size in sizes}
+    (in a fixed order by hash), judged on the group's examples past the largest size. APGR per group, by size,
+    for the classifier with ``weights`` and for the learned scorer alone."""
+    result: dict[str, dict[int, dict[str, float]]] = {"blend": {size: {} for size in sizes},
+                                                      "learned": {size: {} for size in sizes}}
     for group in groups_of(examples):
         own = sorted((e for e in examples if e.group == group), key=_draw_order)
         if len(own) - max(sizes) < LEARNING_TEST_MINIMUM:
@@ -139,7 +142,8 @@ def learning_curve(examples: Sequence[Example], weights: dict[str, float],
         for size in sizes:
             scorer = train_scorer(others + own[:size])
             fold = Fold(group, judged, judged_signals, [scorer.score_features(features(e)) for e in judged])
-            result[size][group] = apgr_of(fold_scores(fold, weights), judged)
+            result["blend"][size][group] = apgr_of(fold_scores(fold, weights), judged)
+            result["learned"][size][group] = apgr_of(fold.learned, judged)
     return result
 
 

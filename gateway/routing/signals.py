@@ -46,7 +46,7 @@ CONSTRAINT_MARKERS = (
 )
 CATEGORIES = ("simple", "complex", "critical", "technical", "reasoning", "multi_step", "negation", "constraints")
 SIGNALS = ("length", "simple_words", "complex_words", "critical_words", "technical_terms", "code", "reasoning",
-           "quantitative", "multi_step", "negation", "constraints", "depth", "tools")
+           "quantitative", "multi_step", "negation", "constraints", "sentences", "instruction", "depth", "tools")
 
 WORD = re.compile(r"[a-z0-9']+")
 _CODE = re.compile(r"```|\bdef \w+\(|\bclass \w+[:(]|\bimport \w+|\bfunction\s*\(|=>|\breturn\b.*;|[{};][ \t]*$",
@@ -55,6 +55,7 @@ _CODE_HINTS = ("```", "def ", "class ", "import ", "function", "=>", ";", "{", "
 _MATH_SYMBOLS = "=^∫∑√±≤≥"
 _ARITHMETIC = re.compile(r"\d\s*[-+*/]\s*\d")  # one branch starting with a digit: several times faster than two
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
+_SENTENCE_END = re.compile(r"[.?!](?:\s|$)")
 # Answer options listed after a question ("A. ...", "(B) ...", "C) ..."): the question is what is read for its shape.
 _OPTIONS = re.compile(r"\n\s*\(?A[.)]\s.*\n\s*\(?B[.)]\s", re.DOTALL)
 HEAD_CHARS, TAIL_CHARS = 800, 400  # a long text is read at its start and its end (where the question usually is)
@@ -161,6 +162,8 @@ def signals(text: str, tokens: list[str], turns: int, wants_tools: bool, vocabul
         "multi_step": min(1.0, counts["multi_step"] / 4),
         "negation": min(1.0, counts["negation"] / 2),
         "constraints": min(1.0, counts["constraints"] / 2),
+        "sentences": min(1.0, max(0, len(_SENTENCE_END.findall(head)) - 1) / 6),
+        "instruction": 0.0 if not text or text.rstrip().endswith("?") else 1.0,  # not put as a question
         "depth": min(1.0, max(0, turns - 1) / 10),
         "tools": 1.0 if wants_tools else 0.0,
     }
