@@ -34,3 +34,10 @@ def test_sentences_beyond_the_first_count_up_to_seven():
 def test_every_signal_is_reported_with_the_decision():
     decision = Classifier().classify({"messages": [{"role": "user", "content": "Plan the migration. Then test it."}]})
     assert decision.signals["instruction"] == 1.0 and decision.signals["sentences"] == 1 / 6
+
+
+def test_without_a_scorer_the_signals_of_shape_leave_the_seed_thresholds_their_meaning():
+    """Nearly every request has some shape; without a scorer's own thresholds, shape alone must not make a
+    plain request of a few sentences COMPLEX."""
+    email = "Can you help me write an email to my landlord? The heating is broken. It has been a week. I want it fixed."
+    assert Classifier().classify({"messages": [{"role": "user", "content": email}]}).complexity.value == "simple"

@@ -22,8 +22,10 @@ class Complexity(str, Enum):
     CRITICAL = "critical"
 
 
-# Without a learned scorer: the marker words of seed 001's routing examples as rules, and the weights of the other
-# signals chosen by `gateway router train` leave-group-out on the MMLU routing data (see routing/fit.py).
+# Without a learned scorer: the marker words of seed 001's routing examples as rules, with its thresholds, and the
+# weights of the other signals chosen by `gateway router train` leave-group-out on the MMLU routing data (see
+# routing/fit.py). The signals of shape (instruction, sentences) are left out here: they add to nearly every
+# request, so they need the thresholds a trained scorer brings with it (the shipped scorer's blend has them).
 DEFAULT_WEIGHTS: dict[str, float] = {
     "length": 0.005,
     "simple_words": -0.3,
@@ -31,13 +33,13 @@ DEFAULT_WEIGHTS: dict[str, float] = {
     "critical_words": 0.5,
     "technical_terms": 0.0,
     "code": 0.07,
-    "reasoning": 0.0,
-    "quantitative": 0.0,
-    "multi_step": 0.0125,
+    "reasoning": 0.025,
+    "quantitative": 0.125,
+    "multi_step": 0.05,
     "negation": 0.0,
     "constraints": 0.0,
-    "sentences": 0.1,
-    "instruction": 0.1,
+    "sentences": 0.0,
+    "instruction": 0.0,
     "depth": 0.03,
     "tools": 0.05,
 }

@@ -90,8 +90,8 @@ def evaluate(data: Path, scorer_path: Path, image: Path | None, every_row: bool 
     reports = [judge_scores(name, scores, test) for name, scores in named.items()]
     weak, strong = accuracies(test)
     if image is not None:
-        image.write_text(svg(reports[:3], weak, strong,
-                                     f"{data.name}: {len(test)} {'' if every_row else 'held-out '}prompts"))
+        title = f"{data.name}: {len(test)} {'' if every_row else 'held-out '}prompts"
+        image.write_text(svg(reports[:3], weak, strong, title))
     usable, left_out = credible(examples)
     grouped = _grouped(usable)
     prompts = [e.prompt for e in test[:2000] if e.prompt]
