@@ -33,6 +33,26 @@ def sentinels(tmp_path_factory):
     made.stop()
 
 
+class _NeverOk(Cluster):
+    """A cluster whose nodes never agree: its setup gives up after a second."""
+
+    SETUP_SECONDS = 1.0
+    started: list = []
+
+    def start(self, port: int, *args: str) -> None:
+        super().start(port, *args)
+        self.started.append(self.processes[port])
+
+    def ok(self) -> bool:
+        return False
+
+
+def test_a_topology_that_fails_to_form_stops_every_server_it_started(tmp_path):
+    with pytest.raises(AssertionError, match="the cluster to be ok"):
+        _NeverOk(tmp_path)
+    assert len(_NeverOk.started) == 6 and all(process.poll() is not None for process in _NeverOk.started)
+
+
 def _call(gateway: GatewayProcess, key: str, body: dict | None = None) -> tuple[int, dict]:
     """Status and headers of one chat request."""
     import urllib.error

@@ -74,17 +74,33 @@ def _wait(condition, timeout: float = 30.0, what: str = "") -> None:
 
 
 class Servers:
+    """Valkey processes started for one topology; a topology that fails to form stops what it started."""
+
+    SETUP_SECONDS = 30.0  # how long each step of forming the topology may take
+
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self.processes: dict[int, subprocess.Popen] = {}
+        try:
+            self.form()
+        except BaseException:
+            self.stop()
+            raise
+
+    def form(self) -> None:
+        """Start the servers and wait until they work together."""
+        raise NotImplementedError
 
     def start(self, port: int, *args: str) -> None:
         data = self.folder / str(port)
         data.mkdir(parents=True, exist_ok=True)
-        log = open(data / "log", "ab")
-        self.processes[port] = subprocess.Popen([valkey_server(), *args], cwd=data, stdout=log,
-                                                stderr=subprocess.STDOUT)
-        _wait(lambda: Node(port).run("PING") == b"PONG", what=f"valkey on {port}")
+        with open(data / "log", "ab") as log:
+            self.processes[port] = subprocess.Popen([valkey_server(), *args], cwd=data, stdout=log,
+                                                    stderr=subprocess.STDOUT)
+        self.wait(lambda: Node(port).run("PING") == b"PONG", f"valkey on {port}")
+
+    def wait(self, condition, what: str) -> None:
+        _wait(condition, self.SETUP_SECONDS, what)
 
     def kill(self, port: int) -> None:
         self.processes[port].send_signal(signal.SIGKILL)
@@ -106,8 +122,10 @@ class Cluster(Servers):
     a second."""
 
     def __init__(self, folder: Path, replicas: bool = True) -> None:
-        super().__init__(folder)
         self.ports = [_cluster_port() for _ in range(6 if replicas else 3)]
+        super().__init__(folder)
+
+    def form(self) -> None:
         for port in self.ports:
             self.start(port, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                        "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000", "--save", "",
@@ -118,13 +136,13 @@ class Cluster(Servers):
             node.run("CLUSTER", "ADDSLOTSRANGE", start, end)
         for node in nodes[1:]:
             node.run("CLUSTER", "MEET", "127.0.0.1", self.ports[0])
-        _wait(lambda: all(len(n.run("CLUSTER", "NODES").splitlines()) == len(nodes) for n in nodes),
-              what="the nodes to meet")
+        self.wait(lambda: all(len(n.run("CLUSTER", "NODES").splitlines()) == len(nodes) for n in nodes),
+                  "the nodes to meet")
         for master, replica in zip(masters, self.ports[3:]):
             Node(replica).run("CLUSTER", "REPLICATE", Node(master).run("CLUSTER", "MYID"))
-        _wait(self.ok, what="the cluster to be ok")
-        _wait(lambda: all(Node(r).info("replication")["master_link_status"] == "up" for r in self.ports[3:]),
-              what="the replicas to sync")
+        self.wait(self.ok, "the cluster to be ok")
+        self.wait(lambda: all(Node(r).info("replication")["master_link_status"] == "up" for r in self.ports[3:]),
+                  "the replicas to sync")
 
     def ok(self) -> bool:
         return all(b"cluster_state:ok" in Node(p).run("CLUSTER", "INFO")
@@ -151,14 +169,16 @@ class Sentinels(Servers):
     SERVICE = "gateway"
 
     def __init__(self, folder: Path) -> None:
-        super().__init__(folder)
         self.master, self.replica = free_port(), free_port()
+        self.sentinels = [free_port() for _ in range(3)]
+        super().__init__(folder)
+
+    def form(self) -> None:
         self.start(self.master, "--port", str(self.master), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no")
         self.start(self.replica, "--port", str(self.replica), "--bind", "127.0.0.1", "--save", "",
                    "--appendonly", "no", "--replicaof", "127.0.0.1", str(self.master))
-        _wait(lambda: Node(self.replica).info("replication")["master_link_status"] == "up",
-              what="the replica to sync")
-        self.sentinels = [free_port() for _ in range(3)]
+        self.wait(lambda: Node(self.replica).info("replication")["master_link_status"] == "up",
+                  "the replica to sync")
         for port in self.sentinels:
             folder = self.folder / str(port)
             folder.mkdir(parents=True, exist_ok=True)
@@ -167,8 +187,8 @@ class Sentinels(Servers):
                 f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
                 f"sentinel failover-timeout {self.SERVICE} 5000\n")
             self.start(port, str(folder / "sentinel.conf"), "--sentinel")
-        _wait(lambda: all(self._sentinel_view(p).get("num-other-sentinels") == "2" for p in self.sentinels),
-              what="the Sentinels to find each other")
+        self.wait(lambda: all(self._sentinel_view(p).get("num-other-sentinels") == "2" for p in self.sentinels),
+                  "the Sentinels to find each other")
 
     @property
     def url(self) -> str:
