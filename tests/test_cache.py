@@ -10,7 +10,7 @@ import openai
 import pytest
 import yaml
 
-from conftest import GatewayProcess, Simulator, free_port, http_request, ledger_row
+from conftest import GatewayProcess, Simulator, http_request, ledger_row
 from gateway.config.keys import generate_key, hash_key
 
 ADMIN_KEY = "sk-admin-cache-0123456789abcdef"

@@ -10,7 +10,7 @@ import openai
 import pytest
 import yaml
 
-from conftest import GatewayProcess, free_port, http_request
+from conftest import GatewayProcess, http_request
 from gateway.config.keys import generate_key, hash_key
 
 HELLO = [{"role": "user", "content": "hi"}]

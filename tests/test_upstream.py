@@ -9,8 +9,6 @@ import time
 import openai
 import pytest
 
-from conftest import http_request
-
 HELLO = [{"role": "user", "content": "hi"}]
 
 
