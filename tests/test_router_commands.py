@@ -50,6 +50,9 @@ def test_evaluate_reports_the_held_out_half_and_every_group_left_out(tmp_path):
     assert set(folds["folds"]) == {"stem", "humanities", "social_sciences", "other"}
     assert folds["mean_apgr"] == pytest.approx(sum(folds["folds"].values()) / 4, abs=1e-3)
     assert folds["mean_apgr"] > report["leave_group_out"]["rules (no scorer)"]["mean_apgr"] - 0.02 > 0.5
+    oracle = report["subject_oracle"]  # knows each subject's mean gain on the very prompts judged
+    assert oracle["leave_group_out"]["mean_apgr"] > folds["mean_apgr"] and oracle["held_out_apgr"] > gateway["apgr"]
+    assert set(oracle["leave_group_out"]["folds"]) == set(folds["folds"])
     assert 0 < report["microseconds_per_decision"]["rules + learned (the gateway's classifier)"] < 1000
     svg = image.read_text()
     assert svg.startswith("<svg") and "random router" in svg and "APGR" in svg

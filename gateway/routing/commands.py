@@ -116,6 +116,8 @@ def evaluate(data: Path, scorer_path: Path, image: Path | None, every_row: bool 
             "rules + learned (the gateway's classifier)": round(fit.decision_microseconds(gateway, prompts), 1),
             "rules (no scorer)": round(fit.decision_microseconds(rules, prompts), 1)},
     }
+    if len({e.subject for e in examples}) > 1:
+        report["subject_oracle"] = _subject_oracle(test, grouped)
     if learning:
         curves = fit.learning_curve(grouped, blend)
         report["learning_from_labelled_examples"] = {
@@ -229,6 +231,24 @@ def _fold_report(fold_list: list[fit.Fold], routers: dict[str, dict[str, float]]
         mean, each = fit.mean_apgr(fold_list, weights)
         report[name] = {"mean_apgr": round(mean, 4), "folds": {k: round(v, 4) for k, v in each.items()}}
     return report
+
+
+def _subject_oracle(test: list[Example], grouped: list[Example]) -> dict:
+    """A ceiling for routers that know a request's subject: scoring each prompt by the mean gain of its subject in
+    the very prompts judged, which no router can know in advance."""
+    def apgr(examples: list[Example]) -> float:
+        by_subject: dict[str, list[float]] = {}
+        for example in examples:
+            by_subject.setdefault(example.subject, []).append(example.gain)
+        scores = [sum(by_subject[e.subject]) / len(by_subject[e.subject]) for e in examples]
+        return round(judge_scores("", scores, examples).apgr, 4)
+
+    folds = {group: apgr([e for e in grouped if e.group == group]) for group in groups_of(grouped)}
+    return {"what": "each prompt scored by its subject's true mean gain on the prompts judged: out of reach of any "
+                    "router, it shows how much of the gap subjects alone could explain",
+            "held_out_apgr": apgr(test),
+            "leave_group_out": {"mean_apgr": round(sum(folds.values()) / len(folds), 4) if folds else None,
+                                "folds": folds}}
 
 
 def _held_out(test: list[Example], classifier: Classifier, rules: dict[str, float]) -> dict:
