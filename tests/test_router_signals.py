@@ -41,3 +41,15 @@ def test_without_a_scorer_the_signals_of_shape_leave_the_seed_thresholds_their_m
     plain request of a few sentences COMPLEX."""
     email = "Can you help me write an email to my landlord? The heating is broken. It has been a week. I want it fixed."
     assert Classifier().classify({"messages": [{"role": "user", "content": email}]}).complexity.value == "simple"
+
+
+def test_the_explanation_names_what_moved_the_score_not_what_says_nothing():
+    """The learned scorer says about its prior of a request whose words it never saw: that is not what decided."""
+    from gateway.routing.scorer import LearnedScorer
+
+    scorer = LearnedScorer.load()
+    classifier = Classifier(weights=scorer.blend, scorer=scorer)
+    decision = classifier.classify({"messages": [{"role": "user", "content": "Plan the migration. Then test it."}]})
+    assert abs(decision.signals["learned"] - scorer.prior) < 0.05
+    explained = decision.explain(classifier.weights, neutral=classifier.neutral)
+    assert explained.split(",")[0] == "instruction=1.00" and "sentences=0.17" in explained

@@ -35,14 +35,15 @@ class RouteRequest:
                 _check_fits(ctx, ctx.model)
             return
         config = ctx.config
-        decision = config.router.classifier.classify(ctx.body)
+        classifier = config.router.classifier
+        decision = classifier.classify(ctx.body)
         complexity = decision.complexity.value
         if profile.target_large_share is not None and self.shares is not None:  # thresholds that follow traffic
             self.shares.observe(profile.share_scope, decision.score, profile.target_large_share, profile.large_from)
             kept = self.shares.complexity(profile.share_scope, decision.score)
             complexity = kept.value if kept is not None else complexity
         ctx.complexity, ctx.route_score = complexity, round(decision.score, 4)
-        ctx.route_signals = decision.explain(config.router.classifier.weights)
+        ctx.route_signals = decision.explain(classifier.weights, neutral=classifier.neutral)
 
         table, column = profile.models, ""
         spent = self.limiter.budget_share(ctx.tenant) if self.limiter is not None else None

@@ -71,10 +71,14 @@ class Decision:
     signals: dict[str, float]
     words: list[str] = field(default_factory=list, repr=False)  # what the scorer read, to learn from later
 
-    def explain(self, weights: dict[str, float], top: int = 3) -> str:
-        """The signals that moved the score most, as 'name=value' in falling order of weight times value."""
-        moved = sorted(((abs(weights.get(k, 0.0) * v), k, v) for k, v in self.signals.items() if v), reverse=True)
-        return ",".join(f"{name}={value:.2f}" for _, name, value in moved[:top])
+    def explain(self, weights: dict[str, float], top: int = 3, neutral: dict[str, float] | None = None) -> str:
+        """The signals that moved the score most, as 'name=value' in falling order of weight times how far the
+        value is from its ``neutral`` one (0 unless given: the learned scorer's is what it says of a request it
+        knows nothing about)."""
+        neutral = neutral or {}
+        moved = sorted(((abs(weights.get(k, 0.0) * (v - neutral.get(k, 0.0))), k, v)
+                        for k, v in self.signals.items() if v), reverse=True)
+        return ",".join(f"{name}={value:.2f}" for moved_by, name, value in moved[:top] if moved_by)
 
 
 @dataclass
@@ -102,6 +106,11 @@ class Classifier:
             found["learned"] = self.scorer.score_words(words)
         weights = self.weights
         return sum(weights.get(name, 0.0) * value for name, value in found.items()), found, words
+
+    @property
+    def neutral(self) -> dict[str, float]:
+        """Each signal's value that says nothing about a request (see Decision.explain)."""
+        return {"learned": self.scorer.prior} if self.scorer is not None else {}
 
     def complexity_of(self, score: float) -> Complexity:
         return self.thresholds.complexity_of(score)

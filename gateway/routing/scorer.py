@@ -84,6 +84,11 @@ class LearnedScorer:
         Path(path).write_text(json.dumps(data, separators=(",", ":")) + "\n")
 
     @property
+    def prior(self) -> float:
+        """The score of a request without a known word: the share of the training's gain it starts from."""
+        return _sigmoid(self.bias)
+
+    @property
     def blend(self) -> dict[str, float] | None:
         """The signal weights chosen with this scorer (by its leave-group-out evaluation), if it was trained so."""
         blend = self.meta.get("blend")
