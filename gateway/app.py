@@ -127,23 +127,26 @@ class Gateway:
             fleet, self.fleet = self.fleet, None
             asyncio.get_running_loop().create_task(fleet.close())
 
-    async def forget_tenant_state(self, tenant_id: str) -> None:
+    async def forget_tenant_state(self, tenant_id: str) -> list[str]:
         """Drop a tenant's counters, slots and cached answers in Redis, and its documents and semantic cache
-        entries: its id is about to start a new tenant."""
+        entries: its id is about to start a new tenant. Returns what could not be cleared now (logged)."""
+        left: list[str] = []
         if self.retrieval is not None:
             try:
                 await self.retrieval.forget_tenant(tenant_id)
                 await self.semantic.forget_tenant(tenant_id)
             except Exception as exc:  # PostgreSQL or Qdrant away: said, and the Redis part still done
                 log.warning("cannot delete tenant %s's documents now: %s", tenant_id, exc)
+                left.append("documents")
         if self.limiter is None:
-            return
+            return left
         try:
             deleted = await self.limiter.forget(tenant_id)
         except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
             log.warning("cannot clear tenant %s's counters and cache in Redis now: %s", tenant_id, exc)
-            return
+            return left + ["counters and cached answers"]
         log.info("cleared %d Redis keys of tenant %s", deleted, tenant_id)
+        return left
 
     def readiness(self) -> dict[str, bool]:
         checks = {

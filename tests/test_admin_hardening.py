@@ -195,6 +195,31 @@ def test_a_deleted_tenants_id_used_again_starts_clean(admin_setup, stores):
     assert history["data"][0]["usage"]["requests"] >= 2  # the old tenant's rows stay, marked as its own
 
 
+def test_a_used_id_is_not_given_again_while_the_old_tenants_state_cannot_be_cleared(admin_setup, stores):
+    """Redis away at the delete and at the next create under the same id: the old tenant's counters and cached
+    answers would be the new one's once Redis is back, so the id waits until they can be cleared."""
+    gateway, _, _ = admin_setup
+    key = _make_tenant(gateway, "phoenix")
+    question = dict(model="small", messages=[{"role": "user", "content": "rise again"}], temperature=0)
+    assert gateway.client(key).chat.completions.create(**question).choices
+    stores.stop_redis()
+    try:
+        assert _admin(gateway, "DELETE", "/api/v1/organizations/phoenix")[0] == 200
+        status, refused = _admin(gateway, "POST", "/api/v1/organizations", {"name": "phoenix", "id": "phoenix"})
+        assert status == 503, refused
+        assert refused["error"]["code"] == "store_unavailable" and refused["error"]["param"] == "id"
+        assert "counters and cached answers" in refused["error"]["message"]
+        status, _ = _admin(gateway, "POST", "/api/v1/organizations", {"name": "never used", "id": "fresh-id"})
+        assert status == 201  # an id nobody had needs nothing cleared
+    finally:
+        stores.start_redis()
+    deadline = time.monotonic() + 10
+    while (status := _admin(gateway, "POST", "/api/v1/organizations", {"name": "phoenix", "id": "phoenix"})[0]) == 503:
+        assert time.monotonic() < deadline, "the id stayed refused after Redis came back"
+        time.sleep(0.2)
+    assert status == 201
+
+
 def test_tenants_of_the_api_keep_working_while_postgres_is_down_at_start(admin_setup, stores):
     gateway, _, config = admin_setup
     key = _make_tenant(gateway, "survivor")

@@ -137,6 +137,12 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         if tenant_id in config().tenants:
             raise GatewayError(409, f"A tenant '{tenant_id}' already exists.", param="id", code="tenant_exists")
         spec = tenant_spec(tenant_id, body.model_dump(exclude={"id"}))
+        if await gateway.directory.history(tenant_id):  # a used id starts clean, or not at all
+            left = await gateway.forget_tenant_state(tenant_id)
+            if left:
+                raise GatewayError(503, f"The id '{tenant_id}' belonged to a deleted tenant whose "
+                                        f"{' and '.join(left)} cannot be cleared right now; try again later.",
+                                   type="server_error", param="id", code="store_unavailable")
         try:
             await gateway.directory.create_tenant(tenant_id, spec)
         except Conflict as exc:
