@@ -155,7 +155,10 @@ def test_a_cluster_master_failed_over_under_load(cluster, sim, tmp_path):
         master = cluster.master_of("gw:{steady}:x")
         figures = _failover_under_load(gateway, key, lambda: cluster.kill(master),
                                        lambda: cluster.master_of("gw:{steady}:x") != master and cluster.ok())
-        assert 0 <= figures["lost"] <= 6, figures  # at most the requests in flight when the master died
+        # At most the requests in flight when the master died, either way: counted on the master but not yet
+        # replicated (lost > 0), or counted and replicated with the reply lost, so served without limit headers
+        # (lost < 0: the count is right, the client was not told).
+        assert -6 <= figures["lost"] <= 6, figures
         statuses = _burst([gateway], after_key, 12)
         assert statuses.count(200) == 5, statuses  # limits exact again, on the promoted replica
         print("cluster failover:", figures)
@@ -175,7 +178,7 @@ def test_limits_behind_sentinel_exact_across_two_gateways_and_through_a_failover
         master = sentinels.current_master()
         figures = _failover_under_load(gateways[0], steady, lambda: sentinels.kill(master),
                                        lambda: sentinels.current_master() != master)
-        assert 0 <= figures["lost"] <= 6, figures
+        assert -6 <= figures["lost"] <= 6, figures  # as on the cluster
         statuses = _burst(gateways, after, 12)
         assert statuses.count(200) == 5, statuses  # both gateways on the new master
         print("sentinel failover:", figures)
