@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     owner.add_argument("--tenant", help="the tenant the key belongs to")
     owner.add_argument("--admin", action="store_true", help="make a key for the admin API instead")
     create.add_argument("--name", default=None, help="a label for the key (default: key-YYYYMMDD-HHMMSS)")
-    create.add_argument("--expires", type=dt.date.fromisoformat, help="YYYY-MM-DD: the key stops working at the start of this day (UTC)")
+    create.add_argument("--expires", type=dt.date.fromisoformat,
+                        help="YYYY-MM-DD: the key stops working at the start of this day (UTC)")
     create.add_argument("--config-dir", type=Path)
     create.set_defaults(run=_keys_create)
 
@@ -103,49 +104,41 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--baseline", type=Path, help="a checkout of another version of the gateway: its core and "
                                                      "whole gateway are measured in the same run, interleaved")
     bench.set_defaults(run=_bench)
-    bench_kinds = bench.add_subparsers(dest="bench_kind", metavar="[tenants | fleet | providers | console | ledger | redis | retrieval | semantic]")
-    tenants_bench = bench_kinds.add_parser("tenants", help="admin writes, reloads, idle CPU, memory and the request "
-                                                           "path with many tenants")
+    bench_kinds = bench.add_subparsers(
+        dest="bench_kind", metavar="[tenants | fleet | providers | console | ledger | redis | retrieval | semantic]")
+
+    def bench_kind(name: str, help: str, run) -> argparse.ArgumentParser:
+        kind = bench_kinds.add_parser(name, help=help)
+        kind.add_argument("--output", type=Path, help="also write the results as JSON here")
+        kind.set_defaults(run=run)
+        return kind
+
+    tenants_bench = bench_kind("tenants", "admin writes, reloads, idle CPU, memory and the request path with many "
+                                          "tenants", _bench_tenants)
     tenants_bench.add_argument("--tenants", type=int, default=10_000, help="half in tenants.yaml, half made "
                                                                          "through the admin API")
     tenants_bench.add_argument("--duration", type=float, default=5.0, help="seconds per request-path measurement")
-    tenants_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
-    tenants_bench.set_defaults(run=_bench_tenants)
-    fleet_bench = bench_kinds.add_parser("fleet", help="adapter placement on a simulated fleet against round-robin "
-                                                       "and least-loaded")
+    fleet_bench = bench_kind("fleet", "adapter placement on a simulated fleet against round-robin and least-loaded",
+                             _bench_fleet)
     fleet_bench.add_argument("--requests", type=int, default=2000, help="requests per placement strategy")
     fleet_bench.add_argument("--rate", type=float, default=40.0, help="requests per second (an open loop)")
-    fleet_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
-    fleet_bench.set_defaults(run=_bench_fleet)
-    providers_bench = bench_kinds.add_parser("providers", help="LiteLLM's path against the direct one, and what "
-                                                               "loading it costs")
+    providers_bench = bench_kind("providers", "LiteLLM's path against the direct one, and what loading it costs",
+                                 _bench_providers)
     providers_bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
-    providers_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
-    providers_bench.set_defaults(run=_bench_providers)
-    console_bench = bench_kinds.add_parser("console", help="the console's pages with a large ledger behind them")
+    console_bench = bench_kind("console", "the console's pages with a large ledger behind them", _bench_console)
     console_bench.add_argument("--rows", type=int, default=100_000, help="ledger rows generated over this month")
     console_bench.add_argument("--rounds", type=int, default=20, help="loads of each page")
-    console_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
-    console_bench.set_defaults(run=_bench_console)
-    ledger_bench = bench_kinds.add_parser("ledger", help="the ledger's write rate, and reports at 1 and 10 million "
-                                                         "rows")
+    ledger_bench = bench_kind("ledger", "the ledger's write rate, and reports at 1 and 10 million rows",
+                              _bench_ledger)
     ledger_bench.add_argument("--sizes", default="1000000,10000000", help="ledger sizes to time the reports at")
     ledger_bench.add_argument("--writes", type=int, default=100_000, help="rows written to measure the write rate")
-    ledger_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
-    ledger_bench.set_defaults(run=_bench_ledger)
-    redis_bench = bench_kinds.add_parser("redis", help="the request path on one Redis and on a Redis Cluster")
+    redis_bench = bench_kind("redis", "the request path on one Redis and on a Redis Cluster", _bench_redis)
     redis_bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
-    redis_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
-    redis_bench.set_defaults(run=_bench_redis)
-    retrieval_bench = bench_kinds.add_parser("retrieval", help="recall@5 and nDCG@10 of retrieval, and what a chat "
-                                                               "with retrieval and a semantic lookup add")
+    retrieval_bench = bench_kind("retrieval", "recall@5 and nDCG@10 of retrieval, and what a chat with retrieval "
+                                              "and a semantic lookup add", _bench_retrieval)
     retrieval_bench.add_argument("--requests", type=int, default=100, help="chats per latency measurement")
-    retrieval_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
-    retrieval_bench.set_defaults(run=_bench_retrieval)
-    semantic_bench = bench_kinds.add_parser("semantic", help="the semantic cache's hits and wrong hits on "
-                                                             "paraphrases and near misses")
-    semantic_bench.add_argument("--output", type=Path, help="also write the results as JSON here")
-    semantic_bench.set_defaults(run=_bench_semantic)
+    bench_kind("semantic", "the semantic cache's hits and wrong hits on paraphrases and near misses",
+               _bench_semantic)
 
     args = parser.parse_args(argv)
     args.run(args)
