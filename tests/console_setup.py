@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 from pathlib import Path
+from typing import Iterator
 
 import yaml
 
@@ -63,3 +66,15 @@ def admin(gateway: GatewayProcess, method: str, path: str, body: object = None, 
     payload = json.dumps(body).encode() if body is not None else None
     return http_request(gateway.port, method, path, payload,
                         {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+
+
+@contextlib.contextmanager
+def with_traffic(folder: Path, sim: Simulator) -> Iterator[tuple[GatewayProcess, dict[str, str]]]:
+    """A started gateway with both tenants' traffic in its ledger; stopped afterwards."""
+    gateway, keys = start(folder, sim)
+    try:
+        traffic(gateway, keys)
+        time.sleep(0.5)  # the ledger's last batch
+        yield gateway, keys
+    finally:
+        gateway.stop()

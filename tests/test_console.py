@@ -13,7 +13,7 @@ import openai
 import pytest
 from playwright import sync_api as playwright_api
 
-from console_setup import ADMIN_KEY, HOSTILE_NAME, admin, start, traffic
+from console_setup import ADMIN_KEY, HOSTILE_NAME, admin, with_traffic
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOTS = os.environ.get("GATEWAY_CONSOLE_SCREENSHOTS")
@@ -21,11 +21,8 @@ SCREENSHOTS = os.environ.get("GATEWAY_CONSOLE_SCREENSHOTS")
 
 @pytest.fixture(scope="module")
 def setup(sim, tmp_path_factory):
-    gateway, keys = start(tmp_path_factory.mktemp("console"), sim)
-    traffic(gateway, keys)
-    time.sleep(0.5)  # the ledger's last batch
-    yield gateway, keys
-    gateway.stop()
+    with with_traffic(tmp_path_factory.mktemp("console"), sim) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +54,13 @@ def sign_in(page, gateway, key: str) -> None:
     page.goto(f"{gateway.url}/console/")
     page.fill("#login-key", key)
     page.click("#login-form button")
+
+
+def go_to(page, name: str, shows: str) -> None:
+    """Open a page of the console from its menu and wait for what it shows."""
+    page.wait_for_selector(f"[data-page={name}]")
+    page.click(f"[data-page={name}]")
+    page.wait_for_selector(shows)
 
 
 def until(condition, timeout: float = 10.0) -> None:
@@ -121,9 +125,7 @@ def test_admin_overview_draws_the_ledger(setup, page):
 def test_tenants_made_and_keys_made_and_revoked_through_the_page(setup, page):
     gateway, _ = setup
     sign_in(page, gateway, ADMIN_KEY)
-    page.wait_for_selector("[data-page=tenants]")
-    page.click("[data-page=tenants]")
-    page.wait_for_selector("[data-table=tenants]")
+    go_to(page, "tenants", "[data-table=tenants]")
     assert HOSTILE_NAME in page.inner_text("[data-table=tenants]")
     page.fill("[data-field=search]", "acme")
     assert "Globex" not in page.inner_text("[data-table=tenants]")
@@ -173,9 +175,7 @@ def test_tenants_made_and_keys_made_and_revoked_through_the_page(setup, page):
 def test_recent_requests_health_and_fleet_pages(setup, page):
     gateway, _ = setup
     sign_in(page, gateway, ADMIN_KEY)
-    page.wait_for_selector("[data-page=requests]")
-    page.click("[data-page=requests]")
-    page.wait_for_selector("[data-table=requests]")
+    go_to(page, "requests", "[data-table=requests]")
     page.fill("[data-field=tenant]", "globex")
     page.fill("[data-field=status]", "429")
     page.click("form.row button[type=submit]")
@@ -183,14 +183,12 @@ def test_recent_requests_health_and_fleet_pages(setup, page):
                       for row in page.locator("[data-table=requests] tbody tr").all_inner_texts()))
     assert page.locator("[data-table=requests] tbody tr").count() >= 2
     shot(page, "requests")
-    page.click("[data-page=health]")
-    page.wait_for_selector("[data-health=redis]")
+    go_to(page, "health", "[data-health=redis]")
     assert page.inner_text("[data-health=redis]") == "redis: ok"
     assert page.inner_text("[data-health=postgres]") == "postgres: ok"
     assert "small-sim" in page.inner_text("[data-table=deployments]")
     shot(page, "health")
-    page.click("[data-page=fleet]")
-    page.wait_for_selector("text=has no fleet")
+    go_to(page, "fleet", "text=has no fleet")
 
 
 def test_a_tenant_key_sees_its_own_account_only(setup, page):
@@ -203,8 +201,7 @@ def test_a_tenant_key_sees_its_own_account_only(setup, page):
     left = page.inner_text("[data-stat=budget_left] .value")
     assert left.startswith("$4") or left.startswith("$50")  # of a $50 budget, a few cents spent
     shot(page, "tenant-account")
-    page.click("[data-page=usage]")
-    page.wait_for_selector("svg[data-chart=requests_by_day]")
+    go_to(page, "usage", "svg[data-chart=requests_by_day]")
     _, own = admin(gateway, "GET", "/v1/usage", key=keys["acme"])
     drawn = page.eval_on_selector_all("svg[data-chart=requests_by_day] rect.bar",
                                       "bars => bars.map(b => Number(b.dataset.value))")

@@ -3,21 +3,17 @@ the gateway's status (admin), and a tenant's own account."""
 
 from __future__ import annotations
 
-import time
 from urllib.parse import quote
 
 import pytest
 
-from console_setup import admin, start, traffic
+from console_setup import admin, with_traffic
 
 
 @pytest.fixture(scope="module")
 def setup(sim, tmp_path_factory):
-    gateway, keys = start(tmp_path_factory.mktemp("reports"), sim)
-    traffic(gateway, keys)
-    time.sleep(0.5)  # the ledger's last batch
-    yield gateway, keys
-    gateway.stop()
+    with with_traffic(tmp_path_factory.mktemp("reports"), sim) as started:
+        yield started
 
 
 def test_usage_and_routing_over_every_tenant(setup):
