@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -12,7 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import asyncio
 
@@ -121,6 +122,19 @@ class Simulator(Process):
         self.control(error_rate=0.0, error_status=500, hang_rate=0.0, break_stream_after=None, slow_stream_ms=0.0,
                      ttft_ms=0.0, itl_ms=0.0)
         http_request(self.port, "POST", "/sim/reset", b"{}")
+
+
+@contextlib.contextmanager
+def simulators(*names: str) -> Iterator[dict[str, Simulator]]:
+    """A simulator for each name, all stopped afterwards (those started, if one fails to start)."""
+    started: dict[str, Simulator] = {}
+    try:
+        for name in names:
+            started[name] = Simulator()
+        yield started
+    finally:
+        for sim in started.values():
+            sim.stop()
 
 
 class Stores:

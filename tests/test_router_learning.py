@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from conftest import GatewayProcess, Simulator, http_request, ledger_row
+from conftest import GatewayProcess, http_request, ledger_row, simulators
 from gateway.config.keys import generate_key, hash_key
 from gateway.routing.commands import PACKAGED_DATA
 
@@ -22,10 +22,8 @@ TENANTS = ("alpha", "beta", "gamma", "quiet")
 
 @pytest.fixture(scope="module")
 def sims():
-    started = {"small": Simulator(), "large": Simulator()}
-    yield started
-    for sim in started.values():
-        sim.stop()
+    with simulators("small", "large") as started:
+        yield started
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import openai
 import pytest
 import yaml
 
-from conftest import GatewayProcess, Simulator, free_port, http_request, ledger_row
+from conftest import GatewayProcess, Simulator, free_port, http_request, ledger_row, simulators
 from gateway.config.keys import generate_key, hash_key
 
 PROMPTS = {
@@ -30,10 +30,8 @@ TENANTS = ("fin", "health", "tech", "plain", "custom", "frugal", "norouter", "na
 
 @pytest.fixture(scope="module")
 def sims():
-    started = {"small": Simulator(), "large": Simulator(), "flaky": Simulator()}
-    yield started
-    for sim in started.values():
-        sim.stop()
+    with simulators("small", "large", "flaky") as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
