@@ -13,7 +13,7 @@ import pytest
 
 from gateway.stores import partitions
 from gateway.stores.migrations import MIGRATIONS, migrate
-from gateway.stores.usage import routing_report, usage_report
+from gateway.stores.usage import midnight, routing_report, usage_report
 
 UTC = dt.timezone.utc
 TODAY = dt.datetime.now(UTC).date()
@@ -23,10 +23,6 @@ INSERT = ("INSERT INTO usage_ledger (request_id, created_at, tenant_id, route, m
           "SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[], $6::int[], "
           "$7::int[], $8::int[], $9::numeric[], $10::text[], $11::text[], $12::bool[], $13::real[], $14::bool[]) "
           "ON CONFLICT (request_id, created_at) DO NOTHING")
-
-
-def _midnight(day: dt.date) -> dt.datetime:
-    return dt.datetime.combine(day, dt.time.min, UTC)
 
 
 @pytest.fixture
@@ -93,14 +89,15 @@ def test_an_existing_ledger_becomes_partitioned_with_every_row(database):
                 await connection.execute(statement)
                 await connection.execute("INSERT INTO gateway_schema (version) VALUES ($1)", version)
             await connection.execute(INSERT.replace(" ON CONFLICT (request_id, created_at)", " ON CONFLICT"),
-                                     *[list(c) for c in zip(*_rows(300, _midnight(TODAY - dt.timedelta(days=5)),
+                                     *[list(c) for c in zip(*_rows(300, midnight(TODAY - dt.timedelta(days=5)),
                                                                     dt.timedelta(days=6)))])
-            ahead = _rows(4, _midnight(TODAY + dt.timedelta(days=10)) + dt.timedelta(hours=3), dt.timedelta(hours=1))
+            ahead = _rows(4, midnight(TODAY + dt.timedelta(days=10)) + dt.timedelta(hours=3), dt.timedelta(hours=1))
             await connection.execute(INSERT.replace(" ON CONFLICT (request_id, created_at)", " ON CONFLICT"),
                                      *[list(c) for c in zip(*ahead)])
             assert await migrate(connection) == len(MIGRATIONS)
             assert await connection.fetchval("SELECT count(*) FROM usage_ledger") == 304
-            where = dict(await connection.fetch("SELECT tableoid::regclass::text, count(*) FROM usage_ledger GROUP BY 1"))
+            where = dict(await connection.fetch(
+                "SELECT tableoid::regclass::text, count(*) FROM usage_ledger GROUP BY 1"))
             assert where == {"usage_ledger_unpartitioned": 300, "usage_ledger_default": 4}
             await _same_as_rows(connection)
 
@@ -108,12 +105,13 @@ def test_an_existing_ledger_becomes_partitioned_with_every_row(database):
             made = await partitions.maintain(pool, ahead_days=12, retention_days=0)
             assert made["made"][0] == partitions.partition_name(TODAY + dt.timedelta(days=1))
             assert len(made["made"]) == 12  # today is the migrated rows' partition
-            where = dict(await connection.fetch("SELECT tableoid::regclass::text, count(*) FROM usage_ledger GROUP BY 1"))
+            where = dict(await connection.fetch(
+                "SELECT tableoid::regclass::text, count(*) FROM usage_ledger GROUP BY 1"))
             assert where[partitions.partition_name(TODAY + dt.timedelta(days=10))] == 4  # moved out of the default
             assert "usage_ledger_default" not in where
             await _same_as_rows(connection)  # moving rows between partitions counts nothing twice
             assert (await partitions.maintain(pool, ahead_days=12, retention_days=0))["made"] == []
-            await _insert(connection, _rows(50, _midnight(TODAY + dt.timedelta(days=2)), dt.timedelta(hours=5)))
+            await _insert(connection, _rows(50, midnight(TODAY + dt.timedelta(days=2)), dt.timedelta(hours=5)))
             assert await connection.fetchval(
                 f"SELECT count(*) FROM {partitions.partition_name(TODAY + dt.timedelta(days=2))}") == 50
             await _same_as_rows(connection)
@@ -128,11 +126,11 @@ def test_rollups_are_exact_through_duplicates_and_concurrent_writers(database):
     async def scenario():
         connection = await _connect(database)
         await migrate(connection)
-        rows = _rows(2000, _midnight(TODAY) + dt.timedelta(minutes=1), dt.timedelta(hours=20))
+        rows = _rows(2000, midnight(TODAY) + dt.timedelta(minutes=1), dt.timedelta(hours=20))
         await _insert(connection, rows)
         await _insert(connection, rows[:700])  # a spool replayed: the ledger skips them, the rollups too
         pool = await asyncpg.create_pool(database, min_size=4, max_size=4)
-        batches = [_rows(300, _midnight(TODAY) + dt.timedelta(minutes=w), dt.timedelta(hours=3), tenants=("a", "b"))
+        batches = [_rows(300, midnight(TODAY) + dt.timedelta(minutes=w), dt.timedelta(hours=3), tenants=("a", "b"))
                    for w in range(2, 10)]
 
         async def write(batch):
@@ -155,9 +153,9 @@ def test_reports_from_rollups_equal_the_rows_and_outlive_them(database):
         pool = await asyncpg.create_pool(database, min_size=1, max_size=4)
         first = TODAY + dt.timedelta(days=1)
         await partitions.maintain(pool, ahead_days=8, retention_days=0)
-        await _insert(connection, _rows(900, _midnight(first) + dt.timedelta(hours=1), dt.timedelta(days=6)))
-        start = _midnight(first) + dt.timedelta(hours=13, minutes=5)  # a tenant made at 13:05
-        end = _midnight(first + dt.timedelta(days=6))
+        await _insert(connection, _rows(900, midnight(first) + dt.timedelta(hours=1), dt.timedelta(days=6)))
+        start = midnight(first) + dt.timedelta(hours=13, minutes=5)  # a tenant made at 13:05
+        end = midnight(first + dt.timedelta(days=6))
         report = await usage_report(pool, CONFIG, "a", start, end)
         raw = await connection.fetchrow(
             "SELECT count(*) AS requests, count(*) FILTER (WHERE status < 400) AS answered, "
@@ -167,9 +165,9 @@ def test_reports_from_rollups_equal_the_rows_and_outlive_them(database):
             raw["requests"], raw["answered"], raw["refusals"])
         assert report["cost_usd"] == pytest.approx(float(raw["cost"]))
         assert sum(day["requests"] for day in report["by_day"]) == raw["requests"]
-        overall = await usage_report(pool, CONFIG, None, _midnight(first), end)
+        overall = await usage_report(pool, CONFIG, None, midnight(first), end)
         assert overall["requests"] == await connection.fetchval(
-            "SELECT count(*) FROM usage_ledger WHERE created_at >= $1 AND created_at < $2", _midnight(first), end)
+            "SELECT count(*) FROM usage_ledger WHERE created_at >= $1 AND created_at < $2", midnight(first), end)
         routing = await routing_report(pool, CONFIG, "a", start, end)
         routed = await connection.fetchval("SELECT count(*) FROM usage_ledger WHERE tenant_id = 'a' AND "
                                            "complexity IS NOT NULL AND created_at >= $1 AND created_at < $2", start,
@@ -181,8 +179,8 @@ def test_reports_from_rollups_equal_the_rows_and_outlive_them(database):
         dropped = (await partitions.maintain(pool, ahead_days=0, retention_days=30, today=later))["dropped"]
         assert partitions.partition_name(first) in dropped and "usage_ledger_unpartitioned" in dropped
         assert await connection.fetchval("SELECT count(*) FROM usage_ledger WHERE created_at < $1",
-                                         _midnight(later - dt.timedelta(days=30))) == 0
-        whole_days = await usage_report(pool, CONFIG, "a", _midnight(first + dt.timedelta(days=1)), end)
+                                         midnight(later - dt.timedelta(days=30))) == 0
+        whole_days = await usage_report(pool, CONFIG, "a", midnight(first + dt.timedelta(days=1)), end)
         assert whole_days["requests"] > 0 and whole_days["requests"] == sum(d["requests"] for d in whole_days["by_day"])
         await pool.close()
         await connection.close()

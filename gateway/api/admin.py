@@ -28,7 +28,7 @@ from gateway.errors import GatewayError
 from gateway.pipeline.auth import identify
 from gateway.stores.directory import Conflict
 from gateway.stores.feedback import rate
-from gateway.stores.usage import period, routing_report, usage_report
+from gateway.stores.usage import midnight, period, routing_report, usage_report
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -209,7 +209,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
             raise GatewayError(409, f"Tenant '{tenant_id}' already has a key named '{name}'.", param="name",
                                code="key_exists")
         key = generate_key()
-        expires = dt.datetime.combine(body.expires, dt.time.min, dt.timezone.utc) if body.expires else None
+        expires = midnight(body.expires) if body.expires else None
         try:
             await gateway.directory.add_key(tenant_id, name, hash_key(key), expires)
         except Conflict as exc:
