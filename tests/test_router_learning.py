@@ -220,7 +220,7 @@ def test_a_scorer_trained_on_the_traffic_is_switched_on_in_models_yaml(gateway, 
     assert made["status"] == "ready", made
     assert (gateway.config_dir / "scorers" / "traffic.json").is_file()
     folds = made["report"]["leave_group_out"]["this scorer's blend"]["folds"]
-    assert "delta" in folds and len(folds) >= 2  # one tenant held out at a time (other tests' tenants too)
+    assert "alpha" in folds and len(folds) >= 2  # one tenant held out at a time (other tests' tenants too)
     assert made["report"]["blend"]["learned"] > 0
     assert "scorer: scorers/traffic.json" in made["models_yaml"]
     status, error = http_request(gateway.port, "GET", "/api/v1/router/scorers/..", headers=admin)
