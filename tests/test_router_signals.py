@@ -53,3 +53,15 @@ def test_the_explanation_names_what_moved_the_score_not_what_says_nothing():
     assert abs(decision.signals["learned"] - scorer.prior) < 0.05
     explained = decision.explain(classifier.weights, neutral=classifier.neutral)
     assert explained.split(",")[0] == "instruction=1.00" and "sentences=0.17" in explained
+
+
+def test_what_the_ledger_keeps_is_the_scorers_own_reading_of_the_words():
+    from gateway.routing.scorer import LearnedScorer, features_of
+
+    text = "Plan the migration of the billing database, then test each step."
+    body = {"messages": [{"role": "user", "content": text}]}
+    scorer = LearnedScorer.load()
+    with_scorer = Classifier(weights=scorer.blend, scorer=scorer).classify(body)
+    assert with_scorer.hashed is not None  # read once, for the score and for the ledger
+    for decision in (with_scorer, Classifier().classify(body)):
+        assert sorted(decision.features()) == list(features_of(text))

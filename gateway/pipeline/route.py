@@ -16,7 +16,6 @@ from gateway.errors import GatewayError, bad_request
 from gateway.pipeline import tokens
 from gateway.pipeline.context import RequestContext
 from gateway.routing.classifier import Decision
-from gateway.routing.scorer import BUCKETS, MAX_TOKENS, hashed_features
 from gateway.routing.share import ShareKeeper
 from gateway.stores.limits import Limiter
 
@@ -75,7 +74,7 @@ def _example(decision: Decision) -> str:
     """What the ledger keeps of a request a small model answers, to learn from: its words hashed as the learned
     scorer reads them (not its text), and its signals."""
     return orjson.dumps({
-        "words": sorted(hashed_features(decision.words, BUCKETS, MAX_TOKENS)),
+        "words": sorted(decision.features()),
         "signals": {name: round(value, 3) for name, value in decision.signals.items() if value and name != "learned"},
     }).decode()
 

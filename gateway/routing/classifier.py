@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
-from gateway.routing.scorer import LearnedScorer
+from gateway.routing.scorer import BUCKETS, MAX_TOKENS, LearnedScorer, hashed_features
 from gateway.routing.signals import (DEFAULT_VOCABULARY, Vocabulary, question_of, request_text, signals,
                                      words_of)
 
@@ -70,6 +70,11 @@ class Decision:
     score: float
     signals: dict[str, float]
     words: list[str] = field(default_factory=list, repr=False)  # what the scorer read, to learn from later
+    hashed: set[int] | None = field(default=None, repr=False)  # the scorer's features of them, if kept alike
+
+    def features(self) -> set[int]:
+        """The request's words hashed as the ledger keeps them to learn from (``scorer.features_of``)."""
+        return self.hashed if self.hashed is not None else hashed_features(self.words, BUCKETS, MAX_TOKENS)
 
     def explain(self, weights: dict[str, float], top: int = 3, neutral: dict[str, float] | None = None) -> str:
         """The signals that moved the score most, as 'name=value' in falling order of weight times how far the
@@ -89,23 +94,30 @@ class Classifier:
     scorer: LearnedScorer | None = None
 
     def score_text(self, text: str, turns: int = 1, wants_tools: bool = False) -> tuple[float, dict[str, float]]:
-        score, found, _ = self._score(text, turns, wants_tools)
+        score, found, _, _ = self._score(text, turns, wants_tools)
         return score, found
 
     def classify(self, body: dict) -> Decision:
         text, turns = request_text(body)
-        score, found, words = self._score(text, turns, bool(body.get("tools")))
-        return Decision(self.complexity_of(score), score, found, words)
+        score, found, words, hashed = self._score(text, turns, bool(body.get("tools")))
+        return Decision(self.complexity_of(score), score, found, words, hashed)
 
-    def _score(self, text: str, turns: int, wants_tools: bool) -> tuple[float, dict[str, float], list[str]]:
+    def _score(self, text: str, turns: int,
+               wants_tools: bool) -> tuple[float, dict[str, float], list[str], set[int] | None]:
+        """The score, the signals, the words read, and the scorer's features of them when the ledger's are alike."""
         words = words_of(text)
         question = question_of(text)
         found = signals(question, words if question is text else words_of(question), turns, wants_tools,
                         self.vocabulary)
-        if self.scorer is not None and self.weights.get("learned"):
-            found["learned"] = self.scorer.score_words(words)
+        hashed = None
+        scorer = self.scorer
+        if scorer is not None and self.weights.get("learned"):
+            hashed = hashed_features(words, scorer.buckets, scorer.max_tokens)
+            found["learned"] = scorer.score_features(hashed)
+            if (scorer.buckets, scorer.max_tokens) != (BUCKETS, MAX_TOKENS):
+                hashed = None
         weights = self.weights
-        return sum(weights.get(name, 0.0) * value for name, value in found.items()), found, words
+        return sum(weights.get(name, 0.0) * value for name, value in found.items()), found, words, hashed
 
     @property
     def neutral(self) -> dict[str, float]:
