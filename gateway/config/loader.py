@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 
-from gateway.config.schema import (BUILTIN_EMBEDDER, BUILTIN_SIMULATOR, FLEET_PREFIX, VIA_LITELLM, KeyLimitsSpec, LimitsSpec, ModelsFile, TenantSpec,
-                                   TenantsFile)
+from gateway.config.schema import (BUILTIN_EMBEDDER, BUILTIN_SIMULATOR, FLEET_PREFIX, VIA_LITELLM, KeyLimitsSpec,
+                                   LimitsSpec, ModelsFile, TenantSpec, TenantsFile)
 from gateway.config.routing import compile_router, tenant_routes
 from gateway.config.tiers import BUILTIN_TIERS
 from gateway.config.types import (

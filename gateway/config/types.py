@@ -21,7 +21,8 @@ class Deployment:
     upstream_model: str
     api_base: str  # resolved base URL ending before /chat/completions
     api_key: str | None = field(repr=False)  # never in a log line or an error
-    headers: dict[str, str] = field(repr=False)  # what every upstream request carries: content type, auth, the YAML's extra headers
+    # what every upstream request carries: content type, auth, the YAML's extra headers
+    headers: dict[str, str] = field(repr=False)
     connect_timeout: float
     read_timeout: float
     priority: int  # the usable deployments of the lowest priority serve; the others stand by

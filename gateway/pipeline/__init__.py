@@ -55,7 +55,8 @@ def build_pipeline(
         RouteRequest(limiter, shares),  # "auto": complexity, profile, context window, budget; fits? (400)
         EnforceLimits(limiter, refuse_without_redis),  # limits and budget reserved, settled at the end (429)
         serve_cached,  # the cached answer, if there is one
-        Forward(client, selector or DeploymentSelector(), fleet, providers),  # deployments, fallbacks, cascade; the answer relayed as it comes
+        # deployments, fallbacks, cascade; the answer relayed as it comes
+        Forward(client, selector or DeploymentSelector(), fleet, providers),
     ]
     if limiter is None:  # a stateless gateway: no Redis
         stages = [stage for stage in stages if not isinstance(stage, EnforceLimits)]

@@ -68,7 +68,8 @@ def _read(asked: object) -> tuple[list[str], int]:
                            param=FIELD)
     unknown = set(asked) - {"vector_store_ids", "max_results"}
     if unknown:
-        raise GatewayError(400, f"Unknown field 'retrieval.{sorted(unknown)[0]}'.", param=f"{FIELD}.{sorted(unknown)[0]}")
+        name = f"{FIELD}.{sorted(unknown)[0]}"
+        raise GatewayError(400, f"Unknown field '{name}'.", param=name)
     store_ids = asked.get("vector_store_ids")
     if (not isinstance(store_ids, list) or not 1 <= len(store_ids) <= MOST_STORES
             or not all(isinstance(s, str) and 0 < len(s) <= 64 and "\x00" not in s for s in store_ids)):

@@ -299,4 +299,5 @@ def print_json(result: dict) -> None:
         print(pasted)
 
 
-__all__ = ["CannotTrain", "DEFAULT_DATA", "DEFAULT_PATH", "train", "evaluate", "calibrate", "calibrate_from_ledger", "print_json"]
+__all__ = ["CannotTrain", "DEFAULT_DATA", "DEFAULT_PATH", "train", "evaluate", "calibrate", "calibrate_from_ledger",
+           "print_json"]
