@@ -271,9 +271,7 @@ class Gateway:
 
     async def shutdown(self) -> None:
         """Runs after the server has let the requests under way finish: flush the ledger, then close."""
-        if self._watcher is not None:
-            self._watcher.cancel()
-        for task in (self._share_keeper, self._partition_keeper):
+        for task in (self._watcher, self._share_keeper, self._partition_keeper):
             if task is not None:
                 task.cancel()
         if self.retrieval is not None:

@@ -14,8 +14,9 @@ from typing import Sequence
 from gateway.routing import fit
 from gateway.routing.classifier import DEFAULT_WEIGHTS, Classifier, Thresholds
 from gateway.routing.evaluate import (Example, RouterReport, accuracies, credible, groups_of, judge_scores,
-                                      load_examples, split, svg, threshold_for_share)
+                                      load_examples, split, svg)
 from gateway.routing.scorer import DEFAULT_PATH, LearnedScorer
+from gateway.routing.share import score_at_share
 
 # The labelled MMLU prompts shipped with the package (RouteLLM's, Apache-2.0: data/LICENSE-RouteLLM);
 # GATEWAY_ROUTING_DATA names another file.
@@ -261,10 +262,10 @@ def _held_out(test: list[Example], classifier: Classifier, rules: dict[str, floa
 
 def _thresholds(scores: list[float], large_share: float, critical_share: float | None) -> dict:
     current = Thresholds()
-    complex_at = threshold_for_share(scores, large_share)
-    critical_at = threshold_for_share(scores, critical_share) if critical_share else max(current.critical,
+    complex_at = score_at_share(scores, large_share)
+    critical_at = score_at_share(scores, critical_share) if critical_share else max(current.critical,
                                                                                           complex_at)
-    moderate_at = min(complex_at, threshold_for_share(scores, min(0.95, large_share * 2)))
+    moderate_at = min(complex_at, score_at_share(scores, min(0.95, large_share * 2)))
     reached = sum(s >= complex_at for s in scores) / len(scores)
     critical_at = max(critical_at, complex_at)
     return {

@@ -158,13 +158,6 @@ def share_for_quality(points: Sequence[tuple[float, float]], weak: float, strong
     return None
 
 
-def threshold_for_share(scores: Sequence[float], share: float) -> float:
-    """The score above which ``share`` of these requests fall: the COMPLEX threshold for that large-model share."""
-    ordered = sorted(scores, reverse=True)
-    index = min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))
-    return ordered[index]
-
-
 @dataclass
 class RouterReport:
     name: str
