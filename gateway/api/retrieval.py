@@ -57,11 +57,7 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
         return tenant, key
 
     async def own_store(tenant_id: str, store_id: str) -> dict:
-        store = await gateway.retrieval.catalog.store(tenant_id, store_id)
-        if store is None:
-            raise GatewayError(404, f"No vector store found with id '{store_id}'.", type="not_found_error",
-                               code="vector_store_not_found")
-        return store
+        return await gateway.retrieval.owned_store(tenant_id, store_id)
 
     async def own_file(tenant_id: str, file_id: str, with_content: bool = False) -> dict:
         found = await gateway.retrieval.catalog.file(tenant_id, file_id, with_content)
@@ -188,8 +184,7 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
     async def search(request: Request, store_id: str, body: SearchIn) -> dict:
         """The chunks of the store nearest in meaning to ``query``, best first, with their file and score."""
         tenant, key = caller(request)
-        store = await own_store(tenant.id, store_id)
-        _ready(store)
+        await gateway.retrieval.searchable_store(tenant.id, store_id)
         hits = await gateway.retrieval.search(tenant, key, [store_id], body.query, body.max_num_results)
         return {"object": "vector_store.search_results.page", "search_query": body.query, "has_more": False,
                 "next_page": None,
@@ -198,14 +193,6 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
                          for h in hits]}
 
     return router
-
-
-def _ready(store: dict) -> None:
-    """A store with files still being indexed is not searched: its answers would change under the caller."""
-    waiting = store["file_counts"]["in_progress"]
-    if waiting:
-        raise GatewayError(409, f"Vector store '{store['id']}' is still indexing {waiting} file(s); search it when "
-                                f"its status is 'completed'.", code="vector_store_indexing")
 
 
 def _page(rows: list[dict], limit: int) -> dict:

@@ -43,13 +43,7 @@ class Retrieve:
         if not query.strip():
             raise GatewayError(400, "A chat with retrieval needs a user message to search with.", param="messages")
         for store_id in store_ids:
-            store = await retrieval.catalog.store(ctx.tenant.id, store_id)
-            if store is None:
-                raise GatewayError(404, f"No vector store found with id '{store_id}'.", type="not_found_error",
-                                   param="retrieval.vector_store_ids", code="vector_store_not_found")
-            if store["file_counts"]["in_progress"]:
-                raise GatewayError(409, f"Vector store '{store_id}' is still indexing; try again when its status "
-                                        f"is 'completed'.", code="vector_store_indexing")
+            await retrieval.searchable_store(ctx.tenant.id, store_id, param=f"{FIELD}.vector_store_ids")
         hits = await retrieval.search(ctx.tenant, ctx.api_key, store_ids, query, limit)
         ctx.citations = [{"index": n, "file_id": h.file_id, "filename": h.filename, "chunk": h.chunk,
                           "score": round(h.score, 4), "vector_store_id": h.store_id}

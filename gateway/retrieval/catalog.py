@@ -89,12 +89,6 @@ class Catalog:
                                          "GROUP BY s.tenant_id, s.id ORDER BY s.id LIMIT $3", tenant_id, after, limit)
         return [store_view(row) for row in rows]
 
-    async def known_stores(self, tenant_id: str, store_ids: list[str]) -> set[str]:
-        pool = await self._pool()
-        rows = await pool.fetch("SELECT id FROM vector_stores WHERE tenant_id = $1 AND id = ANY($2::text[])",
-                                tenant_id, store_ids)
-        return {row["id"] for row in rows}
-
     async def delete_store(self, tenant_id: str, store_id: str) -> bool:
         pool = await self._pool()
         return await pool.fetchval("DELETE FROM vector_stores WHERE tenant_id = $1 AND id = $2 RETURNING id",

@@ -145,14 +145,27 @@ class Retrieval:
         await self.catalog.forget_tenant(tenant_id)
         await self.vectors.delete(self.model, tenant_id)
 
+    async def owned_store(self, tenant_id: str, store_id: str, param: str | None = None) -> dict:
+        """The tenant's store of that id; a 404 if it has none (another tenant's is none of its)."""
+        store = await self.catalog.store(tenant_id, store_id)
+        if store is None:
+            raise GatewayError(404, f"No vector store found with id '{store_id}'.", type="not_found_error",
+                               param=param, code="vector_store_not_found")
+        return store
+
+    async def searchable_store(self, tenant_id: str, store_id: str, param: str | None = None) -> dict:
+        """``owned_store``, and a 409 while files are still being indexed into it: its answers would change under
+        the caller."""
+        store = await self.owned_store(tenant_id, store_id, param)
+        waiting = store["file_counts"]["in_progress"]
+        if waiting:
+            raise GatewayError(409, f"Vector store '{store_id}' is still indexing {waiting} file(s); search it when "
+                                    f"its status is 'completed'.", code="vector_store_indexing")
+        return store
+
     async def search(self, tenant: "Tenant", key: "ApiKey", store_ids: list[str], query: str,
                      limit: int) -> list[Hit]:
-        """The ``limit`` chunks of the tenant's stores nearest to ``query``; a 404 names a store it does not have."""
-        known = await self.catalog.known_stores(tenant.id, store_ids)
-        for store_id in store_ids:
-            if store_id not in known:
-                raise GatewayError(404, f"No vector store found with id '{store_id}'.", type="not_found_error",
-                                   param="vector_store_ids", code="vector_store_not_found")
+        """The ``limit`` chunks nearest to ``query`` in the tenant's stores (checked by ``searchable_store``)."""
         vector: np.ndarray = (await self.calls.embed(tenant, key, self.model, [query]))[0]
         return await self.vectors.search(self.model, tenant.id, store_ids, vector, limit)
 
