@@ -378,11 +378,28 @@ def _day(value: str | None, param: str) -> dt.date | None:
         raise GatewayError(400, f"Invalid '{param}': {exc}.", param=param, code="invalid_date") from None
 
 
-async def _report(gateway: "Gateway", tenant: Tenant, start: str | None, end: str | None,
-                  report=usage_report) -> dict:
+def report_period(start: str | None, end: str | None) -> tuple[dt.datetime, dt.datetime]:
+    """The period a report's ``start`` and ``end`` query name (whole UTC days); a 400 naming the bad one."""
     begin, finish = period(_day(start, "start"), _day(end, "end"))
     if finish <= begin:
         raise GatewayError(400, "'end' must not be before 'start'.", param="end")
+    return begin, finish
+
+
+async def read_ledger(gateway: "Gateway", report, *args):
+    """``report(pool, *args)`` on the ledger's database; a 503 while it cannot be read."""
+    if gateway.directory is None:
+        raise stateless_gateway()
+    try:
+        return await report(await gateway.directory.pool_for_reports(), *args)
+    except (OSError, ConnectionError, asyncpg.PostgresError) as exc:
+        raise GatewayError(503, f"The ledger cannot be read right now: {exc}", type="server_error",
+                           code="ledger_unavailable") from None
+
+
+async def _report(gateway: "Gateway", tenant: Tenant, start: str | None, end: str | None,
+                  report=usage_report) -> dict:
+    begin, finish = report_period(start, end)
     if tenant.created_at is not None:  # an id used again: the earlier tenant's rows are not this one's
         begin = max(begin, dt.datetime.fromtimestamp(tenant.created_at, dt.timezone.utc))
     return await _report_between(gateway, tenant.id, begin, max(begin, finish), report)
@@ -390,12 +407,7 @@ async def _report(gateway: "Gateway", tenant: Tenant, start: str | None, end: st
 
 async def _report_between(gateway: "Gateway", tenant_id: str, begin: dt.datetime, finish: dt.datetime,
                           report=usage_report) -> dict:
-    try:
-        pool = await gateway.directory.pool_for_reports()
-        return await report(pool, gateway.config.current, tenant_id, begin, finish)
-    except (OSError, ConnectionError, asyncpg.PostgresError) as exc:
-        raise GatewayError(503, f"Usage cannot be read right now: {exc}", type="server_error",
-                           code="ledger_unavailable") from None
+    return await read_ledger(gateway, report, gateway.config.current, tenant_id, begin, finish)
 
 
 def _made_here(tenant: Tenant) -> Tenant:

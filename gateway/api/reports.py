@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING
 import asyncpg
 from fastapi import APIRouter, Query, Request
 
-from gateway.api.admin import END, START, USAGE_ERRORS, _day, admin_route
+from gateway.api.admin import END, START, USAGE_ERRORS, admin_route, read_ledger, report_period
 from gateway.api.guard import stateless_gateway
 from gateway.config.schema import TEXT_PATTERN, TENANT_ID_PATTERN
 from gateway.errors import GatewayError
 from gateway.pipeline.auth import identify
 from gateway.stores.limits import NANO
 from gateway.stores.resp import ReplyError
-from gateway.stores.usage import period, recent_requests, routing_report, usage_report
+from gateway.stores.usage import recent_requests, routing_report, usage_report
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -34,33 +34,15 @@ def build_reports_router(gateway: "Gateway") -> APIRouter:
     router = APIRouter()
     admin = admin_route(gateway)
 
-    async def pool() -> asyncpg.Pool:
-        if gateway.directory is None:
-            raise stateless_gateway()
-        return await gateway.directory.pool_for_reports()
-
-    async def read(report, *args):
-        try:
-            return await report(await pool(), *args)
-        except (OSError, ConnectionError, asyncpg.PostgresError) as exc:
-            raise GatewayError(503, f"The ledger cannot be read right now: {exc}", type="server_error",
-                               code="ledger_unavailable") from None
-
-    def between(start: str | None, end: str | None) -> tuple[dt.datetime, dt.datetime]:
-        begin, finish = period(_day(start, "start"), _day(end, "end"))
-        if finish <= begin:
-            raise GatewayError(400, "'end' must not be before 'start'.", param="end")
-        return begin, finish
-
     @router.get("/api/v1/usage", **admin)
     async def all_usage(start: str | None = START, end: str | None = END) -> dict:
         """Usage over every tenant: totals, by day, by model, and the 100 tenants that spent most."""
-        return await read(usage_report, gateway.config.current, None, *between(start, end))
+        return await read_ledger(gateway, usage_report, gateway.config.current, None, *report_period(start, end))
 
     @router.get("/api/v1/routing", **admin)
     async def all_routing(start: str | None = START, end: str | None = END) -> dict:
         """What the router did over every tenant: requests by complexity and model, cascades, savings."""
-        return await read(routing_report, gateway.config.current, None, *between(start, end))
+        return await read_ledger(gateway, routing_report, gateway.config.current, None, *report_period(start, end))
 
     @router.get("/api/v1/requests", **admin)
     async def requests(tenant: str | None = Query(None, pattern=TENANT_ID_PATTERN),
@@ -80,7 +62,7 @@ def build_reports_router(gateway: "Gateway") -> APIRouter:
                 raise GatewayError(400, "'before' is not an ISO date and time.", param="before") from None
             if older_than.tzinfo is None:
                 older_than = older_than.replace(tzinfo=dt.timezone.utc)
-        rows = await read(recent_requests, tenant, model, status, older_than, limit)
+        rows = await read_ledger(gateway, recent_requests, tenant, model, status, older_than, limit)
         return {"object": "list", "data": rows, "has_more": len(rows) == limit}
 
     @router.get("/api/v1/status", **admin)

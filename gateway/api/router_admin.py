@@ -17,11 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import asyncpg
 from fastapi import APIRouter
 from pydantic import Field, StrictBool
 
-from gateway.api.admin import admin_route
+from gateway.api.admin import admin_route, read_ledger
 from gateway.config.schema import TENANT_ID_PATTERN, Strict, whole
 from gateway.errors import GatewayError
 from gateway.routing import commands
@@ -118,13 +117,7 @@ def _valid_name(name: str) -> bool:
 
 async def _check_labels(gateway: "Gateway", body: TrainIn) -> None:
     """Refuse at once what the training would refuse: too few labelled requests, or labels all alike."""
-    try:
-        pool = await gateway.directory.pool_for_reports()
-        async with pool.acquire() as connection:
-            row = await connection.fetchrow(_LABELLED, body.days, body.tenant)
-    except (OSError, ConnectionError, asyncpg.PostgresError) as exc:
-        raise GatewayError(503, f"The ledger cannot be read right now: {exc}", type="server_error",
-                           code="ledger_unavailable") from None
+    row = await read_ledger(gateway, lambda pool: pool.fetchrow(_LABELLED, body.days, body.tenant))
     labelled, needed = row["labelled"], row["needed_large"]
     if labelled < commands.MINIMUM_EXAMPLES:
         raise GatewayError(409, f"{labelled} labelled requests in the ledger; at least {commands.MINIMUM_EXAMPLES} "
