@@ -53,6 +53,8 @@ def test_evaluate_reports_the_held_out_half_and_every_group_left_out(tmp_path):
     oracle = report["subject_oracle"]  # knows each subject's mean gain on the very prompts judged
     assert oracle["leave_group_out"]["mean_apgr"] > folds["mean_apgr"] and oracle["held_out_apgr"] > gateway["apgr"]
     assert set(oracle["leave_group_out"]["folds"]) == set(folds["folds"])
+    known = report["subject_known"]  # told each subject, its mean gain from the training half
+    assert 0.55 < known["held_out_apgr"] < oracle["held_out_apgr"] and known["prompts_judged"] > 6000
     assert 0 < report["microseconds_per_decision"]["rules + learned (the gateway's classifier)"] < 1000
     svg = image.read_text()
     assert svg.startswith("<svg") and "random router" in svg and "APGR" in svg

@@ -119,6 +119,8 @@ def evaluate(data: Path, scorer_path: Path, image: Path | None, every_row: bool 
     }
     if len({e.subject for e in examples}) > 1:
         report["subject_oracle"] = _subject_oracle(test, grouped)
+        if not every_row:
+            report["subject_known"] = _subject_known(split(usable)[0], [e for e in test if e.subject not in left_out])
     if learning:
         curves = fit.learning_curve(grouped, blend)
         report["learning_from_labelled_examples"] = {
@@ -250,6 +252,19 @@ def _subject_oracle(test: list[Example], grouped: list[Example]) -> dict:
             "held_out_apgr": apgr(test),
             "leave_group_out": {"mean_apgr": round(sum(folds.values()) / len(folds), 4) if folds else None,
                                 "folds": folds}}
+
+
+def _subject_known(train: list[Example], test: list[Example]) -> dict:
+    """What the labels at hand allow a router that is told every request's subject: each held-out prompt scored by
+    its subject's mean gain on the training half (its words and shape add nothing)."""
+    by_subject: dict[str, list[float]] = {}
+    for example in train:
+        by_subject.setdefault(example.subject, []).append(example.gain)
+    judged = [e for e in test if e.subject in by_subject]
+    scores = [sum(by_subject[e.subject]) / len(by_subject[e.subject]) for e in judged]
+    return {"what": "each held-out prompt (credible subjects) scored by its subject's mean gain on the training half: "
+                    "a router told every request's subject, with the labels at hand",
+            "held_out_apgr": round(judge_scores("", scores, judged).apgr, 4), "prompts_judged": len(judged)}
 
 
 def _held_out(test: list[Example], classifier: Classifier, rules: dict[str, float]) -> dict:
