@@ -158,6 +158,20 @@ def test_key_names_are_safe_in_a_path_and_revocable(admin_setup):
         gateway.client(made["key"]).models.list()
 
 
+def test_a_nul_in_a_path_is_a_400_on_every_route(admin_setup):
+    gateway, _, _ = admin_setup
+    _make_tenant(gateway, "nulpath")
+    for method, path in (("GET", "/api/v1/organizations/a%00b/history"),
+                         ("DELETE", "/api/v1/organizations/nulpath/keys/k%00"),
+                         ("GET", "/api/v1/organizations/a%00b"), ("GET", "/api/v1/router/scorers/a%00b")):
+        status, answer = _admin(gateway, method, path)
+        assert status == 400 and answer["error"]["code"] == "invalid_path", (path, answer)
+    status, answer = http_request(gateway.port, "GET", "/api/v1/organizations/a%00b/history")
+    assert status == 401  # the door is still checked first
+    status, keys = _admin(gateway, "GET", "/api/v1/organizations/nulpath/keys")
+    assert status == 200 and [k["name"] for k in keys["data"]] == ["k"]
+
+
 def test_usage_dates_out_of_range_are_a_400(admin_setup):
     gateway, tenant_key, _ = admin_setup
     auth = {"Authorization": f"Bearer {tenant_key}"}

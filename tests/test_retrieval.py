@@ -149,6 +149,13 @@ def test_bad_input_is_refused_in_openais_shape(setup, indexed):
     assert status == 404 and error["error"]["code"] == "file_not_found"
     status, error = http_request(gateway.port, "GET", "/v1/files", headers={"Authorization": "Bearer sk-wrong"})
     assert status == 401
+    for method, path in (("GET", "/v1/files/file-a%00"), ("GET", "/v1/files/file-a%00/content"),
+                         ("DELETE", "/v1/files/file-a%00"), ("GET", "/v1/vector_stores/vs%00"),
+                         ("DELETE", "/v1/vector_stores/vs%00"), ("GET", "/v1/vector_stores/vs%00/files"),
+                         ("GET", f"/v1/vector_stores/{store.id}/files/f%00"),
+                         ("DELETE", f"/v1/vector_stores/{store.id}/files/f%00")):
+        status, error = http_request(gateway.port, method, path, headers=headers)
+        assert status == 400 and error["error"]["code"] == "invalid_path", (path, error)
 
 
 def test_a_store_still_indexing_is_not_searched(setup):

@@ -3,6 +3,7 @@
 - The admin API's key is checked before anything of the body is read: an unauthenticated client cannot make the
   gateway buffer and parse a large body.
 - Every body is bounded; past the limit the answer is a 413 and the rest is never read.
+- A path with a NUL character in it is a 400: no name or id of the gateway's has one.
 - A body is read as JSON whatever content type the client declared, as the OpenAI routes do (``curl -d`` sends
   ``application/x-www-form-urlencoded``).
 """
@@ -75,6 +76,8 @@ class BodyGuard:
         try:
             if scope["path"].startswith(ADMIN_PREFIX):
                 scope[ADMIN] = self.admin.check(scope)
+            if "\x00" in scope["path"]:  # no id has one, and PostgreSQL cannot even compare with one
+                raise GatewayError(400, "The path must not contain a NUL character (%00).", code="invalid_path")
             if scope["method"] in _WITH_BODY:
                 receive = await self._buffered(scope, receive)
         except GatewayError as error:
