@@ -189,6 +189,9 @@ def test_feedback_is_kept_for_the_tenants_own_requests_only(gateway, keys, store
                 {"request_id": request_id, "rating": "good", "extra": 1}):
         status, error = feedback(keys["alpha"], bad)
         assert status == 400 and error["error"]["type"] == "invalid_request_error", (bad, error)
+        assert error["error"]["param"] in bad or bad == {"rating": "good"}, (bad, error)
+    status, error = feedback(keys["alpha"], {"request_id": request_id, "rating": 5})
+    assert error["error"]["param"] == "rating" and "'good', 'bad', 1 or -1" in error["error"]["message"], error
     status, error = feedback(keys["alpha"], b"{not json")
     assert status == 400
     status, error = feedback("sk-not-a-key", {"request_id": request_id, "rating": "good"})

@@ -55,7 +55,7 @@ class ProviderKeyIn(Strict):
 class FeedbackIn(Strict):
     request_id: str = Field(min_length=1, max_length=200, pattern=TEXT_PATTERN,
                             description="the x-request-id header of the answer rated")
-    rating: Literal["good", "bad"] | Literal[1, -1] = Field(description="good (1) or bad (-1)")
+    rating: Literal["good", "bad", 1, -1] = Field(description="good (1) or bad (-1)")
     comment: str | None = Field(None, max_length=2000, pattern=TEXT_PATTERN)
 
     @field_validator("rating", mode="before")

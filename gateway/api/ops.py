@@ -75,6 +75,7 @@ def build_ops_app(readiness: Callable[[], dict[str, bool]], stores: Callable[[],
         location = [str(part) for part in first.get("loc", ())]
         if location and location[0] in ("body", "query", "path", "header"):  # where it was, not which field
             location = location[1:]
+        location = [part for part in location if "[" not in part]  # a union's member ("literal['a']"), not a field
         param = ".".join(location) or None
         message = first.get("msg", "invalid request").removeprefix("Value error, ")
         if first.get("type") == "json_invalid":
