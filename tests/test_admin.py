@@ -114,6 +114,8 @@ def test_bad_admin_input_gets_a_clear_4xx(admin_setup):
         ({"name": "X", "limits": {"requests_per_minute": "many"}}, 400, "limits.requests_per_minute"),
         ({"name": "X", "id": "Bad Id!"}, 400, "id"),
         ({"name": "X", "features": ["teleport"]}, 400, "features.0"),
+        ({"name": "X", "models": ["small", "smal"]}, 400, "models.1"),
+        ({"name": "X", "models": ["claude-*"]}, 400, "models.0"),
         ({"name": "X", "routing": {"profile": "nope"}}, 400, "routing.profile"),
         ({"name": "X", "routing": {"complex": "ghost"}}, 400, "routing.complex"),
         ({"name": "X", "routing": {"cascade_threshold": 2}}, 400, "routing.cascade_threshold"),

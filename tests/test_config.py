@@ -54,6 +54,17 @@ def test_errors_name_file_line_and_problem(tmp_path):
     assert "sk-live-secret" not in result.stderr  # a secret typed into the file is not echoed
 
 
+def test_a_tenants_model_pattern_that_admits_no_model_is_a_warning(tmp_path):
+    config_dir = _shipped_copy(tmp_path)
+    tenants = yaml.safe_load((config_dir / "tenants.yaml").read_text())
+    tenant = next(iter(tenants["tenants"].values()))
+    tenant["models"] = ["gpt-4o-mini", "gpt4o-typo"]
+    (config_dir / "tenants.yaml").write_text(yaml.safe_dump(tenants))
+    result = _gateway_cli("config", "check", "--config-dir", str(config_dir))
+    assert result.returncode == 0, result.stderr
+    assert "tenants.yaml, line" in result.stderr and "'gpt4o-typo' admits no model" in result.stderr
+
+
 def test_yaml_syntax_and_duplicate_keys(tmp_path):
     config_dir = _shipped_copy(tmp_path)
     (config_dir / "tenants.yaml").write_text("tenants:\n  a:\n    name: A\n  a:\n    name: B\n")

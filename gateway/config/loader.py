@@ -160,6 +160,12 @@ def load_base(config_dir: Path, *, simulator_url: str | None = None,
         for index, key in enumerate(spec.keys):
             _add_key(keys, key.sha256, ApiKey(tenant_id, key.name, _unix_time(key.expires), _key_limits(key.limits)),
                      tenants_doc.where(("tenants", tenant_id, "keys", index)), problems)
+    model_names = (*models, *(router.aliases if router is not None else ()))
+    for tenant_id, spec in tenants_file.tenants.items():
+        for index, pattern in enumerate(spec.models):
+            if unmatched_model_patterns([pattern], model_names):
+                warnings.append(f"{tenants_doc.where(('tenants', tenant_id, 'models', index))}: '{pattern}' admits "
+                                f"no model of models.yaml nor a router alias: tenant '{tenant_id}' cannot use it")
     admin_keys = {}
     for index, key in enumerate(tenants_file.admin_keys):
         if key.sha256 in keys or key.sha256 in admin_keys:
@@ -421,6 +427,11 @@ def _key_limits(spec: KeyLimitsSpec | None) -> KeyLimits | None:
     if spec is None or not spec.model_dump(exclude_none=True):
         return None
     return KeyLimits(**spec.model_dump())
+
+
+def unmatched_model_patterns(patterns: list[str] | tuple[str, ...], names: tuple[str, ...]) -> list[str]:
+    """The patterns of a tenant's ``models`` that admit none of ``names`` (most likely a misspelt model)."""
+    return [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
 
 
 @dataclass(frozen=True)
