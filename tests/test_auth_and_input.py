@@ -104,6 +104,11 @@ def test_bad_bodies_of_other_endpoints(gateway, keys):
     status, body = http_request(gateway.port, "POST", "/v1/completions",
                                 b'{"model": "small", "prompt": {"x": 1}}', auth)
     assert status == 400 and body["error"]["param"] == "prompt"
+    for prompt, param in ((b"[]", "prompt"), (b"[[]]", "prompt[0]"), (b"[[1, 2], []]", "prompt[1]")):
+        status, body = http_request(gateway.port, "POST", "/v1/completions",
+                                    b'{"model": "small", "prompt": ' + prompt + b'}', auth)
+        assert status == 400 and body["error"]["code"] == "empty_array", (prompt, body)
+        assert body["error"]["param"] == param and "empty array" in body["error"]["message"], (prompt, body)
     status, body = http_request(gateway.port, "POST", "/v1/embeddings", b'{"model": "embed"}', auth)
     assert status == 400 and body["error"]["param"] == "input"
     status, body = http_request(gateway.port, "POST", "/v1/embeddings",

@@ -28,6 +28,11 @@ def _invalid_type(param: str, expected: str, value: Any) -> GatewayError:
                        param=param, code="invalid_type")
 
 
+def _empty_array(param: str) -> GatewayError:
+    return bad_request(f"Invalid '{param}': empty array. Expected an array with minimum length 1, but got an empty "
+                       "array instead.", param=param, code="empty_array")
+
+
 def _missing(param: str) -> GatewayError:
     return bad_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
 
@@ -140,8 +145,7 @@ def check_chat(body: dict) -> None:
     if not isinstance(messages, list):
         raise _invalid_type("messages", "an array", messages)
     if not messages:
-        raise bad_request("Invalid 'messages': empty array. Expected an array with minimum length 1, "
-                          "but got an empty array instead.", param="messages", code="empty_array")
+        raise _empty_array("messages")
     for index, message in enumerate(messages):
         param = f"messages[{index}]"
         if not isinstance(message, dict):
@@ -192,6 +196,12 @@ def check_completion(body: dict) -> None:
     prompt = body.get("prompt")
     if prompt is None:
         raise _missing("prompt")
+    if isinstance(prompt, list):
+        if not prompt:
+            raise _empty_array("prompt")
+        for index, tokens in enumerate(prompt):
+            if tokens == []:
+                raise _empty_array(f"prompt[{index}]")
     if not isinstance(prompt, str) and not (
         isinstance(prompt, list) and prompt and (
             all(isinstance(p, str) for p in prompt)
@@ -213,8 +223,7 @@ def check_embedding(body: dict) -> None:
     if not isinstance(value, (str, list)):
         raise _invalid_type("input", "a string or an array", value)
     if isinstance(value, list) and not value:
-        raise bad_request("Invalid 'input': empty array. Expected an array with minimum length 1.",
-                          param="input", code="empty_array")
+        raise _empty_array("input")
     if value == "" or (isinstance(value, list) and any(item == "" or item == [] for item in value)):
         raise bad_request("'$.input' is invalid: an input must not be empty (a string or an array of tokens "
                           "with at least one element).", param="input", code="invalid_value")
