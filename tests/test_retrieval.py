@@ -147,6 +147,11 @@ def test_bad_input_is_refused_in_openais_shape(setup, indexed):
     assert status == 404 and error["error"]["code"] == "vector_store_not_found"
     status, error = http_request(gateway.port, "POST", "/v1/vector_stores", b'{"file_ids": ["file-nope"]}', headers)
     assert status == 404 and error["error"]["code"] == "file_not_found"
+    for metadata, param in (({"k": "v" * 513}, "metadata.k"), ({"k" * 65: "v"}, "metadata.kkkk"),
+                            ({str(i): "v" for i in range(17)}, "metadata")):
+        status, error = http_request(gateway.port, "POST", "/v1/vector_stores",
+                                     json.dumps({"name": "x", "metadata": metadata}).encode(), headers)
+        assert status == 400 and error["error"]["param"].startswith(param), (metadata, error)
     status, error = http_request(gateway.port, "GET", "/v1/files", headers={"Authorization": "Bearer sk-wrong"})
     assert status == 401
     for method, path in (("GET", "/v1/files/file-a%00"), ("GET", "/v1/files/file-a%00/content"),

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from pydantic import Field, StrictInt
+from pydantic import Field, StrictInt, StringConstraints
 
 from gateway.api.admin import USAGE_ERRORS
 from gateway.api.guard import stateless_gateway
@@ -29,12 +29,14 @@ if TYPE_CHECKING:
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_RESULTS = 50
+MetadataKey = Annotated[str, StringConstraints(max_length=64)]  # OpenAI's limits: 16 pairs, keys of 64 characters,
+MetadataValue = Annotated[str, StringConstraints(max_length=512)]  # values of 512
 
 
 class StoreIn(Strict):
     name: str | None = Field(None, max_length=256, pattern=TEXT_PATTERN)
     file_ids: list[str] = Field(default_factory=list, max_length=500)
-    metadata: dict[str, str] | None = Field(None, max_length=16)
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=16)
 
 
 class StoreFileIn(Strict):
