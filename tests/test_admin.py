@@ -128,6 +128,10 @@ def test_bad_admin_input_gets_a_clear_4xx(admin_setup):
         assert got == status, (body, answer)
         assert answer["error"]["param"] == param, (body, answer)
         assert answer["error"]["message"]
+    for body in (b"{not json", b'{"name": "X", "limits": ' + b'{"a": ' * 3000 + b'1' + b'}' * 3001):
+        status, answer = _admin(gateway, "POST", "/api/v1/organizations", body)
+        assert status == 400 and answer["error"]["code"] == "invalid_json", answer
+        assert "not valid JSON" in answer["error"]["message"], answer
     status, _ = _admin(gateway, "POST", "/api/v1/organizations", {"name": "Twice", "id": "twice"})
     assert status == 201
     status, answer = _admin(gateway, "POST", "/api/v1/organizations", {"name": "Twice", "id": "twice"})

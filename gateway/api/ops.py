@@ -40,6 +40,7 @@ def error_responses(*statuses: int) -> dict:
     return {status: {"model": ErrorBody, "description": _REASONS.get(status, "error")} for status in statuses}
 
 
+_UNPARSED_BODY = "There was an error parsing the body"  # FastAPI's detail when the JSON decoder gives up
 _REASONS = {400: "bad input (the field is named in `param`)", 401: "missing, malformed, wrong or expired key",
             403: "a key that may not do this", 404: "no such tenant, key or route", 409: "already exists, or "
             "declared in tenants.yaml", 413: "body too large", 503: "the stores cannot be reached"}
@@ -78,13 +79,14 @@ def build_ops_app(readiness: Callable[[], dict[str, bool]], stores: Callable[[],
         location = [part for part in location if "[" not in part]  # a union's member ("literal['a']"), not a field
         param = ".".join(location) or None
         message = first.get("msg", "invalid request").removeprefix("Value error, ")
+        code = "invalid_request"
         if first.get("type") == "json_invalid":
-            message, param = "The request body is not valid JSON.", None
+            message, param, code = "The request body is not valid JSON.", None, "invalid_json"
         elif first.get("type") == "extra_forbidden":
             message = f"Unknown field '{param}'."
         elif param:
             message = f"Invalid '{param}': {message}."
-        body = error_body(message, "invalid_request_error", param, "invalid_request")
+        body = error_body(message, "invalid_request_error", param, code)
         return Response(body, status_code=400, media_type="application/json")
 
     @app.exception_handler(Exception)
@@ -100,6 +102,8 @@ def build_ops_app(readiness: Callable[[], dict[str, bool]], stores: Callable[[],
             else f"{request.method} is not allowed on {request.url.path}." if exc.status_code == 405 \
             else str(exc.detail)
         code = {404: "route_not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        if exc.status_code == 400 and exc.detail == _UNPARSED_BODY:  # FastAPI's words for JSON nested too deeply
+            message, code = "The request body is not valid JSON, or is nested too deeply.", "invalid_json"
         headers = dict(exc.headers or {})
         if exc.status_code == 405:
             headers["Allow"] = ", ".join(_methods_of(app, request.scope))
