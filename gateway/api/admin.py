@@ -19,7 +19,7 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator
 from gateway.api.guard import ADMIN, stateless_gateway
 from gateway.api.ops import error_responses
 from gateway.config.keys import generate_key, hash_key
-from gateway.config.loader import unmatched_model_patterns
+from gateway.config.loader import model_names, unmatched_model_patterns
 from gateway.config.routing import unknown_chat_models
 from gateway.config.schema import (DATE_PATTERN, FEATURES, KEY_NAME_PATTERN, PROVIDERS, TENANT_ID_PATTERN,
                                    TEXT_PATTERN, CalendarDate, Strict, TenantFields, TenantRoutingSpec, TenantSpec,
@@ -119,15 +119,8 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         if spec.tier not in tiers:
             raise GatewayError(400, f"Unknown tier '{spec.tier}'; tiers are: {', '.join(sorted(tiers))}.",
                                param="tier", code="unknown_tier")
-        current = config()
-        names = (*current.models, *(current.router.aliases if current.router is not None else ()))
-        for index, pattern in enumerate(spec.models):
-            if unmatched_model_patterns([pattern], names):
-                raise GatewayError(400, f"'{pattern}' admits no model of this gateway (see GET /v1/models with a key "
-                                        f"of a tenant allowed all, or models.yaml).", param=f"models.{index}",
-                                   code="model_not_found")
         if spec.routing is not None:
-            _check_routing(spec.routing, current)
+            _check_routing(spec.routing, config())
         problem = gateway.config.problem_with(tenant_id, spec)
         if problem is not None:
             raise GatewayError(400, f"This tenant cannot be served: {problem}", code="invalid_tenant")
@@ -445,6 +438,8 @@ def _view(tenant: Tenant, config: GatewayConfig) -> dict:
         "enabled": tenant.enabled,
         "models": list(tenant.model_patterns),
         "allowed_models": sorted(tenant.allowed_models),
+        "warnings": [f"'{pattern}' admits no model of this gateway: the tenant cannot use it" for pattern in
+                     unmatched_model_patterns(tenant.model_patterns, model_names(config))],
         "system_prompt": tenant.system_prompt,
         "limits": {
             "requests_per_minute": limits.requests_per_minute,

@@ -160,10 +160,11 @@ def load_base(config_dir: Path, *, simulator_url: str | None = None,
         for index, key in enumerate(spec.keys):
             _add_key(keys, key.sha256, ApiKey(tenant_id, key.name, _unix_time(key.expires), _key_limits(key.limits)),
                      tenants_doc.where(("tenants", tenant_id, "keys", index)), problems)
-    model_names = (*models, *(router.aliases if router is not None else ()))
+    names = (*models, *(router.aliases if router is not None else ()))
     for tenant_id, spec in tenants_file.tenants.items():
+        unmatched = unmatched_model_patterns(spec.models, names)
         for index, pattern in enumerate(spec.models):
-            if unmatched_model_patterns([pattern], model_names):
+            if pattern in unmatched:
                 warnings.append(f"{tenants_doc.where(('tenants', tenant_id, 'models', index))}: '{pattern}' admits "
                                 f"no model of models.yaml nor a router alias: tenant '{tenant_id}' cannot use it")
     admin_keys = {}
@@ -432,6 +433,11 @@ def _key_limits(spec: KeyLimitsSpec | None) -> KeyLimits | None:
 def unmatched_model_patterns(patterns: list[str] | tuple[str, ...], names: tuple[str, ...]) -> list[str]:
     """The patterns of a tenant's ``models`` that admit none of ``names`` (most likely a misspelt model)."""
     return [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
+
+
+def model_names(config: GatewayConfig) -> tuple[str, ...]:
+    """What a tenant's model patterns are matched against: the models of models.yaml and the router's aliases."""
+    return (*config.models, *(config.router.aliases if config.router is not None else ()))
 
 
 @dataclass(frozen=True)
