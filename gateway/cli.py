@@ -207,6 +207,10 @@ def _keys_create(args: argparse.Namespace) -> None:
     from gateway.config.yaml_source import ConfigError
 
     name = args.name or dt.datetime.now().strftime("key-%Y%m%d-%H%M%S")
+    if args.expires is not None and args.expires <= dt.datetime.now(dt.timezone.utc).date():
+        print(f"--expires {args.expires} is in the past: the key would never work (it stops working at the start "
+              "of that day, UTC)", file=sys.stderr)
+        raise SystemExit(2)
     try:
         key = add_key_to_tenants_file(_config_dir(args), None if args.admin else args.tenant, name,
                                       args.expires.isoformat() if args.expires else None)

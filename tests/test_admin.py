@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import openai
@@ -11,6 +12,7 @@ import yaml
 
 from conftest import GatewayProcess, http_request
 from gateway.config.keys import generate_key, hash_key
+from gateway.config.schema import TENANT_ID_PATTERN
 from test_limits import _config
 
 ADMIN_KEY = "sk-admin-test-0123456789abcdef"
@@ -114,6 +116,7 @@ def test_bad_admin_input_gets_a_clear_4xx(admin_setup):
         ({"name": "X", "limits": {"requests_per_minute": "many"}}, 400, "limits.requests_per_minute"),
         ({"name": "X", "id": "Bad Id!"}, 400, "id"),
         ({"name": "X", "features": ["teleport"]}, 400, "features.0"),
+        ({"name": "   "}, 400, "name"),
         ({"name": "X", "routing": {"profile": "nope"}}, 400, "routing.profile"),
         ({"name": "X", "routing": {"complex": "ghost"}}, 400, "routing.complex"),
         ({"name": "X", "routing": {"cascade_threshold": 2}}, 400, "routing.cascade_threshold"),
@@ -147,6 +150,12 @@ def test_bad_admin_input_gets_a_clear_4xx(admin_setup):
     assert status == 404 and answer["error"]["code"] == "tenant_not_found"
     status, answer = _admin(gateway, "POST", "/api/v1/organizations/twice/keys", {"expires": "someday"})
     assert status == 400 and answer["error"]["param"] == "expires"
+    status, answer = _admin(gateway, "POST", "/api/v1/organizations/twice/keys", {"expires": "2020-01-01"})
+    assert status == 400 and answer["error"]["param"] == "expires" and "past" in answer["error"]["message"]
+    status, made = _admin(gateway, "POST", "/api/v1/organizations", {"name": "Ünïcode 🙂 Café"})
+    assert status == 201 and re.fullmatch(TENANT_ID_PATTERN, made["id"]) and made["id"].startswith("unicode-cafe-")
+    status, _ = _admin(gateway, "GET", f"/api/v1/requests?tenant={made['id']}")
+    assert status == 200
 
 
 def test_routing_of_a_tenant_made_through_the_api(admin_setup):

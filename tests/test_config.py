@@ -106,6 +106,10 @@ def test_keys_create_prints_a_key_once_and_stores_only_its_hash(tmp_path):
     assert again.returncode == 2 and "already has a key named 'laptop'" in again.stderr
     unknown = _gateway_cli("keys", "create", "--tenant", "nobody", "--config-dir", str(config_dir))
     assert unknown.returncode == 2 and "no tenant 'nobody'" in unknown.stderr
+    past = _gateway_cli("keys", "create", "--tenant", "demo", "--name", "old", "--expires", "2020-01-01",
+                        "--config-dir", str(config_dir))
+    assert past.returncode == 2 and "in the past" in past.stderr
+    assert "name: old" not in (config_dir / "tenants.yaml").read_text()
 
 
 def test_serve_refuses_to_start_on_an_invalid_config(tmp_path):

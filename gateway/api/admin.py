@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import secrets
+import unicodedata
 from typing import TYPE_CHECKING, Literal
 
 import asyncpg
@@ -21,9 +23,9 @@ from gateway.api.ops import error_responses
 from gateway.config.keys import generate_key, hash_key
 from gateway.config.loader import model_names, unmatched_model_patterns
 from gateway.config.routing import unknown_chat_models
-from gateway.config.schema import (DATE_PATTERN, FEATURES, KEY_NAME_PATTERN, PROVIDERS, TENANT_ID_PATTERN,
-                                   TEXT_PATTERN, CalendarDate, Strict, TenantFields, TenantRoutingSpec, TenantSpec,
-                                   calendar_date, partial)
+from gateway.config.schema import (DATE_PATTERN, FEATURES, KEY_NAME_PATTERN, NAMED_PATTERN, PROVIDERS,
+                                   TENANT_ID_PATTERN, TEXT_PATTERN, CalendarDate, Strict, TenantFields,
+                                   TenantRoutingSpec, TenantSpec, calendar_date, partial)
 from gateway.config.types import GatewayConfig, Tenant
 from gateway.errors import GatewayError
 from gateway.pipeline.auth import identify
@@ -39,7 +41,7 @@ class TenantIn(TenantFields):
     """A new tenant. seed 001's field names (organization_name, subscription_tier) are accepted too."""
 
     id: str | None = Field(None, pattern=TENANT_ID_PATTERN, description="made up from the name when left out")
-    name: str = Field(min_length=1, max_length=200, pattern=TEXT_PATTERN,
+    name: str = Field(min_length=1, max_length=200, pattern=NAMED_PATTERN,
                       validation_alias=AliasChoices("name", "organization_name"))
     tier: str = Field("basic", max_length=64, pattern=TEXT_PATTERN,
                       validation_alias=AliasChoices("tier", "subscription_tier"))
@@ -209,8 +211,11 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         if name in _yaml_key_names(config(), tenant_id):
             raise GatewayError(409, f"Tenant '{tenant_id}' already has a key named '{name}'.", param="name",
                                code="key_exists")
-        key = generate_key()
         expires = midnight(body.expires) if body.expires else None
+        if expires is not None and expires <= dt.datetime.now(dt.timezone.utc):
+            raise GatewayError(400, f"'expires' ({body.expires}) is in the past: the key would never work (it stops "
+                                    "working at the start of that day, UTC).", param="expires", code="invalid_value")
+        key = generate_key()
         try:
             await gateway.directory.add_key(tenant_id, name, hash_key(key), expires)
         except Conflict as exc:
@@ -423,7 +428,9 @@ def _yaml_key_names(config: GatewayConfig, tenant_id: str) -> set[str]:
 
 
 def _id_from(name: str) -> str:
-    slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")[:40] or "tenant"
+    """An id in TENANT_ID_PATTERN from a name in any script: accents dropped, other characters as single dashes."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode().lower()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name).strip("-")[:40].rstrip("-") or "tenant"
     return f"{slug}-{secrets.token_hex(3)}"
 
 

@@ -20,6 +20,7 @@ TENANT_ID_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
 KEY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$"  # safe in a URL path segment
 ORIGIN_PATTERN = r"^(\*|https?://[A-Za-z0-9.:_\[\]-]+)/?$"  # as browsers send Origin (IDN hosts in punycode)
 TEXT_PATTERN = r"^[^\x00]*$"  # what jsonb can store: no NUL (said in the schema too, so that clients can know)
+NAMED_PATTERN = r"^[^\x00]*[^\s\x00][^\x00]*$"  # the same, and not blank
 
 # What the stores and their readers accept: PostgreSQL's jsonb has no NUL character, Redis scripts count in
 # doubles (exact to 2**53), spend is counted in billionths of a dollar in 64 bits, and dates must survive a trip
@@ -488,7 +489,7 @@ class AdapterSpec(Strict):
 class TenantFields(Strict):
     """What describes a tenant, in tenants.yaml and through the admin API alike."""
 
-    name: str = Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)
+    name: str = Field(min_length=1, max_length=200, pattern=NAMED_PATTERN)
     enabled: StrictBool = True
     tier: str = Field("basic", max_length=64, pattern=TEXT_PATTERN)
     industry: str | None = Field(None, max_length=64, pattern=TEXT_PATTERN)
