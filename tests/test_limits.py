@@ -119,6 +119,23 @@ def test_key_limits_apply_to_that_key_only(sim, tmp_path):
         gateway.stop()
 
 
+def test_a_limit_of_zero_says_no_request_can_pass(sim, tmp_path):
+    keys = {name: generate_key() for name in ("rpm", "concurrent", "daily")}
+    gateway = GatewayProcess(_config(tmp_path / "c", sim.url, {
+        _unique("zero-rpm"): _tenant(keys["rpm"], requests_per_minute=0),
+        _unique("zero-concurrent"): _tenant(keys["concurrent"], concurrent_requests=0),
+        _unique("zero-daily"): _tenant(keys["daily"], calls_per_day=0)}))
+    try:
+        for name, key in keys.items():
+            with pytest.raises(openai.RateLimitError) as caught:
+                gateway.client(key).chat.completions.create(model="small", messages=HELLO)
+            message = caught.value.body["message"]
+            assert "is 0" in message and "None" not in message and "Retry" not in message, (name, message)
+            assert "retry-after" not in caught.value.response.headers, name
+    finally:
+        gateway.stop()
+
+
 def test_budget_is_never_overspent_under_concurrency(sim, stores, tmp_path):
     key, tenant = generate_key(), _unique("budget")
     # $1 and $2 per million tokens; each request may cost up to ~12 + 50 tokens: about $0.000112 at worst.

@@ -86,6 +86,9 @@ def _refusal(admission: Admission, now: float, ctx: RequestContext) -> GatewayEr
             429, f"You exceeded your current quota: this request could cost up to {usd(amount / NANO)} "
                  f"and {usd(used / NANO)} of the {usd(budget)} monthly budget is spent or reserved.",
             type="insufficient_quota", code="insufficient_quota", headers=headers)
+    if check.limit == 0 and check.kind in ("requests", "concurrency"):  # an admin's way of holding a tenant back
+        return GatewayError(429, f"No request can pass: the limit on {check.name} is 0.", type="requests",
+                            code="rate_limit_exceeded")
     if check.kind == "concurrency":
         return GatewayError(
             429, f"Too many concurrent requests: the limit is {check.limit} at once. Retry when one finishes.",
@@ -96,8 +99,8 @@ def _refusal(admission: Admission, now: float, ctx: RequestContext) -> GatewayEr
                  f"{check.limit}. Send a shorter prompt or a lower max_tokens.",
             type="tokens", code="rate_limit_exceeded", headers=headers)
     return GatewayError(
-        429, f"Rate limit reached on {check.name}: limit {check.limit}, used {used}, requested {amount}. "
-             f"Please try again in {wait}s.",
+        429, f"Rate limit reached on {check.name}: limit {check.limit}, used {used}, requested {amount}."
+             + (f" Please try again in {wait}s." if wait is not None else ""),
         type=check.kind, code="rate_limit_exceeded", headers=headers)
 
 
