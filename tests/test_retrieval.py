@@ -163,6 +163,26 @@ def test_bad_input_is_refused_in_openais_shape(setup, indexed):
         assert status == 400 and error["error"]["code"] == "invalid_path", (path, error)
 
 
+def test_a_store_is_renamed_and_its_metadata_replaced(setup):
+    gateway, keys = setup
+    api = client(gateway, keys["acme"])
+    store = api.vector_stores.create(name="Drafts", metadata={"team": "support", "stage": "draft"})
+    renamed = api.vector_stores.update(store.id, name="Published")
+    assert renamed.name == "Published" and renamed.metadata == {"team": "support", "stage": "draft"}
+    changed = api.vector_stores.update(store.id, metadata={"stage": "live"})
+    assert changed.name == "Published" and changed.metadata == {"stage": "live"}  # replaced, as OpenAI does
+    cleared = api.vector_stores.update(store.id, name=None, metadata=None)
+    assert cleared.name is None and cleared.metadata == {}
+    assert api.vector_stores.retrieve(store.id).model_dump()["metadata"] == {}
+    with pytest.raises(openai.NotFoundError):
+        client(gateway, keys["globex"]).vector_stores.update(store.id, name="Taken")
+    with pytest.raises(openai.BadRequestError, match="expires_after"):
+        api.vector_stores.update(store.id, expires_after={"anchor": "last_active_at", "days": 7})
+    with pytest.raises(openai.BadRequestError):
+        api.vector_stores.update(store.id, metadata={"k": "v" * 513})
+    assert api.vector_stores.retrieve(store.id).name is None
+
+
 def test_a_store_still_indexing_is_not_searched(setup):
     gateway, keys = setup
     api = client(gateway, keys["acme"])

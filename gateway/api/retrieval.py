@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from pydantic import Field, StrictInt, StringConstraints
+from pydantic import Field, StrictInt, StringConstraints, WithJsonSchema
 
 from gateway.api.admin import USAGE_ERRORS
 from gateway.api.guard import stateless_gateway
@@ -29,14 +29,24 @@ if TYPE_CHECKING:
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_RESULTS = 50
-MetadataKey = Annotated[str, StringConstraints(max_length=64)]  # OpenAI's limits: 16 pairs, keys of 64 characters,
-MetadataValue = Annotated[str, StringConstraints(max_length=512)]  # values of 512
+# OpenAI's limits on metadata: 16 pairs, keys of 64 characters, values of 512 (and no NUL, for jsonb)
+Metadata = Annotated[
+    dict[Annotated[str, StringConstraints(max_length=64, pattern=TEXT_PATTERN)],
+         Annotated[str, StringConstraints(max_length=512, pattern=TEXT_PATTERN)]],
+    Field(max_length=16),
+    WithJsonSchema({"type": "object", "maxProperties": 16, "propertyNames": {"maxLength": 64, "pattern": TEXT_PATTERN},
+                    "additionalProperties": {"type": "string", "maxLength": 512, "pattern": TEXT_PATTERN}})]
 
 
 class StoreIn(Strict):
     name: str | None = Field(None, max_length=256, pattern=TEXT_PATTERN)
     file_ids: list[str] = Field(default_factory=list, max_length=500)
-    metadata: dict[MetadataKey, MetadataValue] | None = Field(None, max_length=16)
+    metadata: Metadata | None = None
+
+
+class StoreUpdate(Strict):
+    name: str | None = Field(None, max_length=256, pattern=TEXT_PATTERN)
+    metadata: Metadata | None = None
 
 
 class StoreFileIn(Strict):
@@ -133,6 +143,15 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
     @router.get("/v1/vector_stores/{store_id}")
     async def get_store(request: Request, store_id: str) -> dict:
         tenant, _ = caller(request)
+        return await own_store(tenant.id, store_id)
+
+    @router.post("/v1/vector_stores/{store_id}")
+    async def update_store(request: Request, store_id: str, body: StoreUpdate) -> dict:
+        """Rename a store or replace its metadata (a field sent as null clears it; one left out stays)."""
+        tenant, _ = caller(request)
+        changes = {field: getattr(body, field) for field in body.model_fields_set}
+        if not await gateway.retrieval.catalog.update_store(tenant.id, store_id, changes):
+            await own_store(tenant.id, store_id)
         return await own_store(tenant.id, store_id)
 
     @router.delete("/v1/vector_stores/{store_id}")
