@@ -344,3 +344,26 @@ def test_a_tenant_id_used_again_starts_without_the_old_tenants_documents(sim, tm
         assert api.vector_stores.search(mine.id, query="launch date").data == []
     finally:
         gateway.stop()
+
+
+def test_lists_are_newest_first_and_page_by_cursor(setup):
+    gateway, keys = setup
+    api = client(gateway, keys["acme"])
+    made = [api.vector_stores.create(name=f"page {i}").id for i in range(3)]
+    newest_first = [s.id for s in api.vector_stores.list(limit=100).data]
+    assert [i for i in newest_first if i in made] == made[::-1]  # OpenAI's default order
+    oldest_first = api.vector_stores.list(limit=100, order="asc")
+    assert [s.id for s in oldest_first.data] == newest_first[::-1] and oldest_first.has_more is False
+    assert [s.id for s in api.vector_stores.list(limit=1)] == newest_first  # the SDK follows after= page by page
+    assert [s.id for s in api.vector_stores.list(limit=2, before=newest_first[2]).data] == newest_first[:2]
+    assert api.vector_stores.list(limit=len(newest_first)).has_more is False
+    uploaded = [api.files.create(file=(f"p{i}.txt", io.BytesIO(b"page")), purpose="assistants").id for i in range(2)]
+    listed = [f.id for f in api.files.list(limit=1)]
+    assert [i for i in listed if i in uploaded] == uploaded[::-1]
+    assert [f.id for f in api.files.list(order="asc", limit=100).data] == listed[::-1]
+    store = api.vector_stores.create(name="ordered", file_ids=uploaded)
+    in_store = [f.id for f in api.vector_stores.files.list(store.id, order="asc", limit=1)]
+    assert in_store == uploaded
+    status, error = http_request(gateway.port, "GET", "/v1/vector_stores?order=sideways",
+                                 headers={"Authorization": f"Bearer {keys['acme']}"})
+    assert status == 400 and error["error"]["param"] == "order"

@@ -22,13 +22,14 @@ from gateway.config.schema import TEXT_PATTERN, Strict
 from gateway.errors import GatewayError
 from gateway.pipeline.auth import identify
 from gateway.retrieval import documents
-from gateway.retrieval.catalog import link_view
+from gateway.retrieval.catalog import Page, link_view
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_RESULTS = 50
+ORDER = Query("desc", pattern="^(asc|desc)$", description="by creation: desc (newest first, OpenAI's default) or asc")
 # OpenAI's limits on metadata: 16 pairs, keys of 64 characters, values of 512 (and no NUL, for jsonb)
 Metadata = Annotated[
     dict[Annotated[str, StringConstraints(max_length=64, pattern=TEXT_PATTERN)],
@@ -100,10 +101,11 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
         return await gateway.retrieval.catalog.add_file(tenant.id, filename, purpose, content)
 
     @router.get("/v1/files")
-    async def list_files(request: Request, limit: int = Query(100, ge=1, le=10_000),
+    async def list_files(request: Request, limit: int = Query(100, ge=1, le=10_000), order: str = ORDER,
                          after: str | None = Query(None, pattern=ID_PATTERN)) -> dict:
+        """The tenant's files, newest first unless ``order`` is ``asc``."""
         tenant, _ = caller(request)
-        return _page(await gateway.retrieval.catalog.files(tenant.id, limit, after), limit)
+        return _page(*await gateway.retrieval.catalog.files(tenant.id, Page(limit, order, after)))
 
     @router.get("/v1/files/{file_id}")
     async def get_file(request: Request, file_id: str) -> dict:
@@ -135,10 +137,12 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
         return await own_store(tenant.id, store_id)
 
     @router.get("/v1/vector_stores")
-    async def list_stores(request: Request, limit: int = Query(20, ge=1, le=100),
-                          after: str | None = Query(None, pattern=ID_PATTERN)) -> dict:
+    async def list_stores(request: Request, limit: int = Query(20, ge=1, le=100), order: str = ORDER,
+                          after: str | None = Query(None, pattern=ID_PATTERN),
+                          before: str | None = Query(None, pattern=ID_PATTERN)) -> dict:
+        """The tenant's vector stores, newest first unless ``order`` is ``asc``."""
         tenant, _ = caller(request)
-        return _page(await gateway.retrieval.catalog.stores(tenant.id, limit, after), limit)
+        return _page(*await gateway.retrieval.catalog.stores(tenant.id, Page(limit, order, after, before)))
 
     @router.get("/v1/vector_stores/{store_id}")
     async def get_store(request: Request, store_id: str) -> dict:
@@ -173,13 +177,15 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
 
     @router.get("/v1/vector_stores/{store_id}/files")
     async def list_store_files(request: Request, store_id: str, limit: int = Query(20, ge=1, le=100),
-                               after: str | None = Query(None, pattern=ID_PATTERN),
+                               order: str = ORDER, after: str | None = Query(None, pattern=ID_PATTERN),
+                               before: str | None = Query(None, pattern=ID_PATTERN),
                                filter: str | None = Query(None, pattern="^(in_progress|completed|failed|cancelled)$")
                                ) -> dict:
         tenant, _ = caller(request)
         await own_store(tenant.id, store_id)
-        rows = await gateway.retrieval.catalog.links(tenant.id, store_id, filter, limit, after)
-        return _page([link_view(row) for row in rows], limit)
+        rows, more = await gateway.retrieval.catalog.links(tenant.id, store_id, filter,
+                                                           Page(limit, order, after, before))
+        return _page([link_view(row) for row in rows], more)
 
     @router.get("/v1/vector_stores/{store_id}/files/{file_id}")
     async def get_store_file(request: Request, store_id: str, file_id: str) -> dict:
@@ -216,9 +222,9 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
     return router
 
 
-def _page(rows: list[dict], limit: int) -> dict:
+def _page(rows: list[dict], more: bool) -> dict:
     return {"object": "list", "data": rows, "first_id": rows[0]["id"] if rows else None,
-            "last_id": rows[-1]["id"] if rows else None, "has_more": len(rows) == limit}
+            "last_id": rows[-1]["id"] if rows else None, "has_more": more}
 
 
 def _multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:

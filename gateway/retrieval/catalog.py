@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import secrets
+from dataclasses import dataclass
 
 
 
@@ -15,6 +16,40 @@ def new_id(prefix: str) -> str:
 
 def _seconds(value: dt.datetime) -> int:
     return int(value.timestamp())
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a list as OpenAI's list routes take it: ``limit`` objects in ``order`` of creation ("desc":
+    newest first), those after the object ``after`` or, with ``before``, the ones just before that object."""
+
+    limit: int
+    order: str = "desc"
+    after: str | None = None
+    before: str | None = None
+
+    @property
+    def cursor(self) -> str | None:
+        return self.before if self.before is not None else self.after
+
+    @property
+    def _reading_back(self) -> bool:  # "before" reads from the cursor backwards, then turns the page round
+        return self.before is not None
+
+    @property
+    def beyond(self) -> str:
+        """How a row's (created_at, id) compares with the cursor's to be on this page."""
+        return ">" if (self.order == "asc") != self._reading_back else "<"
+
+    @property
+    def direction(self) -> str:
+        return "ASC" if (self.order == "asc") != self._reading_back else "DESC"
+
+    def cut(self, rows: list[dict]) -> tuple[list[dict], bool]:
+        """The page's rows in its order, from ``limit`` + 1 read, and whether there are more."""
+        more = len(rows) > self.limit
+        rows = rows[:self.limit]
+        return (rows[::-1] if self._reading_back else rows), more
 
 
 class Catalog:
@@ -32,12 +67,14 @@ class Catalog:
             len(content), content)
         return file_view(row)
 
-    async def files(self, tenant_id: str, limit: int, after: str | None) -> list[dict]:
+    async def files(self, tenant_id: str, page: "Page") -> tuple[list[dict], bool]:
         pool = await self._pool()
         rows = await pool.fetch(
-            "SELECT id, filename, purpose, bytes, created_at FROM retrieval_files WHERE tenant_id = $1 "
-            "AND ($2::text IS NULL OR id > $2) ORDER BY id LIMIT $3", tenant_id, after, limit)
-        return [file_view(row) for row in rows]
+            "SELECT id, filename, purpose, bytes, created_at FROM retrieval_files WHERE tenant_id = $1 AND ($2::text "
+            f"IS NULL OR (created_at, id) {page.beyond} (SELECT created_at, id FROM retrieval_files WHERE tenant_id = "
+            f"$1 AND id = $2)) ORDER BY created_at {page.direction}, id {page.direction} LIMIT $3",
+            tenant_id, page.cursor, page.limit + 1)
+        return page.cut([file_view(row) for row in rows])
 
     async def file(self, tenant_id: str, file_id: str, with_content: bool = False) -> dict | None:
         pool = await self._pool()
@@ -83,11 +120,14 @@ class Catalog:
                                   tenant_id, store_id)
         return None if row is None else store_view(row)
 
-    async def stores(self, tenant_id: str, limit: int, after: str | None) -> list[dict]:
+    async def stores(self, tenant_id: str, page: "Page") -> tuple[list[dict], bool]:
         pool = await self._pool()
-        rows = await pool.fetch(_STORE + " WHERE s.tenant_id = $1 AND ($2::text IS NULL OR s.id > $2) "
-                                         "GROUP BY s.tenant_id, s.id ORDER BY s.id LIMIT $3", tenant_id, after, limit)
-        return [store_view(row) for row in rows]
+        rows = await pool.fetch(
+            _STORE + f" WHERE s.tenant_id = $1 AND ($2::text IS NULL OR (s.created_at, s.id) {page.beyond} (SELECT "
+            "created_at, id FROM vector_stores WHERE tenant_id = $1 AND id = $2)) GROUP BY s.tenant_id, s.id "
+            f"ORDER BY s.created_at {page.direction}, s.id {page.direction} LIMIT $3",
+            tenant_id, page.cursor, page.limit + 1)
+        return page.cut([store_view(row) for row in rows])
 
     async def update_store(self, tenant_id: str, store_id: str, changes: dict) -> bool:
         """Set the store's ``name`` and/or ``metadata`` (each only if in ``changes``; None clears it)."""
@@ -120,12 +160,16 @@ class Catalog:
                                   tenant_id, store_id, file_id)
         return None if row is None else dict(row)
 
-    async def links(self, tenant_id: str, store_id: str, status: str | None, limit: int, after: str | None) -> list:
+    async def links(self, tenant_id: str, store_id: str, status: str | None,
+                    page: "Page") -> tuple[list[dict], bool]:
         pool = await self._pool()
-        rows = await pool.fetch(_LINK + " WHERE l.tenant_id = $1 AND l.store_id = $2 AND ($3::text IS NULL OR "
-                                        "l.status = $3) AND ($4::text IS NULL OR l.file_id > $4) ORDER BY l.file_id "
-                                        "LIMIT $5", tenant_id, store_id, status, after, limit)
-        return [dict(row) for row in rows]
+        rows = await pool.fetch(
+            _LINK + " WHERE l.tenant_id = $1 AND l.store_id = $2 AND ($3::text IS NULL OR l.status = $3) AND ($4::text "
+            f"IS NULL OR (l.created_at, l.file_id) {page.beyond} (SELECT created_at, file_id FROM vector_store_files "
+            "WHERE tenant_id = $1 AND store_id = $2 AND file_id = $4)) "
+            f"ORDER BY l.created_at {page.direction}, l.file_id {page.direction} LIMIT $5",
+            tenant_id, store_id, status, page.cursor, page.limit + 1)
+        return page.cut([dict(row) for row in rows])
 
     async def detach(self, tenant_id: str, store_id: str, file_id: str) -> bool:
         pool = await self._pool()
