@@ -18,14 +18,14 @@ def main(argv: list[str] | None = None) -> None:
 
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1; GATEWAY_HOST)")
-    serve.add_argument("--port", type=int, help="port to listen on (default 4000; GATEWAY_PORT)")
+    serve.add_argument("--port", type=_port, help="port to listen on (default 4000; GATEWAY_PORT)")
     serve.add_argument("--config-dir", type=Path, help="folder of models.yaml and tenants.yaml (GATEWAY_CONFIG_DIR)")
     serve.add_argument("--workers", type=int, help="worker processes (default 1; GATEWAY_WORKERS)")
     serve.set_defaults(run=_serve)
 
     sim = commands.add_parser("sim", help="run the vLLM-compatible simulator")
     sim.add_argument("--host", default="127.0.0.1")
-    sim.add_argument("--port", type=int, default=8000)
+    sim.add_argument("--port", type=_port, default=8000)
     sim.add_argument("--model", action="append", default=[], help="model name served (repeat; default: any)")
     sim.add_argument("--api-key", help="require this key, as vLLM's --api-key does")
     sim.add_argument("--ttft-ms", type=float, default=0.0, help="time to first token")
@@ -239,8 +239,15 @@ def _config_check(args: argparse.Namespace) -> None:
     print(f"{config_dir}: OK ({len(config.models)} models, {len(config.tenants)} tenants, {keys} keys)")
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port from 1 to 65535")
+    return int(text)
+
+
 def _router(args: argparse.Namespace) -> None:
     from gateway.routing import commands
+    from gateway.routing.evaluate import BadData
 
     scorer = args.scorer or commands.DEFAULT_PATH
     if args.router_command == "calibrate":
@@ -261,10 +268,13 @@ def _router(args: argparse.Namespace) -> None:
     data = args.data or commands.DEFAULT_DATA
     if not data.exists():
         raise SystemExit(f"gateway router: no data at {data}; pass --data")
-    if args.router_command == "evaluate":
-        commands.print_json(commands.evaluate(data, scorer, args.svg, args.every_row, args.learning_curve))
-    else:
-        commands.print_json(commands.calibrate(data, scorer, args.large_share, args.critical_share))
+    try:
+        if args.router_command == "evaluate":
+            commands.print_json(commands.evaluate(data, scorer, args.svg, args.every_row, args.learning_curve))
+        else:
+            commands.print_json(commands.calibrate(data, scorer, args.large_share, args.critical_share))
+    except (BadData, commands.CannotTrain) as exc:
+        raise SystemExit(f"gateway router {args.router_command}: {exc}") from None
 
 
 def _router_train(args: argparse.Namespace, commands) -> None:
@@ -279,12 +289,15 @@ def _router_train(args: argparse.Namespace, commands) -> None:
         examples += asyncio.run(_ledger_examples(commands, database_url, args.tenant, args.days))
         sources.append(f"ledger ({len(examples)} labelled requests)")
     if args.data is not None or not args.from_ledger:
-        from gateway.routing.evaluate import load_examples
+        from gateway.routing.evaluate import BadData, load_examples
 
         data = args.data or commands.DEFAULT_DATA
         if not data.exists():
             raise SystemExit(f"gateway router: no data at {data}; pass --data")
-        examples += load_examples(data)
+        try:
+            examples += load_examples(data)
+        except BadData as exc:
+            raise SystemExit(f"gateway router train: {exc}") from None
         sources.append(data.name)
     try:
         commands.print_json(commands.train(examples, args.scorer, args.all, " + ".join(sources)))

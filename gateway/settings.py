@@ -5,6 +5,7 @@ Everything an admin tunes per model or tenant lives in the YAML files; these are
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,11 @@ def _failure_mode(value: str) -> str:
     if value not in ("open", "closed"):
         raise ValueError(value)
     return value
+
+
+POSITIVE = (lambda value: value > 0, "more than 0")
+NOT_NEGATIVE = (lambda value: value >= 0, "0 or more")
+PORT_RANGE = (lambda value: 1 <= value <= 65535, "a port from 1 to 65535")
 
 
 @dataclass(frozen=True)
@@ -65,45 +71,49 @@ class Settings:
         env = os.environ if environ is None else environ
         default = cls()
 
-        def get(name: str, convert, fallback):
+        def get(name: str, convert, fallback, rule: tuple | None = None):
             raw = env.get(f"GATEWAY_{name}")
             if raw is None or raw == "":
                 return fallback
             try:
-                return convert(raw)
+                value = convert(raw)
             except ValueError:
                 raise SystemExit(f"GATEWAY_{name}={raw!r} is not a valid {convert.__name__}") from None
+            if rule is not None and not (math.isfinite(value) and rule[0](value)):
+                raise SystemExit(f"GATEWAY_{name}={raw!r} must be {rule[1]}")
+            return value
 
         return cls(
             config_dir=get("CONFIG_DIR", Path, default.config_dir),
             host=get("HOST", str, default.host),
-            port=get("PORT", int, default.port),
-            workers=get("WORKERS", int, default.workers),
-            max_body_bytes=get("MAX_BODY_BYTES", int, default.max_body_bytes),
-            max_admin_body_bytes=get("MAX_ADMIN_BODY_BYTES", int, default.max_admin_body_bytes),
-            max_header_bytes=get("MAX_HEADER_BYTES", int, default.max_header_bytes),
-            header_timeout=get("HEADER_TIMEOUT", float, default.header_timeout),
-            body_timeout=get("BODY_TIMEOUT", float, default.body_timeout),
-            keep_alive_timeout=get("KEEP_ALIVE_TIMEOUT", float, default.keep_alive_timeout),
-            reload_interval=get("RELOAD_INTERVAL", float, default.reload_interval),
-            share_interval=get("SHARE_INTERVAL", float, default.share_interval),
+            port=get("PORT", int, default.port, PORT_RANGE),
+            workers=get("WORKERS", int, default.workers, POSITIVE),
+            max_body_bytes=get("MAX_BODY_BYTES", int, default.max_body_bytes, POSITIVE),
+            max_admin_body_bytes=get("MAX_ADMIN_BODY_BYTES", int, default.max_admin_body_bytes, POSITIVE),
+            max_header_bytes=get("MAX_HEADER_BYTES", int, default.max_header_bytes, POSITIVE),
+            header_timeout=get("HEADER_TIMEOUT", float, default.header_timeout, POSITIVE),
+            body_timeout=get("BODY_TIMEOUT", float, default.body_timeout, POSITIVE),
+            keep_alive_timeout=get("KEEP_ALIVE_TIMEOUT", float, default.keep_alive_timeout, POSITIVE),
+            reload_interval=get("RELOAD_INTERVAL", float, default.reload_interval, POSITIVE),
+            share_interval=get("SHARE_INTERVAL", float, default.share_interval, POSITIVE),
             log_level=get("LOG_LEVEL", str, default.log_level),
             log_prompts=get("LOG_PROMPTS", _flag, default.log_prompts),
             builtin_simulator=get("BUILTIN_SIMULATOR", _flag, default.builtin_simulator),
-            simulator_ttft_ms=get("SIMULATOR_TTFT_MS", float, default.simulator_ttft_ms),
-            simulator_itl_ms=get("SIMULATOR_ITL_MS", float, default.simulator_itl_ms),
-            graceful_shutdown_seconds=get("GRACEFUL_SHUTDOWN_SECONDS", float, default.graceful_shutdown_seconds),
+            simulator_ttft_ms=get("SIMULATOR_TTFT_MS", float, default.simulator_ttft_ms, NOT_NEGATIVE),
+            simulator_itl_ms=get("SIMULATOR_ITL_MS", float, default.simulator_itl_ms, NOT_NEGATIVE),
+            graceful_shutdown_seconds=get("GRACEFUL_SHUTDOWN_SECONDS", float, default.graceful_shutdown_seconds,
+                                          NOT_NEGATIVE),
             redis_url=env.get("REDIS_URL") or None,
             database_url=env.get("DATABASE_URL") or None,
             data_dir=get("DATA_DIR", Path, default.data_dir),
             redis_failure_mode=get("REDIS_FAILURE_MODE", _failure_mode, default.redis_failure_mode),
-            ledger_batch_size=get("LEDGER_BATCH_SIZE", int, default.ledger_batch_size),
-            ledger_flush_seconds=get("LEDGER_FLUSH_SECONDS", float, default.ledger_flush_seconds),
-            ledger_retention_days=get("LEDGER_RETENTION_DAYS", int, default.ledger_retention_days),
+            ledger_batch_size=get("LEDGER_BATCH_SIZE", int, default.ledger_batch_size, POSITIVE),
+            ledger_flush_seconds=get("LEDGER_FLUSH_SECONDS", float, default.ledger_flush_seconds, POSITIVE),
+            ledger_retention_days=get("LEDGER_RETENTION_DAYS", int, default.ledger_retention_days, NOT_NEGATIVE),
             qdrant_url=env.get("QDRANT_URL") or None,
             qdrant_api_key=env.get("QDRANT_API_KEY") or None,
             retrieval_model=get("RETRIEVAL_MODEL", str, default.retrieval_model),
-            ledger_partitions_ahead=get("LEDGER_PARTITIONS_AHEAD", int, default.ledger_partitions_ahead),
+            ledger_partitions_ahead=get("LEDGER_PARTITIONS_AHEAD", int, default.ledger_partitions_ahead, POSITIVE),
             admin_key=env.get("GATEWAY_ADMIN_KEY") or None,
             stateless=get("STATELESS", _flag, default.stateless),
         )

@@ -171,6 +171,31 @@ def test_bad_arguments_are_refused():
     assert done.returncode != 0 and "no data" in done.stderr
 
 
+
+def test_data_that_is_not_labelled_rows_is_refused_by_line(tmp_path):
+    for text, words in (("not json\n", "line 1"), ('{"prompt": "x", "weak_correct": true}\n', "strong_correct"),
+                        ('[1, 2]\n', "line 1"), ('{"prompt": 5, "weak_correct": 1, "strong_correct": 0}\n', "prompt")):
+        data = tmp_path / "bad.jsonl"
+        data.write_text(text)
+        for command in (["evaluate"], ["train", "--scorer", str(tmp_path / "s.json")]):
+            done = subprocess.run([sys.executable, "-m", "gateway.cli", "router", *command, "--data", str(data)],
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode != 0 and "Traceback" not in done.stderr, (text, done.stderr)
+            assert str(data) in done.stderr and words in done.stderr, (text, done.stderr)
+    row = '{"prompt": "What is 2 + 2?", "weak_correct": true, "strong_correct": false}\n'
+    for rows in (0, 1, 49):
+        data.write_text(row * rows)
+        for command in (["evaluate"], ["evaluate", "--every-row"], ["calibrate", "--large-share", "0.2"]):
+            done = subprocess.run([sys.executable, "-m", "gateway.cli", "router", *command, "--data", str(data)],
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode != 0 and "at least 50" in done.stderr, (rows, command, done.stderr)
+    data = tmp_path / "bad.jsonl.gz"
+    data.write_bytes(b"not gzip")
+    done = subprocess.run([sys.executable, "-m", "gateway.cli", "router", "evaluate", "--data", str(data)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "Traceback" not in done.stderr and "gzip" in done.stderr, done.stderr
+
+
 def _migrate(stores) -> None:
     """The ledger's table exists once any gateway of the session has started; make it if none has yet."""
     import asyncio

@@ -27,7 +27,7 @@ MINIMUM_EXAMPLES = 50
 
 
 class CannotTrain(ValueError):
-    """Too few examples, or examples that all say the same."""
+    """Too few examples (to train on, or to judge a router by), or examples that all say the same."""
 
 
 def train(examples: Sequence[Example], output: Path, use_all: bool, source: str) -> dict:
@@ -78,7 +78,7 @@ def evaluate(data: Path, scorer_path: Path, image: Path | None, every_row: bool 
     """The rules, the learned scorer, the gateway's classifier and prompt length, on the held-out half (or, for
     data the scorer never saw, on ``every_row``) and leave-group-out, beside the random router; what one decision
     costs; and with ``learning``, how the router improves on each group as it learns from labelled examples of it."""
-    examples = load_examples(data)
+    examples = _enough(load_examples(data))
     scorer = LearnedScorer.load(scorer_path)
     blend = scorer.blend or {**DEFAULT_WEIGHTS, "learned": 1.0}
     test = examples if every_row else split(examples)[1]
@@ -136,7 +136,7 @@ def evaluate(data: Path, scorer_path: Path, image: Path | None, every_row: bool 
 def calibrate(data: Path, scorer_path: Path | None, large_share: float, critical_share: float | None) -> dict:
     """The thresholds that send ``large_share`` of requests like these to the large model (COMPLEX and up) and
     ``critical_share`` to the largest (CRITICAL), measured on the held-out half."""
-    examples = split(load_examples(data))[1]
+    examples = split(_enough(load_examples(data)))[1]
     classifier = _shipped_classifier(scorer_path)
     scores = [_score(classifier, e) for e in examples]
     result = _thresholds(scores, large_share, critical_share)
@@ -188,6 +188,12 @@ async def ledger_examples(database, tenant: str | None, days: int) -> list[Examp
             continue  # neither judged nor rated: no label
         examples.append(Example(None, "", not needed, True, row["tenant_id"] or "",
                                 tuple(kept["words"]), dict(kept["signals"])))
+    return examples
+
+
+def _enough(examples: list[Example]) -> list[Example]:
+    if len(examples) < MINIMUM_EXAMPLES:
+        raise CannotTrain(f"{len(examples)} labelled examples; at least {MINIMUM_EXAMPLES} are needed")
     return examples
 
 

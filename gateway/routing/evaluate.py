@@ -60,8 +60,15 @@ _FAMILY_OF = {subject: family for family, subjects in FAMILIES.items() for subje
 CHANCE = 0.25  # four options: a model graded below this on a whole subject was graded wrongly, not found wanting
 
 
+class BadData(ValueError):
+    """A data file that is not labelled rows: the message names the file and the line."""
+
+
 def load_examples(path: Path) -> list[Example]:
-    """The rows of ``path``, less the prompts listed in mmlu_contaminated_prompts.jsonl beside it, if any."""
+    """The rows of ``path``, less the prompts listed in mmlu_contaminated_prompts.jsonl beside it, if any.
+
+    A row is a JSON object with ``prompt`` (text), ``weak_correct`` and ``strong_correct`` (true/false or 1/0), and
+    optionally ``subject``; anything else is a BadData naming the line."""
     contaminated: set[str] = set()
     listing = path.with_name("mmlu_contaminated_prompts.jsonl")  # beside the data, compressed or not
     if listing.exists():
@@ -70,15 +77,36 @@ def load_examples(path: Path) -> list[Example]:
                 row = json.loads(line)
                 contaminated.update(row.get(k, "") for k in ("eval_prompt", "train_prompt"))
     examples = []
-    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
-    for line in text.splitlines():
+    try:
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    except (OSError, EOFError, UnicodeDecodeError) as exc:
+        kind = "a gzip file of UTF-8 text" if path.suffix == ".gz" else "UTF-8 text"
+        raise BadData(f"{path}: not {kind} ({exc})") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            row = json.loads(line)
+            row = _row(path, number, line)
             if row["prompt"] not in contaminated:
-                subject = row.get("subject", "")
+                subject = row.get("subject") or ""
                 examples.append(Example(row["prompt"], subject, bool(row["weak_correct"]),
                                         bool(row["strong_correct"]), _FAMILY_OF.get(subject, subject)))
     return examples
+
+
+def _row(path: Path, number: int, line: str) -> dict:
+    try:
+        row = json.loads(line)
+    except ValueError as exc:
+        raise BadData(f"{path}, line {number}: not JSON ({exc})") from None
+    if not isinstance(row, dict):
+        raise BadData(f"{path}, line {number}: a row is a JSON object with prompt, weak_correct and strong_correct")
+    if not isinstance(row.get("prompt"), str):
+        raise BadData(f"{path}, line {number}: 'prompt' must be text")
+    for name in ("weak_correct", "strong_correct"):
+        if row.get(name) not in (True, False, 0, 1):
+            raise BadData(f"{path}, line {number}: '{name}' must be true or false (or 1 or 0)")
+    if not isinstance(row.get("subject", ""), (str, type(None))):
+        raise BadData(f"{path}, line {number}: 'subject' must be text")
+    return row
 
 
 def credible(examples: Sequence[Example], minimum: int = 20) -> tuple[list[Example], list[str]]:
