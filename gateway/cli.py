@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import datetime as dt
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
     bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     bench.add_argument("--rounds", type=int, default=3, help="measurements per target, interleaved; medians reported")
     bench.add_argument("--latency-ms", type=float, default=5.0, help="the simulator's fixed time to answer")
-    bench.add_argument("--output", type=Path, help="also write the results as JSON here")
-    bench.add_argument("--baseline", type=Path, help="a checkout of another version of the gateway: its core and "
+    bench.add_argument("--output", type=_output, help="also write the results as JSON here")
+    bench.add_argument("--baseline", type=_checkout, help="a checkout of another version of the gateway: its core and "
                                                      "whole gateway are measured in the same run, interleaved")
     bench.set_defaults(run=_bench)
     bench_kinds = bench.add_subparsers(
@@ -109,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def bench_kind(name: str, help: str, run) -> argparse.ArgumentParser:
         kind = bench_kinds.add_parser(name, help=help)
-        kind.add_argument("--output", type=Path, help="also write the results as JSON here")
+        kind.add_argument("--output", type=_output, help="also write the results as JSON here")
         kind.set_defaults(run=run)
         return kind
 
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
                _bench_semantic)
 
     args = parser.parse_args(argv)
+    if args.command == "bench":  # stopped by SIGTERM, a benchmark still stops the servers it started
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args.run(args)
 
 
@@ -239,6 +242,22 @@ def _config_check(args: argparse.Namespace) -> None:
     print(f"{config_dir}: OK ({len(config.models)} models, {len(config.tenants)} tenants, {keys} keys)")
 
 
+def _output(text: str) -> Path:
+    path = Path(text)
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {path.parent} to write {path.name} in")
+    return path
+
+
+def _checkout(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {path}")
+    if not (path / "gateway" / "__init__.py").is_file():
+        raise argparse.ArgumentTypeError(f"{path} is not a checkout of the gateway (no gateway/__init__.py)")
+    return path
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r} is not a port from 1 to 65535")
@@ -248,6 +267,7 @@ def _port(text: str) -> int:
 def _router(args: argparse.Namespace) -> None:
     from gateway.routing import commands
     from gateway.routing.evaluate import BadData
+    from gateway.routing.scorer import NotAScorer
 
     scorer = args.scorer or commands.DEFAULT_PATH
     if args.router_command == "calibrate":
@@ -273,8 +293,10 @@ def _router(args: argparse.Namespace) -> None:
             commands.print_json(commands.evaluate(data, scorer, args.svg, args.every_row, args.learning_curve))
         else:
             commands.print_json(commands.calibrate(data, scorer, args.large_share, args.critical_share))
-    except (BadData, commands.CannotTrain) as exc:
+    except (BadData, commands.CannotTrain, NotAScorer) as exc:
         raise SystemExit(f"gateway router {args.router_command}: {exc}") from None
+    except OSError as exc:
+        raise SystemExit(f"gateway router {args.router_command}: cannot read {exc.filename}: {exc.strerror}") from None
 
 
 def _router_train(args: argparse.Namespace, commands) -> None:

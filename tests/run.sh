@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the tests use: HAProxy, in front of several gateway replicas; Node.js, for the openai Node SDK;
-# Chromium, for the console; Prometheus (and promtool) and Alertmanager (and amtool), for deploy/'s files.
+# Chromium, for the console; Prometheus (and promtool) and Alertmanager (and amtool), for deploy/'s files; wrk, for
+# `gateway bench` (a test stops one half way).
 missing=()
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
@@ -12,6 +13,7 @@ command -v npm >/dev/null 2>&1 || missing+=(npm)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium fonts-dejavu-core)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v amtool >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
+command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 if [ "${#missing[@]}" -gt 0 ]; then
   if command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

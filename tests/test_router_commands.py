@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import ROOT
 from gateway.routing.commands import DEFAULT_DATA
 from gateway.routing.scorer import DEFAULT_PATH, LearnedScorer
 
@@ -189,6 +191,22 @@ def test_data_that_is_not_labelled_rows_is_refused_by_line(tmp_path):
             done = subprocess.run([sys.executable, "-m", "gateway.cli", "router", *command, "--data", str(data)],
                                   capture_output=True, text=True, timeout=60)
             assert done.returncode != 0 and "at least 50" in done.stderr, (rows, command, done.stderr)
+    for text in ("[]", "not json", '{"weights": {}}', '{"buckets": 8, "max_tokens": 4, "bias": 0, "weights": []}'):
+        scorer = tmp_path / "scorer.json"
+        scorer.write_text(text)
+        done = subprocess.run([sys.executable, "-m", "gateway.cli", "router", "calibrate", "--large-share", "0.2",
+                               "--scorer", str(scorer)], capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, (text, done.stderr)
+        assert str(scorer) in done.stderr and "not a scorer" in done.stderr, (text, done.stderr)
+        config = tmp_path / "config"
+        shutil.copytree(ROOT / "config", config, dirs_exist_ok=True)
+        shutil.copy(scorer, config / "mine.json")
+        models = yaml.safe_load((config / "models.yaml").read_text())
+        models["router"]["classifier"]["scorer"] = "mine.json"
+        (config / "models.yaml").write_text(yaml.safe_dump(models))
+        done = subprocess.run([sys.executable, "-m", "gateway.cli", "config", "check", "--config-dir", str(config)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "cannot load the scorer" in done.stderr, (text, done.stderr)
     data = tmp_path / "bad.jsonl.gz"
     data.write_bytes(b"not gzip")
     done = subprocess.run([sys.executable, "-m", "gateway.cli", "router", "evaluate", "--data", str(data)],

@@ -45,6 +45,10 @@ def features_of(text: str, buckets: int = BUCKETS, max_tokens: int = MAX_TOKENS)
     return tuple(sorted(hashed_features(words_of(text), buckets, max_tokens)))
 
 
+class NotAScorer(ValueError):
+    """A file that is not a scorer's."""
+
+
 class LearnedScorer:
     def __init__(self, weights: dict[int, float], bias: float, buckets: int = BUCKETS, max_tokens: int = MAX_TOKENS,
                  meta: dict | None = None) -> None:
@@ -72,9 +76,20 @@ class LearnedScorer:
 
     @classmethod
     def load(cls, path: Path = DEFAULT_PATH) -> "LearnedScorer":
-        data = json.loads(Path(path).read_text())
-        return cls({int(k): v for k, v in data["weights"].items()}, data["bias"], data["buckets"],
-                   data["max_tokens"], data.get("meta"))
+        """The scorer in ``path``: an OSError if it cannot be read, NotAScorer if it is not a scorer's file."""
+        text = Path(path).read_text()
+        try:
+            data = json.loads(text)
+            buckets, max_tokens, bias = data["buckets"], data["max_tokens"], float(data["bias"])
+            weights = {int(k): float(v) for k, v in data["weights"].items()}
+            meta = data.get("meta")
+            if not (isinstance(buckets, int) and 1 <= buckets <= 1 << 24 and isinstance(max_tokens, int)
+                    and max_tokens >= 1 and all(0 <= bucket < buckets for bucket in weights)
+                    and isinstance(meta, (dict, type(None)))):
+                raise ValueError("buckets, max_tokens, weights or meta out of shape")
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise NotAScorer(f"{path} is not a scorer written by `gateway router train` ({exc})") from None
+        return cls(weights, bias, buckets, max_tokens, meta)
 
     def save(self, path: Path) -> None:
         weights = {str(k): round(v, SAVED_PRECISION) for k, v in sorted(self.weights.items())

@@ -1,0 +1,56 @@
+"""`gateway bench` refuses arguments it cannot use before it starts, and leaves no server behind when stopped."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def _bench(*args: str, **options) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gateway.cli", "bench", *args], capture_output=True, text=True,
+                          timeout=60, **options)
+
+
+def test_arguments_it_cannot_use_are_refused_before_anything_runs(tmp_path):
+    started = time.monotonic()
+    for args, words in ((["--baseline", str(tmp_path / "nowhere")], "--baseline"),
+                        (["--baseline", str(tmp_path)], "not a checkout of the gateway"),
+                        (["--output", str(tmp_path / "missing" / "out.json")], "--output"),
+                        (["tenants", "--output", str(tmp_path / "missing" / "out.json")], "--output")):
+        done = _bench(*args)
+        assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+    assert time.monotonic() - started < 30  # refused at once, not after the measurements
+
+
+def _valkeys() -> set[str]:
+    return set(subprocess.run(["pgrep", "-f", "valkey-server"], capture_output=True, text=True).stdout.split())
+
+
+def test_a_bench_stopped_with_sigterm_stops_the_servers_it_started(tmp_path):
+    valkeys = _valkeys()
+    bench = subprocess.Popen([sys.executable, "-m", "gateway.cli", "bench", "tenants", "--tenants", "20000"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "TMPDIR": str(tmp_path)})
+    try:
+        seen = ""
+        for line in bench.stdout:
+            seen += line
+            if "making" in line:  # its stores and gateway are up
+                break
+        assert "making" in seen, seen
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) != 0
+    finally:
+        bench.kill()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
+        left += sorted(_valkeys() - valkeys)  # Valkey's command line does not name its folder
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, subprocess.run(["ps", "-o", "pid,args", "-p", ",".join(left)], capture_output=True,
+                                    text=True).stdout
