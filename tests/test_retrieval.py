@@ -361,6 +361,9 @@ def test_lists_are_newest_first_and_page_by_cursor(setup):
     listed = [f.id for f in api.files.list(limit=1)]
     assert [i for i in listed if i in uploaded] == uploaded[::-1]
     assert [f.id for f in api.files.list(order="asc", limit=100).data] == listed[::-1]
+    other_purpose = api.files.create(file=("batch.txt", io.BytesIO(b"page")), purpose="batch").id
+    assert other_purpose not in [f.id for f in api.files.list(purpose="assistants", limit=100).data]
+    assert [f.id for f in api.files.list(purpose="batch").data] == [other_purpose]
     store = api.vector_stores.create(name="ordered", file_ids=uploaded)
     in_store = [f.id for f in api.vector_stores.files.list(store.id, order="asc", limit=1)]
     assert in_store == uploaded

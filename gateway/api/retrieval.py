@@ -102,10 +102,11 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
 
     @router.get("/v1/files")
     async def list_files(request: Request, limit: int = Query(100, ge=1, le=10_000), order: str = ORDER,
-                         after: str | None = Query(None, pattern=ID_PATTERN)) -> dict:
-        """The tenant's files, newest first unless ``order`` is ``asc``."""
+                         after: str | None = Query(None, pattern=ID_PATTERN),
+                         purpose: str | None = Query(None, max_length=64, pattern=TEXT_PATTERN)) -> dict:
+        """The tenant's files (of one ``purpose``, if given), newest first unless ``order`` is ``asc``."""
         tenant, _ = caller(request)
-        return _page(*await gateway.retrieval.catalog.files(tenant.id, Page(limit, order, after)))
+        return _page(*await gateway.retrieval.catalog.files(tenant.id, Page(limit, order, after), purpose))
 
     @router.get("/v1/files/{file_id}")
     async def get_file(request: Request, file_id: str) -> dict:

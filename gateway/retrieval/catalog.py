@@ -67,13 +67,14 @@ class Catalog:
             len(content), content)
         return file_view(row)
 
-    async def files(self, tenant_id: str, page: "Page") -> tuple[list[dict], bool]:
+    async def files(self, tenant_id: str, page: "Page", purpose: str | None = None) -> tuple[list[dict], bool]:
         pool = await self._pool()
         rows = await pool.fetch(
-            "SELECT id, filename, purpose, bytes, created_at FROM retrieval_files WHERE tenant_id = $1 AND ($2::text "
-            f"IS NULL OR (created_at, id) {page.beyond} (SELECT created_at, id FROM retrieval_files WHERE tenant_id = "
-            f"$1 AND id = $2)) ORDER BY created_at {page.direction}, id {page.direction} LIMIT $3",
-            tenant_id, page.cursor, page.limit + 1)
+            "SELECT id, filename, purpose, bytes, created_at FROM retrieval_files WHERE tenant_id = $1 AND ($4::text "
+            "IS NULL OR purpose = $4) AND ($2::text IS NULL OR (created_at, id) "
+            f"{page.beyond} (SELECT created_at, id FROM retrieval_files WHERE tenant_id = $1 AND id = $2)) "
+            f"ORDER BY created_at {page.direction}, id {page.direction} LIMIT $3",
+            tenant_id, page.cursor, page.limit + 1, purpose)
         return page.cut([file_view(row) for row in rows])
 
     async def file(self, tenant_id: str, file_id: str, with_content: bool = False) -> dict | None:
