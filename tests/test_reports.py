@@ -44,6 +44,11 @@ def test_recent_requests_filtered_and_paged(setup):
     assert times == sorted(times, reverse=True)
     status, older = admin(gateway, "GET", f"/api/v1/requests?tenant=globex&limit=3&before={quote(times[-1])}")
     assert status == 200 and all(row["created_at"] < times[-1] for row in older["data"])
+    status, everything = admin(gateway, "GET", "/api/v1/requests?tenant=globex&limit=500")
+    count = len(everything["data"])
+    assert status == 200 and everything["has_more"] is False and count > 3
+    status, exact = admin(gateway, "GET", f"/api/v1/requests?tenant=globex&limit={count}")
+    assert len(exact["data"]) == count and exact["has_more"] is False  # a full last page says there is no more
     status, refused = admin(gateway, "GET", "/api/v1/requests?status=429")
     assert status == 200 and refused["data"] and {row["status"] for row in refused["data"]} == {429}
     status, by_model = admin(gateway, "GET", "/api/v1/requests?model=large")

@@ -62,8 +62,8 @@ def build_reports_router(gateway: "Gateway") -> APIRouter:
                 raise GatewayError(400, "'before' is not an ISO date and time.", param="before") from None
             if older_than.tzinfo is None:
                 older_than = older_than.replace(tzinfo=dt.timezone.utc)
-        rows = await read_ledger(gateway, recent_requests, tenant, model, status, older_than, limit)
-        return {"object": "list", "data": rows, "has_more": len(rows) == limit}
+        rows = await read_ledger(gateway, recent_requests, tenant, model, status, older_than, limit + 1)
+        return {"object": "list", "data": rows[:limit], "has_more": len(rows) > limit}
 
     @router.get("/api/v1/status", **admin)
     async def status() -> dict:
