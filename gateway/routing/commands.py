@@ -14,7 +14,7 @@ from typing import Sequence
 from gateway.routing import fit
 from gateway.routing.classifier import DEFAULT_WEIGHTS, Classifier, Thresholds
 from gateway.routing.evaluate import (Example, RouterReport, accuracies, credible, groups_of, judge_scores,
-                                      load_examples, split, svg)
+                                      load_examples, split, subject_means, svg)
 from gateway.routing.scorer import DEFAULT_PATH, LearnedScorer
 from gateway.routing.share import score_at_share
 
@@ -246,11 +246,8 @@ def _subject_oracle(test: list[Example], grouped: list[Example]) -> dict:
     """A ceiling for routers that know a request's subject: scoring each prompt by the mean gain of its subject in
     the very prompts judged, which no router can know in advance."""
     def apgr(examples: list[Example]) -> float:
-        by_subject: dict[str, list[float]] = {}
-        for example in examples:
-            by_subject.setdefault(example.subject, []).append(example.gain)
-        scores = [sum(by_subject[e.subject]) / len(by_subject[e.subject]) for e in examples]
-        return round(judge_scores("", scores, examples).apgr, 4)
+        means = subject_means(examples)
+        return round(judge_scores("", [means[e.subject] for e in examples], examples).apgr, 4)
 
     folds = {group: apgr([e for e in grouped if e.group == group]) for group in groups_of(grouped)}
     return {"what": "each prompt scored by its subject's true mean gain on the prompts judged: out of reach of any "
@@ -263,11 +260,9 @@ def _subject_oracle(test: list[Example], grouped: list[Example]) -> dict:
 def _subject_known(train: list[Example], test: list[Example]) -> dict:
     """What the labels at hand allow a router that is told every request's subject: each held-out prompt scored by
     its subject's mean gain on the training half (its words and shape add nothing)."""
-    by_subject: dict[str, list[float]] = {}
-    for example in train:
-        by_subject.setdefault(example.subject, []).append(example.gain)
-    judged = [e for e in test if e.subject in by_subject]
-    scores = [sum(by_subject[e.subject]) / len(by_subject[e.subject]) for e in judged]
+    means = subject_means(train)
+    judged = [e for e in test if e.subject in means]
+    scores = [means[e.subject] for e in judged]
     return {"what": "each held-out prompt (credible subjects) scored by its subject's mean gain on the training half: "
                     "a router told every request's subject, with the labels at hand",
             "held_out_apgr": round(judge_scores("", scores, judged).apgr, 4), "prompts_judged": len(judged)}

@@ -121,6 +121,14 @@ def credible(examples: Sequence[Example], minimum: int = 20) -> tuple[list[Examp
     return [e for e in examples if e.subject not in left_out], left_out
 
 
+def subject_means(examples: Sequence[Example]) -> dict[str, float]:
+    """Each subject's mean gain over ``examples``."""
+    by_subject: dict[str, list[float]] = {}
+    for example in examples:
+        by_subject.setdefault(example.subject, []).append(example.gain)
+    return {subject: sum(gains) / len(gains) for subject, gains in by_subject.items()}
+
+
 def groups_of(examples: Sequence[Example]) -> list[str]:
     """The groups to hold out one at a time: every group with at least 5% of the examples."""
     counts: dict[str, int] = {}

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from gateway.routing.classifier import Classifier
-from gateway.routing.evaluate import Example, apgr_of, groups_of
+from gateway.routing.evaluate import Example, apgr_of, groups_of, subject_means
 from gateway.routing.scorer import BUCKETS, MAX_TOKENS, LearnedScorer, features_of
 from gateway.routing.signals import DEFAULT_VOCABULARY, question_of, signals, words_of
 
@@ -54,11 +54,7 @@ def features(example: Example) -> tuple[int, ...]:
 def targets(examples: Sequence[Example]) -> list[float]:
     """What the scorer learns for each example: its gain, drawn towards its subject's mean gain when subjects are
     known (one answer is a noisy label; a subject's mean is what a scorer can learn from its words)."""
-    by_subject: dict[str, list[float]] = {}
-    for example in examples:
-        if example.subject:
-            by_subject.setdefault(example.subject, []).append(example.gain)
-    means = {subject: sum(gains) / len(gains) for subject, gains in by_subject.items()}
+    means = subject_means(examples)
     return [SMOOTHING * e.gain + (1 - SMOOTHING) * means[e.subject] if e.subject else e.gain for e in examples]
 
 
