@@ -32,8 +32,7 @@ class CannotTrain(ValueError):
 
 def train(examples: Sequence[Example], output: Path, use_all: bool, source: str) -> dict:
     """Fit a scorer and choose its blend leave-group-out; write it (with its report) to ``output``."""
-    if len(examples) < MINIMUM_EXAMPLES:
-        raise CannotTrain(f"{len(examples)} labelled examples; at least {MINIMUM_EXAMPLES} are needed")
+    _enough(examples)
     if len({e.gain for e in examples}) < 2:
         raise CannotTrain(f"all {len(examples)} labelled examples say the same (the large model was "
                           f"{'always' if examples[0].gain > 0.5 else 'never'} needed): there is nothing to learn")
@@ -191,7 +190,7 @@ async def ledger_examples(database, tenant: str | None, days: int) -> list[Examp
     return examples
 
 
-def _enough(examples: list[Example]) -> list[Example]:
+def _enough(examples: Sequence[Example]) -> Sequence[Example]:
     if len(examples) < MINIMUM_EXAMPLES:
         raise CannotTrain(f"{len(examples)} labelled examples; at least {MINIMUM_EXAMPLES} are needed")
     return examples
