@@ -21,7 +21,6 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator
 from gateway.api.guard import ADMIN, stateless_gateway
 from gateway.api.ops import error_responses
 from gateway.config.keys import generate_key, hash_key
-from gateway.config.loader import model_names, unmatched_model_patterns
 from gateway.config.routing import unknown_chat_models
 from gateway.config.schema import (DATE_PATTERN, FEATURES, KEY_NAME_PATTERN, NAMED_PATTERN, PROVIDERS,
                                    TENANT_ID_PATTERN, TEXT_PATTERN, CalendarDate, Strict, TenantFields,
@@ -445,8 +444,8 @@ def _view(tenant: Tenant, config: GatewayConfig) -> dict:
         "enabled": tenant.enabled,
         "models": list(tenant.model_patterns),
         "allowed_models": sorted(tenant.allowed_models),
-        "warnings": [f"'{pattern}' admits no model of this gateway: the tenant cannot use it" for pattern in
-                     unmatched_model_patterns(tenant.model_patterns, model_names(config))],
+        "warnings": [f"'{pattern}' admits no model of this gateway: the tenant cannot use it"
+                     for pattern in tenant.unmatched_patterns],
         "system_prompt": tenant.system_prompt,
         "limits": {
             "requests_per_minute": limits.requests_per_minute,

@@ -160,11 +160,9 @@ def load_base(config_dir: Path, *, simulator_url: str | None = None,
         for index, key in enumerate(spec.keys):
             _add_key(keys, key.sha256, ApiKey(tenant_id, key.name, _unix_time(key.expires), _key_limits(key.limits)),
                      tenants_doc.where(("tenants", tenant_id, "keys", index)), problems)
-    names = (*models, *(router.aliases if router is not None else ()))
-    for tenant_id, spec in tenants_file.tenants.items():
-        unmatched = unmatched_model_patterns(spec.models, names)
-        for index, pattern in enumerate(spec.models):
-            if pattern in unmatched:
+    for tenant_id, tenant in tenants.items():
+        for index, pattern in enumerate(tenant.model_patterns):
+            if pattern in tenant.unmatched_patterns:
                 warnings.append(f"{tenants_doc.where(('tenants', tenant_id, 'models', index))}: '{pattern}' admits "
                                 f"no model of models.yaml nor a router alias: tenant '{tenant_id}' cannot use it")
     admin_keys = {}
@@ -430,16 +428,6 @@ def _key_limits(spec: KeyLimitsSpec | None) -> KeyLimits | None:
     return KeyLimits(**spec.model_dump())
 
 
-def unmatched_model_patterns(patterns: list[str] | tuple[str, ...], names: tuple[str, ...]) -> list[str]:
-    """The patterns of a tenant's ``models`` that admit none of ``names`` (most likely a misspelt model)."""
-    return [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in names)]
-
-
-def model_names(config: GatewayConfig) -> tuple[str, ...]:
-    """What a tenant's model patterns are matched against: the models of models.yaml and the router's aliases."""
-    return (*config.models, *(config.router.aliases if config.router is not None else ()))
-
-
 @dataclass(frozen=True)
 class _TenantContext:
     models: dict[str, Model]
@@ -457,9 +445,9 @@ def _compile_tenant(context: _TenantContext, tenant_id: str, t: TenantSpec, sour
         return None
     tier_limits, tier_features = context.tiers[t.tier]
     aliases = context.router.aliases if context.router is not None else {}
-    allowed = frozenset(
-        name for name in (*context.models, *aliases) if any(fnmatch.fnmatchcase(name, pattern) for pattern in t.models)
-    )
+    names = (*context.models, *aliases)
+    admitted = {pattern: [name for name in names if fnmatch.fnmatchcase(name, pattern)] for pattern in t.models}
+    allowed = frozenset(name for names_admitted in admitted.values() for name in names_admitted)
     features = frozenset(t.features) if t.features is not None else tier_features
     before = len(problems)
     routes = tenant_routes(context.models_file, context.router, context.profiles, tenant_id, t, allowed, features,
@@ -473,6 +461,7 @@ def _compile_tenant(context: _TenantContext, tenant_id: str, t: TenantSpec, sour
         enabled=t.enabled,
         model_patterns=tuple(t.models),
         allowed_models=allowed,
+        unmatched_patterns=tuple(pattern for pattern, names_admitted in admitted.items() if not names_admitted),
         tier=t.tier,
         industry=t.industry,
         system_prompt=t.system_prompt,

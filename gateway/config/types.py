@@ -210,6 +210,7 @@ class Tenant:
     enabled: bool
     model_patterns: tuple[str, ...]
     allowed_models: frozenset[str]  # model names of models.yaml that the patterns admit
+    unmatched_patterns: tuple[str, ...] = ()  # patterns that admit no model (most likely misspelt; warned of)
     tier: str = "basic"
     industry: str | None = None
     system_prompt: str | None = None
