@@ -155,9 +155,8 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
         """Rename a store or replace its metadata (a field sent as null clears it; one left out stays)."""
         tenant, _ = caller(request)
         changes = {field: getattr(body, field) for field in body.model_fields_set}
-        if not await gateway.retrieval.catalog.update_store(tenant.id, store_id, changes):
-            await own_store(tenant.id, store_id)
-        return await own_store(tenant.id, store_id)
+        await gateway.retrieval.catalog.update_store(tenant.id, store_id, changes)  # no store of the tenant's: no row
+        return await own_store(tenant.id, store_id)  # and a 404 here
 
     @router.delete("/v1/vector_stores/{store_id}")
     async def delete_store(request: Request, store_id: str) -> dict:

@@ -130,15 +130,15 @@ class Catalog:
             tenant_id, page.cursor, page.limit + 1)
         return page.cut([store_view(row) for row in rows])
 
-    async def update_store(self, tenant_id: str, store_id: str, changes: dict) -> bool:
+    async def update_store(self, tenant_id: str, store_id: str, changes: dict) -> None:
         """Set the store's ``name`` and/or ``metadata`` (each only if in ``changes``; None clears it)."""
         pool = await self._pool()
         metadata = changes.get("metadata")
-        return await pool.fetchval(
+        await pool.execute(
             "UPDATE vector_stores SET name = CASE WHEN $3 THEN $4 ELSE name END, "
-            "metadata = CASE WHEN $5 THEN $6::jsonb ELSE metadata END "
-            "WHERE tenant_id = $1 AND id = $2 RETURNING id", tenant_id, store_id, "name" in changes,
-            changes.get("name"), "metadata" in changes, None if metadata is None else json.dumps(metadata)) is not None
+            "metadata = CASE WHEN $5 THEN $6::jsonb ELSE metadata END WHERE tenant_id = $1 AND id = $2",
+            tenant_id, store_id, "name" in changes, changes.get("name"), "metadata" in changes,
+            None if metadata is None else json.dumps(metadata))
 
     async def delete_store(self, tenant_id: str, store_id: str) -> bool:
         pool = await self._pool()
