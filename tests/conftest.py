@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -34,7 +35,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_http(port: int, path: str, process: subprocess.Popen, timeout: float = 20.0) -> None:
+READY_SECONDS = float(os.environ.get("GATEWAY_TEST_READY_SECONDS", "90"))  # a loaded machine starts slowly
+
+
+def wait_for_http(port: int, path: str, process: subprocess.Popen, timeout: float = READY_SECONDS) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -75,7 +79,11 @@ class Process:
             [sys.executable, "-m", "gateway", *args], cwd=ROOT, env={**os.environ, **(env or {})},
             stdout=self._log, stderr=subprocess.STDOUT,
         )
-        wait_for_http(port, ready_path, self.process)
+        try:
+            wait_for_http(port, ready_path, self.process)
+        except BaseException:  # never leave a process behind that no fixture will stop
+            self.stop()
+            raise
 
     @property
     def url(self) -> str:
@@ -274,6 +282,45 @@ def ledger_row(stores: Stores, request_id: str, timeout: float = 5.0) -> dict:
             return rows[0]
         time.sleep(0.05)
     raise AssertionError(f"no ledger row for {request_id}")
+
+
+def copy_shipped_config(target: Path) -> Path:
+    """The working tree's config/ copied to ``target``, without the keys a quick start or an admin made locally
+    (``gateway keys create`` writes their hashes into config/tenants.yaml): tests start from the config as it ships,
+    whatever was done in this checkout before."""
+    shutil.copytree(ROOT / "config", target)
+    tenants_file = target / "tenants.yaml"
+    tenants = yaml.safe_load(tenants_file.read_text()) or {}
+    tenants.pop("admin_keys", None)
+    for tenant in (tenants.get("tenants") or {}).values():
+        if isinstance(tenant, dict):
+            tenant["keys"] = []
+    tenants_file.write_text(yaml.safe_dump(tenants, sort_keys=False))
+    return target
+
+
+def _working_tree_config() -> dict[str, bytes]:
+    return {str(path.relative_to(ROOT)): path.read_bytes()
+            for path in sorted((ROOT / "config").rglob("*")) if path.is_file()}
+
+
+_CONFIG_AT_START = _working_tree_config()
+
+
+@pytest.fixture(autouse=True)
+def _working_tree_config_untouched(request: pytest.FixtureRequest) -> Iterator[None]:
+    """No test writes into the working tree's config/ (tests copy it first): a test that did fails here, and the
+    files are put back so that the tests after it start from the same config."""
+    yield
+    now = _working_tree_config()
+    if now == _CONFIG_AT_START:
+        return
+    for name in set(now) - set(_CONFIG_AT_START):
+        (ROOT / name).unlink()
+    for name, content in _CONFIG_AT_START.items():
+        (ROOT / name).write_bytes(content)
+    changed = sorted(name for name in set(now) | set(_CONFIG_AT_START) if now.get(name) != _CONFIG_AT_START.get(name))
+    pytest.fail(f"{request.node.nodeid} wrote into the working tree's config: {', '.join(changed)}")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
+import re
 import subprocess
 import sys
 import threading
@@ -13,7 +13,7 @@ import openai
 import pytest
 import yaml
 
-from conftest import ROOT, GatewayProcess, write_config, free_port, Keys
+from conftest import ROOT, GatewayProcess, Keys, copy_shipped_config, free_port, write_config
 from gateway.config.keys import hash_key
 from gateway.config.loader import load_config
 from gateway.config.yaml_source import ConfigError
@@ -28,7 +28,7 @@ def _gateway_cli(*args: str) -> subprocess.CompletedProcess:
 
 def _shipped_copy(tmp_path: Path) -> Path:
     target = tmp_path / "config"
-    shutil.copytree(ROOT / "config", target)
+    copy_shipped_config(target)
     return target
 
 
@@ -36,6 +36,28 @@ def test_shipped_config_is_valid():
     result = _gateway_cli("config", "check", "--config-dir", str(ROOT / "config"))
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout
+
+
+def _committed(name: str) -> str:
+    """A file of config/ as the project ships it: as committed, where this is a git checkout (the working tree's
+    tenants.yaml holds the keys a quick start made), else as it is on disk."""
+    done = subprocess.run(["git", "show", f"HEAD:config/{name}"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout if done.returncode == 0 else (ROOT / "config" / name).read_text()
+
+
+def test_the_shipped_config_holds_no_credentials():
+    tenants = yaml.safe_load(_committed("tenants.yaml"))
+    assert not tenants.get("admin_keys")
+    assert all(not tenant.get("keys") for tenant in tenants["tenants"].values())
+    for name in ("tenants.yaml", "models.yaml"):
+        text = _committed(name)
+        assert not re.search(r"\b[0-9a-f]{64}\b", text), f"{name} holds a key's hash"
+        assert not re.search(r"\bsk-[A-Za-z0-9_-]{8,}", text), f"{name} holds a key"
+    models = yaml.safe_load(_committed("models.yaml"))
+    for model in models["models"].values():
+        for deployment in model.get("deployments", []):
+            key = deployment.get("api_key")
+            assert key is None or key.startswith(("env:", "vault:")), deployment["name"]
 
 
 def test_errors_name_file_line_and_problem(tmp_path):

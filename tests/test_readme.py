@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 
-from conftest import ROOT, GatewayProcess
+from conftest import ROOT, GatewayProcess, copy_shipped_config
 
 
 def _blocks(language: str) -> list[str]:
@@ -19,7 +18,7 @@ def _blocks(language: str) -> list[str]:
 
 def test_quick_start_lines_work_pasted_together(tmp_path):
     config = tmp_path / "config"
-    shutil.copytree(ROOT / "config", config)
+    copy_shipped_config(config)
     gateway = GatewayProcess(config, env={"GATEWAY_RELOAD_INTERVAL": "60"})  # the key must work before any poll
     try:
         shell = next(block for block in _blocks("sh") if "keys create" in block)
@@ -35,5 +34,6 @@ def test_quick_start_lines_work_pasted_together(tmp_path):
         assert '"chat.completion"' in done.stdout and "ChatCompletion(" in done.stdout
         again = subprocess.run(["bash", "-c", shell], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
         assert "already has a key named 'my-laptop'" in again.stderr and "--name" in again.stderr
+        assert "no key follows" in again.stdout  # the curl after it says why it has no key
     finally:
         gateway.stop()

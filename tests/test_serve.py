@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import redis
 
-from conftest import ROOT, free_port, http_request, wait_for_http
+from conftest import ROOT, copy_shipped_config, free_port, http_request, wait_for_http
 
 
 def _servers_on(data_dir: Path) -> dict[str, list[int]]:
@@ -53,7 +52,7 @@ def _cli(*args: str, data: Path) -> subprocess.CompletedProcess:
 
 def test_one_gateway_per_data_folder_and_no_leftovers_after_a_crash(tmp_path):
     config, data = tmp_path / "config", tmp_path / "data"
-    shutil.copytree(ROOT / "config", config)
+    copy_shipped_config(config)
     port = free_port()
     first = _serve(config, data, port)
     try:
