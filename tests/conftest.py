@@ -288,14 +288,18 @@ def copy_shipped_config(target: Path) -> Path:
     """The working tree's config/ copied to ``target``, without the keys a quick start or an admin made locally
     (``gateway keys create`` writes their hashes into config/tenants.yaml): tests start from the config as it ships,
     whatever was done in this checkout before."""
+    from ruamel.yaml import YAML
+
     shutil.copytree(ROOT / "config", target)
     tenants_file = target / "tenants.yaml"
-    tenants = yaml.safe_load(tenants_file.read_text()) or {}
+    round_trip = YAML()  # keeps the file's comments, as `gateway keys create` does
+    tenants = round_trip.load(tenants_file.read_text()) or {}
     tenants.pop("admin_keys", None)
     for tenant in (tenants.get("tenants") or {}).values():
-        if isinstance(tenant, dict):
+        if isinstance(tenant, dict) and tenant.get("keys"):
             tenant["keys"] = []
-    tenants_file.write_text(yaml.safe_dump(tenants, sort_keys=False))
+    with tenants_file.open("w") as out:
+        round_trip.dump(tenants, out)
     return target
 
 
