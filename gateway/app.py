@@ -14,7 +14,7 @@ from gateway.api.fleet import build_fleet_router
 from gateway.api.reports import build_reports_router
 from gateway.api.retrieval import build_retrieval_router
 from gateway.api.router_admin import build_router_admin
-from gateway.api.guard import AdminAuth, BodyGuard
+from gateway.api.guard import AdminAuth, BodyGuard, MetricsAuth
 from gateway.api.identity import RequestIdentity
 from gateway.api.openai import OpenAIRoutes
 from gateway.api.ops import build_ops_app
@@ -77,7 +77,7 @@ class Gateway:
                                   build_reports_router(self), build_retrieval_router(self)],
                                  self._choices)
         self._off_hot_path = BodyGuard(self.ops, self.admin_auth, settings.max_admin_body_bytes,
-                                       settings.max_body_bytes)
+                                       settings.max_body_bytes, MetricsAuth(self.admin_auth, settings.metrics_key))
         self._http = RequestIdentity(Cors(self._dispatch, self._cors_origins),
                                      lambda scope: self.routes.answers_for_itself(scope))
         self._origins: tuple[object, frozenset[str]] = (None, frozenset())

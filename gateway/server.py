@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
+import logging
 import os
 import signal
 
@@ -31,8 +33,14 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
+log = logging.getLogger("gateway")
+
+
 def serve(settings: Settings) -> None:
     setup_logging(settings.log_level)
+    if settings.metrics_key is None and not _loopback(settings.host):
+        log.warning("/metrics names every tenant with its requests and spend, and anyone who reaches %s:%d can read "
+                    "it: set GATEWAY_METRICS_KEY (see the README's Operations)", settings.host, settings.port)
     if port_in_use(settings.host, settings.port):  # before any store starts
         raise SystemExit(f"gateway: {settings.host}:{settings.port} is in use (another gateway?); pass --port")
     # Embedded stores start here, once, so that every worker shares them; workers find them through the URLs.
@@ -59,3 +67,12 @@ def serve(settings: Settings) -> None:
             _Server(uvicorn.Config("gateway.app:create_app", **options)).run()
     finally:
         embedded.stop()
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may face anyone
+        return False

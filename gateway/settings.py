@@ -65,6 +65,7 @@ class Settings:
     # and no Redis or PostgreSQL.
     stateless: bool = False
     admin_key: str | None = None  # GATEWAY_ADMIN_KEY: an admin key from the environment, besides tenants.yaml's
+    metrics_key: str | None = None  # GATEWAY_METRICS_KEY: /metrics answers only it (or an admin key) when set
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -115,5 +116,6 @@ class Settings:
             retrieval_model=get("RETRIEVAL_MODEL", str, default.retrieval_model),
             ledger_partitions_ahead=get("LEDGER_PARTITIONS_AHEAD", int, default.ledger_partitions_ahead, POSITIVE),
             admin_key=env.get("GATEWAY_ADMIN_KEY") or None,
+            metrics_key=env.get("GATEWAY_METRICS_KEY") or None,
             stateless=get("STATELESS", _flag, default.stateless),
         )

@@ -42,8 +42,15 @@ def run(*args: str, cwd: Path | None = None) -> str:
 
 # ---------- the files ----------
 
-def test_prometheus_config_and_rules_pass_promtool():
-    run(tool("promtool"), "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
+def test_prometheus_config_and_rules_pass_promtool(tmp_path):
+    # promtool reads the scrape key's file too: the config is checked with one where compose mounts the secret
+    prometheus = tmp_path / "prometheus"
+    shutil.copytree(DEPLOY / "prometheus", prometheus)
+    (tmp_path / "metrics_key").write_text("a-metrics-key\n")
+    shipped = (prometheus / "prometheus.yml").read_text()
+    assert "credentials_file: /run/secrets/metrics_key" in shipped
+    (prometheus / "prometheus.yml").write_text(shipped.replace("/run/secrets/metrics_key", str(tmp_path / "metrics_key")))
+    run(tool("promtool"), "check", "config", str(prometheus / "prometheus.yml"))
     run(tool("promtool"), "check", "rules", *map(str, RULES))
     out = run(tool("promtool"), "test", "rules", "tests/gateway_test.yml", cwd=DEPLOY / "prometheus")
     assert "SUCCESS" in out
@@ -94,6 +101,13 @@ def test_the_compose_file_follows_the_compose_specification():
     for gateway in ("gateway1", "gateway2"):
         assert services[gateway]["environment"]["VAULT_ADDR"] == "http://openbao:8200"
         assert services[gateway]["environment"]["QDRANT_URL"] == "http://qdrant:6333"
+        assert "GATEWAY_METRICS_KEY" in services[gateway]["environment"]
+    # Prometheus scrapes the guarded /metrics with the same key, given to it as a secret
+    assert services["prometheus"]["secrets"] == ["metrics_key"]
+    assert compose["secrets"]["metrics_key"] == {"environment": "GATEWAY_METRICS_KEY"}
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    gateway_job = next(job for job in scrape if job["job_name"] == "gateway")
+    assert gateway_job["authorization"]["credentials_file"] == "/run/secrets/metrics_key"
 
 
 # ---------- a real Prometheus ----------
@@ -142,7 +156,10 @@ class Stack:
         }}
         (config / "models.yaml").write_text(yaml.safe_dump(models))
         (config / "tenants.yaml").write_text(yaml.safe_dump(tenants))
-        self.gateway = GatewayProcess(config)
+        self.metrics_key, self.admin_key = generate_key(), generate_key()
+        (folder / "metrics_key").write_text(self.metrics_key + "\n")  # as a Secret mounted for Prometheus
+        self.gateway = GatewayProcess(config, env={"GATEWAY_METRICS_KEY": self.metrics_key,
+                                                   "GATEWAY_ADMIN_KEY": self.admin_key})
 
     def traffic(self) -> None:
         client = lambda tenant: openai.OpenAI(base_url=f"{self.gateway.url}/v1", api_key=self.keys[tenant],  # noqa
@@ -192,7 +209,8 @@ class Stack:
             "rule_files": [str(rules / "*.yml")],
             "alerting": {"alertmanagers": [{"static_configs": [{"targets": [f"127.0.0.1:{self.alertmanager_port}"]}]}]},
             "scrape_configs": [
-                {"job_name": "gateway", "static_configs": [{"targets": [gateway_target]}]},
+                {"job_name": "gateway", "static_configs": [{"targets": [gateway_target]}],
+                 "authorization": {"type": "Bearer", "credentials_file": str(self.folder / "metrics_key")}},
                 {"job_name": "vllm", "static_configs": [{"targets": [f"127.0.0.1:{self.node.port}"]}]},
             ]}))
         self.start([tool("prometheus"), f"--config.file={self.folder / 'prometheus.yml'}",
@@ -254,6 +272,20 @@ def _until_data(stack: Stack, expression: str, timeout: float = 20.0) -> list:
             return found
         assert time.monotonic() < deadline, f"no data for: {expression}"
         time.sleep(0.5)
+
+
+def test_metrics_answer_only_the_metrics_key_or_an_admin_key(stack):
+    port = stack.gateway.port
+    status, body = http_request(port, "GET", "/metrics")
+    assert status == 401 and body["error"]["code"] == "missing_api_key"
+    status, body = http_request(port, "GET", "/metrics", headers={"Authorization": "Bearer not-the-key"})
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+    status, body = http_request(port, "GET", "/metrics", headers={"Authorization": f"Bearer {stack.keys['acme']}"})
+    assert status == 403 and body["error"]["code"] == "metrics_key_required"
+    for key in (stack.metrics_key, stack.admin_key):
+        status, body = http_request(port, "GET", "/metrics", headers={"Authorization": f"Bearer {key}"})
+        assert status == 200 and b"gateway_requests_total" in body
+    assert _until_data(stack, 'up{job="gateway"} == 1')  # Prometheus scrapes with the key
 
 
 def test_every_dashboard_query_returns_data(stack):

@@ -2,6 +2,8 @@
 
 - The admin API's key is checked before anything of the body is read: an unauthenticated client cannot make the
   gateway buffer and parse a large body.
+- ``/metrics`` names every tenant with its requests and spend: with ``GATEWAY_METRICS_KEY`` set it answers only
+  that key (as a bearer token, what Prometheus sends with ``authorization.credentials_file``) or an admin key.
 - Every body is bounded; past the limit the answer is a 413 and the rest is never read.
 - A path with a NUL character in it is a 400: no name or id of the gateway's has one.
 - A body is read as JSON whatever content type the client declared, as the OpenAI routes do (``curl -d`` sends
@@ -54,6 +56,36 @@ class AdminAuth:
         raise invalid_api_key()
 
 
+METRICS_PATH = "/metrics"
+
+
+class MetricsAuth:
+    """Who may read ``/metrics``: anyone when no metrics key is set; else the metrics key or an admin key."""
+
+    def __init__(self, admin: AdminAuth, metrics_key: str | None) -> None:
+        self._admin = admin
+        self._digest = hash_key(metrics_key) if metrics_key else None
+
+    @property
+    def protected(self) -> bool:
+        return self._digest is not None
+
+    def check(self, scope: Scope) -> None:
+        if self._digest is None:
+            return
+        if hmac.compare_digest(hash_key(presented_key(scope)), self._digest):
+            return
+        try:
+            self._admin.check(scope)
+        except GatewayError as error:
+            if error.status == 503:  # a stateless gateway has no admin keys: this key is simply wrong
+                raise invalid_api_key() from None
+            if error.status != 403:
+                raise
+            raise GatewayError(403, "/metrics needs the metrics key (GATEWAY_METRICS_KEY) or an admin key.",
+                               type="permission_error", code="metrics_key_required") from None
+
+
 def stateless_gateway() -> GatewayError:
     return GatewayError(503, "This gateway runs stateless (GATEWAY_STATELESS): it keeps no tenants, keys or usage of "
                              "its own.", type="server_error", code="stateless_gateway")
@@ -63,9 +95,11 @@ UPLOADS = frozenset(("/v1/files", "/files"))  # multipart bodies, as large as th
 
 
 class BodyGuard:
-    def __init__(self, app, admin: AdminAuth, limit: int, upload_limit: int | None = None) -> None:
+    def __init__(self, app, admin: AdminAuth, limit: int, upload_limit: int | None = None,
+                 metrics: MetricsAuth | None = None) -> None:
         self.app = app
         self.admin = admin
+        self.metrics = metrics
         self.limit = limit
         self.upload_limit = upload_limit or limit
 
@@ -76,6 +110,8 @@ class BodyGuard:
         try:
             if scope["path"].startswith(ADMIN_PREFIX):
                 scope[ADMIN] = self.admin.check(scope)
+            elif scope["path"] == METRICS_PATH and self.metrics is not None:
+                self.metrics.check(scope)
             if "\x00" in scope["path"]:  # no id has one, and PostgreSQL cannot even compare with one
                 raise GatewayError(400, "The path must not contain a NUL character (%00).", code="invalid_path")
             if scope["method"] in _WITH_BODY:
