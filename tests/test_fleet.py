@@ -176,6 +176,7 @@ def test_an_adapter_no_node_can_load(fleet):
         _chat(fleet.client("acme"), "acme-extra3")
     assert caught.value.status_code == 503 and caught.value.code == "adapter_unavailable"
     assert "acme-extra3" in caught.value.message
+    assert "/adapters" not in caught.value.message and "(400)" in caught.value.message  # which, not where it lives
     raw = _chat(fleet.client("beta"), "beta-legal")  # beta's choice: the base model when its adapter cannot load
     assert raw.headers["x-gateway-adapter"] == "none; beta-legal unavailable"
     assert raw.headers["x-gateway-upstream-model"] == BASE

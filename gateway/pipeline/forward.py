@@ -151,7 +151,7 @@ class Forward:
         try:
             upstream = await fleet.prepare(deployment, adapter)
         except AdapterLoadFailed as exc:
-            error = GatewayError(503, f"No node could load the adapter `{adapter.name}` right now ({exc.reason}).",
+            error = GatewayError(503, f"No node could load the adapter `{adapter.name}` right now ({exc.public}).",
                                  type="upstream_error", code="adapter_unavailable")
             attempt.update(status=503, error=error.code)
             UPSTREAM_ERRORS.labels(deployment.name, error.code).inc()

@@ -32,9 +32,19 @@ CHECK_TIMEOUT = aiohttp.ClientTimeout(total=5)
 
 
 class AdapterLoadFailed(Exception):
-    def __init__(self, node: str, adapter: str, reason: str) -> None:
+    """``reason`` is for the log and the admin; ``public`` is what a tenant may read: never the node's own words,
+    which name where adapters live on the nodes."""
+
+    def __init__(self, node: str, adapter: str, reason: str, public: str | None = None) -> None:
         super().__init__(f"node {node} could not load adapter {adapter}: {reason}")
         self.node, self.adapter, self.reason = node, adapter, reason
+        self.public = public or reason
+
+
+class NodeRefused(Exception):
+    def __init__(self, path: str, status: int, text: str) -> None:
+        super().__init__(f"{path} answered {status}: {text[:300]}")
+        self.status = status
 
 
 class Fleet:
@@ -233,9 +243,11 @@ class Fleet:
                                  already_fine="has already been loaded")
         except Exception as exc:
             reason = str(exc) if not isinstance(exc, TimeoutError) else f"no answer in {self.config.load_timeout:g} s"
+            public = (f"the node refused it ({exc.status})" if isinstance(exc, NodeRefused)
+                      else reason if isinstance(exc, TimeoutError) else "the node could not be asked")
             metrics.FLEET_ADAPTER_LOAD_FAILURES.labels(node.pool, node.name).inc()
             log.warning("fleet node %s could not load adapter %s: %s", node.name, lora, reason)
-            done.set_exception(AdapterLoadFailed(node.name, adapter.name, reason))
+            done.set_exception(AdapterLoadFailed(node.name, adapter.name, reason, public))
             done.exception()  # retrieved here: waiters get it too
         else:
             node.adapters.add(lora)
@@ -268,7 +280,7 @@ class Fleet:
         async with self._session.post(node.url + path, data=orjson.dumps(body), headers=headers) as response:
             text = (await response.read()).decode(errors="replace")
             if response.status != 200 and already_fine not in text:
-                raise RuntimeError(f"{path} answered {response.status}: {text[:300]}")
+                raise NodeRefused(path, response.status, text)
 
     def started(self, deployment: Deployment, lora: str | None) -> None:
         node = self.node_of(deployment)
