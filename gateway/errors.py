@@ -60,6 +60,15 @@ def malformed_authorization() -> GatewayError:
     )
 
 
+def bearer_without_key() -> GatewayError:
+    return GatewayError(
+        401,
+        "The Authorization header says 'Bearer' but no key follows it (is the variable that should hold the key "
+        "empty?).",
+        code="missing_api_key",
+    )
+
+
 def invalid_api_key() -> GatewayError:
     # Never echo the key, not even a prefix: the message is the same for every wrong key.
     return GatewayError(401, "Incorrect API key provided.", code="invalid_api_key")

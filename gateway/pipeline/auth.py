@@ -8,7 +8,8 @@ import time
 from gateway.asgi import Scope, header
 from gateway.config.origins import origin_allowed
 from gateway.config.types import ApiKey, GatewayConfig, Tenant
-from gateway.errors import GatewayError, invalid_api_key, malformed_authorization, missing_api_key
+from gateway.errors import (GatewayError, bearer_without_key, invalid_api_key, malformed_authorization,
+                            missing_api_key)
 from gateway.pipeline.context import RequestContext
 
 _KEY_HEADERS = (b"authorization", b"api-key", b"x-api-key")
@@ -26,6 +27,8 @@ def presented_key(scope: Scope) -> str:
         scheme, _, token = authorization.strip().partition(b" ")
         if scheme.lower() == b"bearer" and token.strip():
             return token.strip().decode("latin-1")
+        if scheme.lower() == b"bearer" and not any(found.get(name, b"").strip() for name in (b"api-key", b"x-api-key")):
+            raise bearer_without_key()
     for name in (b"api-key", b"x-api-key"):
         value = found.get(name)
         if value and value.strip():
