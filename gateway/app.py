@@ -54,6 +54,7 @@ class Gateway:
         self.settings = settings
         self.client = UpstreamClient()
         self.simulator: EmbeddedSimulator | None = None
+        self.embedder = Embedder()  # the embedded embedding model, in a process of its own once first used
         self.config: ConfigStore | None = None
         self.routes: OpenAIRoutes | None = None
         self.limiter: Limiter | None = None
@@ -176,7 +177,7 @@ class Gateway:
         if settings.builtin_simulator:
             self.simulator = EmbeddedSimulator(
                 SimSettings(ttft_ms=settings.simulator_ttft_ms, itl_ms=settings.simulator_itl_ms),
-                mounts={"/embedder": Embedder()},  # builtin:embedder, the embedded embedding model
+                mounts={"/embedder": self.embedder},  # builtin:embedder, the embedded embedding model
             )
             await self.simulator.start()
         if not settings.stateless:
@@ -200,11 +201,12 @@ class Gateway:
         )
         self.routes = OpenAIRoutes(self.config, pipeline)
         if self.directory is not None:
+            vectors = Vectors(path=(settings.data_dir / "qdrant").resolve(), url=settings.qdrant_url,
+                              api_key=settings.qdrant_api_key)
             self.retrieval = Retrieval(
-                Catalog(self.directory.pool_for_reports),
-                Vectors(path=settings.data_dir / "qdrant", url=settings.qdrant_url, api_key=settings.qdrant_api_key),
+                Catalog(self.directory.pool_for_reports, vectors.where), vectors,
                 InternalCalls(lambda: pipeline, lambda: self.config.current), settings.retrieval_model,
-                lambda: self.config.current)
+                lambda: self.config.current, settings.indexing_concurrency)
             self.retrieval.start()
             self.semantic = SemanticIndex(self.retrieval.vectors)
         self._watcher = asyncio.create_task(self.config.watch(settings.reload_interval))
@@ -285,6 +287,7 @@ class Gateway:
         if self.limiter is not None:
             await self.limiter.close()
         await self.client.close()
+        self.embedder.close()
         if self.simulator is not None:
             await self.simulator.stop()
         if self.embedded is not None:

@@ -59,6 +59,7 @@ class Settings:
     qdrant_url: str | None = None  # a Qdrant server; unset: qdrant-client's local mode in data_dir/qdrant
     qdrant_api_key: str | None = None
     retrieval_model: str = "all-minilm-l6-v2"  # the embedding model of vector stores and chats with retrieval
+    indexing_concurrency: int = 2  # files indexed at once by one gateway process
     ledger_retention_days: int = 0  # days of ledger rows kept (whole daily partitions dropped after); 0 keeps all
     ledger_partitions_ahead: int = 7  # days of partitions made ahead
     # A pass-through gateway: keys, model access, logs and metrics, but no limits, ledger or admin API,
@@ -114,6 +115,7 @@ class Settings:
             qdrant_url=env.get("QDRANT_URL") or None,
             qdrant_api_key=env.get("QDRANT_API_KEY") or None,
             retrieval_model=get("RETRIEVAL_MODEL", str, default.retrieval_model),
+            indexing_concurrency=get("INDEXING_CONCURRENCY", int, default.indexing_concurrency, POSITIVE),
             ledger_partitions_ahead=get("LEDGER_PARTITIONS_AHEAD", int, default.ledger_partitions_ahead, POSITIVE),
             admin_key=env.get("GATEWAY_ADMIN_KEY") or None,
             metrics_key=env.get("GATEWAY_METRICS_KEY") or None,

@@ -44,7 +44,9 @@ def pdf_with(text: str) -> bytes:
     return bytes(out)
 
 
-def start(folder: Path, sim_url: str) -> tuple[GatewayProcess, dict[str, str]]:
+def start(folder: Path, sim_url: str, limits: dict | None = None,
+          env: dict[str, str] | None = None) -> tuple[GatewayProcess, dict[str, str]]:
+    """The gateway and the keys of its two tenants (``limits`` for both, if given)."""
     keys = {name: generate_key() for name in ("acme", "globex")}
     folder.mkdir(parents=True, exist_ok=True)
     models = {"models": {
@@ -55,10 +57,35 @@ def start(folder: Path, sim_url: str) -> tuple[GatewayProcess, dict[str, str]]:
                                               "model": "all-MiniLM-L6-v2"}]},
     }}
     tenants = {"tenants": {name: {"name": name.title(), "tier": "enterprise", "cache": {"semantic": True},
+                                  **({"limits": limits} if limits else {}),
                                   "keys": [{"name": "k", "sha256": hash_key(key)}]} for name, key in keys.items()}}
     (folder / "models.yaml").write_text(yaml.safe_dump(models))
     (folder / "tenants.yaml").write_text(yaml.safe_dump(tenants))
-    return GatewayProcess(folder), keys
+    return GatewayProcess(folder, env=env), keys
+
+
+def vectors_of(folder: Path, file_id: str | None = None) -> int:
+    """Points left in the stopped gateway's local Qdrant (of one file, or all)."""
+    from qdrant_client import QdrantClient, models
+
+    path = folder / "data" / "qdrant"
+    if not path.exists():
+        return 0
+    qdrant = QdrantClient(path=str(path))
+    try:
+        name = "gateway_chunks_all_minilm_l6_v2"
+        if not qdrant.collection_exists(name):
+            return 0
+        where = None if file_id is None else models.Filter(must=[models.FieldCondition(
+            key="file_id", match=models.MatchValue(value=file_id))])
+        return qdrant.count(name, count_filter=where, exact=True).count
+    finally:
+        qdrant.close()
+
+
+def long_text(words: int, topic: str = "boiler") -> str:
+    sentence = f"Section {{i}} explains how the {topic} of model {{m}} is serviced every spring."
+    return " ".join(sentence.format(i=i, m=i % 9) for i in range(words // 13 + 1))
 
 
 def client(gateway: GatewayProcess, key: str) -> openai.OpenAI:

@@ -28,24 +28,26 @@ class InternalCalls:
         """Unit vectors of ``texts`` from ``model``, billed to ``tenant``; a GatewayError as the client would get."""
         import numpy as np  # imported when retrieval is first used: a gateway that never retrieves never loads it
 
-        status, answer = await self._post(tenant, api_key, "/v1/embeddings",
-                                          {"model": model, "input": texts, "encoding_format": "base64"})
+        status, answer, headers = await self._post(tenant, api_key, "/v1/embeddings",
+                                                   {"model": model, "input": texts, "encoding_format": "base64"})
         if status != 200:
             error = answer.get("error") or {}
+            retry_after = headers.get(b"retry-after")
             raise GatewayError(status, f"Embedding with '{model}' failed: {error.get('message', status)}",
-                               type=error.get("type") or "server_error", code=error.get("code"))
+                               type=error.get("type") or "server_error", code=error.get("code"),
+                               headers={"retry-after": retry_after.decode()} if retry_after else None)
         rows = sorted(answer["data"], key=lambda row: row["index"])
         vectors = np.stack([np.frombuffer(base64.b64decode(row["embedding"]), dtype=np.float32) for row in rows])
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
-    async def _post(self, tenant: Tenant, api_key: ApiKey, path: str, body: dict) -> tuple[int, dict]:
+    async def _post(self, tenant: Tenant, api_key: ApiKey, path: str, body: dict) -> tuple[int, dict, dict]:
         payload = orjson.dumps(body)
         scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
                  "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
                  "http_version": "1.1", "scheme": "http", "client": None, "server": None, "root_path": "",
                  INTERNAL_CALLER: (tenant, api_key)}
         sent = False
-        answer: dict = {"status": 0, "body": bytearray()}
+        answer: dict = {"status": 0, "body": bytearray(), "headers": {}}
 
         async def receive() -> dict:
             nonlocal sent
@@ -58,8 +60,9 @@ class InternalCalls:
         async def send(message: dict) -> None:
             if message["type"] == "http.response.start":
                 answer["status"] = message["status"]
+                answer["headers"] = dict(message.get("headers") or ())
             elif message["type"] == "http.response.body":
                 answer["body"] += message.get("body", b"")
 
         await self._pipeline().run(RequestContext(scope, receive, send, self._config(), EMBEDDINGS))
-        return answer["status"], orjson.loads(bytes(answer["body"]) or b"{}")
+        return answer["status"], orjson.loads(bytes(answer["body"]) or b"{}"), answer["headers"]

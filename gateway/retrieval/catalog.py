@@ -53,8 +53,11 @@ class Page:
 
 
 class Catalog:
-    def __init__(self, pool) -> None:
+    def __init__(self, pool, indexer: str | None = None) -> None:
         self._pool = pool  # an async callable giving the asyncpg pool
+        # Where this gateway's vectors live (a Qdrant server's URL, or a local folder): a file put in a store here is
+        # indexed only by gateways that write to the same place, so that its vectors land where its searches look.
+        self.indexer = indexer
 
     # files
 
@@ -150,9 +153,10 @@ class Catalog:
     async def attach(self, tenant_id: str, store_id: str, file_id: str) -> dict:
         pool = await self._pool()
         row = await pool.fetchrow(
-            "INSERT INTO vector_store_files (tenant_id, store_id, file_id, status) VALUES ($1, $2, $3, 'in_progress') "
-            "ON CONFLICT (tenant_id, store_id, file_id) DO UPDATE SET status = 'in_progress', last_error = NULL, "
-            "claimed_at = NULL, updated_at = now() RETURNING *", tenant_id, store_id, file_id)
+            "INSERT INTO vector_store_files (tenant_id, store_id, file_id, status, indexer) VALUES ($1, $2, $3, "
+            "'in_progress', $4) ON CONFLICT (tenant_id, store_id, file_id) DO UPDATE SET status = 'in_progress', "
+            "last_error = NULL, claimed_at = NULL, chunks_done = 0, chunks_total = NULL, indexer = $4, updated_at = "
+            "now() RETURNING *", tenant_id, store_id, file_id, self.indexer)
         return dict(row)
 
     async def link(self, tenant_id: str, store_id: str, file_id: str) -> dict | None:
@@ -177,21 +181,62 @@ class Catalog:
         return await pool.fetchval("DELETE FROM vector_store_files WHERE tenant_id = $1 AND store_id = $2 AND "
                                    "file_id = $3 RETURNING file_id", tenant_id, store_id, file_id) is not None
 
-    async def claim(self, older_than_seconds: float) -> list[dict]:
-        """Files waiting to be indexed that nobody works on (new, or claimed by a gateway that stopped)."""
+    async def claim(self, older_than_seconds: float, most: int) -> list[dict]:
+        """Up to ``most`` files waiting to be indexed that nobody works on (new, or claimed by a gateway that
+        stopped), taken fairly: each tenant's oldest waiting file before any tenant's second."""
         pool = await self._pool()
         rows = await pool.fetch(
-            "UPDATE vector_store_files SET claimed_at = now() WHERE status = 'in_progress' AND (claimed_at IS NULL "
-            "OR claimed_at < now() - make_interval(secs => $1)) RETURNING tenant_id, store_id, file_id",
-            older_than_seconds)
+            "WITH waiting AS (SELECT tenant_id, store_id, file_id, row_number() OVER (PARTITION BY tenant_id "
+            "ORDER BY created_at, file_id) AS turn, created_at FROM vector_store_files WHERE status = 'in_progress' "
+            "AND (claimed_at IS NULL OR claimed_at < now() - make_interval(secs => $1)) AND (indexer IS NULL OR "
+            "indexer = $3)), "
+            "chosen AS (SELECT tenant_id, store_id, file_id FROM waiting ORDER BY turn, created_at LIMIT $2) "
+            "UPDATE vector_store_files l SET claimed_at = now() FROM chosen c WHERE l.tenant_id = c.tenant_id AND "
+            "l.store_id = c.store_id AND l.file_id = c.file_id AND l.status = 'in_progress' AND (l.claimed_at IS "
+            "NULL OR l.claimed_at < now() - make_interval(secs => $1)) "
+            "RETURNING l.tenant_id, l.store_id, l.file_id, l.chunks_done", older_than_seconds, most, self.indexer)
         return [dict(row) for row in rows]
 
-    async def finish(self, tenant_id: str, store_id: str, file_id: str, status: str, chunks: int,
-                     error: str | None) -> None:
+    async def release(self, jobs: list[tuple[str, str, str]] | None) -> None:
+        """Let these jobs (every job, when None) be claimed again at once: their gateway stopped them."""
         pool = await self._pool()
-        await pool.execute("UPDATE vector_store_files SET status = $4, chunks = $5, last_error = $6, "
-                           "updated_at = now() WHERE tenant_id = $1 AND store_id = $2 AND file_id = $3",
-                           tenant_id, store_id, file_id, status, chunks, error)
+        if jobs is None:
+            await pool.execute("UPDATE vector_store_files SET claimed_at = NULL WHERE status = 'in_progress' AND "
+                               "indexer IS NOT DISTINCT FROM $1", self.indexer)
+            return
+        await pool.executemany("UPDATE vector_store_files SET claimed_at = NULL WHERE tenant_id = $1 AND store_id = $2 "
+                               "AND file_id = $3 AND status = 'in_progress'", jobs)
+
+    async def progress(self, tenant_id: str, store_id: str, file_id: str, done: int, total: int) -> bool:
+        """Record how far a job is (and renew its claim); False once the file is no longer waiting in that store:
+        deleted, taken out, or its store deleted. Every write of a job is checked against this."""
+        pool = await self._pool()
+        return await pool.fetchval(
+            "UPDATE vector_store_files SET chunks_done = $4, chunks_total = $5, claimed_at = now(), updated_at = "
+            "now() WHERE tenant_id = $1 AND store_id = $2 AND file_id = $3 AND status = 'in_progress' RETURNING "
+            "true", tenant_id, store_id, file_id, done, total) is not None
+
+    async def completed(self, tenant_id: str, store_ids: list[str]) -> set[tuple[str, str]]:
+        """(store, file) of every file indexed in these stores of the tenant: what search may answer with."""
+        pool = await self._pool()
+        rows = await pool.fetch("SELECT store_id, file_id FROM vector_store_files WHERE tenant_id = $1 AND "
+                                "store_id = ANY($2::text[]) AND status = 'completed'", tenant_id, store_ids)
+        return {(row["store_id"], row["file_id"]) for row in rows}
+
+    async def all_links(self) -> set[tuple[str, str, str]]:
+        """(tenant, store, file) of every file in every store, for reconciling Qdrant with the catalog."""
+        pool = await self._pool()
+        rows = await pool.fetch("SELECT tenant_id, store_id, file_id FROM vector_store_files")
+        return {(row["tenant_id"], row["store_id"], row["file_id"]) for row in rows}
+
+    async def finish(self, tenant_id: str, store_id: str, file_id: str, status: str, chunks: int,
+                     error: str | None) -> bool:
+        """Mark a job done; False if the file was no longer waiting in that store (deleted meanwhile)."""
+        pool = await self._pool()
+        return await pool.fetchval(
+            "UPDATE vector_store_files SET status = $4, chunks = $5, last_error = $6, updated_at = now() WHERE "
+            "tenant_id = $1 AND store_id = $2 AND file_id = $3 AND status = 'in_progress' RETURNING true",
+            tenant_id, store_id, file_id, status, chunks, error) is not None
 
 
 _STORE = """
@@ -200,13 +245,16 @@ SELECT s.id, s.name, s.metadata, s.created_at,
        count(l.file_id) FILTER (WHERE l.status = 'in_progress') AS in_progress,
        count(l.file_id) FILTER (WHERE l.status = 'completed') AS completed,
        count(l.file_id) FILTER (WHERE l.status = 'failed') AS failed,
-       coalesce(sum(f.bytes) FILTER (WHERE l.status = 'completed'), 0) AS usage_bytes
+       coalesce(sum(f.bytes) FILTER (WHERE l.status = 'completed'), 0) AS usage_bytes,
+       coalesce(sum(l.chunks_done) FILTER (WHERE l.status = 'in_progress'), 0) AS chunks_done,
+       coalesce(sum(l.chunks_total) FILTER (WHERE l.status = 'in_progress'), 0) AS chunks_total
 FROM vector_stores s
 LEFT JOIN vector_store_files l ON l.tenant_id = s.tenant_id AND l.store_id = s.id
 LEFT JOIN retrieval_files f ON f.tenant_id = l.tenant_id AND f.id = l.file_id
 """
 _LINK = """
-SELECT l.store_id, l.file_id, l.status, l.last_error, l.chunks, l.created_at, f.bytes, f.filename
+SELECT l.store_id, l.file_id, l.status, l.last_error, l.chunks, l.chunks_done, l.chunks_total, l.created_at, f.bytes,
+       f.filename
 FROM vector_store_files l JOIN retrieval_files f ON f.tenant_id = l.tenant_id AND f.id = l.file_id
 """
 
@@ -222,6 +270,7 @@ def store_view(row) -> dict:
     return {"id": row["id"], "object": "vector_store", "created_at": _seconds(row["created_at"]),
             "name": row["name"], "usage_bytes": int(row["usage_bytes"]), "file_counts": counts,
             "status": "in_progress" if row["in_progress"] else "completed",
+            "progress": {"chunks_done": int(row["chunks_done"]), "chunks_total": int(row["chunks_total"])},
             "metadata": json.loads(row["metadata"]) if row["metadata"] else {}}
 
 
@@ -230,4 +279,5 @@ def link_view(row: dict) -> dict:
              "invalid_file", "message": row["last_error"]} if row["status"] == "failed" else None
     return {"id": row["file_id"], "object": "vector_store.file", "vector_store_id": row["store_id"],
             "status": row["status"], "created_at": _seconds(row["created_at"]), "usage_bytes": row["bytes"],
-            "last_error": error, "chunks": row["chunks"]}
+            "last_error": error, "chunks": row["chunks"],
+            "progress": {"chunks_done": row["chunks_done"], "chunks_total": row["chunks_total"]}}

@@ -3,17 +3,30 @@ searched by meaning.
 
 A file attached to a store is ``in_progress`` until a background job has read it, cut it into chunks, embedded
 them with the retrieval embedding model (billed to the tenant, through the gateway's own pipeline) and written
-them to Qdrant; then ``completed``, or ``failed`` with the reason (its partial vectors removed). Jobs are claimed
-in PostgreSQL: a job a stopped gateway left is taken up again when that gateway starts again (with Qdrant's local
-mode there is only one), or by any gateway once its claim is ten minutes old (with a Qdrant server).
+them to Qdrant; then ``completed``, or ``failed`` with the reason (its partial vectors removed).
+
+Indexing is a fair job. At most ``concurrency`` files are indexed at once per gateway, claimed in PostgreSQL each
+tenant's oldest waiting file first; a job's progress is written after every batch (the file shows it, and a job
+taken up again after a stop resumes there). The tenant's limits pace it: a 429 is waited out and the batch sent
+again, an embedding 5xx or timeout is retried with backoff, and only a file that can never be indexed (no text,
+a chunk larger than the tenant's tokens per minute) fails.
+
+Deletion is final. A delete removes the file's link first, then stops its job in this gateway, then its vectors
+(and once more a little later, for a write that was already on its way to Qdrant). A job checks before every
+embedding and before and after every write that its file is still waiting in its store; a job that finds it gone
+(a delete served by another replica) removes what it wrote and stops. Search answers only with chunks of files
+the catalog lists as indexed in the store, and a start removes the vectors of files no store holds any more (a
+crash between a delete and its vectors' removal). Jobs a stopped gateway left are claimed again by the next start
+(with Qdrant's local mode there is only one), or by any gateway once their claim is ten minutes old.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from gateway.errors import GatewayError
 from gateway.retrieval import documents
@@ -28,32 +41,63 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gateway.retrieval")
 
-EMBED_BATCH = 32  # chunks per embedding request
+EMBED_BATCH = 8  # chunks per embedding request: about a second of the model, so that a search waits little behind one
 STALE_CLAIM_SECONDS = 600  # a job claimed longer ago than this by a gateway that stopped is taken up again
+RETRIES = 6  # an embedding 5xx or timeout is sent again this many times, with backoff, before the file fails
+MAX_WAIT_SECONDS = 300.0  # the longest a job waits for the tenant's limits at once
+SWEEP_AFTER_SECONDS = 10.0  # a deleted file's vectors are removed again this long after the delete
+SEARCH_SPARE = 8  # hits read beyond the limit, for those of files deleted a moment ago
+
+
+class _Gone(Exception):
+    """The file left its store (deleted, taken out, or its store deleted) while it was being indexed."""
+
+
+class _TooLarge(Exception):
+    """The batch needs more tokens than the tenant's limit allows at all."""
+
+
+Key = tuple[str, str, str]  # (tenant, store, file): one indexing job
 
 
 class Retrieval:
     def __init__(self, catalog: Catalog, vectors: Vectors, calls: "InternalCalls", model: str,
-                 config) -> None:
+                 config, concurrency: int = 2) -> None:
         self.catalog = catalog
         self.vectors = vectors
         self.calls = calls
         self.model = model  # the embedding model of every store
         self._config = config  # the current GatewayConfig, for the tenant and key of a job
+        self.concurrency = concurrency
         self._wake = asyncio.Event()
         self._worker: asyncio.Task | None = None
-        self._jobs: set[asyncio.Task] = set()
+        self._running: dict[Key, asyncio.Task] = {}
+        self._background: set[asyncio.Task] = set()  # the start's reconciliation, sweeps after deletes
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._work())
+        self._in_background(self.reconcile())
 
     async def close(self) -> None:
+        """Stop at once: jobs are cancelled where they are (their progress is kept) and released for the next
+        start; nothing waits for an embedding under way."""
         if self._worker is not None:
             self._worker.cancel()
-        for job in list(self._jobs):
-            job.cancel()
-        await asyncio.gather(*self._jobs, return_exceptions=True)
+        jobs = dict(self._running)
+        for task in [*jobs.values(), *self._background]:
+            task.cancel()
+        await asyncio.gather(*jobs.values(), *self._background, return_exceptions=True)
+        if jobs:
+            try:
+                await asyncio.wait_for(self.catalog.release(list(jobs)), timeout=5)
+            except Exception as exc:  # PostgreSQL away: the claims go stale and are taken up all the same
+                log.warning("indexing jobs cannot be released now: %s", exc)
         await self.vectors.close()
+
+    def _in_background(self, work) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- indexing ----------------------------------------------------------------------------------------------
 
@@ -61,24 +105,38 @@ class Retrieval:
         self._wake.set()
 
     async def _work(self) -> None:
-        # With the local mode this process is the only indexer: every job still in progress at its start is its own.
-        stale_after = 0.0 if self.vectors.url is None else STALE_CLAIM_SECONDS
-        while True:
+        if self.vectors.url is None:  # the local mode: this process is the only indexer, every claim is its own
             try:
-                for job in await self.catalog.claim(stale_after):
-                    task = asyncio.create_task(self._index(job["tenant_id"], job["store_id"], job["file_id"]))
-                    self._jobs.add(task)
-                    task.add_done_callback(self._jobs.discard)
-            except Exception as exc:  # PostgreSQL away: try again soon
+                await self.catalog.release(None)
+            except Exception as exc:
                 log.warning("retrieval jobs cannot be read now: %s", exc)
-            stale_after = STALE_CLAIM_SECONDS
+        while True:
+            free = self.concurrency - len(self._running)
+            if free > 0:
+                try:
+                    for job in await self.catalog.claim(STALE_CLAIM_SECONDS, free):
+                        self._launch(job)
+                except Exception as exc:  # PostgreSQL away: try again soon
+                    log.warning("retrieval jobs cannot be read now: %s", exc)
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=5.0)
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
 
-    async def _index(self, tenant_id: str, store_id: str, file_id: str) -> None:
+    def _launch(self, job: dict) -> None:
+        key = (job["tenant_id"], job["store_id"], job["file_id"])
+        task = asyncio.create_task(self._index(*key, job.get("chunks_done") or 0))
+        self._running[key] = task
+
+        def finished(_: asyncio.Task) -> None:
+            if self._running.get(key) is task:
+                del self._running[key]
+            self.wake()  # a slot is free
+
+        task.add_done_callback(finished)
+
+    async def _index(self, tenant_id: str, store_id: str, file_id: str, resume_from: int = 0) -> None:
         started = time.perf_counter()
         tenant = self._config().tenants.get(tenant_id)
         try:
@@ -87,17 +145,35 @@ class Retrieval:
             found = await self.catalog.file(tenant_id, file_id, with_content=True)
             if found is None:
                 return  # deleted meanwhile: its link went with it
-            kind = documents.kind_of(found["filename"]) or "text"
-            text = await asyncio.to_thread(documents.text_of, found["content"], kind)
-            chunks = documents.chunks_of(text)
+            filename = found["filename"]
+            text = await asyncio.to_thread(documents.text_of, found["content"], documents.kind_of(filename) or "text")
+            chunks = await asyncio.to_thread(documents.chunks_of, text)
+            del found, text
+            total, done, size = len(chunks), min(resume_from, len(chunks)), EMBED_BATCH
             key = _job_key(tenant)
-            for start in range(0, len(chunks), EMBED_BATCH):
-                batch = chunks[start:start + EMBED_BATCH]
-                vectors = await self.calls.embed(tenant, key, self.model, batch)
-                await self.vectors.put(self.model, tenant_id, store_id, file_id, found["filename"], batch, vectors,
-                                       first=start)
+            await self._still_waiting(tenant_id, store_id, file_id, done, total)
+            while done < total:
+                batch = chunks[done:done + size]
+                try:
+                    vectors = await self._embed(tenant, key, batch, (tenant_id, store_id, file_id), done, total)
+                except _TooLarge:
+                    if size == 1:
+                        raise documents.Unreadable("a chunk of it needs more tokens than the tenant's limits allow "
+                                                   "in one request: it can never be indexed") from None
+                    size = max(1, size // 2)
+                    continue
+                await self._still_waiting(tenant_id, store_id, file_id, done, total)  # before the write
+                await self.vectors.put(self.model, tenant_id, store_id, file_id, filename, batch, vectors,
+                                       first=done)
+                done += len(batch)
+                await self._still_waiting(tenant_id, store_id, file_id, done, total)  # a delete during the write
         except asyncio.CancelledError:
-            raise  # the gateway is stopping: the job is claimed again by the next one
+            raise  # the gateway is stopping, or a delete stopped it
+        except _Gone:
+            await self._remove_vectors(tenant_id, store_id, file_id)
+            log.info("indexing of file %s of tenant %s into %s stopped: it left the store", file_id, tenant_id,
+                     store_id)
+            return
         except (documents.Unreadable, GatewayError) as exc:
             await self._failed(tenant_id, store_id, file_id, str(exc) if isinstance(exc, documents.Unreadable)
                                else f"embedding failed: {exc.message}")
@@ -106,13 +182,87 @@ class Retrieval:
             log.exception("indexing file %s of tenant %s failed", file_id, tenant_id)
             await self._failed(tenant_id, store_id, file_id, f"indexing failed: {type(exc).__name__}")
             return
-        await self.catalog.finish(tenant_id, store_id, file_id, "completed", len(chunks), None)
+        if not await self.catalog.finish(tenant_id, store_id, file_id, "completed", total, None):
+            await self._remove_vectors(tenant_id, store_id, file_id)  # deleted at the very end
+            return
         log.info("file %s of tenant %s indexed into %s: %d chunks in %.1fs", file_id, tenant_id, store_id,
-                 len(chunks), time.perf_counter() - started)
+                 total, time.perf_counter() - started)
+    async def _still_waiting(self, tenant_id: str, store_id: str, file_id: str, done: int, total: int) -> None:
+        if not await self.catalog.progress(tenant_id, store_id, file_id, done, total):
+            raise _Gone
+
+    async def _embed(self, tenant: "Tenant", key: "ApiKey", batch: list[str], job: Key, done: int,
+                     total: int) -> "np.ndarray":
+        """The batch's vectors: the tenant's limits waited out, a failing embedding model retried with backoff."""
+        failures = 0
+        while True:
+            await self._still_waiting(*job, done, total)  # nothing is embedded, nor billed, for a deleted file
+            try:
+                return await self.calls.embed(tenant, key, self.model, batch)
+            except GatewayError as error:
+                if error.status == 429 and error.code in ("rate_limit_exceeded", "concurrency_limit_exceeded"):
+                    if "Request too large" in error.message:
+                        raise _TooLarge from None
+                    if "No request can pass" in error.message:
+                        raise
+                    wait = _seconds(error.headers.get("retry-after"), 5.0)
+                    log.info("indexing file %s of tenant %s waits %.1fs for the tenant's limits", job[2], job[0],
+                             wait)
+                    await asyncio.sleep(wait)
+                    continue
+                if error.status < 500 and error.status != 408:
+                    raise
+                failures += 1
+                if failures > RETRIES:
+                    raise
+                wait = min(60.0, 2.0 ** failures) * random.uniform(0.5, 1.0)
+                log.warning("indexing file %s of tenant %s: embedding failed (%s), trying again in %.1fs", job[2],
+                            job[0], error.message, wait)
+                await asyncio.sleep(wait)
 
     async def _failed(self, tenant_id: str, store_id: str, file_id: str, reason: str) -> None:
         await self.vectors.delete(self.model, tenant_id, store_id=store_id, file_id=file_id)  # nothing half-indexed
         await self.catalog.finish(tenant_id, store_id, file_id, "failed", 0, reason[:1000])
+
+    async def _stop_jobs(self, matches: Callable[[Key], bool]) -> None:
+        """Cancel this gateway's jobs of what was just deleted, and wait for them to end."""
+        stopping = [task for key, task in self._running.items() if matches(key)]
+        for task in stopping:
+            task.cancel()
+        if stopping:
+            await asyncio.wait(stopping, timeout=10)
+
+    async def _remove_vectors(self, tenant_id: str, store_id: str | None = None, file_id: str | None = None) -> None:
+        """Delete the vectors now, and once more after a while: a write already on its way to Qdrant when the delete
+        came lands after it."""
+        await self.vectors.delete(self.model, tenant_id, store_id=store_id, file_id=file_id)
+
+        async def sweep() -> None:
+            await asyncio.sleep(SWEEP_AFTER_SECONDS)
+            try:
+                await self.vectors.delete(self.model, tenant_id, store_id=store_id, file_id=file_id)
+            except Exception as exc:  # the next start's reconciliation removes them
+                log.warning("deleted vectors of tenant %s cannot be swept now: %s", tenant_id, exc)
+
+        self._in_background(sweep())
+
+    async def reconcile(self) -> None:
+        """Remove the vectors of files no store holds any more (a crash between a delete and the removal of its
+        vectors). Qdrant is read before the catalog: a file put in a store after the read has no vectors in it."""
+        if self.vectors.url is None and not self.vectors.path.exists():
+            return  # nothing was ever indexed here (and qdrant-client stays unloaded)
+        try:
+            owners = await self.vectors.owners(self.model)
+            orphans = owners - await self.catalog.all_links()
+            for tenant_id, store_id, file_id in orphans:
+                await self.vectors.delete(self.model, tenant_id, store_id=store_id, file_id=file_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("vectors cannot be reconciled with the catalog now: %s", exc)
+            return
+        if orphans:
+            log.info("removed the vectors of %d deleted files", len(orphans))
 
     # -- what the API does ---------------------------------------------------------------------------------------
 
@@ -124,26 +274,30 @@ class Retrieval:
     async def detach(self, tenant_id: str, store_id: str, file_id: str) -> bool:
         if not await self.catalog.detach(tenant_id, store_id, file_id):
             return False
-        await self.vectors.delete(self.model, tenant_id, store_id=store_id, file_id=file_id)
+        await self._stop_jobs(lambda job: job == (tenant_id, store_id, file_id))
+        await self._remove_vectors(tenant_id, store_id=store_id, file_id=file_id)
         return True
 
     async def delete_file(self, tenant_id: str, file_id: str) -> bool:
         stores = await self.catalog.delete_file(tenant_id, file_id)
         if stores is None:
             return False
-        await self.vectors.delete(self.model, tenant_id, file_id=file_id)
+        await self._stop_jobs(lambda job: job[0] == tenant_id and job[2] == file_id)
+        await self._remove_vectors(tenant_id, file_id=file_id)
         return True
 
     async def delete_store(self, tenant_id: str, store_id: str) -> bool:
         if not await self.catalog.delete_store(tenant_id, store_id):
             return False
-        await self.vectors.delete(self.model, tenant_id, store_id=store_id)
+        await self._stop_jobs(lambda job: job[0] == tenant_id and job[1] == store_id)
+        await self._remove_vectors(tenant_id, store_id=store_id)
         return True
 
     async def forget_tenant(self, tenant_id: str) -> None:
         """Every file, store and vector of the tenant: its id is about to start a new tenant."""
         await self.catalog.forget_tenant(tenant_id)
-        await self.vectors.delete(self.model, tenant_id)
+        await self._stop_jobs(lambda job: job[0] == tenant_id)
+        await self._remove_vectors(tenant_id)
 
     async def owned_store(self, tenant_id: str, store_id: str, param: str | None = None) -> dict:
         """The tenant's store of that id; a 404 if it has none (another tenant's is none of its)."""
@@ -167,7 +321,17 @@ class Retrieval:
                      limit: int) -> list[Hit]:
         """The ``limit`` chunks nearest to ``query`` in the tenant's stores (checked by ``searchable_store``)."""
         vector: np.ndarray = (await self.calls.embed(tenant, key, self.model, [query]))[0]
-        return await self.vectors.search(self.model, tenant.id, store_ids, vector, limit)
+        hits = await self.vectors.search(self.model, tenant.id, store_ids, vector, limit + SEARCH_SPARE)
+        indexed = await self.catalog.completed(tenant.id, store_ids)  # never a chunk of a file deleted meanwhile
+        return [hit for hit in hits if (hit.store_id, hit.file_id) in indexed][:limit]
+
+
+def _seconds(value: str | None, default: float) -> float:
+    try:
+        seconds = float(value) if value is not None else default
+    except ValueError:
+        seconds = default
+    return min(MAX_WAIT_SECONDS, max(0.5, seconds))
 
 
 def _job_key(tenant: "Tenant") -> "ApiKey":

@@ -115,6 +115,20 @@ class Vectors:
         await self.client.delete(name, points_selector=models.FilterSelector(filter=models.Filter(must=must)),
                                  wait=True)
 
+    async def owners(self, model: str) -> set[tuple[str, str, str]]:
+        """(tenant, store, file) of every point in the model's collection, read page by page without vectors."""
+        name = self.collection(model)
+        if not await self.client.collection_exists(name):
+            return set()
+        found: set[tuple[str, str, str]] = set()
+        offset = None
+        while True:
+            points, offset = await self.client.scroll(name, limit=1024, offset=offset, with_vectors=False,
+                                                      with_payload=["tenant_id", "store_id", "file_id"])
+            found.update((p.payload["tenant_id"], p.payload["store_id"], p.payload["file_id"]) for p in points)
+            if offset is None:
+                return found
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()

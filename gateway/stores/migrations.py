@@ -173,6 +173,13 @@ MIGRATIONS: tuple[str, ...] = (
     );
     ALTER TABLE usage_ledger ADD COLUMN retrieval jsonb;
     """,
+    # 11: indexing's progress, kept as it goes: shown on the file in its store, and where a job taken up again
+    # after a stop resumes; and which Qdrant the file's vectors go to (only gateways writing there index it)
+    """
+    ALTER TABLE vector_store_files ADD COLUMN chunks_done integer NOT NULL DEFAULT 0,
+                                   ADD COLUMN chunks_total integer,
+                                   ADD COLUMN indexer text;
+    """,
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations
