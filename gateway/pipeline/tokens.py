@@ -29,6 +29,13 @@ def load() -> None:
     _encoding()
 
 
+def decode(ids: list[int]) -> str:
+    """Text of cl100k token ids (what LangChain's OpenAIEmbeddings sends as input); ids the encoding lacks are
+    dropped."""
+    encoding = _encoding()
+    return encoding.decode([i for i in ids if i < encoding.n_vocab])
+
+
 def _count(text: str) -> int:
     return len(_encoding().encode_ordinary(text)) if text else 0
 

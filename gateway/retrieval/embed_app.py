@@ -1,25 +1,76 @@
 """The embedded embedding model served as OpenAI's ``/v1/embeddings``, on the gateway's own loopback server.
 
 Deployments with ``api_base: builtin:embedder`` send requests here; the gateway reaches it through its usual path,
-so keys, limits, the ledger, costs and metrics apply as to any embedding model. The model is loaded on the first
-request (0.6 s, about 100 MB) and runs in a worker thread, off the event loop.
+so keys, limits, the ledger, costs and metrics apply as to any embedding model.
+
+The model runs in a process of its own (spawned on the first request; it loads the model in about 0.6 s and 100
+MB), with one BLAS thread: a file being indexed never holds the gateway's event loop or its interpreter lock, and
+leaves the other core to the requests. Stopping the gateway ends that process at once, whatever it is computing.
+Input may be text or, as LangChain's ``OpenAIEmbeddings`` sends it, lists of cl100k token ids (decoded to text
+first: this model has a tokenizer of its own).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import orjson
 
 from gateway.asgi import BodyTooLarge, Receive, Scope, Send, read_body, send_response
 
 MAX_INPUTS = 2048
+THREADS = "1"  # BLAS threads of the model's process
+
+
+def _one_thread() -> None:
+    """The model process's start: BLAS and tokenizers to one thread, before numpy is imported there."""
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
+        os.environ[name] = THREADS
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _embed(texts: list[str]):
+    from gateway.retrieval.minilm import model
+
+    return model().embed(texts)
 
 
 class Embedder:
+    def __init__(self) -> None:
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_one_thread)
+        return self._pool
+
+    async def embed(self, texts: list[str]):
+        """Vectors and token count of ``texts``, from the model's process (started again if it died)."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor(), _embed, texts)
+        except BrokenProcessPool:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """End the model's process now: nothing waits for a batch under way."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        processes = list((pool._processes or {}).values())  # noqa: SLF001 (the executor has no public kill)
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from gateway.retrieval.minilm import DIMENSIONS, MODEL_NAME, ModelMissing, model  # numpy: on first use
+        from gateway.retrieval.minilm import DIMENSIONS, MODEL_NAME, ModelMissing, model_zip
 
         path = scope["path"]
         if (scope["method"], path) == ("GET", "/v1/models"):
@@ -34,11 +85,10 @@ class Embedder:
         except (BodyTooLarge, orjson.JSONDecodeError):
             await _error(send, 400, "the body is not JSON (or larger than 32 MB)")
             return
-        texts = body.get("input") if isinstance(body, dict) else None
-        if isinstance(texts, str):
-            texts = [texts]
-        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-            await _error(send, 400, "'input' must be a string or a list of strings", "input")
+        texts = _texts(body.get("input") if isinstance(body, dict) else None)
+        if texts is None:
+            await _error(send, 400, "'input' must be a string, a list of strings, a list of token ids or a list of "
+                                    "lists of token ids", "input")
             return
         if len(texts) > MAX_INPUTS:
             await _error(send, 400, f"at most {MAX_INPUTS} inputs per request", "input")
@@ -48,9 +98,13 @@ class Embedder:
             await _error(send, 400, f"this model's vectors have {DIMENSIONS} dimensions", "dimensions")
             return
         try:
-            vectors, tokens = await asyncio.to_thread(lambda: model().embed(texts))
+            model_zip()  # said here, at once, rather than from the model's process
+            vectors, tokens = await self.embed(texts)
         except ModelMissing as exc:
             await _error(send, 503, str(exc))
+            return
+        except BrokenProcessPool:
+            await _error(send, 503, "the embedding model's process stopped; it is started again for the next request")
             return
         base64_wanted = body.get("encoding_format") == "base64"
         data = [{"object": "embedding", "index": i,
@@ -58,6 +112,32 @@ class Embedder:
                 for i, v in enumerate(vectors)]
         await _json(send, 200, {"object": "list", "data": data, "model": MODEL_NAME,
                                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _texts(source) -> list[str] | None:
+    """The texts to embed: strings as they are, cl100k token ids decoded; None if the input is neither."""
+    if isinstance(source, str):
+        return [source]
+    if not isinstance(source, list) or not source:
+        return None
+    if all(isinstance(item, str) for item in source):
+        return source
+    if all(_token_ids(item) for item in source):
+        return [_decode(item) for item in source]
+    if _token_ids(source):
+        return [_decode(source)]
+    return None
+
+
+def _token_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 200_000 for i in value)
+
+
+def _decode(ids: list[int]) -> str:
+    from gateway.pipeline.tokens import decode
+
+    return decode(ids)
 
 
 async def _json(send: Send, status: int, document: dict) -> None:
