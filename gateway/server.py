@@ -41,6 +41,10 @@ def serve(settings: Settings) -> None:
     if settings.metrics_key is None and not _loopback(settings.host):
         log.warning("/metrics names every tenant with its requests and spend, and anyone who reaches %s:%d can read "
                     "it: set GATEWAY_METRICS_KEY (see the README's Operations)", settings.host, settings.port)
+    if settings.workers > 1 and not settings.qdrant_url and not settings.stateless:
+        raise SystemExit("gateway: Qdrant's local mode (no QDRANT_URL) belongs to one process, and --workers "
+                         f"{settings.workers} would open it in each worker: set QDRANT_URL to a Qdrant server, or "
+                         "serve with one worker")
     if port_in_use(settings.host, settings.port):  # before any store starts
         raise SystemExit(f"gateway: {settings.host}:{settings.port} is in use (another gateway?); pass --port")
     # Embedded stores start here, once, so that every worker shares them; workers find them through the URLs.

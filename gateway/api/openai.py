@@ -76,8 +76,10 @@ class OpenAIRoutes:
             await send_response(send, error.status, error.body())
             return
         scope[LOG_FIELDS] = {"tenant": tenant.id, "key": key.name, "route": "models.list"}
-        data = [_model_card(config.models[name]) for name in sorted(tenant.allowed_models)
-                if name in config.models and config.models[name].serving]
+        # Chat models before embedding models: Open WebUI starts a new user's chat on the first model listed
+        serving = [config.models[name] for name in tenant.allowed_models
+                   if name in config.models and config.models[name].serving]
+        data = [_model_card(model) for model in sorted(serving, key=lambda m: (m.type != "chat", m.name))]
         data += [_alias_card(name) for name in sorted(tenant.routes)]
         data += [_adapter_card(adapter, tenant.id) for _, adapter in sorted(tenant.adapters.items())
                  if adapter.base in config.models and config.models[adapter.base].serving]

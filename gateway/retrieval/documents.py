@@ -32,7 +32,7 @@ def text_of(content: bytes, kind: str) -> str:
             raise Unreadable("the file is not UTF-8 text") from None
         if kind == "html":
             text = _html_text(text)
-    text = text.replace("\x00", "")
+    text = text.replace("\x00", " ")  # a separator, not nothing: "beta\0gamma" is two words
     if not text.strip():
         raise Unreadable("the file has no text")
     return text
