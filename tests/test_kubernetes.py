@@ -48,7 +48,7 @@ def test_the_parts_fit_each_other_and_the_gateway(tmp_path):
     grace = pod["terminationGracePeriodSeconds"]
     assert grace > float(env["GATEWAY_GRACEFUL_SHUTDOWN_SECONDS"]) + container["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert container["envFrom"][0]["secretRef"]["name"] == documents["Secret"]["metadata"]["name"]
-    assert {"REDIS_URL", "DATABASE_URL", "GATEWAY_ADMIN_KEY", "GATEWAY_METRICS_KEY"} <= set(documents["Secret"]["stringData"])
+    assert {"REDIS_URL", "DATABASE_URL", "QDRANT_URL", "GATEWAY_ADMIN_KEY", "GATEWAY_METRICS_KEY"} <= set(documents["Secret"]["stringData"])
     config_volume = next(v for v in pod["volumes"] if v["name"] == "config")
     assert config_volume["configMap"]["name"] == documents["ConfigMap"]["metadata"]["name"]
     assert env["GATEWAY_CONFIG_DIR"] == next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "config")

