@@ -32,41 +32,114 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.cache")
 
 COLLECTION = "gateway_semantic_cache"
-_WORD = re.compile(r"[a-z0-9%]+")
-_DIRECTION = re.compile(r"\b(to|from|into|than|versus|vs)\b")
+_NAMESPACE = uuid.UUID("1f0e9f4c-23c5-4a5e-8e0f-1b6f2a8c9d01")
+_WORD = re.compile(r"[a-z0-9%]+(?:'[a-z]+)?")
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)?")
 _FUNCTION_WORDS = frozenset(
-    "a an the of to in on at for from by with and or is are was were be been do does did how what which who whom "
-    "when where why can could would should will i my me you your we our it its this that these those there their "
-    "them am has have had any some into as about please tell give explain s".split())
-_NAMESPACE = uuid.UUID("1f0e9f4c-23c5-4a5e-8e0f-1b6f2a8c9d01")
+    "a an the of to in on at for from by with and or is are was were be been being do does did how what which who "
+    "whom whose when where why can could would should will shall may might must i my me you your we our it its this "
+    "that these those there their them they am has have had into as about please tell give explain s show".split())
+# Words whose difference alone changes what is asked; each set must be the same on both sides.
+_NEGATIONS = frozenset("not no never without none nobody nothing neither nor cannot n't".split())
+_QUANTIFIERS = frozenset("all every each some any none no most few many several both either neither only".split())
+_PARTICLES = frozenset("out off up down".split())  # zoom in / out, turn on / off, scale up / down
+_WH = {"what": "what", "which": "what", "who": "who", "whom": "who", "whose": "who", "how": "how", "why": "why",
+       "when": "when", "where": "where"}
+_TENSE = {"did": "past", "was": "past", "were": "past", "had": "past", "is": "present", "are": "present",
+          "am": "present", "does": "present", "do": "present", "has": "present", "will": "future",
+          "shall": "future"}
+_MODAL = {"can": "may", "could": "may", "may": "may", "might": "maybe", "must": "must", "should": "must",
+          "need": "must", "ought": "must", "did": "past", "was": "past", "were": "past", "do": "fact", "does": "fact",
+          "is": "fact", "are": "fact", "am": "fact", "has": "fact", "have": "fact", "will": "future",
+          "would": "may", "shall": "future"}
+_REQUEST = re.compile(r"^(?:please\s+)?(?:can|could|would|will)\s+you\s+(?:please\s+)?(?:tell|explain|show|give)\s+"
+                      r"(?:me\s+)?")
+# Words a rewording adds without asking something else ("Which city is the capital of ...")
+_FILLER = frozenset("city way steps step exactly actually really simply simple term terms briefly quickly know "
+                    "want like meaning mean kind sort type thing one somebody someone person people setting "
+                    "settings".split())
+# Words that ask the same in a question of this kind, each group under its first word
+_SYNONYMS = {word: group.split()[0] for group in (
+    "make create", "change update modify edit", "enable activate", "disable deactivate", "delete remove erase",
+    "restore recover", "book reserve", "start begin", "buy purchase", "get obtain", "show display", "find locate",
+    "fix repair", "big large", "photo picture image", "email e-mail", "package parcel", "calculate compute",
+    "cancel terminate", "contact reach", "shipping delivery", "author writer") for word in group.split()}
+_WHEN = re.compile(r"\b(?:in |at |on )?(?:what|which) (?:year|time|date|day|month)\b")
+_POSSESSIVE = re.compile(r"\b([a-z0-9]+)'s ([a-z0-9]+)\b")  # "Germany's GDP" asks what "the GDP of Germany" asks
+_COMMAND = re.compile(r"^(?:please )?(?:give|tell|show|explain|describe|list)\b")
 
 
-def content_words(text: str) -> list[str]:
-    """The words that carry a question's meaning, in order, lower case, a plural's s dropped."""
+def _words(text: str) -> list[str]:
     words = []
     for word in _WORD.findall(text.lower()):
-        if word in _FUNCTION_WORDS:
-            continue
-        if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
-            word = word[:-1]
-        words.append(word)
+        if word.endswith("n't"):
+            words += [word[:-3] or "not", "n't"]
+        elif "'" in word:
+            words.append(word.split("'")[0])
+        else:
+            words.append(word)
     return words
 
 
+def _stem(word: str) -> str:
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
+def _normal(text: str) -> str:
+    """The question in one form: lower case, a polite request's frame dropped ("Can you tell me ..."), "what year"
+    as "when", "X's Y" as "Y of X"."""
+    text = _REQUEST.sub("", text.strip().lower().replace("\u2019", "'"))
+    text = _WHEN.sub("when", text)
+    return _POSSESSIVE.sub(lambda m: m[1] + "'s " + m[2] if m[1] in ("it", "what", "that", "there", "who",
+                                                                      "let", "here") else f"{m[2]} of {m[1]}", text)
+
+
+def content_words(text: str) -> list[str]:
+    """The words that carry a question's meaning, in order, lower case, a plural's s dropped, synonyms as one."""
+    words = []
+    for word in _words(_normal(text)):
+        if word in _FUNCTION_WORDS or word in _NEGATIONS or word in _QUANTIFIERS or word in _PARTICLES:
+            continue
+        word = _stem(word)
+        words.append(_SYNONYMS.get(word, word))
+    return words
+
+
+def _frame(text: str) -> tuple:
+    """What a question asks besides its subject: its negations, quantifiers and particles, its question word, the
+    tenses of its auxiliaries, and for a yes/no question the force of its first word (can, must, did, will)."""
+    text = _normal(text)
+    words = _words(text)
+    wh = next((_WH[w] for w in words if w in _WH), "what" if _COMMAND.match(text) else None)
+    yes_no = _MODAL.get(words[0]) if words else None
+    return (sorted(w for w in words if w in _NEGATIONS), frozenset(w for w in words if w in _QUANTIFIERS),
+            sorted(w for w in words if w in _PARTICLES), wh, frozenset(_TENSE[w] for w in words if w in _TENSE),
+            yes_no)
+
+
 def same_ask(first: str, second: str) -> bool:
-    """Whether two questions close in meaning may share an answer: no other number, no word standing in for
-    another (each has a meaningful word the other lacks), not the same words in another order around "to", "from",
-    "than"... ("Celsius to Fahrenheit")."""
+    """Whether two questions close in meaning may share an answer. A wrong answer from the cache is worse than a
+    model call, so anything that can change the ask is a miss: another number; a negation, quantifier, particle
+    ("in" / "out") or question word on one side only; auxiliaries of different tenses, or yes/no questions of
+    different force ("Can I ...?" / "Should I ...?"); a meaningful word standing in for another; a meaningful word
+    added, unless it is a rewording's filler ("Which city is ..."); the same words in another order ("Did
+    Microsoft buy GitHub?" / "Did GitHub buy Microsoft?")."""
     if sorted(_NUMBER.findall(first)) != sorted(_NUMBER.findall(second)):
+        return False
+    (neg_a, quant_a, part_a, wh_a, tense_a, force_a) = _frame(first)
+    (neg_b, quant_b, part_b, wh_b, tense_b, force_b) = _frame(second)
+    if neg_a != neg_b or quant_a != quant_b or part_a != part_b or wh_a != wh_b:
+        return False
+    if tense_a and tense_b and tense_a != tense_b:
+        return False
+    if (force_a or force_b) and wh_a is None and force_a != force_b:
         return False
     a, b = content_words(first), content_words(second)
     only_a, only_b = set(a) - set(b), set(b) - set(a)
-    if only_a and only_b:
+    if only_a - _FILLER or only_b - _FILLER:
         return False
-    if not only_a and not only_b and a != b:  # the same words in another order: fine, unless they say a direction
-        return not (_DIRECTION.search(first.lower()) or _DIRECTION.search(second.lower()))
-    return True
+    shared = set(a) & set(b)  # in the same order, as often: "when the buyer cancels" is not "the seller"
+    return [w for w in a if w in shared] == [w for w in b if w in shared]
 
 
 def question_and_context(body: dict, encode) -> tuple[str, str] | None:
