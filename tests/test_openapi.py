@@ -20,6 +20,10 @@ def test_the_document_says_what_the_routes_answer(admin_setup):
     paths = document["paths"]
     assert set(paths["/api/v1/organizations"]["post"]["responses"]) >= {"201", "400", "401", "403", "409", "413"}
     assert "text/plain" in paths["/metrics"]["get"]["responses"]["200"]["content"]
+    assert "404" in paths["/v1/files/{file_id}"]["get"]["responses"]
+    assert "404" in paths["/v1/vector_stores/{store_id}/search"]["post"]["responses"]
+    upload = paths["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert upload["required"] == ["file", "purpose"]
     tenant = document["components"]["schemas"]["TenantIn"]["properties"]
     assert tenant["tier"]["enum"] == ["basic", "enterprise", "professional"]  # what this config accepts
     assert tenant["limits"]["anyOf"][0]["$ref"] if "anyOf" in tenant["limits"] else tenant["limits"]["$ref"]

@@ -176,8 +176,13 @@ def test_a_store_is_renamed_and_its_metadata_replaced(setup):
     assert api.vector_stores.retrieve(store.id).model_dump()["metadata"] == {}
     with pytest.raises(openai.NotFoundError):
         client(gateway, keys["globex"]).vector_stores.update(store.id, name="Taken")
+    expiring = api.vector_stores.update(store.id, expires_after={"anchor": "last_active_at", "days": 7})
+    assert expiring.expires_after.days == 7 and expiring.expires_at
+    assert api.vector_stores.update(store.id, expires_after=None).expires_after is None
     with pytest.raises(openai.BadRequestError, match="expires_after"):
-        api.vector_stores.update(store.id, expires_after={"anchor": "last_active_at", "days": 7})
+        api.vector_stores.update(store.id, expires_after={"anchor": "created_at", "days": 7})
+    with pytest.raises(openai.BadRequestError, match="expires_after"):
+        api.vector_stores.update(store.id, expires_after={"anchor": "last_active_at", "days": 10**9})
     with pytest.raises(openai.BadRequestError):
         api.vector_stores.update(store.id, metadata={"k": "v" * 513})
     assert api.vector_stores.retrieve(store.id).name is None
@@ -370,3 +375,114 @@ def test_lists_are_newest_first_and_page_by_cursor(setup):
     status, error = http_request(gateway.port, "GET", "/v1/vector_stores?order=sideways",
                                  headers={"Authorization": f"Bearer {keys['acme']}"})
     assert status == 400 and error["error"]["param"] == "order"
+
+
+def test_file_batches_as_the_sdks_poll_them(setup):
+    gateway, keys = setup
+    api = client(gateway, keys["acme"])
+    store = api.vector_stores.create(name="batched")
+    batch = api.vector_stores.file_batches.upload_and_poll(store.id, files=[
+        ("hours.txt", io.BytesIO(b"The support desk answers from nine to five on weekdays.")),
+        ("holidays.md", io.BytesIO(b"# Holidays\n\nThe office is closed on the first of May."))])
+    assert batch.status == "completed" and batch.file_counts.completed == 2 and batch.file_counts.total == 2
+    assert batch.object == "vector_store.files_batch" and batch.vector_store_id == store.id
+    listed = api.vector_stores.file_batches.list_files(batch.id, vector_store_id=store.id)
+    assert len(listed.data) == 2 and all(f.status == "completed" for f in listed.data)
+    again = api.vector_stores.file_batches.create_and_poll(store.id, file_ids=[listed.data[0].id])
+    assert again.status == "completed" and again.file_counts.total == 1
+    assert api.vector_stores.file_batches.retrieve(batch.id, vector_store_id=store.id).file_counts.total == 1
+    long_file = api.files.create(file=("long.txt", io.BytesIO(
+        " ".join(f"Clause {i} of the lease." for i in range(6000)).encode())), purpose="assistants")
+    slow = api.vector_stores.file_batches.create(store.id, file_ids=[long_file.id])
+    cancelled = api.vector_stores.file_batches.cancel(slow.id, vector_store_id=store.id)
+    assert cancelled.status == "cancelled" and cancelled.file_counts.cancelled == 1
+    assert api.vector_stores.retrieve(store.id).file_counts.cancelled == 1
+    assert long_file.id not in {r.file_id for r in api.vector_stores.search(store.id, query="lease clause").data}
+    for call in (lambda: api.vector_stores.file_batches.retrieve("vsfb_nope", vector_store_id=store.id),
+                 lambda: client(gateway, keys["globex"]).vector_stores.file_batches.retrieve(
+                     batch.id, vector_store_id=store.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert api.vector_stores.file_batches.create(store.id).status == "completed"  # an empty batch, done at once
+
+
+def test_attributes_filters_and_ranking_options(setup):
+    gateway, keys = setup
+    api = client(gateway, keys["acme"])
+    store = api.vector_stores.create(name="filtered", expires_after={"anchor": "last_active_at", "days": 7})
+    assert store.expires_after.days == 7 and store.expires_at > store.created_at
+    texts = {"2023.txt": ("Revenue grew by four percent in the fiscal year.", {"year": 2023, "region": "emea"}),
+             "2024.txt": ("Revenue grew by nine percent in the fiscal year.", {"year": 2024, "region": "apac"}),
+             "draft.txt": ("Revenue forecasts are drafts until approved.", {"year": 2024, "draft": True})}
+    ids = {}
+    for name, (text, attributes) in texts.items():
+        made = api.files.create(file=(name, io.BytesIO(text.encode())), purpose="assistants")
+        ids[name] = made.id
+        api.vector_stores.files.create(store.id, file_id=made.id, attributes=attributes)
+    wait_indexed(api, store.id)
+    search = lambda **options: {r.filename for r in api.vector_stores.search(  # noqa: E731
+        store.id, query="revenue growth", **options).data}
+    assert search() == set(texts)
+    assert search(filters={"type": "eq", "key": "year", "value": 2024}) == {"2024.txt", "draft.txt"}
+    assert search(filters={"type": "gte", "key": "year", "value": 2024}) == {"2024.txt", "draft.txt"}
+    assert search(filters={"type": "and", "filters": [{"type": "eq", "key": "year", "value": 2024},
+                                                      {"type": "ne", "key": "draft", "value": True}]}) == {"2024.txt"}
+    assert search(filters={"type": "or", "filters": [{"type": "eq", "key": "region", "value": "emea"},
+                                                     {"type": "eq", "key": "draft", "value": True}]}) == {
+        "2023.txt", "draft.txt"}
+    assert search(filters={"type": "eq", "key": "year", "value": "2024"}) == set()  # a string is not a number
+    assert search(ranking_options={"score_threshold": 0.99}) == set()
+    page = api.vector_stores.search(store.id, query=["nine percent", "forecast drafts"], max_num_results=2)
+    assert {r.filename for r in page.data} == {"2024.txt", "draft.txt"}
+    assert page.data[0].attributes in (texts["2024.txt"][1], texts["draft.txt"][1])
+    changed = api.vector_stores.files.update(ids["draft.txt"], vector_store_id=store.id, attributes={"year": 2025})
+    assert changed.attributes == {"year": 2025}
+    assert search(filters={"type": "eq", "key": "year", "value": 2025}) == {"draft.txt"}
+    content = api.vector_stores.files.content(ids["2023.txt"], vector_store_id=store.id)
+    assert [part.text for part in content.data] == [texts["2023.txt"][0]]
+    headers = {"Authorization": f"Bearer {keys['acme']}"}
+    for bad, param in (({"query": "x", "rewrite_query": True}, "rewrite_query"),
+                       ({"query": "x", "filters": {"type": "like", "key": "a", "value": 1}}, "filters"),
+                       ({"query": "x", "ranking_options": {"score_threshold": 2}}, "ranking_options"),
+                       ({"query": ["x"] * 11}, "query"), ({"query": []}, "query"),
+                       ({"query": "x", "filters": _nested(12)}, None)):
+        status, error = http_request(gateway.port, "POST", f"/v1/vector_stores/{store.id}/search",
+                                     json.dumps(bad).encode(), headers)
+        assert status == 400 and (param is None or error["error"]["param"].startswith(param)), (bad, error)
+    for attributes in ({str(i): i for i in range(17)}, {"k": "v" * 513}, {"k": 2**60}, {"k": {"nested": 1}},
+                       {"k\u0000": 1}):
+        status, error = http_request(gateway.port, "POST", f"/v1/vector_stores/{store.id}/files",
+                                     json.dumps({"file_id": ids["2023.txt"], "attributes": attributes}).encode(),
+                                     headers)
+        assert status == 400 and error["error"]["param"].startswith("attributes"), (attributes, error)
+    status, error = http_request(gateway.port, "POST", "/v1/vector_stores", json.dumps(
+        {"name": "x", "chunking_strategy": {"type": "static", "static": {"max_chunk_size_tokens": 100}}}).encode(),
+        headers)
+    assert status == 400 and error["error"]["param"].startswith("chunking_strategy"), error
+
+
+def _nested(depth: int) -> dict:
+    condition = {"type": "eq", "key": "year", "value": 1}
+    for _ in range(depth):
+        condition = {"type": "and", "filters": [condition]}
+    return condition
+
+
+def test_a_store_past_its_expiry_is_removed(setup, stores):
+    gateway, keys = setup
+    api = client(gateway, keys["acme"])
+    document = api.files.create(file=("old.txt", io.BytesIO(b"The archive keeps minutes of 1998.")),
+                                purpose="assistants")
+    store = api.vector_stores.create(name="ephemeral", file_ids=[document.id],
+                                     expires_after={"anchor": "last_active_at", "days": 1})
+    wait_indexed(api, store.id)
+    stores.query("UPDATE vector_stores SET last_active_at = now() - interval '2 days' WHERE id = $1", store.id)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            api.vector_stores.retrieve(store.id)
+        except openai.NotFoundError:
+            break
+        assert time.monotonic() < deadline, "the expired store is still there"
+        time.sleep(0.5)
+    assert api.files.retrieve(document.id).id == document.id  # its files stay, as after a DELETE

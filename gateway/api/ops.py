@@ -76,7 +76,7 @@ def build_ops_app(readiness: Callable[[], dict[str, bool]], stores: Callable[[],
         location = [str(part) for part in first.get("loc", ())]
         if location and location[0] in ("body", "query", "path", "header"):  # where it was, not which field
             location = location[1:]
-        location = [part for part in location if "[" not in part]  # a union's member ("literal['a']"), not a field
+        location = [part for part in location if not _union_member(part)]
         param = ".".join(location) or None
         message = first.get("msg", "invalid request").removeprefix("Value error, ")
         code = "invalid_request"
@@ -130,6 +130,16 @@ def build_ops_app(readiness: Callable[[], dict[str, bool]], stores: Callable[[],
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+_TYPE_TAGS = frozenset(("str", "int", "float", "bool", "list", "dict", "none"))
+
+
+def _union_member(part: str) -> bool:
+    """Whether a part of an error's location names a union's member ("literal['a']", "constrained-str", "int",
+    "CompoundFilter") rather than a field."""
+    return ("[" in part or "-" in part or part in _TYPE_TAGS
+            or (part.isidentifier() and part[0].isupper() and any(c.isupper() for c in part[1:])))
 
 
 def _methods_of(app: FastAPI, scope: dict) -> list[str]:

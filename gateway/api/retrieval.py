@@ -8,15 +8,18 @@ PDF files are read.
 
 from __future__ import annotations
 
+import asyncio
 import email.parser
 import email.policy
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal, Union
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from pydantic import Field, StrictInt, StringConstraints, WithJsonSchema
+from pydantic import (Field, StrictBool, StrictFloat, StrictInt, StringConstraints, WithJsonSchema, field_validator,
+                      model_validator)
 
 from gateway.api.admin import USAGE_ERRORS
+from gateway.api.ops import error_responses
 from gateway.api.guard import stateless_gateway
 from gateway.config.schema import TEXT_PATTERN, Strict
 from gateway.errors import GatewayError
@@ -39,28 +42,113 @@ Metadata = Annotated[
                     "additionalProperties": {"type": "string", "maxLength": 512, "pattern": TEXT_PATTERN}})]
 
 
+# A file's attributes in a store, as OpenAI takes them: 16 pairs, values a string (512), a number or a boolean
+Key = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=TEXT_PATTERN)]
+Value = Union[StrictBool, Annotated[StrictInt, Field(ge=-2**53, le=2**53)],
+              Annotated[StrictFloat, Field(ge=-2**53, le=2**53)],  # what a JavaScript client reads back exactly
+              Annotated[str, StringConstraints(max_length=512, pattern=TEXT_PATTERN)]]
+Attributes = Annotated[dict[Key, Value], Field(max_length=16)]
+MAX_FILTER_DEPTH = 8
+
+
+class ChunkingStrategy(Strict):
+    """Chunks of 160 words overlapping by 30 ("auto"); a static size of one's own is not served."""
+
+    type: Literal["auto"]
+
+
+def _whole(value):
+    """25.0 is the integer 25, as JSON Schema says; 25.5 and "25" stay refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+class ExpiresAfter(Strict):
+    anchor: Literal["last_active_at"]
+    days: StrictInt = Field(ge=1, le=365)
+
+    _days = field_validator("days", mode="before")(_whole)
+
+
+class ComparisonFilter(Strict):
+    key: Key
+    type: Literal["eq", "ne", "gt", "gte", "lt", "lte"]
+    value: Value
+
+
+class CompoundFilter(Strict):
+    type: Literal["and", "or"]
+    filters: list[Union[ComparisonFilter, "CompoundFilter"]] = Field(min_length=1, max_length=64)
+
+
+CompoundFilter.model_rebuild()
+
+
+class RankingOptions(Strict):
+    ranker: Literal["auto", "default-2024-11-15", "none"] | None = None
+    score_threshold: float = Field(0.0, ge=0.0, le=1.0)
+
+
 class StoreIn(Strict):
     name: str | None = Field(None, max_length=256, pattern=TEXT_PATTERN)
-    file_ids: list[str] = Field(default_factory=list, max_length=500)
+    file_ids: list[Annotated[str, Field(pattern=ID_PATTERN)]] = Field(default_factory=list, max_length=500)
     metadata: Metadata | None = None
+    expires_after: ExpiresAfter | None = None
+    chunking_strategy: ChunkingStrategy | None = None
 
 
 class StoreUpdate(Strict):
     name: str | None = Field(None, max_length=256, pattern=TEXT_PATTERN)
     metadata: Metadata | None = None
+    expires_after: ExpiresAfter | None = None
 
 
 class StoreFileIn(Strict):
     file_id: str = Field(pattern=ID_PATTERN)
+    attributes: Attributes | None = None
+    chunking_strategy: ChunkingStrategy | None = None
+
+
+class StoreFileUpdate(Strict):
+    attributes: Attributes | None
+
+
+class BatchFile(StoreFileIn):
+    pass
+
+
+class BatchIn(Strict):
+    file_ids: list[Annotated[str, Field(pattern=ID_PATTERN)]] = Field(default_factory=list, max_length=500)
+    files: list[BatchFile] = Field(default_factory=list, max_length=500)
+    attributes: Attributes | None = None
+    chunking_strategy: ChunkingStrategy | None = None
+
+
+Query_ = Annotated[str, StringConstraints(min_length=1, max_length=4000, pattern=TEXT_PATTERN)]
 
 
 class SearchIn(Strict):
-    query: str = Field(min_length=1, max_length=4000, pattern=TEXT_PATTERN)
+    query: Query_ | Annotated[list[Query_], Field(min_length=1, max_length=10)]
     max_num_results: StrictInt = Field(10, ge=1, le=MAX_RESULTS)
+    filters: ComparisonFilter | CompoundFilter | None = None
+    ranking_options: RankingOptions | None = None
+    rewrite_query: StrictBool = False
+
+    _count = field_validator("max_num_results", mode="before")(_whole)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "SearchIn":
+        if self.filters is not None and _depth(self.filters) > MAX_FILTER_DEPTH:
+            raise ValueError(f"filters may be nested at most {MAX_FILTER_DEPTH} deep")
+        return self
+
+
+def _depth(condition) -> int:
+    return 1 + max((_depth(part) for part in condition.filters), default=0) if isinstance(
+        condition, CompoundFilter) else 1
 
 
 def build_retrieval_router(gateway: "Gateway") -> APIRouter:
-    router = APIRouter(tags=["retrieval"], responses=USAGE_ERRORS)
+    router = APIRouter(tags=["retrieval"], responses={**USAGE_ERRORS, **error_responses(404, 409, 413)})
 
     def caller(request: Request):
         tenant, key = identify(request.scope, gateway.config.current)
@@ -79,7 +167,10 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
                                code="file_not_found")
         return found
 
-    @router.post("/v1/files")
+    @router.post("/v1/files", openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {
+        "schema": {"type": "object", "required": ["file", "purpose"], "properties": {
+            "file": {"type": "string", "format": "binary", "description": ".txt, .md, .html or .pdf"},
+            "purpose": {"type": "string", "minLength": 1, "maxLength": 64, "pattern": TEXT_PATTERN}}}}}}})
     async def upload(request: Request) -> dict:
         """Upload a document (multipart/form-data: ``file``, ``purpose``): .txt, .md, .html or .pdf."""
         tenant, _ = caller(request)
@@ -132,7 +223,8 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
         tenant, _ = caller(request)
         for file_id in body.file_ids:
             await own_file(tenant.id, file_id)
-        store_id = await gateway.retrieval.catalog.add_store(tenant.id, body.name, body.metadata)
+        store_id = await gateway.retrieval.catalog.add_store(
+            tenant.id, body.name, body.metadata, body.expires_after.days if body.expires_after else None)
         for file_id in body.file_ids:
             await gateway.retrieval.attach(tenant.id, store_id, file_id)
         return await own_store(tenant.id, store_id)
@@ -152,9 +244,13 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
 
     @router.post("/v1/vector_stores/{store_id}")
     async def update_store(request: Request, store_id: str, body: StoreUpdate) -> dict:
-        """Rename a store or replace its metadata (a field sent as null clears it; one left out stays)."""
+        """Rename a store, replace its metadata or its expiry (a field sent as null clears it; one left out
+        stays)."""
         tenant, _ = caller(request)
         changes = {field: getattr(body, field) for field in body.model_fields_set}
+        if "expires_after" in changes:
+            expiry = changes.pop("expires_after")
+            changes["expires_after_days"] = expiry.days if expiry is not None else None
         await gateway.retrieval.catalog.update_store(tenant.id, store_id, changes)  # no store of the tenant's: no row
         return await own_store(tenant.id, store_id)  # and a 404 here
 
@@ -172,8 +268,79 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
         tenant, _ = caller(request)
         await own_store(tenant.id, store_id)
         await own_file(tenant.id, body.file_id)
-        await gateway.retrieval.attach(tenant.id, store_id, body.file_id)
+        await gateway.retrieval.attach(tenant.id, store_id, body.file_id, body.attributes)
         return link_view(await gateway.retrieval.catalog.link(tenant.id, store_id, body.file_id))
+
+    @router.post("/v1/vector_stores/{store_id}/files/{file_id}")
+    async def update_store_file(request: Request, store_id: str, file_id: str, body: StoreFileUpdate) -> dict:
+        """Replace a file's attributes in a store (what search ``filters`` compare)."""
+        tenant, _ = caller(request)
+        if not await gateway.retrieval.catalog.set_attributes(tenant.id, store_id, file_id, body.attributes):
+            await own_store(tenant.id, store_id)
+            raise not_in_store(file_id, store_id)
+        return link_view(await gateway.retrieval.catalog.link(tenant.id, store_id, file_id))
+
+    @router.get("/v1/vector_stores/{store_id}/files/{file_id}/content")
+    async def store_file_content(request: Request, store_id: str, file_id: str) -> dict:
+        """The text of a file in a store, as it was read for indexing."""
+        tenant, _ = caller(request)
+        if await gateway.retrieval.catalog.link(tenant.id, store_id, file_id) is None:
+            await own_store(tenant.id, store_id)
+            raise not_in_store(file_id, store_id)
+        found = await own_file(tenant.id, file_id, with_content=True)
+        try:
+            text = await asyncio.to_thread(documents.text_of, found["content"],
+                                           documents.kind_of(found["filename"]) or "text")
+        except documents.Unreadable:
+            text = ""
+        return {"object": "vector_store.file_content.page", "data": [{"type": "text", "text": text}] if text else [],
+                "has_more": False, "next_page": None}
+
+    @router.post("/v1/vector_stores/{store_id}/file_batches")
+    async def create_batch(request: Request, store_id: str, body: BatchIn) -> dict:
+        """Put several files in a store at once; follow the batch's ``status`` and ``file_counts``."""
+        tenant, _ = caller(request)
+        await own_store(tenant.id, store_id)
+        files = [*body.files, *(BatchFile(file_id=file_id, attributes=body.attributes) for file_id in body.file_ids)]
+        for item in files:
+            await own_file(tenant.id, item.file_id)
+        batch_id = await gateway.retrieval.catalog.add_batch(tenant.id, store_id)
+        for item in files:
+            await gateway.retrieval.attach(tenant.id, store_id, item.file_id, item.attributes, batch_id)
+        return await own_batch(tenant.id, store_id, batch_id)
+
+    @router.get("/v1/vector_stores/{store_id}/file_batches/{batch_id}")
+    async def get_batch(request: Request, store_id: str, batch_id: str) -> dict:
+        tenant, _ = caller(request)
+        return await own_batch(tenant.id, store_id, batch_id)
+
+    @router.post("/v1/vector_stores/{store_id}/file_batches/{batch_id}/cancel")
+    async def cancel_batch(request: Request, store_id: str, batch_id: str) -> dict:
+        """Stop the batch's files still waiting (``cancelled``); those indexed stay."""
+        tenant, _ = caller(request)
+        await own_batch(tenant.id, store_id, batch_id)
+        await gateway.retrieval.cancel_batch(tenant.id, store_id, batch_id)
+        return await own_batch(tenant.id, store_id, batch_id)
+
+    @router.get("/v1/vector_stores/{store_id}/file_batches/{batch_id}/files")
+    async def list_batch_files(request: Request, store_id: str, batch_id: str, limit: int = Query(20, ge=1, le=100),
+                               order: str = ORDER, after: str | None = Query(None, pattern=ID_PATTERN),
+                               before: str | None = Query(None, pattern=ID_PATTERN),
+                               filter: str | None = Query(None, pattern="^(in_progress|completed|failed|cancelled)$")
+                               ) -> dict:
+        tenant, _ = caller(request)
+        await own_batch(tenant.id, store_id, batch_id)
+        rows, more = await gateway.retrieval.catalog.links(tenant.id, store_id, filter,
+                                                           Page(limit, order, after, before), batch_id)
+        return _page([link_view(row) for row in rows], more)
+
+    async def own_batch(tenant_id: str, store_id: str, batch_id: str) -> dict:
+        found = await gateway.retrieval.catalog.batch(tenant_id, store_id, batch_id)
+        if found is None:
+            await own_store(tenant_id, store_id)
+            raise GatewayError(404, f"No file batch '{batch_id}' in vector store '{store_id}'.",
+                               type="not_found_error", code="file_batch_not_found")
+        return found
 
     @router.get("/v1/vector_stores/{store_id}/files")
     async def list_store_files(request: Request, store_id: str, limit: int = Query(20, ge=1, le=100),
@@ -193,8 +360,7 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
         link = await gateway.retrieval.catalog.link(tenant.id, store_id, file_id)
         if link is None:
             await own_store(tenant.id, store_id)
-            raise GatewayError(404, f"No file '{file_id}' in vector store '{store_id}'.", type="not_found_error",
-                               code="file_not_found")
+            raise not_in_store(file_id, store_id)
         return link_view(link)
 
     @router.delete("/v1/vector_stores/{store_id}/files/{file_id}")
@@ -203,23 +369,36 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
         tenant, _ = caller(request)
         if not await gateway.retrieval.detach(tenant.id, store_id, file_id):
             await own_store(tenant.id, store_id)
-            raise GatewayError(404, f"No file '{file_id}' in vector store '{store_id}'.", type="not_found_error",
-                               code="file_not_found")
+            raise not_in_store(file_id, store_id)
         return {"id": file_id, "object": "vector_store.file.deleted", "deleted": True}
 
     @router.post("/v1/vector_stores/{store_id}/search")
     async def search(request: Request, store_id: str, body: SearchIn) -> dict:
-        """The chunks of the store nearest in meaning to ``query``, best first, with their file and score."""
+        """The chunks of the store nearest in meaning to ``query`` (one, or up to ten), best first, with their file,
+        score and the file's attributes; ``filters`` compare the attributes, ``ranking_options.score_threshold`` drops
+        weaker hits."""
         tenant, key = caller(request)
+        if body.rewrite_query:
+            raise GatewayError(400, "rewrite_query is not served: this gateway searches with the query as given.",
+                               param="rewrite_query", code="unsupported_parameter")
         await gateway.retrieval.searchable_store(tenant.id, store_id)
-        hits = await gateway.retrieval.search(tenant, key, [store_id], body.query, body.max_num_results)
+        threshold = body.ranking_options.score_threshold if body.ranking_options else None
+        hits = await gateway.retrieval.search(
+            tenant, key, [store_id], body.query, body.max_num_results,
+            body.filters.model_dump() if body.filters is not None else None, threshold or None)
+        attributes = await gateway.retrieval.catalog.searchable_files(tenant.id, [store_id]) if hits else {}
         return {"object": "vector_store.search_results.page", "search_query": body.query, "has_more": False,
                 "next_page": None,
                 "data": [{"file_id": h.file_id, "filename": h.filename, "score": round(h.score, 6),
-                          "attributes": {"chunk": h.chunk}, "content": [{"type": "text", "text": h.text}]}
-                         for h in hits]}
+                          "attributes": attributes.get((h.store_id, h.file_id), {}), "chunk": h.chunk,
+                          "content": [{"type": "text", "text": h.text}]} for h in hits]}
 
     return router
+
+
+def not_in_store(file_id: str, store_id: str) -> GatewayError:
+    return GatewayError(404, f"No file '{file_id}' in vector store '{store_id}'.", type="not_found_error",
+                        code="file_not_found")
 
 
 def _page(rows: list[dict], more: bool) -> dict:

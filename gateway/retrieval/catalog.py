@@ -111,12 +111,27 @@ class Catalog:
 
     # stores
 
-    async def add_store(self, tenant_id: str, name: str | None, metadata: dict | None) -> str:
+    async def add_store(self, tenant_id: str, name: str | None, metadata: dict | None,
+                        expires_after_days: int | None = None) -> str:
         store_id = new_id("vs_")
         pool = await self._pool()
-        await pool.execute("INSERT INTO vector_stores (tenant_id, id, name, metadata) VALUES ($1, $2, $3, $4)",
-                           tenant_id, store_id, name, None if metadata is None else json.dumps(metadata))
+        await pool.execute("INSERT INTO vector_stores (tenant_id, id, name, metadata, expires_after_days) VALUES ($1, "
+                           "$2, $3, $4, $5)", tenant_id, store_id, name,
+                           None if metadata is None else json.dumps(metadata), expires_after_days)
         return store_id
+
+    async def touch(self, tenant_id: str, store_ids: list[str]) -> None:
+        """The stores were used (searched): an expiry anchored at their last activity starts again."""
+        pool = await self._pool()
+        await pool.execute("UPDATE vector_stores SET last_active_at = now() WHERE tenant_id = $1 AND id = "
+                           "ANY($2::text[]) AND expires_after_days IS NOT NULL", tenant_id, store_ids)
+
+    async def expired(self) -> list[tuple[str, str]]:
+        """(tenant, store) of the stores whose time has run out."""
+        pool = await self._pool()
+        rows = await pool.fetch("SELECT tenant_id, id FROM vector_stores WHERE expires_after_days IS NOT NULL AND "
+                                "last_active_at + make_interval(days => expires_after_days) < now()")
+        return [(row["tenant_id"], row["id"]) for row in rows]
 
     async def store(self, tenant_id: str, store_id: str) -> dict | None:
         pool = await self._pool()
@@ -134,14 +149,18 @@ class Catalog:
         return page.cut([store_view(row) for row in rows])
 
     async def update_store(self, tenant_id: str, store_id: str, changes: dict) -> None:
-        """Set the store's ``name`` and/or ``metadata`` (each only if in ``changes``; None clears it)."""
+        """Set the store's ``name``, ``metadata`` and/or ``expires_after_days`` (each only if in ``changes``; None
+        clears it)."""
         pool = await self._pool()
         metadata = changes.get("metadata")
         await pool.execute(
             "UPDATE vector_stores SET name = CASE WHEN $3 THEN $4 ELSE name END, "
-            "metadata = CASE WHEN $5 THEN $6::jsonb ELSE metadata END WHERE tenant_id = $1 AND id = $2",
+            "metadata = CASE WHEN $5 THEN $6::jsonb ELSE metadata END, "
+            "expires_after_days = CASE WHEN $7 THEN $8 ELSE expires_after_days END, "
+            "last_active_at = CASE WHEN $7 THEN now() ELSE last_active_at END WHERE tenant_id = $1 AND id = $2",
             tenant_id, store_id, "name" in changes, changes.get("name"), "metadata" in changes,
-            None if metadata is None else json.dumps(metadata))
+            None if metadata is None else json.dumps(metadata), "expires_after_days" in changes,
+            changes.get("expires_after_days"))
 
     async def delete_store(self, tenant_id: str, store_id: str) -> bool:
         pool = await self._pool()
@@ -150,14 +169,65 @@ class Catalog:
 
     # files in stores
 
-    async def attach(self, tenant_id: str, store_id: str, file_id: str) -> dict:
+    async def attach(self, tenant_id: str, store_id: str, file_id: str, attributes: dict | None = None,
+                     batch_id: str | None = None) -> dict:
         pool = await self._pool()
         row = await pool.fetchrow(
-            "INSERT INTO vector_store_files (tenant_id, store_id, file_id, status, indexer) VALUES ($1, $2, $3, "
-            "'in_progress', $4) ON CONFLICT (tenant_id, store_id, file_id) DO UPDATE SET status = 'in_progress', "
-            "last_error = NULL, claimed_at = NULL, chunks_done = 0, chunks_total = NULL, indexer = $4, updated_at = "
-            "now() RETURNING *", tenant_id, store_id, file_id, self.indexer)
+            "INSERT INTO vector_store_files (tenant_id, store_id, file_id, status, indexer, attributes, batch_id) "
+            "VALUES ($1, $2, $3, 'in_progress', $4, $5, $6) ON CONFLICT (tenant_id, store_id, file_id) DO UPDATE SET "
+            "status = 'in_progress', last_error = NULL, claimed_at = NULL, chunks_done = 0, chunks_total = NULL, "
+            "indexer = $4, attributes = $5, batch_id = $6, updated_at = now() RETURNING *", tenant_id, store_id,
+            file_id, self.indexer, None if attributes is None else json.dumps(attributes), batch_id)
         return dict(row)
+
+    async def set_attributes(self, tenant_id: str, store_id: str, file_id: str, attributes: dict | None) -> bool:
+        pool = await self._pool()
+        return await pool.fetchval(
+            "UPDATE vector_store_files SET attributes = $4, updated_at = now() WHERE tenant_id = $1 AND store_id = $2 "
+            "AND file_id = $3 RETURNING true", tenant_id, store_id, file_id,
+            None if attributes is None else json.dumps(attributes)) is not None
+
+    # file batches
+
+    async def add_batch(self, tenant_id: str, store_id: str) -> str:
+        batch_id = new_id("vsfb_")
+        pool = await self._pool()
+        await pool.execute("INSERT INTO vector_store_file_batches (tenant_id, store_id, id) VALUES ($1, $2, $3)",
+                           tenant_id, store_id, batch_id)
+        return batch_id
+
+    async def batch(self, tenant_id: str, store_id: str, batch_id: str) -> dict | None:
+        pool = await self._pool()
+        row = await pool.fetchrow(
+            "SELECT b.id, b.store_id, b.cancelled, b.created_at, count(l.file_id) AS total, "
+            "count(l.file_id) FILTER (WHERE l.status = 'in_progress') AS in_progress, "
+            "count(l.file_id) FILTER (WHERE l.status = 'completed') AS completed, "
+            "count(l.file_id) FILTER (WHERE l.status = 'failed') AS failed, "
+            "count(l.file_id) FILTER (WHERE l.status = 'cancelled') AS cancelled_files "
+            "FROM vector_store_file_batches b LEFT JOIN vector_store_files l ON l.tenant_id = b.tenant_id AND "
+            "l.store_id = b.store_id AND l.batch_id = b.id WHERE b.tenant_id = $1 AND b.store_id = $2 AND b.id = $3 "
+            "GROUP BY b.tenant_id, b.id", tenant_id, store_id, batch_id)
+        return None if row is None else batch_view(row)
+
+    async def cancel_batch(self, tenant_id: str, store_id: str, batch_id: str) -> list[str]:
+        """Mark the batch cancelled and its files still waiting ``cancelled``; the ids of those files."""
+        pool = await self._pool()
+        async with pool.acquire() as connection, connection.transaction():
+            await connection.execute("UPDATE vector_store_file_batches SET cancelled = true WHERE tenant_id = $1 AND "
+                                     "store_id = $2 AND id = $3", tenant_id, store_id, batch_id)
+            rows = await connection.fetch(
+                "UPDATE vector_store_files SET status = 'cancelled', updated_at = now() WHERE tenant_id = $1 AND "
+                "store_id = $2 AND batch_id = $3 AND status = 'in_progress' RETURNING file_id",
+                tenant_id, store_id, batch_id)
+        return [row["file_id"] for row in rows]
+
+    async def searchable_files(self, tenant_id: str, store_ids: list[str]) -> dict[tuple[str, str], dict]:
+        """(store, file) -> attributes of every file indexed in these stores of the tenant."""
+        pool = await self._pool()
+        rows = await pool.fetch("SELECT store_id, file_id, attributes FROM vector_store_files WHERE tenant_id = $1 "
+                                "AND store_id = ANY($2::text[]) AND status = 'completed'", tenant_id, store_ids)
+        return {(row["store_id"], row["file_id"]): json.loads(row["attributes"]) if row["attributes"] else {}
+                for row in rows}
 
     async def link(self, tenant_id: str, store_id: str, file_id: str) -> dict | None:
         pool = await self._pool()
@@ -166,14 +236,14 @@ class Catalog:
         return None if row is None else dict(row)
 
     async def links(self, tenant_id: str, store_id: str, status: str | None,
-                    page: "Page") -> tuple[list[dict], bool]:
+                    page: "Page", batch_id: str | None = None) -> tuple[list[dict], bool]:
         pool = await self._pool()
         rows = await pool.fetch(
             _LINK + " WHERE l.tenant_id = $1 AND l.store_id = $2 AND ($3::text IS NULL OR l.status = $3) AND ($4::text "
             f"IS NULL OR (l.created_at, l.file_id) {page.beyond} (SELECT created_at, file_id FROM vector_store_files "
-            "WHERE tenant_id = $1 AND store_id = $2 AND file_id = $4)) "
+            "WHERE tenant_id = $1 AND store_id = $2 AND file_id = $4)) AND ($6::text IS NULL OR l.batch_id = $6) "
             f"ORDER BY l.created_at {page.direction}, l.file_id {page.direction} LIMIT $5",
-            tenant_id, store_id, status, page.cursor, page.limit + 1)
+            tenant_id, store_id, status, page.cursor, page.limit + 1, batch_id)
         return page.cut([dict(row) for row in rows])
 
     async def detach(self, tenant_id: str, store_id: str, file_id: str) -> bool:
@@ -216,13 +286,6 @@ class Catalog:
             "now() WHERE tenant_id = $1 AND store_id = $2 AND file_id = $3 AND status = 'in_progress' RETURNING "
             "true", tenant_id, store_id, file_id, done, total) is not None
 
-    async def completed(self, tenant_id: str, store_ids: list[str]) -> set[tuple[str, str]]:
-        """(store, file) of every file indexed in these stores of the tenant: what search may answer with."""
-        pool = await self._pool()
-        rows = await pool.fetch("SELECT store_id, file_id FROM vector_store_files WHERE tenant_id = $1 AND "
-                                "store_id = ANY($2::text[]) AND status = 'completed'", tenant_id, store_ids)
-        return {(row["store_id"], row["file_id"]) for row in rows}
-
     async def all_links(self) -> set[tuple[str, str, str]]:
         """(tenant, store, file) of every file in every store, for reconciling Qdrant with the catalog."""
         pool = await self._pool()
@@ -240,8 +303,9 @@ class Catalog:
 
 
 _STORE = """
-SELECT s.id, s.name, s.metadata, s.created_at,
+SELECT s.id, s.name, s.metadata, s.created_at, s.expires_after_days, s.last_active_at,
        count(l.file_id) AS total,
+       count(l.file_id) FILTER (WHERE l.status = 'cancelled') AS cancelled,
        count(l.file_id) FILTER (WHERE l.status = 'in_progress') AS in_progress,
        count(l.file_id) FILTER (WHERE l.status = 'completed') AS completed,
        count(l.file_id) FILTER (WHERE l.status = 'failed') AS failed,
@@ -254,7 +318,7 @@ LEFT JOIN retrieval_files f ON f.tenant_id = l.tenant_id AND f.id = l.file_id
 """
 _LINK = """
 SELECT l.store_id, l.file_id, l.status, l.last_error, l.chunks, l.chunks_done, l.chunks_total, l.created_at, f.bytes,
-       f.filename
+       f.filename, l.attributes
 FROM vector_store_files l JOIN retrieval_files f ON f.tenant_id = l.tenant_id AND f.id = l.file_id
 """
 
@@ -266,8 +330,12 @@ def file_view(row) -> dict:
 
 def store_view(row) -> dict:
     counts = {"in_progress": row["in_progress"], "completed": row["completed"], "failed": row["failed"],
-              "cancelled": 0, "total": row["total"]}
+              "cancelled": row["cancelled"], "total": row["total"]}
+    days = row["expires_after_days"]
+    expiry = {"expires_after": {"anchor": "last_active_at", "days": days},
+              "expires_at": _seconds(row["last_active_at"] + dt.timedelta(days=days))} if days else {}
     return {"id": row["id"], "object": "vector_store", "created_at": _seconds(row["created_at"]),
+            "last_active_at": _seconds(row["last_active_at"]), **expiry,
             "name": row["name"], "usage_bytes": int(row["usage_bytes"]), "file_counts": counts,
             "status": "in_progress" if row["in_progress"] else "completed",
             "progress": {"chunks_done": int(row["chunks_done"]), "chunks_total": int(row["chunks_total"])},
@@ -280,4 +348,14 @@ def link_view(row: dict) -> dict:
     return {"id": row["file_id"], "object": "vector_store.file", "vector_store_id": row["store_id"],
             "status": row["status"], "created_at": _seconds(row["created_at"]), "usage_bytes": row["bytes"],
             "last_error": error, "chunks": row["chunks"],
+            "attributes": json.loads(row["attributes"]) if row.get("attributes") else {},
             "progress": {"chunks_done": row["chunks_done"], "chunks_total": row["chunks_total"]}}
+
+
+def batch_view(row) -> dict:
+    counts = {"in_progress": row["in_progress"], "completed": row["completed"], "failed": row["failed"],
+              "cancelled": row["cancelled_files"], "total": row["total"]}
+    status = ("cancelled" if row["cancelled"] else "in_progress" if row["in_progress"] else
+              "failed" if row["total"] and row["failed"] == row["total"] else "completed")
+    return {"id": row["id"], "object": "vector_store.files_batch", "created_at": _seconds(row["created_at"]),
+            "vector_store_id": row["store_id"], "status": status, "file_counts": counts}

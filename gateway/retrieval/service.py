@@ -47,6 +47,7 @@ RETRIES = 6  # an embedding 5xx or timeout is sent again this many times, with b
 MAX_WAIT_SECONDS = 300.0  # the longest a job waits for the tenant's limits at once
 SWEEP_AFTER_SECONDS = 10.0  # a deleted file's vectors are removed again this long after the delete
 SEARCH_SPARE = 8  # hits read beyond the limit, for those of files deleted a moment ago
+EXPIRY_CHECK_SECONDS = 60.0  # how often stores past their expires_after are looked for
 
 
 class _Gone(Exception):
@@ -110,7 +111,14 @@ class Retrieval:
                 await self.catalog.release(None)
             except Exception as exc:
                 log.warning("retrieval jobs cannot be read now: %s", exc)
+        expiry_checked = 0.0
         while True:
+            if time.monotonic() - expiry_checked > EXPIRY_CHECK_SECONDS:
+                expiry_checked = time.monotonic()
+                try:
+                    await self.expire_stores()
+                except Exception as exc:
+                    log.warning("expired vector stores cannot be deleted now: %s", exc)
             free = self.concurrency - len(self._running)
             if free > 0:
                 try:
@@ -266,8 +274,9 @@ class Retrieval:
 
     # -- what the API does ---------------------------------------------------------------------------------------
 
-    async def attach(self, tenant_id: str, store_id: str, file_id: str) -> dict:
-        link = await self.catalog.attach(tenant_id, store_id, file_id)
+    async def attach(self, tenant_id: str, store_id: str, file_id: str, attributes: dict | None = None,
+                     batch_id: str | None = None) -> dict:
+        link = await self.catalog.attach(tenant_id, store_id, file_id, attributes, batch_id)
         self.wake()
         return link
 
@@ -317,13 +326,62 @@ class Retrieval:
                                     f"its status is 'completed'.", code="vector_store_indexing")
         return store
 
-    async def search(self, tenant: "Tenant", key: "ApiKey", store_ids: list[str], query: str,
-                     limit: int) -> list[Hit]:
-        """The ``limit`` chunks nearest to ``query`` in the tenant's stores (checked by ``searchable_store``)."""
-        vector: np.ndarray = (await self.calls.embed(tenant, key, self.model, [query]))[0]
-        hits = await self.vectors.search(self.model, tenant.id, store_ids, vector, limit + SEARCH_SPARE)
-        indexed = await self.catalog.completed(tenant.id, store_ids)  # never a chunk of a file deleted meanwhile
-        return [hit for hit in hits if (hit.store_id, hit.file_id) in indexed][:limit]
+    async def search(self, tenant: "Tenant", key: "ApiKey", store_ids: list[str], query: str | list[str],
+                     limit: int, filters: dict | None = None, score_threshold: float | None = None) -> list[Hit]:
+        """The ``limit`` chunks nearest to ``query`` (to any of several queries) in the tenant's stores (checked by
+        ``searchable_store``), of files whose attributes pass ``filters``, scoring ``score_threshold`` or more.
+
+        Only files the catalog lists as indexed are searched: never a chunk of a file deleted a moment ago."""
+        queries = [query] if isinstance(query, str) else query
+        vectors: np.ndarray = await self.calls.embed(tenant, key, self.model, queries)
+        indexed = await self.catalog.searchable_files(tenant.id, store_ids)
+        allowed = [(store, file) for (store, file), attributes in indexed.items()
+                   if filters is None or matches(filters, attributes)]
+        await self.catalog.touch(tenant.id, store_ids)
+        if not allowed:
+            return []
+        best: dict[tuple[str, str, int], Hit] = {}
+        for vector in vectors:
+            for hit in await self.vectors.search(self.model, tenant.id, store_ids, vector, limit + SEARCH_SPARE,
+                                                 sorted({file for _, file in allowed}), score_threshold):
+                key_ = (hit.store_id, hit.file_id, hit.chunk)
+                if (hit.store_id, hit.file_id) in indexed and (key_ not in best or hit.score > best[key_].score):
+                    best[key_] = hit
+        allowed_pairs = set(allowed)
+        ranked = sorted((hit for hit in best.values() if (hit.store_id, hit.file_id) in allowed_pairs),
+                        key=lambda hit: -hit.score)
+        return ranked[:limit]
+
+    async def cancel_batch(self, tenant_id: str, store_id: str, batch_id: str) -> None:
+        """Stop the batch's files still waiting: marked ``cancelled``, their jobs stopped, their vectors removed."""
+        for file_id in await self.catalog.cancel_batch(tenant_id, store_id, batch_id):
+            await self._stop_jobs(lambda job, file_id=file_id: job == (tenant_id, store_id, file_id))
+            await self._remove_vectors(tenant_id, store_id=store_id, file_id=file_id)
+
+    async def expire_stores(self) -> None:
+        """Delete the stores whose ``expires_after`` has run out, as a DELETE would."""
+        for tenant_id, store_id in await self.catalog.expired():
+            if await self.delete_store(tenant_id, store_id):
+                log.info("vector store %s of tenant %s expired and was deleted", store_id, tenant_id)
+
+
+def matches(condition: dict, attributes: dict) -> bool:
+    """Whether a file's attributes pass an OpenAI search filter (a comparison, or an and/or of filters)."""
+    kind = condition["type"]
+    if kind in ("and", "or"):
+        results = (matches(part, attributes) for part in condition["filters"])
+        return all(results) if kind == "and" else any(results)
+    value, wanted = attributes.get(condition["key"]), condition["value"]
+    if kind in ("eq", "ne"):  # true is not 1, nor "1" 1
+        equal_ = value == wanted and isinstance(value, bool) == isinstance(wanted, bool)
+        return equal_ if kind == "eq" else not equal_
+    if not (_number(value) and _number(wanted)):
+        return False
+    return {"gt": value > wanted, "gte": value >= wanted, "lt": value < wanted, "lte": value <= wanted}[kind]
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _seconds(value: str | None, default: float) -> float:

@@ -91,16 +91,20 @@ class Vectors:
         await self.client.upsert(name, points=points, wait=True)
 
     async def search(self, model: str, tenant_id: str, store_ids: list[str], vector: np.ndarray,
-                     limit: int) -> list[Hit]:
+                     limit: int, file_ids: list[str] | None = None, score_threshold: float | None = None) -> list[Hit]:
+        """The nearest chunks of the tenant's stores (of these files only, when given), best first."""
         from qdrant_client import models
 
         name = self.collection(model)
         if not await self.client.collection_exists(name):
             return []
+        must = [*equal(tenant_id=tenant_id), models.FieldCondition(key="store_id",
+                                                                   match=models.MatchAny(any=store_ids))]
+        if file_ids is not None:
+            must.append(models.FieldCondition(key="file_id", match=models.MatchAny(any=file_ids)))
         found = await self.client.query_points(
-            name, query=vector.tolist(), limit=limit, with_payload=True,
-            query_filter=models.Filter(must=[*equal(tenant_id=tenant_id), models.FieldCondition(
-                key="store_id", match=models.MatchAny(any=store_ids))]))
+            name, query=vector.tolist(), limit=limit, with_payload=True, score_threshold=score_threshold,
+            query_filter=models.Filter(must=must))
         return [Hit(p.payload["file_id"], p.payload["filename"], p.payload["chunk"], p.payload["text"],
                     float(p.score), p.payload["store_id"]) for p in found.points]
 

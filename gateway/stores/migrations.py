@@ -180,6 +180,21 @@ MIGRATIONS: tuple[str, ...] = (
                                    ADD COLUMN chunks_total integer,
                                    ADD COLUMN indexer text;
     """,
+    # 12: OpenAI's file batches, a file's attributes in a store (for search filters), and stores that expire
+    """
+    CREATE TABLE vector_store_file_batches (
+        tenant_id text NOT NULL,
+        store_id text NOT NULL,
+        id text NOT NULL,
+        cancelled boolean NOT NULL DEFAULT false,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (tenant_id, id),
+        FOREIGN KEY (tenant_id, store_id) REFERENCES vector_stores ON DELETE CASCADE
+    );
+    ALTER TABLE vector_store_files ADD COLUMN attributes jsonb, ADD COLUMN batch_id text;
+    ALTER TABLE vector_stores ADD COLUMN expires_after_days integer,
+                              ADD COLUMN last_active_at timestamptz NOT NULL DEFAULT now();
+    """,
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations
