@@ -57,7 +57,8 @@ def test_recent_requests_filtered_and_paged(setup):
     assert "messages" not in row and "prompt" not in row  # the ledger keeps no text
     for bad, param in (("status=abc", "status"), ("status=99", "status"), ("limit=100000", "limit"),
                        ("before=yesterday", "before"), ("tenant=Not%20An%20Id", "tenant"),
-                       ("model=a%00b", "model")):
+                       ("model=a%00b", "model"), ("before=9999-12-31T23:00:00-01:00", "before"),
+                       ("before=0001-01-01T00:30:00%2B01:00", "before")):
         status, error = admin(gateway, "GET", f"/api/v1/requests?{bad}")
         assert status == 400 and error["error"]["param"] == param, (bad, error)
 

@@ -136,6 +136,12 @@ def test_bad_input_is_refused_in_openais_shape(setup, indexed):
     status, error = http_request(gateway.port, "POST", "/v1/files", body,
                                  {**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"})
     assert status == 400 and error["error"]["param"] == "purpose"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nassis\x00tants\r\n"
+            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.txt\"\r\n\r\nhello\r\n"
+            f"--{boundary}--\r\n").encode()
+    status, error = http_request(gateway.port, "POST", "/v1/files", body,
+                                 {**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    assert status == 400 and error["error"]["param"] == "purpose", error  # PostgreSQL cannot store a NUL
     for bad, param in (({"query": ""}, "query"), ({"query": "x", "max_num_results": 0}, "max_num_results"),
                        ({"query": "x", "max_num_results": 10**9}, "max_num_results"),
                        ({"query": "a\u0000b"}, "query"), ({"query": "x", "unknown": 1}, "unknown")):

@@ -78,3 +78,10 @@ def test_settings_out_of_range_stop_the_gateway_with_their_name():
     done = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--port", "99999"], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and "--port" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_amounts_in_refusals_keep_their_digits():
+    from gateway.pipeline.limits import usd
+
+    assert [usd(v) for v in (0, 12.5, 0.000345, 1e-320, 1e-12)] == ["$0", "$12.50", "$0.000345", "$1e-320",
+                                                                      "$1e-12"]

@@ -58,10 +58,12 @@ def build_reports_router(gateway: "Gateway") -> APIRouter:
         if before is not None:
             try:
                 older_than = dt.datetime.fromisoformat(before)
-            except ValueError:
-                raise GatewayError(400, "'before' is not an ISO date and time.", param="before") from None
-            if older_than.tzinfo is None:
-                older_than = older_than.replace(tzinfo=dt.timezone.utc)
+                if older_than.tzinfo is None:
+                    older_than = older_than.replace(tzinfo=dt.timezone.utc)
+                older_than = older_than.astimezone(dt.timezone.utc)  # past year 9999 in UTC: not a time PostgreSQL has
+            except (ValueError, OverflowError):
+                raise GatewayError(400, "'before' is not an ISO date and time from year 1 to 9999 (UTC).",
+                                   param="before") from None
         rows = await read_ledger(gateway, recent_requests, tenant, model, status, older_than, limit + 1)
         return {"object": "list", "data": rows[:limit], "has_more": len(rows) > limit}
 

@@ -180,8 +180,9 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
             raise GatewayError(400, "The upload needs a 'file' part with a filename.", param="file")
         filename, content = upload
         purpose = (fields.get("purpose") or (None, b""))[1].decode(errors="replace").strip()
-        if not purpose or len(purpose) > 64:
-            raise GatewayError(400, "'purpose' is required (for example 'assistants').", param="purpose")
+        if not purpose or len(purpose) > 64 or "\x00" in purpose:
+            raise GatewayError(400, "'purpose' is required: up to 64 characters without NUL (for example "
+                                    "'assistants').", param="purpose")
         if "\x00" in filename or not filename.strip() or len(filename) > 255:
             raise GatewayError(400, "The file's name must be 1 to 255 characters, without NUL.", param="file")
         if documents.kind_of(filename) is None:

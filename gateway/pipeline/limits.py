@@ -110,6 +110,8 @@ def usd(value: float) -> str:
         return "$0"
     if value >= 0.01:
         return f"${value:,.2f}"
+    if value < 1e-9:  # a budget of 1e-320 is not "$0."
+        return f"${value:.3g}"
     return "$" + f"{value:.9f}".rstrip("0")
 
 
