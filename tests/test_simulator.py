@@ -32,6 +32,8 @@ def test_lora_load_and_unload_like_vllm(lora_sim):
     assert status == 404 and error["error"]["message"] == "The lora adapter 'ghost' cannot be found."
     status, text = _post(lora_sim, "/v1/unload_lora_adapter", {"lora_name": "acme"})
     assert status == 200 and text == b"Success: LoRA adapter 'acme' removed successfully."
+    status, error = _post(lora_sim, "/v1/load_lora_adapter", {"lora_name": "base-model", "lora_path": "/a/b"})
+    assert status == 400 and "conflicts with a served base model" in error["error"]["message"]
 
 
 def test_requests_naming_an_adapter_are_served_from_lru_slots(lora_sim):

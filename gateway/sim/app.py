@@ -346,7 +346,11 @@ class Simulator:
             raise SimError(failing, f"Loading lora {body.get('lora_name')} failed: No adapter found for "
                                     f"{body.get('lora_path')}", "BadRequestError" if failing < 500 else
                            "InternalServerError")
-        await self._lora_call(send, self.lora.load(_text(body.get("lora_name")), _text(body.get("lora_path"))))
+        name = _text(body.get("lora_name"))
+        if name is not None and name in self.settings.models:  # as vLLM refuses it
+            raise SimError(400, f"The lora adapter '{name}' conflicts with a served base model.", "BadRequestError",
+                           "lora_name")
+        await self._lora_call(send, self.lora.load(name, _text(body.get("lora_path"))))
 
     async def _unload_lora(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._json_body(receive)

@@ -140,6 +140,7 @@ class Fleet:
         """Health, models and adapters, load: a node that answers all three is up."""
         root = node.url.removesuffix("/v1")
         headers = {"Authorization": f"Bearer {node.api_key}"} if node.api_key else {}
+        changes = node.changes  # a load or unload finishing while the node answers makes its list stale
         try:
             async with self._session.get(root + "/health", headers=headers, timeout=CHECK_TIMEOUT) as response:
                 if response.status != 200:
@@ -158,8 +159,10 @@ class Fleet:
             self._mark(node, DOWN, f"does not serve {pool.model} (serves {', '.join(sorted(served)) or 'nothing'})")
             return
         node.served = served
-        # The node's own list wins over the gateway's memory, except for loads the gateway has under way.
-        node.adapters = (registered - node.evicting) | {a for a in node.loading if a in node.adapters}
+        # The node's own list wins over the gateway's memory, except for loads and unloads the gateway has under way,
+        # and unless one of them finished while the node was answering: that list is older than the gateway's view.
+        if node.changes == changes and not node.reserved:
+            node.adapters = (registered - node.evicting) | {a for a in node.loading if a in node.adapters}
         if load is not None:
             node.num_running, node.num_waiting, node.kv_usage = load.running, load.waiting, load.kv_usage
             node.running_adapters, node.waiting_adapters = load.running_adapters, load.waiting_adapters
@@ -237,10 +240,21 @@ class Fleet:
         lora = adapter.lora_name
         try:
             async with asyncio.timeout(self.config.load_timeout):
-                if len(node.adapters) + sum(1 for a in node.loading if a not in node.adapters) > node.slots:
+                # A slot is held before the load is sent, with no wait between the count and the hold: concurrent
+                # loads never count the same free slot, and an adapter being unloaded still takes its slot.
+                while node.occupied() >= node.slots:
+                    if node.evicting and len(node.adapters | node.reserved) < node.slots:
+                        node.slot_freed.clear()  # an unload under way makes the room: wait for it, evict no more
+                        await node.slot_freed.wait()
+                        continue
                     await self._evict(node)
-                await self._call(node, "/load_lora_adapter", {"lora_name": lora, "lora_path": adapter.path},
-                                 already_fine="has already been loaded")
+                node.reserved.add(lora)
+                node.changes += 1
+                try:
+                    await self._call(node, "/load_lora_adapter", {"lora_name": lora, "lora_path": adapter.path},
+                                     already_fine="has already been loaded")
+                finally:
+                    node.reserved.discard(lora)
         except Exception as exc:
             reason = str(exc) if not isinstance(exc, TimeoutError) else f"no answer in {self.config.load_timeout:g} s"
             public = (f"the node refused it ({exc.status})" if isinstance(exc, NodeRefused)
@@ -251,6 +265,7 @@ class Fleet:
             done.exception()  # retrieved here: waiters get it too
         else:
             node.adapters.add(lora)
+            node.changes += 1
             metrics.FLEET_ADAPTER_LOADS.labels(node.pool, node.name).inc()
             done.set_result(None)
         finally:
@@ -267,11 +282,14 @@ class Fleet:
             await node.slot_freed.wait()
         node.adapters.discard(evicted)  # no new request goes to it from now
         node.evicting.add(evicted)
+        node.changes += 1
         metrics.FLEET_ADAPTER_EVICTIONS.labels(node.pool, node.name).inc()
         try:
             await self._call(node, "/unload_lora_adapter", {"lora_name": evicted}, already_fine="cannot be found")
         finally:
             node.evicting.discard(evicted)
+            node.changes += 1
+            node.slot_freed.set()
 
     async def _call(self, node: Node, path: str, body: dict, already_fine: str) -> None:
         headers = {"Content-Type": "application/json"}

@@ -48,6 +48,8 @@ class Node:
     last_used: dict[str, float] = field(default_factory=dict)  # adapter -> monotonic time of its last request
     loading: dict[str, asyncio.Future] = field(default_factory=dict)  # adapter -> its load under way
     evicting: set[str] = field(default_factory=set)  # adapters being unloaded
+    reserved: set[str] = field(default_factory=set)  # adapters whose load holds a slot and is under way
+    changes: int = 0  # bumped by every load and unload: a read of the node that saw another count is stale
     slot_freed: asyncio.Event = field(default_factory=asyncio.Event, repr=False)  # an adapter's last request ended
     pinned: set[str] = field(default_factory=set)  # adapters an admin keeps here
     checked_at: float = 0.0
@@ -60,6 +62,10 @@ class Node:
     @property
     def usable(self) -> bool:
         return self.state == UP and not self.drained_by_admin and not self.gone
+
+    def occupied(self) -> int:
+        """Slots the node's adapters take, as far as the node may know: registered, being unloaded, being loaded."""
+        return len(self.adapters | self.evicting | self.reserved)
 
     def resident(self, adapter: str) -> bool:
         return adapter in self.adapters and adapter not in self.loading
