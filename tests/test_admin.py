@@ -107,6 +107,28 @@ def test_tenants_made_through_the_api_work_persist_and_reach_other_replicas(admi
         restarted.stop()
 
 
+def test_a_key_made_on_one_replica_works_at_once_on_another_under_a_burst(admin_setup, tmp_path):
+    import concurrent.futures
+
+    gateway, _, config = admin_setup
+    status, tenant = _admin(gateway, "POST", "/api/v1/organizations", {"name": "Bursty", "tier": "enterprise"})
+    assert status == 201, tenant
+    replica = GatewayProcess(config, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY, "GATEWAY_RELOAD_INTERVAL": "60",
+                                          "GATEWAY_DATA_DIR": str(tmp_path / "replica-data")})
+    try:
+        time.sleep(1.2)  # the replica's last look for keys is over a second old
+        status, made = _admin(gateway, "POST", f"/api/v1/organizations/{tenant['id']}/keys", {"name": "burst"})
+        assert status == 201
+        headers = {"Authorization": f"Bearer {made['key']}", "Content-Type": "application/json"}
+        body = json.dumps({"model": "small", "messages": HELLO, "max_tokens": 2}).encode()
+        with concurrent.futures.ThreadPoolExecutor(50) as pool:
+            statuses = list(pool.map(lambda _: http_request(replica.port, "POST", "/v1/chat/completions", body,
+                                                            headers)[0], range(50)))
+        assert statuses == [200] * 50  # those that came while the replica looked for the key waited for it
+    finally:
+        replica.stop()
+
+
 def test_bad_admin_input_gets_a_clear_4xx(admin_setup):
     gateway, _, _ = admin_setup
     cases = [

@@ -62,6 +62,7 @@ class ConfigStore:
         self._changed_since_rebuild: set[str] | None = None  # tenant ids changed while a rebuild runs
         self._copy_pending = False
         self._last_recheck = 0.0
+        self._recheck: asyncio.Task | None = None  # the look for new keys under way, that others wait for
         self.current: GatewayConfig = assemble(self.base, {}, {})
         self._listeners: list = []  # called with the new config after an edit of the files is in force
         self._log_warnings(self.current)
@@ -288,10 +289,19 @@ class ConfigStore:
         So that a key made a moment ago (``gateway keys create``, or the admin API on another replica) works at
         once instead of after the next polling round.
         """
+        if self._recheck is not None:  # a look under way: wait for it rather than refuse (SDKs never retry a 401)
+            return await asyncio.shield(self._recheck)
         now = time.monotonic()
         if now - self._last_recheck < UNKNOWN_KEY_RECHECK_SECONDS:
             return False
         self._last_recheck = now
+        self._recheck = asyncio.get_running_loop().create_task(self._look_for_keys())
+        try:
+            return await asyncio.shield(self._recheck)
+        finally:
+            self._recheck = None
+
+    async def _look_for_keys(self) -> bool:
         changed = await self.reload_if_changed()
         return await self.refresh_directory() or changed
 
