@@ -149,6 +149,15 @@ def test_keys_come_from_vault_follow_rotation_and_survive_an_outage(bao, tmp_pat
             time.sleep(0.3)
         messages = [line.get("message", "") for line in gateway.log_lines()]
         assert any("Vault unreachable" in m for m in messages) and any("Vault reachable again" in m for m in messages)
+        # A secret deleted in Vault while Vault answers: the last good value stays, and Vault is not called away
+        bao.client.secrets.kv.v2.delete_metadata_and_all_versions(path="gateway/upstream", mount_point="secret")
+        deadline = time.monotonic() + 15
+        while not any("no such secret" in line.get("message", "") for line in gateway.log_lines()):
+            assert time.monotonic() < deadline, "the missing secret was never noticed"
+            time.sleep(0.3)
+        assert http_request(gateway.port, "GET", "/health/ready")[1]["stores"]["vault"] is True
+        assert b"gateway_vault_up 1.0" in http_request(gateway.port, "GET", "/metrics")[1]
+        assert client.chat.completions.create(model="small", messages=HELLO).choices
         _secrets_nowhere(gateway, stores, [first, second, secret])
     finally:
         gateway.stop()

@@ -38,6 +38,10 @@ class SecretUnavailable(Exception):
     """A reference that cannot be resolved; the message names the reference, never a value."""
 
 
+class VaultUnreachable(SecretUnavailable):
+    """Vault did not answer (down, sealed, a login refused): not a missing secret."""
+
+
 @dataclass(frozen=True)
 class VaultSettings:
     address: str
@@ -94,6 +98,7 @@ class Secrets:
         self._renew_at = 0.0
         self._lock = threading.Lock()  # the refresher and a config load may both read
         self.reachable: bool | None = None  # None: Vault not configured, or not asked yet
+        self._missing: set[str] = set()  # references Vault answered for without a value (said once each)
         self.last_error: str | None = None
 
     # -- resolving ----------------------------------------------------------------------------------------------
@@ -135,7 +140,16 @@ class Secrets:
         try:
             self._renew_if_due()
             for reference in list(self._values):
-                value = self._read(reference, quiet=True)
+                try:
+                    value = self._read(reference, quiet=True)
+                except VaultUnreachable:
+                    raise
+                except SecretUnavailable as exc:  # Vault answered: this secret is gone or closed to us
+                    if reference not in self._missing:
+                        log.warning("%s; its last good value stays in use", exc)
+                    self._missing.add(reference)
+                    continue
+                self._missing.discard(reference)
                 if value != self._values[reference]:
                     self._values[reference] = value
                     changed = True
@@ -170,7 +184,7 @@ class Secrets:
             raise SecretUnavailable(f"{reference}: permission denied") from None
         except Exception as exc:  # unreachable, sealed, a login refused
             self._down(f"{type(exc).__name__}: {_no_values(str(exc))}")
-            raise SecretUnavailable(f"{reference}: Vault cannot be reached ({type(exc).__name__})") from None
+            raise VaultUnreachable(f"{reference}: Vault cannot be reached ({type(exc).__name__})") from None
         self._up()
         value = data.get(field) if isinstance(data, dict) else None
         if not isinstance(value, str) or not value:
@@ -186,6 +200,7 @@ class Secrets:
             try:
                 answer = client.secrets.kv.v2.read_secret_version(path=path, mount_point=mount,
                                                                   raise_on_deleted_version=True)
+                self._versions[mount] = 2  # known now: a path missing later is missing, not a version 1 path
                 return answer["data"]["data"]
             except hvac.exceptions.InvalidPath:
                 if mount in self._versions:
