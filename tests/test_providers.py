@@ -42,6 +42,9 @@ def providers(tmp_path_factory):
             "gemini-flash": {"pricing": pricing, "deployments": [
                 {"name": "gemini", "model": "gemini/gemini-2.5-flash", "api_base": f"{sim.url}/v1beta",
                  "api_key": "env:PROVIDER_KEY"}]},
+            "gemini-backed": {"pricing": pricing, "fallbacks": ["gpt"], "deployments": [
+                {"name": "gemini-b", "model": "gemini/gemini-2.5-flash", "api_base": f"{sim.url}/v1beta",
+                 "api_key": "env:PROVIDER_KEY"}]},
             "azure-gpt": {"pricing": pricing, "deployments": [
                 {"name": "azure", "provider": "azure", "model": "my-gpt-deployment", "api_base": sim.url,
                  "api_version": "2024-10-21", "api_key": "env:PROVIDER_KEY"}]},
@@ -110,6 +113,28 @@ def test_errors_keep_the_providers_status_in_openais_shape(providers):
         assert "gemini" in caught.value.message
     finally:
         sim.control(error_rate=0.0)
+
+
+@pytest.mark.parametrize("model", ["gemini-flash", "azure-gpt", "claude-bad-key"])
+def test_a_stream_refused_before_its_first_byte_keeps_the_status_and_falls_back(providers, model):
+    _, client, sim, _ = providers
+    sim.control(error_rate=1.0, error_status=429)
+    try:
+        with pytest.raises(openai.APIStatusError) as caught:  # the status, as for a request that is not streamed
+            list(client.chat.completions.create(model=model, messages=HELLO, stream=True))
+        assert caught.value.status_code in (429, 502), caught.value
+        message = caught.value.message
+        assert "b'" not in message and "Handle with" not in message and "litellm" not in message, message
+        raw = client.chat.completions.with_raw_response.create(model="gemini-backed", messages=HELLO, stream=True,
+                                                               stream_options={"include_usage": True})
+        assert raw.headers["x-gateway-model"] == "gpt" and "gemini-b:429" in raw.headers["x-gateway-fallbacks"]
+        assert "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    finally:
+        sim.control(error_rate=0.0)
+    time.sleep(1.2)  # the cooldown
+    chunks = list(client.chat.completions.create(model="gemini-backed", messages=HELLO, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "cost" not in chunks[-1].usage.model_dump() and chunks[-1].usage.completion_tokens > 0
 
 
 def test_a_failing_provider_falls_back_to_another_and_comes_back(providers):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from typing import AsyncIterator
 
 os.environ.setdefault("LITELLM_OFFLINE_MODE", "true")  # no price map or header list fetched from the internet
@@ -114,6 +115,14 @@ class Providers:
                 params["stream_options"] = body.get("stream_options") or {"include_usage": True}
             answer = await litellm.acompletion(model=call.model, messages=body.get("messages"), stream=stream,
                                                **params)
+            if stream:
+                # Some providers (Gemini) say their refusal only when the stream is first read: read the first
+                # chunk here, so that a 429 before any byte is a 429 (and falls back) as on the direct path.
+                chunks = answer.__aiter__()
+                try:
+                    first = await chunks.__anext__()
+                except StopAsyncIteration:
+                    first = None
         except litellm.Timeout:
             metrics.PROVIDER_CALLS.labels(provider, "timeout").inc()
             raise asyncio.TimeoutError from None
@@ -126,7 +135,7 @@ class Providers:
             return self._error(provider, exc)
         if stream:
             metrics.PROVIDER_CALLS.labels(provider, "200").inc()
-            return ProviderResponse(200, events=_events(answer), stream=answer)
+            return ProviderResponse(200, events=_events(chunks, first), stream=answer)
         return self._whole(provider, answer)
 
     @staticmethod
@@ -139,17 +148,43 @@ class Providers:
         # LiteLLM folds some statuses into its own (Anthropic's 529 into a 500): the provider's, when it kept it.
         status = int(getattr(exc, "provider_status_code", None) or getattr(exc, "status_code", 500) or 500)
         metrics.PROVIDER_CALLS.labels(provider, str(status)).inc()
-        message = str(getattr(exc, "message", None) or exc)
-        message = message.removeprefix("litellm.").split(" - ", 1)[-1][:1000] if " - " in message else message[:1000]
+        message = _provider_message(str(getattr(exc, "message", None) or exc))
         body = {"error": {"message": f"{provider}: {message}", "type": _ERROR_TYPES.get(status, "upstream_error"),
                           "param": None, "code": None}}
         return ProviderResponse(status, orjson.dumps(body))
 
 
-async def _events(stream) -> AsyncIterator[bytes]:
-    """LiteLLM's chunks as OpenAI's SSE events, then ``[DONE]``; a stream that breaks off is a ConnectionError."""
+_RAW_BODY = re.compile(r"""b?'(\{.*\})'|(\{.*\})""", re.S)
+_LITELLM_WORDS = re.compile(r"\s*(?:Handle with `litellm\.\w+`|Received Model Group=|LiteLLM Retried:).*$", re.S)
+
+
+def _provider_message(text: str) -> str:
+    """The provider's own message out of LiteLLM's words around it ("litellm.RateLimitError: GeminiException -
+    b'{...}'. Handle with `litellm.RateLimitError`")."""
+    text = _LITELLM_WORDS.sub("", text.removeprefix("litellm."))
+    found = _RAW_BODY.search(text)
+    if found is not None:
+        try:
+            document = orjson.loads(found.group(1) or found.group(2))
+        except orjson.JSONDecodeError:
+            document = None
+        error = document.get("error") if isinstance(document, dict) else None
+        said = (error.get("message") if isinstance(error, dict) else error if isinstance(error, str)
+                else document.get("message") if isinstance(document, dict) else None)
+        if isinstance(said, str) and said.strip():
+            return said.strip()[:1000]
+    if " - " in text:
+        text = text.split(" - ", 1)[-1]
+    return text.strip()[:1000]
+
+
+async def _events(chunks, first) -> AsyncIterator[bytes]:
+    """LiteLLM's chunks as OpenAI's SSE events (the first read already), then ``[DONE]``; a stream that breaks off
+    is a ConnectionError."""
     try:
-        async for chunk in stream:
+        if first is not None:
+            yield b"data: " + orjson.dumps(_openai(first.model_dump(exclude_none=True))) + b"\n\n"
+        async for chunk in chunks:
             yield b"data: " + orjson.dumps(_openai(chunk.model_dump(exclude_none=True))) + b"\n\n"
     except asyncio.CancelledError:
         raise
@@ -161,6 +196,8 @@ async def _events(stream) -> AsyncIterator[bytes]:
 def _openai(answer: dict) -> dict:
     """LiteLLM's dump of an answer, without what it adds of its own."""
     answer.pop("provider_specific_fields", None)
+    if isinstance(answer.get("usage"), dict):
+        answer["usage"].pop("cost", None)  # LiteLLM's estimate; the gateway prices usage itself
     for choice in answer.get("choices") or ():
         choice.pop("provider_specific_fields", None)
         for part in ("message", "delta"):
