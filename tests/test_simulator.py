@@ -79,3 +79,28 @@ def test_unsure_marker_gives_low_logprobs(sim):
 def test_controls_reject_unknown_settings(sim):
     status, body = http_request(sim.port, "POST", "/sim/control", b'{"latency": 5}')
     assert status == 400 and "unknown setting 'latency'" in body["error"]["message"]
+
+
+def test_other_protocols_as_their_sdks_call_them():
+    simulator = Simulator("--api-key", "sk-provider")
+    try:
+        message = {"model": "claude", "max_tokens": 5, "messages": [{"role": "user", "content": "hello there"}]}
+        anthropic = {"anthropic-version": "2023-06-01", "Content-Type": "application/json"}
+        for auth in ({"x-api-key": "sk-provider"}, {"Authorization": "Bearer sk-provider"}):  # auth_token= sends this
+            status, answer = http_request(simulator.port, "POST", "/v1/messages", json.dumps(message).encode(),
+                                          {**anthropic, **auth})
+            assert status == 200 and answer["type"] == "message", answer
+        status, counted = http_request(simulator.port, "POST", "/v1/messages/count_tokens",
+                                       json.dumps(message).encode(), {**anthropic, "x-api-key": "sk-provider"})
+        assert status == 200 and counted["input_tokens"] > 0
+        status, _ = http_request(simulator.port, "POST", "/v1/messages", json.dumps(message).encode(),
+                                 {**anthropic, "Authorization": "Bearer sk-wrong"})
+        assert status == 401
+        gemini = {"contents": [{"role": "user", "parts": [{"text": "hello there"}]}]}
+        for version in ("v1beta", "v1"):  # google-genai with a base URL and no version posts to /v1
+            status, answer = http_request(simulator.port, "POST", f"/{version}/models/gemini-2.5-flash:generateContent",
+                                          json.dumps(gemini).encode(), {"x-goog-api-key": "sk-provider",
+                                                                         "Content-Type": "application/json"})
+            assert status == 200 and answer["candidates"][0]["content"]["parts"][0]["text"], answer
+    finally:
+        simulator.stop()

@@ -24,6 +24,10 @@ from gateway.sim.settings import SimSettings
 MAX_BODY = 64 * 1024 * 1024
 
 
+def _chat_prompt_tokens(messages: list) -> int:
+    return sum(generate.count_tokens(_text_of(m.get("content"))) + 4 for m in messages if isinstance(m, dict)) + 2
+
+
 class SimError(Exception):
     def __init__(self, status: int, message: str, type: str = "BadRequestError", param: str | None = None) -> None:
         super().__init__(message)
@@ -110,8 +114,10 @@ class Simulator:
         """The routes of other providers' protocols: Anthropic, Gemini, Azure OpenAI's deployment URLs."""
         if path == "/v1/messages":
             return self._anthropic, "anthropic"
-        if path.startswith("/v1beta/models/") and (path.endswith(":generateContent")
-                                                   or path.endswith(":streamGenerateContent")):
+        if path == "/v1/messages/count_tokens":
+            return self._anthropic_count, "anthropic"
+        if path.startswith(("/v1beta/models/", "/v1/models/")) and (path.endswith(":generateContent")
+                                                                     or path.endswith(":streamGenerateContent")):
             return self._gemini, "gemini"
         if path.startswith("/openai/deployments/") and path.endswith("/chat/completions"):
             return self._azure_chat, "azure"
@@ -125,6 +131,8 @@ class Simulator:
                   "gemini": (b"x-goog-api-key", key), "azure": (b"api-key", key)}[style]
         if any(pair == wanted for pair in scope["headers"]):
             return True
+        if style == "anthropic":  # the anthropic SDK's auth_token= sends a bearer token instead
+            return (b"authorization", b"Bearer " + key) in scope["headers"]
         return style == "gemini" and b"key=" + key in scope.get("query_string", b"").split(b"&")
 
     async def _send_error(self, send: Send, style: str, error: SimError) -> None:
@@ -146,8 +154,14 @@ class Simulator:
         body = protocols.from_anthropic(await self._json_body(receive))
         await self._chat_body(scope, receive, send, body, protocols.AnthropicWriter)
 
+    async def _anthropic_count(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Anthropic's ``POST /v1/messages/count_tokens``: the input tokens of a Messages request."""
+        messages = protocols.from_anthropic(await self._json_body(receive)).get("messages") or []
+        await send_response(send, 200, orjson.dumps({"input_tokens": _chat_prompt_tokens(messages)}))
+
     async def _gemini(self, scope: Scope, receive: Receive, send: Send) -> None:
-        model, _, action = scope["path"].removeprefix("/v1beta/models/").partition(":")
+        path = scope["path"]  # google-genai posts to /v1 when given a base URL with no version
+        model, _, action = path.removeprefix("/v1beta/models/").removeprefix("/v1/models/").partition(":")
         body = protocols.from_gemini(await self._json_body(receive), model, action == "streamGenerateContent")
         await self._chat_body(scope, receive, send, body, protocols.GeminiWriter)
 
@@ -169,9 +183,7 @@ class Simulator:
         if not isinstance(messages, list) or not messages:
             raise SimError(400, "'messages' must be a non-empty list", param="messages")
         prompt = "\n".join(f"{m.get('role')}: {_text_of(m.get('content'))}" for m in messages if isinstance(m, dict))
-        prompt_tokens = sum(generate.count_tokens(_text_of(m.get("content"))) + 4 for m in messages
-                            if isinstance(m, dict)) + 2
-        await self._generate(scope, receive, send, body, "chat", [prompt], prompt_tokens, writer)
+        await self._generate(scope, receive, send, body, "chat", [prompt], _chat_prompt_tokens(messages), writer)
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._json_body(receive)
