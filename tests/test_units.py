@@ -85,3 +85,22 @@ def test_amounts_in_refusals_keep_their_digits():
 
     assert [usd(v) for v in (0, 12.5, 0.000345, 1e-320, 1e-12)] == ["$0", "$12.50", "$0.000345", "$1e-320",
                                                                       "$1e-12"]
+
+
+def test_a_cluster_node_of_unknown_address_is_never_taken_for_6379():
+    import asyncio
+
+    from gateway.stores.cluster import ClusterRedis
+
+    class Seed:
+        async def execute(self, *args):
+            return [[0, 8191, [b"127.0.0.1", 7001, b"id-a"]], [8192, 16383, [b"", 0, b"id-b"]]]
+
+        async def close(self):
+            pass
+
+    cluster = ClusterRedis("redis+cluster://127.0.0.1:7001")
+    cluster.nodes[("127.0.0.1", 7001)] = Seed()
+    asyncio.run(cluster._read_slots())
+    assert cluster.slots[0] == ("127.0.0.1", 7001)
+    assert cluster.slots[16383] is None  # unknown, not 127.0.0.1:6379 (nor :0)

@@ -70,6 +70,12 @@ def first_key(command: bytes) -> bytes | None:
     return parts[4]
 
 
+def _known_endpoint(host: str, port: int) -> bool:
+    """Whether a node address from the cluster is one to connect to: Redis says "?" or port 0 for a node whose
+    address it does not know (and port 0 must never become the default 6379, a server nobody named)."""
+    return port > 0 and host not in ("?", "")
+
+
 class ClusterRedis:
     """The interface of ``Redis`` (execute, send_packed, scripts, unlink_matching, close) over a cluster."""
 
@@ -116,6 +122,8 @@ class ClusterRedis:
             slots: list[tuple[str, int] | None] = [None] * SLOTS
             for start, end, master, *_ in table:
                 host = master[0].decode() or address[0]  # an empty host: the node asked
+                if not _known_endpoint(host, int(master[1])):
+                    continue  # a master the node cannot place (restarted empty, failing): its slots stay unknown
                 for slot in range(start, end + 1):
                     slots[slot] = (host, int(master[1]))
             self.slots = slots
@@ -199,6 +207,9 @@ class ClusterRedis:
                     raise RedisUnavailable(str(exc)) from None
                 _, address = where.split(" ", 1)
                 target = host_port(address)
+                if not _known_endpoint(*target):  # "MOVED 1234 :0": the cluster does not know where yet
+                    await self._after_failure()
+                    raise RedisUnavailable(f"the cluster does not know where slot {slot} is served") from None
                 node, asking = self._node(target), kind == "ASK"
                 if kind == "MOVED":
                     self.slots[slot] = target

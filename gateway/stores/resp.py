@@ -165,7 +165,7 @@ class Redis:
 
     async def _address(self, parsed) -> tuple[str, int]:
         """Where the server is: the URL's host and port (a Sentinel client asks the Sentinels)."""
-        return parsed.hostname or "127.0.0.1", parsed.port or 6379
+        return parsed.hostname or "127.0.0.1", 6379 if parsed.port is None else parsed.port  # 0 is not 6379
 
     async def _open(self, parsed, host: str, port: int) -> _Protocol:
         loop = asyncio.get_running_loop()
