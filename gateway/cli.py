@@ -138,6 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     retrieval_bench = bench_kind("retrieval", "recall@5 and nDCG@10 of retrieval, and what a chat with retrieval "
                                               "and a semantic lookup add", _bench_retrieval)
     retrieval_bench.add_argument("--requests", type=int, default=100, help="chats per latency measurement")
+    retrieval_bench.add_argument("--index-mb", type=float, default=1.0,
+                                 help="size of the file indexed while another tenant's latency is measured")
+    retrieval_bench.add_argument("--compare-python", default=None,
+                                 help="a Python with sentence-transformers, to compare the embedding throughput")
     bench_kind("semantic", "the semantic cache's hits and wrong hits on paraphrases and near misses",
                _bench_semantic)
 
@@ -352,7 +356,8 @@ def _bench_fleet(args: argparse.Namespace) -> None:
 def _bench_retrieval(args: argparse.Namespace) -> None:
     from gateway.bench.retrieval import run_retrieval_benchmark
 
-    run_retrieval_benchmark(requests=args.requests, output=args.output)
+    run_retrieval_benchmark(requests=args.requests, output=args.output, index_mb=args.index_mb,
+                            compare_python=args.compare_python)
 
 
 def _bench_semantic(args: argparse.Namespace) -> None:

@@ -153,14 +153,151 @@ def _count(scored, kind: str) -> int:
     return sum(1 for k, *_ in scored if k == kind)
 
 
-def run_retrieval_benchmark(requests: int = 100, output: Path | None = None) -> dict:
+def run_retrieval_benchmark(requests: int = 100, output: Path | None = None, index_mb: float = 1.0,
+                            compare_python: str | None = None) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="gateway-bench-retrieval-"))
     try:
         quality = asyncio.run(_quality(workdir))
         cost = _cost(workdir, requests)
+        isolation = _isolation(workdir / "isolation", requests, index_mb)
+        throughput = _throughput(compare_python)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return write_report({"quality": quality, "cost_ms": cost}, output)
+    return write_report({"quality": quality, "cost_ms": cost, "while_indexing": isolation,
+                         "embedding_throughput": throughput}, output)
+
+
+_THROUGHPUT = """
+import json, sys, time
+texts = json.load(open(sys.argv[1]))
+{load}
+embed(texts[:8])
+started = time.perf_counter()
+embed(texts)
+print(json.dumps({{"chunks_per_second": len(texts) / (time.perf_counter() - started)}}))
+"""
+_OURS = "from gateway.retrieval.minilm import model\nembed = lambda texts: model().embed(texts)"
+_SENTENCE_TRANSFORMERS = """
+import tempfile, zipfile, torch
+from sentence_transformers import SentenceTransformer
+torch.set_num_threads(1)
+folder = tempfile.mkdtemp()
+zipfile.ZipFile(sys.argv[2]).extractall(folder)
+st = SentenceTransformer(folder, device="cpu")
+st.max_seq_length = 256
+embed = lambda texts: st.encode(texts, batch_size=32)
+"""
+
+
+def _throughput(compare_python: str | None, chunks: int = 96) -> dict:
+    """Chunks of 160 words embedded a second on one core (one BLAS thread, each in a process of its own): the
+    embedded model, and sentence-transformers (PyTorch) with the same weights when ``compare_python`` is an
+    interpreter that has it."""
+    import json
+    import subprocess
+    import sys
+
+    from gateway.retrieval import documents
+    from gateway.retrieval.minilm import model_zip
+
+    text = " ".join(body for _, body in topics_corpus())
+    texts = documents.chunks_of(text)[:chunks]
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(texts, handle)
+    env = {**os.environ, **{name: "1" for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}}
+
+    def run(python: str, load: str) -> float:
+        done = subprocess.run([python, "-c", _THROUGHPUT.format(load=load), handle.name, str(model_zip())],
+                              capture_output=True, text=True, env=env, timeout=1800)
+        if done.returncode != 0:
+            raise RuntimeError(done.stderr[-2000:])
+        return json.loads(done.stdout.strip().splitlines()[-1])["chunks_per_second"]
+
+    try:
+        ours = run(sys.executable, _OURS)
+        report = {"chunks": len(texts), "embedded_model_chunks_per_second": round(ours, 2)}
+        if compare_python:
+            theirs = run(compare_python, _SENTENCE_TRANSFORMERS)
+            report.update(sentence_transformers_chunks_per_second=round(theirs, 2),
+                          ratio_to_sentence_transformers=round(ours / theirs, 3))
+        return report
+    finally:
+        os.unlink(handle.name)
+
+
+def _isolation(workdir: Path, requests: int, index_mb: float) -> dict:
+    """Another tenant's chat and search while a large file is indexed, against the same alone; and how long the
+    file takes."""
+    import openai
+
+    from gateway.config.keys import generate_key, hash_key
+    from gateway.stores.embedded import EmbeddedServers, free_port
+
+    workdir.mkdir(parents=True)
+    stores = EmbeddedServers(workdir / "stores")
+    gateway = None
+    try:
+        keys = {"busy": generate_key(), "other": generate_key()}
+        config = workdir / "config"
+        config.mkdir()
+        (config / "models.yaml").write_text(yaml.safe_dump({"models": {
+            "chat": {"deployments": [{"name": "sim", "api_base": "builtin:simulator", "model": "sim"}]},
+            "all-minilm-l6-v2": {"type": "embedding", "deployments": [
+                {"name": "embedded", "api_base": "builtin:embedder", "model": "all-MiniLM-L6-v2"}]}}}))
+        unbound = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "tokens_per_hour": 10**12,
+                   "calls_per_day": 10**9}
+        (config / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {
+            name: {"name": name, "tier": "enterprise", "limits": unbound,
+                   "keys": [{"name": "k", "sha256": hash_key(key)}]} for name, key in keys.items()}}))
+        port = free_port()
+        env = {**os.environ, "REDIS_URL": stores.start_redis(), "DATABASE_URL": stores.start_postgres(),
+               "GATEWAY_DATA_DIR": str(workdir / "data"), "GATEWAY_SIMULATOR_TTFT_MS": "0",
+               "GATEWAY_SIMULATOR_ITL_MS": "0"}
+        gateway = start_gateway(config, port, env, workdir / "gateway.log")
+        api = {name: openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0, timeout=120)
+               for name, key in keys.items()}
+        small = [api["other"].files.create(file=(f"t{i}.txt", io.BytesIO(body.encode())), purpose="assistants").id
+                 for i, (_, body) in enumerate(topics_corpus()[:5])]
+        store = api["other"].vector_stores.create(name="small", file_ids=small)
+        while api["other"].vector_stores.retrieve(store.id).file_counts.in_progress:
+            time.sleep(0.3)
+
+        def measure() -> dict:
+            chat, search = [], []
+            for i in range(requests):
+                started = time.perf_counter()
+                api["other"].chat.completions.create(model="chat", max_tokens=8,
+                                                     messages=[{"role": "user", "content": f"hello {i}"}])
+                chat.append((time.perf_counter() - started) * 1000)
+                started = time.perf_counter()
+                api["other"].vector_stores.search(store.id, query=f"how do I use a loop {i}", max_num_results=3)
+                search.append((time.perf_counter() - started) * 1000)
+            return {"chat": _percentiles(chat), "search": _percentiles(search)}
+
+        alone = measure()
+        corpus = " ".join(body for _, body in topics_corpus())
+        size = int(index_mb * 1024 * 1024)
+        big = (corpus * (size // len(corpus) + 1))[:size]
+        file_id = api["busy"].files.create(file=("big.txt", io.BytesIO(big.encode())), purpose="assistants").id
+        started = time.perf_counter()
+        big_store = api["busy"].vector_stores.create(name="big", file_ids=[file_id])
+        during = measure()
+        indexed_during = api["busy"].vector_stores.retrieve(big_store.id).file_counts.in_progress == 0
+        while api["busy"].vector_stores.retrieve(big_store.id).file_counts.in_progress:
+            time.sleep(1.0)
+        seconds = time.perf_counter() - started
+        chunks = api["busy"].vector_stores.files.retrieve(file_id, vector_store_id=big_store.id).model_extra["chunks"]
+        return {"other_tenant_alone_ms": alone, "other_tenant_while_indexing_ms": during,
+                "p99_ratio": {kind: round(during[kind]["p99"] / alone[kind]["p99"], 2) for kind in alone},
+                "p50_ratio": {kind: round(during[kind]["p50"] / alone[kind]["p50"], 2) for kind in alone},
+                "measured_while_still_indexing": not indexed_during,
+                "indexed_file_mb": index_mb, "indexed_chunks": chunks, "indexing_seconds": round(seconds, 1),
+                "indexing_chunks_per_second": round(chunks / seconds, 2)}
+    finally:
+        if gateway is not None and gateway.poll() is None:
+            gateway.terminate()
+            gateway.wait(timeout=30)
+        stores.stop()
 
 
 def _cost(workdir: Path, requests: int) -> dict:

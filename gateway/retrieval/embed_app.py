@@ -3,9 +3,11 @@
 Deployments with ``api_base: builtin:embedder`` send requests here; the gateway reaches it through its usual path,
 so keys, limits, the ledger, costs and metrics apply as to any embedding model.
 
-The model runs in a process of its own (spawned on the first request; it loads the model in about 0.6 s and 100
-MB), with one BLAS thread: a file being indexed never holds the gateway's event loop or its interpreter lock, and
-leaves the other core to the requests. Stopping the gateway ends that process at once, whatever it is computing.
+The model runs in processes of its own (spawned on first use; each loads the model in about 0.6 s and 100 MB),
+with one BLAS thread each: a file being indexed never holds the gateway's event loop or its interpreter lock. Bulk
+work (more than a few inputs: indexing's batches) runs in one process at a lower CPU priority, so that requests
+come first on a busy machine; a few short inputs (a search's query, a chat's question) run in another, so that
+they never queue behind a batch. Stopping the gateway ends both at once, whatever they are computing.
 Input may be text or, as LangChain's ``OpenAIEmbeddings`` sends it, lists of cl100k token ids (decoded to text
 first: this model has a tokenizer of its own).
 """
@@ -24,14 +26,18 @@ import orjson
 from gateway.asgi import BodyTooLarge, Receive, Scope, Send, read_body, send_response
 
 MAX_INPUTS = 2048
-THREADS = "1"  # BLAS threads of the model's process
+THREADS = "1"  # BLAS threads of each model process
+INTERACTIVE_INPUTS, INTERACTIVE_CHARACTERS = 4, 8000  # what a search or a chat's question sends
+BULK_NICENESS = 10  # indexing yields the CPU to requests
 
 
-def _one_thread() -> None:
-    """The model process's start: BLAS and tokenizers to one thread, before numpy is imported there."""
+def _one_thread(niceness: int = 0) -> None:
+    """A model process's start: BLAS and tokenizers to one thread, before numpy is imported there."""
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
         os.environ[name] = THREADS
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if niceness:
+        os.nice(niceness)
 
 
 def _embed(texts: list[str]):
@@ -42,25 +48,31 @@ def _embed(texts: list[str]):
 
 class Embedder:
     def __init__(self) -> None:
-        self._pool: ProcessPoolExecutor | None = None
+        self._pools: dict[bool, ProcessPoolExecutor] = {}  # bulk or not -> its model process
 
-    def _executor(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_one_thread)
-        return self._pool
+    def _executor(self, bulk: bool) -> ProcessPoolExecutor:
+        if bulk not in self._pools:
+            self._pools[bulk] = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                                    initializer=_one_thread,
+                                                    initargs=(BULK_NICENESS if bulk else 0,))
+        return self._pools[bulk]
 
     async def embed(self, texts: list[str]):
-        """Vectors and token count of ``texts``, from the model's process (started again if it died)."""
+        """Vectors and token count of ``texts``, from a model process (started again if it died)."""
+        bulk = len(texts) > INTERACTIVE_INPUTS or sum(map(len, texts)) > INTERACTIVE_CHARACTERS
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor(), _embed, texts)
+            return await asyncio.get_running_loop().run_in_executor(self._executor(bulk), _embed, texts)
         except BrokenProcessPool:
-            self.close()
+            self._end(bulk)
             raise
 
     def close(self) -> None:
-        """End the model's process now: nothing waits for a batch under way."""
-        pool, self._pool = self._pool, None
+        """End the model processes now: nothing waits for a batch under way."""
+        for bulk in list(self._pools):
+            self._end(bulk)
+
+    def _end(self, bulk: bool) -> None:
+        pool = self._pools.pop(bulk, None)
         if pool is None:
             return
         processes = list((pool._processes or {}).values())  # noqa: SLF001 (the executor has no public kill)
