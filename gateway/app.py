@@ -22,7 +22,9 @@ from gateway.asgi import Receive, Scope, Send
 from gateway.config.store import ConfigStore
 from gateway.observability import metrics
 from gateway.observability.logs import setup_logging
+from gateway.errors import GatewayError
 from gateway.pipeline import build_pipeline
+from gateway.pipeline.auth import identify, identify_again
 from gateway.upstreams.select import DeploymentSelector
 from gateway.settings import Settings
 from gateway.retrieval.calls import InternalCalls
@@ -78,7 +80,8 @@ class Gateway:
                                   build_reports_router(self), build_retrieval_router(self)],
                                  self._choices)
         self._off_hot_path = BodyGuard(self.ops, self.admin_auth, settings.max_admin_body_bytes,
-                                       settings.max_body_bytes, MetricsAuth(self.admin_auth, settings.metrics_key))
+                                       settings.max_body_bytes, MetricsAuth(self.admin_auth, settings.metrics_key),
+                                       self._tenant_key)
         self._http = RequestIdentity(Cors(self._dispatch, self._cors_origins),
                                      lambda scope: self.routes.answers_for_itself(scope))
         self._origins: tuple[object, frozenset[str]] = (None, frozenset())
@@ -95,6 +98,13 @@ class Gateway:
             await self.routes(scope, receive, send, route)
         else:
             await self._off_hot_path(scope, receive, send)
+
+    async def _tenant_key(self, scope: Scope) -> None:
+        """A 401 / 403 for a request whose key no tenant has (a key made a moment ago is looked for first)."""
+        try:
+            identify(scope, self.config.current)
+        except GatewayError as refused:
+            await identify_again(scope, self.config, refused)
 
     def _choices(self) -> dict[str, list[str]]:
         """Values the admin API accepts that depend on the config, for its OpenAPI document."""

@@ -6,8 +6,9 @@ stays open for good. This adds:
 
 - a header timeout: the request line and headers must arrive within ``GATEWAY_HEADER_TIMEOUT`` seconds of the
   connection opening (or of the request's first byte on a kept-alive connection); else the connection is closed;
-- a body timeout: no more than ``GATEWAY_BODY_TIMEOUT`` seconds between two pieces of a body the app is reading;
-  else a 408 and the connection is closed (the app sees the client go away);
+- a body timeout: no more than ``GATEWAY_BODY_TIMEOUT`` seconds between two pieces of a body the app is reading,
+  and no more than ``GATEWAY_BODY_TOTAL_TIMEOUT`` for the whole body (a byte a second must not hold a connection
+  for ever); else a 408 and the connection is closed (the app sees the client go away);
 - a cap on the request line and headers (``GATEWAY_MAX_HEADER_BYTES``): past it, a 431;
 - OpenAI-shaped JSON for the errors written here and for uvicorn's own 400 on a request it cannot parse (bare CR
   or LF, a NUL in a header), instead of plain text.
@@ -55,6 +56,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         limits = _limits()
         self._header_timeout = limits.header_timeout
         self._body_timeout = limits.body_timeout
+        self._body_total = limits.body_total_timeout
+        self._body_ends = 0.0  # when the whole body must be in
         self._max_header_bytes = limits.max_header_bytes
         self._phase = _IDLE
         self._deadline = 0.0
@@ -76,6 +79,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             return
         if self.flow is not None and self.flow.read_paused:  # waiting on the app, not on the client
             self._deadline = now + self._body_timeout
+            self._body_ends = max(self._body_ends, self._deadline)
             return
         cycle = self.cycle
         if cycle is not None and not cycle.response_started:
@@ -133,13 +137,15 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._too_large()
             return
         super().on_headers_complete()
-        self._phase, self._deadline = _BODY, self.loop.time() + self._body_timeout
+        now = self.loop.time()
+        self._body_ends = now + self._body_total
+        self._phase, self._deadline = _BODY, min(now + self._body_timeout, self._body_ends)
 
     def on_body(self, body: bytes) -> None:
         if self._refused:
             return
         super().on_body(body)
-        self._deadline = self.loop.time() + self._body_timeout
+        self._deadline = min(self.loop.time() + self._body_timeout, self._body_ends)
 
     def on_message_complete(self) -> None:
         if self._refused:

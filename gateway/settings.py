@@ -39,6 +39,7 @@ class Settings:
     max_header_bytes: int = 64 * 1024  # the request line and headers
     header_timeout: float = 10.0  # seconds for a request's line and headers to arrive
     body_timeout: float = 30.0  # longest wait for the next piece of a request body
+    body_total_timeout: float = 300.0  # longest a whole request body may take to arrive
     keep_alive_timeout: float = 15.0  # an idle kept-alive connection is closed after this long
     reload_interval: float = 2.0  # seconds between checks of the config files
     share_interval: float = 5.0  # seconds between recalibrations of thresholds kept at a target share
@@ -95,6 +96,7 @@ class Settings:
             max_header_bytes=get("MAX_HEADER_BYTES", int, default.max_header_bytes, POSITIVE),
             header_timeout=get("HEADER_TIMEOUT", float, default.header_timeout, POSITIVE),
             body_timeout=get("BODY_TIMEOUT", float, default.body_timeout, POSITIVE),
+            body_total_timeout=get("BODY_TOTAL_TIMEOUT", float, default.body_total_timeout, POSITIVE),
             keep_alive_timeout=get("KEEP_ALIVE_TIMEOUT", float, default.keep_alive_timeout, POSITIVE),
             reload_interval=get("RELOAD_INTERVAL", float, default.reload_interval, POSITIVE),
             share_interval=get("SHARE_INTERVAL", float, default.share_interval, POSITIVE),

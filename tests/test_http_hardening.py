@@ -29,6 +29,7 @@ def edge(sim, tmp_path_factory):
     })
     gateway = GatewayProcess(config, env={"GATEWAY_CORS_ORIGINS": "https://app.example",
                                           "GATEWAY_HEADER_TIMEOUT": "1", "GATEWAY_BODY_TIMEOUT": "1",
+                                          "GATEWAY_BODY_TOTAL_TIMEOUT": "2.5",
                                           "GATEWAY_MAX_HEADER_BYTES": "8192"})
     yield gateway, {"plain": key, "other": other, "webapp": own_origin}
     gateway.stop()
@@ -129,6 +130,26 @@ def test_slow_and_oversized_requests_are_cut_off(edge):
     answer, took = _raw(gateway.port, head + b'{"model": ')  # a body that never comes
     assert answer.startswith(b"HTTP/1.1 408") and took < 4, answer
     assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    started = time.monotonic()  # a body trickled a byte at a time, each in time, the whole of it never
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(head)
+        answer = b""
+        while time.monotonic() - started < 8 and not answer:
+            try:
+                sock.sendall(b" ")
+            except OSError:
+                break
+            sock.settimeout(0.4)
+            try:
+                answer = sock.recv(65536)
+            except socket.timeout:
+                pass
+    assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5, answer
+    for path in ("/v1/files", "/v1/vector_stores"):  # the key is checked before any of the body is read
+        answer, took = _raw(gateway.port, (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-wrong\r\n"
+                                           "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 100000"
+                                           "\r\n\r\n").encode() + b"--x")
+        assert answer.startswith(b"HTTP/1.1 401"), (path, answer[:200], took)  # not a 408 once the body timed out
     answer, _ = _raw(gateway.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10000 + b"\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 431"), answer[:200]
     time.sleep(0.5)

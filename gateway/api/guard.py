@@ -1,7 +1,8 @@
 """The door of the routes off the hot path (admin API, usage, health, metrics, docs).
 
-- The admin API's key is checked before anything of the body is read: an unauthenticated client cannot make the
-  gateway buffer and parse a large body.
+- The admin API's key, and a tenant's key on the tenant routes that take a body (files, vector stores, feedback),
+  are checked before anything of the body is read: an unauthenticated client cannot make the gateway buffer and
+  parse a large body, nor hold a connection open with one.
 - ``/metrics`` names every tenant with its requests and spend: with ``GATEWAY_METRICS_KEY`` set it answers only
   that key (as a bearer token, what Prometheus sends with ``authorization.credentials_file``) or an admin key.
 - Every body is bounded; past the limit the answer is a 413 and the rest is never read.
@@ -92,14 +93,16 @@ def stateless_gateway() -> GatewayError:
 
 
 UPLOADS = frozenset(("/v1/files", "/files"))  # multipart bodies, as large as the request path allows
+TENANT_ROUTES = ("/v1/files", "/files", "/v1/vector_stores", "/vector_stores", "/v1/feedback", "/feedback")
 
 
 class BodyGuard:
     def __init__(self, app, admin: AdminAuth, limit: int, upload_limit: int | None = None,
-                 metrics: MetricsAuth | None = None) -> None:
+                 metrics: MetricsAuth | None = None, tenant_key=None) -> None:
         self.app = app
         self.admin = admin
         self.metrics = metrics
+        self.tenant_key = tenant_key  # async (scope) -> None: a GatewayError for a key no tenant has
         self.limit = limit
         self.upload_limit = upload_limit or limit
 
@@ -115,6 +118,8 @@ class BodyGuard:
             if "\x00" in scope["path"]:  # no id has one, and PostgreSQL cannot even compare with one
                 raise GatewayError(400, "The path must not contain a NUL character (%00).", code="invalid_path")
             if scope["method"] in _WITH_BODY:
+                if self.tenant_key is not None and scope["path"].startswith(TENANT_ROUTES):
+                    await self.tenant_key(scope)
                 receive = await self._buffered(scope, receive)
         except GatewayError as error:
             headers = [(k.encode(), v.encode()) for k, v in error.headers.items()]
