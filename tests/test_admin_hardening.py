@@ -82,6 +82,15 @@ def test_one_unreadable_row_never_stops_the_others(admin_setup, stores):
     with pytest.raises(openai.AuthenticationError):
         gateway.client(good_key).chat.completions.create(model="small", messages=HELLO)
     assert _metric(gateway, "gateway_directory_rows_rejected") == 2
+    # An unreadable row can be repaired through the API: it says so, and can be deleted and made again
+    status, answer = _admin(gateway, "PATCH", "/api/v1/organizations/broken", {"name": "Fixed"})
+    assert status == 409 and answer["error"]["code"] == "tenant_unreadable", answer
+    status, answer = _admin(gateway, "POST", "/api/v1/organizations", {"name": "Broken", "id": "broken"})
+    assert status == 409 and answer["error"]["code"] == "tenant_unreadable", answer
+    assert _admin(gateway, "DELETE", "/api/v1/organizations/huge")[0] == 200
+    status, answer = _admin(gateway, "POST", "/api/v1/organizations", {"name": "Huge again", "id": "huge"})
+    assert status == 201, answer
+    assert _metric(gateway, "gateway_directory_rows_rejected") == 1
     restarted = GatewayProcess(config, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
     try:
         assert restarted.client(new_key).chat.completions.create(model="small", messages=HELLO).choices

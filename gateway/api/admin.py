@@ -100,6 +100,10 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
     def tenant_or_404(tenant_id: str) -> Tenant:
         tenant = config().tenants.get(tenant_id)
         if tenant is None:
+            unreadable = gateway.config.rejected(tenant_id)
+            if unreadable is not None:  # its row is there, but cannot be loaded: say so, and how to repair it
+                raise GatewayError(409, f"Tenant '{tenant_id}' is stored but cannot be loaded ({unreadable[:300]}); "
+                                        "DELETE it, then create it again.", code="tenant_unreadable")
             raise GatewayError(404, f"No tenant '{tenant_id}'.", type="not_found_error", code="tenant_not_found")
         return tenant
 
@@ -138,6 +142,9 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         tenant_id = body.id or _id_from(body.name)
         if tenant_id in config().tenants:
             raise GatewayError(409, f"A tenant '{tenant_id}' already exists.", param="id", code="tenant_exists")
+        if gateway.config.rejected(tenant_id) is not None:
+            raise GatewayError(409, f"A tenant '{tenant_id}' is stored but cannot be loaded; DELETE it first.",
+                               param="id", code="tenant_unreadable")
         spec = tenant_spec(tenant_id, body.model_dump(exclude={"id"}))
         if await gateway.directory.history(tenant_id):  # a used id starts clean, or not at all
             left = await gateway.forget_tenant_state(tenant_id)
@@ -181,8 +188,10 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
 
     @router.delete("/api/v1/organizations/{tenant_id}", **admin)
     async def delete_tenant(tenant_id: str) -> dict:
-        """Delete a tenant made here and revoke its keys. Its usage rows stay in the ledger."""
-        _made_here(tenant_or_404(tenant_id))
+        """Delete a tenant made here and revoke its keys (one stored but unreadable too). Its usage rows stay in
+        the ledger."""
+        if gateway.config.rejected(tenant_id) is None:
+            _made_here(tenant_or_404(tenant_id))
         await gateway.directory.delete_tenant(tenant_id)
         await apply()
         await gateway.forget_tenant_state(tenant_id)

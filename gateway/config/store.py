@@ -218,7 +218,8 @@ class ConfigStore:
             self._changed_since_rebuild.add(tenant_id)
         self._records.pop(tenant_id, None)
         self._api_tenants.pop(tenant_id, None)
-        self._rejected.pop(tenant_id, None)  # its keys were revoked with it: they arrive as changes of their own
+        if self._rejected.pop(tenant_id, None) is not None:  # its keys were revoked with it: changes of their own
+            DIRECTORY_REJECTED.set(len(self._rejected))
 
     def _reject(self, tenant_id: str, why: str) -> None:
         log.error("tenant '%s' of the admin API cannot be loaded and is skipped (the others are not): %s",
@@ -282,6 +283,10 @@ class ConfigStore:
                 if (key.tenant_id in tenants or key.tenant_id in self._api_tenants) and digest not in self.base.keys}
 
     # -- a key the gateway does not know ------------------------------------------------------------------------
+
+    def rejected(self, tenant_id: str) -> str | None:
+        """Why the admin API's tenant of this id is stored but skipped (unreadable); None if it is not."""
+        return self._rejected.get(tenant_id)
 
     async def recheck_for_key(self) -> bool:
         """Look for new keys now (files and admin API), at most once a second; return whether anything changed.
