@@ -46,7 +46,8 @@ def test_the_parts_fit_each_other_and_the_gateway(tmp_path):
     assert container["readinessProbe"]["httpGet"]["path"] == "/health/ready"
     assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
     grace = pod["terminationGracePeriodSeconds"]
-    assert grace > float(env["GATEWAY_GRACEFUL_SHUTDOWN_SECONDS"]) + container["lifecycle"]["preStop"]["sleep"]["seconds"]
+    command = container["lifecycle"]["preStop"]["exec"]["command"]  # not the sleep action: Kubernetes 1.30+ only
+    assert command[0] == "sleep" and grace > float(env["GATEWAY_GRACEFUL_SHUTDOWN_SECONDS"]) + float(command[1])
     assert container["envFrom"][0]["secretRef"]["name"] == documents["Secret"]["metadata"]["name"]
     assert {"REDIS_URL", "DATABASE_URL", "QDRANT_URL", "GATEWAY_ADMIN_KEY", "GATEWAY_METRICS_KEY"} <= set(documents["Secret"]["stringData"])
     config_volume = next(v for v in pod["volumes"] if v["name"] == "config")

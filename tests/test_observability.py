@@ -58,7 +58,11 @@ def test_prometheus_config_and_rules_pass_promtool(tmp_path):
     names = {rule["alert"] for path in RULES for group in yaml.safe_load(path.read_text())["groups"]
              for rule in group["rules"]}
     assert names >= {"GatewayDown", "GatewayErrorRate", "GatewayOverheadP99High", "RedisUnreachable",
-                     "PostgresUnreachable", "LedgerSpoolGrowing", "FleetNodeDown", "VllmNodeDown", "TenantNearBudget"}
+                     "PostgresUnreachable", "LedgerSpoolGrowing", "FleetNodeDown", "VllmNodeDown", "TenantNearBudget",
+                     "ConfigReloadRejected", "SettlesUnsent", "RedisErrors", "VaultUnreachable"}
+    shipped = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    vllm = next(job for job in shipped if job["job_name"] == "vllm")  # no node unless one is listed: no false alarm
+    assert yaml.safe_load((DEPLOY / "prometheus" / vllm["file_sd_configs"][0]["files"][0]).read_text()) == []
 
 
 def test_the_dashboard_is_grafana_json_over_the_provisioned_prometheus():
