@@ -233,7 +233,7 @@ class Gateway:
         settings = self.settings
         redis_url, database_url = settings.redis_url, settings.database_url
         if redis_url is None or database_url is None:
-            self.embedded = EmbeddedServers(settings.data_dir)
+            self.embedded = EmbeddedServers(settings.data_dir, settings.valkey_port)
             redis_url = redis_url or self.embedded.start_redis()
             database_url = database_url or self.embedded.start_postgres()
         tokens.load()

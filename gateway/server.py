@@ -48,7 +48,7 @@ def serve(settings: Settings) -> None:
     if port_in_use(settings.host, settings.port):  # before any store starts
         raise SystemExit(f"gateway: {settings.host}:{settings.port} is in use (another gateway?); pass --port")
     # Embedded stores start here, once, so that every worker shares them; workers find them through the URLs.
-    embedded = EmbeddedServers(settings.data_dir)
+    embedded = EmbeddedServers(settings.data_dir, settings.valkey_port)
     try:
         if not settings.stateless and not (settings.redis_url and settings.database_url):
             try:
@@ -56,7 +56,10 @@ def serve(settings: Settings) -> None:
             except DataFolderInUse as exc:
                 raise SystemExit(f"gateway: {exc}") from None
         if not settings.redis_url and not settings.stateless:
-            os.environ["REDIS_URL"] = embedded.start_redis()
+            try:
+                os.environ["REDIS_URL"] = embedded.start_redis()
+            except DataFolderInUse as exc:
+                raise SystemExit(f"gateway: {exc}") from None
         if not settings.database_url and not settings.stateless:
             os.environ["DATABASE_URL"] = embedded.start_postgres()
         options = dict(

@@ -53,6 +53,7 @@ class Settings:
     redis_url: str | None = None
     database_url: str | None = None
     data_dir: Path = Path("data")
+    valkey_port: int | None = None  # the embedded Valkey's port on loopback; a free one when unset
     # What requests get while Redis cannot be reached: "open" serves them without limits, "closed" refuses (503).
     redis_failure_mode: str = "open"
     ledger_batch_size: int = 500
@@ -110,6 +111,7 @@ class Settings:
             redis_url=env.get("REDIS_URL") or None,
             database_url=env.get("DATABASE_URL") or None,
             data_dir=get("DATA_DIR", Path, default.data_dir),
+            valkey_port=get("VALKEY_PORT", int, default.valkey_port, PORT_RANGE),
             redis_failure_mode=get("REDIS_FAILURE_MODE", _failure_mode, default.redis_failure_mode),
             ledger_batch_size=get("LEDGER_BATCH_SIZE", int, default.ledger_batch_size, POSITIVE),
             ledger_flush_seconds=get("LEDGER_FLUSH_SECONDS", float, default.ledger_flush_seconds, POSITIVE),

@@ -110,3 +110,25 @@ def test_one_gateway_per_data_folder_and_no_leftovers_after_a_crash(tmp_path):
         for pids in _servers_on(data).values():
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_the_embedded_valkey_listens_where_it_is_told(tmp_path):
+    config = copy_shipped_config(tmp_path / "config")
+    valkey_port, port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env.update(GATEWAY_DATA_DIR=str(tmp_path / "data"), GATEWAY_VALKEY_PORT=str(valkey_port))
+    first = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--port", str(port), "--config-dir",
+                              str(config)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for_http(port, "/health/ready", first, timeout=90)
+        shown = _cli("stores", data=tmp_path / "data")
+        assert f":{valkey_port}" in shown.stdout and redis.Redis(port=valkey_port).ping()
+        env["GATEWAY_DATA_DIR"] = str(tmp_path / "other")  # another gateway, the same Valkey port
+        second = subprocess.run([sys.executable, "-m", "gateway", "serve", "--port", str(free_port()),
+                                 "--config-dir", str(config)], cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode != 0 and "GATEWAY_VALKEY_PORT" in second.stderr + second.stdout
+        assert "Traceback" not in second.stderr + second.stdout
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=60)

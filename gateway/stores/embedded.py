@@ -36,8 +36,9 @@ class DataFolderInUse(RuntimeError):
 
 
 class EmbeddedServers:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, valkey_port: int | None = None) -> None:
         self.data_dir = data_dir.resolve()
+        self.valkey_port = valkey_port  # GATEWAY_VALKEY_PORT; a free port when None
         self._valkey = None
         self._postgres = None
         self._lock_file = None
@@ -70,7 +71,10 @@ class EmbeddedServers:
         directory = self.data_dir / "valkey"
         directory.mkdir(parents=True, exist_ok=True)
         _stop_orphan(directory / "gateway-valkey.pid", "valkey")
-        self._valkey = ValkeyServer(port=free_port(), data_dir=directory, persist=True, appendonly="yes")
+        port = self.valkey_port or free_port()
+        if self.valkey_port and port_in_use("127.0.0.1", port):
+            raise DataFolderInUse(f"GATEWAY_VALKEY_PORT {port} is in use: free it, or choose another port")
+        self._valkey = ValkeyServer(port=port, data_dir=directory, persist=True, appendonly="yes")
         self._valkey.start()
         (directory / "gateway-valkey.pid").write_text(str(self._valkey._process.pid))
         url = self._valkey.connection_url
