@@ -134,6 +134,18 @@ def test_keys_create_prints_a_key_once_and_stores_only_its_hash(tmp_path):
     assert "name: old" not in (config_dir / "tenants.yaml").read_text()
 
 
+def test_keys_create_leaves_the_admins_lines_as_they_were(tmp_path):
+    config_dir = _shipped_copy(tmp_path)
+    line = ("    limits: {requests_per_minute: 30, tokens_per_minute: 40000, monthly_budget_usd: 250, "
+            "tokens_per_hour: 1000000}")
+    tenants = config_dir / "tenants.yaml"
+    tenants.write_text(tenants.read_text().replace("    models: [\"*\"]\n", "    models: [\"*\"]\n" + line + "\n"))
+    result = _gateway_cli("keys", "create", "--tenant", "demo", "--name", "laptop", "--config-dir", str(config_dir))
+    assert result.returncode == 0, result.stderr
+    text = tenants.read_text()
+    assert line + "\n" in text and " \n" not in text  # not folded onto two lines with a trailing space
+
+
 def test_serve_refuses_to_start_on_an_invalid_config(tmp_path):
     config_dir = _shipped_copy(tmp_path)
     (config_dir / "models.yaml").write_text("models:\n  m:\n    deployments: []\n")

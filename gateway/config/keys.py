@@ -40,6 +40,7 @@ def add_key_to_tenants_file(config_dir: Path, tenant_id: str | None, key_name: s
     yaml = YAML()
     yaml.preserve_quotes = True
     yaml.indent(mapping=2, sequence=4, offset=2)
+    yaml.width = 4096  # the admin's lines stay as written: a long one-line mapping is not folded
     try:
         document = yaml.load(path.read_text(encoding="utf-8")) or {}
     except OSError as exc:
