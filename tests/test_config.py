@@ -139,7 +139,9 @@ def test_keys_create_leaves_the_admins_lines_as_they_were(tmp_path):
     line = ("    limits: {requests_per_minute: 30, tokens_per_minute: 40000, monthly_budget_usd: 250, "
             "tokens_per_hour: 1000000}")
     tenants = config_dir / "tenants.yaml"
-    tenants.write_text(tenants.read_text().replace("    models: [\"*\"]\n", "    models: [\"*\"]\n" + line + "\n"))
+    text = tenants.read_text()
+    assert "    name: Demo tenant\n" in text
+    tenants.write_text(text.replace("    name: Demo tenant\n", "    name: Demo tenant\n" + line + "\n"))
     result = _gateway_cli("keys", "create", "--tenant", "demo", "--name", "laptop", "--config-dir", str(config_dir))
     assert result.returncode == 0, result.stderr
     text = tenants.read_text()
