@@ -13,10 +13,12 @@ import pytest
 from conftest import GatewayProcess, http_request, ledger_row
 from retrieval_setup import DOCUMENTS, client, pdf_with, start, wait_indexed
 
+ADMIN_KEY = "sk-admin-retrieval-setup-" + "a" * 20
+
 
 @pytest.fixture(scope="module")
 def setup(sim, tmp_path_factory):
-    gateway, keys = start(tmp_path_factory.mktemp("retrieval"), sim.url)
+    gateway, keys = start(tmp_path_factory.mktemp("retrieval"), sim.url, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
     yield gateway, keys
     gateway.stop()
 
@@ -234,6 +236,10 @@ def test_a_chat_with_retrieval_gets_the_chunks_and_cites_them(setup, indexed, si
     row = ledger_row(stores, raw.headers["x-request-id"])
     kept = row["retrieval"] if isinstance(row["retrieval"], dict) else json.loads(row["retrieval"])
     assert kept["vector_store_ids"] == [store.id] and kept["chunks"][0]["file_id"] == files["passwords.md"].id
+    status, recent = http_request(gateway.port, "GET", "/api/v1/requests?tenant=acme&limit=50",
+                                  headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    shown = next(r for r in recent["data"] if r["request_id"] == raw.headers["x-request-id"])
+    assert status == 200 and shown["retrieval"] == kept  # the admin sees what the chat read
 
     stream = api.chat.completions.with_raw_response.create(
         model="small", stream=True, messages=[{"role": "user", "content": "tomato spacing?"}],

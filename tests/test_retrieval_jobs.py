@@ -11,6 +11,7 @@ import time
 
 import openai
 import pytest
+import yaml
 
 from conftest import ROOT, GatewayProcess, free_port, http_request
 from gateway.retrieval import documents
@@ -167,3 +168,29 @@ def test_several_workers_need_a_qdrant_server(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={"PATH": "/usr/bin:/bin", "GATEWAY_DATA_DIR": str(tmp_path / "data")})
     assert done.returncode != 0 and "QDRANT_URL" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_an_embedding_model_that_fails_for_a_while_is_retried(sim, tmp_path):
+    """The stores' embedding model on an upstream that answers 502 for a while: the file waits and completes."""
+    folder = tmp_path / "flaky"
+    gateway, keys = start(folder, sim.url, env={"GATEWAY_RETRIEVAL_MODEL": "sim-embed"})
+    gateway.stop()
+    models = yaml.safe_load((folder / "models.yaml").read_text())
+    models["models"]["sim-embed"] = {"type": "embedding", "deployments": [
+        {"name": "sim-embed", "api_base": f"{sim.url}/v1", "model": "sim-embed"}]}
+    (folder / "models.yaml").write_text(yaml.safe_dump(models))
+    gateway = GatewayProcess(folder, env={"GATEWAY_RETRIEVAL_MODEL": "sim-embed"})
+    try:
+        api = client(gateway, keys["acme"])
+        sim.control(error_rate=1.0, error_status=502)
+        document = api.files.create(file=("flaky.txt", io.BytesIO(long_text(300, "valve").encode())),
+                                    purpose="assistants")
+        store = api.vector_stores.create(name="flaky", file_ids=[document.id])
+        time.sleep(3.5)  # a few tries, each refused
+        assert api.vector_stores.retrieve(store.id).file_counts.in_progress == 1
+        sim.control(error_rate=0.0)
+        store = wait_indexed(api, store.id, timeout=90)
+        assert store.file_counts.completed == 1, api.vector_stores.files.list(store.id).data
+    finally:
+        sim.reset()
+        gateway.stop()
