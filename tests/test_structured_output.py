@@ -82,6 +82,14 @@ def test_langchain_with_structured_output(gateway, keys):
         assert isinstance(structured.invoke("Plan the response to the outage"), Plan), method
     streamed = list(model.with_structured_output(Plan).stream("Plan the response to the outage"))
     assert isinstance(streamed[-1], Plan)
+    # JSON mode: the prompt carries the schema, and the answer follows it (it was always {"answer": ...})
+    json_mode = model.with_structured_output(Plan, method="json_mode")
+    schema = json.dumps(Plan.model_json_schema())
+    assert isinstance(json_mode.invoke(f"Plan the response to the outage. Answer in JSON with this schema: {schema}"),
+                      Plan)
+    keys_named = model.with_structured_output(method="json_mode").invoke(
+        "Tell me a joke. Answer in JSON with the keys 'setup' and 'punchline'.")
+    assert set(keys_named) == {"setup", "punchline"}
 
 
 def test_llamaindex_as_structured_llm(gateway, keys):

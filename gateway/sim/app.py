@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from collections import deque
 from typing import Any
@@ -610,6 +611,9 @@ def _structured(body: dict, kind: str, prompt: str, index: int, max_tokens: int 
     elif isinstance(response_format, dict) and response_format.get("type") == "json_schema":
         schema = (response_format.get("json_schema") or {}).get("schema")
         text = orjson.dumps(schema_json.instance(schema if isinstance(schema, dict) else {}, seed)).decode()
+    elif isinstance(response_format, dict) and response_format.get("type") == "json_object" and (
+            asked := _schema_in_prompt(prompt)) is not None:
+        text = orjson.dumps(schema_json.instance(asked, seed)).decode()  # what the prompt asks for
     elif isinstance(response_format, dict) and response_format.get("type") == "json_object":
         # {"answer": "<the usual words>"}, one token a word, so that max_tokens still yields valid JSON
         words = generate.complete(prompt, max_tokens, index)
@@ -624,6 +628,35 @@ def _structured(body: dict, kind: str, prompt: str, index: int, max_tokens: int 
     if max_tokens is not None and len(tokens) > max_tokens:
         tokens, finish = tokens[:max_tokens], "length"
     return generate.Completion(tokens=tokens, logprobs=[-0.01] * len(tokens), finish_reason=finish)
+
+
+_KEYS_ASKED = re.compile(r"""\b(?:keys?|fields?|properties)\b([^\n]*)""")
+_QUOTED = re.compile(r"""["'`]([A-Za-z_][\w-]*)["'`]""")
+
+
+def _schema_in_prompt(prompt: str) -> dict | None:
+    """The JSON a prompt asks for in JSON mode: a JSON schema written in it (what LangChain's json_mode and most
+    "answer in JSON" prompts carry), or the keys it names ("with the keys 'setup' and 'punchline'")."""
+    for start in [i for i, c in enumerate(prompt) if c == "{"][:50]:
+        depth = 0
+        for end in range(start, len(prompt)):
+            depth += {"{": 1, "}": -1}.get(prompt[end], 0)
+            if depth == 0:
+                try:
+                    found = orjson.loads(prompt[start:end + 1])
+                except orjson.JSONDecodeError:
+                    break
+                if isinstance(found, dict) and isinstance(found.get("properties"), dict):
+                    return found
+                break
+    keys = _KEYS_ASKED.search(prompt)
+    if keys is not None:
+        sentence = re.split(r"\.(?:\s|$)", keys.group(1), maxsplit=1)[0]
+        names = list(dict.fromkeys(_QUOTED.findall(sentence)))
+        if names:
+            return {"type": "object", "properties": {name: {"type": "string"} for name in names},
+                    "required": names}
+    return None
 
 
 def _text_of(content: Any) -> str:
