@@ -43,6 +43,7 @@ BUCKETS_PER_WINDOW = 30
 SLOT_MARGIN_SECONDS = 30.0  # a concurrency slot outlives the request timeout by this much
 UNSETTLED_MAX = 200_000  # settles kept for a retry while Redis is away; past this the oldest are dropped
 _FAILURES = (OSError, ReplyError, asyncio.TimeoutError)
+RECOVERY_SECONDS = 3.0  # no Redis failure for this long before it is said to be reachable again
 
 SET, WINDOW, COUNTER = 0, 1, 2
 
@@ -214,6 +215,8 @@ class Limiter:
         self._admit = Script(_ADMIT)
         self._settle = Script(_SETTLE)
         self._down_until = 0.0
+        self._failed_at = 0.0  # when a Redis call last failed
+        self._prober: asyncio.Task | None = None  # pings Redis while it is said unreachable
         self.available = True
         self._plans: dict[tuple[str, str], _Plan] = {}
         # (tenant id, when it was made) -> share of its monthly budget spent, as last seen in this worker
@@ -222,8 +225,9 @@ class Limiter:
         self._retrying: asyncio.Task | None = None
 
     async def close(self) -> None:
-        if self._retrying is not None:
-            self._retrying.cancel()
+        for task in (self._retrying, self._prober):
+            if task is not None:
+                task.cancel()
         await self._flush_unsettled()
         await self.client.close()
 
@@ -285,7 +289,7 @@ class Limiter:
         except _FAILURES as exc:
             self._mark_down(exc)
             return Admission(admitted=True, plan=plan, amounts=amounts, degraded=True)
-        if self._down_until:
+        if self._down_until or not self.available:
             self._mark_up()
         budget = plan.budget_index
         refused = result[0]
@@ -356,8 +360,15 @@ class Limiter:
         return int(value or 0)
 
     async def ping(self) -> bool:
+        """Whether Redis counts: it answers, and a cluster says its state is ok (a cluster with slots nobody serves
+        answers PING all the same)."""
         try:
-            await self.client.execute("PING")
+            if hasattr(self.client, "slots"):  # a cluster
+                info = await self.client.execute("CLUSTER", "INFO")
+                if b"cluster_state:ok" not in (info or b""):
+                    raise ReplyError("CLUSTERDOWN the cluster's state is not ok")
+            else:
+                await self.client.execute("PING")
         except _FAILURES as exc:
             self._mark_down(exc)
             return False
@@ -367,15 +378,30 @@ class Limiter:
     def _mark_down(self, exc: BaseException) -> None:
         # Skip Redis for a second instead of making every request wait on a dead connection.
         self._down_until = time.time() + 1.0
+        self._failed_at = time.time()
         if self.available:
             log.error("Redis unreachable, limits are not being counted: %s", exc)
             self.available = False
             metrics.REDIS_UP.set(0)
         metrics.REDIS_ERRORS.inc()
+        if self._prober is None or self._prober.done():
+            try:
+                self._prober = asyncio.get_running_loop().create_task(self._probe_until_up())
+            except RuntimeError:  # no event loop (a call from a thread): the next request probes instead
+                pass
+
+    async def _probe_until_up(self) -> None:
+        """Ask Redis twice a second until it is said reachable again, requests or not (readiness and
+        gateway_redis_up follow Redis, not the traffic)."""
+        while not self.available:
+            await asyncio.sleep(0.5)
+            await self.ping()
 
     def _mark_up(self) -> None:
         self._down_until = 0.0
-        if not self.available:
+        # Said reachable again only once nothing has failed for a while: a cluster with some slots down answers
+        # half its calls, and the status (and gateway_redis_up) flapped with them.
+        if not self.available and time.time() - self._failed_at >= RECOVERY_SECONDS:
             log.info("Redis reachable again, limits are counted again")
             self.available = True
             metrics.REDIS_UP.set(1)
