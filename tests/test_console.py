@@ -188,7 +188,35 @@ def test_recent_requests_health_and_fleet_pages(setup, page):
     assert page.inner_text("[data-health=postgres]") == "postgres: ok"
     assert "small-sim" in page.inner_text("[data-table=deployments]")
     shot(page, "health")
+    said: list[str] = []
+    page.on("console", lambda message: said.append(message.text))
+    failed: list[str] = []
+    page.on("response", lambda response: failed.append(response.url) if response.status == 404 else None)
     go_to(page, "fleet", "text=has no fleet")
+    assert not failed and not any("404" in text for text in said), (failed, said)  # no fleet is no error
+
+
+def test_the_console_on_a_phone_and_its_charts_axes(setup, browser):
+    gateway, _ = setup
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    phone = context.new_page()
+    asked: list[str] = []
+    phone.on("request", lambda request: asked.append(request.url))
+    try:
+        sign_in(phone, gateway, ADMIN_KEY)
+        phone.wait_for_selector("[data-stat=requests]")
+        for selector in ("#sign-out", "[data-page=fleet]", "[data-page=health]"):
+            box = phone.locator(selector).bounding_box()
+            assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, (selector, box)
+        assert not any(url.endswith("/favicon.ico") for url in asked)
+        for chart in ("requests_by_day", "tokens_by_day", "routing_by_complexity", "cost_by_day"):
+            ticks = phone.eval_on_selector_all(f"svg[data-chart={chart}] text.tick", "ts => ts.map(t => t.textContent)")
+            assert len(ticks) == 5 and len(set(ticks)) == 5, (chart, ticks)  # no "$0.02, $0.02"
+            if chart != "cost_by_day":
+                assert all("." not in tick for tick in ticks), (chart, ticks)  # no "37.50" requests
+        assert "–" not in phone.inner_text("[data-table=by_tenant] tbody")  # no row for refused keys
+    finally:
+        context.close()
 
 
 def test_a_tenant_key_sees_its_own_account_only(setup, page):

@@ -17,17 +17,32 @@ function niceMax(value) {
   return 10 * power;
 }
 
+// The five labels of an axis from 0 to top; when the format says two of them alike ("$0.02, $0.02"), with more
+// significant digits until they differ.
+function tickLabels(top, format) {
+  const values = [0, 1, 2, 3, 4].map((i) => (top * i) / 4);
+  let labels = values.map(format);
+  for (let digits = 2; new Set(labels).size < labels.length && digits <= 6; digits++) {
+    const prefix = String(format(1)).startsWith("$") ? "$" : "";
+    labels = values.map((v) => (v === 0 ? format(0) : prefix + Number(v.toPrecision(digits)).toString()));
+  }
+  return labels;
+}
+
 // Vertical bars over time or categories: points = [{label, value}].
-function columnChart(points, { color = "#2f6fdb", format = String, name = "" } = {}) {
+// whole: the values are counts, so the axis is drawn in whole numbers (no "37.50" requests)
+function columnChart(points, { color = "#2f6fdb", format = String, name = "", whole = false } = {}) {
   const width = 560, height = 220, left = 56, bottom = 28, top = 10;
   const chart = svgNode("svg", { viewBox: `0 0 ${width} ${height}`, class: "chart", role: "img",
                                  "aria-label": name, "data-chart": name, "data-points": points.length });
-  const top_ = niceMax(Math.max(0, ...points.map((p) => p.value)));
+  let top_ = niceMax(Math.max(0, ...points.map((p) => p.value)));
+  if (whole) top_ = Math.max(4, Math.ceil(top_ / 4) * 4);
   const plotHeight = height - bottom - top, plotWidth = width - left - 8;
+  const ticks = tickLabels(top_, format);
   for (let i = 0; i <= 4; i++) {
     const y = top + plotHeight - (plotHeight * i) / 4;
     chart.append(svgNode("line", { x1: left, x2: width - 8, y1: y, y2: y, class: "axis" }));
-    chart.append(svgNode("text", { x: left - 6, y: y + 4, "text-anchor": "end" }, format((top_ * i) / 4)));
+    chart.append(svgNode("text", { x: left - 6, y: y + 4, "text-anchor": "end", class: "tick" }, ticks[i]));
   }
   if (!points.length) {
     chart.append(svgNode("text", { x: left + plotWidth / 2, y: top + plotHeight / 2, "text-anchor": "middle" },

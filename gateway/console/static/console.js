@@ -173,16 +173,16 @@ function usageCharts(usage, routing) {
   const models = (field) => usage.by_model.map((m) => ({ label: m.model, value: m[field] }));
   const parts = [
     el("div", { class: "two" },
-       card("Requests by day", charts.columnChart(days("requests"), { name: "requests_by_day", format: compact })),
+       card("Requests by day", charts.columnChart(days("requests"), { name: "requests_by_day", format: compact, whole: true })),
        card("Cost by day", charts.columnChart(days("cost_usd"), { name: "cost_by_day", color: "#8e44ad", format: money }))),
     el("div", { class: "two" },
-       card("Tokens by day", charts.columnChart(days("tokens"), { name: "tokens_by_day", color: "#d35400", format: compact })),
+       card("Tokens by day", charts.columnChart(days("tokens"), { name: "tokens_by_day", color: "#d35400", format: compact, whole: true })),
        card("Requests by model", charts.barList(models("requests"), { name: "requests_by_model", format: compact }))),
     el("div", { class: "two" },
        card("Cost by model", charts.barList(models("cost_usd"), { name: "cost_by_model", color: "#8e44ad", format: money })),
        routing ? card("Routed requests by complexity",
                       charts.columnChart(Object.entries(routing.by_complexity).map(([k, v]) => ({ label: k, value: v })),
-                                         { name: "routing_by_complexity", color: "#16a085", format: compact })) : null),
+                                         { name: "routing_by_complexity", color: "#16a085", format: compact, whole: true })) : null),
   ];
   if (routing) {
     parts.push(card("Routing: complexity and model", table([
@@ -223,7 +223,8 @@ const ADMIN_VIEWS = {
           parts.push(card("Tenants by cost", table([
             { title: "Tenant", cell: (r) => r.tenant }, { title: "Requests", num: true, cell: (r) => count(r.requests) },
             { title: "Tokens", num: true, cell: (r) => compact(r.tokens) }, { title: "Cost", num: true, cell: (r) => money(r.cost_usd) },
-            { title: "Limit refusals", num: true, cell: (r) => count(r.limit_refusals) }], usage.by_tenant, { name: "by_tenant" })));
+            { title: "Limit refusals", num: true, cell: (r) => count(r.limit_refusals) }],
+            usage.by_tenant.filter((r) => r.tenant), { name: "by_tenant" })));  // refused keys belong to no tenant
         }
         body.replaceChildren(...parts);
       } catch (error) { body.replaceChildren(failure(error)); }
@@ -315,11 +316,12 @@ const ADMIN_VIEWS = {
   },
 
   async fleet() {
-    let fleet;
-    try { fleet = await api("/api/v1/fleet"); } catch (error) {
-      if (error.code === "fleet_not_configured") return el("div", {}, el("h1", { text: "Fleet" }), card(null, el("p", { text: error.message })));
-      throw error;
+    const status = await api("/api/v1/status");  // asked first: no fleet is no error (nor a 404 in the console)
+    if (!status.fleet) {
+      return el("div", {}, el("h1", { text: "Fleet" }), card(null, el("p", {
+        text: "This gateway has no fleet: declare pools of vLLM nodes under fleet: in models.yaml." })));
     }
+    const fleet = await api("/api/v1/fleet");
     const pools = Object.entries(fleet.pools).map(([name, pool]) => card(`${name} (${pool.model})`, table([
       { title: "Node", cell: (n) => n.name }, { title: "URL", cell: (n) => n.url },
       { title: "State", cell: (n) => el("span", { class: n.state === "up" ? "pill good" : "pill bad", text: n.drained_by_admin ? "drained by admin" : n.state }) },
