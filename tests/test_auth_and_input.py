@@ -148,3 +148,15 @@ def test_body_over_the_limit_without_content_length_is_413(gateway, keys):
     assert response.status == 413
     assert json.loads(response.read())["error"]["code"] == "request_too_large"
     connection.close()
+
+
+def test_a_long_model_name_is_never_echoed_whole(gateway, keys):
+    name = "m" * 5000
+    headers = {"Authorization": f"Bearer {keys.acme}", "Content-Type": "application/json"}
+    for method, path, body in (("POST", "/v1/chat/completions", {"model": name, "messages": [{"role": "user",
+                                                                                              "content": "hi"}]}),
+                               ("POST", "/v1/embeddings", {"model": name, "input": "hi"}),
+                               ("GET", f"/v1/models/{name}", None)):
+        status, error = http_request(gateway.port, method, path, json.dumps(body).encode() if body else None,
+                                     headers)
+        assert status == 404 and len(error["error"]["message"]) < 400, (path, len(error["error"]["message"]))
