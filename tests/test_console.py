@@ -135,6 +135,7 @@ def test_tenants_made_and_keys_made_and_revoked_through_the_page(setup, page):
     page.fill("[data-field=new-budget]", "75")
     page.click("[data-form=create-tenant] button")
     page.wait_for_selector("h1:has-text('Initech (initech)')")
+    assert page.inner_text("[data-stat=requests] .value") == "0"  # its page shows its usage this month
     status, made = admin(gateway, "GET", "/api/v1/organizations/initech")
     assert status == 200 and made["tier"] == "professional" and made["limits"]["monthly_budget_usd"] == 75
 

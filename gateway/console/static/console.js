@@ -352,7 +352,8 @@ const ADMIN_VIEWS = {
 
 async function tenantPage(id) {
   const path = `/api/v1/organizations/${encodeURIComponent(id)}`;
-  const [tenant, keys] = await Promise.all([api(path), api(`${path}/keys`)]);
+  const [tenant, keys, usage] = await Promise.all([api(path), api(`${path}/keys`),
+                                                   api(`${path}/usage?start=${monthStart()}&end=${today()}`)]);
   const fromFile = tenant.source !== "api";
   const limits = tenant.limits;
   const field = (name, value, attributes = {}) => el("input", { value: value ?? "", "data-field": name, disabled: fromFile, ...attributes });
@@ -429,7 +430,8 @@ async function tenantPage(id) {
   return el("div", {}, el("h1", { text: `${tenant.name} (${tenant.id})` }),
             el("p", {}, el("a", { href: "#/tenants", text: "All tenants" }), " · ",
                el("span", { class: "muted", text: `${tenant.source} · allowed models: ${tenant.allowed_models.join(", ")}` })),
-            card("Settings", save), card("Keys", keyForm, newKey, keyList));
+            card("This month", usageFigures(usage, null)), card("Settings", save),
+            card("Keys", keyForm, newKey, keyList));
 }
 
 // ---------- tenant views ----------
