@@ -238,12 +238,7 @@ def _isolation(workdir: Path, requests: int, index_mb: float) -> dict:
     gateway = None
     try:
         keys = {"busy": generate_key(), "other": generate_key()}
-        config = workdir / "config"
-        config.mkdir()
-        (config / "models.yaml").write_text(yaml.safe_dump({"models": {
-            "chat": {"deployments": [{"name": "sim", "api_base": "builtin:simulator", "model": "sim"}]},
-            "all-minilm-l6-v2": {"type": "embedding", "deployments": [
-                {"name": "embedded", "api_base": "builtin:embedder", "model": "all-MiniLM-L6-v2"}]}}}))
+        config = _models_folder(workdir)
         unbound = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "tokens_per_hour": 10**12,
                    "calls_per_day": 10**9}
         (config / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {
@@ -310,12 +305,7 @@ def _cost(workdir: Path, requests: int) -> dict:
     gateway = None
     try:
         key, cached_key = generate_key(), generate_key()
-        config = workdir / "config"
-        config.mkdir()
-        (config / "models.yaml").write_text(yaml.safe_dump({"models": {
-            "chat": {"deployments": [{"name": "sim", "api_base": "builtin:simulator", "model": "sim"}]},
-            "all-minilm-l6-v2": {"type": "embedding", "deployments": [
-                {"name": "embedded", "api_base": "builtin:embedder", "model": "all-MiniLM-L6-v2"}]}}}))
+        config = _models_folder(workdir)
         unbound = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "tokens_per_hour": 10**12}
         (config / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {
             "plain": {"name": "P", "tier": "enterprise", "limits": unbound,
@@ -364,6 +354,17 @@ def _cost(workdir: Path, requests: int) -> dict:
             gateway.terminate()
             gateway.wait(timeout=30)
         stores.stop()
+
+
+def _models_folder(workdir: Path) -> Path:
+    """A config folder with models.yaml only: a chat model on the built-in simulator, and the embedded embedder."""
+    config = workdir / "config"
+    config.mkdir()
+    (config / "models.yaml").write_text(yaml.safe_dump({"models": {
+        "chat": {"deployments": [{"name": "sim", "api_base": "builtin:simulator", "model": "sim"}]},
+        "all-minilm-l6-v2": {"type": "embedding", "deployments": [
+            {"name": "embedded", "api_base": "builtin:embedder", "model": "all-MiniLM-L6-v2"}]}}}))
+    return config
 
 
 def _percentiles(times: list[float]) -> dict:
