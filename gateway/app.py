@@ -23,7 +23,7 @@ from gateway.config.store import ConfigStore
 from gateway.observability import metrics
 from gateway.observability.logs import setup_logging
 from gateway.errors import GatewayError
-from gateway.pipeline import build_pipeline
+from gateway.pipeline.build import build_pipeline
 from gateway.pipeline.auth import identify, identify_again
 from gateway.upstreams.select import DeploymentSelector
 from gateway.settings import Settings

@@ -10,7 +10,7 @@ import orjson
 from gateway.asgi import LOG_FIELDS, Receive, Scope, Send, send_response
 from gateway.config.store import ConfigStore
 from gateway.errors import GatewayError
-from gateway.pipeline import Pipeline
+from gateway.pipeline.runner import Pipeline
 from gateway.pipeline.access import visible_model
 from gateway.pipeline.auth import identify, identify_again
 from gateway.pipeline.context import Endpoint, RequestContext

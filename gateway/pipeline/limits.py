@@ -10,7 +10,7 @@ import time
 
 from gateway.errors import GatewayError
 from gateway.observability import metrics
-from gateway.pipeline import tokens
+from gateway.pipeline.tokens import completion_reservation, counted_prompt_tokens
 from gateway.pipeline.context import RequestContext
 from gateway.stores.limits import NANO, Admission, Limiter
 
@@ -22,8 +22,8 @@ class EnforceLimits:
 
     async def __call__(self, ctx: RequestContext) -> None:
         body = ctx.body
-        prompt = tokens.counted_prompt_tokens(ctx)
-        completion = 0 if ctx.endpoint.model_type == "embedding" else tokens.completion_reservation(
+        prompt = counted_prompt_tokens(ctx)
+        completion = 0 if ctx.endpoint.model_type == "embedding" else completion_reservation(
             body, ctx.tenant.limits.completion_reservation)
         cost_nano = int(ctx.model.pricing.cost(prompt, completion) * NANO)
         if ctx.tenant.provider_keys and _paid_by_tenant(ctx):

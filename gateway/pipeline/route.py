@@ -13,7 +13,7 @@ import orjson
 
 from gateway.config.types import GatewayConfig, Model, Profile, Tenant
 from gateway.errors import GatewayError, bad_request
-from gateway.pipeline import tokens
+from gateway.pipeline.tokens import counted_prompt_tokens
 from gateway.pipeline.context import RequestContext
 from gateway.routing.classifier import Decision
 from gateway.routing.share import ShareKeeper
@@ -87,7 +87,7 @@ def _may_exceed(ctx: RequestContext, window: int | None) -> bool:
 
 
 def _needed_tokens(ctx: RequestContext) -> int:
-    return tokens.counted_prompt_tokens(ctx) + _completion_limit(ctx.body)
+    return counted_prompt_tokens(ctx) + _completion_limit(ctx.body)
 
 
 def _completion_limit(body: dict) -> int:

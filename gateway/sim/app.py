@@ -19,6 +19,7 @@ import orjson
 from gateway.asgi import DisconnectGuard, ClientDisconnected, Receive, Scope, Send, header, read_body, send_response
 from gateway.asgi import end_stream, send_chunk, start_stream
 from gateway.sim import generate, protocols, schema_json
+from gateway.sim.tools import forced_tool, text_of
 from gateway.sim.lora import LoraError, LoraSlots
 from gateway.sim.settings import SimSettings
 
@@ -26,7 +27,7 @@ MAX_BODY = 64 * 1024 * 1024
 
 
 def _chat_prompt_tokens(messages: list) -> int:
-    return sum(generate.count_tokens(_text_of(m.get("content"))) + 4 for m in messages if isinstance(m, dict)) + 2
+    return sum(generate.count_tokens(text_of(m.get("content"))) + 4 for m in messages if isinstance(m, dict)) + 2
 
 
 class SimError(Exception):
@@ -183,7 +184,7 @@ class Simulator:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise SimError(400, "'messages' must be a non-empty list", param="messages")
-        prompt = "\n".join(f"{m.get('role')}: {_text_of(m.get('content'))}" for m in messages if isinstance(m, dict))
+        prompt = "\n".join(f"{m.get('role')}: {text_of(m.get('content'))}" for m in messages if isinstance(m, dict))
         await self._generate(scope, receive, send, body, "chat", [prompt], _chat_prompt_tokens(messages), writer)
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -456,7 +457,7 @@ class _Options:
             self.top_logprobs = int(body.get("logprobs") or 0)
         options = body.get("stream_options")
         self.include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        self.tool_name = _forced_tool(body)[0] if kind == "chat" else None
+        self.tool_name = forced_tool(body)[0] if kind == "chat" else None
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -563,48 +564,13 @@ class _Options:
         return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-def _forced_tool(body: dict) -> tuple[str | None, dict | None]:
-    """The tool a request makes the model call (tool_choice naming one, or "required"), and its parameters."""
-    tools = body.get("tools")
-    if not isinstance(tools, list) or not tools:
-        return None, None
-    choice = body.get("tool_choice", "auto")
-    functions = [t.get("function") for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)]
-    if isinstance(choice, dict):
-        name = (choice.get("function") or {}).get("name")
-    elif choice == "required":
-        name = functions[0].get("name") if functions else None
-    elif choice == "auto":
-        name = _chosen_tool(body.get("messages"), functions)
-    else:
-        return None, None
-    if name is None:
-        return None, None
-    spec = next((f for f in functions if f.get("name") == name), {})
-    return name, spec.get("parameters") if isinstance(spec.get("parameters"), dict) else {"type": "object"}
-
-
-def _chosen_tool(messages: object, functions: list[dict]) -> str | None:
-    """With tool_choice "auto": after a user's turn, the tool the user names, or the only one offered; after a
-    tool's result, an answer in words (as a model would)."""
-    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
-        return None
-    if messages[-1].get("role") != "user":
-        return None
-    text = _text_of(messages[-1].get("content")).lower()
-    named = [f.get("name") for f in functions if isinstance(f.get("name"), str) and f["name"].lower() in text]
-    if named:
-        return named[0]
-    return functions[0].get("name") if len(functions) == 1 else None
-
-
 def _structured(body: dict, kind: str, prompt: str, index: int, max_tokens: int | None) -> generate.Completion | None:
     """The answer as JSON when the request asks for it: a forced tool call's arguments, valid against the tool's
     parameters; content valid against response_format's json_schema; a JSON object for json_object."""
     if kind != "chat":
         return None
     seed = generate.seed_of(prompt, index)
-    name, parameters = _forced_tool(body)
+    name, parameters = forced_tool(body)
     response_format = body.get("response_format")
     if name is not None:
         text = orjson.dumps(schema_json.instance(parameters, seed)).decode()
@@ -657,14 +623,6 @@ def _schema_in_prompt(prompt: str) -> dict | None:
             return {"type": "object", "properties": {name: {"type": "string"} for name in names},
                     "required": names}
     return None
-
-
-def _text_of(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    return ""
 
 
 def _text(value: object) -> str | None:

@@ -26,6 +26,7 @@ from typing import Any
 import orjson
 
 from gateway.sim import generate
+from gateway.sim.tools import forced_tool
 
 _ANTHROPIC_ERRORS = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                      404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
@@ -103,11 +104,9 @@ class AnthropicWriter:
     """Answers as Anthropic's Messages API writes them."""
 
     def __init__(self, body: dict, kind: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        from gateway.sim.app import _forced_tool
-
         self.model, self.prompt_tokens, self.completion_tokens = model, prompt_tokens, completion_tokens
         self.id = f"msg_{random.getrandbits(80):020x}"
-        self.tool = _forced_tool(body)[0]
+        self.tool = forced_tool(body)[0]
 
     def _block(self, completion: generate.Completion) -> dict:
         if self.tool:
@@ -234,10 +233,8 @@ class GeminiWriter:
     """Answers as Gemini's generateContent writes them."""
 
     def __init__(self, body: dict, kind: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        from gateway.sim.app import _forced_tool
-
         self.model, self.prompt_tokens, self.completion_tokens = model, prompt_tokens, completion_tokens
-        self.tool = _forced_tool(body)[0]
+        self.tool = forced_tool(body)[0]
         self.response_id = f"{random.getrandbits(64):016x}"
 
     def _usage(self, completion_tokens: int | None = None) -> dict:
