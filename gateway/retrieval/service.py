@@ -195,6 +195,7 @@ class Retrieval:
             return
         log.info("file %s of tenant %s indexed into %s: %d chunks in %.1fs", file_id, tenant_id, store_id,
                  total, time.perf_counter() - started)
+
     async def _still_waiting(self, tenant_id: str, store_id: str, file_id: str, done: int, total: int) -> None:
         if not await self.catalog.progress(tenant_id, store_id, file_id, done, total):
             raise _Gone
