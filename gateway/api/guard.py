@@ -118,7 +118,7 @@ class BodyGuard:
             if "\x00" in scope["path"]:  # no id has one, and PostgreSQL cannot even compare with one
                 raise GatewayError(400, "The path must not contain a NUL character (%00).", code="invalid_path")
             if scope["method"] in _WITH_BODY:
-                if self.tenant_key is not None and scope["path"].startswith(TENANT_ROUTES):
+                if self.tenant_key is not None and scope["path"].startswith(TENANT_ROUTES) and self._served(scope):
                     await self.tenant_key(scope)
                 receive = await self._buffered(scope, receive)
         except GatewayError as error:
@@ -128,6 +128,12 @@ class BodyGuard:
         except ClientDisconnected:
             return
         await self.app(scope, receive, send)
+
+    def _served(self, scope: Scope) -> bool:
+        """Whether a route takes this method at this path (else the app's own 405 or 404 answers, key or not)."""
+        from starlette.routing import Match
+
+        return any(route.matches(scope)[0] == Match.FULL for route in getattr(self.app, "routes", ()))
 
     async def _buffered(self, scope: Scope, receive: Receive) -> Receive:
         upload = scope["path"] in UPLOADS
