@@ -15,22 +15,23 @@ import unicodedata
 from typing import TYPE_CHECKING, Literal
 
 import asyncpg
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Request
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 
-from gateway.api.guard import ADMIN, stateless_gateway
+from gateway.api.guard import stateless_gateway
 from gateway.api.ops import error_responses
+from gateway.api.shared import END, START, USAGE_ERRORS, admin_route, read_ledger, report_period
 from gateway.config.keys import generate_key, hash_key
 from gateway.config.routing import unknown_chat_models
-from gateway.config.schema import (DATE_PATTERN, FEATURES, KEY_NAME_PATTERN, NAMED_PATTERN, PROVIDERS,
+from gateway.config.schema import (FEATURES, KEY_NAME_PATTERN, NAMED_PATTERN, PROVIDERS,
                                    TENANT_ID_PATTERN, TEXT_PATTERN, CalendarDate, Strict, TenantFields,
-                                   TenantRoutingSpec, TenantSpec, calendar_date, partial)
+                                   TenantRoutingSpec, TenantSpec, partial)
 from gateway.config.types import GatewayConfig, Tenant
 from gateway.errors import GatewayError
 from gateway.pipeline.auth import identify
 from gateway.stores.directory import Conflict
 from gateway.stores.feedback import rate
-from gateway.stores.usage import midnight, period, routing_report, usage_report
+from gateway.stores.usage import midnight, routing_report, usage_report
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -71,20 +72,6 @@ class FeedbackIn(Strict):
 class KeyIn(Strict):
     name: str | None = Field(None, pattern=KEY_NAME_PATTERN, description="letters, digits, . _ @ - (up to 64)")
     expires: CalendarDate | None = Field(None, description="the key stops working at the start of this day (UTC)")
-
-
-ADMIN_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 503)
-USAGE_ERRORS = error_responses(400, 401, 403, 503)
-
-
-def admin_route(gateway: "Gateway") -> dict:
-    """What every admin route declares: the admin key required, its tag, its error answers."""
-
-    def require_admin(request: Request) -> str:
-        name = request.scope.get(ADMIN)  # checked by the guard before the body was read
-        return name if name is not None else gateway.admin_auth.check(request.scope)
-
-    return dict(dependencies=[Depends(require_admin)], tags=["admin"], responses=ADMIN_ERRORS)
 
 
 def build_admin_router(gateway: "Gateway") -> APIRouter:
@@ -375,40 +362,6 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         return await _report(gateway, tenant, start, end)
 
     return router
-
-
-START = Query(None, pattern=DATE_PATTERN, json_schema_extra={"format": "date"},
-              description="first day of the report, YYYY-MM-DD (default: the month's first)")
-END = Query(None, pattern=DATE_PATTERN, json_schema_extra={"format": "date"},
-            description="last day of the report, YYYY-MM-DD (default: today)")
-
-
-def _day(value: str | None, param: str) -> dt.date | None:
-    if value is None:
-        return None
-    try:
-        return calendar_date(value)
-    except ValueError as exc:
-        raise GatewayError(400, f"Invalid '{param}': {exc}.", param=param, code="invalid_date") from None
-
-
-def report_period(start: str | None, end: str | None) -> tuple[dt.datetime, dt.datetime]:
-    """The period a report's ``start`` and ``end`` query name (whole UTC days); a 400 naming the bad one."""
-    begin, finish = period(_day(start, "start"), _day(end, "end"))
-    if finish <= begin:
-        raise GatewayError(400, "'end' must not be before 'start'.", param="end")
-    return begin, finish
-
-
-async def read_ledger(gateway: "Gateway", report, *args):
-    """``report(pool, *args)`` on the ledger's database; a 503 while it cannot be read."""
-    if gateway.directory is None:
-        raise stateless_gateway()
-    try:
-        return await report(await gateway.directory.pool_for_reports(), *args)
-    except (OSError, ConnectionError, asyncpg.PostgresError) as exc:
-        raise GatewayError(503, f"The ledger cannot be read right now: {exc}", type="server_error",
-                           code="ledger_unavailable") from None
 
 
 async def _report(gateway: "Gateway", tenant: Tenant, start: str | None, end: str | None,

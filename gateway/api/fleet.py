@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter
 from pydantic import Field
 
-from gateway.api.admin import admin_route
+from gateway.api.shared import admin_route
 from gateway.config.schema import TENANT_ID_PATTERN, Strict
 from gateway.errors import GatewayError
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 from fastapi import APIRouter, Query, Request
 
-from gateway.api.admin import END, START, USAGE_ERRORS, admin_route, read_ledger, report_period
+from gateway.api.shared import END, START, USAGE_ERRORS, admin_route, read_ledger, report_period
 from gateway.api.guard import stateless_gateway
 from gateway.config.schema import TEXT_PATTERN, TENANT_ID_PATTERN
 from gateway.errors import GatewayError

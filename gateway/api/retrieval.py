@@ -18,8 +18,8 @@ from fastapi.responses import Response
 from pydantic import (Field, StrictBool, StrictFloat, StrictInt, StringConstraints, WithJsonSchema, field_validator,
                       model_validator)
 
-from gateway.api.admin import USAGE_ERRORS
 from gateway.api.ops import error_responses
+from gateway.api.shared import USAGE_ERRORS
 from gateway.api.guard import stateless_gateway
 from gateway.config.schema import TEXT_PATTERN, Strict
 from gateway.errors import GatewayError

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter
 from pydantic import Field, StrictBool
 
-from gateway.api.admin import admin_route, read_ledger
+from gateway.api.shared import admin_route, read_ledger
 from gateway.config.schema import TENANT_ID_PATTERN, Strict, whole
 from gateway.errors import GatewayError
 from gateway.routing import commands

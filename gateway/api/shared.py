@@ -1,0 +1,68 @@
+"""What the routers off the hot path share: the admin routes' declaration (key, tag, error answers), the
+period of a report, and reading the ledger with a 503 while it cannot be read. A module of its own, so that the
+admin, reports, router and retrieval routers depend on it rather than on each other."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING
+
+import asyncpg
+from fastapi import Depends, Query, Request
+
+from gateway.api.guard import ADMIN, stateless_gateway
+from gateway.api.ops import error_responses
+from gateway.config.schema import DATE_PATTERN, calendar_date
+from gateway.errors import GatewayError
+from gateway.stores.usage import period
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+
+ADMIN_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 503)
+USAGE_ERRORS = error_responses(400, 401, 403, 503)
+
+
+def admin_route(gateway: "Gateway") -> dict:
+    """What every admin route declares: the admin key required, its tag, its error answers."""
+
+    def require_admin(request: Request) -> str:
+        name = request.scope.get(ADMIN)  # checked by the guard before the body was read
+        return name if name is not None else gateway.admin_auth.check(request.scope)
+
+    return dict(dependencies=[Depends(require_admin)], tags=["admin"], responses=ADMIN_ERRORS)
+
+
+START = Query(None, pattern=DATE_PATTERN, json_schema_extra={"format": "date"},
+              description="first day of the report, YYYY-MM-DD (default: the month's first)")
+END = Query(None, pattern=DATE_PATTERN, json_schema_extra={"format": "date"},
+            description="last day of the report, YYYY-MM-DD (default: today)")
+
+
+def _day(value: str | None, param: str) -> dt.date | None:
+    if value is None:
+        return None
+    try:
+        return calendar_date(value)
+    except ValueError as exc:
+        raise GatewayError(400, f"Invalid '{param}': {exc}.", param=param, code="invalid_date") from None
+
+
+def report_period(start: str | None, end: str | None) -> tuple[dt.datetime, dt.datetime]:
+    """The period a report's ``start`` and ``end`` query name (whole UTC days); a 400 naming the bad one."""
+    begin, finish = period(_day(start, "start"), _day(end, "end"))
+    if finish <= begin:
+        raise GatewayError(400, "'end' must not be before 'start'.", param="end")
+    return begin, finish
+
+
+async def read_ledger(gateway: "Gateway", report, *args):
+    """``report(pool, *args)`` on the ledger's database; a 503 while it cannot be read."""
+    if gateway.directory is None:
+        raise stateless_gateway()
+    try:
+        return await report(await gateway.directory.pool_for_reports(), *args)
+    except (OSError, ConnectionError, asyncpg.PostgresError) as exc:
+        raise GatewayError(503, f"The ledger cannot be read right now: {exc}", type="server_error",
+                           code="ledger_unavailable") from None
