@@ -387,11 +387,10 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
         hits = await gateway.retrieval.search(
             tenant, key, [store_id], body.query, body.max_num_results,
             body.filters.model_dump() if body.filters is not None else None, threshold or None)
-        attributes = await gateway.retrieval.catalog.searchable_files(tenant.id, [store_id]) if hits else {}
         return {"object": "vector_store.search_results.page", "search_query": body.query, "has_more": False,
                 "next_page": None,
                 "data": [{"file_id": h.file_id, "filename": h.filename, "score": round(h.score, 6),
-                          "attributes": attributes.get((h.store_id, h.file_id), {}), "chunk": h.chunk,
+                          "attributes": h.attributes, "chunk": h.chunk,
                           "content": [{"type": "text", "text": h.text}]} for h in hits]}
 
     return router

@@ -336,22 +336,24 @@ class Retrieval:
         queries = [query] if isinstance(query, str) else query
         vectors: np.ndarray = await self.calls.embed(tenant, key, self.model, queries)
         indexed = await self.catalog.searchable_files(tenant.id, store_ids)
-        allowed = [(store, file) for (store, file), attributes in indexed.items()
-                   if filters is None or matches(filters, attributes)]
+        allowed = {pair: attributes for pair, attributes in indexed.items()
+                   if filters is None or matches(filters, attributes)}
         await self.catalog.touch(tenant.id, store_ids)
         if not allowed:
             return []
+        files = sorted({file for _, file in allowed})
         best: dict[tuple[str, str, int], Hit] = {}
         for vector in vectors:
             for hit in await self.vectors.search(self.model, tenant.id, store_ids, vector, limit + SEARCH_SPARE,
-                                                 sorted({file for _, file in allowed}), score_threshold):
+                                                 files, score_threshold):
+                attributes = allowed.get((hit.store_id, hit.file_id))
+                if attributes is None:  # deleted a moment ago, or left out by the filters in another store
+                    continue
                 key_ = (hit.store_id, hit.file_id, hit.chunk)
-                if (hit.store_id, hit.file_id) in indexed and (key_ not in best or hit.score > best[key_].score):
+                if key_ not in best or hit.score > best[key_].score:
+                    hit.attributes = attributes
                     best[key_] = hit
-        allowed_pairs = set(allowed)
-        ranked = sorted((hit for hit in best.values() if (hit.store_id, hit.file_id) in allowed_pairs),
-                        key=lambda hit: -hit.score)
-        return ranked[:limit]
+        return sorted(best.values(), key=lambda hit: -hit.score)[:limit]
 
     async def cancel_batch(self, tenant_id: str, store_id: str, batch_id: str) -> None:
         """Stop the batch's files still waiting: marked ``cancelled``, their jobs stopped, their vectors removed."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,7 @@ class Hit:
     text: str
     score: float
     store_id: str
+    attributes: dict = field(default_factory=dict)  # the file's in its store (from the catalog)
 
 
 def equal(**fields: str | None) -> list:
