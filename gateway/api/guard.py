@@ -67,10 +67,6 @@ class MetricsAuth:
         self._admin = admin
         self._digest = hash_key(metrics_key) if metrics_key else None
 
-    @property
-    def protected(self) -> bool:
-        return self._digest is not None
-
     def check(self, scope: Scope) -> None:
         if self._digest is None:
             return
