@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from gateway.config.types import ApiKey, Tenant
 from gateway.observability import metrics
+from gateway.stores.cluster import ClusterRedis
 from gateway.stores.redis_client import redis_client
 from gateway.stores.resp import ReplyError, Script, bulk, pack
 
@@ -363,7 +364,7 @@ class Limiter:
         """Whether Redis counts: it answers, and a cluster says its state is ok (a cluster with slots nobody serves
         answers PING all the same)."""
         try:
-            if hasattr(self.client, "slots"):  # a cluster
+            if isinstance(self.client, ClusterRedis):
                 info = await self.client.execute("CLUSTER", "INFO")
                 if b"cluster_state:ok" not in (info or b""):
                     raise ReplyError("CLUSTERDOWN the cluster's state is not ok")
