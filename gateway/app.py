@@ -209,7 +209,7 @@ class Gateway:
             fleet=lambda: self.fleet, providers=lambda: self.providers, shares=self.shares, selector=self.selector,
             retrieval=lambda: self.retrieval, semantic=lambda: self.semantic,
         )
-        self.routes = OpenAIRoutes(self.config, pipeline)
+        self.routes = OpenAIRoutes(self.config, pipeline, settings.max_body_bytes)
         if self.directory is not None:
             vectors = Vectors(path=(settings.data_dir / "qdrant").resolve(), url=settings.qdrant_url,
                               api_key=settings.qdrant_api_key)

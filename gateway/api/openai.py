@@ -1,5 +1,6 @@
-"""The OpenAI routes, served as plain ASGI (the hot path), under /v1 and bare as clients with a bare base URL call
-them. Generation goes through the pipeline; the model list answers from the config."""
+"""The OpenAI routes, and Anthropic's Messages API, served as plain ASGI (the hot path), under /v1 and bare as clients
+with a bare base URL call them. Generation goes through the pipeline (another API's requests translated at its
+edges, see gateway.protocols); the model list answers from the config."""
 
 from __future__ import annotations
 
@@ -15,24 +16,34 @@ from gateway.pipeline.access import visible_model
 from gateway.pipeline.auth import identify, identify_again
 from gateway.pipeline.context import Endpoint, RequestContext
 from gateway.pipeline.endpoints import CHAT, COMPLETIONS, EMBEDDINGS
+from gateway.pipeline.parse import read_json_body
+from gateway.pipeline.tokens import prompt_tokens
+from gateway.protocols.anthropic import CountTokens, Messages, count_tokens_answer
+from gateway.protocols.edge import Outbound
+
+MESSAGES = Endpoint("messages", "/chat/completions", "chat", lambda body: None, Messages())
+COUNT_TOKENS = Endpoint("messages.count_tokens", "/chat/completions", "chat", lambda body: None, CountTokens())
 
 Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class OpenAIRoutes:
-    def __init__(self, config: ConfigStore, pipeline: Pipeline) -> None:
+    def __init__(self, config: ConfigStore, pipeline: Pipeline, max_body_bytes: int) -> None:
         self.config = config
         self.pipeline = pipeline
+        self.max_body_bytes = max_body_bytes
         table: dict[str, tuple[str, Handler]] = {}
         self._pipeline: dict[str, str] = {}  # path -> method of the routes the pipeline serves
         for path, method, handler in (
             ("/chat/completions", "POST", self._endpoint(CHAT)),
             ("/completions", "POST", self._endpoint(COMPLETIONS)),
             ("/embeddings", "POST", self._endpoint(EMBEDDINGS)),
+            ("/messages", "POST", self._endpoint(MESSAGES)),
+            ("/messages/count_tokens", "POST", self._count_tokens),
             ("/models", "GET", self._list_models),
         ):
             table[path] = table["/v1" + path] = (method, handler)
-            if path != "/models":
+            if path not in ("/models", "/messages/count_tokens"):
                 self._pipeline[path] = self._pipeline["/v1" + path] = method
         self.table = table
 
@@ -56,10 +67,34 @@ class OpenAIRoutes:
         await handler(scope, receive, send)
 
     def _endpoint(self, endpoint: Endpoint) -> Handler:
+        if endpoint.dialect is not None:
+            async def translated(scope: Scope, receive: Receive, send: Send) -> None:
+                ctx = RequestContext(scope, receive, send, self.config.current, endpoint)
+                ctx.send = Outbound(ctx, send, endpoint.dialect)
+                await self.pipeline.run(ctx)
+
+            return translated
+
         async def handle(scope: Scope, receive: Receive, send: Send) -> None:
             await self.pipeline.run(RequestContext(scope, receive, send, self.config.current, endpoint))
 
         return handle
+
+    async def _count_tokens(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Anthropic's ``POST /v1/messages/count_tokens``: the prompt's tokens as the gateway counts them (tiktoken's
+        cl100k, as for its limits), for a model the tenant may use; nothing is sent upstream or billed."""
+        ctx = RequestContext(scope, receive, send, self.config.current, COUNT_TOKENS)
+        try:
+            ctx.tenant, ctx.api_key, ctx.config = await self._identify(scope)
+            scope[LOG_FIELDS] = {"tenant": ctx.tenant.id, "key": ctx.api_key.name, "route": COUNT_TOKENS.route}
+            await read_json_body(ctx, self.max_body_bytes)
+            if ctx.model_requested not in ctx.tenant.routes:
+                visible_model(ctx.config, ctx.tenant, ctx.model_requested)
+        except GatewayError as error:
+            status, body = COUNT_TOKENS.dialect.error(error.status, orjson.loads(error.body())["error"])
+            await send_response(send, status, body)
+            return
+        await send_response(send, 200, count_tokens_answer(prompt_tokens(ctx.body)))
 
     async def _identify(self, scope: Scope) -> tuple:
         config = self.config.current

@@ -41,7 +41,7 @@ class LookupCache:
         self.semantic = semantic  # the semantic cache's index (gateway.retrieval.semantic), when retrieval is on
 
     async def __call__(self, ctx: RequestContext) -> None:
-        if ctx.endpoint.route not in CACHED_ROUTES:
+        if ctx.endpoint.route not in CACHED_ROUTES and not ctx.endpoint.is_chat:
             return
         policy = _policy(ctx)
         control = (header(ctx.scope, b"cache-control") or b"").lower()

@@ -19,6 +19,14 @@ class Endpoint:
     upstream_path: str  # appended to a deployment's api_base
     model_type: str  # the kind of model it needs: "chat" or "embedding"
     validate: Callable[[dict], None]  # raises GatewayError naming the bad field
+    # Another API served in chat completions' terms (gateway.protocols): its request is translated by
+    # ``dialect.inbound`` when the body is read, its answers by the edge ``send`` it puts in front of the client
+    dialect: Any = None
+
+    @property
+    def is_chat(self) -> bool:
+        """A chat completion in the pipeline's terms (chat completions themselves, or an API translated to them)."""
+        return self.upstream_path == "/chat/completions"
 
 
 Finisher = Callable[["RequestContext"], Awaitable[None]]
@@ -34,7 +42,8 @@ class RequestContext:
         "body_size", "prompt_estimate", "profile", "complexity", "route_score", "routing_rule", "route_signals",
         "route_example", "citations", "retrieval", "cascade_to", "cascaded", "confidence", "attempts",
         "cache_entry", "cache_hit", "semantic_similarity", "cache_capture", "answer_bytes", "answer_content_type",
-        "adapter", "adapter_bypassed", "leases", "upstream_model", "tenant_paid_usd",
+        "adapter", "adapter_bypassed", "leases", "upstream_model", "tenant_paid_usd", "native_body", "native_answer",
+        "protocol_state",
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, config: GatewayConfig, endpoint: Endpoint) -> None:
@@ -97,6 +106,11 @@ class RequestContext:
         self.adapter_bypassed = False  # no node could load it, and the tenant's choice is the base model then
         self.leases: list = []  # (attempt, node deployment, adapter) of the node calls not yet accounted for
         self.upstream_model: str | None = None  # the model name sent upstream, when it is not the deployment's
+        # Another API's request (Anthropic's Messages, OpenAI's Responses): the body as the client sent it, whether
+        # the answer came in that API from an upstream that speaks it, and what its translation keeps meanwhile
+        self.native_body: dict | None = None
+        self.native_answer = False
+        self.protocol_state: Any = None
 
     def failed_attempts(self) -> str | None:
         """The upstream calls that failed, as "deployment:status,...", or None."""

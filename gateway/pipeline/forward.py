@@ -221,7 +221,7 @@ class Forward:
         if providers is None:  # a config with a new provider, whose path is still being loaded
             raise Unreachable("the path to this provider is still being loaded")
         prepared = self._prepare(ctx, body, deployment, stream, None)
-        return await providers.post(deployment, ctx.endpoint.route, prepared, stream, own_key)
+        return await providers.post(deployment, "chat.completions" if ctx.endpoint.is_chat else ctx.endpoint.route, prepared, stream, own_key)
 
     def _close_attempt(self, ctx: RequestContext, attempt: dict, started: float, status: int,
                        error: str | None) -> None:
@@ -426,7 +426,7 @@ def _judged_body(ctx: RequestContext) -> tuple[dict, bool]:
     body = dict(ctx.body)
     body.pop("stream", None)
     body.pop("stream_options", None)
-    if ctx.endpoint.route == "chat.completions":
+    if ctx.endpoint.is_chat:
         asked = bool(body.get("logprobs"))
         body["logprobs"] = True
     else:

@@ -19,21 +19,21 @@ _JSON_NAMES = {str: "a string", int: "an integer", float: "a number", bool: "a b
                dict: "an object", type(None): "null"}
 
 
-def _kind(value: Any) -> str:
+def kind_of(value: Any) -> str:
     return _JSON_NAMES.get(type(value), type(value).__name__)
 
 
-def _invalid_type(param: str, expected: str, value: Any) -> GatewayError:
-    return bad_request(f"Invalid type for '{param}': expected {expected}, but got {_kind(value)} instead.",
+def invalid_type(param: str, expected: str, value: Any) -> GatewayError:
+    return bad_request(f"Invalid type for '{param}': expected {expected}, but got {kind_of(value)} instead.",
                        param=param, code="invalid_type")
 
 
-def _empty_array(param: str) -> GatewayError:
+def empty_array(param: str) -> GatewayError:
     return bad_request(f"Invalid '{param}': empty array. Expected an array with minimum length 1, but got an empty "
                        "array instead.", param=param, code="empty_array")
 
 
-def _missing(param: str) -> GatewayError:
+def missing(param: str) -> GatewayError:
     return bad_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
 
 
@@ -87,15 +87,18 @@ async def read_json_body(ctx: RequestContext, limit: int) -> None:
     except orjson.JSONDecodeError as exc:
         raise bad_request(f"The request body is not valid JSON: {exc}.", code="invalid_json") from None
     if not isinstance(body, dict):
-        raise bad_request(f"The request body must be a JSON object, not {_kind(body)}.", code="invalid_json")
+        raise bad_request(f"The request body must be a JSON object, not {kind_of(body)}.", code="invalid_json")
     model = body.get("model")
     if model is None:
         raise bad_request("You must provide a model parameter.", param="model", code="missing_required_parameter")
     if not isinstance(model, str):
-        raise _invalid_type("model", "a string", model)
+        raise invalid_type("model", "a string", model)
     if not model:
         raise bad_request("'model' must not be empty.", param="model")
     ctx.endpoint.validate(body)
+    if ctx.endpoint.dialect is not None:
+        ctx.native_body = body
+        body = await ctx.endpoint.dialect.inbound(ctx, body)
     ctx.body = body
     ctx.model_requested = model
     ctx.stream = body.get("stream") is True
@@ -104,29 +107,29 @@ async def read_json_body(ctx: RequestContext, limit: int) -> None:
 def _check_common(body: dict) -> None:
     stream = body.get("stream")
     if stream is not None and type(stream) is not bool:
-        raise _invalid_type("stream", "a boolean", stream)
+        raise invalid_type("stream", "a boolean", stream)
     options = body.get("stream_options")
     if options is not None:
         if not isinstance(options, dict):
-            raise _invalid_type("stream_options", "an object", options)
+            raise invalid_type("stream_options", "an object", options)
         if stream is not True:
             raise bad_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                               param="stream_options")
         include = options.get("include_usage")
         if include is not None and type(include) is not bool:
-            raise _invalid_type("stream_options.include_usage", "a boolean", include)
+            raise invalid_type("stream_options.include_usage", "a boolean", include)
     for name in ("max_tokens", "max_completion_tokens", "n"):
         value = body.get(name)
         if value is not None:
             if not _is_int(value):
-                raise _invalid_type(name, "an integer", value)
+                raise invalid_type(name, "an integer", value)
             if value < 1:
                 raise bad_request(f"Invalid '{name}': integer below minimum value. Expected a value >= 1, "
                                   f"but got {value} instead.", param=name, code="integer_below_min_value")
     for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty"):
         value = body.get(name)
         if value is not None and not _is_number(value):
-            raise _invalid_type(name, "a number", value)
+            raise invalid_type(name, "a number", value)
     for name in ("temperature", "top_p"):
         value = body.get(name)
         if value is not None and value < 0:
@@ -135,48 +138,48 @@ def _check_common(body: dict) -> None:
     if stop is not None and not isinstance(stop, str) and not (
         isinstance(stop, list) and all(isinstance(s, str) for s in stop)
     ):
-        raise _invalid_type("stop", "a string or an array of strings", stop)
+        raise invalid_type("stop", "a string or an array of strings", stop)
 
 
 def check_chat(body: dict) -> None:
     messages = body.get("messages")
     if messages is None:
-        raise _missing("messages")
+        raise missing("messages")
     if not isinstance(messages, list):
-        raise _invalid_type("messages", "an array", messages)
+        raise invalid_type("messages", "an array", messages)
     if not messages:
-        raise _empty_array("messages")
+        raise empty_array("messages")
     for index, message in enumerate(messages):
         param = f"messages[{index}]"
         if not isinstance(message, dict):
-            raise _invalid_type(param, "an object", message)
+            raise invalid_type(param, "an object", message)
         role = message.get("role")
         if role is None:
-            raise _missing(f"{param}.role")
+            raise missing(f"{param}.role")
         if not isinstance(role, str):
-            raise _invalid_type(f"{param}.role", "a string", role)
+            raise invalid_type(f"{param}.role", "a string", role)
         if role not in _ROLES:
             raise bad_request(f"Invalid value for '{param}.role': '{role}'. Supported values are: "
                               "'system', 'developer', 'user', 'assistant', 'tool' and 'function'.",
                               param=f"{param}.role", code="invalid_value")
         content = message.get("content")
         if content is not None and not isinstance(content, (str, list)):
-            raise _invalid_type(f"{param}.content", "a string or an array of content parts", content)
+            raise invalid_type(f"{param}.content", "a string or an array of content parts", content)
         if isinstance(content, list):
             _check_parts(content, f"{param}.content")
     for name in ("logprobs", "parallel_tool_calls"):
         value = body.get(name)
         if value is not None and type(value) is not bool:
-            raise _invalid_type(name, "a boolean", value)
+            raise invalid_type(name, "a boolean", value)
     top = body.get("top_logprobs")
     if top is not None and not _is_int(top):
-        raise _invalid_type("top_logprobs", "an integer", top)
+        raise invalid_type("top_logprobs", "an integer", top)
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
-        raise _invalid_type("tools", "an array", tools)
+        raise invalid_type("tools", "an array", tools)
     response_format = body.get("response_format")
     if response_format is not None and not isinstance(response_format, dict):
-        raise _invalid_type("response_format", "an object", response_format)
+        raise invalid_type("response_format", "an object", response_format)
     _check_common(body)
 
 
@@ -184,24 +187,24 @@ def _check_parts(parts: list, param: str) -> None:
     for index, part in enumerate(parts):
         where = f"{param}[{index}]"
         if not isinstance(part, dict):
-            raise _invalid_type(where, "an object", part)
+            raise invalid_type(where, "an object", part)
         kind = part.get("type")
         if not isinstance(kind, str):
-            raise (_missing(f"{where}.type") if kind is None else _invalid_type(f"{where}.type", "a string", kind))
+            raise (missing(f"{where}.type") if kind is None else invalid_type(f"{where}.type", "a string", kind))
         if kind == "text" and not isinstance(part.get("text"), str):
-            raise _invalid_type(f"{where}.text", "a string", part.get("text"))
+            raise invalid_type(f"{where}.text", "a string", part.get("text"))
 
 
 def check_completion(body: dict) -> None:
     prompt = body.get("prompt")
     if prompt is None:
-        raise _missing("prompt")
+        raise missing("prompt")
     if isinstance(prompt, list):
         if not prompt:
-            raise _empty_array("prompt")
+            raise empty_array("prompt")
         for index, tokens in enumerate(prompt):
             if tokens == []:
-                raise _empty_array(f"prompt[{index}]")
+                raise empty_array(f"prompt[{index}]")
     if not isinstance(prompt, str) and not (
         isinstance(prompt, list) and prompt and (
             all(isinstance(p, str) for p in prompt)
@@ -209,28 +212,28 @@ def check_completion(body: dict) -> None:
             or all(isinstance(p, list) and all(_is_int(t) for t in p) for p in prompt)
         )
     ):
-        raise _invalid_type("prompt", "a string, an array of strings or an array of token ids", prompt)
+        raise invalid_type("prompt", "a string, an array of strings or an array of token ids", prompt)
     logprobs = body.get("logprobs")
     if logprobs is not None and not _is_int(logprobs):
-        raise _invalid_type("logprobs", "an integer", logprobs)
+        raise invalid_type("logprobs", "an integer", logprobs)
     _check_common(body)
 
 
 def check_embedding(body: dict) -> None:
     value = body.get("input")
     if value is None:
-        raise _missing("input")
+        raise missing("input")
     if not isinstance(value, (str, list)):
-        raise _invalid_type("input", "a string or an array", value)
+        raise invalid_type("input", "a string or an array", value)
     if isinstance(value, list) and not value:
-        raise _empty_array("input")
+        raise empty_array("input")
     if value == "" or (isinstance(value, list) and any(item == "" or item == [] for item in value)):
         raise bad_request("'$.input' is invalid: an input must not be empty (a string or an array of tokens "
                           "with at least one element).", param="input", code="invalid_value")
     if isinstance(value, list) and not (all(isinstance(item, str) for item in value) or all(
             _is_int(item) for item in value) or all(isinstance(item, list) and all(_is_int(t) for t in item)
                                                     for item in value)):
-        raise _invalid_type("input", "a string, an array of strings or an array of token ids", value)
+        raise invalid_type("input", "a string, an array of strings or an array of token ids", value)
     encoding = body.get("encoding_format")
     if encoding is not None and encoding not in ("float", "base64"):
         raise bad_request(f"Invalid value for 'encoding_format': {encoding!r}. Supported values are: "

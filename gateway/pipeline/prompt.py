@@ -11,5 +11,5 @@ from gateway.pipeline.context import RequestContext
 
 async def apply_system_prompt(ctx: RequestContext) -> None:
     prompt = ctx.tenant.system_prompt
-    if prompt and ctx.endpoint.route == "chat.completions":
+    if prompt and ctx.endpoint.is_chat:
         ctx.body["messages"] = [{"role": "system", "content": prompt}, *ctx.body["messages"]]

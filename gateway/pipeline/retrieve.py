@@ -31,7 +31,7 @@ class Retrieve:
 
     async def __call__(self, ctx: RequestContext) -> None:
         asked = ctx.body.get(FIELD)
-        if asked is None or ctx.endpoint.route != "chat.completions":
+        if asked is None or not ctx.endpoint.is_chat:
             return
         store_ids, limit = _read(asked)
         retrieval = self.retrieval()

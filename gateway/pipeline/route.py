@@ -64,7 +64,7 @@ class RouteRequest:
         ctx.model = model
         ctx.adapter = ctx.tenant.default_adapters.get(model.name) if ctx.tenant.default_adapters else None
         ctx.routing_rule = f"{rule}->{model.name}"
-        if profile.cascade and model.size == "small" and ctx.endpoint.route in ("chat.completions", "completions"):
+        if profile.cascade and model.size == "small" and (ctx.endpoint.is_chat or ctx.endpoint.route == "completions"):
             ctx.cascade_to = _next_up(config, profile, model)
         if model.size == "small" and config.router.keep_examples:
             ctx.route_example = _example(decision)

@@ -1,0 +1,159 @@
+"""The edge of a request served in another API's terms: the ASGI ``send`` the pipeline writes its chat completions
+answer to, which tells the client that answer in its own API's terms as it passes.
+
+Every way an answer leaves the pipeline goes through here unchanged: an upstream's whole answer or stream, the
+cache's, the cascade's, and the gateway's own errors (before or in the middle of a stream). An answer an upstream
+gave in the client's own API (``ctx.native_answer``: a request sent on as it came) passes untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import orjson
+
+from gateway.asgi import EVENT_STREAM, Send
+from gateway.pipeline.context import RequestContext
+from gateway.upstreams.replay import as_stream
+
+_INCOMPLETE = {"message": "The stream ended before the answer was complete.", "type": "upstream_error",
+               "code": "stream_incomplete"}
+
+
+class StreamTranslator(Protocol):
+    def chunk(self, chunk: dict) -> bytes: ...
+
+    def done(self) -> bytes: ...
+
+    def error(self, status: int, openai_error: dict) -> bytes: ...
+
+    finished: bool
+
+
+class Dialect(Protocol):
+    """What the edge needs of an API: its whole answers, its streams and its errors."""
+
+    def whole(self, ctx: RequestContext, answer: dict) -> bytes: ...
+
+    def stream(self, ctx: RequestContext) -> StreamTranslator: ...
+
+    def error(self, status: int, openai_error: dict) -> tuple[int, bytes]: ...
+
+
+class Outbound:
+    """``send`` for one request: holds a whole answer until its last byte (its length changes), translates a stream
+    event by event."""
+
+    __slots__ = ("ctx", "send", "dialect", "mode", "start", "held", "stream", "pending")
+
+    def __init__(self, ctx: RequestContext, send: Send, dialect: Dialect) -> None:
+        self.ctx, self.send, self.dialect = ctx, send, dialect
+        self.mode = ""
+        self.start: dict | None = None
+        self.held: list[bytes] = []
+        self.stream: StreamTranslator | None = None
+        self.pending = b""
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            await self._started(message)
+            return
+        if message["type"] != "http.response.body" or self.mode == "raw":
+            await self.send(message)
+            return
+        body, more = message.get("body", b""), message.get("more_body", False)
+        if self.mode == "stream":
+            out = self._events(body)
+            if not more:
+                out += self._end()
+            await self.send({"type": "http.response.body", "body": out, "more_body": more})
+            return
+        self.held.append(body)
+        if not more:
+            await self._whole(b"".join(self.held))
+
+    async def _started(self, message: dict) -> None:
+        status = message["status"]
+        content_type = next((v for k, v in message["headers"] if k == b"content-type"), b"")
+        if self.ctx.native_answer:
+            self.mode = "raw"
+            await self.send(message)
+        elif status < 400 and content_type.startswith(EVENT_STREAM):
+            self.mode = "stream"
+            self.stream = self.dialect.stream(self.ctx)
+            await self.send(message)
+        else:
+            self.mode = "error" if status >= 400 else "whole"
+            self.start = message
+
+    def _events(self, data: bytes) -> bytes:
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        data = self.pending + data
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.pending = data
+            return b""
+        self.pending = data[end + 2:]
+        out = b""
+        for event in data[:end].split(b"\n\n"):
+            out += self._event(event)
+        return out
+
+    def _event(self, event: bytes) -> bytes:
+        payload = b"".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+        if not payload or self.stream.finished:
+            return b""
+        if payload == b"[DONE]":
+            return self.stream.done()
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return b""
+        if not isinstance(chunk, dict):
+            return b""
+        error = chunk.get("error")
+        if isinstance(error, dict) and not chunk.get("choices"):
+            return self.stream.error(self.ctx.status if self.ctx.status >= 400 else 502, error)
+        return self.stream.chunk(chunk)
+
+    def _end(self) -> bytes:
+        out = self._event(self.pending) if self.pending.strip() else b""
+        self.pending = b""
+        if not self.stream.finished:
+            out += self.stream.error(502, _INCOMPLETE)
+        return out
+
+    async def _whole(self, body: bytes) -> None:
+        start = self.start
+        status = start["status"]
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if self.mode == "error":
+            error = parsed.get("error") if isinstance(parsed, dict) else None
+            status, body = self.dialect.error(status, error if isinstance(error, dict) else {
+                "message": body.decode("utf-8", "replace")[:500] or "Request failed.", "type": "api_error"})
+            await self._send_whole(status, body, start["headers"], b"application/json")
+            return
+        if not isinstance(parsed, dict):  # not a chat completion: nothing to translate from
+            status, body = self.dialect.error(502, {"message": "The upstream's answer could not be read.",
+                                                    "type": "upstream_error"})
+            await self._send_whole(status, body, start["headers"], b"application/json")
+            return
+        if self.ctx.stream:  # an answer given whole (a cached one, say) to a client that asked for a stream
+            self.stream = self.dialect.stream(self.ctx)
+            self.mode = "stream"
+            events = self._events(as_stream(parsed, include_usage=True)) + self._end()
+            await self._send_whole(status, events, start["headers"], EVENT_STREAM)
+            return
+        await self._send_whole(status, self.dialect.whole(self.ctx, parsed), start["headers"], b"application/json")
+
+    async def _send_whole(self, status: int, body: bytes, headers: list, content_type: bytes) -> None:
+        kept = [(k, v) for k, v in headers if k not in (b"content-type", b"content-length")]
+        head = [(b"content-type", content_type)]
+        if content_type != EVENT_STREAM:
+            head.append((b"content-length", str(len(body)).encode()))
+        await self.send({"type": "http.response.start", "status": status, "headers": head + kept})
+        await self.send({"type": "http.response.body", "body": body})
