@@ -12,6 +12,7 @@ from gateway.api.admin import build_admin_router
 from gateway.api.cors import Cors
 from gateway.api.fleet import build_fleet_router
 from gateway.api.reports import build_reports_router
+from gateway.api.responses import build_responses_router
 from gateway.api.retrieval import build_retrieval_router
 from gateway.api.router_admin import build_router_admin
 from gateway.api.guard import AdminAuth, BodyGuard, MetricsAuth
@@ -42,6 +43,7 @@ from gateway.stores.embedded import EmbeddedServers
 from gateway.stores.ledger import Ledger
 from gateway.stores.secrets import Secrets
 from gateway.stores.limits import Limiter
+from gateway.stores.responses import ResponseStore
 from gateway.stores import partitions, route_window
 from gateway.stores.resp import ReplyError
 from gateway.routing.share import WINDOW, ShareKeeper
@@ -73,11 +75,13 @@ class Gateway:
         self.shares = ShareKeeper()  # thresholds kept at a target share of large-model calls
         self.retrieval: Retrieval | None = None  # files, vector stores, chats with retrieval (needs PostgreSQL)
         self.semantic: SemanticIndex | None = None  # the semantic cache's index (on Qdrant, beside retrieval)
+        self.responses: ResponseStore | None = None  # stored responses of the Responses API (needs PostgreSQL)
         self.selector = DeploymentSelector()  # deployments' failures and cooldowns, shown by /api/v1/status
         self.admin_auth = AdminAuth(lambda: self.config.current, settings.admin_key, settings.stateless)
         self.ops = build_ops_app(self.readiness, self.store_status,
                                  [build_admin_router(self), build_fleet_router(self), build_router_admin(self),
-                                  build_reports_router(self), build_retrieval_router(self)],
+                                  build_reports_router(self), build_retrieval_router(self),
+                                  build_responses_router(lambda: self.config.current, lambda: self.responses)],
                                  self._choices)
         self._off_hot_path = BodyGuard(self.ops, self.admin_auth, settings.max_admin_body_bytes,
                                        settings.max_body_bytes, MetricsAuth(self.admin_auth, settings.metrics_key),
@@ -142,6 +146,12 @@ class Gateway:
         """Drop a tenant's counters, slots and cached answers in Redis, and its documents and semantic cache
         entries: its id is about to start a new tenant. Returns what could not be cleared now (logged)."""
         left: list[str] = []
+        if self.responses is not None:
+            try:
+                await self.responses.forget_tenant(tenant_id)
+            except Exception as exc:
+                log.warning("cannot delete tenant %s's stored responses now: %s", tenant_id, exc)
+                left.append("stored responses")
         if self.retrieval is not None:
             try:
                 await self.retrieval.forget_tenant(tenant_id)
@@ -209,7 +219,7 @@ class Gateway:
             fleet=lambda: self.fleet, providers=lambda: self.providers, shares=self.shares, selector=self.selector,
             retrieval=lambda: self.retrieval, semantic=lambda: self.semantic,
         )
-        self.routes = OpenAIRoutes(self.config, pipeline, settings.max_body_bytes)
+        self.routes = OpenAIRoutes(self.config, pipeline, settings.max_body_bytes, lambda: self.responses)
         if self.directory is not None:
             vectors = Vectors(path=(settings.data_dir / "qdrant").resolve(), url=settings.qdrant_url,
                               api_key=settings.qdrant_api_key)
@@ -245,6 +255,7 @@ class Gateway:
                              settings.ledger_flush_seconds)
         await self.ledger.start()
         self.directory = TenantDirectory(database_url)
+        self.responses = ResponseStore(self.directory.pool_for_reports, settings.responses_retention_days)
 
     async def _keep_shares(self, interval: float) -> None:
         """Recalibrate the thresholds of scopes with a target share of large-model calls from their recent scores
@@ -277,6 +288,7 @@ class Gateway:
                 pool = await self.directory.pool_for_reports()
                 await partitions.maintain(pool, self.settings.ledger_partitions_ahead,
                                           self.settings.ledger_retention_days)
+                await self.responses.sweep()
             except (OSError, ConnectionError, asyncio.TimeoutError, asyncpg.PostgresError) as exc:
                 log.warning("ledger partitions cannot be kept now (%s); trying again in %gs", exc, interval)
             await asyncio.sleep(interval)

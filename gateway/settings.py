@@ -63,6 +63,7 @@ class Settings:
     retrieval_model: str = "all-minilm-l6-v2"  # the embedding model of vector stores and chats with retrieval
     indexing_concurrency: int = 2  # files indexed at once by one gateway process
     ledger_retention_days: int = 0  # days of ledger rows kept (whole daily partitions dropped after); 0 keeps all
+    responses_retention_days: int = 30  # days a stored response of the Responses API is kept (OpenAI's 30)
     ledger_partitions_ahead: int = 7  # days of partitions made ahead
     # A pass-through gateway: keys, model access, logs and metrics, but no limits, ledger or admin API,
     # and no Redis or PostgreSQL.
@@ -116,6 +117,8 @@ class Settings:
             ledger_batch_size=get("LEDGER_BATCH_SIZE", int, default.ledger_batch_size, POSITIVE),
             ledger_flush_seconds=get("LEDGER_FLUSH_SECONDS", float, default.ledger_flush_seconds, POSITIVE),
             ledger_retention_days=get("LEDGER_RETENTION_DAYS", int, default.ledger_retention_days, NOT_NEGATIVE),
+            responses_retention_days=get("RESPONSES_RETENTION_DAYS", int, default.responses_retention_days,
+                                         (lambda value: 1 <= value <= 3650, "from 1 to 3650")),
             qdrant_url=env.get("QDRANT_URL") or None,
             qdrant_api_key=env.get("QDRANT_API_KEY") or None,
             retrieval_model=get("RETRIEVAL_MODEL", str, default.retrieval_model),

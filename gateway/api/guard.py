@@ -89,7 +89,8 @@ def stateless_gateway() -> GatewayError:
 
 
 UPLOADS = frozenset(("/v1/files", "/files"))  # multipart bodies, as large as the request path allows
-TENANT_ROUTES = ("/v1/files", "/files", "/v1/vector_stores", "/vector_stores", "/v1/feedback", "/feedback")
+TENANT_ROUTES = ("/v1/files", "/files", "/v1/vector_stores", "/vector_stores", "/v1/feedback", "/feedback",
+                 "/v1/responses/", "/responses/")
 
 
 class BodyGuard:

@@ -20,6 +20,8 @@ from gateway.pipeline.parse import read_json_body
 from gateway.pipeline.tokens import prompt_tokens
 from gateway.protocols.anthropic import CountTokens, Messages, count_tokens_answer
 from gateway.protocols.edge import Outbound
+from gateway.protocols.responses import Responses
+from gateway.stores.responses import ResponseStore
 
 MESSAGES = Endpoint("messages", "/chat/completions", "chat", lambda body: None, Messages())
 COUNT_TOKENS = Endpoint("messages.count_tokens", "/chat/completions", "chat", lambda body: None, CountTokens())
@@ -28,7 +30,8 @@ Handler = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 class OpenAIRoutes:
-    def __init__(self, config: ConfigStore, pipeline: Pipeline, max_body_bytes: int) -> None:
+    def __init__(self, config: ConfigStore, pipeline: Pipeline, max_body_bytes: int,
+                 responses: Callable[[], ResponseStore | None] = lambda: None) -> None:
         self.config = config
         self.pipeline = pipeline
         self.max_body_bytes = max_body_bytes
@@ -39,6 +42,8 @@ class OpenAIRoutes:
             ("/completions", "POST", self._endpoint(COMPLETIONS)),
             ("/embeddings", "POST", self._endpoint(EMBEDDINGS)),
             ("/messages", "POST", self._endpoint(MESSAGES)),
+            ("/responses", "POST", self._endpoint(Endpoint("responses", "/chat/completions", "chat",
+                                                           lambda body: None, Responses(responses)))),
             ("/messages/count_tokens", "POST", self._count_tokens),
             ("/models", "GET", self._list_models),
         ):

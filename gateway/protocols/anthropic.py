@@ -453,6 +453,9 @@ class MessageStream:
         self.finished = True
         return event("error", error_of(status, openai_error)[1])
 
+    def closing(self) -> bytes:
+        return b""
+
 
 def count_tokens_answer(count: int) -> bytes:
     return orjson.dumps({"input_tokens": count})
@@ -475,6 +478,12 @@ class Messages:
     def error(self, status: int, openai_error: dict) -> tuple[int, bytes]:
         status, body = error_of(status, openai_error)
         return status, orjson.dumps(body)
+
+    async def settle(self, ctx: RequestContext) -> None:
+        return None
+
+    def closing(self, ctx: RequestContext) -> bytes:
+        return b""
 
 
 class CountTokens(Messages):

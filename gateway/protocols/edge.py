@@ -27,6 +27,9 @@ class StreamTranslator(Protocol):
 
     def error(self, status: int, openai_error: dict) -> bytes: ...
 
+    def closing(self) -> bytes:
+        """The last event, written after ``Dialect.settle``."""
+
     finished: bool
 
 
@@ -39,12 +42,19 @@ class Dialect(Protocol):
 
     def error(self, status: int, openai_error: dict) -> tuple[int, bytes]: ...
 
+    async def settle(self, ctx: RequestContext) -> None:
+        """What must be done before the client has the whole answer (a stored response, so the next turn finds
+        it)."""
+
+    def closing(self, ctx: RequestContext) -> bytes:
+        """The rest of a whole answer, written after ``settle``."""
+
 
 class Outbound:
     """``send`` for one request: holds a whole answer until its last byte (its length changes), translates a stream
     event by event."""
 
-    __slots__ = ("ctx", "send", "dialect", "mode", "start", "held", "stream", "pending")
+    __slots__ = ("ctx", "send", "dialect", "mode", "start", "held", "stream", "pending", "settled")
 
     def __init__(self, ctx: RequestContext, send: Send, dialect: Dialect) -> None:
         self.ctx, self.send, self.dialect = ctx, send, dialect
@@ -53,6 +63,7 @@ class Outbound:
         self.held: list[bytes] = []
         self.stream: StreamTranslator | None = None
         self.pending = b""
+        self.settled = False
 
     async def __call__(self, message: dict) -> None:
         if message["type"] == "http.response.start":
@@ -66,6 +77,7 @@ class Outbound:
             out = self._events(body)
             if not more:
                 out += self._end()
+            out += await self._closing()
             await self.send({"type": "http.response.body", "body": out, "more_body": more})
             return
         self.held.append(body)
@@ -124,6 +136,13 @@ class Outbound:
             out += self.stream.error(502, _INCOMPLETE)
         return out
 
+    async def _closing(self) -> bytes:
+        if not self.stream.finished or self.settled:
+            return b""
+        self.settled = True
+        await self.dialect.settle(self.ctx)
+        return self.stream.closing()
+
     async def _whole(self, body: bytes) -> None:
         start = self.start
         status = start["status"]
@@ -146,9 +165,12 @@ class Outbound:
             self.stream = self.dialect.stream(self.ctx)
             self.mode = "stream"
             events = self._events(as_stream(parsed, include_usage=True)) + self._end()
+            events += await self._closing()
             await self._send_whole(status, events, start["headers"], EVENT_STREAM)
             return
-        await self._send_whole(status, self.dialect.whole(self.ctx, parsed), start["headers"], b"application/json")
+        body = self.dialect.whole(self.ctx, parsed)
+        await self.dialect.settle(self.ctx)
+        await self._send_whole(status, body + self.dialect.closing(self.ctx), start["headers"], b"application/json")
 
     async def _send_whole(self, status: int, body: bytes, headers: list, content_type: bytes) -> None:
         kept = [(k, v) for k, v in headers if k not in (b"content-type", b"content-length")]

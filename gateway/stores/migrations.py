@@ -195,6 +195,20 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE vector_stores ADD COLUMN expires_after_days integer,
                               ADD COLUMN last_active_at timestamptz NOT NULL DEFAULT now();
     """,
+    # 13: stored responses of OpenAI's Responses API (gateway.stores.responses)
+    """
+    CREATE TABLE stored_responses (
+        tenant_id text NOT NULL,
+        id text NOT NULL,
+        previous_id text,
+        created_at timestamptz NOT NULL,
+        expires_at timestamptz NOT NULL,
+        input_items bytea NOT NULL,
+        response bytea NOT NULL,
+        PRIMARY KEY (tenant_id, id)
+    );
+    CREATE INDEX stored_responses_expiry ON stored_responses (expires_at);
+    """,
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations

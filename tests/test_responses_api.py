@@ -1,0 +1,164 @@
+"""OpenAI's Responses API served by the gateway, used through the official ``openai`` SDK's ``responses``: plain and
+streamed answers, function tools in an agent's loop, stored responses (retrieve, delete, input items,
+``previous_response_id``), tenants kept apart, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from conftest import http_request, ledger_row
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def test_a_response_through_the_sdk_is_answered_stored_and_billed(gateway, keys, stores):
+    client = gateway.client(keys.acme)
+    raw = client.responses.with_raw_response.create(model="small", input="Say hello", instructions="Be brief.",
+                                                    metadata={"case": "plain"})
+    response = raw.parse()
+    assert response.object == "response" and response.status == "completed" and response.id.startswith("resp_")
+    assert response.output_text
+    assert response.output[0].type == "message" and response.output[0].content[0].type == "output_text"
+    assert response.usage.input_tokens > 0 and response.usage.output_tokens > 0
+    assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
+    assert response.instructions == "Be brief." and response.metadata == {"case": "plain"}
+    row = ledger_row(stores, raw.headers["x-request-id"])
+    assert row["route"] == "responses" and row["status"] == 200
+    assert row["completion_tokens"] == response.usage.output_tokens
+    again = client.responses.retrieve(response.id)
+    assert again.id == response.id and again.output_text == response.output_text
+    items = client.responses.input_items.list(response.id)
+    assert [item.type for item in items.data] == ["message"] and items.data[0].content[0].text == "Say hello"
+
+
+def test_a_streamed_response_has_the_semantic_events(gateway, keys):
+    client = gateway.client(keys.acme)
+    kinds, text = [], ""
+    with client.responses.stream(model="small", input="Count to three") as stream:
+        for event in stream:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                text += event.delta
+        final = stream.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"]
+    for kind in ("response.output_item.added", "response.content_part.added", "response.output_text.delta",
+                 "response.output_text.done", "response.content_part.done", "response.output_item.done"):
+        assert kind in kinds
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    assert final.output_text == text and final.usage.output_tokens > 0
+    assert client.responses.retrieve(final.id).output_text == text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_agents_loop_with_a_function_tool_and_previous_response_id(gateway, keys, stream):
+    client = gateway.client(keys.acme)
+
+    def create(**fields):
+        if not stream:
+            return client.responses.create(model="small", tools=[WEATHER], **fields)
+        with client.responses.stream(model="small", tools=[WEATHER], **fields) as events:
+            kinds = [event.type for event in events]
+            final = events.get_final_response()
+        if final.output[0].type == "function_call":
+            assert "response.function_call_arguments.delta" in kinds
+            assert "response.function_call_arguments.done" in kinds
+        return final
+
+    first = create(input="What is the weather in Paris? Use get_weather.")
+    call = first.output[0]
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert "city" in json.loads(call.arguments)
+    second = create(previous_response_id=first.id,
+                    input=[{"type": "function_call_output", "call_id": call.call_id, "output": "18 degrees"}])
+    assert second.output[0].type == "message" and second.output_text
+    assert second.previous_response_id == first.id
+
+
+def test_a_whole_conversation_sent_again_without_storage(gateway, keys):
+    client = gateway.client(keys.acme)
+    first = client.responses.create(model="small", tools=[WEATHER], store=False,
+                                    input=[{"role": "user", "content": "Weather in Oslo? Use get_weather."}])
+    assert first.store is False
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    call = first.output[0]
+    second = client.responses.create(model="small", tools=[WEATHER], store=False, input=[
+        {"role": "user", "content": "Weather in Oslo? Use get_weather."},
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "cold"}])
+    assert second.output[0].type == "message"
+
+
+def test_structured_output_with_text_format(gateway, keys):
+    schema = {"type": "object", "properties": {"title": {"type": "string"}, "score": {"type": "integer"}},
+              "required": ["title", "score"], "additionalProperties": False}
+    response = gateway.client(keys.acme).responses.create(
+        model="small", input="Rate this film", text={"format": {"type": "json_schema", "name": "rating",
+                                                                "schema": schema, "strict": True}})
+    parsed = json.loads(response.output_text)
+    assert isinstance(parsed["title"], str) and isinstance(parsed["score"], int)
+
+
+def test_stored_responses_are_the_tenants_own_and_deleted_for_good(gateway, keys):
+    acme = gateway.client(keys.acme)
+    response = acme.responses.create(model="small", input="remember this")
+    other = gateway.client(keys.limited)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.retrieve(response.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.delete(response.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.create(model="small", input="and?", previous_response_id=response.id)
+    with pytest.raises(openai.NotFoundError):
+        other.responses.input_items.list(response.id)
+    assert acme.responses.retrieve(response.id).id == response.id  # the other tenant's tries changed nothing
+    acme.responses.delete(response.id)
+    with pytest.raises(openai.NotFoundError):
+        acme.responses.retrieve(response.id)
+    with pytest.raises(openai.NotFoundError):
+        acme.responses.create(model="small", input="and?", previous_response_id=response.id)
+    with pytest.raises(openai.NotFoundError):
+        acme.responses.delete(response.id)
+
+
+def test_built_in_tools_are_refused_naming_them(gateway, keys):
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.client(keys.acme).responses.create(model="small", input="news?", tools=[{"type": "web_search"}])
+    assert "web_search" in refused.value.message and refused.value.body["param"] == "tools[0].type"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "small"}, "input"),
+    ({"model": "small", "input": 5}, "input"),
+    ({"model": "small", "input": [{"role": "robot", "content": "hi"}]}, "input[0].role"),
+    ({"model": "small", "input": [{"type": "function_call_output", "output": "x"}]}, "input[0].call_id"),
+    ({"model": "small", "input": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+     "input[0].content[0].type"),
+    ({"model": "small", "input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+    ({"model": "small", "input": "hi", "max_output_tokens": 10**30}, None),
+    ({"model": "small", "input": "hi", "temperature": "hot"}, "temperature"),
+    ({"model": "small", "input": "hi", "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice.name"),
+    ({"model": "small", "input": "hi", "text": {"format": {"type": "json_schema", "schema": {}}}},
+     "text.format.name"),
+    ({"model": "small", "input": "hi", "metadata": {"k": 5}}, "metadata"),
+    ({"model": "small", "input": "hi", "background": True}, "background"),
+    ({"model": "small", "input": "hi\u0000", "stream": "yes"}, "stream"),
+    ({"model": "small", "input": "hi", "previous_response_id": 7}, "previous_response_id"),
+])
+def test_malformed_fields_are_400s_naming_them(gateway, keys, body, param):
+    status, answer = http_request(gateway.port, "POST", "/v1/responses", json.dumps(body).encode(),
+                                  {"authorization": f"Bearer {keys.acme}", "content-type": "application/json"})
+    assert status == 400, answer
+    assert answer["error"]["type"] == "invalid_request_error"
+    if param is not None:
+        assert answer["error"]["param"] == param
+
+
+def test_an_unknown_previous_response_is_a_404(gateway, keys):
+    with pytest.raises(openai.NotFoundError) as unknown:
+        gateway.client(keys.acme).responses.create(model="small", input="hi", previous_response_id="resp_nope")
+    assert unknown.value.body["param"] == "previous_response_id"
