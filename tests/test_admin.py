@@ -20,7 +20,7 @@ HELLO = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture
-def admin_setup(sim, tmp_path):
+def admin_setup(sim, tmp_path, stores):
     tenant_key = generate_key()
     config = _config(tmp_path / "c", sim.url, {"yaml-tenant": {
         "name": "From the file", "tier": "professional", "keys": [{"name": "file-key", "sha256": hash_key(tenant_key)}]}},
@@ -33,7 +33,10 @@ def admin_setup(sim, tmp_path):
     models = yaml.safe_load((config / "models.yaml").read_text())
     models["defaults"] = {"reference_model": "large"}
     (config / "models.yaml").write_text(yaml.safe_dump(models))
-    gateway = GatewayProcess(config, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
+    # a database of its own: the tenants its tests (and schemathesis) make are seen by no other test's gateway
+    database_url = stores.new_database("admin")
+    gateway = GatewayProcess(config, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY, "DATABASE_URL": database_url})
+    gateway.database_url = database_url
     yield gateway, tenant_key, config
     gateway.stop()
 
@@ -72,12 +75,13 @@ def test_tenants_made_through_the_api_work_persist_and_reach_other_replicas(admi
     assert gateway.client(key).chat.completions.create(model="small", messages=HELLO).choices
     with pytest.raises(openai.NotFoundError):
         gateway.client(key).chat.completions.create(model="large", messages=HELLO)
-    stored = stores.query("SELECT sha256 FROM api_keys WHERE tenant_id = $1", tenant_id)
+    stored = stores.query_in(gateway.database_url, "SELECT sha256 FROM api_keys WHERE tenant_id = $1", tenant_id)
     assert stored[0]["sha256"] == hash_key(key)
-    assert key not in json.dumps([dict(r) for r in stores.query("SELECT * FROM api_keys")], default=str)
+    every_key = stores.query_in(gateway.database_url, "SELECT * FROM api_keys")
+    assert key not in json.dumps([dict(r) for r in every_key], default=str)
     assert key not in gateway.log_path.read_text()
 
-    replica = GatewayProcess(config, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
+    replica = GatewayProcess(config, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY, "DATABASE_URL": gateway.database_url})
     try:
         assert replica.client(key).chat.completions.create(model="small", messages=HELLO).choices
         status, _ = _admin(gateway, "DELETE", f"/api/v1/organizations/{tenant_id}/keys/backend")
@@ -94,7 +98,7 @@ def test_tenants_made_through_the_api_work_persist_and_reach_other_replicas(admi
         replica.stop()
 
     gateway.stop()
-    restarted = GatewayProcess(config, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
+    restarted = GatewayProcess(config, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY, "DATABASE_URL": gateway.database_url})
     try:
         status, body = _admin(restarted, "GET", f"/api/v1/organizations/{tenant_id}")
         assert status == 200 and body["name"] == "Acme Corp"
@@ -113,7 +117,8 @@ def test_a_key_made_on_one_replica_works_at_once_on_another_under_a_burst(admin_
     gateway, _, config = admin_setup
     status, tenant = _admin(gateway, "POST", "/api/v1/organizations", {"name": "Bursty", "tier": "enterprise"})
     assert status == 201, tenant
-    replica = GatewayProcess(config, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY, "GATEWAY_RELOAD_INTERVAL": "60",
+    replica = GatewayProcess(config, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY, "DATABASE_URL": gateway.database_url,
+                                          "GATEWAY_RELOAD_INTERVAL": "60",
                                           "GATEWAY_DATA_DIR": str(tmp_path / "replica-data")})
     try:
         time.sleep(1.2)  # the replica's last look for keys is over a second old

@@ -69,10 +69,12 @@ def test_one_unreadable_row_never_stops_the_others(admin_setup, stores):
     good_key = _make_tenant(gateway, "good-before")
     # Rows written by hand (or by an older version) that the gateway cannot read back.
     bump = "WITH v AS (UPDATE api_changes SET version = version + 1 RETURNING version) "
-    stores.query(bump + "INSERT INTO api_tenants (id, spec, version) SELECT 'broken', '{\"name\": 5}', version FROM v")
-    stores.query(bump + "INSERT INTO api_tenants (id, spec, version) SELECT 'huge', "
+    stores.query_in(gateway.database_url,
+                    bump + "INSERT INTO api_tenants (id, spec, version) "
+                    "SELECT 'broken', '{\"name\": 5}', version FROM v")
+    stores.query_in(gateway.database_url, bump + "INSERT INTO api_tenants (id, spec, version) SELECT 'huge', "
                  "'{\"name\": \"H\", \"limits\": {\"requests_per_minute\": 1e23}}', version FROM v")
-    stores.query(bump + "INSERT INTO api_keys (sha256, tenant_id, name, expires_at, version) "
+    stores.query_in(gateway.database_url, bump + "INSERT INTO api_keys (sha256, tenant_id, name, expires_at, version) "
                  "SELECT $1, 'good-before', 'ancient', '0001-01-01', version FROM v", "0" * 64)
     # The next change is read with them: it must still land, and so must revocations and new tenants.
     new_key = _make_tenant(gateway, "good-after")
@@ -91,7 +93,7 @@ def test_one_unreadable_row_never_stops_the_others(admin_setup, stores):
     status, answer = _admin(gateway, "POST", "/api/v1/organizations", {"name": "Huge again", "id": "huge"})
     assert status == 201, answer
     assert _metric(gateway, "gateway_directory_rows_rejected") == 1
-    restarted = GatewayProcess(config, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
+    restarted = GatewayProcess(config, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY, "DATABASE_URL": gateway.database_url})
     try:
         assert restarted.client(new_key).chat.completions.create(model="small", messages=HELLO).choices
         assert _admin(restarted, "GET", "/api/v1/organizations/good-after")[0] == 200
@@ -99,8 +101,8 @@ def test_one_unreadable_row_never_stops_the_others(admin_setup, stores):
         assert any("'broken'" in m and "skipped" in m for m in messages)
     finally:
         restarted.stop()
-        stores.query("DELETE FROM api_tenants WHERE id IN ('broken', 'huge')")
-        stores.query("DELETE FROM api_keys WHERE name = 'ancient'")
+        stores.query_in(gateway.database_url, "DELETE FROM api_tenants WHERE id IN ('broken', 'huge')")
+        stores.query_in(gateway.database_url, "DELETE FROM api_keys WHERE name = 'ancient'")
 
 
 def _raw_exchange(port: int, head: bytes, body: bytes = b"", timeout: float = 5.0) -> bytes:
@@ -250,7 +252,7 @@ def test_tenants_of_the_api_keep_working_while_postgres_is_down_at_start(admin_s
     gateway.stop()
     stores.stop_postgres()
     try:
-        alone = GatewayProcess(config, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY})
+        alone = GatewayProcess(config, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY, "DATABASE_URL": gateway.database_url})
         try:
             assert alone.client(key).chat.completions.create(model="small", messages=HELLO).choices
             messages = [line.get("message", "") for line in alone.log_lines()]
@@ -264,7 +266,8 @@ def test_tenants_of_the_api_keep_working_while_postgres_is_down_at_start(admin_s
 def test_key_made_a_moment_ago_works_at_once(admin_setup, tmp_path):
     gateway, _, config = admin_setup
     # The other replica polls rarely: the key it has not seen yet must still work on the first try.
-    slow = GatewayProcess(config, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY, "GATEWAY_RELOAD_INTERVAL": "60"})
+    slow = GatewayProcess(config, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY, "DATABASE_URL": gateway.database_url,
+                                       "GATEWAY_RELOAD_INTERVAL": "60"})
     try:
         key = _make_tenant(gateway, "instant")
         assert slow.client(key).chat.completions.create(model="small", messages=HELLO).choices
