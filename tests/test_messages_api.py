@@ -145,3 +145,142 @@ def test_a_huge_body_is_413_and_a_rate_limit_429_with_retry_after(gateway, keys)
     status, answer = http_request(gateway.port, "POST", "/v1/messages", b"{" + b" " * (30 * 1024 * 1024) + b"}",
                                   {"x-api-key": keys.acme})
     assert status == 413 and answer["error"]["type"] == "request_too_large"
+
+
+PROVIDER_KEY = "sk-provider-test-key-0123"
+
+
+@pytest.fixture(scope="module")
+def agents(tmp_path_factory):
+    """A gateway before an Anthropic upstream (the simulator speaking Anthropic's API, with its own key) and an
+    OpenAI-compatible one, with routing, a cascade, the cache on, and a tenant at 3 requests a minute."""
+    from conftest import Simulator
+    from gateway.config.keys import generate_key, hash_key
+    import yaml
+
+    anthropic_sim, openai_sim = Simulator("--api-key", PROVIDER_KEY), Simulator()
+    config = tmp_path_factory.mktemp("agents")
+    pricing = {"input_per_million": 3.0, "output_per_million": 15.0}
+    models = {
+        "defaults": {"timeouts": {"connect": 2, "read": 20}, "fallbacks": {"cooldown_seconds": 1},
+                     "cache": {"enabled": True, "nondeterministic": True}},
+        "router": {"aliases": {"auto": {}}, "classifier": {"scorer": "none"},
+                   "profiles": {"default": {"simple": "gpt", "moderate": "gpt", "complex": "claude",
+                                            "critical": "claude"}}},
+        "models": {
+            "claude": {"size": "large", "pricing": pricing, "deployments": [
+                {"name": "anthropic", "provider": "anthropic", "model": "claude-sonnet-4-5",
+                 "api_base": anthropic_sim.url, "api_key": "env:PROVIDER_KEY"}]},
+            "claude-bad-key": {"deployments": [
+                {"name": "anthropic-bad", "provider": "anthropic", "model": "claude-sonnet-4-5",
+                 "api_base": anthropic_sim.url, "api_key": "env:WRONG_KEY"}]},
+            "gpt": {"size": "small", "pricing": pricing, "deployments": [
+                {"name": "openai-sim", "api_base": f"{openai_sim.url}/v1", "model": "gpt"}]},
+        },
+    }
+    keys = {"main": generate_key(), "slow": generate_key()}
+    tenants = {"tenants": {
+        "acme": {"name": "Acme", "tier": "enterprise", "system_prompt": "You work for Acme.",
+                 "keys": [{"name": "k", "sha256": hash_key(keys["main"])}]},
+        "slow": {"name": "Slow", "tier": "enterprise", "limits": {"requests_per_minute": 3},
+                 "keys": [{"name": "k", "sha256": hash_key(keys["slow"])}]}}}
+    (config / "models.yaml").write_text(yaml.safe_dump(models))
+    (config / "tenants.yaml").write_text(yaml.safe_dump(tenants))
+    gateway = GatewayProcess(config, env={"PROVIDER_KEY": PROVIDER_KEY, "WRONG_KEY": "sk-wrong"})
+    yield gateway, keys, anthropic_sim, openai_sim
+    gateway.stop()
+    anthropic_sim.stop()
+    openai_sim.stop()
+
+
+def test_an_anthropic_upstream_gets_the_request_as_it_came(agents, stores):
+    gateway, keys, anthropic_sim, _ = agents
+    client = sdk(gateway, keys["main"])
+    raw = client.messages.with_raw_response.create(
+        model="claude", max_tokens=40, system=[{"type": "text", "text": "Be brief.",
+                                                "cache_control": {"type": "ephemeral"}}],
+        thinking={"type": "enabled", "budget_tokens": 1024},
+        messages=[{"role": "user", "content": "hello"}], extra_headers={"anthropic-beta": "some-beta-2025"})
+    message = raw.parse()
+    sent = anthropic_sim.last_request()
+    assert sent["model"] == "claude-sonnet-4-5"  # the upstream's name for it
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 1024}  # what the gateway does not model survives
+    assert sent["system"][0] == {"type": "text", "text": "You work for Acme."}  # the tenant's prompt first
+    assert sent["system"][1]["cache_control"] == {"type": "ephemeral"}
+    assert message.content[0].text and message.usage.output_tokens > 0
+    row = ledger_row(stores, raw.headers["x-request-id"])
+    assert row["route"] == "messages" and row["model"] == "claude"
+    assert row["prompt_tokens"] == message.usage.input_tokens
+    assert row["completion_tokens"] == message.usage.output_tokens
+    assert float(row["cost_usd"]) > 0
+    with client.messages.stream(model="claude", max_tokens=12, messages=[{"role": "user", "content": "hi"}]) as s:
+        streamed = s.get_final_message()
+    assert streamed.usage.output_tokens == 12 and streamed.content[0].text
+
+
+def test_an_agents_loop_against_the_anthropic_upstream(agents):
+    gateway, keys, _, _ = agents
+    client = sdk(gateway, keys["main"])
+    messages = [{"role": "user", "content": "What is the weather in Paris? Use get_weather."}]
+    first = client.messages.create(model="claude", max_tokens=128, tools=[WEATHER], messages=messages)
+    call = next(block for block in first.content if block.type == "tool_use")
+    assert first.stop_reason == "tool_use" and call.name == "get_weather"
+    messages += [{"role": "assistant", "content": [block.model_dump() for block in first.content]},
+                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "sunny"}]}]
+    second = client.messages.create(model="claude", max_tokens=64, tools=[WEATHER], messages=messages)
+    assert second.stop_reason in ("end_turn", "max_tokens") and second.content[0].type == "text"
+
+
+def test_auto_routes_messages_and_the_cache_answers_repeats(agents, stores):
+    gateway, keys, _, openai_sim = agents
+    client = sdk(gateway, keys["main"])
+    ask = {"model": "auto", "max_tokens": 20, "messages": [{"role": "user", "content": "What is 2 + 2, briefly?"}]}
+    first = client.messages.with_raw_response.create(**ask)
+    assert first.headers["x-gateway-model"] == "gpt" and first.headers["x-gateway-routing-rule"]
+    again = client.messages.with_raw_response.create(**ask)
+    assert again.headers["x-gateway-cache"] == "hit"
+    assert again.parse().content[0].text == first.parse().content[0].text
+    row = ledger_row(stores, again.headers["x-request-id"])
+    assert row["route"] == "messages" and row["cache_hit"] is True
+    streamed = client.messages.with_raw_response.create(**ask, stream=True)  # a stream is a request of its own
+    assert "".join(e.delta.text for e in streamed.parse() if e.type == "content_block_delta")
+
+
+def test_limits_and_upstream_failures_in_anthropics_terms(agents):
+    gateway, keys, anthropic_sim, openai_sim = agents
+    slow = sdk(gateway, keys["slow"])
+    for _ in range(3):
+        slow.messages.create(model="gpt", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(anthropic.RateLimitError) as limited:
+        slow.messages.create(model="gpt", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert limited.value.body["error"]["type"] == "rate_limit_error"
+    assert int(limited.value.response.headers["retry-after"]) > 0
+    client = sdk(gateway, keys["main"])
+    with pytest.raises(anthropic.APIStatusError) as refused:
+        client.messages.create(model="claude-bad-key", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    assert refused.value.status_code == 502 and refused.value.body["error"]["type"] == "api_error"
+    assert PROVIDER_KEY not in str(refused.value.body) and "sk-wrong" not in str(refused.value.body)
+    openai_sim.control(error_rate=1.0, error_status=503)
+    try:
+        with pytest.raises(anthropic.APIStatusError) as overloaded:
+            client.messages.create(model="gpt", max_tokens=4, messages=[{"role": "user", "content": "busy?"}])
+        assert overloaded.value.status_code == 529 and overloaded.value.body["error"]["type"] == "overloaded_error"
+    finally:
+        openai_sim.control(error_rate=0.0)
+
+
+@pytest.mark.parametrize("model", ["gpt", "claude"])
+def test_a_stream_that_breaks_ends_with_an_error_event(agents, model):
+    gateway, keys, anthropic_sim, openai_sim = agents
+    sim = anthropic_sim if model == "claude" else openai_sim
+    sim.control(break_stream_after=3)
+    try:
+        client = sdk(gateway, keys["main"])
+        with pytest.raises(anthropic.APIStatusError) as broken:
+            with client.messages.stream(model=model, max_tokens=50,
+                                        messages=[{"role": "user", "content": f"tell me a story {model}"}]) as s:
+                for _ in s:
+                    pass
+        assert "incomplete" in str(broken.value.body) or "stream" in str(broken.value.body)
+    finally:
+        sim.control(break_stream_after=None)

@@ -334,6 +334,8 @@ def _compile_models(
                 api_base = f"{simulator_url}/embedder/v1" if simulator_url else api_base
             elif not re.match(r"^https?://", api_base):
                 reason = f"api_base '{api_base}' is not an http(s) URL"
+            if provider == "anthropic" and not api_base:
+                api_base = ANTHROPIC_API  # where a request in Anthropic's own API goes as it came
             deployments.append(
                 Deployment(
                     name=d.name,
@@ -350,6 +352,7 @@ def _compile_models(
                     pool=pool.name if pool is not None else None,
                     provider=provider,
                     litellm=via,
+                    apis=frozenset(d.apis if d.apis is not None else _DEFAULT_APIS.get(provider, ())),
                 )
             )
         available = [d for d in deployments if d.unavailable_reason is None]
@@ -477,6 +480,10 @@ def _compile_tenant(context: _TenantContext, tenant_id: str, t: TenantSpec, sour
         created_at=created_at,
     )
 
+
+ANTHROPIC_API = "https://api.anthropic.com"
+# The APIs besides chat completions a provider serves by default (a deployment's `apis:` says otherwise)
+_DEFAULT_APIS = {"anthropic": ("messages",), "openai": ("responses",)}
 
 # OpenAI-compatible providers known by their API's host: a tenant's own key for them is used without the
 # deployment having to say `provider:`.

@@ -134,6 +134,10 @@ class DeploymentSpec(Strict):
                                 description="requests go to the usable deployments of the lowest priority")
     timeouts: Timeouts | None = None
     headers: dict[str, str] = Field(default_factory=dict)
+    apis: list[Literal["messages", "responses"]] | None = Field(
+        None, description="the APIs besides chat completions the upstream serves: a client's request in one of them "
+                          "goes to it as it came (messages: Anthropic's, the default of provider anthropic; "
+                          "responses: OpenAI's, the default of provider openai); others are translated")
 
     @field_validator("api_base")
     @classmethod

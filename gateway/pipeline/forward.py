@@ -56,6 +56,7 @@ class Answer:
     body: bytes | None
     content_type: bytes
     attempt: dict  # this call's entry in ctx.attempts
+    native: bool = False  # in the client's own API (its request sent as it came), not chat completions'
 
 
 class Forward:
@@ -167,9 +168,14 @@ class Forward:
         ctx.attempts.append(attempt)
         upstream_model = await self._on_node(ctx, model, deployment, attempt) if deployment.node else None
         own_key = self._tenant_key(ctx, deployment, attempt) if ctx.tenant.provider_keys else None
+        dialect = ctx.endpoint.dialect
+        native = dialect is not None and body is ctx.body and ctx.endpoint.route in deployment.apis
         ctx.upstream_started = started = time.perf_counter()
         try:
-            if deployment.litellm is not None:
+            if native:  # the upstream speaks the client's API: the request goes as it came
+                path, payload, headers = dialect.native_request(ctx, deployment, upstream_model, own_key)
+                response = await self.client.post(deployment, path, payload, headers)
+            elif deployment.litellm is not None:
                 response = await self._through_litellm(ctx, deployment, body, stream, own_key)
             else:
                 payload = self._payload(ctx, body, deployment, stream, upstream_model)
@@ -197,8 +203,10 @@ class Forward:
             attempt["status"] = response.status
         self.selector.succeeded(model, deployment)
         ctx.model, ctx.deployment = model, deployment
+        if native:
+            attempt["api"] = ctx.endpoint.route
         return Answer(model, deployment, response.status, response_for_stream, content,
-                      response.headers.get("Content-Type", "application/json").encode(), attempt)
+                      response.headers.get("Content-Type", "application/json").encode(), attempt, native)
 
     @staticmethod
     def _tenant_key(ctx: RequestContext, deployment: Deployment, attempt: dict) -> str | None:
@@ -265,6 +273,7 @@ class Forward:
     # Relaying
 
     async def _relay(self, ctx: RequestContext, answer: Answer) -> None:
+        ctx.native_answer = answer.native
         if answer.response is not None:
             try:
                 await self._relay_stream(ctx, answer)
@@ -290,7 +299,7 @@ class Forward:
                            + [(b"x-gateway-overhead-ms", b"%.2f" % overhead_ms)])
         ctx.status = answer.status
         ctx.responded = True
-        relay = SSERelay(drop_usage_event=ctx.usage_injected)
+        relay = SSERelay(drop_usage_event=ctx.usage_injected and not answer.native)
         send = ctx.send
         started = ctx.upstream_started
         kept: list[bytes] | None = [] if ctx.cache_capture else None  # the upstream's events, usage included

@@ -7,7 +7,7 @@ messages), PDF and text documents (as file and text parts), ``max_tokens``, ``st
 (``output_format``, as a JSON-schema response format). Dropped: ``cache_control`` marks, ``thinking`` settings and
 thinking blocks (they carry a signature only Anthropic can check), ``service_tier``, ``container``. Server tools
 (web search, code execution, computer use...) are refused: only an Anthropic upstream runs them, and a request
-sent on to one as it came keeps them (see ``gateway.protocols.native``).
+sent on to one as it came (a deployment whose ``apis`` include ``messages``) keeps all of them.
 
 Answers: the text and tool calls as ``text`` and ``tool_use`` blocks; ``finish_reason`` as ``stop_reason``
 (stop: ``end_turn``, or ``stop_sequence`` when the upstream names the sequence it stopped at; length:
@@ -22,10 +22,13 @@ from typing import Any
 
 import orjson
 
+from gateway.asgi import header
+from gateway.config.types import Deployment
 from gateway.errors import bad_request
 from gateway.pipeline.context import RequestContext
-from gateway.pipeline.parse import invalid_type, missing
+from gateway.pipeline.parse import encode, invalid_type, missing
 
+DEFAULT_VERSION = b"2023-06-01"
 _ROLES = ("user", "assistant")
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                  "content_filter": "refusal"}
@@ -469,6 +472,27 @@ class Messages:
     async def inbound(self, ctx: RequestContext, body: dict) -> dict:
         return to_chat(body)
 
+    def native_request(self, ctx: RequestContext, deployment: Deployment, upstream_model: str | None,
+                       own_key: str | None) -> tuple[str, bytes, dict[str, str]]:
+        """The request as it came, for an upstream that speaks Anthropic's API: its model named as the upstream
+        knows it, the tenant's system prompt first, the client's ``anthropic-version`` and ``anthropic-beta``."""
+        body = dict(ctx.native_body)
+        body["model"] = ctx.upstream_model = upstream_model or deployment.upstream_model
+        prompt = ctx.tenant.system_prompt
+        if prompt:
+            system = body.get("system")
+            body["system"] = (prompt if not system else f"{prompt}\n\n{system}" if isinstance(system, str)
+                              else [{"type": "text", "text": prompt}, *system])
+        headers = {name: value for name, value in deployment.headers.items() if name.lower() != "authorization"}
+        key = own_key or deployment.api_key
+        if key:
+            headers["x-api-key"] = key
+        headers["anthropic-version"] = (header(ctx.scope, b"anthropic-version") or DEFAULT_VERSION).decode("latin-1")
+        beta = header(ctx.scope, b"anthropic-beta")
+        if beta:
+            headers["anthropic-beta"] = beta.decode("latin-1")
+        return "/v1/messages", encode(body), headers
+
     def whole(self, ctx: RequestContext, answer: dict) -> bytes:
         return orjson.dumps(to_message(answer, ctx.native_body or {}))
 
@@ -481,6 +505,9 @@ class Messages:
 
     async def settle(self, ctx: RequestContext) -> None:
         return None
+
+    def native_error(self, status: int, openai_error: dict) -> bytes:
+        return event("error", error_of(status, openai_error)[1])
 
     def closing(self, ctx: RequestContext) -> bytes:
         return b""

@@ -49,6 +49,9 @@ class Dialect(Protocol):
     def closing(self, ctx: RequestContext) -> bytes:
         """The rest of a whole answer, written after ``settle``."""
 
+    def native_error(self, status: int, openai_error: dict) -> bytes:
+        """The event that ends a stream in the API's own terms, for a stream an upstream gave in that API."""
+
 
 class Outbound:
     """``send`` for one request: holds a whole answer until its last byte (its length changes), translates a stream
@@ -69,7 +72,14 @@ class Outbound:
         if message["type"] == "http.response.start":
             await self._started(message)
             return
-        if message["type"] != "http.response.body" or self.mode == "raw":
+        if self.mode == "raw":
+            body = message.get("body", b"")
+            if body.startswith(b'data: {"error"'):  # the gateway's own event ending a stream that broke
+                error = orjson.loads(body[5:])["error"]
+                message = {**message, "body": self.dialect.native_error(self.ctx.status, error)}
+            await self.send(message)
+            return
+        if message["type"] != "http.response.body":
             await self.send(message)
             return
         body, more = message.get("body", b""), message.get("more_body", False)

@@ -559,3 +559,7 @@ class Responses:
 
     def error(self, status: int, openai_error: dict) -> tuple[int, bytes]:
         return status, orjson.dumps({"error": openai_error})
+
+    def native_error(self, status: int, openai_error: dict) -> bytes:
+        return _event({"type": "error", "code": openai_error.get("code") or openai_error.get("type"),
+                       "message": openai_error.get("message"), "param": openai_error.get("param")})

@@ -66,7 +66,21 @@ def from_anthropic(body: dict) -> dict:
     for message in body["messages"]:
         if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
             raise ProtocolError(400, "messages: each message needs a role of user or assistant")
-        messages.append({"role": message["role"], "content": _blocks_text(message.get("content"))})
+        content = message.get("content")
+        blocks = content if isinstance(content, list) else []
+        results = [b for b in blocks if isinstance(b, dict) and b.get("type") == "tool_result"]
+        calls = [b for b in blocks if isinstance(b, dict) and b.get("type") == "tool_use"]
+        # An agent's loop: tool results answer the tool calls before them (a model then answers in words)
+        messages += [{"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": _blocks_text(b.get("content"))}
+                     for b in results]
+        rest = [b for b in blocks if b not in results and b not in calls] if blocks else content
+        if calls:
+            messages.append({"role": "assistant", "content": _blocks_text(rest), "tool_calls": [
+                {"id": b.get("id"), "type": "function",
+                 "function": {"name": b.get("name"), "arguments": orjson.dumps(b.get("input")).decode()}}
+                for b in calls]})
+        elif rest or not results:
+            messages.append({"role": message["role"], "content": _blocks_text(rest)})
     converted: dict[str, Any] = {"model": body.get("model"), "messages": messages, "max_tokens": body["max_tokens"],
                                  "stream": bool(body.get("stream"))}
     output = body.get("output_format")  # structured outputs: the text is JSON valid against the schema

@@ -45,15 +45,21 @@ class SSERelay:
         for event in complete.split(b"\n\n"):
             if not event:
                 continue
-            if b'"usage"' in event and event.startswith(b"data:"):
-                payload = event[5:].strip()
+            data = event.find(b"data:")  # after an "event:" line, in Anthropic's and the Responses API's streams
+            if b'"usage"' in event and (data == 0 or (data > 0 and event[data - 1:data] == b"\n")):
+                payload = event[data + 5:].strip()
                 try:
                     parsed = orjson.loads(payload)
                 except orjson.JSONDecodeError:
                     parsed = None
                 if isinstance(parsed, dict) and isinstance(parsed.get("usage"), dict):
-                    self.usage = parsed["usage"]
+                    # Anthropic's stream counts input tokens at its start and output tokens at its end
+                    self.usage = {**self.usage, **parsed["usage"]} if self.usage else parsed["usage"]
                     if self._drop_usage_event and not parsed.get("choices"):
                         continue
+                elif isinstance(parsed, dict):  # Anthropic's message_start, the Responses API's last event
+                    inner = parsed.get("message") or parsed.get("response")
+                    if isinstance(inner, dict) and isinstance(inner.get("usage"), dict):
+                        self.usage = {**self.usage, **inner["usage"]} if self.usage else inner["usage"]
             kept.append(event)
         return b"\n\n".join(kept) + b"\n\n" if kept else b""

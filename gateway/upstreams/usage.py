@@ -36,9 +36,15 @@ def usage_of(body: bytes) -> dict | None:
 
 
 def token_counts(usage: dict | None) -> tuple[int, int]:
-    """(prompt tokens, completion tokens) of an OpenAI usage object; zeros where it says nothing."""
+    """(prompt tokens, completion tokens) of a usage object: chat completions' (prompt and completion tokens),
+    or the Responses API's and Anthropic's (input and output tokens; Anthropic's input excludes the tokens read
+    from or written to its prompt cache, counted here); zeros where it says nothing."""
     if not usage:
         return 0, 0
-    prompt = usage.get("prompt_tokens") or 0
-    completion = usage.get("completion_tokens") or 0
+    if "prompt_tokens" in usage or "completion_tokens" in usage:
+        prompt, completion = usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+    else:
+        prompt = sum(value for name in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")
+                     if type(value := usage.get(name)) is int)
+        completion = usage.get("output_tokens") or 0
     return (prompt if type(prompt) is int else 0), (completion if type(completion) is int else 0)
