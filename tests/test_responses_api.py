@@ -162,3 +162,66 @@ def test_an_unknown_previous_response_is_a_404(gateway, keys):
     with pytest.raises(openai.NotFoundError) as unknown:
         gateway.client(keys.acme).responses.create(model="small", input="hi", previous_response_id="resp_nope")
     assert unknown.value.body["param"] == "previous_response_id"
+
+
+@pytest.fixture(scope="module")
+def upstreams(tmp_path_factory):
+    """A gateway before an upstream that serves the Responses API (the simulator, as vLLM does) and a tenant with a
+    system prompt; the same model's second deployment speaks only chat completions."""
+    from conftest import GatewayProcess, Simulator
+    from gateway.config.keys import generate_key, hash_key
+    import yaml
+
+    sim = Simulator()
+    config = tmp_path_factory.mktemp("responses-upstream")
+    pricing = {"input_per_million": 1.0, "output_per_million": 2.0}
+    models = {"defaults": {"timeouts": {"connect": 2, "read": 20}, "fallbacks": {"cooldown_seconds": 30}},
+              "models": {
+                  "native": {"pricing": pricing, "deployments": [
+                      {"name": "serves-responses", "api_base": f"{sim.url}/v1", "model": "vllm-model",
+                       "apis": ["responses"]}]},
+                  "mixed": {"pricing": pricing, "deployments": [
+                      {"name": "chat-only", "api_base": f"{sim.url}/v1", "model": "chat-model"}]}}}
+    key = generate_key()
+    tenants = {"tenants": {"acme": {"name": "Acme", "tier": "enterprise", "system_prompt": "You work for Acme.",
+                                    "keys": [{"name": "k", "sha256": hash_key(key)}]}}}
+    (config / "models.yaml").write_text(yaml.safe_dump(models))
+    (config / "tenants.yaml").write_text(yaml.safe_dump(tenants))
+    gateway = GatewayProcess(config)
+    yield gateway, gateway.client(key), sim
+    gateway.stop()
+    sim.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_that_serves_responses_gets_the_request_as_it_came(upstreams, stores, stream):
+    gateway, client, sim = upstreams
+
+    def create(**fields):
+        if not stream:
+            raw = client.responses.with_raw_response.create(model="native", tools=[WEATHER], **fields)
+            return raw.parse(), raw.headers["x-request-id"]
+        with client.responses.stream(model="native", tools=[WEATHER], **fields) as events:
+            return events.get_final_response(), None
+
+    first, request_id = create(input="Weather in Rome? Use get_weather.", reasoning={"effort": "low"},
+                               include=["reasoning.encrypted_content"], instructions="Be brief.")
+    sent = sim.last_request()
+    assert sent["model"] == "vllm-model" and sent["store"] is False
+    assert sent["reasoning"] == {"effort": "low"} and sent["include"] == ["reasoning.encrypted_content"]
+    assert sent["instructions"] == "You work for Acme.\n\nBe brief."
+    call = first.output[0]
+    assert call.type == "function_call" and first.store is True and first.instructions == "Be brief."
+    if request_id is not None:
+        row = ledger_row(stores, request_id)
+        assert row["route"] == "responses" and row["prompt_tokens"] == first.usage.input_tokens > 0
+        assert row["completion_tokens"] == first.usage.output_tokens > 0
+    assert client.responses.retrieve(first.id).output[0].call_id == call.call_id  # stored by the gateway
+    second, _ = create(previous_response_id=first.id,
+                       input=[{"type": "function_call_output", "call_id": call.call_id, "output": "warm"}])
+    sent = sim.last_request()
+    assert "previous_response_id" not in sent  # the upstream keeps nothing: the conversation is sent whole
+    assert [item.get("type", "message") for item in sent["input"]] == ["message", "function_call",
+                                                                      "function_call_output"]
+    assert second.output[0].type == "message" and second.previous_response_id == first.id
+    assert client.responses.retrieve(second.id).output_text == second.output_text

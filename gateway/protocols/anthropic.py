@@ -468,6 +468,7 @@ class Messages:
     """``POST /v1/messages`` for the edge (``gateway.protocols.edge``) and the body stage."""
 
     name = "anthropic"
+    keeps_answers = False
 
     async def inbound(self, ctx: RequestContext, body: dict) -> dict:
         return to_chat(body)

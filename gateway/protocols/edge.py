@@ -16,6 +16,7 @@ from gateway.asgi import EVENT_STREAM, Send
 from gateway.pipeline.context import RequestContext
 from gateway.upstreams.replay import as_stream
 
+_FINAL_EVENTS = (b"response.completed", b"response.incomplete", b"response.failed")
 _INCOMPLETE = {"message": "The stream ended before the answer was complete.", "type": "upstream_error",
                "code": "stream_incomplete"}
 
@@ -36,6 +37,8 @@ class StreamTranslator(Protocol):
 class Dialect(Protocol):
     """What the edge needs of an API: its whole answers, its streams and its errors."""
 
+    keeps_answers: bool  # settle() keeps the answer: an upstream's own answer in the API is read for it too
+
     def whole(self, ctx: RequestContext, answer: dict) -> bytes: ...
 
     def stream(self, ctx: RequestContext) -> StreamTranslator: ...
@@ -51,6 +54,12 @@ class Dialect(Protocol):
 
     def native_error(self, status: int, openai_error: dict) -> bytes:
         """The event that ends a stream in the API's own terms, for a stream an upstream gave in that API."""
+
+    def native_final(self, ctx: RequestContext, answer: dict) -> None:
+        """Read an upstream's own final answer in the API (``keeps_answers``), before ``settle``."""
+
+    def final_event(self, ctx: RequestContext, kind: str, sequence: int) -> bytes:
+        """The final event of an upstream's own stream, told again after ``settle``."""
 
 
 class Outbound:
@@ -72,11 +81,13 @@ class Outbound:
         if message["type"] == "http.response.start":
             await self._started(message)
             return
-        if self.mode == "raw":
+        if self.mode in ("raw", "native"):
             body = message.get("body", b"")
             if body.startswith(b'data: {"error"'):  # the gateway's own event ending a stream that broke
                 error = orjson.loads(body[5:])["error"]
                 message = {**message, "body": self.dialect.native_error(self.ctx.status, error)}
+            elif self.mode == "native":
+                message = {**message, "body": await self._native_events(body, message.get("more_body", False))}
             await self.send(message)
             return
         if message["type"] != "http.response.body":
@@ -91,13 +102,22 @@ class Outbound:
             await self.send({"type": "http.response.body", "body": out, "more_body": more})
             return
         self.held.append(body)
-        if not more:
+        if not more and self.mode == "native-whole":
+            await self._native_whole(b"".join(self.held))
+        elif not more:
             await self._whole(b"".join(self.held))
 
     async def _started(self, message: dict) -> None:
         status = message["status"]
         content_type = next((v for k, v in message["headers"] if k == b"content-type"), b"")
-        if self.ctx.native_answer:
+        if self.ctx.native_answer and status < 400 and self.dialect.keeps_answers:
+            if content_type.startswith(EVENT_STREAM):
+                self.mode = "native"
+                await self.send(message)
+            else:
+                self.mode = "native-whole"
+                self.start = message
+        elif self.ctx.native_answer:
             self.mode = "raw"
             await self.send(message)
         elif status < 400 and content_type.startswith(EVENT_STREAM):
@@ -146,6 +166,37 @@ class Outbound:
             out += self.stream.error(502, _INCOMPLETE)
         return out
 
+    async def _native_events(self, data: bytes, more: bool) -> bytes:
+        """An upstream's own stream, passed on as it came but for its final event: read, kept (``settle``), and
+        told again as the client asked for it."""
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        data = self.pending + data
+        end = len(data) if not more else data.rfind(b"\n\n") + 2
+        if end <= 1:
+            self.pending = data
+            return b""
+        self.pending = data[end:]
+        out = b""
+        for event in data[:end].split(b"\n\n"):
+            if not event:
+                continue
+            if not self.settled and any(name in event[:160] for name in _FINAL_EVENTS):
+                payload = b"".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+                try:
+                    final = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    final = None
+                if (isinstance(final, dict) and final.get("type", "").encode() in _FINAL_EVENTS
+                        and isinstance(final.get("response"), dict)):
+                    self.settled = True
+                    self.dialect.native_final(self.ctx, final["response"])
+                    await self.dialect.settle(self.ctx)
+                    out += self.dialect.final_event(self.ctx, final.get("type", ""), final.get("sequence_number", 0))
+                    continue
+            out += event + b"\n\n"
+        return out
+
     async def _closing(self) -> bytes:
         if not self.stream.finished or self.settled:
             return b""
@@ -181,6 +232,17 @@ class Outbound:
         body = self.dialect.whole(self.ctx, parsed)
         await self.dialect.settle(self.ctx)
         await self._send_whole(status, body + self.dialect.closing(self.ctx), start["headers"], b"application/json")
+
+    async def _native_whole(self, body: bytes) -> None:
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            answer = None
+        if isinstance(answer, dict):
+            self.dialect.native_final(self.ctx, answer)
+            await self.dialect.settle(self.ctx)
+            body = self.dialect.closing(self.ctx)
+        await self._send_whole(self.start["status"], body, self.start["headers"], b"application/json")
 
     async def _send_whole(self, status: int, body: bytes, headers: list, content_type: bytes) -> None:
         kept = [(k, v) for k, v in headers if k not in (b"content-type", b"content-length")]

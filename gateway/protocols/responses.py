@@ -26,9 +26,10 @@ from typing import Any, Callable
 
 import orjson
 
+from gateway.config.types import Deployment
 from gateway.errors import GatewayError, bad_request
 from gateway.pipeline.context import RequestContext
-from gateway.pipeline.parse import invalid_type, missing
+from gateway.pipeline.parse import encode, invalid_type, missing
 from gateway.stores.responses import ResponseStore
 
 log = logging.getLogger("gateway.responses")
@@ -47,12 +48,14 @@ def new_id(prefix: str) -> str:
 
 @dataclass(slots=True)
 class Turn:
-    """One request of the Responses API while it runs: its id, its input items, and the response once made."""
+    """One request of the Responses API while it runs: its id, its input items (and the conversation before them),
+    and the response once made."""
 
     id: str
     created_at: int
     store: bool
     input_items: list[dict]
+    history: list[dict] = field(default_factory=list)
     response: dict | None = None
     output: list[dict] = field(default_factory=list)
 
@@ -382,6 +385,14 @@ def to_response(turn: Turn, native: dict, answer: dict) -> dict:
                            _usage(answer.get("usage")), choice.get("finish_reason"))
 
 
+def _without_id(item: dict) -> dict:
+    """An item of the conversation as input to an upstream that did not store it (an id would name a stored item);
+    reasoning items keep theirs, which their encrypted content goes with."""
+    if item.get("type") == "reasoning" or "id" not in item:
+        return item
+    return {k: v for k, v in item.items() if k != "id"}
+
+
 def _event(data: dict) -> bytes:
     return b"event: " + data["type"].encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
@@ -511,6 +522,7 @@ class Responses:
     """``POST /v1/responses`` for the body stage and the edge (``gateway.protocols.edge``)."""
 
     name = "responses"
+    keeps_answers = True
 
     def __init__(self, store: Callable[[], ResponseStore | None]) -> None:
         self.store = store
@@ -533,8 +545,41 @@ class Responses:
         items = input_items(body)
         chat = to_chat(body, history, items)
         ctx.protocol_state = Turn(new_id("resp"), int(time.time()), body.get("store", True) is not False
-                                  and store is not None, items)
+                                  and store is not None, items, history)
         return chat
+
+    def native_request(self, ctx: RequestContext, deployment: Deployment, upstream_model: str | None,
+                       own_key: str | None) -> tuple[str, bytes, dict[str, str]]:
+        """The request as it came, for an upstream that serves the Responses API, but with the whole conversation
+        as its input and nothing stored there: the gateway keeps the conversation (so that a next turn may go to
+        any deployment) and stores the response itself. The tenant's system prompt goes before the
+        instructions."""
+        turn: Turn = ctx.protocol_state
+        body = dict(ctx.native_body)
+        body["model"] = ctx.upstream_model = upstream_model or deployment.upstream_model
+        body.pop("previous_response_id", None)
+        body["store"] = False
+        body["input"] = [_without_id(item) for item in turn.history + turn.input_items]
+        prompt = ctx.tenant.system_prompt
+        if prompt:
+            body["instructions"] = f"{prompt}\n\n{body['instructions']}" if body.get("instructions") else prompt
+        headers = deployment.headers if own_key is None else {**deployment.headers,
+                                                              "Authorization": f"Bearer {own_key}"}
+        return "/responses", encode(body), headers
+
+    def native_final(self, ctx: RequestContext, response: dict) -> None:
+        """An upstream's response, as the client and the store see it: what the client asked for (stored, after
+        which response), under the upstream's id."""
+        turn: Turn = ctx.protocol_state
+        native = ctx.native_body or {}
+        if isinstance(response.get("id"), str) and response["id"]:
+            turn.id = response["id"]
+        response.update(store=turn.store, previous_response_id=native.get("previous_response_id"),
+                        instructions=native.get("instructions"), metadata=native.get("metadata") or {})
+        turn.response = response
+
+    def final_event(self, ctx: RequestContext, kind: str, sequence: int) -> bytes:
+        return _event({"type": kind, "sequence_number": sequence, "response": ctx.protocol_state.response})
 
     def whole(self, ctx: RequestContext, answer: dict) -> bytes:
         turn: Turn = ctx.protocol_state

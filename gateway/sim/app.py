@@ -1,7 +1,8 @@
 """A vLLM-compatible OpenAI server that generates deterministic text without a model.
 
-Used for development, tests and benchmarks: answers in vLLM's wire format (chat, completions, embeddings, model
-list, runtime LoRA adapters, /metrics with vLLM's metric names), with configurable timing and injected faults.
+Used for development, tests and benchmarks: answers in vLLM's wire format (chat, completions, embeddings, the
+Responses API without stored responses, model list, runtime LoRA adapters, /metrics with vLLM's metric names), with
+configurable timing and injected faults.
 Settings can be changed while it runs: ``POST /sim/control`` with a JSON object of SimSettings fields.
 """
 
@@ -72,6 +73,7 @@ class Simulator:
             ("POST", "/v1/chat/completions"): self._chat,
             ("POST", "/v1/completions"): self._completions,
             ("POST", "/v1/embeddings"): self._embeddings,
+            ("POST", "/v1/responses"): self._responses,
             ("GET", "/v1/models"): self._models,
             ("POST", "/v1/load_lora_adapter"): self._load_lora,
             ("POST", "/v1/unload_lora_adapter"): self._unload_lora,
@@ -186,6 +188,11 @@ class Simulator:
             raise SimError(400, "'messages' must be a non-empty list", param="messages")
         prompt = "\n".join(f"{m.get('role')}: {text_of(m.get('content'))}" for m in messages if isinstance(m, dict))
         await self._generate(scope, receive, send, body, "chat", [prompt], _chat_prompt_tokens(messages), writer)
+
+    async def _responses(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """OpenAI's Responses API, as vLLM serves it (without stored responses)."""
+        body = protocols.from_responses(await self._json_body(receive))
+        await self._chat_body(scope, receive, send, body, protocols.ResponsesWriter)
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._json_body(receive)

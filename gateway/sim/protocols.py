@@ -289,3 +289,131 @@ class GeminiWriter:
         completion = completions[0]
         parts = self._parts(completion) if self.tool else [{"text": ""}]
         return b"data: " + orjson.dumps(self._answer(parts, self._finish(completion), self._usage())) + b"\r\n\r\n"
+
+
+# -- OpenAI's Responses API (vLLM serves it too) ---------------------------------------------------------------------
+
+def from_responses(body: dict) -> dict:
+    """A Responses request in chat completions' terms. Like vLLM, the simulator keeps no conversations: a request
+    naming a previous response is refused."""
+    if body.get("previous_response_id"):
+        raise ProtocolError(400, "previous_response_id is not supported: this server stores no responses")
+    value = body.get("input")
+    if not isinstance(value, (str, list)) or not value:
+        raise ProtocolError(400, "input: Field required")
+    messages: list[dict] = []
+    if isinstance(body.get("instructions"), str):
+        messages.append({"role": "system", "content": body["instructions"]})
+    for item in [{"role": "user", "content": value}] if isinstance(value, str) else value:
+        if not isinstance(item, dict):
+            raise ProtocolError(400, "input: each item must be an object")
+        kind = item.get("type", "message")
+        if kind == "message":
+            messages.append({"role": item.get("role"), "content": _response_text(item.get("content"))})
+        elif kind == "function_call":
+            call = {"id": item.get("call_id"), "type": "function",
+                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
+            if messages and messages[-1]["role"] == "assistant":
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": str(item.get("output"))})
+    converted: dict[str, Any] = {"model": body.get("model"), "messages": messages, "stream": bool(body.get("stream"))}
+    if isinstance(body.get("max_output_tokens"), int):
+        converted["max_tokens"] = body["max_output_tokens"]
+    tools = [t for t in body.get("tools") or () if isinstance(t, dict) and t.get("type") == "function"]
+    if tools:
+        converted["tools"] = [{"type": "function", "function": {"name": t.get("name"),
+                                                                "parameters": t.get("parameters")}} for t in tools]
+        choice = body.get("tool_choice", "auto")
+        converted["tool_choice"] = ({"type": "function", "function": {"name": choice.get("name")}}
+                                    if isinstance(choice, dict) else choice)
+    format_ = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    if isinstance(format_, dict) and format_.get("type") == "json_schema":
+        converted["response_format"] = {"type": "json_schema", "json_schema": {"schema": format_.get("schema")}}
+    return converted
+
+
+def _response_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return " ".join(p.get("text", "") for p in content or () if isinstance(p, dict) and isinstance(p.get("text"), str))
+
+
+class ResponsesWriter:
+    """Answers as OpenAI's Responses API writes them (the events of a stream numbered in order)."""
+
+    def __init__(self, body: dict, kind: str, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        self.body, self.model = body, model
+        self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
+        self.id = f"resp_{random.getrandbits(96):024x}"
+        self.item_id = f"{'fc' if forced_tool(body)[0] else 'msg'}_{random.getrandbits(96):024x}"
+        self.call_id = f"call_{random.getrandbits(64):016x}"
+        self.tool = forced_tool(body)[0]
+        self.sequence = 0
+        self.created = int(time.time())
+
+    def _item(self, text: str, status: str = "completed") -> dict:
+        if self.tool:
+            return {"type": "function_call", "id": self.item_id, "call_id": self.call_id, "name": self.tool,
+                    "arguments": text, "status": status}
+        return {"type": "message", "id": self.item_id, "role": "assistant", "status": status,
+                "content": [{"type": "output_text", "text": text, "annotations": []}]}
+
+    def _response(self, status: str, output: list[dict], completion: generate.Completion | None = None) -> dict:
+        incomplete = completion is not None and completion.finish_reason == "length" and not self.tool
+        return {"id": self.id, "object": "response", "created_at": self.created,
+                "status": "incomplete" if incomplete else status, "model": self.model, "output": output,
+                "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None, "error": None,
+                "store": self.body.get("store", True), "previous_response_id": None,
+                "instructions": self.body.get("instructions"), "tools": self.body.get("tools") or [],
+                "usage": {"input_tokens": self.prompt_tokens, "output_tokens": self.completion_tokens,
+                          "total_tokens": self.prompt_tokens + self.completion_tokens,
+                          "input_tokens_details": {"cached_tokens": 0},
+                          "output_tokens_details": {"reasoning_tokens": 0}} if completion is not None else None}
+
+    def _emit(self, data: dict) -> bytes:
+        data = {**data, "sequence_number": self.sequence}
+        self.sequence += 1
+        return _event(data["type"], data)
+
+    def full_body(self, completions: list[generate.Completion]) -> bytes:
+        completion = completions[0]
+        return orjson.dumps(self._response("completed", [self._item(completion.text)], completion))
+
+    def opening(self, completions: list[generate.Completion]) -> bytes:
+        pending = self._response("in_progress", [])
+        out = (self._emit({"type": "response.created", "response": pending})
+               + self._emit({"type": "response.in_progress", "response": pending})
+               + self._emit({"type": "response.output_item.added", "output_index": 0,
+                             "item": {**self._item("", "in_progress"), **({} if self.tool else {"content": []})}}))
+        if not self.tool:
+            out += self._emit({"type": "response.content_part.added", "item_id": self.item_id, "output_index": 0,
+                               "content_index": 0, "part": {"type": "output_text", "text": "", "annotations": []}})
+        return out
+
+    def token_chunk(self, index: int, completion: generate.Completion, position: int) -> bytes:
+        if index:
+            return b""
+        token = completion.tokens[position]
+        if self.tool:
+            return self._emit({"type": "response.function_call_arguments.delta", "item_id": self.item_id,
+                               "output_index": 0, "delta": token})
+        return self._emit({"type": "response.output_text.delta", "item_id": self.item_id, "output_index": 0,
+                           "content_index": 0, "delta": token, "logprobs": []})
+
+    def closing(self, completions: list[generate.Completion]) -> bytes:
+        completion = completions[0]
+        item = self._item(completion.text)
+        if self.tool:
+            out = self._emit({"type": "response.function_call_arguments.done", "item_id": self.item_id,
+                              "output_index": 0, "arguments": completion.text})
+        else:
+            out = (self._emit({"type": "response.output_text.done", "item_id": self.item_id, "output_index": 0,
+                               "content_index": 0, "text": completion.text, "logprobs": []})
+                   + self._emit({"type": "response.content_part.done", "item_id": self.item_id, "output_index": 0,
+                                 "content_index": 0, "part": item["content"][0]}))
+        out += self._emit({"type": "response.output_item.done", "output_index": 0, "item": item})
+        final = self._response("completed", [item], completion)
+        return out + self._emit({"type": f"response.{final['status']}", "response": final})
