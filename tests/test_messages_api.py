@@ -75,6 +75,20 @@ def test_an_agents_loop_calls_the_tool_then_answers(gateway, keys, stream):
     assert second.content[0].type == "text" and second.content[0].text
 
 
+def test_system_messages_mid_conversation_and_structured_output(gateway, keys):
+    """What Claude Code sends today: a system message after a user turn, ``output_config``, adaptive thinking."""
+    client = sdk(gateway, keys.acme)
+    message = client.messages.create(
+        model="small", max_tokens=64, messages=[
+            {"role": "user", "content": "Rate this film"},
+            {"role": "system", "content": [{"type": "text", "text": "Answer in JSON."}]}],
+        extra_body={"thinking": {"type": "adaptive"}, "context_management": {"edits": []},
+                    "output_config": {"effort": "high", "format": {"type": "json_schema", "schema": {
+                        "type": "object", "properties": {"score": {"type": "integer"}}, "required": ["score"],
+                        "additionalProperties": False}}}})
+    assert isinstance(json.loads(message.content[0].text)["score"], int)
+
+
 def test_tool_choice_forces_a_tool(gateway, keys):
     message = sdk(gateway, keys.acme).messages.create(
         model="small", max_tokens=128, tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"},
@@ -118,7 +132,7 @@ def test_errors_come_in_anthropics_shape(gateway, keys):
 @pytest.mark.parametrize("body, field", [
     ({"model": "small", "messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),
     ({"model": "small", "max_tokens": "8", "messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),
-    ({"model": "small", "max_tokens": 8, "messages": [{"role": "system", "content": "hi"}]}, "messages.0.role"),
+    ({"model": "small", "max_tokens": 8, "messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
     ({"model": "small", "max_tokens": 8, "messages": [{"role": "user", "content": [{"type": "video"}]}]},
      "messages.0.content.0.type"),
     ({"model": "small", "max_tokens": 8, "messages": [{"role": "user", "content": 5}]}, "messages.0.content"),

@@ -225,3 +225,54 @@ def test_an_upstream_that_serves_responses_gets_the_request_as_it_came(upstreams
                                                                       "function_call_output"]
     assert second.output[0].type == "message" and second.previous_response_id == first.id
     assert client.responses.retrieve(second.id).output_text == second.output_text
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_openai_agents_sdk_agent_runs_its_tool_through_the_gateway(gateway, keys, stores, streamed):
+    import asyncio
+
+    from agents import Agent, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+
+    set_tracing_disabled(True)  # traces would go to OpenAI's servers
+    calls = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """The weather in a city."""
+        calls.append(city)
+        return f"It is 18 degrees in {city}."
+
+    model = OpenAIResponsesModel(model="small", openai_client=openai.AsyncOpenAI(
+        base_url=f"{gateway.url}/v1", api_key=keys.acme, max_retries=0))
+    agent = Agent(name="Forecaster", instructions="Answer with the weather tool.", tools=[get_weather], model=model)
+
+    async def run():
+        if not streamed:
+            return await Runner.run(agent, "What is the weather in Paris? Use get_weather.")
+        result = Runner.run_streamed(agent, "What is the weather in Paris? Use get_weather.")
+        async for _ in result.stream_events():
+            pass
+        return result
+
+    result = asyncio.run(run())
+    assert len(calls) == 1 and isinstance(calls[0], str)
+    assert isinstance(result.final_output, str) and result.final_output
+    assert [item.type for item in result.new_items] == ["tool_call_item", "tool_call_output_item",
+                                                       "message_output_item"]
+
+
+def test_namespaced_functions_are_offered_and_called_with_their_namespace(gateway, keys):
+    """As Codex CLI offers its sub-agent tools: a namespace of functions."""
+    client = gateway.client(keys.acme)
+    namespace = {"type": "namespace", "name": "weather_v1", "description": "Weather tools",
+                 "tools": [{k: v for k, v in WEATHER.items()}]}
+    first = client.responses.create(model="small", tools=[namespace], input="Weather in Lima? Use get_weather.")
+    call = first.output[0]
+    assert call.type == "function_call" and call.name == "get_weather" and call.namespace == "weather_v1"
+    second = client.responses.create(model="small", tools=[namespace], previous_response_id=first.id,
+                                     input=[{"type": "function_call_output", "call_id": call.call_id,
+                                             "output": "mild"}])
+    assert second.output[0].type == "message"
+    with pytest.raises(openai.BadRequestError) as twice:
+        client.responses.create(model="small", tools=[namespace, WEATHER], input="hi")
+    assert "get_weather" in twice.value.message

@@ -1,11 +1,12 @@
 """Anthropic's Messages API in chat completions' terms, and chat completions' answers told back as Anthropic's.
 
-Kept: system prompts (string or text blocks), text and image blocks, tools and ``tool_choice`` (auto, any, tool,
+Kept: system prompts (string or text blocks, and system messages mid-conversation), text and image blocks, tools and ``tool_choice`` (auto, any, tool,
 none, ``disable_parallel_tool_use``), ``tool_use`` and ``tool_result`` blocks (as assistant tool calls and tool
 messages), PDF and text documents (as file and text parts), ``max_tokens``, ``stop_sequences``, ``temperature``,
 ``top_p``, ``top_k`` (vLLM honours it), ``metadata.user_id`` (as ``user``) and structured output
-(``output_format``, as a JSON-schema response format). Dropped: ``cache_control`` marks, ``thinking`` settings and
-thinking blocks (they carry a signature only Anthropic can check), ``service_tier``, ``container``. Server tools
+(``output_config.format`` or ``output_format``, as a JSON-schema response format). Dropped: ``cache_control``
+marks, ``thinking`` settings and thinking blocks (they carry a signature only Anthropic can check),
+``output_config.effort``, ``context_management``, ``service_tier``, ``container``. Server tools
 (web search, code execution, computer use...) are refused: only an Anthropic upstream runs them, and a request
 sent on to one as it came (a deployment whose ``apis`` include ``messages``) keeps all of them.
 
@@ -29,7 +30,7 @@ from gateway.pipeline.context import RequestContext
 from gateway.pipeline.parse import encode, invalid_type, missing
 
 DEFAULT_VERSION = b"2023-06-01"
-_ROLES = ("user", "assistant")
+_ROLES = ("user", "assistant", "system")  # "system": instructions given mid-conversation
 _STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                  "content_filter": "refusal"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
@@ -82,29 +83,32 @@ def to_chat(body: dict) -> dict:
         if user:
             chat["user"] = user
     _tools(body, chat)
-    output = body.get("output_format")
+    output, where = body.get("output_format"), "output_format"
+    config = body.get("output_config")
+    if isinstance(config, dict) and config.get("format") is not None:
+        output, where = config["format"], "output_config.format"
     if output is not None:
         if not isinstance(output, dict) or output.get("type") != "json_schema" or not isinstance(
                 output.get("schema"), dict):
-            raise bad_request("output_format: expected {\"type\": \"json_schema\", \"schema\": {...}}.",
-                              param="output_format")
+            raise bad_request(f"{where}: expected {{\"type\": \"json_schema\", \"schema\": {{...}}}}.",
+                              param=where)
         chat["response_format"] = {"type": "json_schema",
                                    "json_schema": {"name": "output", "schema": output["schema"], "strict": True}}
     return chat
 
 
-def _system(system: Any) -> list[dict]:
+def _system(system: Any, where: str = "system") -> list[dict]:
     if system is None or system == "":
         return []
     if isinstance(system, str):
         return [{"role": "system", "content": system}]
     if not isinstance(system, list):
-        raise invalid_type("system", "a string or an array of text blocks", system)
+        raise invalid_type(where, "a string or an array of text blocks", system)
     texts = []
     for index, block in enumerate(system):
         if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
-            raise bad_request(f"system.{index}: expected a text block ({{\"type\": \"text\", \"text\": ...}}).",
-                              param=f"system.{index}")
+            raise bad_request(f"{where}.{index}: expected a text block ({{\"type\": \"text\", \"text\": ...}}).",
+                              param=f"{where}.{index}")
         texts.append(block["text"])
     return [{"role": "system", "content": "\n\n".join(texts)}] if texts else []
 
@@ -124,12 +128,14 @@ def _messages(body: dict) -> list[dict]:
             raise invalid_type(where, "an object", message)
         role = message.get("role")
         if role not in _ROLES:
-            raise bad_request(f"{where}.role: expected 'user' or 'assistant', got {_show(role)}.",
+            raise bad_request(f"{where}.role: expected 'user', 'assistant' or 'system', got {_show(role)}.",
                               param=f"{where}.role")
         content = message.get("content")
         if content is None:
             raise missing(f"{where}.content")
-        if isinstance(content, str):
+        if role == "system":
+            chat += _system(content, f"{where}.content")
+        elif isinstance(content, str):
             chat.append({"role": role, "content": content})
         elif isinstance(content, list):
             chat += _assistant_turn(content, where) if role == "assistant" else _user_turn(content, where)

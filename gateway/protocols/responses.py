@@ -2,7 +2,8 @@
 
 Kept: ``input`` as a string or items (messages with text, image and file parts; ``function_call`` and
 ``function_call_output`` as assistant tool calls and tool messages), ``instructions`` (a system message first, not
-carried over to the next turn, as OpenAI does), function ``tools``, ``tool_choice``, ``parallel_tool_calls``,
+carried over to the next turn, as OpenAI does), function ``tools`` and ``namespace`` tools (their functions offered
+by name, their calls told with their namespace), ``tool_choice``, ``parallel_tool_calls``,
 ``text.format`` (json_schema and json_object, as a response format), ``max_output_tokens``, ``temperature``,
 ``top_p``, ``user`` / ``safety_identifier``, ``metadata`` (kept with the stored response), ``store`` and
 ``previous_response_id`` (the gateway keeps the conversation: see ``gateway.stores.responses``). Dropped:
@@ -56,6 +57,7 @@ class Turn:
     store: bool
     input_items: list[dict]
     history: list[dict] = field(default_factory=list)
+    namespaces: dict[str, str] = field(default_factory=dict)  # a function's namespace, for its calls
     response: dict | None = None
     output: list[dict] = field(default_factory=list)
 
@@ -101,9 +103,9 @@ def check(body: dict) -> None:
                               "up to 512.", param="metadata", code="invalid_value")
 
 
-def to_chat(body: dict, history: list[dict], items: list[dict]) -> dict:
+def to_chat(body: dict, history: list[dict], items: list[dict]) -> tuple[dict, dict[str, str]]:
     """A Responses request (its earlier conversation in ``history``, its own input as ``items``) as a chat
-    completions request."""
+    completions request, and the namespace of each function offered in one."""
     messages: list[dict] = []
     instructions = body.get("instructions")
     if instructions:
@@ -125,9 +127,9 @@ def to_chat(body: dict, history: list[dict], items: list[dict]) -> dict:
     if body.get("stream"):
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}  # response.completed carries the usage
-    _tools(body, chat)
+    namespaces = _tools(body, chat)
     _text_format(body, chat)
-    return chat
+    return chat, namespaces
 
 
 def input_items(body: dict) -> list[dict]:
@@ -240,43 +242,66 @@ def _part(part: Any, at: str) -> dict:
                       "'input_image', 'input_file' and 'output_text'.", param=f"{at}.type", code="invalid_value")
 
 
-def _tools(body: dict, chat: dict) -> None:
+def _functions(tools: list, where: str, namespace: str | None, namespaces: dict[str, str]) -> list[dict]:
+    """Function tools as chat completions' tools; those of a namespace are offered by their own names, and the
+    namespace is told again on their calls."""
+    functions = []
+    for index, tool in enumerate(tools):
+        at = f"{where}[{index}]"
+        if not isinstance(tool, dict):
+            raise invalid_type(at, "an object", tool)
+        kind = tool.get("type")
+        if kind == "namespace" and namespace is None:
+            name, inner = tool.get("name"), tool.get("tools")
+            if not isinstance(name, str) or not name:
+                raise missing(f"{at}.name") if name is None else invalid_type(f"{at}.name", "a string", name)
+            if not isinstance(inner, list):
+                raise missing(f"{at}.tools") if inner is None else invalid_type(f"{at}.tools", "an array", inner)
+            functions += _functions(inner, f"{at}.tools", name, namespaces)
+            continue
+        if kind != "function":
+            named = str(kind)[:64]
+            raise bad_request(f"Invalid '{at}.type': the built-in tool '{named}' is not served by this model's "
+                              "upstream; offer it as a function tool." if kind in _BUILT_IN_TOOLS or (
+                                  isinstance(kind, str) and kind.startswith(("web_search", "computer")))
+                              else f"Invalid '{at}.type': {named!r}. Supported values are: 'function' and "
+                                   "'namespace'.", param=f"{at}.type", code="unsupported_tool")
+        name = tool.get("name")
+        if not isinstance(name, str) or not name:
+            raise missing(f"{at}.name") if name is None else invalid_type(f"{at}.name", "a string", name)
+        function: dict[str, Any] = {"name": name}
+        parameters = tool.get("parameters")
+        if parameters is not None:
+            if not isinstance(parameters, dict):
+                raise invalid_type(f"{at}.parameters", "an object", parameters)
+            function["parameters"] = parameters
+        if isinstance(tool.get("description"), str):
+            function["description"] = tool["description"]
+        if isinstance(tool.get("strict"), bool):
+            function["strict"] = tool["strict"]
+        functions.append({"type": "function", "function": function})
+        if namespace is not None:
+            namespaces[name] = namespace
+    return functions
+
+
+def _tools(body: dict, chat: dict) -> dict[str, str]:
     tools = body.get("tools")
+    namespaces: dict[str, str] = {}
     if tools is not None:
         if not isinstance(tools, list):
             raise invalid_type("tools", "an array", tools)
-        functions = []
-        for index, tool in enumerate(tools):
-            at = f"tools[{index}]"
-            if not isinstance(tool, dict):
-                raise invalid_type(at, "an object", tool)
-            kind = tool.get("type")
-            if kind != "function":
-                named = str(kind)[:64]
-                raise bad_request(f"Invalid '{at}.type': the built-in tool '{named}' is not served by this model's "
-                                  "upstream; offer it as a function tool." if kind in _BUILT_IN_TOOLS or (
-                                      isinstance(kind, str) and kind.startswith(("web_search", "computer")))
-                                  else f"Invalid '{at}.type': {named!r}. Supported values are: 'function'.",
-                                  param=f"{at}.type", code="unsupported_tool")
-            name = tool.get("name")
-            if not isinstance(name, str) or not name:
-                raise missing(f"{at}.name") if name is None else invalid_type(f"{at}.name", "a string", name)
-            function: dict[str, Any] = {"name": name}
-            parameters = tool.get("parameters")
-            if parameters is not None:
-                if not isinstance(parameters, dict):
-                    raise invalid_type(f"{at}.parameters", "an object", parameters)
-                function["parameters"] = parameters
-            if isinstance(tool.get("description"), str):
-                function["description"] = tool["description"]
-            if isinstance(tool.get("strict"), bool):
-                function["strict"] = tool["strict"]
-            functions.append({"type": "function", "function": function})
+        functions = _functions(tools, "tools", None, namespaces)
+        names = [f["function"]["name"] for f in functions]
+        if len(set(names)) != len(names):
+            twice = next(name for name in names if names.count(name) > 1)
+            raise bad_request(f"Invalid 'tools': the function name {twice[:64]!r} is offered twice.",
+                              param="tools", code="invalid_value")
         if functions:
             chat["tools"] = functions
     choice = body.get("tool_choice")
     if choice is None:
-        return
+        return namespaces
     if choice in ("auto", "none", "required"):
         chat["tool_choice"] = choice
     elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
@@ -289,6 +314,7 @@ def _tools(body: dict, chat: dict) -> None:
                           "\"name\": ...}.", param="tool_choice", code="invalid_value")
     if chat["tool_choice"] != "none" and chat["tool_choice"] != "auto" and "tools" not in chat:
         raise bad_request("Invalid 'tool_choice': no tools are offered.", param="tool_choice")
+    return namespaces
 
 
 def _text_format(body: dict, chat: dict) -> None:
@@ -357,15 +383,19 @@ def response_object(turn: Turn, native: dict, model: str, status: str, output: l
     }
 
 
-def _message_item(text: str, status: str = "completed", item_id: str | None = None) -> dict:
-    return {"type": "message", "id": item_id or new_id("msg"), "status": status, "role": "assistant",
+def _message_item(text: str, status: str = "completed") -> dict:
+    return {"type": "message", "id": new_id("msg"), "status": status, "role": "assistant",
             "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
 
 
-def _call_item(call: dict, status: str = "completed", item_id: str | None = None) -> dict:
+def _call_item(call: dict, namespaces: dict[str, str], status: str = "completed") -> dict:
     function = call.get("function") or {}
-    return {"type": "function_call", "id": item_id or new_id("fc"), "call_id": call.get("id") or new_id("call"),
-            "name": function.get("name", ""), "arguments": function.get("arguments") or "", "status": status}
+    name = function.get("name", "")
+    item = {"type": "function_call", "id": new_id("fc"), "call_id": call.get("id") or new_id("call"),
+            "name": name, "arguments": function.get("arguments") or "", "status": status}
+    if name in namespaces:
+        item["namespace"] = namespaces[name]
+    return item
 
 
 def to_response(turn: Turn, native: dict, answer: dict) -> dict:
@@ -380,7 +410,7 @@ def to_response(turn: Turn, native: dict, answer: dict) -> dict:
     if isinstance(refusal, str) and refusal:
         output.append({"type": "message", "id": new_id("msg"), "status": "completed", "role": "assistant",
                        "content": [{"type": "refusal", "refusal": refusal}]})
-    output += [_call_item(call) for call in message.get("tool_calls") or () if isinstance(call, dict)]
+    output += [_call_item(call, turn.namespaces) for call in message.get("tool_calls") or () if isinstance(call, dict)]
     return response_object(turn, native, answer.get("model") or native.get("model"), "completed", output,
                            _usage(answer.get("usage")), choice.get("finish_reason"))
 
@@ -481,7 +511,7 @@ class ResponseStream:
                 position = call.get("index", 0)
                 if position not in self.calls:
                     item = _call_item({"id": call.get("id"), "function": {
-                        "name": (call.get("function") or {}).get("name", "")}}, "in_progress")
+                        "name": (call.get("function") or {}).get("name", "")}}, self.turn.namespaces, "in_progress")
                     self.calls[position] = item
                     out += self._open_item(item)
                 item = self.calls[position]
@@ -543,9 +573,9 @@ class Responses:
                                    param="previous_response_id", code="previous_response_not_found")
             history = found
         items = input_items(body)
-        chat = to_chat(body, history, items)
+        chat, namespaces = to_chat(body, history, items)
         ctx.protocol_state = Turn(new_id("resp"), int(time.time()), body.get("store", True) is not False
-                                  and store is not None, items, history)
+                                  and store is not None, items, history, namespaces)
         return chat
 
     def native_request(self, ctx: RequestContext, deployment: Deployment, upstream_model: str | None,

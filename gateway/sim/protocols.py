@@ -64,8 +64,8 @@ def from_anthropic(body: dict) -> dict:
     if system:
         messages.append({"role": "system", "content": _blocks_text(system)})
     for message in body["messages"]:
-        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-            raise ProtocolError(400, "messages: each message needs a role of user or assistant")
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant", "system"):
+            raise ProtocolError(400, "messages: each message needs a role of user, assistant or system")
         content = message.get("content")
         blocks = content if isinstance(content, list) else []
         results = [b for b in blocks if isinstance(b, dict) and b.get("type") == "tool_result"]
@@ -84,6 +84,8 @@ def from_anthropic(body: dict) -> dict:
     converted: dict[str, Any] = {"model": body.get("model"), "messages": messages, "max_tokens": body["max_tokens"],
                                  "stream": bool(body.get("stream"))}
     output = body.get("output_format")  # structured outputs: the text is JSON valid against the schema
+    if isinstance(body.get("output_config"), dict) and body["output_config"].get("format") is not None:
+        output = body["output_config"]["format"]
     if isinstance(output, dict) and output.get("type") == "json_schema":
         converted["response_format"] = {"type": "json_schema", "json_schema": {"schema": output.get("schema")}}
     tools = body.get("tools") or []

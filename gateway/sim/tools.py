@@ -30,11 +30,11 @@ def forced_tool(body: dict) -> tuple[str | None, dict | None]:
 def chosen_tool(messages: object, functions: list[dict]) -> str | None:
     """With tool_choice "auto": after a user's turn, the tool the user names, or the only one offered; after a
     tool's result, an answer in words (as a model would)."""
-    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+    turns = [m for m in messages if isinstance(m, dict) and m.get("role") not in ("system", "developer")] if (
+        isinstance(messages, list)) else []  # instructions given after the user's turn do not end it
+    if not turns or turns[-1].get("role") != "user":
         return None
-    if messages[-1].get("role") != "user":
-        return None
-    text = text_of(messages[-1].get("content")).lower()
+    text = text_of(turns[-1].get("content")).lower()
     named = [f.get("name") for f in functions if isinstance(f.get("name"), str) and f["name"].lower() in text]
     if named:
         return named[0]
