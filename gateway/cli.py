@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> None:
                                                      "whole gateway are measured in the same run, interleaved")
     bench.set_defaults(run=_bench)
     bench_kinds = bench.add_subparsers(
-        dest="bench_kind", metavar="[tenants | fleet | providers | console | ledger | redis | retrieval | semantic]")
+        dest="bench_kind",
+        metavar="[tenants | fleet | providers | protocols | console | ledger | redis | retrieval | semantic]")
 
     def bench_kind(name: str, help: str, run) -> argparse.ArgumentParser:
         kind = bench_kinds.add_parser(name, help=help)
@@ -126,6 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     providers_bench = bench_kind("providers", "LiteLLM's path against the direct one, and what loading it costs",
                                  _bench_providers)
     providers_bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    protocols_bench = bench_kind("protocols", "Anthropic's Messages API and OpenAI's Responses API against chat "
+                                              "completions, through the whole gateway", _bench_protocols)
+    protocols_bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    protocols_bench.add_argument("--rounds", type=int, default=3, help="measurements per API, interleaved")
     console_bench = bench_kind("console", "the console's pages with a large ledger behind them", _bench_console)
     console_bench.add_argument("--rows", type=int, default=100_000, help="ledger rows generated over this month")
     console_bench.add_argument("--rounds", type=int, default=20, help="loads of each page")
@@ -345,6 +350,12 @@ def _bench_providers(args: argparse.Namespace) -> None:
     from gateway.bench.providers import run_provider_benchmark
 
     run_provider_benchmark(duration=args.duration, output=args.output)
+
+
+def _bench_protocols(args: argparse.Namespace) -> None:
+    from gateway.bench.protocols import run_protocol_benchmark
+
+    run_protocol_benchmark(duration=args.duration, rounds=args.rounds, output=args.output)
 
 
 def _bench_fleet(args: argparse.Namespace) -> None:

@@ -392,6 +392,7 @@ class MessageStream:
         self.tools: dict[int, int] = {}  # a tool call's index in the chunks -> its block's index
         self.stop: tuple[str, str | None] = ("end_turn", None)
         self.usage: dict | None = None
+        self.delta_head = b""  # the open block's delta event up to its text (written per token)
 
     def _start(self, chunk: dict) -> bytes:
         self.started = True
@@ -411,6 +412,9 @@ class MessageStream:
         out = self._close_block()
         self.block, self.block_kind = self.blocks, kind
         self.blocks += 1
+        self.delta_head = (b'event: content_block_delta\ndata: {"type":"content_block_delta","index":%d,"delta":'
+                           % self.block + (b'{"type":"text_delta","text":' if kind == "text"
+                                           else b'{"type":"input_json_delta","partial_json":'))
         return out + event("content_block_start", {"type": "content_block_start", "index": self.block,
                                                    "content_block": block})
 
@@ -426,8 +430,7 @@ class MessageStream:
             if isinstance(text, str) and text:
                 if self.block_kind != "text":
                     out += self._open_block("text", {"type": "text", "text": ""})
-                out += event("content_block_delta", {"type": "content_block_delta", "index": self.block,
-                                                     "delta": {"type": "text_delta", "text": text}})
+                out += self.delta_head + orjson.dumps(text) + b"}}\n\n"
             for call in delta.get("tool_calls") or ():
                 if not isinstance(call, dict):
                     continue
@@ -440,9 +443,7 @@ class MessageStream:
                     self.tools[position] = self.block
                 arguments = function.get("arguments")
                 if isinstance(arguments, str) and arguments and self.tools[position] == self.block:
-                    out += event("content_block_delta", {"type": "content_block_delta", "index": self.block,
-                                                         "delta": {"type": "input_json_delta",
-                                                                   "partial_json": arguments}})
+                    out += self.delta_head + orjson.dumps(arguments) + b"}}\n\n"
             if choice.get("finish_reason"):
                 self.stop = _stop_reason(choice, self.native.get("stop_sequences"))
         return out

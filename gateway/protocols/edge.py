@@ -143,7 +143,10 @@ class Outbound:
         return out
 
     def _event(self, event: bytes) -> bytes:
-        payload = b"".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+        if event.startswith(b"data: ") and b"\n" not in event:  # a chat completion chunk, as upstreams write it
+            payload = event[6:]
+        else:
+            payload = b"".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
         if not payload or self.stream.finished:
             return b""
         if payload == b"[DONE]":

@@ -442,6 +442,8 @@ class ResponseStream:
         self.calls: dict[int, dict] = {}  # a tool call's index in the chunks -> its output item
         self.finish: str | None = None
         self.usage: dict | None = None
+        self.parts: list[str] = []  # the open item's text or arguments, joined when it closes
+        self.delta_head = b""  # the open item's delta event up to its sequence number (written per token)
 
     def _emit(self, kind: str, **fields: Any) -> bytes:
         data = {"type": kind, "sequence_number": self.sequence, **fields}
@@ -459,22 +461,32 @@ class ResponseStream:
         return (self._emit("response.created", response=pending)
                 + self._emit("response.in_progress", response=pending))
 
+    def _delta(self, text: str) -> bytes:
+        """A token's delta event, written from the open item's head (it runs once a token)."""
+        self.parts.append(text)
+        event = self.delta_head + b"%d" % self.sequence + b',"delta":' + orjson.dumps(text) + b"}\n\n"
+        self.sequence += 1
+        return event
+
     def _close_item(self) -> bytes:
         item, self.open = self.open, None
         if item is None:
             return b""
         index = self.turn.output.index(item)
         item["status"] = "completed"
+        written, self.parts = "".join(self.parts), []
         out = b""
         if item["type"] == "message":
             part = item["content"][0]
+            part["text"] = written
             out += self._emit("response.output_text.done", item_id=item["id"], output_index=index, content_index=0,
                               text=part["text"], logprobs=[])
             out += self._emit("response.content_part.done", item_id=item["id"], output_index=index,
                               content_index=0, part=part)
         else:
+            item["arguments"] = written
             out += self._emit("response.function_call_arguments.done", item_id=item["id"], output_index=index,
-                              name=item["name"], arguments=item["arguments"])
+                              name=item["name"], arguments=written)
         return out + self._emit("response.output_item.done", output_index=index, item=item)
 
     def _open_item(self, item: dict) -> bytes:
@@ -484,6 +496,11 @@ class ResponseStream:
         index = len(self.turn.output) - 1
         announced = {**item, "content": []} if item["type"] == "message" else dict(item)
         out += self._emit("response.output_item.added", output_index=index, item=announced)
+        kind = b"response.output_text.delta" if item["type"] == "message" else b"response.function_call_arguments.delta"
+        self.delta_head = (b"event: " + kind + b'\ndata: {"type":"' + kind + b'","item_id":"' + item["id"].encode()
+                           + b'","output_index":%d,' % index
+                           + (b'"content_index":0,"logprobs":[],' if item["type"] == "message" else b"")
+                           + b'"sequence_number":')
         if item["type"] == "message":
             out += self._emit("response.content_part.added", item_id=item["id"], output_index=index,
                               content_index=0, part={"type": "output_text", "text": "", "annotations": [],
@@ -502,9 +519,7 @@ class ResponseStream:
             if isinstance(text, str) and text:
                 if self.open is None or self.open["type"] != "message":
                     out += self._open_item(_message_item("", "in_progress"))
-                self.open["content"][0]["text"] += text
-                out += self._emit("response.output_text.delta", item_id=self.open["id"],
-                                  output_index=len(self.turn.output) - 1, content_index=0, delta=text, logprobs=[])
+                out += self._delta(text)
             for call in delta.get("tool_calls") or ():
                 if not isinstance(call, dict):
                     continue
@@ -517,9 +532,7 @@ class ResponseStream:
                 item = self.calls[position]
                 arguments = (call.get("function") or {}).get("arguments")
                 if isinstance(arguments, str) and arguments and item is self.open:
-                    item["arguments"] += arguments
-                    out += self._emit("response.function_call_arguments.delta", item_id=item["id"],
-                                      output_index=len(self.turn.output) - 1, delta=arguments)
+                    out += self._delta(arguments)
             if choice.get("finish_reason"):
                 self.finish = choice["finish_reason"]
         return out
@@ -598,13 +611,12 @@ class Responses:
         return "/responses", encode(body), headers
 
     def native_final(self, ctx: RequestContext, response: dict) -> None:
-        """An upstream's response, as the client and the store see it: what the client asked for (stored, after
-        which response), under the upstream's id."""
+        """An upstream's response, as the client and the store see it: under the gateway's id for it (the upstream
+        kept nothing; a cached answer is told again under a new one), with what the client asked for."""
         turn: Turn = ctx.protocol_state
         native = ctx.native_body or {}
-        if isinstance(response.get("id"), str) and response["id"]:
-            turn.id = response["id"]
-        response.update(store=turn.store, previous_response_id=native.get("previous_response_id"),
+        response.update(id=turn.id, created_at=turn.created_at, store=turn.store,
+                        previous_response_id=native.get("previous_response_id"),
                         instructions=native.get("instructions"), metadata=native.get("metadata") or {})
         turn.response = response
 

@@ -1,7 +1,9 @@
 """Stored responses of OpenAI's Responses API, a tenant's own, in PostgreSQL.
 
 A row keeps what the client got (the response object) and the input items of its request, as JSON bytes (``bytea``:
-a prompt may hold characters jsonb refuses, NUL among them). ``previous_response_id`` is followed back through the
+a prompt may hold characters jsonb refuses, NUL among them). A response is stored before its client has the end of
+it (so that the next turn finds it, on any replica); the saves of concurrent requests go in one statement, the
+next batch gathering while one is written. ``previous_response_id`` is followed back through the
 rows of the same tenant; another tenant's id is not found, as an unknown one is. Rows live ``retention_days`` (30 by
 default, as OpenAI keeps them) and are swept hourly; a deleted response is gone at once, and a conversation that
 passes through it ends there.
@@ -9,6 +11,7 @@ passes through it ends there.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from typing import Awaitable, Callable
 
@@ -16,6 +19,13 @@ import asyncpg
 import orjson
 
 MOST_TURNS = 1000  # a chain of previous responses longer than this is cut at its oldest turns
+MOST_ROWS_A_STATEMENT = 256
+
+_INSERT = """
+INSERT INTO stored_responses (tenant_id, id, previous_id, created_at, expires_at, input_items, response)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::timestamptz[], $6::bytea[],
+                     $7::bytea[])
+"""
 
 _CHAIN = """
 WITH RECURSIVE chain AS (
@@ -34,15 +44,39 @@ class ResponseStore:
     def __init__(self, pool: Callable[[], Awaitable[asyncpg.Pool]], retention_days: int = 30) -> None:
         self._pool = pool
         self.retention_days = retention_days
+        self._waiting: list[tuple[tuple, asyncio.Future]] = []
+        self._writer: asyncio.Task | None = None
 
     async def save(self, tenant_id: str, response: dict, input_items: list[dict]) -> None:
-        pool = await self._pool()
+        """Store a response; returns once it is committed (raises if it could not be)."""
         created = dt.datetime.fromtimestamp(response["created_at"], dt.timezone.utc)
-        await pool.execute(
-            "INSERT INTO stored_responses (tenant_id, id, previous_id, created_at, expires_at, input_items, response)"
-            " VALUES ($1, $2, $3, $4, $5, $6, $7)",
-            tenant_id, response["id"], response.get("previous_response_id"), created,
-            created + dt.timedelta(days=self.retention_days), orjson.dumps(input_items), orjson.dumps(response))
+        row = (tenant_id, response["id"], response.get("previous_response_id"), created,
+               created + dt.timedelta(days=self.retention_days), orjson.dumps(input_items), orjson.dumps(response))
+        saved = asyncio.get_running_loop().create_future()
+        self._waiting.append((row, saved))
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._write())
+        await saved
+
+    async def _write(self) -> None:
+        """Write what is waiting, a statement a batch, until nothing is."""
+        try:
+            while self._waiting:
+                batch = self._waiting[:MOST_ROWS_A_STATEMENT]
+                del self._waiting[:MOST_ROWS_A_STATEMENT]
+                try:
+                    pool = await self._pool()
+                    await pool.execute(_INSERT, *(list(column) for column in zip(*(row for row, _ in batch))))
+                except Exception as exc:  # every save of the batch says why
+                    for _, saved in batch:
+                        if not saved.done():
+                            saved.set_exception(exc)
+                else:
+                    for _, saved in batch:
+                        if not saved.done():
+                            saved.set_result(None)
+        finally:
+            self._writer = None
 
     async def get(self, tenant_id: str, response_id: str) -> bytes | None:
         pool = await self._pool()
