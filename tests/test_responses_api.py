@@ -276,3 +276,13 @@ def test_namespaced_functions_are_offered_and_called_with_their_namespace(gatewa
     with pytest.raises(openai.BadRequestError) as twice:
         client.responses.create(model="small", tools=[namespace, WEATHER], input="hi")
     assert "get_weather" in twice.value.message
+
+
+def test_a_cached_answer_of_a_native_upstream_is_a_new_response(upstreams):
+    gateway, client, sim = upstreams
+    first = client.responses.with_raw_response.create(model="native", input="the same question", temperature=0)
+    again = client.responses.with_raw_response.create(model="native", input="the same question", temperature=0)
+    assert again.headers["x-gateway-cache"] == "hit"
+    one, two = first.parse(), again.parse()
+    assert one.id != two.id and one.output_text == two.output_text
+    assert client.responses.retrieve(one.id).id == one.id and client.responses.retrieve(two.id).id == two.id

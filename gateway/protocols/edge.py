@@ -17,6 +17,7 @@ from gateway.pipeline.context import RequestContext
 from gateway.upstreams.replay import as_stream
 
 _FINAL_EVENTS = (b"response.completed", b"response.incomplete", b"response.failed")
+_SNAPSHOT_EVENTS = (b"response.created", b"response.in_progress", b"response.queued")
 _INCOMPLETE = {"message": "The stream ended before the answer was complete.", "type": "upstream_error",
                "code": "stream_incomplete"}
 
@@ -60,6 +61,9 @@ class Dialect(Protocol):
 
     def final_event(self, ctx: RequestContext, kind: str, sequence: int) -> bytes:
         """The final event of an upstream's own stream, told again after ``settle``."""
+
+    def native_snapshot(self, ctx: RequestContext, event: dict) -> bytes:
+        """An event of an upstream's own stream that shows the answer so far, told as the client sees it."""
 
 
 class Outbound:
@@ -184,18 +188,22 @@ class Outbound:
         for event in data[:end].split(b"\n\n"):
             if not event:
                 continue
-            if not self.settled and any(name in event[:160] for name in _FINAL_EVENTS):
+            head = event[:160]
+            if not self.settled and any(name in head for name in _FINAL_EVENTS + _SNAPSHOT_EVENTS):
                 payload = b"".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
                 try:
-                    final = orjson.loads(payload)
+                    parsed = orjson.loads(payload)
                 except orjson.JSONDecodeError:
-                    final = None
-                if (isinstance(final, dict) and final.get("type", "").encode() in _FINAL_EVENTS
-                        and isinstance(final.get("response"), dict)):
+                    parsed = None
+                kind = parsed.get("type", "").encode() if isinstance(parsed, dict) else b""
+                if kind in _SNAPSHOT_EVENTS and isinstance(parsed.get("response"), dict):
+                    out += self.dialect.native_snapshot(self.ctx, parsed)
+                    continue
+                if kind in _FINAL_EVENTS and isinstance(parsed.get("response"), dict):
                     self.settled = True
-                    self.dialect.native_final(self.ctx, final["response"])
+                    self.dialect.native_final(self.ctx, parsed["response"])
                     await self.dialect.settle(self.ctx)
-                    out += self.dialect.final_event(self.ctx, final.get("type", ""), final.get("sequence_number", 0))
+                    out += self.dialect.final_event(self.ctx, parsed["type"], parsed.get("sequence_number", 0))
                     continue
             out += event + b"\n\n"
         return out

@@ -620,6 +620,11 @@ class Responses:
                         instructions=native.get("instructions"), metadata=native.get("metadata") or {})
         turn.response = response
 
+    def native_snapshot(self, ctx: RequestContext, event: dict) -> bytes:
+        self.native_final(ctx, event["response"])
+        ctx.protocol_state.response = None  # not the final one
+        return _event(event)
+
     def final_event(self, ctx: RequestContext, kind: str, sequence: int) -> bytes:
         return _event({"type": kind, "sequence_number": sequence, "response": ctx.protocol_state.response})
 
