@@ -298,3 +298,17 @@ def test_a_stream_that_breaks_ends_with_an_error_event(agents, model):
         assert "incomplete" in str(broken.value.body) or "stream" in str(broken.value.body)
     finally:
         sim.control(break_stream_after=None)
+
+
+def test_the_cache_tells_apart_what_only_an_anthropic_upstream_reads(agents):
+    gateway, keys, anthropic_sim, _ = agents
+    client = sdk(gateway, keys["main"])
+    ask = {"model": "claude", "max_tokens": 16, "messages": [{"role": "user", "content": "Hi!"}]}
+    client.messages.create(**ask)
+    assert client.messages.with_raw_response.create(**ask).headers["x-gateway-cache"] == "hit"
+    thinking = client.messages.with_raw_response.create(**ask, thinking={"type": "enabled", "budget_tokens": 1024})
+    assert thinking.headers["x-gateway-cache"] == "miss"  # another question for the upstream
+    beta = client.messages.with_raw_response.create(**ask, extra_headers={"anthropic-beta": "another-beta"})
+    assert beta.headers["x-gateway-cache"] == "miss"
+    with_metadata = client.messages.with_raw_response.create(**ask, metadata={"user_id": "someone"})
+    assert with_metadata.headers["x-gateway-cache"] == "hit"  # who asks does not change the answer

@@ -57,7 +57,7 @@ class LookupCache:
             metrics.CACHE_LOOKUPS.labels("bypass").inc()
             return
         ttl = _ttl_override(ctx) or policy.ttl_seconds
-        key = cache_key(ctx.tenant.id, ctx.endpoint.route, ctx.body, encode)
+        key = cache_key(ctx.tenant.id, ctx.endpoint.route, _keyed_body(ctx), encode)
         if b"no-cache" not in control:
             entry = await self.cache.get(key)
             model = ctx.config.models.get(entry[0].get("model", "")) if entry is not None else None
@@ -82,6 +82,8 @@ class LookupCache:
                     "stream": ctx.stream, "content_type": ctx.answer_content_type.decode(),
                     "prompt_tokens": ctx.prompt_tokens, "completion_tokens": ctx.completion_tokens,
                     "stored_at": round(time.time(), 3), "request_id": ctx.request_id}
+            if ctx.native_answer:  # in the client's own API (not chat completions'), as its upstream gave it
+                meta["native"] = True
             self.cache.put(key, meta, body, ttl)
             if semantic is not None:
                 index, context, question, vector = semantic
@@ -128,6 +130,7 @@ async def serve_cached(ctx: RequestContext) -> None:
         return
     meta, body = ctx.cache_entry
     ctx.cache_hit = True
+    ctx.native_answer = meta.get("native", False)
     age = max(0, int(time.time() - meta.get("stored_at", time.time())))
     kind = b"hit" if ctx.semantic_similarity is None else b"semantic-hit; similarity=%.4f" % ctx.semantic_similarity
     headers = ctx.response_headers + [
@@ -150,6 +153,24 @@ async def serve_cached(ctx: RequestContext) -> None:
     metrics.CACHE_BYTES.labels("served").inc(len(body))
     ctx.status = 200
     ctx.responded = True
+
+
+# Fields of another API's request that say how it is delivered or kept, not what is answered
+_DELIVERY = frozenset(("stream", "metadata", "store", "previous_response_id", "user", "safety_identifier",
+                       "prompt_cache_key", "client_metadata", "service_tier"))
+
+
+def _keyed_body(ctx: RequestContext) -> dict:
+    """What the key is made of: the request in chat completions' terms (with the tenant's prompt and retrieval's
+    context), and for another API's request also every field of it as it came, which an upstream speaking that API
+    is given (the translation drops some: Anthropic's ``thinking``, say) and its ``anthropic-beta`` header."""
+    if ctx.native_body is None:
+        return ctx.body
+    native = {k: v for k, v in ctx.native_body.items() if k not in _DELIVERY}
+    beta = header(ctx.scope, b"anthropic-beta")
+    if beta:
+        native["anthropic-beta"] = beta.decode("latin-1")
+    return {**ctx.body, "native request": native}
 
 
 def _policy(ctx: RequestContext) -> CachePolicy:
