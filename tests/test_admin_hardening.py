@@ -202,6 +202,7 @@ def test_a_deleted_tenants_id_used_again_starts_clean(admin_setup, stores):
     question = dict(model="small", messages=[{"role": "user", "content": "remember me"}], temperature=0)
     first = client.chat.completions.with_raw_response.create(**question)
     assert first.headers["x-gateway-cache"] == "miss"
+    kept = client.responses.create(model="small", input="remember this conversation")
     deadline = time.monotonic() + 5
     while client.chat.completions.with_raw_response.create(**question).headers["x-gateway-cache"] != "hit":
         assert time.monotonic() < deadline
@@ -212,6 +213,9 @@ def test_a_deleted_tenants_id_used_again_starts_clean(admin_setup, stores):
     answered = fresh.chat.completions.with_raw_response.create(**question)
     assert answered.headers["x-gateway-cache"] == "miss"  # the old tenant's answer is not the new one's
     assert answered.headers["x-ratelimit-remaining-requests"] == "2"  # nor are its counters
+    with pytest.raises(openai.NotFoundError):  # nor its stored responses
+        fresh.responses.retrieve(kept.id)
+    assert not stores.query_in(gateway.database_url, "SELECT 1 FROM stored_responses WHERE id = $1", kept.id)
     time.sleep(0.5)
     status, usage = http_request(gateway.port, "GET", "/v1/usage", headers={"Authorization": f"Bearer {new_key}"})
     assert status == 200 and usage["requests"] == 1
