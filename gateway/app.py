@@ -255,7 +255,8 @@ class Gateway:
                              settings.ledger_flush_seconds)
         await self.ledger.start()
         self.directory = TenantDirectory(database_url)
-        self.responses = ResponseStore(self.directory.pool_for_reports, settings.responses_retention_days)
+        self.responses = ResponseStore(self.directory.pool_for_reports, database_url,
+                                       settings.responses_retention_days)
 
     async def _keep_shares(self, interval: float) -> None:
         """Recalibrate the thresholds of scopes with a target share of large-model calls from their recent scores
@@ -304,6 +305,8 @@ class Gateway:
             await self.fleet.close()
         if self.ledger is not None:
             await self.ledger.close()
+        if self.responses is not None:
+            await self.responses.close()
         if self.directory is not None:
             await self.directory.close()
         if self.limiter is not None:

@@ -5,6 +5,7 @@ streamed answers, function tools in an agent's loop, stored responses (retrieve,
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pytest
@@ -286,3 +287,55 @@ def test_a_cached_answer_of_a_native_upstream_is_a_new_response(upstreams):
     one, two = first.parse(), again.parse()
     assert one.id != two.id and one.output_text == two.output_text
     assert client.responses.retrieve(one.id).id == one.id and client.responses.retrieve(two.id).id == two.id
+
+
+def test_a_stream_that_breaks_ends_with_error_and_response_failed(gateway, keys, sim):
+    sim.control(break_stream_after=3)
+    try:
+        with gateway.client(keys.acme).responses.stream(model="small", input="tell me a long story") as stream:
+            events = list(stream)
+        kinds = [event.type for event in events]
+        assert "response.output_text.delta" in kinds
+        assert kinds[-2:] == ["error", "response.failed"]  # as OpenAI ends a stream that fails
+        assert "incomplete" in events[-2].message and events[-1].response.status == "failed"
+    finally:
+        sim.control(break_stream_after=None)
+
+
+def test_nul_bytes_and_deep_input_are_kept_or_refused_cleanly(gateway, keys):
+    client = gateway.client(keys.acme)
+    response = client.responses.create(model="small", input="a\u0000b")
+    assert client.responses.retrieve(response.id).id == response.id  # stored although jsonb refuses NUL
+    assert client.responses.input_items.list(response.id).data[0].content[0].text == "a\u0000b"
+    deep: object = "x"
+    for _ in range(300):
+        deep = [deep]
+    status, answer = http_request(gateway.port, "POST", "/v1/responses", json.dumps(
+        {"model": "small", "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]}],
+         "metadata": {"k": "v"}, "text": {"format": {"type": "json_schema", "name": "n", "schema": {"d": deep}}}}
+    ).encode(), {"authorization": f"Bearer {keys.acme}", "content-type": "application/json"})
+    assert status == 400 and answer["error"]["code"] in ("nesting_too_deep", "invalid_json"), answer
+
+
+def test_without_postgresql_responses_are_answered_unstored_and_reads_are_503s(upstreams, stores):
+    gateway, client, _ = upstreams
+    kept = client.responses.create(model="mixed", input="before the outage")
+    stores.stop_postgres()
+    try:
+        answered = client.responses.create(model="mixed", input="during the outage")
+        assert answered.output_text and answered.store is False  # said, not pretended
+        for call in (lambda: client.responses.retrieve(kept.id),
+                     lambda: client.responses.create(model="mixed", input="and?", previous_response_id=kept.id)):
+            with pytest.raises(openai.InternalServerError) as away:
+                call()
+            assert away.value.status_code == 503 and away.value.code == "store_unavailable"
+    finally:
+        stores.start_postgres()
+    deadline = time.monotonic() + 15
+    while True:  # saves are refused for a few seconds after a failure, then tried again
+        again = client.responses.create(model="mixed", input="after the outage")
+        if again.store or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert again.store is True and client.responses.retrieve(again.id).id == again.id
+    assert client.responses.retrieve(kept.id).id == kept.id

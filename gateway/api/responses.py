@@ -18,7 +18,7 @@ from gateway.api.guard import stateless_gateway
 from gateway.config.types import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.pipeline.auth import identify
-from gateway.stores.responses import ResponseStore
+from gateway.stores.responses import UNREACHABLE, ResponseStore, unavailable
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 
@@ -30,7 +30,7 @@ def _not_found(response_id: str) -> GatewayError:
 
 def build_responses_router(config: Callable[[], GatewayConfig],
                            store: Callable[[], ResponseStore | None]) -> APIRouter:
-    router = APIRouter(tags=["responses"], responses={**USAGE_ERRORS, **error_responses(404)})
+    router = APIRouter(tags=["responses"], responses={**USAGE_ERRORS, **error_responses(404, 503)})
 
     def caller(request: Request) -> tuple[str, ResponseStore]:
         tenant, _ = identify(request.scope, config())
@@ -43,7 +43,10 @@ def build_responses_router(config: Callable[[], GatewayConfig],
     async def get_response(request: Request, response_id: str) -> Response:
         """A stored response, as it was answered."""
         tenant_id, responses = caller(request)
-        found = await responses.get(tenant_id, response_id)
+        try:
+            found = await responses.get(tenant_id, response_id)
+        except UNREACHABLE:
+            raise unavailable() from None
         if found is None:
             raise _not_found(response_id)
         return Response(found, media_type="application/json")
@@ -52,7 +55,11 @@ def build_responses_router(config: Callable[[], GatewayConfig],
     async def delete_response(request: Request, response_id: str) -> dict:
         """Delete a stored response: it can no longer be retrieved or continued."""
         tenant_id, responses = caller(request)
-        if not await responses.delete(tenant_id, response_id):
+        try:
+            deleted = await responses.delete(tenant_id, response_id)
+        except UNREACHABLE:
+            raise unavailable() from None
+        if not deleted:
             raise _not_found(response_id)
         return {"id": response_id, "object": "response", "deleted": True}
 
@@ -63,7 +70,10 @@ def build_responses_router(config: Callable[[], GatewayConfig],
                                before: str | None = Query(None, pattern=ID_PATTERN)) -> Response:
         """The input items of a stored response's own request, newest first unless ``order`` is ``asc``."""
         tenant_id, responses = caller(request)
-        items = await responses.input_items(tenant_id, response_id)
+        try:
+            items = await responses.input_items(tenant_id, response_id)
+        except UNREACHABLE:
+            raise unavailable() from None
         if items is None:
             raise _not_found(response_id)
         if order == "desc":

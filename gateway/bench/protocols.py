@@ -60,8 +60,8 @@ def run_protocol_benchmark(duration: float = 5.0, rounds: int = 3, latency_ms: f
         config.mkdir()
         (config / "models.yaml").write_text(yaml.safe_dump({"models": {"bench": {"deployments": [
             {"name": "sim", "api_base": f"http://127.0.0.1:{sim_port}/v1", "model": "sim"}]}}}))
-        unbound = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "concurrent_requests": 10**6,
-                   "monthly_budget_usd": 10**6}
+        unbound = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "tokens_per_hour": 10**12,
+                   "concurrent_requests": 10**6, "calls_per_day": 10**9, "monthly_budget_usd": 10**6}
         (config / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {"bench": {
             "name": "Benchmark", "tier": "enterprise", "limits": unbound,
             "keys": [{"name": "bench", "sha256": hash_key(key)}]}}}))
@@ -88,6 +88,9 @@ def run_protocol_benchmark(duration: float = 5.0, rounds: int = 3, latency_ms: f
                 print(f"  {name:<26} c={connections:<3} {measurement.rps:8.0f} req/s  p50 {measurement.p50_ms:7.2f} ms"
                       f"  cpu {measurement.cpu_ms_per_request or 0:.3f} ms/req  errors {measurement.errors}",
                       file=sys.stderr, flush=True)
+        failed = [m for m in measurements if m.errors]
+        if failed:  # a refused request costs less than an answered one: the ratios would flatter
+            raise SystemExit(f"requests failed during the benchmark: {[(m.target, m.errors) for m in failed]}")
         report = _report(measurements, duration, rounds, latency_ms)
     finally:
         stop_processes(processes)

@@ -31,7 +31,7 @@ from gateway.config.types import Deployment
 from gateway.errors import GatewayError, bad_request
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.parse import encode, invalid_type, missing
-from gateway.stores.responses import ResponseStore
+from gateway.stores.responses import UNREACHABLE, ResponseStore, unavailable
 
 log = logging.getLogger("gateway.responses")
 
@@ -580,7 +580,10 @@ class Responses:
                 raise GatewayError(404, f"Previous response with id '{previous[:64]}' not found: this gateway "
                                         "keeps no responses (it runs without PostgreSQL).",
                                    param="previous_response_id", code="previous_response_not_found")
-            found = await store.conversation(ctx.tenant.id, previous)
+            try:
+                found = await store.conversation(ctx.tenant.id, previous)
+            except UNREACHABLE:
+                raise unavailable() from None
             if found is None:
                 raise GatewayError(404, f"Previous response with id '{previous[:64]}' not found.",
                                    param="previous_response_id", code="previous_response_not_found")
