@@ -229,7 +229,8 @@ class Forward:
         if providers is None:  # a config with a new provider, whose path is still being loaded
             raise Unreachable("the path to this provider is still being loaded")
         prepared = self._prepare(ctx, body, deployment, stream, None)
-        return await providers.post(deployment, "chat.completions" if ctx.endpoint.is_chat else ctx.endpoint.route, prepared, stream, own_key)
+        route = "chat.completions" if ctx.endpoint.is_chat else ctx.endpoint.route
+        return await providers.post(deployment, route, prepared, stream, own_key)
 
     def _close_attempt(self, ctx: RequestContext, attempt: dict, started: float, status: int,
                        error: str | None) -> None:

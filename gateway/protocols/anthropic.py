@@ -1,19 +1,19 @@
 """Anthropic's Messages API in chat completions' terms, and chat completions' answers told back as Anthropic's.
 
-Kept: system prompts (string or text blocks, and system messages mid-conversation), text and image blocks, tools and ``tool_choice`` (auto, any, tool,
-none, ``disable_parallel_tool_use``), ``tool_use`` and ``tool_result`` blocks (as assistant tool calls and tool
-messages), PDF and text documents (as file and text parts), ``max_tokens``, ``stop_sequences``, ``temperature``,
-``top_p``, ``top_k`` (vLLM honours it), ``metadata.user_id`` (as ``user``) and structured output
-(``output_config.format`` or ``output_format``, as a JSON-schema response format). Dropped: ``cache_control``
-marks, ``thinking`` settings and thinking blocks (they carry a signature only Anthropic can check),
-``output_config.effort``, ``context_management``, ``service_tier``, ``container``. Server tools
-(web search, code execution, computer use...) are refused: only an Anthropic upstream runs them, and a request
-sent on to one as it came (a deployment whose ``apis`` include ``messages``) keeps all of them.
+Kept: system prompts (string or text blocks, and system messages mid-conversation), text and image blocks, tools and
+``tool_choice`` (auto, any, tool, none, ``disable_parallel_tool_use``), ``tool_use`` and ``tool_result`` blocks (as
+assistant tool calls and tool messages), PDF and text documents (as file and text parts), ``max_tokens``,
+``stop_sequences``, ``temperature``, ``top_p``, ``top_k`` (vLLM honours it), ``metadata.user_id`` (as ``user``) and
+structured output (``output_config.format`` or ``output_format``, as a JSON-schema response format). Dropped:
+``cache_control`` marks, ``thinking`` settings and thinking blocks (they carry a signature only Anthropic can
+check), ``output_config.effort``, ``context_management``, ``service_tier``, ``container``. Server tools (web search,
+code execution, computer use...) are refused: only an Anthropic upstream runs them, and a request sent on to one as
+it came (a deployment whose ``apis`` include ``messages``) keeps all of them.
 
-Answers: the text and tool calls as ``text`` and ``tool_use`` blocks; ``finish_reason`` as ``stop_reason``
-(stop: ``end_turn``, or ``stop_sequence`` when the upstream names the sequence it stopped at; length:
-``max_tokens``; tool_calls: ``tool_use``; content_filter: ``refusal``); usage as input and output tokens. Streams
-are translated event by event as they arrive.
+Answers: the text and tool calls as ``text`` and ``tool_use`` blocks; ``finish_reason`` as ``stop_reason`` (stop:
+``end_turn``, or ``stop_sequence`` when the upstream names the sequence it stopped at; length: ``max_tokens``;
+tool_calls: ``tool_use``; content_filter: ``refusal``); usage as input and output tokens. Streams are translated
+event by event as they arrive.
 """
 
 from __future__ import annotations

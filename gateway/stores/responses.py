@@ -2,10 +2,10 @@
 
 A row keeps what the client got (the response object) and the input items of its request, as JSON bytes (``bytea``:
 a prompt may hold characters jsonb refuses, NUL among them). A response is stored before its client has the end of
-it (so that the next turn finds it, on any replica); the saves of concurrent requests go in one statement, the
-next batch gathering while one is written, on a connection of the store's own with its statements prepared (a
-save costs this process about a third of what a pooled insert does). ``previous_response_id`` is followed back through the
-rows of the same tenant; another tenant's id is not found, as an unknown one is. Rows live ``retention_days`` (30 by
+it (so that the next turn finds it, on any replica); the saves of concurrent requests go in one statement, the next
+batch gathering while one is written, on a connection of the store's own with its statements prepared (a save costs
+this process about a third of what a pooled insert does). ``previous_response_id`` is followed back through the rows
+of the same tenant; another tenant's id is not found, as an unknown one is. Rows live ``retention_days`` (30 by
 default, as OpenAI keeps them) and are swept hourly; a deleted response is gone at once, and a conversation that
 passes through it ends there.
 """
