@@ -330,6 +330,28 @@ def test_only_the_answer_the_client_accepted_is_cached(gateway, keys, sims):
     assert headers["x-gateway-cache"] == "miss" and headers["x-gateway-cascaded"] == "true"
 
 
+def test_the_agents_apis_are_routed_and_cascade_as_chat_completions_do(gateway, keys, stores):
+    import anthropic
+
+    messages = anthropic.Anthropic(base_url=gateway.url, api_key=keys["tech"], max_retries=0)
+    raw = messages.messages.with_raw_response.create(
+        model="auto", max_tokens=32, messages=[{"role": "user", "content": "Hi, how are you? sim:unsure"}])
+    assert raw.headers["x-gateway-cascaded"] == "true" and raw.headers["x-gateway-model"] == "big"
+    assert raw.parse().content[0].text
+    row = ledger_row(stores, raw.headers["x-request-id"])
+    assert row["route"] == "messages" and row["cascaded"] is True
+    assert [a["model"] for a in json.loads(row["attempts"])] == ["mini", "big"]
+    with messages.messages.stream(model="auto", max_tokens=32,
+                                  messages=[{"role": "user", "content": PROMPTS["simple"]}]) as stream:
+        sure = stream.get_final_message()  # the small model's whole answer, told again as Anthropic's events
+    assert sure.content[0].text and sure.stop_reason in ("end_turn", "max_tokens")
+    responses = gateway.client(keys["tech"]).responses
+    raw = responses.with_raw_response.create(model="auto", input="Hi, how are you? sim:unsure")
+    assert raw.headers["x-gateway-cascaded"] == "true" and raw.parse().output_text
+    row = ledger_row(stores, raw.headers["x-request-id"])
+    assert row["route"] == "responses" and row["cascaded"] is True and row["complexity"]
+
+
 def test_text_completions_cascade_too(gateway, keys):
     client = gateway.client(keys["tech"])
     raw = client.completions.with_raw_response.create(model="auto", prompt="Hi there sim:unsure", max_tokens=8)
