@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from gateway.config.schema import (BUILTIN_EMBEDDER, BUILTIN_SIMULATOR, FLEET_PREFIX, VIA_LITELLM, KeyLimitsSpec,
                                    LimitsSpec, ModelsFile, TenantSpec, TenantsFile)
 from gateway.config.routing import compile_router, tenant_routes
+from gateway.guardrails.policy import compile_rules
 from gateway.config.tiers import BUILTIN_TIERS
 from gateway.config.types import (
     Adapter, ApiKey, CachePolicy, Deployment, FallbackPolicy, FleetConfig, FleetNode, GatewayConfig, KeyLimits,
@@ -158,7 +159,8 @@ def load_base(config_dir: Path, *, simulator_url: str | None = None,
             continue
         tenants[tenant_id] = tenant
         for index, key in enumerate(spec.keys):
-            _add_key(keys, key.sha256, ApiKey(tenant_id, key.name, _unix_time(key.expires), _key_limits(key.limits)),
+            _add_key(keys, key.sha256, ApiKey(tenant_id, key.name, _unix_time(key.expires), _key_limits(key.limits),
+                                              compile_rules(key.guardrails)),
                      tenants_doc.where(("tenants", tenant_id, "keys", index)), problems)
     for tenant_id, tenant in tenants.items():
         for index, pattern in enumerate(tenant.model_patterns):
@@ -476,6 +478,7 @@ def _compile_tenant(context: _TenantContext, tenant_id: str, t: TenantSpec, sour
         provider_keys=dict(t.provider_keys),
         adapters=adapters,
         default_adapters={a.base: a for a in adapters.values() if a.default},
+        guardrails=compile_rules(t.guardrails),
         source=source,
         created_at=created_at,
     )

@@ -452,11 +452,69 @@ class KeyLimitsSpec(Strict):
     concurrent_requests: Count | None = None
 
 
+RULE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+GUARDRAIL_CHECKS = ("email", "phone", "payment_card", "iban", "us_ssn", "ip_address", "secrets", "deny_list", "regex",
+                    "topics", "max_prompt_tokens", "tools")
+Word = Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)]
+
+
+class GuardrailSpec(Strict):
+    """One check of a tenant's (or a key's) policy, and what to do when it finds something."""
+
+    name: str = Field(pattern=RULE_NAME_PATTERN, description="the rule's name, in refusals, the ledger, the metrics")
+    check: Literal[GUARDRAIL_CHECKS]
+    direction: Literal["input", "output", "both"] = Field(
+        "input", description="the request (input), the answer (output), or both")
+    action: Literal["block", "redact", "flag"] = Field(
+        "block", description="block: refuse (or end the answer); redact: mask what was found (drop a refused tool); "
+                             "flag: let it through and record it")
+    words: list[Word] = Field(default_factory=list, max_length=5000,
+                              description="deny_list: the words and phrases (whole, any case)")
+    pattern: str | None = Field(None, min_length=1, max_length=2000, pattern=TEXT_PATTERN,
+                                description="regex: a regular expression (RE2 syntax: its cost grows with the text "
+                                            "only)")
+    refused_topics: dict[Annotated[str, Field(pattern=RULE_NAME_PATTERN)], list[Word]] = Field(
+        default_factory=dict, max_length=100, description="topics: keywords of each topic refused")
+    allowed_topics: dict[Annotated[str, Field(pattern=RULE_NAME_PATTERN)], list[Word]] = Field(
+        default_factory=dict, max_length=100, description="topics: a request must touch one of these")
+    max_tokens: whole(1, 10_000_000) | None = Field(None, description="max_prompt_tokens: the most a prompt may have")
+    allowed_tools: list[Word] | None = Field(None, max_length=1000,
+                                             description="tools: function names a request may offer (* and ?)")
+    refused_tools: list[Word] = Field(default_factory=list, max_length=1000,
+                                      description="tools: function names a request may not offer (* and ?)")
+    message: str | None = Field(None, max_length=500, pattern=TEXT_PATTERN,
+                                description="what a refused client is told (the rule's name by default)")
+
+    @model_validator(mode="after")
+    def _fits_the_check(self) -> "GuardrailSpec":
+        check = self.check
+        needs = {"deny_list": ("words", bool(self.words)), "regex": ("pattern", self.pattern is not None),
+                 "topics": ("refused_topics or allowed_topics", bool(self.refused_topics or self.allowed_topics)),
+                 "max_prompt_tokens": ("max_tokens", self.max_tokens is not None),
+                 "tools": ("allowed_tools or refused_tools", self.allowed_tools is not None or bool(
+                     self.refused_tools))}
+        if check in needs and not needs[check][1]:
+            raise ValueError(f"a {check} check needs {needs[check][0]}")
+        if check in ("max_prompt_tokens", "tools", "topics") and self.direction != "input":
+            raise ValueError(f"a {check} check reads the request only: direction must be input")
+        if check in ("max_prompt_tokens",) and self.action == "redact":
+            raise ValueError("a max_prompt_tokens check cannot redact: block or flag")
+        if check == "topics" and self.allowed_topics and self.action == "redact":
+            raise ValueError("an allowed_topics check cannot redact: block or flag")
+        if self.pattern is not None:
+            from gateway.guardrails.detect import regex_detector
+
+            regex_detector(self.pattern)  # a ValueError naming what RE2 refused
+        return self
+
+
 class KeySpec(Strict):
     name: str = Field(pattern=KEY_NAME_PATTERN, description="letters, digits, . _ @ -")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key; the key itself is never stored")
     expires: CalendarDate | None = None
     limits: KeyLimitsSpec | None = None
+    guardrails: list[GuardrailSpec] = Field(default_factory=list, max_length=50,
+                                            description="checks of this key's requests, after the tenant's")
 
 
 class TierSpec(Strict):
@@ -512,6 +570,16 @@ class TenantFields(Strict):
     adapters: dict[Annotated[str, Field(pattern=ADAPTER_NAME_PATTERN)], AdapterSpec] = Field(
         default_factory=dict, max_length=100, description="the tenant's LoRA adapters on fleet models, by the model "
                                                           "name the tenant asks for")
+    guardrails: list[GuardrailSpec] = Field(default_factory=list, max_length=50,
+                                            description="checks of every request and answer of this tenant, in order")
+
+    @field_validator("guardrails")
+    @classmethod
+    def _rule_names(cls, value: list) -> list:
+        names = [rule.name for rule in value]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two guardrails are named '{next(n for n in names if names.count(n) > 1)}'")
+        return value
 
 
     @field_validator("provider_keys")

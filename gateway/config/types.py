@@ -203,6 +203,7 @@ class ApiKey:
     name: str
     expires_at: float | None  # unix time
     limits: KeyLimits | None = None
+    guardrails: tuple = ()  # gateway.guardrails.policy.Guardrail: checked after the tenant's
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +225,7 @@ class Tenant:
     provider_keys: dict[str, str] = field(default_factory=dict)  # provider -> reference of the tenant's own key
     adapters: dict[str, Adapter] = field(default_factory=dict)  # by the model name the tenant asks for
     default_adapters: dict[str, Adapter] = field(default_factory=dict)  # base model -> adapter used for it
+    guardrails: tuple = ()  # gateway.guardrails.policy.Guardrail, in order
     source: str = "yaml"  # "yaml" or "api" (made through the admin API, kept in PostgreSQL)
     created_at: float | None = None  # unix time the admin API made it; its usage starts there
 

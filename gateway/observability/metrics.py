@@ -33,6 +33,8 @@ ROUTED = Counter("gateway_routed_requests", "Requests for a router alias, by com
                  ["complexity", "model"])
 CASCADES = Counter("gateway_cascades", "Answers of a small model judged unsure and asked again of a larger one.",
                    ["from_model", "to_model"])
+GUARDRAIL_ACTIONS = Counter("gateway_guardrail_actions", "Guardrails that fired, by tenant, rule and action.",
+                            ["tenant", "rule", "action"])
 CACHE_LOOKUPS = Counter("gateway_cache_lookups", "Response cache lookups, by result (hit, miss, bypass, error).",
                         ["result"])
 CACHE_BYTES = Counter("gateway_cache_bytes", "Bytes of answers stored in and served from the response cache.",

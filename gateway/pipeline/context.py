@@ -43,7 +43,7 @@ class RequestContext:
         "route_example", "citations", "retrieval", "cascade_to", "cascaded", "confidence", "attempts",
         "cache_entry", "cache_hit", "semantic_similarity", "cache_capture", "answer_bytes", "answer_content_type",
         "adapter", "adapter_bypassed", "leases", "upstream_model", "tenant_paid_usd", "native_body", "native_answer",
-        "protocol_state",
+        "protocol_state", "guard", "answer_cut",
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, config: GatewayConfig, endpoint: Endpoint) -> None:
@@ -111,6 +111,8 @@ class RequestContext:
         self.native_body: dict | None = None
         self.native_answer = False
         self.protocol_state: Any = None
+        self.guard: Any = None  # the guardrails' verdict (gateway.guardrails.policy.Verdict), when the policy has rules
+        self.answer_cut = False  # a guardrail ended the answer: the relay stops reading the upstream
 
     def failed_attempts(self) -> str | None:
         """The upstream calls that failed, as "deployment:status,...", or None."""

@@ -32,6 +32,7 @@ from gateway.observability.metrics import CASCADES, FALLBACKS, UPSTREAM_ERRORS
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.parse import encode
 from gateway.pipeline.retrieve import with_citations
+from gateway.pipeline.tokens import counted_prompt_tokens, prompt_tokens
 from gateway.routing.confidence import measure, strip_logprobs
 from gateway.upstreams.client import UpstreamClient
 from gateway.upstreams.fleet import AdapterLoadFailed, Fleet
@@ -169,7 +170,8 @@ class Forward:
         upstream_model = await self._on_node(ctx, model, deployment, attempt) if deployment.node else None
         own_key = self._tenant_key(ctx, deployment, attempt) if ctx.tenant.provider_keys else None
         dialect = ctx.endpoint.dialect
-        native = dialect is not None and body is ctx.body and ctx.endpoint.route in deployment.apis
+        native = (dialect is not None and body is ctx.body and ctx.endpoint.route in deployment.apis
+                  and (ctx.guard is None or not ctx.guard.translate))
         ctx.upstream_started = started = time.perf_counter()
         try:
             if native:  # the upstream speaks the client's API: the request goes as it came
@@ -316,6 +318,8 @@ class Forward:
                 out = relay.feed(chunk)
                 if out:
                     await send_chunk(send, out)
+                    if ctx.answer_cut:  # a guardrail ended the answer: the rest of it is not wanted
+                        break
             rest = relay.finish()
             if rest:
                 await send_chunk(send, rest)
@@ -332,7 +336,11 @@ class Forward:
                 whole = b"".join(kept)
                 if b"[DONE]" in whole[-64:]:  # a stream that ended as it should
                     ctx.answer_bytes, ctx.answer_content_type = whole, b"text/event-stream"
-        self._bill(ctx, answer, relay.usage)
+        usage = relay.usage
+        if usage is None and ctx.answer_cut:  # ended by a guardrail before the upstream said its usage
+            usage = {"prompt_tokens": counted_prompt_tokens(ctx),
+                     "completion_tokens": prompt_tokens({"prompt": "".join(ctx.guard.streamed)})}
+        self._bill(ctx, answer, usage)
         await end_stream(send)
         ctx.overhead_seconds = max(0.0, ctx.elapsed() - ctx.upstream_seconds)
 

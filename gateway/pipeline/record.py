@@ -30,6 +30,9 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
     requested = ctx.model_requested
     if requested is not None and (len(requested) > 256 or "\x00" in requested):  # a client may send anything
         requested = requested[:256].replace("\x00", "\ufffd") + ("..." if len(requested) > 256 else "")
+    guard = ctx.guard
+    refusal = guard.reason if guard is not None else None
+    fired = orjson.dumps(guard.fired).decode() if guard is not None and guard.fired else None
     if ledger is not None:
         ledger.record((
             ctx.request_id, ctx.started_at, tenant, ctx.api_key.name if ctx.api_key else None, ctx.endpoint.route,
@@ -39,7 +42,7 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
             ctx.overhead_seconds * 1000, ctx.cache_hit, ctx.cascaded if ctx.profile is not None else None,
             ctx.confidence, failed, ctx.stream, ctx.status, ctx.error_type, ctx.route_score,
             orjson.dumps(ctx.attempts).decode() if len(ctx.attempts) > 1 else None,
-            node, adapter, paid_by, ctx.route_example, ctx.retrieval,
+            node, adapter, paid_by, ctx.route_example, ctx.retrieval, refusal, fired,
         ))
     route = ctx.endpoint.route
     line = {
@@ -78,6 +81,12 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
         line["client_disconnected"] = True
     if ctx.limits_degraded:
         line["limits_degraded"] = True
+    if fired is not None:
+        line["guardrails"] = guard.fired
+        if refusal is not None:
+            line["refusal_reason"] = refusal
+        for rule in guard.fired:
+            metrics.GUARDRAIL_ACTIONS.labels(tenant, rule["rule"], rule["action"]).inc()
     if log_prompts and ctx.body:
         line["prompt"] = ctx.body.get("messages") or ctx.body.get("prompt") or ctx.body.get("input")
     log_request(line)

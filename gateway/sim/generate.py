@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import random
 import struct
 from dataclasses import dataclass
 
 UNSURE_MARKER = "sim:unsure"
 UNSURE_OPENING = ["I'm", " not", " sure,", " but"]
+SAY = re.compile(r"sim:say\[(.*?)\]", re.S)  # the answer is this text, word by word (what a test needs said)
 
 _VOCABULARY = (
     "the of and to in is that for it as with was on be by this are or from at an which have not has but can "
@@ -60,6 +62,14 @@ def complete(prompt_text: str, max_tokens: int | None, index: int = 0, ignore_eo
         wanted = max_tokens
     count = wanted if max_tokens is None else min(wanted, max_tokens)
     unsure = UNSURE_MARKER in prompt_text
+    said = SAY.search(prompt_text)
+    if said is not None:
+        words = said.group(1).split(" ")
+        tokens = [words[0]] + [" " + w for w in words[1:]]
+        if max_tokens is not None:
+            tokens = tokens[:max_tokens]
+        return Completion(tokens=tokens, logprobs=[-0.01] * len(tokens),
+                          finish_reason="length" if len(tokens) < len(words) else "stop")
     tokens: list[str] = []
     if unsure:
         tokens.extend(UNSURE_OPENING[:count])

@@ -209,6 +209,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX stored_responses_expiry ON stored_responses (expires_at);
     """,
+    # 14: the guardrails a request met: why it was refused, and the rules that fired (never the text they found)
+    """
+    ALTER TABLE usage_ledger ADD COLUMN refusal_reason text, ADD COLUMN guardrails jsonb;
+    """,
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations

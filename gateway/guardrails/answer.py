@@ -1,0 +1,195 @@
+"""The output rules on the answer's way back: the ASGI ``send`` a request with output rules answers through.
+
+A whole answer is checked before it leaves: a ``block`` empties its text and says ``content_filter`` as its finish
+reason (as OpenAI does), a ``redact`` masks what was found. A stream is checked as it passes: the text of each
+choice is held back by at most ``LOOK_BEHIND`` characters, so that what a rule finds (an e-mail address split
+across two events, say) is found whole while the rest flows on; a ``block`` ends the stream with a chunk whose
+finish reason is ``content_filter`` and stops reading the upstream, a ``redact`` masks within the stream. What a
+rule finds must be shorter than ``LOOK_BEHIND`` to be found across events. Tool calls' arguments are checked in
+whole answers only. The response cache keeps what the upstream said: a cached answer passes these rules again
+each time it is served, so a policy changed since still applies.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from gateway.asgi import EVENT_STREAM, Send
+from gateway.guardrails.policy import Guardrail, Verdict, inspect_text, mask
+from gateway.pipeline.context import RequestContext
+
+LOOK_BEHIND = 256
+
+
+class OutputGuard:
+    __slots__ = ("ctx", "send", "rules", "verdict", "mode", "start", "held", "pending", "held_text", "ended")
+
+    def __init__(self, ctx: RequestContext, send: Send, rules: tuple[Guardrail, ...], verdict: Verdict) -> None:
+        self.ctx, self.send, self.rules, self.verdict = ctx, send, rules, verdict
+        self.mode = ""
+        self.start: dict | None = None
+        self.held: list[bytes] = []
+        self.pending = b""
+        self.held_text: dict[int, str] = {}  # a choice's text not yet sent
+        self.ended = False
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            content_type = next((v for k, v in message["headers"] if k == b"content-type"), b"")
+            if message["status"] >= 400 or self.ctx.native_answer:
+                self.mode = "pass"
+            elif content_type.startswith(EVENT_STREAM):
+                self.mode = "stream"
+            else:
+                self.mode, self.start = "whole", message
+                return
+            await self.send(message)
+            return
+        if message["type"] != "http.response.body" or self.mode == "pass":
+            await self.send(message)
+            return
+        body, more = message.get("body", b""), message.get("more_body", False)
+        if self.mode == "whole":
+            self.held.append(body)
+            if not more:
+                await self._whole(b"".join(self.held))
+            return
+        if self.ended:  # blocked: what the upstream still sends goes nowhere; the stream's end still does
+            if not more:
+                await self.send(message)
+            return
+        out = self._events(body)
+        await self.send({"type": "http.response.body", "body": out, "more_body": more})
+
+    # A whole answer
+
+    async def _whole(self, body: bytes) -> None:
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            answer = None
+        if isinstance(answer, dict) and self._check_answer(answer):
+            body = orjson.dumps(answer)
+        headers = [(k, v) for k, v in self.start["headers"] if k != b"content-length"]
+        headers.append((b"content-length", str(len(body)).encode()))
+        await self.send({**self.start, "headers": headers})
+        await self.send({"type": "http.response.body", "body": body})
+
+    def _check_answer(self, answer: dict) -> bool:
+        """Check (and change) the answer's choices; whether anything changed."""
+        changed = False
+        for choice in answer.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            message = choice.get("message")
+            holder, key = (message, "content") if isinstance(message, dict) else (choice, "text")
+            texts = [(holder, key)] if isinstance(holder.get(key), str) else []
+            if isinstance(message, dict):
+                for call in message.get("tool_calls") or ():
+                    function = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                        texts.append((function, "arguments"))
+            for container, name in texts:
+                text, blocked = inspect_text(self.rules, container[name], self.verdict)
+                if blocked is not None:
+                    holder[key] = "" if key == "text" else None
+                    if isinstance(message, dict):
+                        message.pop("tool_calls", None)
+                    choice["finish_reason"] = "content_filter"
+                    return True
+                if text != container[name]:
+                    container[name] = text
+                    changed = True
+        return changed
+
+    # A stream
+
+    def _events(self, data: bytes) -> bytes:
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        data = self.pending + data
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.pending = data
+            return b""
+        self.pending = data[end + 2:]
+        out = []
+        for event in data[:end].split(b"\n\n"):
+            if self.ended:
+                break
+            out.append(self._event(event))
+        return b"".join(out)
+
+    def _event(self, event: bytes) -> bytes:
+        if not event.startswith(b"data: "):
+            return event + b"\n\n"
+        payload = event[6:]
+        if payload == b"[DONE]":
+            return self._flush_all() + event + b"\n\n"
+        try:
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return event + b"\n\n"
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
+            return event + b"\n\n"
+        for choice in chunk["choices"]:
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index", 0)
+            delta = choice.get("delta")
+            holder, key = (delta, "content") if isinstance(delta, dict) else (choice, "text")
+            text = holder.get(key) if isinstance(holder, dict) else None
+            if isinstance(text, str):
+                self.verdict.streamed.append(text)
+            held = self.held_text.get(index, "") + (text if isinstance(text, str) else "")
+            final = choice.get("finish_reason") is not None
+            sent, blocked = self._pass(held, final)
+            if blocked is not None:
+                return self._cut(chunk, index)
+            self.held_text[index] = held[len(sent[1]):] if not final else ""
+            if isinstance(holder, dict) and (isinstance(text, str) or final):
+                holder[key] = sent[0]
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
+    def _pass(self, held: str, final: bool) -> tuple[tuple[str, str], Guardrail | None]:
+        """What of a choice's held text may go now: (masked, raw) of it, or the rule that blocks."""
+        spans: list[tuple[int, int, Guardrail]] = []
+        for rule in self.rules:
+            for start, end in rule.detect(held):
+                spans.append((start, end, rule))
+        cut = len(held) if final else max(0, len(held) - LOOK_BEHIND)
+        for start, end, rule in spans:
+            if start < cut < end:  # never send half of what a rule found
+                cut = start
+        sent_spans = [(s, e, r) for s, e, r in spans if e <= cut]
+        for start, end, rule in sent_spans:
+            self.verdict.add(rule, "output")
+            if rule.action == "block":
+                return ("", ""), rule
+        raw = held[:cut]
+        masked = raw
+        for rule in {r for *_, r in sent_spans if r.action == "redact"}:
+            masked = mask(masked, rule.detect(masked), rule.placeholder)
+        return (masked, raw), None
+
+    def _flush_all(self) -> bytes:
+        """Text still held when the stream ends without a finish reason: sent (masked) in a chunk of its own."""
+        out = b""
+        for index, held in list(self.held_text.items()):
+            if not held:
+                continue
+            (masked, _), blocked = self._pass(held, final=True)
+            self.held_text[index] = ""
+            if blocked is not None:
+                return self._cut({"choices": []}, index)
+            out += b"data: " + orjson.dumps({"choices": [{"index": index, "delta": {"content": masked},
+                                                          "finish_reason": None}]}) + b"\n\n"
+        return out
+
+    def _cut(self, chunk: dict, index: int) -> bytes:
+        """End the stream here: the choice finishes with ``content_filter``."""
+        self.ended = True
+        self.ctx.answer_cut = True  # the relay stops reading the upstream
+        head = {k: v for k, v in chunk.items() if k in ("id", "object", "created", "model")}
+        final = {**head, "choices": [{"index": index, "delta": {}, "logprobs": None, "finish_reason": "content_filter"}]}
+        return b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n"
