@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     bench.set_defaults(run=_bench)
     bench_kinds = bench.add_subparsers(
         dest="bench_kind",
-        metavar="[tenants | fleet | providers | protocols | console | ledger | redis | retrieval | semantic]")
+        metavar="[tenants | fleet | providers | protocols | guardrails | console | ledger | redis | retrieval | "
+                "semantic]")
 
     def bench_kind(name: str, help: str, run) -> argparse.ArgumentParser:
         kind = bench_kinds.add_parser(name, help=help)
@@ -131,6 +132,9 @@ def main(argv: list[str] | None = None) -> None:
                                               "completions, through the whole gateway", _bench_protocols)
     protocols_bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     protocols_bench.add_argument("--rounds", type=int, default=3, help="measurements per API, interleaved")
+    guardrails_bench = bench_kind("guardrails", "the policy stage's cost, and the personal-data checks' precision "
+                                                "and recall on a labelled set", _bench_guardrails)
+    guardrails_bench.add_argument("--rounds", type=int, default=50, help="timings per request (medians reported)")
     console_bench = bench_kind("console", "the console's pages with a large ledger behind them", _bench_console)
     console_bench.add_argument("--rows", type=int, default=100_000, help="ledger rows generated over this month")
     console_bench.add_argument("--rounds", type=int, default=20, help="loads of each page")
@@ -356,6 +360,12 @@ def _bench_protocols(args: argparse.Namespace) -> None:
     from gateway.bench.protocols import run_protocol_benchmark
 
     run_protocol_benchmark(duration=args.duration, rounds=args.rounds, output=args.output)
+
+
+def _bench_guardrails(args: argparse.Namespace) -> None:
+    from gateway.bench.guardrails import run_guardrail_benchmark
+
+    run_guardrail_benchmark(rounds=args.rounds, output=args.output)
 
 
 def _bench_fleet(args: argparse.Namespace) -> None:

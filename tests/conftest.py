@@ -283,11 +283,12 @@ def write_config(config_dir: Path, sim_url: str, keys: Keys, dead_port: int) -> 
     (config_dir / "tenants.yaml").write_text(yaml.safe_dump(tenants, sort_keys=False))
 
 
-def ledger_row(stores: Stores, request_id: str, timeout: float = 5.0) -> dict:
+def ledger_row(stores: Stores, request_id: str, timeout: float = 5.0, database_url: str | None = None) -> dict:
     """The ledger row of one request, once the gateway has written it (rows are written in batches)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        rows = stores.query("SELECT * FROM usage_ledger WHERE request_id = $1", request_id)
+        rows = stores.query_in(database_url or stores.database_url, "SELECT * FROM usage_ledger WHERE request_id = $1",
+                               request_id)
         if rows:
             return rows[0]
         time.sleep(0.05)

@@ -33,8 +33,11 @@ RULES = [
 ]
 
 
+ADMIN_KEY = "admin-key-of-the-guardrail-tests-0123456789"
+
+
 @pytest.fixture(scope="module")
-def guarded(tmp_path_factory):
+def guarded(tmp_path_factory, stores):
     sim = Simulator()
     config = tmp_path_factory.mktemp("guardrails")
     keys = {"guarded": generate_key(), "open": generate_key(), "strict-key": generate_key()}
@@ -47,7 +50,10 @@ def guarded(tmp_path_factory):
         "open": {"name": "Open", "tier": "enterprise", "keys": [{"name": "k", "sha256": hash_key(keys["open"])}]}}}
     (config / "models.yaml").write_text(yaml.safe_dump(models))
     (config / "tenants.yaml").write_text(yaml.safe_dump(tenants))
-    gateway = GatewayProcess(config)
+    # A database of its own: the tenants its admin API makes are no other test's
+    database_url = stores.new_database("guardrails")
+    gateway = GatewayProcess(config, env={"GATEWAY_ADMIN_KEY": ADMIN_KEY, "DATABASE_URL": database_url})
+    gateway.database_url = database_url
     yield gateway, keys, sim
     gateway.stop()
     sim.stop()
@@ -63,7 +69,7 @@ def test_a_card_number_is_masked_before_the_upstream_sees_it(guarded, stores):
     raw = ask(gateway, keys["guarded"], f"My card is {CARD}, and my mail is jo@example.com.")
     sent = sim.last_request()["messages"][-1]["content"]
     assert CARD not in sent and "[PAYMENT_CARD]" in sent and "jo@example.com" in sent  # flagged, not masked
-    row = ledger_row(stores, raw.headers["x-request-id"])
+    row = ledger_row(stores, raw.headers["x-request-id"], database_url=gateway.database_url)
     fired = json.loads(row["guardrails"])
     assert {"rule": "no-cards", "check": "payment_card", "direction": "input", "action": "redact"} in fired
     assert {"rule": "emails-seen", "check": "email", "direction": "input", "action": "flag"} in fired
@@ -86,7 +92,7 @@ def test_a_refused_request_names_the_rule_never_the_text(guarded, stores, conten
     assert (rule in error["message"]) or error["message"] == "That request is not allowed here."
     assert AWS_KEY not in error["message"] and "senator" not in error["message"]
     assert sim.stats()["requests"] == before  # nothing went upstream
-    row = ledger_row(stores, refused.value.response.headers["x-request-id"])
+    row = ledger_row(stores, refused.value.response.headers["x-request-id"], database_url=gateway.database_url)
     assert row["status"] == 400 and row["error_type"] == "content_policy_violation"
     assert row["refusal_reason"] == error["message"]
     assert json.loads(row["guardrails"])[-1]["rule"] == rule
@@ -104,7 +110,7 @@ def test_answers_are_checked_whole_and_streamed(guarded, stores):
     gateway, keys, _ = guarded
     said = ask(gateway, keys["guarded"], "sim:say[Your SSN 123-45-6789 is safe]")  # the rule reads answers only
     assert said.parse().choices[0].message.content == "Your SSN [US_SSN] is safe"
-    row = ledger_row(stores, said.headers["x-request-id"])
+    row = ledger_row(stores, said.headers["x-request-id"], database_url=gateway.database_url)
     assert {"rule": "no-ssn-out", "check": "us_ssn", "direction": "output", "action": "redact"} in json.loads(
         row["guardrails"])
     blocked = ask(gateway, keys["guarded"], "sim:say[We recommend Initech Corp for this]").parse()
@@ -175,3 +181,20 @@ def test_a_malformed_policy_is_refused_with_its_line(tmp_path, rule, problem):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert problem in done.stdout + done.stderr and "tenants.yaml" in done.stdout + done.stderr
+
+
+def test_policies_through_the_admin_api(guarded):
+    gateway, _, sim = guarded
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+    status, answer = http_request(gateway.port, "POST", "/api/v1/organizations", json.dumps(
+        {"name": "Bad", "guardrails": [{"name": "r", "check": "regex", "pattern": "(?<=x)y"}]}).encode(), admin)
+    assert status == 400 and "guardrails" in (answer["error"]["param"] or "") and "RE2" in answer["error"]["message"]
+    status, made = http_request(gateway.port, "POST", "/api/v1/organizations", json.dumps(
+        {"name": "Made", "id": "made", "guardrails": [{"name": "mask-mail", "check": "email", "action": "redact"}]}
+    ).encode(), admin)
+    assert status == 201, made
+    status, key = http_request(gateway.port, "POST", "/api/v1/organizations/made/keys",
+                               json.dumps({"name": "k"}).encode(), admin)
+    assert status == 201, key
+    ask(gateway, key["key"], "write to jo@example.com")
+    assert "[EMAIL]" in sim.last_request()["messages"][-1]["content"]

@@ -484,6 +484,9 @@ class GuardrailSpec(Strict):
                                       description="tools: function names a request may not offer (* and ?)")
     message: str | None = Field(None, max_length=500, pattern=TEXT_PATTERN,
                                 description="what a refused client is told (the rule's name by default)")
+    regions: list[Annotated[str, Field(pattern=r"^[A-Z]{2}$")]] = Field(
+        default_factory=lambda: ["US"], min_length=1, max_length=50,
+        description="phone: the countries whose national numbers are read (ISO codes); +... numbers always")
 
     @model_validator(mode="after")
     def _fits_the_check(self) -> "GuardrailSpec":

@@ -25,11 +25,16 @@ Detector = Callable[[str], list[Span]]
 
 _EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@[A-Za-z0-9-]{1,63}(?:\.[A-Za-z0-9-]{1,63})*"
                     r"\.[A-Za-z]{2,24}(?![\w-])")
-_PHONE = re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?!\w)")
-_CARD = re.compile(r"(?<!\d)(?:\d[ -]?){12,18}\d(?!\d)")
+# A pattern that begins with a look-behind scans at about half the speed of one that begins with its digits: the
+# character before a match is checked in Python instead (``not_after``).
+_PHONE = re.compile(r"(?:\+\d{1,3}[ .-]?(?:\(0\)[ .-]?)?)?(?:\(\d{1,5}\)[ .-]?)?\d{1,5}(?:[ .-]?\d{1,5}){1,6}"
+                    r"(?:[ ]?(?:x|ext\.?)[ ]?\d{1,6})?(?!\w)")
+_EXTENSION = re.compile(r"[ ]?(?:x|ext\.?)[ ]?\d{1,6}$")
+_CARD = re.compile(r"\d(?:[ -]?\d){11,18}(?!\d)")
 _IBAN = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?: ?[A-Z0-9]{1,4}){3,8}(?![A-Za-z0-9])")
-_SSN = re.compile(r"(?<![\d-])\d{3}([- ])\d{2}\1\d{4}(?![\d-])")
-_IPV4 = re.compile(r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?![\d.])")
+_IBAN_START = re.compile(r"[A-Z]{2}\d{2}")
+_SSN = re.compile(r"\d{3}([- ])\d{2}\1\d{4}(?![\d-])")
+_IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}(?!\d|\.\d)")
 _IPV6 = re.compile(r"(?<![:\w])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![:\w])")
 _SECRETS = re.compile("|".join((
     r"\b(?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ANVA|AIPA)[0-9A-Z]{16}\b",  # AWS access key ids
@@ -50,20 +55,30 @@ _SECRETS = re.compile("|".join((
 )))
 
 
-def _valid_phone(candidate: str) -> bool:
-    digits = sum(ch.isdigit() for ch in candidate)
-    if not 7 <= digits <= 15:
+def phone_validator(regions: tuple[str, ...]) -> Callable[[str], bool]:
+    """Whether a candidate is a number of a real numbering plan: its own country's when it starts with + (or 00),
+    else one of ``regions`` (ISO country codes: a national number reads differently in each)."""
+    def valid(candidate: str) -> bool:
+        number_part = _EXTENSION.sub("", candidate)
+        digits = sum(ch.isdigit() for ch in number_part)
+        if not 7 <= digits <= 15 or _IPV4.fullmatch(number_part):
+            return False
+        if number_part.startswith("00"):
+            number_part = "+" + number_part[2:]
+        for region in (None,) if number_part.startswith("+") else regions:
+            try:
+                if phonenumbers.is_valid_number(phonenumbers.parse(number_part, region)):
+                    return True
+            except phonenumbers.NumberParseException:
+                continue
         return False
-    try:
-        number = phonenumbers.parse(candidate, None if candidate.startswith("+") else "US")
-    except phonenumbers.NumberParseException:
-        return False
-    return phonenumbers.is_valid_number(number)
+
+    return valid
 
 
 def _valid_card(candidate: str) -> bool:
     digits = candidate.replace(" ", "").replace("-", "")
-    return 13 <= len(digits) <= 19 and digits[0] in "23456" and luhn.is_valid(digits)
+    return 13 <= len(digits) <= 19 and digits[0] in "123456" and luhn.is_valid(digits)
 
 
 def _valid_iban(candidate: str) -> bool:
@@ -82,32 +97,60 @@ def _valid_ip(candidate: str) -> bool:
     return address.version == 4 or candidate.count(":") >= 2 and any(ch.isalnum() for ch in candidate)
 
 
-def _validated(pattern: re.Pattern, valid: Callable[[str], bool] | None) -> Detector:
+def _validated(pattern: re.Pattern, valid: Callable[[str], bool] | None,
+               needs: Callable[[str], bool] | None = None, not_after: str = "") -> Detector:
+    """``pattern``'s matches that ``valid`` confirms and that do not follow a character of ``not_after``; texts that
+    fail ``needs`` (a substring test in C, far cheaper than the pattern's scan) have none."""
     def detect(text: str) -> list[Span]:
-        return [match.span() for match in pattern.finditer(text) if valid is None or valid(match.group())]
+        if needs is not None and not needs(text):
+            return []
+        found = []
+        for match in pattern.finditer(text):
+            start = match.start()
+            if start and not_after and (text[start - 1] in not_after or text[start - 1].isalnum() and "w" in not_after):
+                continue
+            if valid is None or valid(match.group()):
+                found.append(match.span())
+        return found
 
     return detect
 
 
+# Every provider key above starts with one of these (a private key has its header)
+_SECRET_MARKS = ("AKIA", "ASIA", "AGPA", "AIDA", "AROA", "ANPA", "ANVA", "AIPA", "ghp_", "gho_", "ghu_", "ghs_",
+                 "ghr_", "github_pat_", "glpat-", "sk-", "xox", "AIza", "sk_", "rk_", "hf_", "npm_", "eyJ",
+                 "PRIVATE KEY")
+
+
+def _has_secret_mark(text: str) -> bool:
+    return any(mark in text for mark in _SECRET_MARKS)
+
+
 def _ip(text: str) -> list[Span]:
-    spans = [m.span() for m in _IPV4.finditer(text) if _valid_ip(m.group())]
+    spans = _ipv4(text) if "." in text else []
     if ":" in text:
         spans += [m.span() for m in _IPV6.finditer(text) if _valid_ip(m.group())]
     return spans
 
 
+_ipv4 = _validated(_IPV4, _valid_ip, not_after="0123456789.")
+
 DETECTORS: dict[str, Detector] = {
-    "email": _validated(_EMAIL, None),
-    "phone": _validated(_PHONE, _valid_phone),
-    "payment_card": _validated(_CARD, _valid_card),
-    "iban": _validated(_IBAN, _valid_iban),
-    "us_ssn": _validated(_SSN, _valid_ssn),
+    "email": _validated(_EMAIL, None, lambda text: "@" in text),
+    "phone": _validated(_PHONE, phone_validator(("US",)), not_after="w+_"),
+    "payment_card": _validated(_CARD, _valid_card, not_after="0123456789"),
+    "iban": _validated(_IBAN, _valid_iban, lambda text: _IBAN_START.search(text) is not None),
+    "us_ssn": _validated(_SSN, _valid_ssn, not_after="0123456789-"),
     "ip_address": _ip,
-    "secrets": _validated(_SECRETS, None),
+    "secrets": _validated(_SECRETS, None, _has_secret_mark),
 }
 # What a redacted span becomes
 PLACEHOLDERS = {"email": "[EMAIL]", "phone": "[PHONE]", "payment_card": "[PAYMENT_CARD]", "iban": "[IBAN]",
                 "us_ssn": "[US_SSN]", "ip_address": "[IP_ADDRESS]", "secrets": "[SECRET]"}
+
+
+def phone_detector(regions: tuple[str, ...]) -> Detector:
+    return _validated(_PHONE, phone_validator(regions), not_after="w+_")
 
 
 def words_detector(words: list[str]) -> Detector:

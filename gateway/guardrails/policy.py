@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Callable, Iterator
 
-from gateway.guardrails.detect import DETECTORS, PLACEHOLDERS, Detector, regex_detector, words_detector
+from gateway.guardrails.detect import (DETECTORS, PLACEHOLDERS, Detector, phone_detector, regex_detector,
+                                      words_detector)
 
 TEXT_CHECKS = frozenset(DETECTORS) | {"deny_list", "regex"}
 
@@ -44,7 +45,9 @@ def compile_rules(specs: list) -> tuple[Guardrail, ...]:
     for spec in specs:
         common = dict(name=spec.name, check=spec.check, reads_input=spec.direction in ("input", "both"),
                       reads_output=spec.direction in ("output", "both"), action=spec.action, message=spec.message)
-        if spec.check in DETECTORS:
+        if spec.check == "phone" and tuple(spec.regions) != ("US",):
+            rules.append(Guardrail(**common, detect=phone_detector(tuple(spec.regions)), placeholder="[PHONE]"))
+        elif spec.check in DETECTORS:
             rules.append(Guardrail(**common, detect=DETECTORS[spec.check], placeholder=PLACEHOLDERS[spec.check]))
         elif spec.check == "deny_list":
             rules.append(Guardrail(**common, detect=words_detector(spec.words)))
@@ -153,8 +156,8 @@ def inspect_request(rules: tuple[Guardrail, ...], body: dict, verdict: Verdict,
             what = f"{rule.check.replace('_', ' ')} in the request"
         elif rule.topics or rule.allowed is not None:
             found, what = _topics(rule, body)
-        elif rule.max_tokens is not None:
-            found = count_tokens() > rule.max_tokens
+        elif rule.max_tokens is not None:  # a token is a character at least: a shorter text needs no count
+            found = _characters(body) > rule.max_tokens and count_tokens() > rule.max_tokens
             what = f"a prompt of more than {rule.max_tokens} tokens"
         else:
             found, what = _tools(rule, body)
@@ -164,6 +167,10 @@ def inspect_request(rules: tuple[Guardrail, ...], body: dict, verdict: Verdict,
         if rule.action == "block":
             verdict.refused, verdict.reason = rule, rule.refusal(what)
             return
+
+
+def _characters(body: dict) -> int:
+    return sum(len(container[key]) for container, key in _request_texts(body)) + len(str(body.get("tools") or ""))
 
 
 def _run_on_request(rule: Guardrail, body: dict) -> bool:
