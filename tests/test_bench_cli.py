@@ -54,3 +54,20 @@ def test_a_bench_stopped_with_sigterm_stops_the_servers_it_started(tmp_path):
         time.sleep(0.5)
     assert not left, subprocess.run(["ps", "-o", "pid,args", "-p", ",".join(left)], capture_output=True,
                                     text=True).stdout
+
+
+def test_the_guardrails_benchmark_reports_cost_and_quality(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    output = tmp_path / "guardrails.json"
+    done = subprocess.run([sys.executable, "-m", "gateway", "bench", "guardrails", "--rounds", "3", "--output",
+                           str(output)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(output.read_text())
+    assert report["cost_ms"]["typical_chat_request"] > 0 and report["prompt_words"]["huge"] == 100_000
+    for name in ("tune", "held_out"):
+        by_kind = report["quality"][name]["by_kind"]
+        assert set(by_kind) == {"email", "phone", "payment_card", "iban", "us_ssn", "ip_address", "secrets"}
+        assert by_kind["iban"]["values"] == 400 and by_kind["email"]["recall"] > 0.9

@@ -198,3 +198,17 @@ def test_policies_through_the_admin_api(guarded):
     assert status == 201, key
     ask(gateway, key["key"], "write to jo@example.com")
     assert "[EMAIL]" in sim.last_request()["messages"][-1]["content"]
+
+
+def test_the_requests_list_shows_what_fired(guarded):
+    gateway, keys, _ = guarded
+    request_id = ask(gateway, keys["guarded"], f"card {CARD}").headers["x-request-id"]
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    for _ in range(50):
+        status, page = http_request(gateway.port, "GET", "/api/v1/requests?tenant=guarded&limit=20", headers=admin)
+        row = next((r for r in page["data"] if r["request_id"] == request_id), None)
+        if row is not None:
+            break
+        __import__("time").sleep(0.1)
+    assert row["guardrails"] == [{"rule": "no-cards", "check": "payment_card", "direction": "input",
+                                  "action": "redact"}]

@@ -302,6 +302,7 @@ const ADMIN_VIEWS = {
           { title: "Latency ms", num: true, cell: (r) => (r.latency_ms === null ? "–" : Math.round(r.latency_ms)) },
           { title: "Complexity", cell: (r) => r.complexity }, { title: "Cache", cell: (r) => (r.cache_hit ? "hit" : "") },
           { title: "Cascaded", cell: (r) => (r.cascaded ? "yes" : "") }, { title: "Error", cell: (r) => r.error_type },
+          { title: "Guardrails", cell: (r) => (r.guardrails || []).map((g) => `${g.rule}: ${g.action}`).join(", ") },
         ], rows, { name: "requests", empty: "no request matches" }),
         page.has_more ? el("button", { class: "link", text: "Older requests", onclick: () => load(true) }) : null);
       } catch (error) { body.replaceChildren(failure(error)); }
