@@ -28,7 +28,7 @@ from gateway.pipeline.build import build_pipeline
 from gateway.pipeline.auth import identify, identify_again
 from gateway.upstreams.select import DeploymentSelector
 from gateway.settings import Settings
-from gateway.retrieval.calls import InternalCalls
+from gateway.pipeline.internal import InternalCalls
 from gateway.retrieval.catalog import Catalog
 from gateway.retrieval.embed_app import Embedder
 from gateway.retrieval.semantic import SemanticIndex
@@ -217,15 +217,16 @@ class Gateway:
             self.config, self.client, self.limiter, self.ledger, self.cache, max_body_bytes=settings.max_body_bytes,
             log_prompts=settings.log_prompts, refuse_without_redis=settings.redis_failure_mode == "closed",
             fleet=lambda: self.fleet, providers=lambda: self.providers, shares=self.shares, selector=self.selector,
-            retrieval=lambda: self.retrieval, semantic=lambda: self.semantic,
+            retrieval=lambda: self.retrieval, semantic=lambda: self.semantic, calls=lambda: calls,
         )
+        calls = InternalCalls(lambda: pipeline, lambda: self.config.current)  # the gateway's requests to itself
         self.routes = OpenAIRoutes(self.config, pipeline, settings.max_body_bytes, lambda: self.responses)
         if self.directory is not None:
             vectors = Vectors(path=(settings.data_dir / "qdrant").resolve(), url=settings.qdrant_url,
                               api_key=settings.qdrant_api_key)
             self.retrieval = Retrieval(
                 Catalog(self.directory.pool_for_reports, vectors.where), vectors,
-                InternalCalls(lambda: pipeline, lambda: self.config.current), settings.retrieval_model,
+                calls, settings.retrieval_model,
                 lambda: self.config.current, settings.indexing_concurrency)
             self.retrieval.start()
             self.semantic = SemanticIndex(self.retrieval.vectors)

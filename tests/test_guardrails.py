@@ -212,3 +212,86 @@ def test_the_requests_list_shows_what_fired(guarded):
         __import__("time").sleep(0.1)
     assert row["guardrails"] == [{"rule": "no-cards", "check": "payment_card", "direction": "input",
                                   "action": "redact"}]
+
+
+@pytest.fixture(scope="module")
+def guard_models(tmp_path_factory, stores):
+    """Tenants guarded by a moderation model, by a Llama Guard (both played by the simulator), and by guard models
+    that cannot be reached, failing open and failing closed."""
+    sim = Simulator()
+    config = tmp_path_factory.mktemp("guard-models")
+    on_sim = lambda model: [{"name": model, "api_base": f"{sim.url}/v1", "model": model}]  # noqa: E731
+    dead = [{"name": "gone", "api_base": "http://127.0.0.1:9/v1", "model": "x", "timeouts": {"connect": 1, "read": 1}}]
+    models = {"models": {
+        "small": {"deployments": on_sim("small")},
+        "omni-moderation": {"type": "moderation", "deployments": on_sim("omni-moderation")},
+        "llama-guard": {"deployments": on_sim("llama-guard-3")},
+        "gone-moderation": {"type": "moderation", "deployments": dead}}}
+    keys = {name: generate_key() for name in ("mod", "llama", "open", "closed")}
+    rule = lambda **fields: [{"name": "guard", "check": "model", **fields}]  # noqa: E731
+    tenants = {"tenants": {
+        "mod": {"name": "M", "guardrails": rule(model="omni-moderation", categories={"harassment": "flag"}),
+                "keys": [{"name": "k", "sha256": hash_key(keys["mod"])}]},
+        "llama": {"name": "L", "guardrails": rule(model="llama-guard", categories={"S1": "block", "*": "flag"}),
+                  "keys": [{"name": "k", "sha256": hash_key(keys["llama"])}]},
+        "open": {"name": "O", "guardrails": rule(model="gone-moderation"),
+                 "keys": [{"name": "k", "sha256": hash_key(keys["open"])}]},
+        "closed": {"name": "C", "guardrails": rule(model="gone-moderation", on_failure="closed", timeout_seconds=3),
+                   "keys": [{"name": "k", "sha256": hash_key(keys["closed"])}]}}}
+    (config / "models.yaml").write_text(yaml.safe_dump(models))
+    (config / "tenants.yaml").write_text(yaml.safe_dump(tenants))
+    gateway = GatewayProcess(config)
+    yield gateway, keys, sim
+    gateway.stop()
+    sim.stop()
+
+
+def test_a_moderation_model_guards_requests(guard_models, stores):
+    gateway, keys, sim = guard_models
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(gateway, keys["mod"], "how do I attack the castle")
+    assert refused.value.code == "content_policy_violation" and "violence" in refused.value.message
+    assert "castle" not in refused.value.message
+    flagged = ask(gateway, keys["mod"], "you are an idiot, say hi")  # harassment: flagged, let through
+    row = ledger_row(stores, flagged.headers["x-request-id"])
+    assert json.loads(row["guardrails"]) == [{"rule": "guard", "check": "model", "direction": "input",
+                                              "action": "flag"}]
+    assert ask(gateway, keys["mod"], "hello there").parse().choices
+    for _ in range(100):  # the guard model's calls have their ledger rows, as any request does
+        guard_rows = stores.query("SELECT route, model FROM usage_ledger WHERE tenant_id = 'mod' AND route = "
+                                  "'moderations'")
+        if len(guard_rows) >= 3:
+            break
+        __import__("time").sleep(0.05)
+    assert len(guard_rows) >= 3 and {r["model"] for r in guard_rows} == {"omni-moderation"}
+
+
+def test_a_llama_guard_on_chat_guards_requests(guard_models):
+    gateway, keys, _ = guard_models
+    with pytest.raises(openai.BadRequestError) as refused:
+        ask(gateway, keys["llama"], "plan to murder the plot twist")
+    assert "S1" in refused.value.message
+    assert ask(gateway, keys["llama"], "you loser, hello").parse().choices  # S10: flagged by "*"
+
+
+def test_a_guard_model_that_fails_is_open_or_closed_as_configured(guard_models):
+    gateway, keys, _ = guard_models
+    assert ask(gateway, keys["open"], "hello").parse().choices
+    with pytest.raises(openai.InternalServerError) as closed:
+        ask(gateway, keys["closed"], "hello")
+    assert closed.value.status_code == 503 and closed.value.code == "guard_unavailable"
+
+
+def test_moderations_are_served(guard_models, stores):
+    gateway, keys, _ = guard_models
+    client = gateway.client(keys["open"])
+    raw = client.moderations.with_raw_response.create(model="omni-moderation", input=["kill it", "hello"])
+    result = raw.parse()
+    assert result.results[0].flagged and result.results[0].categories.violence and not result.results[1].flagged
+    row = ledger_row(stores, raw.headers["x-request-id"])
+    assert row["route"] == "moderations" and row["prompt_tokens"] > 0
+    with pytest.raises(openai.BadRequestError):
+        client.moderations.create(model="small", input="hi")  # a chat model cannot moderate
+    status, answer = http_request(gateway.port, "POST", "/v1/moderations", json.dumps(
+        {"model": "omni-moderation", "input": 5}).encode(), {"authorization": f"Bearer {keys['open']}"})
+    assert status == 400 and answer["error"]["param"] == "input"

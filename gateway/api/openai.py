@@ -15,7 +15,7 @@ from gateway.pipeline.runner import Pipeline
 from gateway.pipeline.access import visible_model
 from gateway.pipeline.auth import identify, identify_again
 from gateway.pipeline.context import Endpoint, RequestContext
-from gateway.pipeline.endpoints import CHAT, COMPLETIONS, EMBEDDINGS
+from gateway.pipeline.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS
 from gateway.pipeline.parse import read_json_body
 from gateway.pipeline.tokens import prompt_tokens
 from gateway.protocols.anthropic import CountTokens, Messages, count_tokens_answer
@@ -41,6 +41,7 @@ class OpenAIRoutes:
             ("/chat/completions", "POST", self._endpoint(CHAT)),
             ("/completions", "POST", self._endpoint(COMPLETIONS)),
             ("/embeddings", "POST", self._endpoint(EMBEDDINGS)),
+            ("/moderations", "POST", self._endpoint(MODERATIONS)),
             ("/messages", "POST", self._endpoint(MESSAGES)),
             ("/responses", "POST", self._endpoint(Endpoint("responses", "/chat/completions", "chat",
                                                            lambda body: None, Responses(responses)))),

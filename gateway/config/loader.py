@@ -160,7 +160,8 @@ def load_base(config_dir: Path, *, simulator_url: str | None = None,
         tenants[tenant_id] = tenant
         for index, key in enumerate(spec.keys):
             _add_key(keys, key.sha256, ApiKey(tenant_id, key.name, _unix_time(key.expires), _key_limits(key.limits),
-                                              compile_rules(key.guardrails)),
+                                              compile_rules(key.guardrails, models, problems,
+                                                            tenants_doc.where(("tenants", tenant_id, "keys", index)))),
                      tenants_doc.where(("tenants", tenant_id, "keys", index)), problems)
     for tenant_id, tenant in tenants.items():
         for index, pattern in enumerate(tenant.model_patterns):
@@ -478,7 +479,7 @@ def _compile_tenant(context: _TenantContext, tenant_id: str, t: TenantSpec, sour
         provider_keys=dict(t.provider_keys),
         adapters=adapters,
         default_adapters={a.base: a for a in adapters.values() if a.default},
-        guardrails=compile_rules(t.guardrails),
+        guardrails=compile_rules(t.guardrails, context.models, problems, where),
         source=source,
         created_at=created_at,
     )

@@ -6,8 +6,8 @@ import datetime as dt
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, WithJsonSchema,
-                      create_model, field_validator, model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
+                      WithJsonSchema, create_model, field_validator, model_validator)
 from pydantic.fields import FieldInfo
 
 from gateway.config.types import FallbackPolicy
@@ -205,7 +205,7 @@ class CachePolicySpec(Strict):
 
 
 class ModelSpec(Strict):
-    type: Literal["chat", "embedding"] = "chat"
+    type: Literal["chat", "embedding", "moderation"] = "chat"
     cache: CachePolicySpec | None = None
     fallbacks: list[str] = Field(
         default_factory=list, description="models tried in turn when every deployment of this one has failed")
@@ -454,7 +454,7 @@ class KeyLimitsSpec(Strict):
 
 RULE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 GUARDRAIL_CHECKS = ("email", "phone", "payment_card", "iban", "us_ssn", "ip_address", "secrets", "deny_list", "regex",
-                    "topics", "max_prompt_tokens", "tools")
+                    "topics", "max_prompt_tokens", "tools", "model")
 Word = Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)]
 
 
@@ -484,6 +484,19 @@ class GuardrailSpec(Strict):
                                       description="tools: function names a request may not offer (* and ?)")
     message: str | None = Field(None, max_length=500, pattern=TEXT_PATTERN,
                                 description="what a refused client is told (the rule's name by default)")
+    model: str | None = Field(None, max_length=200, pattern=TEXT_PATTERN,
+                              description="model: the guard model of models.yaml (a moderation model, or a chat "
+                                          "model answering as Llama Guard does), asked through the gateway")
+    categories: dict[Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)],
+                     Literal["block", "flag", "allow"]] = Field(
+        default_factory=dict, max_length=100, description="model: what a flagged category does (moderation "
+                                                          "categories or Llama Guard's S1...S14; * for the others); "
+                                                          "the rule's action by default")
+    timeout_seconds: StrictFloat | StrictInt = Field(2.0, gt=0, le=60,
+                                                     description="model: how long the guard model may take")
+    on_failure: Literal["open", "closed"] = Field(
+        "open", description="model: when the guard model fails or is late, let the request through (open, "
+                            "recorded) or refuse it (closed, 503)")
     regions: list[Annotated[str, Field(pattern=r"^[A-Z]{2}$")]] = Field(
         default_factory=lambda: ["US"], min_length=1, max_length=50,
         description="phone: the countries whose national numbers are read (ISO codes); +... numbers always")
@@ -492,16 +505,17 @@ class GuardrailSpec(Strict):
     def _fits_the_check(self) -> "GuardrailSpec":
         check = self.check
         needs = {"deny_list": ("words", bool(self.words)), "regex": ("pattern", self.pattern is not None),
+                 "model": ("model", self.model is not None),
                  "topics": ("refused_topics or allowed_topics", bool(self.refused_topics or self.allowed_topics)),
                  "max_prompt_tokens": ("max_tokens", self.max_tokens is not None),
                  "tools": ("allowed_tools or refused_tools", self.allowed_tools is not None or bool(
                      self.refused_tools))}
         if check in needs and not needs[check][1]:
             raise ValueError(f"a {check} check needs {needs[check][0]}")
-        if check in ("max_prompt_tokens", "tools", "topics") and self.direction != "input":
+        if check in ("max_prompt_tokens", "tools", "topics", "model") and self.direction != "input":
             raise ValueError(f"a {check} check reads the request only: direction must be input")
-        if check in ("max_prompt_tokens",) and self.action == "redact":
-            raise ValueError("a max_prompt_tokens check cannot redact: block or flag")
+        if check in ("max_prompt_tokens", "model") and self.action == "redact":
+            raise ValueError(f"a {check} check cannot redact: block or flag")
         if check == "topics" and self.allowed_topics and self.action == "redact":
             raise ValueError("an allowed_topics check cannot redact: block or flag")
         if self.pattern is not None:

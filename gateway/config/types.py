@@ -118,7 +118,7 @@ class CachePolicy:
 @dataclass(frozen=True, slots=True)
 class Model:
     name: str
-    type: str  # "chat" or "embedding"
+    type: str  # "chat", "embedding" or "moderation"
     size: str | None  # "small", "large", "largest" or unset
     description: str
     owned_by: str

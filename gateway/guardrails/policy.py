@@ -33,14 +33,21 @@ class Guardrail:
     max_tokens: int | None = None
     allowed_tools: tuple[str, ...] | None = None
     refused_tools: tuple[str, ...] = ()
+    guard_model: str | None = None  # a model check: the guard model's name, its kind ("moderation" or "chat"),
+    guard_kind: str = "moderation"  # what each flagged category does, how long it may take, and whether a failure
+    categories: tuple[tuple[str, str], ...] = ()  # refuses (closed) or lets through (open)
+    timeout: float = 2.0
+    fail_closed: bool = False
 
     def refusal(self, what: str) -> str:
         """What a refused client is told: the rule, never the text."""
         return self.message or f"This request was refused by the guardrail '{self.name}' ({what})."
 
 
-def compile_rules(specs: list) -> tuple[Guardrail, ...]:
-    """GuardrailSpec objects (already validated) as rules ready to run."""
+def compile_rules(specs: list, models: dict | None = None, problems: list[str] | None = None,
+                  where: str = "") -> tuple[Guardrail, ...]:
+    """GuardrailSpec objects (already validated) as rules ready to run; a guard model ``models`` lacks is a problem
+    said with ``where``."""
     rules = []
     for spec in specs:
         common = dict(name=spec.name, check=spec.check, reads_input=spec.direction in ("input", "both"),
@@ -63,6 +70,16 @@ def compile_rules(specs: list) -> tuple[Guardrail, ...]:
         elif spec.check == "tools":
             rules.append(Guardrail(**common, allowed_tools=tuple(spec.allowed_tools)
                                    if spec.allowed_tools is not None else None, refused_tools=tuple(spec.refused_tools)))
+        elif spec.check == "model":
+            model = (models or {}).get(spec.model)
+            if model is None or model.type not in ("moderation", "chat"):
+                if problems is not None:
+                    problems.append(f"{where}: guardrail '{spec.name}': the guard model '{spec.model}' is not a "
+                                    "moderation or chat model of models.yaml")
+                continue
+            rules.append(Guardrail(**common, guard_model=spec.model, guard_kind=model.type,
+                                   categories=tuple(spec.categories.items()), timeout=float(spec.timeout_seconds),
+                                   fail_closed=spec.on_failure == "closed"))
     return tuple(rules)
 
 
@@ -84,7 +101,7 @@ class Verdict:
 
 # -- Texts of a request and of an answer ------------------------------------------------------------------------
 
-def _request_texts(body: dict) -> Iterator[tuple[Any, Any]]:
+def request_texts(body: dict) -> Iterator[tuple[Any, Any]]:
     """(container, key) of every text of a request the upstream reads: messages (string or text parts), the
     arguments of earlier tool calls, a completion's prompt, an embedding's input."""
     messages = body.get("messages")
@@ -149,7 +166,7 @@ def inspect_request(rules: tuple[Guardrail, ...], body: dict, verdict: Verdict,
                     count_tokens: Callable[[], int]) -> None:
     """Run the input rules in order on ``body``, masking it in place; ``verdict.refused`` set by the first block."""
     for rule in rules:
-        if not rule.reads_input:
+        if not rule.reads_input or rule.guard_model is not None:  # a guard model is asked afterwards (guard.py)
             continue
         if rule.detect is not None:
             found = _run_on_request(rule, body)
@@ -170,12 +187,12 @@ def inspect_request(rules: tuple[Guardrail, ...], body: dict, verdict: Verdict,
 
 
 def _characters(body: dict) -> int:
-    return sum(len(container[key]) for container, key in _request_texts(body)) + len(str(body.get("tools") or ""))
+    return sum(len(container[key]) for container, key in request_texts(body)) + len(str(body.get("tools") or ""))
 
 
 def _run_on_request(rule: Guardrail, body: dict) -> bool:
     found = False
-    for container, key in list(_request_texts(body)):
+    for container, key in list(request_texts(body)):
         text = container[key]
         spans = rule.detect(text)
         if not spans:
@@ -194,7 +211,7 @@ def _topics(rule: Guardrail, body: dict) -> tuple[bool, str]:
         spans = detect(text)
         if spans:
             if rule.action == "redact":
-                for container, key in list(_request_texts(body)):
+                for container, key in list(request_texts(body)):
                     container[key] = mask(container[key], detect(container[key]), "[REDACTED]")
             return True, f"the topic '{topic}'"
     if rule.allowed is not None and not rule.allowed(text):

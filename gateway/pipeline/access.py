@@ -31,7 +31,7 @@ async def authorize_model(ctx: RequestContext) -> None:
     if ctx.tenant.adapters:  # the tenant's own adapter: asked for by name, or its default for this model
         ctx.adapter = ctx.tenant.adapters.get(ctx.model_requested) or ctx.tenant.default_adapters.get(model.name)
     if model.type != ctx.endpoint.model_type:
-        what = "an embedding model" if model.type == "embedding" else "a chat model"
+        what = {"embedding": "an embedding model", "moderation": "a moderation model"}.get(model.type, "a chat model")
         raise bad_request(f"The model `{model.name}` is {what} and cannot serve {ctx.endpoint.route}.",
                           param="model", code="model_not_supported")
     if not model.serving:

@@ -15,7 +15,7 @@ from gateway.pipeline.auth import Authenticate
 from gateway.pipeline.cache import LookupCache, serve_cached
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.forward import Forward
-from gateway.pipeline.guard import check_guardrails
+from gateway.pipeline.guard import CheckGuardrails
 from gateway.pipeline.limits import EnforceLimits
 from gateway.pipeline.parse import read_json_body
 from gateway.pipeline.prompt import apply_system_prompt
@@ -47,6 +47,7 @@ def build_pipeline(
     selector: DeploymentSelector | None = None,
     retrieval: Callable[[], object] = lambda: None,
     semantic: Callable[[], object] = lambda: None,
+    calls: Callable[[], object] = lambda: None,
 ) -> Pipeline:
     async def read_request(ctx: RequestContext) -> None:
         await read_json_body(ctx, max_body_bytes)
@@ -55,7 +56,7 @@ def build_pipeline(
         Authenticate(config),  # who is calling (401 / 403)
         read_request,  # the body, and the fields the gateway acts on (400 / 413)
         authorize_model,  # may this tenant use this model, can it serve this request (404 / 400 / 503)
-        check_guardrails,  # the tenant's and key's rules: the request masked or refused (400); answers watched
+        CheckGuardrails(calls),  # the tenant's and key's rules: the request masked or refused (400); answers watched
         apply_system_prompt,  # the tenant's instructions before the client's
         Retrieve(retrieval),  # "retrieval": the tenant's stores searched, the chunks given as context (404 / 409)
         LookupCache(cache, semantic),  # a repeat of an answered request is found; new answers are kept at the end

@@ -283,7 +283,10 @@ class Forward:
             finally:
                 answer.response.release()
             return
-        self._bill(ctx, answer, usage_of(answer.body))
+        usage = usage_of(answer.body)
+        if usage is None and ctx.endpoint.model_type == "moderation":  # moderation answers say no usage
+            usage = {"prompt_tokens": counted_prompt_tokens(ctx), "completion_tokens": 0}
+        self._bill(ctx, answer, usage)
         await self._send_body(ctx, answer.status, answer.body, answer.content_type)
 
     async def _send_body(self, ctx: RequestContext, status: int, body: bytes, content_type: bytes) -> None:

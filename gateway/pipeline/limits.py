@@ -23,7 +23,7 @@ class EnforceLimits:
     async def __call__(self, ctx: RequestContext) -> None:
         body = ctx.body
         prompt = counted_prompt_tokens(ctx)
-        completion = 0 if ctx.endpoint.model_type == "embedding" else completion_reservation(
+        completion = 0 if ctx.endpoint.model_type != "chat" else completion_reservation(
             body, ctx.tenant.limits.completion_reservation)
         cost_nano = int(ctx.model.pricing.cost(prompt, completion) * NANO)
         if ctx.tenant.provider_keys and _paid_by_tenant(ctx):

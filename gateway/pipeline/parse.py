@@ -243,3 +243,23 @@ def check_embedding(body: dict) -> None:
         raise bad_request("'dimensions' must be a positive integer.", param="dimensions")
     if body.get("stream") is not None:
         raise bad_request("Embeddings cannot be streamed.", param="stream")
+
+
+def check_moderation(body: dict) -> None:
+    value = body.get("input")
+    if value is None:
+        raise missing("input")
+    if isinstance(value, str):
+        return
+    if not isinstance(value, list):
+        raise invalid_type("input", "a string or an array", value)
+    if not value:
+        raise empty_array("input")
+    for index, item in enumerate(value):
+        if isinstance(item, str):
+            continue
+        if not isinstance(item, dict) or item.get("type") not in ("text", "image_url"):
+            raise bad_request(f"Invalid 'input[{index}]': expected a string or a text or image_url part.",
+                              param=f"input[{index}]", code="invalid_value")
+    if body.get("stream") is not None:
+        raise bad_request("Moderations cannot be streamed.", param="stream")

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from gateway.config.types import ApiKey, Tenant
-    from gateway.retrieval.calls import InternalCalls
+    from gateway.pipeline.internal import InternalCalls
 
 log = logging.getLogger("gateway.retrieval")
 

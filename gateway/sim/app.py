@@ -19,7 +19,7 @@ import orjson
 
 from gateway.asgi import DisconnectGuard, ClientDisconnected, Receive, Scope, Send, header, read_body, send_response
 from gateway.asgi import end_stream, send_chunk, start_stream
-from gateway.sim import generate, protocols, schema_json
+from gateway.sim import generate, guard, protocols, schema_json
 from gateway.sim.tools import forced_tool, text_of
 from gateway.sim.lora import LoraError, LoraSlots
 from gateway.sim.settings import SimSettings
@@ -74,6 +74,7 @@ class Simulator:
             ("POST", "/v1/completions"): self._completions,
             ("POST", "/v1/embeddings"): self._embeddings,
             ("POST", "/v1/responses"): self._responses,
+            ("POST", "/v1/moderations"): self._moderations,
             ("GET", "/v1/models"): self._models,
             ("POST", "/v1/load_lora_adapter"): self._load_lora,
             ("POST", "/v1/unload_lora_adapter"): self._unload_lora,
@@ -187,12 +188,29 @@ class Simulator:
         if not isinstance(messages, list) or not messages:
             raise SimError(400, "'messages' must be a non-empty list", param="messages")
         prompt = "\n".join(f"{m.get('role')}: {text_of(m.get('content'))}" for m in messages if isinstance(m, dict))
+        if "guard" in str(body.get("model", "")).lower():  # a Llama Guard: its verdict on the conversation
+            conversation = " ".join(text_of(m.get("content")) for m in messages if isinstance(m, dict))
+            prompt = f"sim:say[{guard.llama_guard_verdict(conversation)}]"
         await self._generate(scope, receive, send, body, "chat", [prompt], _chat_prompt_tokens(messages), writer)
 
     async def _responses(self, scope: Scope, receive: Receive, send: Send) -> None:
         """OpenAI's Responses API, as vLLM serves it (without stored responses)."""
         body = protocols.from_responses(await self._json_body(receive))
         await self._chat_body(scope, receive, send, body, protocols.ResponsesWriter)
+
+    async def _moderations(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """OpenAI's moderations, as a guard model would answer them (see gateway.sim.guard)."""
+        body = await self._json_body(receive)
+        value = body.get("input")
+        items = [value] if isinstance(value, str) else [v for v in value or () if isinstance(v, (str, dict))]
+        texts = [item if isinstance(item, str) else str(item.get("text", "")) for item in items]
+        if not texts:
+            raise SimError(400, "'input' must be a string or a non-empty list", param="input")
+        await self._inject_faults(receive)
+        if self.settings.ttft_ms:
+            await asyncio.sleep(self.settings.ttft_ms / 1000)
+        await send_response(send, 200, orjson.dumps({"id": _id("modr"), "model": self._served_model(body),
+                                                     "results": [guard.moderation(text) for text in texts]}))
 
     async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._json_body(receive)

@@ -1,5 +1,6 @@
-"""Requests the gateway makes to itself for a tenant (the embeddings of retrieval), through the same pipeline as a
-client's: the tenant's model access, limits and budget apply, and each call has its ledger row and cost."""
+"""Requests the gateway makes to itself for a tenant (the embeddings of retrieval, a guard model's verdict), through
+the same pipeline as a client's: the tenant's model access, limits and budget apply, and each call has its ledger
+row and cost. A guard model's call is not itself guarded (``GUARD_CALL``)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from gateway.config.types import ApiKey, Tenant
 from gateway.errors import GatewayError
 from gateway.pipeline.auth import INTERNAL_CALLER
 from gateway.pipeline.context import RequestContext
-from gateway.pipeline.endpoints import EMBEDDINGS
+from gateway.pipeline.endpoints import CHAT, EMBEDDINGS, MODERATIONS
+
+GUARD_CALL = "gateway.guard_call"  # scope key of a guard model's call: the guardrails do not check it again
 
 if TYPE_CHECKING:
     import numpy as np
@@ -40,12 +43,27 @@ class InternalCalls:
         vectors = np.stack([np.frombuffer(base64.b64decode(row["embedding"]), dtype=np.float32) for row in rows])
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
-    async def _post(self, tenant: Tenant, api_key: ApiKey, path: str, body: dict) -> tuple[int, dict, dict]:
+    async def guard(self, tenant: Tenant, api_key: ApiKey, model: str, kind: str, text: str) -> tuple[int, dict]:
+        """A guard model's answer about ``text``: a moderation model's (``kind`` "moderation") or a chat model's, as
+        Llama Guard is asked (the text as the user's turn); the status and the answer's JSON."""
+        if kind == "moderation":
+            status, answer, _ = await self._post(tenant, api_key, "/v1/moderations", {"model": model, "input": text},
+                                                 endpoint=MODERATIONS, guard=True)
+        else:
+            status, answer, _ = await self._post(tenant, api_key, "/v1/chat/completions", {
+                "model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 20, "temperature": 0},
+                endpoint=CHAT, guard=True)
+        return status, answer
+
+    async def _post(self, tenant: Tenant, api_key: ApiKey, path: str, body: dict, endpoint=EMBEDDINGS,
+                    guard: bool = False) -> tuple[int, dict, dict]:
         payload = orjson.dumps(body)
         scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
                  "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
                  "http_version": "1.1", "scheme": "http", "client": None, "server": None, "root_path": "",
                  INTERNAL_CALLER: (tenant, api_key)}
+        if guard:
+            scope[GUARD_CALL] = True
         sent = False
         answer: dict = {"status": 0, "body": bytearray(), "headers": {}}
 
@@ -64,5 +82,5 @@ class InternalCalls:
             elif message["type"] == "http.response.body":
                 answer["body"] += message.get("body", b"")
 
-        await self._pipeline().run(RequestContext(scope, receive, send, self._config(), EMBEDDINGS))
+        await self._pipeline().run(RequestContext(scope, receive, send, self._config(), endpoint))
         return answer["status"], orjson.loads(bytes(answer["body"]) or b"{}"), answer["headers"]
