@@ -116,6 +116,7 @@ class Gateway:
         return {"tier": sorted(config.tiers),
                 "profile": sorted(config.router.profiles) if config.router is not None else [],
                 "chat_model": sorted(name for name, m in config.models.items() if m.type == "chat"),
+                "guard_model": sorted(name for name, m in config.models.items() if m.type in ("chat", "moderation")),
                 "fleet_model": sorted(name for name, m in config.models.items() if any(d.pool for d in m.deployments))}
 
     def _cors_origins(self) -> frozenset[str]:

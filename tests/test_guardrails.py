@@ -165,10 +165,12 @@ def test_metrics_count_what_fired(guarded):
 
 @pytest.mark.parametrize("rule, problem", [
     ({"name": "r", "check": "regex", "pattern": "(a+)+(?<=b)"}, "RE2"),
-    ({"name": "r", "check": "deny_list"}, "needs words"),
-    ({"name": "r", "check": "tools", "refused_tools": ["x"], "direction": "output"}, "direction must be input"),
-    ({"name": "r", "check": "max_prompt_tokens", "max_tokens": 5, "action": "redact"}, "cannot redact"),
-    ({"name": "r", "check": "telepathy"}, "check"),
+    ({"name": "r", "check": "deny_list"}, "words: Field required"),
+    ({"name": "r", "check": "tools", "direction": "input"}, "needs allowed_tools or refused_tools"),
+    ({"name": "r", "check": "tools", "refused_tools": ["x"], "direction": "output"}, "tools.direction"),
+    ({"name": "r", "check": "max_prompt_tokens", "max_tokens": 5, "action": "redact"}, "max_prompt_tokens.action"),
+    ({"name": "r", "check": "model", "model": "nowhere"}, "guard model 'nowhere'"),
+    ({"name": "r", "check": "telepathy"}, "check must be one of"),
 ])
 def test_a_malformed_policy_is_refused_with_its_line(tmp_path, rule, problem):
     import subprocess
@@ -193,6 +195,7 @@ def test_policies_through_the_admin_api(guarded):
         {"name": "Made", "id": "made", "guardrails": [{"name": "mask-mail", "check": "email", "action": "redact"}]}
     ).encode(), admin)
     assert status == 201, made
+    assert made["guardrails"] == [{"name": "mask-mail", "check": "email", "direction": "input", "action": "redact"}]
     status, key = http_request(gateway.port, "POST", "/api/v1/organizations/made/keys",
                                json.dumps({"name": "k"}).encode(), admin)
     assert status == 201, key

@@ -428,6 +428,7 @@ def _view(tenant: Tenant, config: GatewayConfig) -> dict:
         "provider_keys": dict(sorted(tenant.provider_keys.items())),  # references, never keys
         "adapters": {name: {"base": a.base, "path": a.path, "default": a.default, "on_failure": a.on_failure,
                             "node_name": a.lora_name} for name, a in sorted(tenant.adapters.items())},
+        "guardrails": [rule.spec for rule in tenant.guardrails],
         "source": tenant.source,
     }
 

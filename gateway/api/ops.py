@@ -171,6 +171,8 @@ def _with_choices(document: dict, choices: dict[str, list[str]]) -> None:
             _enum(properties["tier"], choices["tier"])
         if name == "AdapterSpec":
             _enum(properties.get("base", {}), choices.get("fleet_model") or ["(no fleet model)"])
+        if name == "ModelRule":  # a guard model: a moderation or chat model of this config
+            _enum(properties.get("model", {}), choices.get("guard_model") or ["(no guard model)"])
         if name.startswith("Tenant") and "adapters" in properties and not choices.get("fleet_model"):
             _limit(properties["adapters"], 0)  # no model runs on a fleet: no adapter can be given
         if name == "TenantRoutingSpec":

@@ -34,6 +34,8 @@ TEMPLATES = ("Please reach me via {}.", "The value on file is {} as of last week
 
 
 def _policy() -> tuple:
+    from pydantic import TypeAdapter
+
     from gateway.config.schema import GuardrailSpec
 
     specs = [{"name": kind, "check": kind, "action": "redact"} for kind in KINDS] + [
@@ -44,7 +46,7 @@ def _policy() -> tuple:
         {"name": "size", "check": "max_prompt_tokens", "max_tokens": 10_000_000, "action": "flag"},
         {"name": "tools", "check": "tools", "refused_tools": ["run_*"], "action": "redact"},
     ]
-    return compile_rules([GuardrailSpec(**spec) for spec in specs])
+    return compile_rules([TypeAdapter(GuardrailSpec).validate_python(spec) for spec in specs])
 
 
 def _typical() -> dict:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictFloat, StrictInt,
-                      WithJsonSchema, create_model, field_validator, model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StrictBool, StrictFloat, StrictInt,
+                      Tag, WithJsonSchema, create_model, field_validator, model_validator)
 from pydantic.fields import FieldInfo
 
 from gateway.config.types import FallbackPolicy
@@ -453,76 +453,139 @@ class KeyLimitsSpec(Strict):
 
 
 RULE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-GUARDRAIL_CHECKS = ("email", "phone", "payment_card", "iban", "us_ssn", "ip_address", "secrets", "deny_list", "regex",
-                    "topics", "max_prompt_tokens", "tools", "model")
+DETECTED = ("email", "payment_card", "iban", "us_ssn", "ip_address", "secrets")
 Word = Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)]
+Words = Annotated[list[Word], Field(min_length=1, max_length=5000)]
+# keywords by topic: the names are labels (any text), said as propertyNames so that clients can know
+Topics = Annotated[dict[Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)], Words],
+                   Field(max_length=100),
+                   WithJsonSchema({"type": "object", "maxProperties": 100,
+                                   "propertyNames": {"minLength": 1, "maxLength": 64, "pattern": TEXT_PATTERN},
+                                   "additionalProperties": {"type": "array", "minItems": 1, "maxItems": 5000,
+                                                            "items": {"type": "string", "minLength": 1,
+                                                                      "maxLength": 200, "pattern": TEXT_PATTERN}}})]
+Direction = Literal["input", "output", "both"]
 
 
-class GuardrailSpec(Strict):
-    """One check of a tenant's (or a key's) policy, and what to do when it finds something."""
-
+class _Rule(Strict):
     name: str = Field(pattern=RULE_NAME_PATTERN, description="the rule's name, in refusals, the ledger, the metrics")
-    check: Literal[GUARDRAIL_CHECKS]
-    direction: Literal["input", "output", "both"] = Field(
-        "input", description="the request (input), the answer (output), or both")
+    direction: Direction = Field("input", description="the request (input), the answer (output), or both")
     action: Literal["block", "redact", "flag"] = Field(
         "block", description="block: refuse (or end the answer); redact: mask what was found (drop a refused tool); "
                              "flag: let it through and record it")
-    words: list[Word] = Field(default_factory=list, max_length=5000,
-                              description="deny_list: the words and phrases (whole, any case)")
-    pattern: str | None = Field(None, min_length=1, max_length=2000, pattern=TEXT_PATTERN,
-                                description="regex: a regular expression (RE2 syntax: its cost grows with the text "
-                                            "only)")
-    refused_topics: dict[Annotated[str, Field(pattern=RULE_NAME_PATTERN)], list[Word]] = Field(
-        default_factory=dict, max_length=100, description="topics: keywords of each topic refused")
-    allowed_topics: dict[Annotated[str, Field(pattern=RULE_NAME_PATTERN)], list[Word]] = Field(
-        default_factory=dict, max_length=100, description="topics: a request must touch one of these")
-    max_tokens: whole(1, 10_000_000) | None = Field(None, description="max_prompt_tokens: the most a prompt may have")
-    allowed_tools: list[Word] | None = Field(None, max_length=1000,
-                                             description="tools: function names a request may offer (* and ?)")
-    refused_tools: list[Word] = Field(default_factory=list, max_length=1000,
-                                      description="tools: function names a request may not offer (* and ?)")
     message: str | None = Field(None, max_length=500, pattern=TEXT_PATTERN,
                                 description="what a refused client is told (the rule's name by default)")
-    model: str | None = Field(None, max_length=200, pattern=TEXT_PATTERN,
-                              description="model: the guard model of models.yaml (a moderation model, or a chat "
-                                          "model answering as Llama Guard does), asked through the gateway")
-    categories: dict[Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)],
-                     Literal["block", "flag", "allow"]] = Field(
-        default_factory=dict, max_length=100, description="model: what a flagged category does (moderation "
-                                                          "categories or Llama Guard's S1...S14; * for the others); "
-                                                          "the rule's action by default")
-    timeout_seconds: StrictFloat | StrictInt = Field(2.0, gt=0, le=60,
-                                                     description="model: how long the guard model may take")
-    on_failure: Literal["open", "closed"] = Field(
-        "open", description="model: when the guard model fails or is late, let the request through (open, "
-                            "recorded) or refuse it (closed, 503)")
+
+
+class _RequestRule(_Rule):
+    direction: Literal["input"] = Field("input", description="these checks read the request only")
+
+
+class DetectedRule(_Rule):
+    """Personal data or secrets, found by pattern and confirmed by checksum where the kind has one."""
+
+    check: Literal[DETECTED]
+
+
+class PhoneRule(_Rule):
+    check: Literal["phone"]
     regions: list[Annotated[str, Field(pattern=r"^[A-Z]{2}$")]] = Field(
         default_factory=lambda: ["US"], min_length=1, max_length=50,
-        description="phone: the countries whose national numbers are read (ISO codes); +... numbers always")
+        description="the countries whose national numbers are read (ISO codes); +... numbers always")
+
+
+class DenyListRule(_Rule):
+    check: Literal["deny_list"]
+    words: Words = Field(description="the words and phrases (whole, any case)")
+
+
+class RegexRule(_Rule):
+    check: Literal["regex"]
+    pattern: str = Field(min_length=1, max_length=2000, pattern=TEXT_PATTERN,
+                         description="a regular expression in RE2's syntax (its cost grows with the text only; "
+                                     "look-arounds and back-references are refused)")
+
+    @field_validator("pattern")
+    @classmethod
+    def _re2(cls, value: str) -> str:
+        from gateway.guardrails.detect import regex_detector
+
+        regex_detector(value)  # a ValueError naming what RE2 refused
+        return value
+
+
+class TopicsRule(_RequestRule):
+    check: Literal["topics"]
+    action: Literal["block", "flag"] = "block"
+    refused_topics: Topics = Field(default_factory=dict, description="keywords of each topic refused")
+    allowed_topics: Topics = Field(default_factory=dict, description="a request must touch one of these topics")
 
     @model_validator(mode="after")
-    def _fits_the_check(self) -> "GuardrailSpec":
-        check = self.check
-        needs = {"deny_list": ("words", bool(self.words)), "regex": ("pattern", self.pattern is not None),
-                 "model": ("model", self.model is not None),
-                 "topics": ("refused_topics or allowed_topics", bool(self.refused_topics or self.allowed_topics)),
-                 "max_prompt_tokens": ("max_tokens", self.max_tokens is not None),
-                 "tools": ("allowed_tools or refused_tools", self.allowed_tools is not None or bool(
-                     self.refused_tools))}
-        if check in needs and not needs[check][1]:
-            raise ValueError(f"a {check} check needs {needs[check][0]}")
-        if check in ("max_prompt_tokens", "tools", "topics", "model") and self.direction != "input":
-            raise ValueError(f"a {check} check reads the request only: direction must be input")
-        if check in ("max_prompt_tokens", "model") and self.action == "redact":
-            raise ValueError(f"a {check} check cannot redact: block or flag")
-        if check == "topics" and self.allowed_topics and self.action == "redact":
-            raise ValueError("an allowed_topics check cannot redact: block or flag")
-        if self.pattern is not None:
-            from gateway.guardrails.detect import regex_detector
-
-            regex_detector(self.pattern)  # a ValueError naming what RE2 refused
+    def _some(self) -> "TopicsRule":
+        if not self.refused_topics and not self.allowed_topics:
+            raise ValueError("a topics check needs refused_topics or allowed_topics")
         return self
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["refused_topics"], "properties": {"refused_topics": {"minProperties": 1}}},
+        {"required": ["allowed_topics"], "properties": {"allowed_topics": {"minProperties": 1}}}]})
+
+
+class SizeRule(_RequestRule):
+    check: Literal["max_prompt_tokens"]
+    action: Literal["block", "flag"] = "block"
+    max_tokens: whole(1, 10_000_000) = Field(description="the most tokens a prompt may have")
+
+
+class ToolsRule(_RequestRule):
+    check: Literal["tools"]
+    allowed_tools: list[Word] | None = Field(None, max_length=1000,
+                                             description="function names a request may offer (* and ?)")
+    refused_tools: list[Word] = Field(default_factory=list, max_length=1000,
+                                      description="function names a request may not offer (* and ?)")
+
+    @model_validator(mode="after")
+    def _some(self) -> "ToolsRule":
+        if self.allowed_tools is None and not self.refused_tools:
+            raise ValueError("a tools check needs allowed_tools or refused_tools")
+        return self
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["allowed_tools"], "properties": {"allowed_tools": {"type": "array"}}},
+        {"required": ["refused_tools"], "properties": {"refused_tools": {"minItems": 1}}}]})
+
+
+class ModelRule(_RequestRule):
+    """A guard model of models.yaml, asked through the gateway (a moderation model, or a chat model answering as
+    Llama Guard does)."""
+
+    check: Literal["model"]
+    action: Literal["block", "flag"] = "block"
+    model: str = Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)
+    categories: dict[Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)],
+                     Literal["block", "flag", "allow"]] = Field(
+        default_factory=dict, max_length=100, description="what a flagged category does (moderation categories or "
+                                                          "Llama Guard's S1...S14; * for the others); the rule's "
+                                                          "action by default")
+    timeout_seconds: StrictFloat | StrictInt = Field(2.0, gt=0, le=60, description="how long the guard may take")
+    on_failure: Literal["open", "closed"] = Field(
+        "open", description="when the guard model fails or is late, let the request through (open, recorded) or "
+                            "refuse it (closed, 503)")
+
+
+def _rule_kind(value: Any) -> str | None:
+    check = value.get("check") if isinstance(value, dict) else getattr(value, "check", None)
+    return "detected" if check in DETECTED else check if isinstance(check, str) else None
+
+
+GuardrailSpec = Annotated[Union[
+    Annotated[DetectedRule, Tag("detected")], Annotated[PhoneRule, Tag("phone")],
+    Annotated[DenyListRule, Tag("deny_list")], Annotated[RegexRule, Tag("regex")],
+    Annotated[TopicsRule, Tag("topics")], Annotated[SizeRule, Tag("max_prompt_tokens")],
+    Annotated[ToolsRule, Tag("tools")], Annotated[ModelRule, Tag("model")],
+], Discriminator(_rule_kind, custom_error_type="invalid_check", custom_error_message=(
+    "check must be one of: email, phone, payment_card, iban, us_ssn, ip_address, secrets, deny_list, regex, topics, "
+    "max_prompt_tokens, tools, model"))]
 
 
 class KeySpec(Strict):
@@ -589,14 +652,6 @@ class TenantFields(Strict):
                                                           "name the tenant asks for")
     guardrails: list[GuardrailSpec] = Field(default_factory=list, max_length=50,
                                             description="checks of every request and answer of this tenant, in order")
-
-    @field_validator("guardrails")
-    @classmethod
-    def _rule_names(cls, value: list) -> list:
-        names = [rule.name for rule in value]
-        if len(set(names)) != len(names):
-            raise ValueError(f"two guardrails are named '{next(n for n in names if names.count(n) > 1)}'")
-        return value
 
 
     @field_validator("provider_keys")

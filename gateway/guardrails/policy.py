@@ -38,6 +38,7 @@ class Guardrail:
     categories: tuple[tuple[str, str], ...] = ()  # refuses (closed) or lets through (open)
     timeout: float = 2.0
     fail_closed: bool = False
+    spec: dict = field(default_factory=dict, compare=False)  # as configured (the admin API shows it)
 
     def refusal(self, what: str) -> str:
         """What a refused client is told: the rule, never the text."""
@@ -51,7 +52,8 @@ def compile_rules(specs: list, models: dict | None = None, problems: list[str] |
     rules = []
     for spec in specs:
         common = dict(name=spec.name, check=spec.check, reads_input=spec.direction in ("input", "both"),
-                      reads_output=spec.direction in ("output", "both"), action=spec.action, message=spec.message)
+                      reads_output=spec.direction in ("output", "both"), action=spec.action, message=spec.message,
+                      spec=spec.model_dump(exclude_none=True))
         if spec.check == "phone" and tuple(spec.regions) != ("US",):
             rules.append(Guardrail(**common, detect=phone_detector(tuple(spec.regions)), placeholder="[PHONE]"))
         elif spec.check in DETECTORS:
