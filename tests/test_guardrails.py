@@ -298,3 +298,17 @@ def test_moderations_are_served(guard_models, stores):
     status, answer = http_request(gateway.port, "POST", "/v1/moderations", json.dumps(
         {"model": "omni-moderation", "input": 5}).encode(), {"authorization": f"Bearer {keys['open']}"})
     assert status == 400 and answer["error"]["param"] == "input"
+
+
+def test_the_end_user_is_recorded(guarded, stores):
+    gateway, keys, _ = guarded
+    by_body = ask(gateway, keys["open"], "hello", user="alice@acme")
+    by_header = gateway.client(keys["open"]).chat.completions.with_raw_response.create(
+        model="small", messages=[{"role": "user", "content": "hi"}],
+        extra_headers={"X-OpenWebUI-User-Id": "user-42", "X-OpenWebUI-User-Email": "bob@acme"})
+    anthropic_client = anthropic.Anthropic(base_url=gateway.url, api_key=keys["open"], max_retries=0)
+    by_metadata = anthropic_client.messages.with_raw_response.create(
+        model="small", max_tokens=8, metadata={"user_id": "carol"}, messages=[{"role": "user", "content": "hi"}])
+    for raw, user in ((by_body, "alice@acme"), (by_header, "user-42"), (by_metadata, "carol")):
+        row = ledger_row(stores, raw.headers["x-request-id"], database_url=gateway.database_url)
+        assert row["end_user"] == user

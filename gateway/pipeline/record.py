@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import orjson
 
-from gateway.asgi import LOGGED
+from gateway.asgi import LOGGED, header
 from gateway.observability import metrics
 from gateway.observability.logs import log_request
 from gateway.pipeline.context import RequestContext
@@ -30,6 +30,7 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
     requested = ctx.model_requested
     if requested is not None and (len(requested) > 256 or "\x00" in requested):  # a client may send anything
         requested = requested[:256].replace("\x00", "\ufffd") + ("..." if len(requested) > 256 else "")
+    end_user = _end_user(ctx)
     guard = ctx.guard
     refusal = guard.reason if guard is not None else None
     fired = orjson.dumps(guard.fired).decode() if guard is not None and guard.fired else None
@@ -42,7 +43,7 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
             ctx.overhead_seconds * 1000, ctx.cache_hit, ctx.cascaded if ctx.profile is not None else None,
             ctx.confidence, failed, ctx.stream, ctx.status, ctx.error_type, ctx.route_score,
             orjson.dumps(ctx.attempts).decode() if len(ctx.attempts) > 1 else None,
-            node, adapter, paid_by, ctx.route_example, ctx.retrieval, refusal, fired,
+            node, adapter, paid_by, ctx.route_example, ctx.retrieval, refusal, fired, end_user,
         ))
     route = ctx.endpoint.route
     line = {
@@ -68,6 +69,8 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
         line.update(complexity=ctx.complexity, route_score=ctx.route_score, routing_rule=ctx.routing_rule,
                     route_signals=ctx.route_signals, cascaded=ctx.cascaded, confidence=ctx.confidence)
         metrics.ROUTED.labels(ctx.complexity, ctx.model.name).inc()
+    if end_user is not None:
+        line["end_user"] = end_user
     if node is not None:
         line["node"] = node
         line["adapter"] = adapter
@@ -102,3 +105,23 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
         metrics.tokens_by(tenant_label, model_label, "completion").inc(ctx.completion_tokens)
     if ctx.cost_usd:
         metrics.cost_by(tenant_label, model_label).inc(ctx.cost_usd)
+
+
+# Open WebUI's headers for the user a request is made for (ENABLE_FORWARD_USER_INFO_HEADERS)
+_USER_HEADERS = (b"x-openwebui-user-id", b"x-openwebui-user-email")
+
+
+def _end_user(ctx: RequestContext) -> str | None:
+    """The tenant's end user: the body's ``user`` (Anthropic's ``metadata.user_id`` and the Responses API's
+    ``safety_identifier`` arrive as it), else Open WebUI's forwarded user header; at most 256 characters."""
+    user = ctx.body.get("user") if ctx.body else None
+    if not isinstance(user, str) or not user:
+        user = None
+        for name in _USER_HEADERS:
+            value = header(ctx.scope, name)
+            if value:
+                user = value.decode("utf-8", "replace")
+                break
+    if user is None:
+        return None
+    return user[:256].replace("\x00", "\ufffd")

@@ -35,14 +35,14 @@ COLUMNS = (
     "upstream_model", "routing_rule", "complexity", "prompt_tokens", "completion_tokens", "cost_usd",
     "latency_ms", "upstream_ms", "overhead_ms", "cache_hit", "cascaded", "confidence", "fallbacks", "stream",
     "status", "error_type", "route_score", "attempts", "node", "adapter", "paid_by", "route_example", "retrieval",
-    "refusal_reason", "guardrails",
+    "refusal_reason", "guardrails", "end_user",
 )
 _TYPES = (
     "text", "timestamptz", "text", "text", "text", "text", "text", "text",
     "text", "text", "text", "integer", "integer", "numeric",
     "real", "real", "real", "boolean", "boolean", "real", "text", "boolean",
     "integer", "text", "real", "jsonb", "text", "text", "text", "jsonb", "jsonb",
-    "text", "jsonb",
+    "text", "jsonb", "text",
 )
 _INSERT = (
     f"INSERT INTO usage_ledger ({', '.join(COLUMNS)}) "

@@ -213,6 +213,10 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE usage_ledger ADD COLUMN refusal_reason text, ADD COLUMN guardrails jsonb;
     """,
+    # 15: the tenant's end user a request was made for (the body's user, Open WebUI's forwarded user header)
+    """
+    ALTER TABLE usage_ledger ADD COLUMN end_user text;
+    """,
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations

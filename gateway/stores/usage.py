@@ -58,7 +58,7 @@ FROM daily GROUP BY 1 ORDER BY 4 DESC, 2 DESC LIMIT 100
 _RECENT = """
 SELECT request_id, created_at, tenant_id, key_name, route, model_requested, model, deployment, status, error_type,
        prompt_tokens, completion_tokens, cost_usd, latency_ms, overhead_ms, stream, cache_hit, complexity,
-       routing_rule, cascaded, fallbacks, node, adapter, paid_by, retrieval, refusal_reason, guardrails
+       routing_rule, cascaded, fallbacks, node, adapter, paid_by, retrieval, refusal_reason, guardrails, end_user
 FROM usage_ledger
 WHERE tenant_id = $1 AND ($2::text IS NULL OR model = $2) AND ($3::int IS NULL OR status = $3)
   AND ($4::timestamptz IS NULL OR created_at < $4)
