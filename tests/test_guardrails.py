@@ -312,3 +312,33 @@ def test_the_end_user_is_recorded(guarded, stores):
     for raw, user in ((by_body, "alice@acme"), (by_header, "user-42"), (by_metadata, "carol")):
         row = ledger_row(stores, raw.headers["x-request-id"], database_url=gateway.database_url)
         assert row["end_user"] == user
+
+
+def test_router_profiles_and_aliases_carry_rules_of_their_own(tmp_path):
+    sim = Simulator()
+    key = generate_key()
+    models = {
+        "router": {"aliases": {"auto": {}, "auto-careful": {"guardrails": [
+            {"name": "alias-no-mail", "check": "email", "action": "block"}]}},
+            "classifier": {"scorer": "none"},
+            "profiles": {"default": {"simple": "small", "moderate": "small", "complex": "small", "critical": "small",
+                                     "guardrails": [{"name": "profile-cards", "check": "payment_card",
+                                                     "action": "redact"}]}}},
+        "models": {"small": {"size": "small", "deployments": [
+            {"name": "sim", "api_base": f"{sim.url}/v1", "model": "sim"}]}}}
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump(models))
+    (tmp_path / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {"t": {
+        "name": "T", "tier": "enterprise", "keys": [{"name": "k", "sha256": hash_key(key)}]}}}))
+    gateway = GatewayProcess(tmp_path, env={"GATEWAY_STATELESS": "1"})
+    try:
+        ask(gateway, key, f"card {CARD}")  # a model named directly: no profile, no rule
+        assert CARD in sim.last_request()["messages"][-1]["content"]
+        gateway.client(key).chat.completions.create(model="auto", messages=[{"role": "user", "content": f"c {CARD}"}])
+        assert "[PAYMENT_CARD]" in sim.last_request()["messages"][-1]["content"]  # the default profile's rule
+        with pytest.raises(openai.BadRequestError) as refused:  # the alias's own rule, after the profile's
+            gateway.client(key).chat.completions.create(model="auto-careful",
+                                                        messages=[{"role": "user", "content": "to jo@example.com"}])
+        assert "alias-no-mail" in refused.value.message
+    finally:
+        gateway.stop()
+        sim.stop()

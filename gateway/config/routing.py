@@ -20,6 +20,7 @@ from pathlib import Path
 from gateway.config.schema import COMPLEXITIES, ModelsFile, ProfileModels, ProfileSpec, TenantSpec
 from gateway.config.types import Alias, Model, Profile, RouterConfig
 from gateway.config.yaml_source import YamlDocument
+from gateway.guardrails.policy import compile_rules
 from gateway.routing.classifier import DEFAULT_WEIGHTS, LEARNED_WEIGHT, Classifier, Thresholds
 from gateway.routing.confidence import UNCERTAINTY_PHRASES
 from gateway.routing.scorer import DEFAULT_PATH, LearnedScorer
@@ -56,13 +57,16 @@ def compile_router(spec: ModelsFile, doc: YamlDocument, models: dict[str, Model]
         profiles["default"] = derived
     for name, profile in profiles.items():
         _check_profile(profile, ("router", "profiles", name), doc, models, problems)
+        compile_rules(profile.guardrails, models, problems, doc.where(("router", "profiles", name, "guardrails")))
     for alias_name, alias in router.aliases.items():
         if alias.profile is not None and alias.profile not in profiles:
             problems.append(f"{doc.where(('router', 'aliases', alias_name, 'profile'))}: unknown profile "
                             f"'{alias.profile}' (profiles: {', '.join(sorted(profiles))})")
     classifier = _classifier(spec, doc, config_dir, problems)
     aliases = {name: Alias(name, a.description or "Routed by the gateway: the model is chosen per request.",
-                           a.profile) for name, a in router.aliases.items()}
+                           a.profile, compile_rules(a.guardrails, models, problems,
+                                                    doc.where(("router", "aliases", name, "guardrails"))))
+               for name, a in router.aliases.items()}
     phrases = tuple(p.lower() for p in (router.cascade.uncertainty_phrases or UNCERTAINTY_PHRASES))
     return RouterConfig(aliases, frozenset(profiles), classifier, router.budget.soft_limit, phrases,
                         router.learning.keep_examples), profiles
@@ -91,7 +95,10 @@ def tenant_routes(spec: ModelsFile, router: RouterConfig | None, profiles: dict[
             continue
         base = alias.profile or (own.profile if own and own.profile else None) or (
             tenant.industry if tenant.industry in profiles else "default")
-        routes[alias.name] = _resolve(spec, profiles, base, tenant_id, tenant, allowed, models)
+        profile = _resolve(spec, profiles, base, tenant_id, tenant, allowed, models)
+        if profile is not None and alias.guardrails:
+            profile = replace(profile, guardrails=profile.guardrails + alias.guardrails)
+        routes[alias.name] = profile
     return {name: profile for name, profile in routes.items() if profile is not None}
 
 
@@ -134,6 +141,8 @@ def _resolve(spec: ModelsFile, profiles: dict[str, ProfileSpec], base: str, tena
         target_large_share=share,
         share_scope=f"tenant:{tenant_id}" if own_share else f"profile:{name}",
         large_from=large_from,
+        guardrails=compile_rules(default.guardrails, models) + (
+            compile_rules(chosen.guardrails, models) if chosen is not default else ()),
     )
 
 

@@ -255,6 +255,142 @@ MARKER_LISTS = ("simple", "complex", "critical", "technical", "reasoning", "mult
                 "constraints")
 
 
+RULE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+DETECTED = ("email", "payment_card", "iban", "us_ssn", "ip_address", "secrets")
+Word = Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)]
+Words = Annotated[list[Word], Field(min_length=1, max_length=5000)]
+# keywords by topic: the names are labels (any text), said as propertyNames so that clients can know
+Topics = Annotated[dict[Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)], Words],
+                   Field(max_length=100),
+                   WithJsonSchema({"type": "object", "maxProperties": 100,
+                                   "propertyNames": {"minLength": 1, "maxLength": 64, "pattern": TEXT_PATTERN},
+                                   "additionalProperties": {"type": "array", "minItems": 1, "maxItems": 5000,
+                                                            "items": {"type": "string", "minLength": 1,
+                                                                      "maxLength": 200, "pattern": TEXT_PATTERN}}})]
+Direction = Literal["input", "output", "both"]
+
+
+class _Rule(Strict):
+    name: str = Field(pattern=RULE_NAME_PATTERN, description="the rule's name, in refusals, the ledger, the metrics")
+    direction: Direction = Field("input", description="the request (input), the answer (output), or both")
+    action: Literal["block", "redact", "flag"] = Field(
+        "block", description="block: refuse (or end the answer); redact: mask what was found (drop a refused tool); "
+                             "flag: let it through and record it")
+    message: str | None = Field(None, max_length=500, pattern=TEXT_PATTERN,
+                                description="what a refused client is told (the rule's name by default)")
+
+
+class _RequestRule(_Rule):
+    direction: Literal["input"] = Field("input", description="these checks read the request only")
+
+
+class DetectedRule(_Rule):
+    """Personal data or secrets, found by pattern and confirmed by checksum where the kind has one."""
+
+    check: Literal[DETECTED]
+
+
+class PhoneRule(_Rule):
+    check: Literal["phone"]
+    regions: list[Annotated[str, Field(pattern=r"^[A-Z]{2}$")]] = Field(
+        default_factory=lambda: ["US"], min_length=1, max_length=50,
+        description="the countries whose national numbers are read (ISO codes); +... numbers always")
+
+
+class DenyListRule(_Rule):
+    check: Literal["deny_list"]
+    words: Words = Field(description="the words and phrases (whole, any case)")
+
+
+class RegexRule(_Rule):
+    check: Literal["regex"]
+    pattern: str = Field(min_length=1, max_length=2000, pattern=TEXT_PATTERN,
+                         description="a regular expression in RE2's syntax (its cost grows with the text only; "
+                                     "look-arounds and back-references are refused)")
+
+    @field_validator("pattern")
+    @classmethod
+    def _re2(cls, value: str) -> str:
+        from gateway.guardrails.detect import regex_detector
+
+        regex_detector(value)  # a ValueError naming what RE2 refused
+        return value
+
+
+class TopicsRule(_RequestRule):
+    check: Literal["topics"]
+    action: Literal["block", "flag"] = "block"
+    refused_topics: Topics = Field(default_factory=dict, description="keywords of each topic refused")
+    allowed_topics: Topics = Field(default_factory=dict, description="a request must touch one of these topics")
+
+    @model_validator(mode="after")
+    def _some(self) -> "TopicsRule":
+        if not self.refused_topics and not self.allowed_topics:
+            raise ValueError("a topics check needs refused_topics or allowed_topics")
+        return self
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["refused_topics"], "properties": {"refused_topics": {"minProperties": 1}}},
+        {"required": ["allowed_topics"], "properties": {"allowed_topics": {"minProperties": 1}}}]})
+
+
+class SizeRule(_RequestRule):
+    check: Literal["max_prompt_tokens"]
+    action: Literal["block", "flag"] = "block"
+    max_tokens: whole(1, 10_000_000) = Field(description="the most tokens a prompt may have")
+
+
+class ToolsRule(_RequestRule):
+    check: Literal["tools"]
+    allowed_tools: list[Word] | None = Field(None, max_length=1000,
+                                             description="function names a request may offer (* and ?)")
+    refused_tools: list[Word] = Field(default_factory=list, max_length=1000,
+                                      description="function names a request may not offer (* and ?)")
+
+    @model_validator(mode="after")
+    def _some(self) -> "ToolsRule":
+        if self.allowed_tools is None and not self.refused_tools:
+            raise ValueError("a tools check needs allowed_tools or refused_tools")
+        return self
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": ["allowed_tools"], "properties": {"allowed_tools": {"type": "array"}}},
+        {"required": ["refused_tools"], "properties": {"refused_tools": {"minItems": 1}}}]})
+
+
+class ModelRule(_RequestRule):
+    """A guard model of models.yaml, asked through the gateway (a moderation model, or a chat model answering as
+    Llama Guard does)."""
+
+    check: Literal["model"]
+    action: Literal["block", "flag"] = "block"
+    model: str = Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)
+    categories: dict[Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)],
+                     Literal["block", "flag", "allow"]] = Field(
+        default_factory=dict, max_length=100, description="what a flagged category does (moderation categories or "
+                                                          "Llama Guard's S1...S14; * for the others); the rule's "
+                                                          "action by default")
+    timeout_seconds: StrictFloat | StrictInt = Field(2.0, gt=0, le=60, description="how long the guard may take")
+    on_failure: Literal["open", "closed"] = Field(
+        "open", description="when the guard model fails or is late, let the request through (open, recorded) or "
+                            "refuse it (closed, 503)")
+
+
+def _rule_kind(value: Any) -> str | None:
+    check = value.get("check") if isinstance(value, dict) else getattr(value, "check", None)
+    return "detected" if check in DETECTED else check if isinstance(check, str) else None
+
+
+GuardrailSpec = Annotated[Union[
+    Annotated[DetectedRule, Tag("detected")], Annotated[PhoneRule, Tag("phone")],
+    Annotated[DenyListRule, Tag("deny_list")], Annotated[RegexRule, Tag("regex")],
+    Annotated[TopicsRule, Tag("topics")], Annotated[SizeRule, Tag("max_prompt_tokens")],
+    Annotated[ToolsRule, Tag("tools")], Annotated[ModelRule, Tag("model")],
+], Discriminator(_rule_kind, custom_error_type="invalid_check", custom_error_message=(
+    "check must be one of: email, phone, payment_card, iban, us_ssn, ip_address, secrets, deny_list, regex, topics, "
+    "max_prompt_tokens, tools, model"))]
+
+
 class ProfileModels(Strict):
     """A model for each complexity; a field left out is taken from the profile below."""
 
@@ -274,6 +410,9 @@ class ProfileSpec(ProfileModels):
     over_budget: ProfileModels | None = Field(None, description="models used once the monthly budget is spent "
                                                                 "(free ones, typically)")
     tiers: dict[str, ProfileModels] = Field(default_factory=dict, description="changes for tenants of a tier")
+    guardrails: list[GuardrailSpec] = Field(default_factory=list, max_length=50,
+                                            description="checks of the requests this profile routes, after the "
+                                                        "tenant's and the key's (the default profile's apply to all)")
 
 
 class ThresholdsSpec(Strict):
@@ -308,6 +447,8 @@ class BudgetRoutingSpec(Strict):
 class AliasSpec(Strict):
     description: str = ""
     profile: str | None = Field(None, description="always use this profile instead of the tenant's")
+    guardrails: list[GuardrailSpec] = Field(default_factory=list, max_length=50,
+                                            description="checks of the requests for this alias, after the profile's")
 
 
 class LearningSpec(Strict):
@@ -450,142 +591,6 @@ class KeyLimitsSpec(Strict):
     requests_per_minute: Count | None = None
     tokens_per_minute: Count | None = None
     concurrent_requests: Count | None = None
-
-
-RULE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-DETECTED = ("email", "payment_card", "iban", "us_ssn", "ip_address", "secrets")
-Word = Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)]
-Words = Annotated[list[Word], Field(min_length=1, max_length=5000)]
-# keywords by topic: the names are labels (any text), said as propertyNames so that clients can know
-Topics = Annotated[dict[Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)], Words],
-                   Field(max_length=100),
-                   WithJsonSchema({"type": "object", "maxProperties": 100,
-                                   "propertyNames": {"minLength": 1, "maxLength": 64, "pattern": TEXT_PATTERN},
-                                   "additionalProperties": {"type": "array", "minItems": 1, "maxItems": 5000,
-                                                            "items": {"type": "string", "minLength": 1,
-                                                                      "maxLength": 200, "pattern": TEXT_PATTERN}}})]
-Direction = Literal["input", "output", "both"]
-
-
-class _Rule(Strict):
-    name: str = Field(pattern=RULE_NAME_PATTERN, description="the rule's name, in refusals, the ledger, the metrics")
-    direction: Direction = Field("input", description="the request (input), the answer (output), or both")
-    action: Literal["block", "redact", "flag"] = Field(
-        "block", description="block: refuse (or end the answer); redact: mask what was found (drop a refused tool); "
-                             "flag: let it through and record it")
-    message: str | None = Field(None, max_length=500, pattern=TEXT_PATTERN,
-                                description="what a refused client is told (the rule's name by default)")
-
-
-class _RequestRule(_Rule):
-    direction: Literal["input"] = Field("input", description="these checks read the request only")
-
-
-class DetectedRule(_Rule):
-    """Personal data or secrets, found by pattern and confirmed by checksum where the kind has one."""
-
-    check: Literal[DETECTED]
-
-
-class PhoneRule(_Rule):
-    check: Literal["phone"]
-    regions: list[Annotated[str, Field(pattern=r"^[A-Z]{2}$")]] = Field(
-        default_factory=lambda: ["US"], min_length=1, max_length=50,
-        description="the countries whose national numbers are read (ISO codes); +... numbers always")
-
-
-class DenyListRule(_Rule):
-    check: Literal["deny_list"]
-    words: Words = Field(description="the words and phrases (whole, any case)")
-
-
-class RegexRule(_Rule):
-    check: Literal["regex"]
-    pattern: str = Field(min_length=1, max_length=2000, pattern=TEXT_PATTERN,
-                         description="a regular expression in RE2's syntax (its cost grows with the text only; "
-                                     "look-arounds and back-references are refused)")
-
-    @field_validator("pattern")
-    @classmethod
-    def _re2(cls, value: str) -> str:
-        from gateway.guardrails.detect import regex_detector
-
-        regex_detector(value)  # a ValueError naming what RE2 refused
-        return value
-
-
-class TopicsRule(_RequestRule):
-    check: Literal["topics"]
-    action: Literal["block", "flag"] = "block"
-    refused_topics: Topics = Field(default_factory=dict, description="keywords of each topic refused")
-    allowed_topics: Topics = Field(default_factory=dict, description="a request must touch one of these topics")
-
-    @model_validator(mode="after")
-    def _some(self) -> "TopicsRule":
-        if not self.refused_topics and not self.allowed_topics:
-            raise ValueError("a topics check needs refused_topics or allowed_topics")
-        return self
-
-    model_config = ConfigDict(json_schema_extra={"anyOf": [
-        {"required": ["refused_topics"], "properties": {"refused_topics": {"minProperties": 1}}},
-        {"required": ["allowed_topics"], "properties": {"allowed_topics": {"minProperties": 1}}}]})
-
-
-class SizeRule(_RequestRule):
-    check: Literal["max_prompt_tokens"]
-    action: Literal["block", "flag"] = "block"
-    max_tokens: whole(1, 10_000_000) = Field(description="the most tokens a prompt may have")
-
-
-class ToolsRule(_RequestRule):
-    check: Literal["tools"]
-    allowed_tools: list[Word] | None = Field(None, max_length=1000,
-                                             description="function names a request may offer (* and ?)")
-    refused_tools: list[Word] = Field(default_factory=list, max_length=1000,
-                                      description="function names a request may not offer (* and ?)")
-
-    @model_validator(mode="after")
-    def _some(self) -> "ToolsRule":
-        if self.allowed_tools is None and not self.refused_tools:
-            raise ValueError("a tools check needs allowed_tools or refused_tools")
-        return self
-
-    model_config = ConfigDict(json_schema_extra={"anyOf": [
-        {"required": ["allowed_tools"], "properties": {"allowed_tools": {"type": "array"}}},
-        {"required": ["refused_tools"], "properties": {"refused_tools": {"minItems": 1}}}]})
-
-
-class ModelRule(_RequestRule):
-    """A guard model of models.yaml, asked through the gateway (a moderation model, or a chat model answering as
-    Llama Guard does)."""
-
-    check: Literal["model"]
-    action: Literal["block", "flag"] = "block"
-    model: str = Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)
-    categories: dict[Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)],
-                     Literal["block", "flag", "allow"]] = Field(
-        default_factory=dict, max_length=100, description="what a flagged category does (moderation categories or "
-                                                          "Llama Guard's S1...S14; * for the others); the rule's "
-                                                          "action by default")
-    timeout_seconds: StrictFloat | StrictInt = Field(2.0, gt=0, le=60, description="how long the guard may take")
-    on_failure: Literal["open", "closed"] = Field(
-        "open", description="when the guard model fails or is late, let the request through (open, recorded) or "
-                            "refuse it (closed, 503)")
-
-
-def _rule_kind(value: Any) -> str | None:
-    check = value.get("check") if isinstance(value, dict) else getattr(value, "check", None)
-    return "detected" if check in DETECTED else check if isinstance(check, str) else None
-
-
-GuardrailSpec = Annotated[Union[
-    Annotated[DetectedRule, Tag("detected")], Annotated[PhoneRule, Tag("phone")],
-    Annotated[DenyListRule, Tag("deny_list")], Annotated[RegexRule, Tag("regex")],
-    Annotated[TopicsRule, Tag("topics")], Annotated[SizeRule, Tag("max_prompt_tokens")],
-    Annotated[ToolsRule, Tag("tools")], Annotated[ModelRule, Tag("model")],
-], Discriminator(_rule_kind, custom_error_type="invalid_check", custom_error_message=(
-    "check must be one of: email, phone, payment_card, iban, us_ssn, ip_address, secrets, deny_list, regex, topics, "
-    "max_prompt_tokens, tools, model"))]
 
 
 class KeySpec(Strict):

@@ -156,6 +156,7 @@ class Profile:
     cascade_threshold: float
     ladder: tuple[str, ...]  # the profile's models from smallest to largest: where a cascade goes next
     target_large_share: float | None = None  # thresholds follow the traffic to keep this share on large models
+    guardrails: tuple = ()  # the profile's (the default profile's first) and the alias's rules, after the tenant's
     share_scope: str = ""  # whose traffic the share is kept over: "profile:<name>" or "tenant:<id>"
     large_from: str = "complex"  # the lowest complexity whose model is not a small one
 
@@ -165,6 +166,7 @@ class Alias:
     name: str
     description: str
     profile: str | None  # a fixed profile, or None for the tenant's own
+    guardrails: tuple = ()  # gateway.guardrails.policy.Guardrail of the requests for this alias
 
 
 @dataclass(frozen=True)

@@ -33,9 +33,11 @@ class Guardrail:
     max_tokens: int | None = None
     allowed_tools: tuple[str, ...] | None = None
     refused_tools: tuple[str, ...] = ()
-    guard_model: str | None = None  # a model check: the guard model's name, its kind ("moderation" or "chat"),
-    guard_kind: str = "moderation"  # what each flagged category does, how long it may take, and whether a failure
-    categories: tuple[tuple[str, str], ...] = ()  # refuses (closed) or lets through (open)
+    # A model check: the guard model, its kind ("moderation" or "chat"), what each flagged category does, how long
+    # it may take, and whether its failure refuses the request (closed) or lets it through (open)
+    guard_model: str | None = None
+    guard_kind: str = "moderation"
+    categories: tuple[tuple[str, str], ...] = ()
     timeout: float = 2.0
     fail_closed: bool = False
     spec: dict = field(default_factory=dict, compare=False)  # as configured (the admin API shows it)

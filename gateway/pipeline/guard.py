@@ -28,6 +28,8 @@ class CheckGuardrails:
 
     async def __call__(self, ctx: RequestContext) -> None:
         rules = ctx.tenant.guardrails + ctx.api_key.guardrails if ctx.api_key.guardrails else ctx.tenant.guardrails
+        if ctx.profile is not None and ctx.profile.guardrails:  # a router alias's request: its profile's and its own
+            rules += ctx.profile.guardrails
         if not rules or ctx.scope.get(GUARD_CALL):
             return
         verdict = ctx.guard = Verdict()
