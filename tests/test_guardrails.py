@@ -151,7 +151,7 @@ def test_the_agents_apis_are_guarded_too(guarded):
     message = client.messages.create(model="small", max_tokens=64, messages=[
         {"role": "user", "content": "sim:say[call 123-45-6789 now]"}])
     assert message.content[0].text == "call [US_SSN] now"
-    response = gateway.client(keys["guarded"]).responses.create(model="small", input=f"card {CARD}")
+    gateway.client(keys["guarded"]).responses.create(model="small", input=f"card {CARD}")
     assert CARD not in json.dumps(sim.last_request())
 
 

@@ -9,7 +9,7 @@ import json
 import anthropic
 import pytest
 
-from conftest import GatewayProcess, Keys, Stores, http_request, ledger_row
+from conftest import GatewayProcess, http_request, ledger_row
 
 WEATHER = {"name": "get_weather", "description": "The weather in a city",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
