@@ -6,7 +6,7 @@ as an unknown one is.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Awaitable, Callable, TypeVar
 
 import orjson
 from fastapi import APIRouter, Query, Request
@@ -21,11 +21,20 @@ from gateway.pipeline.auth import identify
 from gateway.stores.responses import UNREACHABLE, ResponseStore, unavailable
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+T = TypeVar("T")
 
 
 def _not_found(response_id: str) -> GatewayError:
     return GatewayError(404, f"Response with id '{response_id[:128]}' not found.", param="response_id",
                         code="response_not_found")
+
+
+async def _read(reading: Awaitable[T]) -> T:
+    """A store call's result; a 503 while PostgreSQL cannot be reached."""
+    try:
+        return await reading
+    except UNREACHABLE:
+        raise unavailable() from None
 
 
 def build_responses_router(config: Callable[[], GatewayConfig],
@@ -43,10 +52,7 @@ def build_responses_router(config: Callable[[], GatewayConfig],
     async def get_response(request: Request, response_id: str) -> Response:
         """A stored response, as it was answered."""
         tenant_id, responses = caller(request)
-        try:
-            found = await responses.get(tenant_id, response_id)
-        except UNREACHABLE:
-            raise unavailable() from None
+        found = await _read(responses.get(tenant_id, response_id))
         if found is None:
             raise _not_found(response_id)
         return Response(found, media_type="application/json")
@@ -55,11 +61,7 @@ def build_responses_router(config: Callable[[], GatewayConfig],
     async def delete_response(request: Request, response_id: str) -> dict:
         """Delete a stored response: it can no longer be retrieved or continued."""
         tenant_id, responses = caller(request)
-        try:
-            deleted = await responses.delete(tenant_id, response_id)
-        except UNREACHABLE:
-            raise unavailable() from None
-        if not deleted:
+        if not await _read(responses.delete(tenant_id, response_id)):
             raise _not_found(response_id)
         return {"id": response_id, "object": "response", "deleted": True}
 
@@ -70,10 +72,7 @@ def build_responses_router(config: Callable[[], GatewayConfig],
                                before: str | None = Query(None, pattern=ID_PATTERN)) -> Response:
         """The input items of a stored response's own request, newest first unless ``order`` is ``asc``."""
         tenant_id, responses = caller(request)
-        try:
-            items = await responses.input_items(tenant_id, response_id)
-        except UNREACHABLE:
-            raise unavailable() from None
+        items = await _read(responses.input_items(tenant_id, response_id))
         if items is None:
             raise _not_found(response_id)
         if order == "desc":

@@ -17,19 +17,20 @@ import orjson
 from gateway.asgi import EVENT_STREAM, Send
 from gateway.guardrails.policy import Guardrail, Verdict, inspect_text, mask
 from gateway.pipeline.context import RequestContext
+from gateway.upstreams.sse import EventSplitter
 
 LOOK_BEHIND = 256
 
 
 class OutputGuard:
-    __slots__ = ("ctx", "send", "rules", "verdict", "mode", "start", "held", "pending", "held_text", "ended")
+    __slots__ = ("ctx", "send", "rules", "verdict", "mode", "start", "held", "events", "held_text", "ended")
 
     def __init__(self, ctx: RequestContext, send: Send, rules: tuple[Guardrail, ...], verdict: Verdict) -> None:
         self.ctx, self.send, self.rules, self.verdict = ctx, send, rules, verdict
         self.mode = ""
         self.start: dict | None = None
         self.held: list[bytes] = []
-        self.pending = b""
+        self.events = EventSplitter()
         self.held_text: dict[int, str] = {}  # a choice's text not yet sent
         self.ended = False
 
@@ -105,16 +106,8 @@ class OutputGuard:
     # A stream
 
     def _events(self, data: bytes) -> bytes:
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
-        data = self.pending + data
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self.pending = data
-            return b""
-        self.pending = data[end + 2:]
         out = []
-        for event in data[:end].split(b"\n\n"):
+        for event in self.events.feed(data):
             if self.ended:
                 break
             out.append(self._event(event))

@@ -37,6 +37,11 @@ def missing(param: str) -> GatewayError:
     return bad_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
 
 
+def absent_or_invalid(param: str, expected: str, value: Any) -> GatewayError:
+    """A required field's 400: missing when it is absent (or null), else of the wrong type."""
+    return missing(param) if value is None else invalid_type(param, expected, value)
+
+
 MAX_DEPTH = 254  # orjson reads deeper JSON than it writes; the gateway re-encodes what it forwards
 
 
@@ -190,7 +195,7 @@ def _check_parts(parts: list, param: str) -> None:
             raise invalid_type(where, "an object", part)
         kind = part.get("type")
         if not isinstance(kind, str):
-            raise (missing(f"{where}.type") if kind is None else invalid_type(f"{where}.type", "a string", kind))
+            raise absent_or_invalid(f"{where}.type", "a string", kind)
         if kind == "text" and not isinstance(part.get("text"), str):
             raise invalid_type(f"{where}.text", "a string", part.get("text"))
 

@@ -27,7 +27,8 @@ from gateway.asgi import header
 from gateway.config.types import Deployment
 from gateway.errors import bad_request
 from gateway.pipeline.context import RequestContext
-from gateway.pipeline.parse import encode, invalid_type, missing
+from gateway.pipeline.parse import absent_or_invalid, encode, invalid_type, missing
+from gateway.protocols.edge import first_choice
 
 DEFAULT_VERSION = b"2023-06-01"
 _ROLES = ("user", "assistant", "system")  # "system": instructions given mid-conversation
@@ -149,7 +150,7 @@ def _block_type(block: Any, where: str) -> str:
         raise invalid_type(where, "a content block (an object)", block)
     kind = block.get("type")
     if not isinstance(kind, str):
-        raise missing(f"{where}.type") if kind is None else invalid_type(f"{where}.type", "a string", kind)
+        raise absent_or_invalid(f"{where}.type", "a string", kind)
     return kind
 
 
@@ -163,8 +164,7 @@ def _user_turn(blocks: list, where: str) -> list[dict]:
         if kind == "tool_result":
             call = block.get("tool_use_id")
             if not isinstance(call, str) or not call:
-                raise missing(f"{at}.tool_use_id") if call is None else invalid_type(f"{at}.tool_use_id", "a string",
-                                                                                   call)
+                raise absent_or_invalid(f"{at}.tool_use_id", "a string", call)
             content = block.get("content", "")
             if isinstance(content, list):
                 content = [_part(item, f"{at}.content.{n}") for n, item in enumerate(content)]
@@ -196,7 +196,7 @@ def _part(block: Any, at: str) -> dict:
     if kind in ("image", "document"):
         source = block.get("source")
         if not isinstance(source, dict):
-            raise missing(f"{at}.source") if source is None else invalid_type(f"{at}.source", "an object", source)
+            raise absent_or_invalid(f"{at}.source", "an object", source)
         kind_of_source = source.get("type")
         if kind_of_source == "base64" and isinstance(source.get("data"), str) and isinstance(
                 source.get("media_type"), str):
@@ -230,9 +230,9 @@ def _assistant_turn(blocks: list, where: str) -> list[dict]:
         elif kind == "tool_use":
             call, name, arguments = block.get("id"), block.get("name"), block.get("input", {})
             if not isinstance(call, str) or not call:
-                raise missing(f"{at}.id") if call is None else invalid_type(f"{at}.id", "a string", call)
+                raise absent_or_invalid(f"{at}.id", "a string", call)
             if not isinstance(name, str) or not name:
-                raise missing(f"{at}.name") if name is None else invalid_type(f"{at}.name", "a string", name)
+                raise absent_or_invalid(f"{at}.name", "a string", name)
             if not isinstance(arguments, dict):
                 raise invalid_type(f"{at}.input", "an object", arguments)
             calls.append({"id": call, "type": "function",
@@ -266,10 +266,9 @@ def _tools(body: dict, chat: dict) -> None:
                               "input_schema) instead.", param=f"{at}.type")
         name, schema = tool.get("name"), tool.get("input_schema")
         if not isinstance(name, str) or not name:
-            raise missing(f"{at}.name") if name is None else invalid_type(f"{at}.name", "a string", name)
+            raise absent_or_invalid(f"{at}.name", "a string", name)
         if not isinstance(schema, dict):
-            raise missing(f"{at}.input_schema") if schema is None else invalid_type(f"{at}.input_schema",
-                                                                                    "an object", schema)
+            raise absent_or_invalid(f"{at}.input_schema", "an object", schema)
         function: dict[str, Any] = {"name": name, "parameters": schema}
         if isinstance(tool.get("description"), str):
             function["description"] = tool["description"]
@@ -422,30 +421,27 @@ class MessageStream:
         out = b"" if self.started else self._start(chunk)
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
-            text = delta.get("content") or delta.get("refusal")
-            if isinstance(text, str) and text:
-                if self.block_kind != "text":
-                    out += self._open_block("text", {"type": "text", "text": ""})
-                out += self.delta_head + orjson.dumps(text) + b"}}\n\n"
-            for call in delta.get("tool_calls") or ():
-                if not isinstance(call, dict):
-                    continue
-                position = call.get("index", 0)
-                function = call.get("function") or {}
-                if position not in self.tools:
-                    out += self._open_block("tool", {"type": "tool_use",
-                                                     "id": call.get("id") or "toolu_" + os.urandom(12).hex(),
-                                                     "name": function.get("name", ""), "input": {}})
-                    self.tools[position] = self.block
-                arguments = function.get("arguments")
-                if isinstance(arguments, str) and arguments and self.tools[position] == self.block:
-                    out += self.delta_head + orjson.dumps(arguments) + b"}}\n\n"
-            if choice.get("finish_reason"):
-                self.stop = _stop_reason(choice, self.native.get("stop_sequences"))
+        first = first_choice(chunk)
+        if first is None:
+            return out
+        choice, text, calls = first
+        if text:
+            if self.block_kind != "text":
+                out += self._open_block("text", {"type": "text", "text": ""})
+            out += self.delta_head + orjson.dumps(text) + b"}}\n\n"
+        for call in calls:
+            position = call.get("index", 0)
+            function = call.get("function") or {}
+            if position not in self.tools:
+                out += self._open_block("tool", {"type": "tool_use",
+                                                 "id": call.get("id") or "toolu_" + os.urandom(12).hex(),
+                                                 "name": function.get("name", ""), "input": {}})
+                self.tools[position] = self.block
+            arguments = function.get("arguments")
+            if isinstance(arguments, str) and arguments and self.tools[position] == self.block:
+                out += self.delta_head + orjson.dumps(arguments) + b"}}\n\n"
+        if choice.get("finish_reason"):
+            self.stop = _stop_reason(choice, self.native.get("stop_sequences"))
         return out
 
     def done(self) -> bytes:

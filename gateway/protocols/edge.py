@@ -15,11 +15,25 @@ import orjson
 from gateway.asgi import EVENT_STREAM, Send
 from gateway.pipeline.context import RequestContext
 from gateway.upstreams.replay import as_stream
+from gateway.upstreams.sse import EventSplitter, event_data
 
 _FINAL_EVENTS = (b"response.completed", b"response.incomplete", b"response.failed")
 _SNAPSHOT_EVENTS = (b"response.created", b"response.in_progress", b"response.queued")
 _INCOMPLETE = {"message": "The stream ended before the answer was complete.", "type": "upstream_error",
                "code": "stream_incomplete"}
+
+
+def first_choice(chunk: dict) -> tuple[dict, str, list[dict]] | None:
+    """A chat completion chunk's first choice (the one the other APIs tell), its text (or refusal) and its tool
+    call deltas; None when the chunk has none (a usage chunk)."""
+    for choice in chunk.get("choices") or ():
+        if isinstance(choice, dict) and choice.get("index", 0) == 0:
+            delta = choice.get("delta")
+            delta = delta if isinstance(delta, dict) else {}
+            text = delta.get("content") or delta.get("refusal")
+            calls = [call for call in delta.get("tool_calls") or () if isinstance(call, dict)]
+            return choice, text if isinstance(text, str) else "", calls
+    return None
 
 
 class StreamTranslator(Protocol):
@@ -70,7 +84,7 @@ class Outbound:
     """``send`` for one request: holds a whole answer until its last byte (its length changes), translates a stream
     event by event."""
 
-    __slots__ = ("ctx", "send", "dialect", "mode", "start", "held", "stream", "pending", "settled")
+    __slots__ = ("ctx", "send", "dialect", "mode", "start", "held", "stream", "events", "settled")
 
     def __init__(self, ctx: RequestContext, send: Send, dialect: Dialect) -> None:
         self.ctx, self.send, self.dialect = ctx, send, dialect
@@ -78,7 +92,7 @@ class Outbound:
         self.start: dict | None = None
         self.held: list[bytes] = []
         self.stream: StreamTranslator | None = None
-        self.pending = b""
+        self.events = EventSplitter()
         self.settled = False
 
     async def __call__(self, message: dict) -> None:
@@ -133,24 +147,10 @@ class Outbound:
             self.start = message
 
     def _events(self, data: bytes) -> bytes:
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
-        data = self.pending + data
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self.pending = data
-            return b""
-        self.pending = data[end + 2:]
-        out = b""
-        for event in data[:end].split(b"\n\n"):
-            out += self._event(event)
-        return out
+        return b"".join(self._event(event) for event in self.events.feed(data))
 
     def _event(self, event: bytes) -> bytes:
-        if event.startswith(b"data: ") and b"\n" not in event:  # a chat completion chunk, as upstreams write it
-            payload = event[6:]
-        else:
-            payload = b"".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
+        payload = event_data(event)
         if not payload or self.stream.finished:
             return b""
         if payload == b"[DONE]":
@@ -167,8 +167,8 @@ class Outbound:
         return self.stream.chunk(chunk)
 
     def _end(self) -> bytes:
-        out = self._event(self.pending) if self.pending.strip() else b""
-        self.pending = b""
+        rest = self.events.rest()
+        out = self._event(rest) if rest.strip() else b""
         if not self.stream.finished:
             out += self.stream.error(502, _INCOMPLETE)
         return out
@@ -176,23 +176,15 @@ class Outbound:
     async def _native_events(self, data: bytes, more: bool) -> bytes:
         """An upstream's own stream, passed on as it came but for its final event: read, kept (``settle``), and
         told again as the client asked for it."""
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
-        data = self.pending + data
-        end = len(data) if not more else data.rfind(b"\n\n") + 2
-        if end <= 1:
-            self.pending = data
-            return b""
-        self.pending = data[end:]
+        events = self.events.feed(data)
+        if not more and self.events.pending.strip():
+            events.append(self.events.rest())
         out = b""
-        for event in data[:end].split(b"\n\n"):
-            if not event:
-                continue
+        for event in events:
             head = event[:160]
             if not self.settled and any(name in head for name in _FINAL_EVENTS + _SNAPSHOT_EVENTS):
-                payload = b"".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
                 try:
-                    parsed = orjson.loads(payload)
+                    parsed = orjson.loads(event_data(event))
                 except orjson.JSONDecodeError:
                     parsed = None
                 kind = parsed.get("type", "").encode() if isinstance(parsed, dict) else b""

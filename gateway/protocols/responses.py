@@ -30,7 +30,8 @@ import orjson
 from gateway.config.types import Deployment
 from gateway.errors import GatewayError, bad_request
 from gateway.pipeline.context import RequestContext
-from gateway.pipeline.parse import encode, invalid_type, missing
+from gateway.pipeline.parse import absent_or_invalid, encode, invalid_type, missing
+from gateway.protocols.edge import first_choice
 from gateway.stores.responses import UNREACHABLE, ResponseStore, unavailable
 
 log = logging.getLogger("gateway.responses")
@@ -162,7 +163,7 @@ def _append_items(messages: list[dict], items: list[dict], param: str) -> None:
             call, name, arguments = item.get("call_id"), item.get("name"), item.get("arguments", "")
             for key, value in (("call_id", call), ("name", name), ("arguments", arguments)):
                 if not isinstance(value, str) or (key != "arguments" and not value):
-                    raise missing(f"{at}.{key}") if value is None else invalid_type(f"{at}.{key}", "a string", value)
+                    raise absent_or_invalid(f"{at}.{key}", "a string", value)
             tool_call = {"id": call, "type": "function", "function": {"name": name, "arguments": arguments or "{}"}}
             last = messages[-1] if messages else None
             if last is not None and last["role"] == "assistant":
@@ -172,11 +173,11 @@ def _append_items(messages: list[dict], items: list[dict], param: str) -> None:
         elif kind == "function_call_output":
             call, output = item.get("call_id"), item.get("output")
             if not isinstance(call, str) or not call:
-                raise missing(f"{at}.call_id") if call is None else invalid_type(f"{at}.call_id", "a string", call)
+                raise absent_or_invalid(f"{at}.call_id", "a string", call)
             if isinstance(output, list):
                 output = "".join(p.get("text", "") for p in output if isinstance(p, dict))
             if not isinstance(output, str):
-                raise missing(f"{at}.output") if output is None else invalid_type(f"{at}.output", "a string", output)
+                raise absent_or_invalid(f"{at}.output", "a string", output)
             messages.append({"role": "tool", "tool_call_id": call, "content": output})
         elif kind == "reasoning":
             continue
@@ -254,9 +255,9 @@ def _functions(tools: list, where: str, namespace: str | None, namespaces: dict[
         if kind == "namespace" and namespace is None:
             name, inner = tool.get("name"), tool.get("tools")
             if not isinstance(name, str) or not name:
-                raise missing(f"{at}.name") if name is None else invalid_type(f"{at}.name", "a string", name)
+                raise absent_or_invalid(f"{at}.name", "a string", name)
             if not isinstance(inner, list):
-                raise missing(f"{at}.tools") if inner is None else invalid_type(f"{at}.tools", "an array", inner)
+                raise absent_or_invalid(f"{at}.tools", "an array", inner)
             functions += _functions(inner, f"{at}.tools", name, namespaces)
             continue
         if kind != "function":
@@ -268,7 +269,7 @@ def _functions(tools: list, where: str, namespace: str | None, namespaces: dict[
                                    "'namespace'.", param=f"{at}.type", code="unsupported_tool")
         name = tool.get("name")
         if not isinstance(name, str) or not name:
-            raise missing(f"{at}.name") if name is None else invalid_type(f"{at}.name", "a string", name)
+            raise absent_or_invalid(f"{at}.name", "a string", name)
         function: dict[str, Any] = {"name": name}
         parameters = tool.get("parameters")
         if parameters is not None:
@@ -334,11 +335,9 @@ def _text_format(body: dict, chat: dict) -> None:
     elif kind == "json_schema":
         schema, name = format_.get("schema"), format_.get("name")
         if not isinstance(schema, dict):
-            raise missing("text.format.schema") if schema is None else invalid_type("text.format.schema",
-                                                                                    "an object", schema)
+            raise absent_or_invalid("text.format.schema", "an object", schema)
         if not isinstance(name, str) or not name:
-            raise missing("text.format.name") if name is None else invalid_type("text.format.name", "a string",
-                                                                                name)
+            raise absent_or_invalid("text.format.name", "a string", name)
         json_schema: dict[str, Any] = {"name": name, "schema": schema}
         if isinstance(format_.get("strict"), bool):
             json_schema["strict"] = format_["strict"]
@@ -511,30 +510,27 @@ class ResponseStream:
         out = b"" if self.started else self._start(chunk)
         if isinstance(chunk.get("usage"), dict):
             self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
-            text = delta.get("content") or delta.get("refusal")
-            if isinstance(text, str) and text:
-                if self.open is None or self.open["type"] != "message":
-                    out += self._open_item(_message_item("", "in_progress"))
-                out += self._delta(text)
-            for call in delta.get("tool_calls") or ():
-                if not isinstance(call, dict):
-                    continue
-                position = call.get("index", 0)
-                if position not in self.calls:
-                    item = _call_item({"id": call.get("id"), "function": {
-                        "name": (call.get("function") or {}).get("name", "")}}, self.turn.namespaces, "in_progress")
-                    self.calls[position] = item
-                    out += self._open_item(item)
-                item = self.calls[position]
-                arguments = (call.get("function") or {}).get("arguments")
-                if isinstance(arguments, str) and arguments and item is self.open:
-                    out += self._delta(arguments)
-            if choice.get("finish_reason"):
-                self.finish = choice["finish_reason"]
+        first = first_choice(chunk)
+        if first is None:
+            return out
+        choice, text, calls = first
+        if text:
+            if self.open is None or self.open["type"] != "message":
+                out += self._open_item(_message_item("", "in_progress"))
+            out += self._delta(text)
+        for call in calls:
+            position = call.get("index", 0)
+            function = call.get("function") or {}
+            if position not in self.calls:
+                item = _call_item({"id": call.get("id"), "function": {"name": function.get("name", "")}},
+                                  self.turn.namespaces, "in_progress")
+                self.calls[position] = item
+                out += self._open_item(item)
+            arguments = function.get("arguments")
+            if isinstance(arguments, str) and arguments and self.calls[position] is self.open:
+                out += self._delta(arguments)
+        if choice.get("finish_reason"):
+            self.finish = choice["finish_reason"]
         return out
 
     def done(self) -> bytes:

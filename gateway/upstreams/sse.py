@@ -63,3 +63,35 @@ class SSERelay:
                         self.usage = {**self.usage, **inner["usage"]} if self.usage else inner["usage"]
             kept.append(event)
         return b"\n\n".join(kept) + b"\n\n" if kept else b""
+
+
+class EventSplitter:
+    """Complete events out of a stream's chunks as they arrive; what follows the last blank line waits for the
+    next chunk (``rest`` hands it over when the stream ends)."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        data = self.pending + data if self.pending else data
+        end = data.rfind(b"\n\n")
+        if end < 0:
+            self.pending = data
+            return []
+        self.pending = data[end + 2:]
+        return [event for event in data[:end].split(b"\n\n") if event]
+
+    def rest(self) -> bytes:
+        rest, self.pending = self.pending, b""
+        return rest
+
+
+def event_data(event: bytes) -> bytes:
+    """The data of one event: its ``data:`` lines joined (a chat completion chunk is one line)."""
+    if event.startswith(b"data: ") and b"\n" not in event:
+        return event[6:]
+    return b"".join(line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:"))
