@@ -136,9 +136,11 @@ def test_slots_hold_under_concurrent_traffic_and_the_view_matches_the_nodes(tmp_
 
         with concurrent.futures.ThreadPoolExecutor(25) as pool:
             watcher = pool.submit(watch)
-            answers = list(pool.map(lambda n: _chat(client, n[1], f"q{n[0]}").headers["x-gateway-adapter"],
-                                    enumerate(names)))
-            stop = True
+            try:
+                answers = list(pool.map(lambda n: _chat(client, n[1], f"q{n[0]}").headers["x-gateway-adapter"],
+                                        enumerate(names)))
+            finally:  # a request that fails must not leave the watcher running, and the pool waiting, for ever
+                stop = True
             watcher.result()
         assert answers == names
         assert seen and max(seen) <= 3, max(seen)
