@@ -27,14 +27,14 @@ def _chat(client: openai.OpenAI, model: str, text: str = "hello"):
 
 class Fleet:
     def __init__(self, tmp_path: Path, nodes: int = 3, max_loras: int = 2, swap_ms: float = 50,
-                 pool: dict | None = None, tenants: dict | None = None) -> None:
+                 pool: dict | None = None, tenants: dict | None = None, refresh_seconds: float = 0.3) -> None:
         self.sims = [Simulator("--model", BASE, "--max-loras", str(max_loras), "--lora-swap-ms", str(swap_ms))
                      for _ in range(nodes)]
         self.keys = {name: generate_key() for name in ("acme", "beta", "gamma")}
         config = tmp_path / "config"
         config.mkdir(parents=True)
         pool = pool or {"nodes": [{"url": f"{sim.url}/v1", "name": f"node{i}"} for i, sim in enumerate(self.sims)]}
-        models = {"fleet": {"refresh_seconds": 0.3, "failures_before_drain": 2, "load_timeout": 10,
+        models = {"fleet": {"refresh_seconds": refresh_seconds, "failures_before_drain": 2, "load_timeout": 10,
                             "pools": {"llamas": {"model": BASE, **pool}}},
                   "models": {"llama": {"deployments": [{"name": "llamas", "api_base": "fleet:llamas"}]}}}
         adapters = tenants or {
@@ -150,6 +150,31 @@ def test_slots_hold_under_concurrent_traffic_and_the_view_matches_the_nodes(tmp_
             assert view[f"node{i}"] == set(sim.stats()["lora_registered"])
         swaps = sum(sim.stats()["lora_swaps"] for sim in fleet.sims)
         assert swaps == fleet.loads()  # every adapter a request ran with was where the gateway thought it was
+    finally:
+        fleet.stop()
+
+
+def test_an_adapter_a_node_lost_behind_the_gateways_back_is_loaded_again(tmp_path):
+    """A node restarted, or its adapter unloaded by another hand, between two of the gateway's looks at it: the node
+    answers 404 for the adapter's name; the client gets its answer from the adapter loaded again, not the 404."""
+    fleet = Fleet(tmp_path, nodes=1, refresh_seconds=3600)  # no look at the node while the test runs
+    try:
+        client = fleet.client("acme")
+        assert _chat(client, "llama").headers["x-gateway-adapter"] == "acme-support"
+        sim = fleet.sims[0]
+        unload = json.dumps({"lora_name": "acme/acme-support"}).encode()
+        status, body = http_request(sim.port, "POST", "/v1/unload_lora_adapter", unload)
+        assert status == 200, body
+        raw = _chat(client, "llama")
+        assert raw.status_code == 200 and raw.headers["x-gateway-adapter"] == "acme-support"
+        assert sim.last_request()["model"] == "acme/acme-support"
+        assert sim.stats()["lora_loads"] == 2
+        view = fleet.view()["pools"]["llamas"]["nodes"][0]
+        assert view["adapters"] == ["acme/acme-support"] and view["inflight"] == 0
+        assert http_request(sim.port, "POST", "/v1/unload_lora_adapter", unload)[0] == 200
+        again = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="llama", messages=[{"role": "user", "content": "hi"}], max_tokens=5, stream=True) if c.choices)
+        assert again and sim.stats()["lora_loads"] == 3
     finally:
         fleet.stop()
 

@@ -106,7 +106,12 @@ class Forward:
                 if ctx.attempts:
                     FALLBACKS.labels(model.name).inc()
                 try:
-                    return await self._attempt(ctx, candidate, deployment, body, stream)
+                    try:
+                        return await self._attempt(ctx, candidate, deployment, body, stream)
+                    except _Failed as failure:
+                        if not failure.again:
+                            raise
+                        return await self._attempt(ctx, candidate, deployment, body, stream)
                 except _Failed as failure:
                     ctx.model, ctx.deployment = candidate, deployment  # the log names the last one tried
                     if failure.final:  # the request's own fault, not the deployment's
@@ -197,6 +202,14 @@ class Forward:
             raise _Failed(error, final=False) from None
         if response.status >= 400:
             error = from_upstream_response(deployment, response.status, content)
+            lora = next((lora for leased, _, lora in ctx.leases if leased is attempt), None)
+            if response.status == 404 and lora is not None and lora.encode() in content:
+                # The node no longer has the adapter the gateway thought it had (restarted, or unloaded by another
+                # hand): not the client's fault; loaded again and asked again.
+                self.fleet().lost(deployment, lora)
+                self._close_attempt(ctx, attempt, started, response.status, "adapter_lost")
+                raise _Failed(GatewayError(503, f"The node lost the adapter `{attempt['adapter']}`.",
+                                           type="upstream_error", code="adapter_unavailable"), final=False, again=True)
             self._close_attempt(ctx, attempt, started, response.status, error.code or error.type)
             raise _Failed(error, final=response.status in _FINAL_STATUSES)
         if content is not None:
@@ -437,9 +450,10 @@ def release_leases(ctx: RequestContext, fleet: Fleet | None, attempt: dict | Non
 
 
 class _Failed(Exception):
-    def __init__(self, error: GatewayError, final: bool) -> None:
+    def __init__(self, error: GatewayError, final: bool, again: bool = False) -> None:
         self.error = error
         self.final = final
+        self.again = again  # worth one more try on the same deployment
 
 
 def _judged_body(ctx: RequestContext) -> tuple[dict, bool]:

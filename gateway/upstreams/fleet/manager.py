@@ -29,6 +29,7 @@ from gateway.upstreams.fleet.placement import Placement, Popularity, victim
 log = logging.getLogger("gateway.fleet")
 
 CHECK_TIMEOUT = aiohttp.ClientTimeout(total=5)
+LOAD_ATTEMPTS = 3  # loads of one adapter for one request, should other loads keep taking its slot
 
 
 class AdapterLoadFailed(Exception):
@@ -229,12 +230,33 @@ class Fleet:
             metrics.FLEET_ADAPTER_REQUESTS.labels("resident").inc()
             return lora
         metrics.FLEET_ADAPTER_REQUESTS.labels("loaded").inc()
-        loading = node.loading.get(lora)
-        if loading is None:
-            loading = node.loading[lora] = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().create_task(self._load(node, adapter, loading))
-        await asyncio.shield(loading)  # the load goes on for the others if this request is cancelled
-        return lora
+        # Until this request runs on it, the adapter it waited for is not idle: a load that comes next must not
+        # evict it in the moment between the load's end and this request's turn.
+        node.awaiting[lora] += 1
+        try:
+            for _ in range(LOAD_ATTEMPTS):
+                loading = node.loading.get(lora)
+                if loading is None:
+                    loading = node.loading[lora] = asyncio.get_running_loop().create_future()
+                    asyncio.get_running_loop().create_task(self._load(node, adapter, loading))
+                await asyncio.shield(loading)  # the load goes on for the others if this request is cancelled
+                if node.resident(lora):
+                    return lora
+        finally:
+            node.awaiting[lora] -= 1
+            if node.awaiting[lora] <= 0:
+                del node.awaiting[lora]
+        raise AdapterLoadFailed(node.name, adapter.name, "unloaded again as soon as it was loaded",
+                                "the node is too busy with other adapters")
+
+    def lost(self, deployment: Deployment, lora: str) -> None:
+        """The node answered that it does not know ``lora`` (restarted, or unloaded by someone else): not resident."""
+        node = self.node_of(deployment)
+        if node is not None and lora in node.adapters and lora not in node.loading:
+            log.warning("fleet node %s no longer has adapter %s; it is loaded again", node.name, lora)
+            node.adapters.discard(lora)
+            node.changes += 1
+            node.slot_freed.set()
 
     async def _load(self, node: Node, adapter: Adapter, done: asyncio.Future) -> None:
         lora = adapter.lora_name

@@ -45,6 +45,7 @@ class Node:
     kv_usage: float = 0.0
     inflight: int = 0  # the gateway's requests on the node now
     inflight_by_adapter: Counter = field(default_factory=Counter)
+    awaiting: Counter = field(default_factory=Counter)  # adapter -> requests waiting for its load to finish
     last_used: dict[str, float] = field(default_factory=dict)  # adapter -> monotonic time of its last request
     loading: dict[str, asyncio.Future] = field(default_factory=dict)  # adapter -> its load under way
     evicting: set[str] = field(default_factory=set)  # adapters being unloaded

@@ -62,7 +62,7 @@ class Popularity:
 def victim(node: Node, popularity: Popularity, by_frequency: bool) -> str | None:
     """The adapter to unload from ``node`` to make room: idle, not pinned; least popular (or least recent)."""
     idle = [a for a in node.adapters if a not in node.loading and not node.inflight_by_adapter.get(a)
-            and a not in node.running_adapters and a not in node.pinned]
+            and not node.awaiting.get(a) and a not in node.running_adapters and a not in node.pinned]
     if not idle:
         return None
     if by_frequency:
