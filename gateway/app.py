@@ -106,9 +106,9 @@ class Gateway:
     async def _tenant_key(self, scope: Scope) -> None:
         """A 401 / 403 for a request whose key no tenant has (a key made a moment ago is looked for first)."""
         try:
-            identify(scope, self.config.current)
+            identify(scope, self.config.current, None)
         except GatewayError as refused:
-            await identify_again(scope, self.config, refused)
+            await identify_again(scope, self.config, refused, None)
 
     def _choices(self) -> dict[str, list[str]]:
         """Values the admin API accepts that depend on the config, for its OpenAPI document."""

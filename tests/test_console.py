@@ -248,3 +248,36 @@ def test_a_tenant_key_sees_its_own_account_only(setup, page):
     page.click("#sign-out")
     page.wait_for_selector("#login-form")
     assert page.evaluate("sessionStorage.getItem('gateway.console.key')") is None
+
+
+def test_a_tenant_admin_manages_its_tenant_from_the_console_and_a_viewer_reads(setup, page):
+    gateway, keys = setup
+    status, _ = admin(gateway, "POST", "/api/v1/organizations", {"id": "hooli", "name": "Hooli", "tier": "professional"})
+    assert status in (201, 409)
+    status, boss = admin(gateway, "POST", "/api/v1/organizations/hooli/keys", {"role": "tenant_admin"})
+    assert status == 201
+    sign_in(page, gateway, boss["key"])
+    page.wait_for_selector("[data-stat=budget_left]")
+    assert page.inner_text("#nav").split("\n") == ["Account", "Usage", "Settings and keys", "Requests", "Audit log"]
+    go_to(page, "manage", "[data-form=edit-tenant]")
+    assert page.is_disabled("[data-field=tier]") and page.is_disabled("[data-field=models]")
+    page.fill("[data-field=requests_per_minute]", "30")
+    page.click("[data-form=edit-tenant] button[type=submit]")
+    page.wait_for_selector("#toast:has-text('Saved')")
+    assert admin(gateway, "GET", "/api/v1/organizations/hooli")[1]["limits"]["requests_per_minute"] == 30
+    page.fill("[data-field=key-name]", "reader")
+    page.select_option("[data-field=key-role]", "viewer")
+    page.click("[data-form=create-key] button")
+    viewer_key = page.inner_text("[data-secret=key]", timeout=5000)
+    until(lambda: "viewer" in page.inner_text("[data-table=keys]"))
+    go_to(page, "audit", "[data-table=audit]")
+    text = page.inner_text("[data-table=audit]")
+    assert "key.create" in text and "tenant.update" in text and viewer_key not in text
+    assert "acme" not in text.lower()
+    shot(page, "tenant-admin-audit")
+    page.click("#sign-out")
+    page.wait_for_selector("#login-form")
+    sign_in(page, gateway, viewer_key)
+    page.wait_for_selector("[data-stat=budget_left]")
+    assert page.inner_text("#nav").split("\n") == ["Account", "Usage", "Requests"]
+    go_to(page, "requests", "[data-table=requests]")

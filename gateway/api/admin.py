@@ -20,10 +20,13 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator
 
 from gateway.api.guard import stateless_gateway
 from gateway.api.ops import error_responses
-from gateway.api.shared import END, START, USAGE_ERRORS, admin_route, read_ledger, report_period
+from gateway.api.guard import Principal
+from gateway.api.shared import (END, START, USAGE_ERRORS, admin_route, caller, read_ledger, record_action,
+                                report_period)
 from gateway.config.keys import generate_key, hash_key
+from gateway.config.loader import key_access
 from gateway.config.routing import unknown_chat_models
-from gateway.config.schema import (FEATURES, KEY_NAME_PATTERN, NAMED_PATTERN, PROVIDERS,
+from gateway.config.schema import (FEATURES, KEY_NAME_PATTERN, NAMED_PATTERN, PROVIDERS, KeyAccessFields,
                                    TENANT_ID_PATTERN, TEXT_PATTERN, CalendarDate, Strict, TenantFields,
                                    TenantRoutingSpec, TenantSpec, partial)
 from gateway.config.types import GatewayConfig, Tenant
@@ -69,7 +72,7 @@ class FeedbackIn(Strict):
         return value
 
 
-class KeyIn(Strict):
+class KeyIn(KeyAccessFields):
     name: str | None = Field(None, pattern=KEY_NAME_PATTERN, description="letters, digits, . _ @ - (up to 64)")
     expires: CalendarDate | None = Field(None, description="the key stops working at the start of this day (UTC)")
 
@@ -121,10 +124,14 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
     async def apply() -> None:
         await gateway.config.refresh_directory()
 
+    async def audit(request: Request, action: str, tenant_id: str | None, target: str | None, before: object,
+                    after: object) -> None:
+        await record_action(gateway, caller(request), action, tenant_id, target, before, after)
+
     admin = admin_route(gateway)
 
     @router.post("/api/v1/organizations", status_code=201, **admin)
-    async def create_tenant(body: TenantIn) -> dict:
+    async def create_tenant(request: Request, body: TenantIn) -> dict:
         """Create a tenant. It is kept in PostgreSQL and in force on every gateway within seconds."""
         tenant_id = body.id or _id_from(body.name)
         if tenant_id in config().tenants:
@@ -145,22 +152,32 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
             raise GatewayError(409, f"{exc}.", param="id", code="tenant_exists") from None
         await gateway.forget_tenant_state(tenant_id)  # a used id starts clean: no counters, no cached answers
         await apply()
-        return _view(tenant_or_404(tenant_id), config())
+        made = _view(tenant_or_404(tenant_id), config())
+        await audit(request, "tenant.create", tenant_id, None, None, made)
+        return made
 
     @router.get("/api/v1/organizations", **admin)
-    async def list_tenants() -> dict:
-        current = config()
-        return {"object": "list", "data": [_view(t, current) for _, t in sorted(current.tenants.items())]}
+    async def list_tenants(request: Request) -> dict:
+        """Every tenant (a tenant_admin key: its own)."""
+        current, principal = config(), caller(request)
+        return {"object": "list", "data": [_view(t, current) for _, t in sorted(current.tenants.items())
+                                           if principal.operator or t.id == principal.tenant]}
 
     @router.get("/api/v1/organizations/{tenant_id}", **admin)
     async def get_tenant(tenant_id: str) -> dict:
         return _view(tenant_or_404(tenant_id), config())
 
     @router.patch("/api/v1/organizations/{tenant_id}", **admin)
-    async def update_tenant(tenant_id: str, body: TenantPatch) -> dict:
+    async def update_tenant(request: Request, tenant_id: str, body: TenantPatch) -> dict:
+        """Change a tenant made here. A tenant_admin key changes its own tenant's settings, within its tier."""
         tenant = _made_here(tenant_or_404(tenant_id))
+        changes = body.model_dump(exclude_unset=True)
+        principal = caller(request)
+        if not principal.operator:
+            _within_tenant_admin_reach(principal, tenant, changes, gateway.config.base.tiers[tenant.tier][0])
+        before = _view(tenant, config())
         current = gateway.config.api_spec(tenant.id).model_dump()
-        for field, value in body.model_dump(exclude_unset=True).items():
+        for field, value in changes.items():
             if value is None:
                 current.pop(field, None)  # null: back to the default (the tier's, for limits)
             elif field == "limits":  # merged limit by limit, as a JSON merge patch: a limit sent as null goes back
@@ -171,17 +188,21 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         spec = tenant_spec(tenant_id, current)
         await gateway.directory.update_tenant(tenant_id, spec)
         await apply()
-        return _view(tenant_or_404(tenant_id), config())
+        after = _view(tenant_or_404(tenant_id), config())
+        await audit(request, "tenant.update", tenant_id, None, before, after)
+        return after
 
     @router.delete("/api/v1/organizations/{tenant_id}", **admin)
-    async def delete_tenant(tenant_id: str) -> dict:
+    async def delete_tenant(request: Request, tenant_id: str) -> dict:
         """Delete a tenant made here and revoke its keys (one stored but unreadable too). Its usage rows stay in
         the ledger."""
+        before = None
         if gateway.config.rejected(tenant_id) is None:
-            _made_here(tenant_or_404(tenant_id))
+            before = _view(_made_here(tenant_or_404(tenant_id)), config())
         await gateway.directory.delete_tenant(tenant_id)
         await apply()
         await gateway.forget_tenant_state(tenant_id)
+        await audit(request, "tenant.delete", tenant_id, None, before, None)
         return {"id": tenant_id, "object": "organization", "deleted": True}
 
     @router.get("/api/v1/organizations/{tenant_id}/history", **admin)
@@ -197,8 +218,9 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         return {"object": "list", "id": tenant_id, "data": past}
 
     @router.post("/api/v1/organizations/{tenant_id}/keys", status_code=201, **admin)
-    async def create_key(tenant_id: str, body: KeyIn | None = None) -> dict:
-        """Make a key. The key is in this answer only; the gateway keeps its SHA-256."""
+    async def create_key(request: Request, tenant_id: str, body: KeyIn | None = None) -> dict:
+        """Make a key, with a role (member, viewer, tenant_admin) and limited to routes, models and tools if
+        asked. The key is in this answer only; the gateway keeps its SHA-256."""
         tenant_or_404(tenant_id)
         body = body or KeyIn()
         name = body.name or f"key-{secrets.token_hex(4)}"
@@ -211,22 +233,31 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
             raise GatewayError(400, f"'expires' ({body.expires}) is in the past: the key would never work (it stops "
                                     "working at the start of that day, UTC).", param="expires", code="invalid_value")
         key = generate_key()
+        access = key_access(body)
+        stored = access.view() if access.view() != key_access(None).view() else None
         try:
-            await gateway.directory.add_key(tenant_id, name, hash_key(key), expires)
+            await gateway.directory.add_key(tenant_id, name, hash_key(key), expires, stored)
         except Conflict as exc:
             raise GatewayError(409, f"{exc}.", param="name", code="key_exists") from None
         await apply()
-        return {"object": "api_key", "tenant": tenant_id, "name": name, "key": key,
-                "expires": body.expires.isoformat() if body.expires else None}
+        made = {"object": "api_key", "tenant": tenant_id, "name": name,
+                "expires": body.expires.isoformat() if body.expires else None, **access.view()}
+        await audit(request, "key.create", tenant_id, name, None, made)
+        return {**made, "key": key}
 
     @router.get("/api/v1/organizations/{tenant_id}/keys", **admin)
     async def list_keys(tenant_id: str) -> dict:
         tenant_or_404(tenant_id)
-        from_file = [{"name": name, "source": "yaml"} for name in sorted(_yaml_key_names(config(), tenant_id))]
-        return {"object": "list", "data": from_file + await gateway.directory.keys(tenant_id)}
+        current = config()
+        roles = {key.name: key.access for key in current.keys.values() if key.tenant_id == tenant_id}
+        from_file = [{"name": name, "source": "yaml", **roles.get(name, key_access(None)).view()}
+                     for name in sorted(_yaml_key_names(current, tenant_id))]
+        made_here = [{**{k: v for k, v in row.items() if k != "access"}, **key_access(row["access"]).view()}
+                     for row in await gateway.directory.keys(tenant_id)]
+        return {"object": "list", "data": from_file + made_here}
 
     @router.delete("/api/v1/organizations/{tenant_id}/keys/{name:path}", **admin)
-    async def revoke_key(tenant_id: str, name: str) -> dict:
+    async def revoke_key(request: Request, tenant_id: str, name: str) -> dict:
         tenant_or_404(tenant_id)
         if name in _yaml_key_names(config(), tenant_id):
             raise GatewayError(409, f"Key '{name}' is declared in tenants.yaml; remove it there.",
@@ -235,6 +266,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
             raise GatewayError(404, f"Tenant '{tenant_id}' has no key named '{name}'.", type="not_found_error",
                                code="key_not_found")
         await apply()
+        await audit(request, "key.revoke", tenant_id, name, {"name": name}, None)
         return {"object": "api_key", "tenant": tenant_id, "name": name, "revoked": True}
 
     @router.get("/api/v1/organizations/{tenant_id}/provider-keys", **admin)
@@ -245,7 +277,8 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
                                            for provider, reference in sorted(tenant.provider_keys.items())]}
 
     @router.put("/api/v1/organizations/{tenant_id}/provider-keys/{provider}", **admin)
-    async def put_provider_key(tenant_id: str, provider: Literal[PROVIDERS], body: ProviderKeyIn) -> dict:
+    async def put_provider_key(request: Request, tenant_id: str, provider: Literal[PROVIDERS],
+                               body: ProviderKeyIn) -> dict:
         """Keep the tenant's own key for a provider in Vault; its requests to that provider use it from now on,
         and their usage is marked as paid by the tenant."""
         tenant = _made_here(tenant_or_404(tenant_id))
@@ -258,11 +291,14 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         except Exception as exc:  # Vault not configured, unreachable, or refusing: never the key in the message
             raise GatewayError(503, f"The key cannot be kept in Vault right now ({type(exc).__name__}).",
                                type="server_error", code="vault_unavailable") from None
+        before = tenant.provider_keys.get(provider)
         await _set_provider_key(tenant.id, provider, reference)
+        await audit(request, "provider_key.put", tenant.id, provider, {"reference": before} if before else None,
+                    {"reference": reference})
         return {"object": "provider_key", "tenant": tenant.id, "provider": provider, "reference": reference}
 
     @router.delete("/api/v1/organizations/{tenant_id}/provider-keys/{provider}", **admin)
-    async def delete_provider_key(tenant_id: str, provider: Literal[PROVIDERS]) -> dict:
+    async def delete_provider_key(request: Request, tenant_id: str, provider: Literal[PROVIDERS]) -> dict:
         tenant = _made_here(tenant_or_404(tenant_id))
         reference = tenant.provider_keys.get(provider)
         if reference is None:
@@ -274,6 +310,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
                 await asyncio.to_thread(gateway.secrets.delete_tenant_key, reference)
             except Exception:  # the tenant no longer uses it; a copy left in Vault is the operator's to remove
                 pass
+        await audit(request, "provider_key.delete", tenant.id, provider, {"reference": reference}, None)
         return {"object": "provider_key", "tenant": tenant.id, "provider": provider, "deleted": True}
 
     async def _set_provider_key(tenant_id: str, provider: str, reference: str | None) -> None:
@@ -292,7 +329,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         return await _report(gateway, tenant_or_404(tenant_id), start, end)
 
     @router.delete("/api/v1/organizations/{tenant_id}/cache", **admin)
-    async def purge_cache(tenant_id: str) -> dict:
+    async def purge_cache(request: Request, tenant_id: str) -> dict:
         """Delete every response cache entry of this tenant."""
         tenant_or_404(tenant_id)
         if gateway.cache is None:
@@ -302,6 +339,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         except (OSError, ConnectionError, asyncio.TimeoutError) as exc:
             raise GatewayError(503, f"The cache cannot be reached right now: {exc}", type="server_error",
                                code="cache_unavailable") from None
+        await audit(request, "cache.purge", tenant_id, None, None, {"deleted": deleted})
         return {"object": "cache_purge", "tenant": tenant_id, "deleted": deleted}
 
     @router.get("/api/v1/organizations/{tenant_id}/routing", **admin)
@@ -315,7 +353,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
     @router.get("/routing/stats", include_in_schema=False)
     async def own_routing(request: Request, start: str | None = START, end: str | None = END):
         """The calling tenant's routing statistics."""
-        tenant, _ = identify(request.scope, config())
+        tenant, _ = identify(request.scope, config(), "usage")
         require_stores()
         return _with_targets(await _report(gateway, tenant, start, end, routing_report), tenant)
 
@@ -332,7 +370,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         """Rate an answer by its request id (the x-request-id header): good or bad. Only the calling tenant's own
         requests can be rated; a bad rating of a small model's routed answer teaches the router that the large
         model was needed."""
-        tenant, _ = identify(request.scope, config())
+        tenant, _ = identify(request.scope, config(), "chat")
         require_stores()
         rating = 1 if body.rating in ("good", 1) else -1
         since = (dt.datetime.fromtimestamp(tenant.created_at, dt.timezone.utc) if tenant.created_at is not None
@@ -357,7 +395,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
     @router.get("/usage", include_in_schema=False)
     async def own_usage(request: Request, start: str | None = START, end: str | None = END):
         """The calling tenant's own usage: totals, by day, by model (its key decides which tenant)."""
-        tenant, _ = identify(request.scope, config())
+        tenant, _ = identify(request.scope, config(), "usage")
         require_stores()
         return await _report(gateway, tenant, start, end)
 
@@ -375,6 +413,31 @@ async def _report(gateway: "Gateway", tenant: Tenant, start: str | None, end: st
 async def _report_between(gateway: "Gateway", tenant_id: str, begin: dt.datetime, finish: dt.datetime,
                           report=usage_report) -> dict:
     return await read_ledger(gateway, report, gateway.config.current, tenant_id, begin, finish)
+
+
+# What a tenant_admin key may change of its own tenant: its settings, within its tier. Its tier, whether it is
+# enabled, its models and features are the operator's; its provider keys go through their own route (a reference
+# could name another tenant's secret); its adapters' files are placed on the nodes by the operator.
+TENANT_ADMIN_FIELDS = frozenset(("name", "industry", "system_prompt", "limits", "guardrails", "routing", "cache",
+                                 "cors_origins", "adapters"))
+
+
+def _within_tenant_admin_reach(principal: Principal, tenant: Tenant, changes: dict, tier_limits) -> None:
+    for field in changes:
+        if field not in TENANT_ADMIN_FIELDS:
+            raise GatewayError(403, f"'{field}' is set by the gateway's operator, not by a tenant_admin key.",
+                               type="permission_error", param=field, code="permission_denied")
+    for name, value in (changes.get("limits") or {}).items():
+        ceiling = getattr(tier_limits, name, None)
+        if value is not None and ceiling is not None and name != "completion_reservation" and value > ceiling:
+            raise GatewayError(403, f"'limits.{name}' may be at most {ceiling:g}, the {tenant.tier} tier's.",
+                               type="permission_error", param=f"limits.{name}", code="limit_above_tier")
+    for name, adapter in (changes.get("adapters") or {}).items():
+        known = {(a.base, a.path) for a in tenant.adapters.values()}
+        if (adapter.get("base"), adapter.get("path")) not in known:
+            raise GatewayError(403, f"Adapter '{name}': a tenant_admin key may change which of its adapters is the "
+                                    "default and what a failure does; an adapter's files are the operator's.",
+                               type="permission_error", param=f"adapters.{name}", code="permission_denied")
 
 
 def _made_here(tenant: Tenant) -> Tenant:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import Field
 
-from gateway.api.shared import admin_route
+from gateway.api.shared import admin_route, caller, record_action
 from gateway.config.schema import TENANT_ID_PATTERN, Strict
 from gateway.errors import GatewayError
 
@@ -40,32 +41,45 @@ def build_fleet_router(gateway: "Gateway") -> APIRouter:
         """Every pool's nodes: state, load, adapters registered and running, slots, pins."""
         return fleet().view()
 
+    async def audited(request: Request, action: str, name: str, tenant: str | None, change) -> dict:
+        node = fleet().find(name)
+        before = node_view(node, name)
+        changed = change()
+        after = node_view(await changed if inspect.isawaitable(changed) else changed, name)
+        keep = ("state", "drained_by_admin", "pinned", "adapters")
+        await record_action(gateway, caller(request), action, tenant, name, {k: before[k] for k in keep},
+                            {k: after[k] for k in keep})
+        return after
+
     @router.post("/api/v1/fleet/nodes/{name}/drain", **admin)
-    async def drain(name: str) -> dict:
+    async def drain(request: Request, name: str) -> dict:
         """Send no new request to the node (those under way finish); until undrained."""
-        return node_view(fleet().drain(name, True), name)
+        return await audited(request, "fleet.drain", name, None, lambda: fleet().drain(name, True))
 
     @router.post("/api/v1/fleet/nodes/{name}/undrain", **admin)
-    async def undrain(name: str) -> dict:
-        return node_view(fleet().drain(name, False), name)
+    async def undrain(request: Request, name: str) -> dict:
+        return await audited(request, "fleet.undrain", name, None, lambda: fleet().drain(name, False))
 
     @router.post("/api/v1/fleet/nodes/{name}/pins", **admin)
-    async def pin(name: str, body: PinIn) -> dict:
+    async def pin(request: Request, name: str, body: PinIn) -> dict:
         """Load a tenant's adapter on the node now and never evict it there."""
-        return node_view(await fleet().pin(name, _adapter(gateway, body), True), name)
+        fleet()
+        adapter = _adapter(gateway, body.tenant, body.adapter)
+        return await audited(request, "fleet.pin", name, body.tenant, lambda: fleet().pin(name, adapter, True))
 
     @router.delete("/api/v1/fleet/nodes/{name}/pins/{tenant}/{adapter}", **admin)
-    async def unpin(name: str, tenant: str, adapter: str) -> dict:
-        return node_view(await fleet().pin(name, _adapter(gateway, PinIn(tenant=tenant, adapter=adapter)), False),
-                         name)
+    async def unpin(request: Request, name: str, tenant: str, adapter: str) -> dict:
+        fleet()
+        found = _adapter(gateway, tenant, adapter)
+        return await audited(request, "fleet.unpin", name, tenant, lambda: fleet().pin(name, found, False))
 
     return router
 
 
-def _adapter(gateway: "Gateway", pin: PinIn):
-    tenant = gateway.config.current.tenants.get(pin.tenant)
-    adapter = tenant.adapters.get(pin.adapter) if tenant is not None else None
+def _adapter(gateway: "Gateway", tenant_id: str, name: str):
+    tenant = gateway.config.current.tenants.get(tenant_id)
+    adapter = tenant.adapters.get(name) if tenant is not None else None
     if adapter is None:
-        raise GatewayError(404, f"Tenant '{pin.tenant}' has no adapter '{pin.adapter}'.", type="not_found_error",
+        raise GatewayError(404, f"Tenant '{tenant_id}' has no adapter '{name}'.", type="not_found_error",
                            code="adapter_not_found")
     return adapter

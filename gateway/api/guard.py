@@ -15,30 +15,85 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import time
+from dataclasses import dataclass
 from typing import Callable
+from urllib.parse import unquote
 
 from gateway.asgi import BodyTooLarge, ClientDisconnected, Receive, Scope, Send, header, read_body, send_response
 from gateway.config.keys import hash_key
 from gateway.config.types import GatewayConfig
 from gateway.errors import GatewayError, invalid_api_key
-from gateway.pipeline.auth import presented_key
+from gateway.pipeline.auth import identify, presented_key
 
-ADMIN = "gateway.admin"  # scope key: the name of the admin key that was checked
+ADMIN = "gateway.admin"  # scope key: the Principal whose key was checked
 ADMIN_PREFIX = "/api/"
 _WITH_BODY = frozenset(("POST", "PUT", "PATCH", "DELETE"))
+OPERATOR, TENANT_ADMIN, VIEWER = "operator", "tenant_admin", "viewer"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who calls the admin API: an operator (an admin key: every tenant), or a tenant's key with the role
+    tenant_admin or viewer (its own tenant only)."""
+
+    name: str
+    role: str
+    tenant: str | None = None
+
+    @property
+    def operator(self) -> bool:
+        return self.role == OPERATOR
+
+    def label(self) -> str:
+        return self.name if self.operator else f"{self.tenant}/{self.name}"
+
+
+# What a tenant's roles may call of the admin API, as (method, path below /api/v1/organizations/{its id}); and the
+# routes of every tenant that answer a tenant's key with its own rows only.
+_OWN_TENANT = re.compile(r"^/api/v1/organizations/(?P<tenant>[^/]+)(?P<rest>/.*)?$")
+_TENANT_ROUTES = {
+    TENANT_ADMIN: {("GET", ""), ("PATCH", ""), ("GET", "/keys"), ("POST", "/keys"), ("DELETE", "/keys/*"),
+                   ("GET", "/provider-keys"), ("PUT", "/provider-keys/*"), ("DELETE", "/provider-keys/*"),
+                   ("GET", "/usage"), ("GET", "/routing"), ("DELETE", "/cache")},
+    VIEWER: {("GET", "/usage"), ("GET", "/routing")},
+}
+_SHARED_ROUTES = {TENANT_ADMIN: {("GET", "/api/v1/organizations"), ("GET", "/api/v1/requests"),
+                                 ("GET", "/api/v1/audit")},
+                  VIEWER: {("GET", "/api/v1/requests")}}
+
+
+def _tenant_may(principal: Principal, method: str, path: str) -> None:
+    """A 404 for another tenant's id, a 403 for a route the role does not reach."""
+    method = "GET" if method == "HEAD" else method
+    if (method, path.rstrip("/")) in _SHARED_ROUTES[principal.role]:
+        return
+    own = _OWN_TENANT.match(path)
+    if own is not None:
+        if unquote(own["tenant"]) != principal.tenant:
+            raise GatewayError(404, f"No tenant '{unquote(own['tenant'])}'.", type="not_found_error",
+                               code="tenant_not_found")
+        rest = (own["rest"] or "").rstrip("/")
+        first = "/" + rest.split("/")[1] if rest else ""
+        if (method, rest) in _TENANT_ROUTES[principal.role] or (
+                rest != first and (method, first + "/*") in _TENANT_ROUTES[principal.role]):
+            return
+    raise GatewayError(403, f"The key '{principal.name}' ({principal.role} of tenant '{principal.tenant}') may not "
+                            f"call {method} {path}.", type="permission_error", code="permission_denied")
 
 
 class AdminAuth:
-    """Which admin key a request carries: one of tenants.yaml's ``admin_keys`` or ``GATEWAY_ADMIN_KEY``."""
+    """Who calls the admin API: one of tenants.yaml's ``admin_keys`` or ``GATEWAY_ADMIN_KEY`` (an operator), or a
+    tenant's key whose role is tenant_admin or viewer (its own tenant, within its role)."""
 
     def __init__(self, config: Callable[[], GatewayConfig], bootstrap_key: str | None, stateless: bool) -> None:
         self._config = config
         self._bootstrap = hash_key(bootstrap_key) if bootstrap_key else None
         self._stateless = stateless
 
-    def check(self, scope: Scope) -> str:
-        """The admin key's name; a GatewayError (401, 403, 503) otherwise."""
+    def check(self, scope: Scope) -> Principal:
+        """Who calls, if they may call this route; a GatewayError (401, 403, 404, 503) otherwise."""
         if self._stateless:
             raise stateless_gateway()
         key = presented_key(scope)
@@ -48,13 +103,20 @@ class AdminAuth:
         if admin_key is not None:
             if admin_key.expires_at is not None and admin_key.expires_at <= time.time():
                 raise GatewayError(401, f"The admin key '{admin_key.name}' has expired.", code="expired_api_key")
-            return admin_key.name
+            return Principal(admin_key.name, OPERATOR)
         if self._bootstrap and hmac.compare_digest(digest, self._bootstrap):
-            return "GATEWAY_ADMIN_KEY"
-        if digest in config.keys:
-            raise GatewayError(403, "This is a tenant key; the admin API needs an admin key.",
-                               type="permission_error", code="admin_key_required")
-        raise invalid_api_key()
+            return Principal("GATEWAY_ADMIN_KEY", OPERATOR)
+        tenant_key = config.keys.get(digest)
+        if tenant_key is None:
+            raise invalid_api_key()
+        if tenant_key.access.role not in _TENANT_ROUTES:
+            raise GatewayError(403, "This is a tenant key; the admin API needs an admin key, or a tenant key with "
+                                    "the role tenant_admin or viewer.", type="permission_error",
+                               code="admin_key_required")
+        identify(scope, config, None)  # expired, disabled tenant, browser origin: as on every route of the tenant
+        principal = Principal(tenant_key.name, tenant_key.access.role, tenant_key.tenant_id)
+        _tenant_may(principal, scope["method"], scope["path"])
+        return principal
 
 
 METRICS_PATH = "/metrics"

@@ -10,9 +10,9 @@ import orjson
 
 from gateway.asgi import LOG_FIELDS, Receive, Scope, Send, send_response
 from gateway.config.store import ConfigStore
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, model_not_found
 from gateway.pipeline.runner import Pipeline
-from gateway.pipeline.access import visible_model
+from gateway.pipeline.access import key_may_ask_for, visible_model
 from gateway.pipeline.auth import identify, identify_again
 from gateway.pipeline.context import Endpoint, RequestContext
 from gateway.pipeline.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS
@@ -91,9 +91,10 @@ class OpenAIRoutes:
         cl100k, as for its limits), for a model the tenant may use; nothing is sent upstream or billed."""
         ctx = RequestContext(scope, receive, send, self.config.current, COUNT_TOKENS)
         try:
-            ctx.tenant, ctx.api_key, ctx.config = await self._identify(scope)
+            ctx.tenant, ctx.api_key, ctx.config = await self._identify(scope, "chat")
             scope[LOG_FIELDS] = {"tenant": ctx.tenant.id, "key": ctx.api_key.name, "route": COUNT_TOKENS.route}
             await read_json_body(ctx, self.max_body_bytes)
+            key_may_ask_for(ctx.api_key, ctx.model_requested)
             if ctx.model_requested not in ctx.tenant.routes:
                 visible_model(ctx.config, ctx.tenant, ctx.model_requested)
         except GatewayError as error:
@@ -102,35 +103,38 @@ class OpenAIRoutes:
             return
         await send_response(send, 200, count_tokens_answer(prompt_tokens(ctx.body)))
 
-    async def _identify(self, scope: Scope) -> tuple:
+    async def _identify(self, scope: Scope, group: str) -> tuple:
         config = self.config.current
         try:
-            tenant, key = identify(scope, config)
+            tenant, key = identify(scope, config, group)
         except GatewayError as error:
-            return await identify_again(scope, self.config, error)
+            return await identify_again(scope, self.config, error, group)
         return tenant, key, config
 
     async def _list_models(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            tenant, key, config = await self._identify(scope)
+            tenant, key, config = await self._identify(scope, "models")
         except GatewayError as error:
             await send_response(send, error.status, error.body())
             return
         scope[LOG_FIELDS] = {"tenant": tenant.id, "key": key.name, "route": "models.list"}
+        admits = key.access.admits
         # Chat models before embedding models: Open WebUI starts a new user's chat on the first model listed
         serving = [config.models[name] for name in tenant.allowed_models
-                   if name in config.models and config.models[name].serving]
+                   if name in config.models and config.models[name].serving and admits(name)]
         data = [_model_card(model) for model in sorted(serving, key=lambda m: (m.type != "chat", m.name))]
-        data += [_alias_card(name) for name in sorted(tenant.routes)]
-        data += [_adapter_card(adapter, tenant.id) for _, adapter in sorted(tenant.adapters.items())
-                 if adapter.base in config.models and config.models[adapter.base].serving]
+        data += [_alias_card(name) for name in sorted(tenant.routes) if admits(name)]
+        data += [_adapter_card(adapter, tenant.id) for name, adapter in sorted(tenant.adapters.items())
+                 if adapter.base in config.models and config.models[adapter.base].serving and admits(name)]
         await send_response(send, 200, orjson.dumps({"object": "list", "data": data}))
 
     async def _get_model(self, scope: Scope, receive: Receive, send: Send) -> None:
         name = scope["path"].split("/models/", 1)[1]
         try:
-            tenant, key, config = await self._identify(scope)
+            tenant, key, config = await self._identify(scope, "models")
             scope[LOG_FIELDS] = {"tenant": tenant.id, "key": key.name, "route": "models.retrieve", "model": name}
+            if not key.access.admits(name):
+                raise model_not_found(name)
             if name in tenant.routes:
                 card = _alias_card(name)
             elif name in tenant.adapters:

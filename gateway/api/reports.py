@@ -14,11 +14,13 @@ from typing import TYPE_CHECKING
 import asyncpg
 from fastapi import APIRouter, Query, Request
 
-from gateway.api.shared import END, START, USAGE_ERRORS, admin_route, read_ledger, report_period
+from gateway.api.guard import Principal
+from gateway.api.shared import END, START, USAGE_ERRORS, admin_route, caller, read_ledger, report_period
 from gateway.api.guard import stateless_gateway
 from gateway.config.schema import TEXT_PATTERN, TENANT_ID_PATTERN
 from gateway.errors import GatewayError
 from gateway.pipeline.auth import identify
+from gateway.stores import audit as audit_log
 from gateway.stores.limits import NANO
 from gateway.stores.resp import ReplyError
 from gateway.stores.usage import recent_requests, routing_report, usage_report
@@ -45,7 +47,7 @@ def build_reports_router(gateway: "Gateway") -> APIRouter:
         return await read_ledger(gateway, routing_report, gateway.config.current, None, *report_period(start, end))
 
     @router.get("/api/v1/requests", **admin)
-    async def requests(tenant: str | None = Query(None, pattern=TENANT_ID_PATTERN),
+    async def requests(request: Request, tenant: str | None = Query(None, pattern=TENANT_ID_PATTERN),
                        model: str | None = Query(None, max_length=200, pattern=TEXT_PATTERN),
                        status: int | None = Query(None, ge=100, le=599),
                        before: str | None = Query(None, max_length=40, pattern=TIME_PATTERN,
@@ -53,18 +55,24 @@ def build_reports_router(gateway: "Gateway") -> APIRouter:
                                                   description="ISO time: rows older than this (the next page)"),
                        limit: int = Query(100, ge=1, le=MOST_REQUESTS)) -> dict:
         """The newest ledger rows, newest first, filtered by tenant, model and status: who, what, how long, what
-        it cost. The ledger keeps no prompt or answer text."""
-        older_than = None
-        if before is not None:
-            try:
-                older_than = dt.datetime.fromisoformat(before)
-                if older_than.tzinfo is None:
-                    older_than = older_than.replace(tzinfo=dt.timezone.utc)
-                older_than = older_than.astimezone(dt.timezone.utc)  # past year 9999 in UTC: not a time PostgreSQL has
-            except (ValueError, OverflowError):
-                raise GatewayError(400, "'before' is not an ISO date and time from year 1 to 9999 (UTC).",
-                                   param="before") from None
+        it cost. The ledger keeps no prompt or answer text. A tenant's key (tenant_admin, viewer): its own rows."""
+        tenant = _own_tenant(caller(request), tenant)
+        older_than = _time(before, "before")
         rows = await read_ledger(gateway, recent_requests, tenant, model, status, older_than, limit + 1)
+        return {"object": "list", "data": rows[:limit], "has_more": len(rows) > limit}
+
+    @router.get("/api/v1/audit", **admin)
+    async def audit(request: Request, tenant: str | None = Query(None, pattern=TENANT_ID_PATTERN),
+                    since: str | None = Query(None, max_length=40, pattern=TIME_PATTERN,
+                                              json_schema_extra={"format": "date-time"},
+                                              description="ISO time: entries from then on"),
+                    before_id: int | None = Query(None, ge=1, le=2**63 - 1,
+                                                  description="entries older than this one (the next page)"),
+                    limit: int = Query(100, ge=1, le=MOST_REQUESTS)) -> dict:
+        """The admin API's changes, newest first: who (the key and its role), what, when, the state before and
+        after. A tenant_admin key reads its own tenant's entries."""
+        tenant = _own_tenant(caller(request), tenant)
+        rows = await read_ledger(gateway, audit_log.read, tenant, _time(since, "since"), before_id, limit + 1)
         return {"object": "list", "data": rows[:limit], "has_more": len(rows) > limit}
 
     @router.get("/api/v1/status", **admin)
@@ -89,7 +97,7 @@ def build_reports_router(gateway: "Gateway") -> APIRouter:
     async def account(request: Request) -> dict:
         """The calling tenant's own account: tier, limits, this month's budget and what is left of it, its key
         names. Nothing of any other tenant."""
-        tenant, _ = identify(request.scope, gateway.config.current)
+        tenant, key = identify(request.scope, gateway.config.current, "usage")
         if gateway.directory is None:
             raise stateless_gateway()
         limits = tenant.limits
@@ -112,9 +120,34 @@ def build_reports_router(gateway: "Gateway") -> APIRouter:
                        "spent_usd": spent,
                        "left_usd": None if budget is None or spent is None else round(max(0.0, budget - spent), 6)},
             "keys": names,
+            "key": {"name": key.name, **key.access.view()},
         }
 
     return router
+
+
+def _own_tenant(principal: Principal, asked: str | None) -> str | None:
+    """The tenant a report is read for: any (or all) for an operator; a tenant's key's own, whatever it asked."""
+    if principal.operator:
+        return asked
+    if asked is not None and asked != principal.tenant:
+        raise GatewayError(404, f"No tenant '{asked}'.", type="not_found_error", param="tenant",
+                           code="tenant_not_found")
+    return principal.tenant
+
+
+def _time(value: str | None, param: str) -> dt.datetime | None:
+    """An ISO time of a query (UTC when it names no zone); a 400 naming ``param`` if PostgreSQL cannot hold it."""
+    if value is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=dt.timezone.utc)
+        return moment.astimezone(dt.timezone.utc)  # past year 9999 in UTC: not a time PostgreSQL has
+    except (ValueError, OverflowError):
+        raise GatewayError(400, f"'{param}' is not an ISO date and time from year 1 to 9999 (UTC).",
+                           param=param) from None
 
 
 async def _spent_this_month(gateway: "Gateway", tenant_id: str) -> float | None:

@@ -42,7 +42,7 @@ def build_responses_router(config: Callable[[], GatewayConfig],
     router = APIRouter(tags=["responses"], responses={**USAGE_ERRORS, **error_responses(404, 503)})
 
     def caller(request: Request) -> tuple[str, ResponseStore]:
-        tenant, _ = identify(request.scope, config())
+        tenant, _ = identify(request.scope, config(), "chat")
         found = store()
         if found is None:
             raise stateless_gateway()

@@ -151,7 +151,7 @@ def build_retrieval_router(gateway: "Gateway") -> APIRouter:
     router = APIRouter(tags=["retrieval"], responses={**USAGE_ERRORS, **error_responses(404, 409, 413)})
 
     def caller(request: Request):
-        tenant, key = identify(request.scope, gateway.config.current)
+        tenant, key = identify(request.scope, gateway.config.current, "files")
         if gateway.retrieval is None:
             raise stateless_gateway() if gateway.directory is None else GatewayError(
                 503, "Retrieval is off on this gateway.", type="server_error", code="retrieval_unavailable")

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from pydantic import Field, StrictBool
 
-from gateway.api.shared import admin_route, read_ledger
+from gateway.api.shared import admin_route, caller, read_ledger, record_action
 from gateway.config.schema import TENANT_ID_PATTERN, Strict, whole
 from gateway.errors import GatewayError
 from gateway.routing import commands
@@ -66,7 +66,7 @@ def build_router_admin(gateway: "Gateway") -> APIRouter:
         return gateway.settings.config_dir / SCORERS_FOLDER
 
     @router.post("/api/v1/router/scorers", status_code=202, **admin)
-    async def train_scorer(body: TrainIn) -> dict:
+    async def train_scorer(request: Request, body: TrainIn) -> dict:
         """Start fitting a scorer on the gateway's own traffic (the cascade's judgements of small models' answers
         and the tenants' feedback), its blend chosen leave-one-tenant-out. Follow it with GET .../{name}; nothing
         changes until models.yaml names it (router.classifier.scorer)."""
@@ -86,6 +86,8 @@ def build_router_admin(gateway: "Gateway") -> APIRouter:
         folder().mkdir(exist_ok=True)
         job = jobs[body.name] = Training(body.name, time.time())
         asyncio.get_running_loop().create_task(_run(gateway, body, output, job))
+        await record_action(gateway, caller(request), "router.scorer.train", None, body.name, None,
+                            body.model_dump())
         return {"object": "router.scorer", "name": body.name, "status": job.status,
                 "path": f"{SCORERS_FOLDER}/{body.name}.json"}
 

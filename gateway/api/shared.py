@@ -5,20 +5,24 @@ admin, reports, router and retrieval routers depend on it rather than on each ot
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from typing import TYPE_CHECKING
 
 import asyncpg
 from fastapi import Depends, Query, Request
 
-from gateway.api.guard import ADMIN, stateless_gateway
+from gateway.api.guard import ADMIN, Principal, stateless_gateway
 from gateway.api.ops import error_responses
 from gateway.config.schema import DATE_PATTERN, calendar_date
 from gateway.errors import GatewayError
+from gateway.stores import audit as audit_log
 from gateway.stores.usage import period
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
+
+log = logging.getLogger("gateway.admin")
 
 ADMIN_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 503)
 USAGE_ERRORS = error_responses(400, 401, 403, 503)
@@ -27,11 +31,18 @@ USAGE_ERRORS = error_responses(400, 401, 403, 503)
 def admin_route(gateway: "Gateway") -> dict:
     """What every admin route declares: the admin key required, its tag, its error answers."""
 
-    def require_admin(request: Request) -> str:
-        name = request.scope.get(ADMIN)  # checked by the guard before the body was read
-        return name if name is not None else gateway.admin_auth.check(request.scope)
+    def require_admin(request: Request) -> Principal:
+        principal = request.scope.get(ADMIN)  # checked by the guard before the body was read
+        if principal is None:
+            principal = request.scope[ADMIN] = gateway.admin_auth.check(request.scope)
+        return principal
 
     return dict(dependencies=[Depends(require_admin)], tags=["admin"], responses=ADMIN_ERRORS)
+
+
+def caller(request: Request) -> Principal:
+    """Who calls an admin route (its dependency has checked them)."""
+    return request.scope[ADMIN]
 
 
 START = Query(None, pattern=DATE_PATTERN, json_schema_extra={"format": "date"},
@@ -66,3 +77,15 @@ async def read_ledger(gateway: "Gateway", report, *args):
     except (OSError, ConnectionError, asyncpg.PostgresError) as exc:
         raise GatewayError(503, f"The ledger cannot be read right now: {exc}", type="server_error",
                            code="ledger_unavailable") from None
+
+
+async def record_action(gateway: "Gateway", principal: Principal, action: str, tenant_id: str | None,
+                        target: str | None, before: object, after: object) -> None:
+    """Write an admin action to the audit log; a failure to write is logged, never undoes the action."""
+    try:
+        pool = await gateway.directory.pool_for_reports()
+        await audit_log.write(pool, principal.name, principal.role, principal.tenant, action, tenant_id, target,
+                              200, before, after)
+    except (OSError, ConnectionError, asyncpg.PostgresError) as exc:
+        log.error("audit log: %s by %s of tenant %s could not be recorded: %s", action, principal.label(),
+                  tenant_id, exc)

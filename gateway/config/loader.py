@@ -13,14 +13,14 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ValidationError
 
-from gateway.config.schema import (BUILTIN_EMBEDDER, BUILTIN_SIMULATOR, FLEET_PREFIX, VIA_LITELLM, KeyLimitsSpec,
-                                   LimitsSpec, ModelsFile, TenantSpec, TenantsFile)
+from gateway.config.schema import (BUILTIN_EMBEDDER, BUILTIN_SIMULATOR, FLEET_PREFIX, VIA_LITELLM, KeyAccessFields,
+                                   KeyLimitsSpec, LimitsSpec, ModelsFile, TenantSpec, TenantsFile, ToolsRule)
 from gateway.config.routing import compile_router, tenant_routes
 from gateway.guardrails.policy import compile_rules
 from gateway.config.tiers import BUILTIN_TIERS
 from gateway.config.types import (
-    Adapter, ApiKey, CachePolicy, Deployment, FallbackPolicy, FleetConfig, FleetNode, GatewayConfig, KeyLimits,
-    LiteLLMCall, Limits, Model, Pool, Pricing, RouterConfig, TailscaleDiscovery, Tenant,
+    MEMBER, Adapter, ApiKey, CachePolicy, Deployment, FallbackPolicy, FleetConfig, FleetNode, GatewayConfig, KeyAccess,
+    KeyLimits, LiteLLMCall, Limits, Model, Pool, Pricing, RouterConfig, TailscaleDiscovery, Tenant,
 )
 from gateway.config.yaml_source import ConfigError, YamlDocument, read_yaml
 from gateway.stores.secrets import SecretUnavailable, Secrets
@@ -106,7 +106,8 @@ def load_config(
     keys: dict[str, ApiKey] = {}
     for record in (api_state.keys if api_state else ()):
         if record.tenant_id in tenants or record.tenant_id in base.tenants:
-            _add_key(keys, record.sha256, ApiKey(record.tenant_id, record.name, record.expires_at),
+            _add_key(keys, record.sha256, compile_key(record.tenant_id, record.name, record.expires_at,
+                                                      key_access(record.access)),
                      f"key '{record.name}' of tenant '{record.tenant_id}' (admin API)", problems, base.keys)
     if problems:
         raise ConfigError(problems)
@@ -159,10 +160,11 @@ def load_base(config_dir: Path, *, simulator_url: str | None = None,
             continue
         tenants[tenant_id] = tenant
         for index, key in enumerate(spec.keys):
-            _add_key(keys, key.sha256, ApiKey(tenant_id, key.name, _unix_time(key.expires), _key_limits(key.limits),
-                                              compile_rules(key.guardrails, models, problems,
-                                                            tenants_doc.where(("tenants", tenant_id, "keys", index)))),
-                     tenants_doc.where(("tenants", tenant_id, "keys", index)), problems)
+            where = tenants_doc.where(("tenants", tenant_id, "keys", index))
+            _add_key(keys, key.sha256, compile_key(tenant_id, key.name, _unix_time(key.expires), key_access(key),
+                                                   _key_limits(key.limits),
+                                                   compile_rules(key.guardrails, models, problems, where)),
+                     where, problems)
     for tenant_id, tenant in tenants.items():
         for index, pattern in enumerate(tenant.model_patterns):
             if pattern in tenant.unmatched_patterns:
@@ -426,6 +428,32 @@ def _cache_policy(base: CachePolicy, changes) -> CachePolicy:
 
 def _tenant_limits(tier: Limits, overrides: LimitsSpec) -> Limits:
     return replace(tier, **overrides.model_dump(exclude_none=True))
+
+
+def key_access(fields: dict | KeyAccessFields | None) -> KeyAccess:
+    """A key's role and limits as the request path checks them (fields as KeyAccessFields validates them)."""
+    if not fields:
+        return MEMBER
+    spec = fields if isinstance(fields, KeyAccessFields) else KeyAccessFields.model_validate(
+        {name: value for name, value in fields.items() if name in KeyAccessFields.model_fields})
+    if spec.role == "member" and spec.routes is None and spec.models is None and spec.tools is None:
+        return MEMBER
+    return KeyAccess(spec.role, frozenset(spec.routes) if spec.routes is not None else None,
+                     tuple(spec.models) if spec.models is not None else None,
+                     tuple(spec.tools) if spec.tools is not None else None)
+
+
+def key_tools_rule(access: KeyAccess) -> tuple:
+    """The tools a key may offer, as the first of its guardrails (a request offering another is refused)."""
+    if access.tools is None:
+        return ()
+    return compile_rules([ToolsRule(name="key-tools", check="tools", allowed_tools=list(access.tools),
+                                    message="This key may not offer one of the tools of this request.")])
+
+
+def compile_key(tenant_id: str, name: str, expires_at: float | None, access: KeyAccess = MEMBER,
+                limits: KeyLimits | None = None, guardrails: tuple = ()) -> ApiKey:
+    return ApiKey(tenant_id, name, expires_at, limits, key_tools_rule(access) + guardrails, access)
 
 
 def _key_limits(spec: KeyLimitsSpec | None) -> KeyLimits | None:

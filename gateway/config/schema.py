@@ -593,7 +593,28 @@ class KeyLimitsSpec(Strict):
     concurrent_requests: Count | None = None
 
 
-class KeySpec(Strict):
+ROLES = ("member", "viewer", "tenant_admin")
+ROUTE_GROUPS = ("chat", "embeddings", "moderations", "files", "usage")
+
+
+class KeyAccessFields(Strict):
+    """What a key may do: its role, and the routes, models and tools it is limited to (all, when left out)."""
+
+    role: Literal[ROLES] = Field("member", description="member: the OpenAI routes; viewer: reads its tenant's usage "
+                                 "and requests only; tenant_admin: a member that also manages its own tenant "
+                                 "through the admin API")
+    routes: list[Literal[ROUTE_GROUPS]] | None = Field(
+        None, max_length=len(ROUTE_GROUPS), description="route groups the key may call: chat (chat completions, "
+        "completions, messages, responses, feedback), embeddings, moderations, files (files and vector stores), "
+        "usage (usage, routing stats, account)")
+    models: list[Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)]] | None = Field(
+        None, max_length=1000, description="patterns (* and ?) of the model names the key may ask for, within "
+        "its tenant's")
+    tools: list[Word] | None = Field(None, max_length=1000, description="function names (* and ?) a request of "
+                                     "this key may offer")
+
+
+class KeySpec(KeyAccessFields):
     name: str = Field(pattern=KEY_NAME_PATTERN, description="letters, digits, . _ @ -")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="hex SHA-256 of the key; the key itself is never stored")
     expires: CalendarDate | None = None

@@ -28,9 +28,9 @@ import orjson
 from pydantic import ValidationError
 
 from gateway.config.loader import (MODELS_FILE, TENANTS_FILE, ApiTenantRecord, BaseConfig, assemble,
-                                   compile_api_tenant, load_base)
+                                   compile_api_tenant, compile_key, key_access, load_base)
 from gateway.config.schema import TenantSpec
-from gateway.config.types import ApiKey, GatewayConfig, Tenant
+from gateway.config.types import MEMBER, ApiKey, GatewayConfig, KeyAccess, Tenant
 from gateway.config.yaml_source import ConfigError
 from gateway.observability.metrics import CONFIG_RELOADS, DIRECTORY_REJECTED
 from gateway.stores.secrets import Secrets
@@ -178,7 +178,7 @@ class ConfigStore:
             if key.revoked:
                 self._drop_key(key.sha256)
             else:
-                self._add_key(key.sha256, ApiKey(key.tenant_id, key.name, key.expires_at))
+                self._add_key(key.sha256, _api_key(key.tenant_id, key.name, key.expires_at, key.access))
         self._version = changes.version
         if changes.full:
             self._swap_in_everything()
@@ -338,7 +338,8 @@ class ConfigStore:
             for tenant_id, entry in document["tenants"].items():
                 self._remember(tenant_id, orjson.dumps(entry["spec"]).decode(), entry.get("created_at"))
             for key in document["keys"]:
-                self._add_key(key["sha256"], ApiKey(key["tenant_id"], key["name"], key.get("expires_at")))
+                self._add_key(key["sha256"], _api_key(key["tenant_id"], key["name"], key.get("expires_at"),
+                                                      key.get("access")))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.error("cannot read the local copy of the directory %s: %s", self.local_copy, exc)
             return False
@@ -380,6 +381,16 @@ def _location(exc: ValidationError) -> str:
     return ".".join(str(part) for part in exc.errors()[0].get("loc", ())) or "spec"
 
 
+def _api_key(tenant_id: str, name: str, expires_at: float | None, access: dict | None) -> ApiKey:
+    """A key of the admin API; one whose stored limits cannot be read any more is a member key of no route."""
+    try:
+        return compile_key(tenant_id, name, expires_at, key_access(access))
+    except ValidationError as exc:
+        log.error("key '%s' of tenant '%s' has limits that cannot be read (%s): it may call no route", name,
+                  tenant_id, exc.errors()[0]["msg"])
+        return compile_key(tenant_id, name, expires_at, KeyAccess(routes=frozenset(), models=()))
+
+
 def _directory_document(records: dict[str, ApiTenantRecord], keys: dict[str, ApiKey],
                         version: int | None) -> bytes:
     """The local copy's contents: each spec as the directory stored it, so nothing is serialized again."""
@@ -387,7 +398,8 @@ def _directory_document(records: dict[str, ApiTenantRecord], keys: dict[str, Api
                         + (r.spec_json.encode() if r.spec_json else r.spec.model_dump_json(exclude_none=True).encode())
                         + b"}" for tenant_id, r in records.items())
     head = orjson.dumps({"version": version, "written_at": time.time(),
-                         "keys": [{"tenant_id": k.tenant_id, "name": k.name, "sha256": d, "expires_at": k.expires_at}
+                         "keys": [{"tenant_id": k.tenant_id, "name": k.name, "sha256": d, "expires_at": k.expires_at,
+                                   "access": k.access.view() if k.access is not MEMBER else None}
                                   for d, k in keys.items()]})
     return head[:-1] + b',"tenants":{' + tenants + b"}}"
 

@@ -7,6 +7,7 @@ a request never mixes two configs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -200,12 +201,42 @@ class KeyLimits:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyAccess:
+    """A key's role and what it is limited to (None: no limit beyond its tenant's)."""
+
+    role: str = "member"  # member, viewer or tenant_admin
+    routes: frozenset[str] | None = None  # route groups (config.schema.ROUTE_GROUPS)
+    models: tuple[str, ...] | None = None  # patterns of the model names it may ask for
+    tools: tuple[str, ...] | None = None  # patterns of the function names its requests may offer
+
+    def permits(self, group: str) -> bool:
+        """Whether the key may call a route of ``group`` ("models": listing models, which every key may)."""
+        if group == "models":
+            return True
+        if self.role == "viewer" and group != "usage":
+            return False
+        return self.routes is None or group in self.routes
+
+    def admits(self, model: str) -> bool:
+        return self.models is None or any(fnmatchcase(model, pattern) for pattern in self.models)
+
+    def view(self) -> dict:
+        return {"role": self.role, "routes": sorted(self.routes) if self.routes is not None else None,
+                "models": list(self.models) if self.models is not None else None,
+                "tools": list(self.tools) if self.tools is not None else None}
+
+
+MEMBER = KeyAccess()
+
+
+@dataclass(frozen=True, slots=True)
 class ApiKey:
     tenant_id: str
     name: str
     expires_at: float | None  # unix time
     limits: KeyLimits | None = None
     guardrails: tuple = ()  # gateway.guardrails.policy.Guardrail: checked after the tenant's
+    access: KeyAccess = MEMBER
 
 
 @dataclass(frozen=True, slots=True)

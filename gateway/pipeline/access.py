@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.config.types import GatewayConfig, Model, Tenant
+from gateway.config.types import ApiKey, GatewayConfig, Model, Tenant
 from gateway.errors import GatewayError, bad_request, model_not_found
 from gateway.pipeline.context import RequestContext
 
@@ -19,7 +19,16 @@ def visible_model(config: GatewayConfig, tenant: Tenant, name: str) -> Model:
     return model
 
 
+def key_may_ask_for(key: ApiKey, name: str) -> None:
+    """A 403 if the key is limited to other models than ``name`` (a name, an alias or an adapter, as asked for)."""
+    if not key.access.admits(name):
+        raise GatewayError(403, f"The API key '{key.name}' may not use the model `{name}`.", type="permission_error",
+                           param="model", code="model_not_allowed")
+
+
 async def authorize_model(ctx: RequestContext) -> None:
+    if ctx.api_key.access.models is not None:
+        key_may_ask_for(ctx.api_key, ctx.model_requested)
     profile = ctx.tenant.routes.get(ctx.model_requested)
     if profile is not None:
         if ctx.endpoint.model_type != "chat":

@@ -43,7 +43,13 @@ def presented_key(scope: Scope) -> str:
 INTERNAL_CALLER = "gateway.internal_caller"
 
 
-def identify(scope: Scope, config: GatewayConfig) -> tuple[Tenant, ApiKey]:
+GROUP_OF_MODEL_TYPE = {"chat": "chat", "embedding": "embeddings", "moderation": "moderations"}
+
+
+def identify(scope: Scope, config: GatewayConfig, group: str | None) -> tuple[Tenant, ApiKey]:
+    """The tenant and key of the request; a 401 or 403 that says why not. ``group`` is the route group the request
+    calls (config.schema.ROUTE_GROUPS, or "models"); a key limited to other groups is refused it (None: not checked
+    here, the route checks it)."""
     key = presented_key(scope)
     record = config.keys.get(hashlib.sha256(key.encode("latin-1")).hexdigest())
     if record is None:
@@ -61,16 +67,21 @@ def identify(scope: Scope, config: GatewayConfig) -> tuple[Tenant, ApiKey]:
                                                      tenant.cors_origins):
             raise GatewayError(403, "This key may not be used from this browser origin.", type="permission_error",
                                code="origin_not_allowed")
+    if group is not None and not record.access.permits(group):
+        role = "" if record.access.role == "member" else f" ({record.access.role})"
+        raise GatewayError(403, f"The API key '{record.name}'{role} may not call the {group} routes.",
+                           type="permission_error", code="route_not_allowed")
     return tenant, record
 
 
-async def identify_again(scope: Scope, store, refused: GatewayError) -> tuple[Tenant, ApiKey, GatewayConfig]:
+async def identify_again(scope: Scope, store, refused: GatewayError,
+                         group: str | None) -> tuple[Tenant, ApiKey, GatewayConfig]:
     """After ``identify`` refused a key: if the key was unknown, have ``store`` (a ConfigStore) look for new keys (at
     most once a second) and try once more, so that a key made a moment ago works at once; else ``refused``."""
     if refused.code != "invalid_api_key" or store is None or not await store.recheck_for_key():
         raise refused
     config = store.current
-    tenant, key = identify(scope, config)
+    tenant, key = identify(scope, config, group)
     return tenant, key, config
 
 
@@ -85,7 +96,8 @@ class Authenticate:
         if internal is not None:  # a call the gateway makes itself, for a tenant it already knows
             ctx.tenant, ctx.api_key = internal
             return
+        group = GROUP_OF_MODEL_TYPE[ctx.endpoint.model_type]
         try:
-            ctx.tenant, ctx.api_key = identify(ctx.scope, ctx.config)
+            ctx.tenant, ctx.api_key = identify(ctx.scope, ctx.config, group)
         except GatewayError as error:
-            ctx.tenant, ctx.api_key, ctx.config = await identify_again(ctx.scope, self.store, error)
+            ctx.tenant, ctx.api_key, ctx.config = await identify_again(ctx.scope, self.store, error, group)

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from dataclasses import replace
 from typing import TYPE_CHECKING, Callable
 
 import orjson
 
-from gateway.config.types import ApiKey, Tenant
+from gateway.config.types import MEMBER, ApiKey, Tenant
 from gateway.errors import GatewayError
 from gateway.pipeline.auth import INTERNAL_CALLER
 from gateway.pipeline.context import RequestContext
@@ -61,7 +62,7 @@ class InternalCalls:
         scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
                  "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
                  "http_version": "1.1", "scheme": "http", "client": None, "server": None, "root_path": "",
-                 INTERNAL_CALLER: (tenant, api_key)}
+                 INTERNAL_CALLER: (tenant, _unlimited(api_key))}
         if guard:
             scope[GUARD_CALL] = True
         sent = False
@@ -84,3 +85,9 @@ class InternalCalls:
 
         await self._pipeline().run(RequestContext(scope, receive, send, self._config(), endpoint))
         return answer["status"], orjson.loads(bytes(answer["body"]) or b"{}"), answer["headers"]
+
+
+def _unlimited(api_key: ApiKey) -> ApiKey:
+    """The key the gateway's own call is made with: the caller's (its limits and usage), without the routes, models
+    and tools the caller is limited to: the tenant's retrieval and guard models are the gateway's choice, not its."""
+    return api_key if api_key.access is MEMBER else replace(api_key, access=MEMBER)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, TypeVar
 
 import asyncpg
+import orjson
 
 from gateway.config.schema import TenantSpec
 from gateway.stores.migrations import migrate
@@ -42,6 +43,7 @@ class KeyRow:
     sha256: str
     expires_at: float | None
     revoked: bool = False
+    access: dict | None = None  # role, routes, models, tools (KeyAccessFields), if the key was limited
 
 
 @dataclass
@@ -57,7 +59,7 @@ class DirectoryChanges:
 
 _TENANTS = "SELECT id, spec::text AS spec, extract(epoch FROM created_at)::float8 AS created_at FROM api_tenants"
 _KEYS = ("SELECT tenant_id, name, sha256, extract(epoch FROM expires_at)::float8 AS expires_at, "
-         "revoked_at IS NOT NULL AS revoked FROM api_keys")
+         "revoked_at IS NOT NULL AS revoked, access::text AS access FROM api_keys")
 
 
 class TenantDirectory:
@@ -104,7 +106,8 @@ class TenantDirectory:
         for row in tenants:
             changes.tenants[row["id"]] = TenantRow(row["id"], row["spec"], row["created_at"])
         changes.deleted = {row["tenant_id"] for row in deleted} - set(changes.tenants)
-        changes.keys = [KeyRow(r["tenant_id"], r["name"], r["sha256"], r["expires_at"], r["revoked"]) for r in keys]
+        changes.keys = [KeyRow(r["tenant_id"], r["name"], r["sha256"], r["expires_at"], r["revoked"],
+                               orjson.loads(r["access"]) if r["access"] else None) for r in keys]
         return changes
 
     async def _write(self, change: Callable[[asyncpg.Connection, int], Awaitable[T]]) -> T:
@@ -145,12 +148,14 @@ class TenantDirectory:
 
         return await self._write(change)
 
-    async def add_key(self, tenant_id: str, name: str, sha256: str, expires: dt.datetime | None) -> None:
+    async def add_key(self, tenant_id: str, name: str, sha256: str, expires: dt.datetime | None,
+                      access: dict | None = None) -> None:
         async def change(connection: asyncpg.Connection, version: int) -> None:
             try:
                 await connection.execute(
-                    "INSERT INTO api_keys (sha256, tenant_id, name, expires_at, version) VALUES ($1, $2, $3, $4, $5)",
-                    sha256, tenant_id, name, expires, version)
+                    "INSERT INTO api_keys (sha256, tenant_id, name, expires_at, version, access) "
+                    "VALUES ($1, $2, $3, $4, $5, $6::jsonb)",
+                    sha256, tenant_id, name, expires, version, orjson.dumps(access).decode() if access else None)
             except asyncpg.UniqueViolationError:
                 raise Conflict(f"tenant '{tenant_id}' already has a key named '{name}'") from None
 
@@ -167,10 +172,11 @@ class TenantDirectory:
 
     async def keys(self, tenant_id: str) -> list[dict]:
         rows = await (await self._pool()).fetch(
-            "SELECT name, created_at, expires_at FROM api_keys WHERE tenant_id = $1 AND revoked_at IS NULL "
-            "ORDER BY created_at", tenant_id)
+            "SELECT name, created_at, expires_at, access::text AS access FROM api_keys WHERE tenant_id = $1 "
+            "AND revoked_at IS NULL ORDER BY created_at", tenant_id)
         return [{"name": r["name"], "created_at": r["created_at"].isoformat(), "source": "api",
-                 "expires_at": r["expires_at"].date().isoformat() if r["expires_at"] else None} for r in rows]
+                 "expires_at": r["expires_at"].date().isoformat() if r["expires_at"] else None,
+                 "access": orjson.loads(r["access"]) if r["access"] else None} for r in rows]
 
     async def history(self, tenant_id: str) -> list[dict]:
         """Earlier tenants that had this id: when each was made and deleted."""

@@ -217,6 +217,26 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE usage_ledger ADD COLUMN end_user text;
     """,
+    # 16: keys with a role and limits (routes, models, tools), and the audit log of every admin action: who, what,
+    # when, the state before and after
+    """
+    ALTER TABLE api_keys ADD COLUMN access jsonb;
+    CREATE TABLE audit_log (
+        id bigserial PRIMARY KEY,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        actor text NOT NULL,
+        actor_role text NOT NULL,
+        actor_tenant text,
+        action text NOT NULL,
+        tenant_id text,
+        target text,
+        status integer NOT NULL,
+        before jsonb,
+        after jsonb
+    );
+    CREATE INDEX audit_log_time ON audit_log (created_at);
+    CREATE INDEX audit_log_tenant ON audit_log (tenant_id, created_at);
+    """,
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations

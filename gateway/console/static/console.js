@@ -109,7 +109,7 @@ async function signIn(key) {
   } catch (error) {
     if (error.status !== 403) throw error;
     const account = await api("/v1/account");
-    state.role = "tenant";
+    state.role = account.key.role === "member" ? "tenant" : account.key.role;  // tenant_admin, viewer
     state.tenant = account;
   }
   sessionStorage.setItem(KEY, key);
@@ -123,8 +123,14 @@ function signOut() {
 }
 
 const ADMIN_PAGES = [["overview", "Overview"], ["tenants", "Tenants"], ["requests", "Requests"],
-                     ["fleet", "Fleet"], ["health", "Health"]];
-const TENANT_PAGES = [["account", "Account"], ["usage", "Usage"]];
+                     ["audit", "Audit log"], ["fleet", "Fleet"], ["health", "Health"]];
+const PAGES = {
+  admin: ADMIN_PAGES,
+  tenant: [["account", "Account"], ["usage", "Usage"]],
+  viewer: [["account", "Account"], ["usage", "Usage"], ["requests", "Requests"]],
+  tenant_admin: [["account", "Account"], ["usage", "Usage"], ["manage", "Settings and keys"], ["requests", "Requests"],
+                 ["audit", "Audit log"]],
+};
 
 render.generation = 0;
 
@@ -135,14 +141,15 @@ function render() {
   $("nav").hidden = !signedIn;
   $("sign-out").hidden = !signedIn;
   if (!signedIn) { $("who").textContent = ""; return; }
-  const pages = state.role === "admin" ? ADMIN_PAGES : TENANT_PAGES;
+  const pages = PAGES[state.role];
   const [page, ...rest] = (location.hash.slice(2) || pages[0][0]).split("/");
   $("nav").replaceChildren(...pages.map(([id, title]) =>
     el("a", { href: `#/${id}`, class: id === page ? "active" : null, "data-page": id, text: title })));
   $("who").textContent = state.role === "admin" ? "admin" : `${state.tenant.name} (${state.tenant.id})`;
   const view = $("view");
   view.replaceChildren(el("p", { class: "muted", text: "Loading…" }));
-  const draw = (state.role === "admin" ? ADMIN_VIEWS : TENANT_VIEWS)[page] || (() => el("p", { text: "No such page." }));
+  const views = state.role === "admin" ? ADMIN_VIEWS : TENANT_VIEWS;
+  const draw = (pages.some(([id]) => id === page) && views[page]) || (() => el("p", { text: "No such page." }));
   const generation = ++render.generation;  // a page still loading when another is opened is dropped
   Promise.resolve(draw(rest.map(decodeURIComponent))).then((content) => {
     if (generation !== render.generation) return;
@@ -278,7 +285,8 @@ const ADMIN_VIEWS = {
   },
 
   async requests() {
-    const tenant = el("input", { placeholder: "any", "data-field": "tenant" });
+    const ownRows = state.role !== "admin";  // a tenant's key reads its own tenant's rows only
+    const tenant = el("input", { placeholder: "any", "data-field": "tenant", hidden: ownRows });
     const model = el("input", { placeholder: "any", "data-field": "model" });
     const status = el("input", { type: "number", placeholder: "any", min: 100, max: 599, "data-field": "status" });
     const body = el("div");
@@ -308,12 +316,39 @@ const ADMIN_VIEWS = {
       } catch (error) { body.replaceChildren(failure(error)); }
     };
     const form = el("form", { class: "row", onsubmit: (event) => { event.preventDefault(); load(false); } },
-                    el("label", {}, "Tenant", tenant), el("label", {}, "Model", model), el("label", {}, "Status", status),
+                    ownRows ? tenant : el("label", {}, "Tenant", tenant), el("label", {}, "Model", model), el("label", {}, "Status", status),
                     el("button", { type: "submit", text: "Filter" }));
     await load(false);
     return el("div", {}, el("h1", { text: "Recent requests" }),
               el("p", { class: "muted", text: "From the usage ledger, newest first. The ledger keeps no prompt or answer text." }),
               form, card(null, body));
+  },
+
+  async audit() {
+    const body = el("div");
+    let rows = [];
+    const describe = (value) => (value === null || value === undefined ? "–" : JSON.stringify(value));
+    const load = async (more) => {
+      const query = new URLSearchParams({ limit: "100" });
+      if (more && rows.length) query.set("before_id", rows[rows.length - 1].id);
+      try {
+        const page = await api(`/api/v1/audit?${query}`);
+        rows = more ? rows.concat(page.data) : page.data;
+        body.replaceChildren(table([
+          { title: "Time (UTC)", cell: (r) => r.created_at.replace("T", " ").slice(0, 19) },
+          { title: "Who", cell: (r) => (r.actor.tenant ? `${r.actor.name} (${r.actor.role} of ${r.actor.tenant})` : `${r.actor.name} (${r.actor.role})`) },
+          { title: "Action", cell: (r) => r.action }, { title: "Tenant", cell: (r) => r.tenant },
+          { title: "Target", cell: (r) => r.target },
+          { title: "Before", cell: (r) => el("code", { class: "clip", text: describe(r.before) }) },
+          { title: "After", cell: (r) => el("code", { class: "clip", text: describe(r.after) }) },
+        ], rows, { name: "audit", empty: "no change yet" }),
+        page.has_more ? el("button", { class: "link", text: "Older changes", onclick: () => load(true) }) : null);
+      } catch (error) { body.replaceChildren(failure(error)); }
+    };
+    await load(false);
+    return el("div", {}, el("h1", { text: "Audit log" }),
+              el("p", { class: "muted", text: "Every change made through the admin API: who, what, when, before and after." }),
+              card(null, body));
   },
 
   async fleet() {
@@ -356,15 +391,16 @@ async function tenantPage(id) {
   const [tenant, keys, usage] = await Promise.all([api(path), api(`${path}/keys`),
                                                    api(`${path}/usage?start=${monthStart()}&end=${today()}`)]);
   const fromFile = tenant.source !== "api";
+  const operator = state.role === "admin";  // a tenant_admin key sets its settings; its tier and models are the operator's
   const limits = tenant.limits;
   const field = (name, value, attributes = {}) => el("input", { value: value ?? "", "data-field": name, disabled: fromFile, ...attributes });
   const inputs = {
-    tier: field("tier", tenant.tier),
+    tier: field("tier", tenant.tier, { disabled: fromFile || !operator }),
     requests_per_minute: field("requests_per_minute", limits.requests_per_minute, { type: "number", min: 0 }),
     tokens_per_minute: field("tokens_per_minute", limits.tokens_per_minute, { type: "number", min: 0 }),
     concurrent_requests: field("concurrent_requests", limits.concurrent_requests, { type: "number", min: 0 }),
     monthly_budget_usd: field("monthly_budget_usd", limits.monthly_budget_usd, { type: "number", min: 0, step: "any" }),
-    models: field("models", tenant.models.join(", "), { placeholder: "every model of the tier" }),
+    models: field("models", tenant.models.join(", "), { placeholder: "every model of the tier", disabled: fromFile || !operator }),
     profile: field("profile", tenant.routing.auto ? tenant.routing.auto.profile : "", { placeholder: "by industry" }),
   };
   const cache = el("textarea", { "data-field": "cache", disabled: fromFile }, JSON.stringify(tenant.cache || {}, null, 1));
@@ -405,17 +441,21 @@ async function tenantPage(id) {
   const newKey = el("div");
   const keyName = el("input", { "data-field": "key-name", placeholder: "backend" });
   const expires = el("input", { type: "date", "data-field": "key-expires" });
+  const role = el("select", { "data-field": "key-role" }, ["member", "viewer", "tenant_admin"].map((r) => el("option", { value: r, text: r })));
   const keyForm = el("form", { class: "row", "data-form": "create-key", onsubmit: async (event) => {
     event.preventDefault();
     try {
-      const made = await api(`${path}/keys`, { method: "POST", body: { name: keyName.value || undefined, expires: expires.value || undefined } });
+      const made = await api(`${path}/keys`, { method: "POST", body: { name: keyName.value || undefined, expires: expires.value || undefined, role: role.value } });
       newKey.replaceChildren(el("p", { text: `Key ${made.name}: copy it now; it is not shown again.` }),
                              el("div", { class: "secret", "data-secret": "key", text: made.key }));
       keyList.replaceChildren(keysTable((await api(`${path}/keys`)).data));
     } catch (error) { newKey.replaceChildren(failure(error)); }
-  } }, el("label", {}, "Name", keyName), el("label", {}, "Expires", expires), el("button", { type: "submit", text: "Make a key" }));
+  } }, el("label", {}, "Name", keyName), el("label", {}, "Expires", expires), el("label", {}, "Role", role),
+     el("button", { type: "submit", text: "Make a key" }));
   const keysTable = (rows) => table([
     { title: "Name", cell: (k) => k.name }, { title: "Source", cell: (k) => k.source },
+    { title: "Role", cell: (k) => k.role },
+    { title: "Limited to", cell: (k) => ["routes", "models", "tools"].filter((f) => k[f]).map((f) => `${f}: ${k[f].join(", ")}`).join("; ") },
     { title: "Expires", cell: (k) => k.expires_at || "never" },
     { title: "", cell: (k) => (k.source === "api" ? el("button", { class: "danger", "data-revoke": k.name, text: "Revoke", onclick: async () => {
       if (!confirm(`Revoke the key ${k.name}? Clients using it stop working at once.`)) return;
@@ -429,7 +469,7 @@ async function tenantPage(id) {
   const keyList = el("div", {}, keysTable(keys.data));
 
   return el("div", {}, el("h1", { text: `${tenant.name} (${tenant.id})` }),
-            el("p", {}, el("a", { href: "#/tenants", text: "All tenants" }), " · ",
+            el("p", {}, operator ? el("a", { href: "#/tenants", text: "All tenants" }) : null, operator ? " · " : null,
                el("span", { class: "muted", text: `${tenant.source} · allowed models: ${tenant.allowed_models.join(", ")}` })),
             card("This month", usageFigures(usage, null)), card("Settings", save),
             card("Keys", keyForm, newKey, keyList));
@@ -438,6 +478,10 @@ async function tenantPage(id) {
 // ---------- tenant views ----------
 
 const TENANT_VIEWS = {
+  manage: () => tenantPage(state.tenant.id),
+  requests: () => ADMIN_VIEWS.requests(),
+  audit: () => ADMIN_VIEWS.audit(),
+
   async account() {
     const account = await api("/v1/account");
     state.tenant = account;
@@ -479,7 +523,7 @@ $("login-form").addEventListener("submit", async (event) => {
   try {
     await signIn($("login-key").value.trim());
     $("login-key").value = "";
-    location.hash = state.role === "admin" ? "#/overview" : "#/account";
+    location.hash = `#/${PAGES[state.role][0][0]}`;
     render();
   } catch (error) {
     state.key = null;
