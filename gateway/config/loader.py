@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from gateway.config.schema import (BUILTIN_EMBEDDER, BUILTIN_SIMULATOR, FLEET_PREFIX, VIA_LITELLM, KeyAccessFields,
                                    KeyLimitsSpec, LimitsSpec, ModelsFile, TenantSpec, TenantsFile, ToolsRule)
+from gateway.config.issuers import compile_issuers, static_key_problems
 from gateway.config.routing import compile_router, tenant_routes
 from gateway.guardrails.policy import compile_rules
 from gateway.config.tiers import BUILTIN_TIERS
@@ -67,6 +68,7 @@ class BaseConfig:
     tenants: dict[str, Tenant]  # tenants.yaml's
     keys: dict[str, ApiKey]  # tenants.yaml's
     admin_keys: dict[str, ApiKey]
+    jwt_issuers: tuple  # gateway.config.issuers.JwtIssuer
     yaml_key_names: dict[str, tuple[str, ...]]
     cors_origins: frozenset[str]  # GATEWAY_CORS_ORIGINS: origins every tenant may be called from
     sources: tuple[Path, ...]
@@ -175,6 +177,11 @@ def load_base(config_dir: Path, *, simulator_url: str | None = None,
         if key.sha256 in keys or key.sha256 in admin_keys:
             problems.append(f"{tenants_doc.where(('admin_keys', index))}: an admin key must not also be a tenant key")
         admin_keys[key.sha256] = ApiKey("", key.name, _unix_time(key.expires))
+    problems += static_key_problems(tenants_file.jwt_issuers, lambda i: tenants_doc.where(("jwt_issuers", i)))
+    for index, issuer in enumerate(tenants_file.jwt_issuers):
+        if issuer.tenant is not None and issuer.tenant not in tenants:
+            warnings.append(f"{tenants_doc.where(('jwt_issuers', index, 'tenant'))}: jwt issuer '{issuer.name}' "
+                            f"names tenant '{issuer.tenant}', which tenants.yaml does not declare")
     if problems:
         raise ConfigError(problems)
     warnings += [
@@ -186,7 +193,7 @@ def load_base(config_dir: Path, *, simulator_url: str | None = None,
     return BaseConfig(
         models=models, router=router, profiles=profiles, models_file=models_file, tiers=tiers, fleet=fleet,
         tenants=tenants,
-        keys=keys, admin_keys=admin_keys,
+        keys=keys, admin_keys=admin_keys, jwt_issuers=compile_issuers(tenants_file.jwt_issuers),
         yaml_key_names={tenant_id: tuple(k.name for k in t.keys) for tenant_id, t in tenants_file.tenants.items()},
         cors_origins=parse_origins(environ.get("GATEWAY_CORS_ORIGINS", "")),
         sources=(models_doc.path, tenants_doc.path), warnings=tuple(warnings), secrets=secrets,
@@ -215,6 +222,7 @@ def assemble(base: BaseConfig, api_tenants: dict[str, Tenant], api_keys: dict[st
         tenants=tenants,
         keys=keys,
         admin_keys=base.admin_keys,
+        jwt_issuers=base.jwt_issuers,
         reference_model=models_file.defaults.reference_model,
         router=base.router,
         fallback_policy=FallbackPolicy(**models_file.defaults.fallbacks.model_dump()),

@@ -705,9 +705,48 @@ def partial(model: type[BaseModel], name: str) -> type[BaseModel]:
     return create_model(name, __base__=Strict, **fields)
 
 
+JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
+CLAIM_PATTERN = r"^[A-Za-z0-9_:/.-]{1,200}$"
+
+
+class JwtIssuerSpec(Strict):
+    """An identity provider whose signed tokens (JWTs) the gateway takes instead of an API key."""
+
+    name: str = Field(pattern=KEY_NAME_PATTERN, description="in the ledger and the logs as the key's name, jwt:<name>")
+    issuer: str = Field(min_length=1, max_length=2000, pattern=TEXT_PATTERN, description="the tokens' iss, exactly")
+    audience: list[Annotated[str, Field(min_length=1, max_length=2000, pattern=TEXT_PATTERN)]] = Field(
+        min_length=1, max_length=20, description="values of aud the gateway accepts (one of them)")
+    jwks_url: str | None = Field(None, pattern=URL_PATTERN, max_length=2000,
+                                 description="where the issuer publishes its signing keys (JWKS), read again every "
+                                             "refresh_seconds and when a token names a key not read yet")
+    jwks: dict | None = Field(None, description="the signing keys themselves, as a JWKS document ({keys: [...]})")
+    algorithms: list[Literal[JWT_ALGORITHMS]] = Field(default_factory=lambda: ["RS256"], min_length=1,
+                                                      description="signature algorithms accepted (never none, never "
+                                                                  "a shared secret)")
+    tenant_claim: str | None = Field(None, pattern=CLAIM_PATTERN, description="the claim naming the tenant's id")
+    tenant: str | None = Field(None, pattern=TENANT_ID_PATTERN, description="or: the tenant of every token")
+    user_claim: str = Field("sub", pattern=CLAIM_PATTERN, description="the claim naming the tenant's end user")
+    leeway_seconds: int = Field(30, ge=0, le=300, description="clock skew allowed on exp and nbf")
+    refresh_seconds: int = Field(600, ge=10, le=86400)
+    routes: list[Literal[ROUTE_GROUPS]] | None = Field(None, max_length=len(ROUTE_GROUPS),
+                                                       description="route groups its tokens may call")
+    models: list[Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)]] | None = Field(
+        None, max_length=1000, description="patterns of the model names its tokens may ask for")
+
+    @model_validator(mode="after")
+    def _one_of_each(self) -> "JwtIssuerSpec":
+        if (self.jwks_url is None) == (self.jwks is None):
+            raise ValueError("give the issuer's keys as jwks_url or as jwks, one of them")
+        if (self.tenant_claim is None) == (self.tenant is None):
+            raise ValueError("name the tenant by a claim (tenant_claim) or give it (tenant), one of them")
+        return self
+
+
 class TenantsFile(Strict):
     tiers: dict[str, TierSpec] = Field(default_factory=dict)
     admin_keys: list[KeySpec] = Field(default_factory=list)
+    jwt_issuers: list[JwtIssuerSpec] = Field(default_factory=list, max_length=50,
+                                             description="identity providers whose tokens authenticate tenants")
     tenants: dict[str, TenantSpec] = Field(default_factory=dict)
 
     @field_validator("tenants")

@@ -269,6 +269,7 @@ class GatewayConfig:
     tenants: dict[str, Tenant]
     keys: dict[str, ApiKey]  # hex SHA-256 of the key -> key
     admin_keys: dict[str, ApiKey] = field(default_factory=dict)  # hex SHA-256 -> key (tenant_id empty)
+    jwt_issuers: tuple = ()  # gateway.config.issuers.JwtIssuer: whose tokens authenticate tenants
     reference_model: str | None = None  # what savings are measured against
     router: RouterConfig | None = None
     fallback_policy: FallbackPolicy = FallbackPolicy()

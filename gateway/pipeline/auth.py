@@ -11,6 +11,7 @@ from gateway.config.types import ApiKey, GatewayConfig, Tenant
 from gateway.errors import (GatewayError, bearer_without_key, invalid_api_key, malformed_authorization,
                             missing_api_key)
 from gateway.pipeline.context import RequestContext
+from gateway.pipeline.jwt_auth import JWT_USER, SigningKeyUnknown, TokenCheck, looks_like_jwt
 
 _KEY_HEADERS = (b"authorization", b"api-key", b"x-api-key")
 
@@ -38,6 +39,8 @@ def presented_key(scope: Scope) -> str:
     raise missing_api_key()
 
 
+TOKENS = TokenCheck()  # signed tokens checked in this process, remembered until they expire
+
 # Scope key of a request the gateway makes itself on a tenant's behalf (embeddings for retrieval): the tenant and
 # key it was made for. Only code in this process can set it; no HTTP request carries it.
 INTERNAL_CALLER = "gateway.internal_caller"
@@ -53,7 +56,13 @@ def identify(scope: Scope, config: GatewayConfig, group: str | None) -> tuple[Te
     key = presented_key(scope)
     record = config.keys.get(hashlib.sha256(key.encode("latin-1")).hexdigest())
     if record is None:
-        raise invalid_api_key()
+        if not config.jwt_issuers or not looks_like_jwt(key):
+            raise invalid_api_key()
+        tenant_id, record, user = TOKENS.check(key, config)
+        if tenant_id not in config.tenants:
+            raise GatewayError(401, "The token names a tenant this gateway does not have.", code="unknown_tenant")
+        if user is not None:
+            scope[JWT_USER] = user
     if record.expires_at is not None and record.expires_at <= time.time():
         raise GatewayError(401, f"The API key '{record.name}' has expired.", code="expired_api_key")
     tenant = config.tenants.get(record.tenant_id)
@@ -77,8 +86,12 @@ def identify(scope: Scope, config: GatewayConfig, group: str | None) -> tuple[Te
 async def identify_again(scope: Scope, store, refused: GatewayError,
                          group: str | None) -> tuple[Tenant, ApiKey, GatewayConfig]:
     """After ``identify`` refused a key: if the key was unknown, have ``store`` (a ConfigStore) look for new keys (at
-    most once a second) and try once more, so that a key made a moment ago works at once; else ``refused``."""
-    if refused.code != "invalid_api_key" or store is None or not await store.recheck_for_key():
+    most once a second) and try once more, so that a key made a moment ago works at once; if a token named a
+    signing key not read yet, read its issuer's keys again (a rotation) and try once more; else ``refused``."""
+    if isinstance(refused, SigningKeyUnknown):
+        if not await refused.key_set.refresh_for_unknown_key():
+            raise refused
+    elif refused.code != "invalid_api_key" or store is None or not await store.recheck_for_key():
         raise refused
     config = store.current
     tenant, key = identify(scope, config, group)

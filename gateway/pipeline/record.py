@@ -11,6 +11,7 @@ from gateway.asgi import LOGGED, header
 from gateway.observability import metrics
 from gateway.observability.logs import log_request
 from gateway.pipeline.context import RequestContext
+from gateway.pipeline.jwt_auth import JWT_USER
 from gateway.stores.ledger import Ledger
 
 
@@ -112,9 +113,12 @@ _USER_HEADERS = (b"x-openwebui-user-id", b"x-openwebui-user-email")
 
 
 def _end_user(ctx: RequestContext) -> str | None:
-    """The tenant's end user: the body's ``user`` (Anthropic's ``metadata.user_id`` and the Responses API's
-    ``safety_identifier`` arrive as it), else Open WebUI's forwarded user header; at most 256 characters."""
-    user = ctx.body.get("user") if ctx.body else None
+    """The tenant's end user: the one its signed token names (it cannot be forged), else the body's ``user``
+    (Anthropic's ``metadata.user_id`` and the Responses API's ``safety_identifier`` arrive as it), else Open WebUI's
+    forwarded user header; at most 256 characters."""
+    user = ctx.scope.get(JWT_USER)
+    if user is None and ctx.body:
+        user = ctx.body.get("user")
     if not isinstance(user, str) or not user:
         user = None
         for name in _USER_HEADERS:
