@@ -419,7 +419,7 @@ async def _report_between(gateway: "Gateway", tenant_id: str, begin: dt.datetime
 # enabled, its models and features are the operator's; its provider keys go through their own route (a reference
 # could name another tenant's secret); its adapters' files are placed on the nodes by the operator.
 TENANT_ADMIN_FIELDS = frozenset(("name", "industry", "system_prompt", "limits", "guardrails", "routing", "cache",
-                                 "cors_origins", "adapters"))
+                                 "cors_origins", "adapters", "end_users"))
 
 
 def _within_tenant_admin_reach(principal: Principal, tenant: Tenant, changes: dict, tier_limits) -> None:
@@ -492,8 +492,16 @@ def _view(tenant: Tenant, config: GatewayConfig) -> dict:
         "adapters": {name: {"base": a.base, "path": a.path, "default": a.default, "on_failure": a.on_failure,
                             "node_name": a.lora_name} for name, a in sorted(tenant.adapters.items())},
         "guardrails": [rule.spec for rule in tenant.guardrails],
+        "end_users": None if tenant.end_users is None else {
+            "limits": _end_user_limits(tenant.end_users.limits), "required": tenant.end_users.required,
+            "users": {user: _end_user_limits(limits) for user, limits in sorted(tenant.end_users.users.items())}},
         "source": tenant.source,
     }
+
+
+def _end_user_limits(limits) -> dict:
+    return {"requests_per_minute": limits.requests_per_minute, "tokens_per_day": limits.tokens_per_day,
+            "monthly_budget_usd": limits.monthly_budget_usd}
 
 
 def _check_routing(routing: TenantRoutingSpec, config: GatewayConfig) -> None:

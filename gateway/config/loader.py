@@ -20,7 +20,7 @@ from gateway.config.routing import compile_router, tenant_routes
 from gateway.guardrails.policy import compile_rules
 from gateway.config.tiers import BUILTIN_TIERS
 from gateway.config.types import (
-    MEMBER, Adapter, ApiKey, CachePolicy, Deployment, FallbackPolicy, FleetConfig, FleetNode, GatewayConfig, KeyAccess,
+    MEMBER, Adapter, ApiKey, CachePolicy, Deployment, EndUserLimits, EndUsers, FallbackPolicy, FleetConfig, FleetNode, GatewayConfig, KeyAccess,
     KeyLimits, LiteLLMCall, Limits, Model, Pool, Pricing, RouterConfig, TailscaleDiscovery, Tenant,
 )
 from gateway.config.yaml_source import ConfigError, YamlDocument, read_yaml
@@ -464,6 +464,13 @@ def compile_key(tenant_id: str, name: str, expires_at: float | None, access: Key
     return ApiKey(tenant_id, name, expires_at, limits, key_tools_rule(access) + guardrails, access)
 
 
+def _end_users(spec) -> EndUsers | None:
+    if spec is None:
+        return None
+    return EndUsers(EndUserLimits(**spec.limits.model_dump()),
+                    {user: EndUserLimits(**limits.model_dump()) for user, limits in spec.users.items()}, spec.required)
+
+
 def _key_limits(spec: KeyLimitsSpec | None) -> KeyLimits | None:
     if spec is None or not spec.model_dump(exclude_none=True):
         return None
@@ -516,6 +523,7 @@ def _compile_tenant(context: _TenantContext, tenant_id: str, t: TenantSpec, sour
         adapters=adapters,
         default_adapters={a.base: a for a in adapters.values() if a.default},
         guardrails=compile_rules(t.guardrails, context.models, problems, where),
+        end_users=_end_users(t.end_users),
         source=source,
         created_at=created_at,
     )

@@ -587,6 +587,26 @@ class LimitsSpec(Strict):
         None, description="completion tokens reserved for a request that does not set max_tokens")
 
 
+class EndUserLimitsSpec(Strict):
+    """Limits of each of a tenant's end users (a field left out: no such limit)."""
+
+    requests_per_minute: Count | None = None
+    tokens_per_day: Count | None = None
+    monthly_budget_usd: Usd | None = None
+
+
+END_USER_PATTERN = r"^[^\x00]{1,256}$"
+
+
+class EndUsersSpec(Strict):
+    """A tenant's end users (the body's user, Open WebUI's forwarded user header, a token's user claim)."""
+
+    limits: EndUserLimitsSpec = Field(EndUserLimitsSpec(), description="every end user's limits")
+    users: dict[Annotated[str, Field(pattern=END_USER_PATTERN)], EndUserLimitsSpec] = Field(
+        default_factory=dict, max_length=10_000, description="one end user's own limits, in place of the default")
+    required: StrictBool = Field(False, description="a request that names no end user is refused (400)")
+
+
 class KeyLimitsSpec(Strict):
     requests_per_minute: Count | None = None
     tokens_per_minute: Count | None = None
@@ -678,7 +698,7 @@ class TenantFields(Strict):
                                                           "name the tenant asks for")
     guardrails: list[GuardrailSpec] = Field(default_factory=list, max_length=50,
                                             description="checks of every request and answer of this tenant, in order")
-
+    end_users: EndUsersSpec | None = Field(None, description="limits and a budget per end user of the tenant")
 
     @field_validator("provider_keys")
     @classmethod

@@ -194,6 +194,25 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
+class EndUserLimits:
+    requests_per_minute: int | None = None
+    tokens_per_day: int | None = None
+    monthly_budget_usd: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EndUsers:
+    """A tenant's limits per end user: the default, and the users who have their own."""
+
+    limits: EndUserLimits = EndUserLimits()
+    users: dict[str, EndUserLimits] = field(default_factory=dict)
+    required: bool = False
+
+    def of(self, user: str) -> EndUserLimits:
+        return self.users.get(user, self.limits)
+
+
+@dataclass(frozen=True, slots=True)
 class KeyLimits:
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
@@ -259,6 +278,7 @@ class Tenant:
     adapters: dict[str, Adapter] = field(default_factory=dict)  # by the model name the tenant asks for
     default_adapters: dict[str, Adapter] = field(default_factory=dict)  # base model -> adapter used for it
     guardrails: tuple = ()  # gateway.guardrails.policy.Guardrail, in order
+    end_users: EndUsers | None = None  # limits per end user, if the tenant sets any
     source: str = "yaml"  # "yaml" or "api" (made through the admin API, kept in PostgreSQL)
     created_at: float | None = None  # unix time the admin API made it; its usage starts there
 

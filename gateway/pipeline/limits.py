@@ -12,6 +12,7 @@ from gateway.errors import GatewayError
 from gateway.observability import metrics
 from gateway.pipeline.tokens import completion_reservation, counted_prompt_tokens
 from gateway.pipeline.context import RequestContext
+from gateway.pipeline.users import end_user
 from gateway.stores.limits import NANO, Admission, Limiter
 
 
@@ -34,7 +35,11 @@ class EnforceLimits:
             cost_nano += int(ctx.cascade_to.pricing.cost(prompt, completion) * NANO)
             prompt, completion = prompt * 2, completion * 2
         now = time.time()
-        plan = self.limiter.plan(ctx.tenant, ctx.api_key, now, ctx.config.request_timeout)
+        user = end_user(ctx) if ctx.tenant.end_users is not None else None
+        if user is None and ctx.tenant.end_users is not None and ctx.tenant.end_users.required:
+            raise GatewayError(400, "This tenant's requests must name their end user: the body's 'user' (or "
+                                    "X-OpenWebUI-User-Id).", param="user", code="end_user_required")
+        plan = self.limiter.plan(ctx.tenant, ctx.api_key, now, ctx.config.request_timeout, user)
         admission = await self.limiter.admit(plan, ctx.request_id, prompt + completion, cost_nano, now)
         ctx.reserved_tokens = prompt + completion
         ctx.reserved_cost_nano = cost_nano
@@ -81,11 +86,11 @@ def _refusal(admission: Admission, now: float, ctx: RequestContext) -> GatewayEr
     wait = max(1, int(reset_at - now + 0.999)) if reset_at is not None else None
     headers = {"retry-after": str(wait)} if wait is not None else {}
     if check.kind == "budget":
-        budget = ctx.tenant.limits.monthly_budget_usd
+        whose = " of this end user" if check.name.endswith("end user") else ""
         return GatewayError(
             429, f"You exceeded your current quota: this request could cost up to {usd(amount / NANO)} "
-                 f"and {usd(used / NANO)} of the {usd(budget)} monthly budget is spent or reserved.",
-            type="insufficient_quota", code="insufficient_quota", headers=headers)
+                 f"and {usd(used / NANO)} of the {usd(check.limit / NANO)} monthly budget{whose} is spent or "
+                 f"reserved.", type="insufficient_quota", code="insufficient_quota", headers=headers)
     if check.limit == 0 and check.kind in ("requests", "concurrency"):  # an admin's way of holding a tenant back
         return GatewayError(429, f"No request can pass: the limit on {check.name} is 0.", type="requests",
                             code="rate_limit_exceeded")

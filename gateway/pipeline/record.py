@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import orjson
 
-from gateway.asgi import LOGGED, header
+from gateway.asgi import LOGGED
 from gateway.observability import metrics
 from gateway.observability.logs import log_request
 from gateway.pipeline.context import RequestContext
-from gateway.pipeline.jwt_auth import JWT_USER
+from gateway.pipeline.users import end_user as read_end_user
 from gateway.stores.ledger import Ledger
 
 
@@ -31,7 +31,7 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
     requested = ctx.model_requested
     if requested is not None and (len(requested) > 256 or "\x00" in requested):  # a client may send anything
         requested = requested[:256].replace("\x00", "\ufffd") + ("..." if len(requested) > 256 else "")
-    end_user = _end_user(ctx)
+    end_user = read_end_user(ctx)
     guard = ctx.guard
     refusal = guard.reason if guard is not None else None
     fired = orjson.dumps(guard.fired).decode() if guard is not None and guard.fired else None
@@ -106,26 +106,3 @@ def record(ctx: RequestContext, log_prompts: bool, ledger: Ledger | None) -> Non
         metrics.tokens_by(tenant_label, model_label, "completion").inc(ctx.completion_tokens)
     if ctx.cost_usd:
         metrics.cost_by(tenant_label, model_label).inc(ctx.cost_usd)
-
-
-# Open WebUI's headers for the user a request is made for (ENABLE_FORWARD_USER_INFO_HEADERS)
-_USER_HEADERS = (b"x-openwebui-user-id", b"x-openwebui-user-email")
-
-
-def _end_user(ctx: RequestContext) -> str | None:
-    """The tenant's end user: the one its signed token names (it cannot be forged), else the body's ``user``
-    (Anthropic's ``metadata.user_id`` and the Responses API's ``safety_identifier`` arrive as it), else Open WebUI's
-    forwarded user header; at most 256 characters."""
-    user = ctx.scope.get(JWT_USER)
-    if user is None and ctx.body:
-        user = ctx.body.get("user")
-    if not isinstance(user, str) or not user:
-        user = None
-        for name in _USER_HEADERS:
-            value = header(ctx.scope, name)
-            if value:
-                user = value.decode("utf-8", "replace")
-                break
-    if user is None:
-        return None
-    return user[:256].replace("\x00", "\ufffd")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import calendar
+import hashlib
 import logging
 import time
 from collections import deque
@@ -42,6 +43,8 @@ log = logging.getLogger("gateway.limits")
 NANO = 1_000_000_000  # spend is counted in billionths of a dollar, as integers
 BUCKETS_PER_WINDOW = 30
 SLOT_MARGIN_SECONDS = 30.0  # a concurrency slot outlives the request timeout by this much
+USER_PLANS = 20_000  # end users' plans kept in a worker (each is a few hundred bytes)
+TENANT_BUDGET = "monthly budget"
 UNSETTLED_MAX = 200_000  # settles kept for a retry while Redis is away; past this the oldest are dropped
 _FAILURES = (OSError, ReplyError, asyncio.TimeoutError)
 RECOVERY_SECONDS = 3.0  # no Redis failure for this long before it is said to be reachable again
@@ -220,6 +223,7 @@ class Limiter:
         self._prober: asyncio.Task | None = None  # pings Redis while it is said unreachable
         self.available = True
         self._plans: dict[tuple[str, str], _Plan] = {}
+        self._user_plans: dict[tuple[str, str, str], _Plan] = {}  # with an end user's checks, the newest kept
         # (tenant id, when it was made) -> share of its monthly budget spent, as last seen in this worker
         self._budget_share: dict[tuple[str, float | None], float] = {}
         self._unsettled: deque[bytes] = deque()
@@ -232,20 +236,29 @@ class Limiter:
         await self._flush_unsettled()
         await self.client.close()
 
-    def plan(self, tenant: Tenant, key: ApiKey, now: float, slot_seconds: float) -> "_Plan":
-        """Every limit a request of this tenant and key counts against, the concurrency sets first.
+    def plan(self, tenant: Tenant, key: ApiKey, now: float, slot_seconds: float,
+             user: str | None = None) -> "_Plan":
+        """Every limit a request of this tenant and key (and end user, if the tenant limits its end users) counts
+        against, the concurrency sets first.
 
         The plan holds for this config (a reload makes new tenant objects, and with them a new plan) and this
         calendar month (the budget's key changes with it).
         """
         month = time.strftime("%Y%m", time.gmtime(now))
-        cached = self._plans.get((tenant.id, key.name))
+        if user is None or tenant.end_users is None:
+            plans, index = self._plans, (tenant.id, key.name)
+        else:
+            plans, index = self._user_plans, (tenant.id, key.name, user)
+        cached = plans.get(index)
         if cached is not None and cached.tenant is tenant and cached.key is key and cached.month == month:
             return cached
         slot_ms = int((slot_seconds + SLOT_MARGIN_SECONDS) * 1000)
-        plan = self._plans[(tenant.id, key.name)] = _Plan(tenant, key, month,
-                                                          self._make_plan(tenant, key, month, slot_ms), self._admit,
-                                                          self._settle)
+        checks = self._make_plan(tenant, key, month, slot_ms)
+        if len(index) == 3:
+            checks += _user_checks(tenant, user, month)
+            if len(plans) >= USER_PLANS:
+                plans.pop(next(iter(plans)))  # the oldest made: plans are cheap to make again
+        plan = plans[index] = _Plan(tenant, key, month, checks, self._admit, self._settle)
         return plan
 
     @staticmethod
@@ -264,7 +277,7 @@ class Limiter:
             _window("tokens per minute", f"{prefix}:win:tok:m", limits.tokens_per_minute, "tokens", 60),
             _window("tokens per hour", f"{prefix}:win:tok:h", limits.tokens_per_hour, "tokens", 3600),
             _window("calls per day", f"{prefix}:win:req:d", limits.calls_per_day, "requests", 86400),
-            Check("monthly budget", f"{prefix}:spend:{month}",
+            Check(TENANT_BUDGET, f"{prefix}:spend:{month}",
                   None if limits.monthly_budget_usd is None else int(limits.monthly_budget_usd * NANO),
                   "budget", COUNTER, 40 * 86_400_000),
         ]
@@ -352,6 +365,7 @@ class Limiter:
     async def forget(self, tenant_id: str) -> int:
         """Delete every counter, slot and cached answer of a tenant (its id is about to be used again)."""
         self._plans = {k: p for k, p in self._plans.items() if k[0] != tenant_id}
+        self._user_plans = {k: p for k, p in self._user_plans.items() if k[0] != tenant_id}
         return await self.client.unlink_matching(f"gw:{{{tenant_id}}}:*")
 
     async def spend_nano(self, tenant_id: str, now: float) -> int:
@@ -422,7 +436,7 @@ class _Plan:
                      + bulk(len(checks)) + b"".join(bulk(c.key) for c in checks))
         self.bounds = tuple((bulk(c.store), bulk(-1 if c.limit is None else c.limit), bulk(c.a), bulk(c.b))
                             for c in checks)
-        self.budget_index = next((i for i, c in enumerate(checks) if c.kind == "budget" and c.limit), None)
+        self.budget_index = next((i for i, c in enumerate(checks) if c.name == TENANT_BUDGET and c.limit), None)
         self.budget_key = (tenant.id, tenant.created_at)
         # Settle: the sets to leave, then per corrected check its index, kind and bucket length (0: a counter).
         sets = [c.key for c in checks if c.store == SET]
@@ -436,6 +450,23 @@ class _Plan:
             (i, b"requests" if c.kind == "requests" else b"tokens", str(c.limit).encode(), c.limit)
             for i, c in enumerate(checks) if c.limit is not None and c.name in ("requests per minute",
                                                                                "tokens per minute"))
+
+
+def _user_checks(tenant: Tenant, user: str, month: str) -> tuple[Check, ...]:
+    """An end user's limits: kept under a digest of the user's name, in the tenant's hash slot."""
+    limits = tenant.end_users.of(user)
+    prefix = f"gw:{{{tenant.id}}}:user:{hashlib.sha256(user.encode()).hexdigest()[:32]}"
+    checks = []
+    if limits.requests_per_minute is not None:
+        checks.append(_window("requests per minute of this end user", f"{prefix}:win:req:m",
+                              limits.requests_per_minute, "requests", 60))
+    if limits.tokens_per_day is not None:
+        checks.append(_window("tokens per day of this end user", f"{prefix}:win:tok:d", limits.tokens_per_day,
+                              "tokens", 86400))
+    if limits.monthly_budget_usd is not None:
+        checks.append(Check("monthly budget of this end user", f"{prefix}:spend:{month}",
+                            int(limits.monthly_budget_usd * NANO), "budget", COUNTER, 40 * 86_400_000))
+    return tuple(checks)
 
 
 def _month_end(now: float) -> float:

@@ -237,6 +237,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX audit_log_time ON audit_log (created_at);
     CREATE INDEX audit_log_tenant ON audit_log (tenant_id, created_at);
     """,
+    # 17: the end users' daily rollup, which the usage report's by_user reads
+    rollups.with_users(),
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations

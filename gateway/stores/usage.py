@@ -12,7 +12,7 @@ import asyncpg
 
 from gateway.config.schema import COMPLEXITIES
 from gateway.config.types import GatewayConfig
-from gateway.stores.rollups import ROUTING_MEASURES, USAGE_MEASURES, routing_rows, usage_rows
+from gateway.stores.rollups import ROUTING_MEASURES, USAGE_MEASURES, USER_MEASURES, routing_rows, usage_rows, user_rows
 
 # Whole days come from the rollups; the edges of a period that are not whole days (a tenant made at 14:05) from
 # the ledger's rows. $1 the tenant, $2 and $3 the whole days [first, end), $4-$7 the two raw ranges.
@@ -54,6 +54,17 @@ _BY_TENANT = _USAGE + """
 SELECT tenant_id, sum(requests)::bigint AS requests, sum(prompt_tokens + completion_tokens)::bigint AS tokens,
        sum(cost_usd) AS cost_usd, sum(limit_refusals)::bigint AS limit_refusals
 FROM daily GROUP BY 1 ORDER BY 4 DESC, 2 DESC LIMIT 100
+"""
+_BY_USER = f"""
+WITH daily AS (
+    SELECT tenant_id, day, end_user, {", ".join(USER_MEASURES)} FROM user_daily
+    WHERE tenant_id = $1 AND day >= $2 AND day < $3
+    UNION ALL {user_rows("usage_ledger", _RAW)}
+)
+SELECT end_user, sum(requests)::bigint AS requests, sum(answered)::bigint AS answered,
+       sum(limit_refusals)::bigint AS limit_refusals, sum(prompt_tokens + completion_tokens)::bigint AS tokens,
+       sum(cost_usd) AS cost_usd, count(*) OVER () AS users
+FROM daily GROUP BY 1 ORDER BY 6 DESC, 2 DESC, 1 LIMIT 100
 """
 _RECENT = """
 SELECT request_id, created_at, tenant_id, key_name, route, model_requested, model, deployment, status, error_type,
@@ -125,8 +136,10 @@ async def usage_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str
                _fetch(pool, "fetch", _for(_BY_MODEL, tenant_id), tenant_id, *span)]
     if tenant_id is None:
         queries.append(_fetch(pool, "fetch", _for(_BY_TENANT, None), None, *span))
-    totals, by_day, by_model, *rest = await asyncio.gather(*queries)  # each on its own connection, at once
-    by_tenant = rest[0] if rest else None
+    else:
+        queries.append(_fetch(pool, "fetch", _BY_USER, tenant_id, *span))
+    totals, by_day, by_model, rest = await asyncio.gather(*queries)  # each on its own connection, at once
+    by_tenant, by_user = (rest, None) if tenant_id is None else (None, rest)
     answered = totals["answered"]
     cost = float(totals["cost_usd"])
     report = {
@@ -151,6 +164,11 @@ async def usage_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str
                       "completion_tokens": r["completion_tokens"], "cost_usd": round(float(r["cost_usd"]), 9)}
                      for r in by_model],
     }
+    if by_user is not None:
+        report["end_users"] = by_user[0]["users"] if by_user else 0
+        report["by_user"] = [{"user": r["end_user"], "requests": r["requests"], "answered": r["answered"],
+                              "limit_refusals": r["limit_refusals"], "tokens": r["tokens"],
+                              "cost_usd": round(float(r["cost_usd"]), 9)} for r in by_user]
     if by_tenant is not None:
         report["by_tenant"] = [{"tenant": r["tenant_id"] or None, "requests": r["requests"], "tokens": r["tokens"],
                                 "cost_usd": round(float(r["cost_usd"]), 9), "limit_refusals": r["limit_refusals"]}
