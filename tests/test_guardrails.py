@@ -230,7 +230,8 @@ def guard_models(tmp_path_factory, stores):
         "omni-moderation": {"type": "moderation", "deployments": on_sim("omni-moderation")},
         "llama-guard": {"deployments": on_sim("llama-guard-3")},
         "gone-moderation": {"type": "moderation", "deployments": dead}}}
-    keys = {name: generate_key() for name in ("mod", "llama", "open", "closed")}
+    keys = {name: generate_key() for name in ("mod", "llama", "open", "closed", "answers", "answers-llama",
+                                              "answers-closed")}
     rule = lambda **fields: [{"name": "guard", "check": "model", **fields}]  # noqa: E731
     tenants = {"tenants": {
         "mod": {"name": "M", "guardrails": rule(model="omni-moderation", categories={"harassment": "flag"}),
@@ -240,7 +241,14 @@ def guard_models(tmp_path_factory, stores):
         "open": {"name": "O", "guardrails": rule(model="gone-moderation"),
                  "keys": [{"name": "k", "sha256": hash_key(keys["open"])}]},
         "closed": {"name": "C", "guardrails": rule(model="gone-moderation", on_failure="closed", timeout_seconds=3),
-                   "keys": [{"name": "k", "sha256": hash_key(keys["closed"])}]}}}
+                   "keys": [{"name": "k", "sha256": hash_key(keys["closed"])}]},
+        "answers": {"name": "A", "guardrails": rule(model="omni-moderation", direction="output"),
+                    "keys": [{"name": "k", "sha256": hash_key(keys["answers"])}]},
+        "answers-llama": {"name": "AL", "guardrails": rule(model="llama-guard", direction="output"),
+                          "keys": [{"name": "k", "sha256": hash_key(keys["answers-llama"])}]},
+        "answers-closed": {"name": "AC", "guardrails": rule(model="gone-moderation", direction="output",
+                                                            on_failure="closed", timeout_seconds=3),
+                           "keys": [{"name": "k", "sha256": hash_key(keys["answers-closed"])}]}}}
     (config / "models.yaml").write_text(yaml.safe_dump(models))
     (config / "tenants.yaml").write_text(yaml.safe_dump(tenants))
     gateway = GatewayProcess(config)
@@ -283,6 +291,36 @@ def test_a_guard_model_that_fails_is_open_or_closed_as_configured(guard_models):
     with pytest.raises(openai.InternalServerError) as closed:
         ask(gateway, keys["closed"], "hello")
     assert closed.value.status_code == 503 and closed.value.code == "guard_unavailable"
+
+
+def test_guard_models_read_answers_whole_and_streamed(guard_models, stores):
+    gateway, keys, _ = guard_models
+    # the request is not read (direction: output); the answer the simulator is made to say is
+    raw = ask(gateway, keys["answers"], "sim:say[Here is how to attack the castle at dawn.]")
+    answer = raw.parse()
+    assert answer.choices[0].finish_reason == "content_filter" and not answer.choices[0].message.content
+    row = ledger_row(stores, raw.headers["x-request-id"])
+    assert json.loads(row["guardrails"]) == [{"rule": "guard", "check": "model", "direction": "output",
+                                              "action": "block"}]
+    assert "violence" in row["refusal_reason"] and "castle" not in row["refusal_reason"]
+    fine = ask(gateway, keys["answers"], "sim:say[The castle opens at nine.]").parse()
+    assert fine.choices[0].message.content == "The castle opens at nine." and fine.choices[0].finish_reason == "stop"
+    client = gateway.client(keys["answers"])
+    chunks = list(client.chat.completions.create(model="small", stream=True, stream_options={"include_usage": True},
+                                                 messages=[{"role": "user", "content": "sim:say[attack at dawn now]"}]))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+    assert [c.choices[0].finish_reason for c in chunks if c.choices] == ["content_filter"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0  # billed, as it was made
+    streamed = list(client.chat.completions.create(model="small", stream=True, messages=[
+        {"role": "user", "content": "sim:say[a quiet morning by the river]"}]))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == "a quiet morning by the river"
+    # Llama Guard judges the agent's turn after the user's
+    llama = ask(gateway, keys["answers-llama"], "sim:say[I will murder the plot]").parse()
+    assert llama.choices[0].finish_reason == "content_filter"
+    assert ask(gateway, keys["answers-llama"], "sim:say[hello]").parse().choices[0].message.content == "hello"
+    # a guard model that cannot judge the answer, closed: the answer is withheld
+    closed = ask(gateway, keys["answers-closed"], "sim:say[hello]").parse()
+    assert closed.choices[0].finish_reason == "content_filter" and closed.choices[0].message.content is None
 
 
 def test_moderations_are_served(guard_models, stores):

@@ -358,9 +358,9 @@ class ToolsRule(_RequestRule):
         {"required": ["refused_tools"], "properties": {"refused_tools": {"minItems": 1}}}]})
 
 
-class ModelRule(_RequestRule):
+class ModelRule(_Rule):
     """A guard model of models.yaml, asked through the gateway (a moderation model, or a chat model answering as
-    Llama Guard does)."""
+    Llama Guard does), about the request, the answer, or both."""
 
     check: Literal["model"]
     action: Literal["block", "flag"] = "block"

@@ -8,9 +8,15 @@ finish reason is ``content_filter`` and stops reading the upstream, a ``redact``
 rule finds must be shorter than ``LOOK_BEHIND`` to be found across events. Tool calls' arguments are checked in
 whole answers only. The response cache keeps what the upstream said: a cached answer passes these rules again
 each time it is served, so a policy changed since still applies.
+
+A guard model that reads answers (``judge``) judges the whole text: a whole answer before it leaves, a stream held
+until its end (a model's verdict on half an answer is no verdict), then sent at once, or cut to a
+``content_filter`` chunk if the model blocks it.
 """
 
 from __future__ import annotations
+
+from typing import Awaitable, Callable
 
 import orjson
 
@@ -23,10 +29,11 @@ LOOK_BEHIND = 256
 
 
 class OutputGuard:
-    __slots__ = ("ctx", "send", "rules", "verdict", "mode", "start", "held", "events", "held_text", "ended")
+    __slots__ = ("ctx", "send", "rules", "verdict", "judge", "mode", "start", "held", "events", "held_text", "ended")
 
-    def __init__(self, ctx: RequestContext, send: Send, rules: tuple[Guardrail, ...], verdict: Verdict) -> None:
-        self.ctx, self.send, self.rules, self.verdict = ctx, send, rules, verdict
+    def __init__(self, ctx: RequestContext, send: Send, rules: tuple[Guardrail, ...], verdict: Verdict,
+                 judge: Callable[[str], Awaitable[bool]] | None = None) -> None:
+        self.ctx, self.send, self.rules, self.verdict, self.judge = ctx, send, rules, verdict, judge
         self.mode = ""
         self.start: dict | None = None
         self.held: list[bytes] = []
@@ -59,6 +66,15 @@ class OutputGuard:
             if not more:
                 await self.send(message)
             return
+        if self.judge is not None:  # the whole stream is judged before any of it leaves
+            self.held.append(body)
+            if more:
+                return
+            body = b"".join(self.held)
+            if await self.judge(_streamed_text(body)):
+                self.ended = True
+                await self.send({"type": "http.response.body", "body": _cut_stream(body), "more_body": False})
+                return
         out = self._events(body)
         await self.send({"type": "http.response.body", "body": out, "more_body": more})
 
@@ -70,6 +86,9 @@ class OutputGuard:
         except orjson.JSONDecodeError:
             answer = None
         if isinstance(answer, dict) and self._check_answer(answer):
+            body = orjson.dumps(answer)
+        elif isinstance(answer, dict) and self.judge is not None and await self.judge(_answer_text(answer)):
+            _filter_choices(answer)
             body = orjson.dumps(answer)
         headers = [(k, v) for k, v in self.start["headers"] if k != b"content-length"]
         headers.append((b"content-length", str(len(body)).encode()))
@@ -93,10 +112,7 @@ class OutputGuard:
             for container, name in texts:
                 text, blocked = inspect_text(self.rules, container[name], self.verdict)
                 if blocked is not None:
-                    holder[key] = "" if key == "text" else None
-                    if isinstance(message, dict):
-                        message.pop("tool_calls", None)
-                    choice["finish_reason"] = "content_filter"
+                    _filter(choice)
                     return True
                 if text != container[name]:
                     container[name] = text
@@ -186,3 +202,78 @@ class OutputGuard:
         head = {k: v for k, v in chunk.items() if k in ("id", "object", "created", "model")}
         final = {**head, "choices": [{"index": index, "delta": {}, "logprobs": None, "finish_reason": "content_filter"}]}
         return b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n"
+
+
+def _filter(choice: dict) -> None:
+    """A choice a rule blocked: no text, no tool call, finished by the content filter."""
+    message = choice.get("message")
+    if isinstance(message, dict):
+        message["content"] = None
+        message.pop("tool_calls", None)
+    else:
+        choice["text"] = ""
+    choice["finish_reason"] = "content_filter"
+
+
+def _filter_choices(answer: dict) -> None:
+    for choice in answer.get("choices") or ():
+        if isinstance(choice, dict):
+            _filter(choice)
+
+
+def _answer_text(answer: dict) -> str:
+    """A whole answer's text as a guard model reads it: every choice's text and tool calls' arguments."""
+    parts = []
+    for choice in answer.get("choices") or ():
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict):
+            parts.append(message.get("content") if isinstance(message.get("content"), str) else "")
+            for call in message.get("tool_calls") or ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    parts.append(function["arguments"])
+        elif isinstance(choice, dict) and isinstance(choice.get("text"), str):
+            parts.append(choice["text"])
+    return "\n".join(part for part in parts if part)
+
+
+def _stream_chunks(body: bytes):
+    for event in EventSplitter().feed(body + b"\n\n"):
+        if event.startswith(b"data: ") and event[6:] != b"[DONE]":
+            try:
+                chunk = orjson.loads(event[6:])
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(chunk, dict):
+                yield chunk
+
+
+def _streamed_text(body: bytes) -> str:
+    """A held stream's text: its choices' content and tool calls' arguments, in order."""
+    parts = []
+    for chunk in _stream_chunks(body):
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if isinstance(delta, dict):
+                if isinstance(delta.get("content"), str):
+                    parts.append(delta["content"])
+                for call in delta.get("tool_calls") or ():
+                    function = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                        parts.append(function["arguments"])
+            elif isinstance(choice, dict) and isinstance(choice.get("text"), str):
+                parts.append(choice["text"])
+    return "".join(parts)
+
+
+def _cut_stream(body: bytes) -> bytes:
+    """What a client gets of a stream a guard model blocked: one chunk finished by the content filter (with the
+    stream's usage, if it carried one), then [DONE]."""
+    chunks = list(_stream_chunks(body))
+    head = {k: v for k, v in (chunks[0] if chunks else {}).items() if k in ("id", "object", "created", "model")}
+    out = b"data: " + orjson.dumps({**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
+                                                          "finish_reason": "content_filter"}]}) + b"\n\n"
+    usage = next((c for c in reversed(chunks) if c.get("usage") and not c.get("choices")), None)
+    if usage is not None:
+        out += b"data: " + orjson.dumps(usage) + b"\n\n"
+    return out + b"data: [DONE]\n\n"

@@ -275,3 +275,8 @@ def inspect_text(rules: tuple[Guardrail, ...], text: str, verdict: Verdict) -> t
 
 def output_rules(rules: tuple[Guardrail, ...]) -> tuple[Guardrail, ...]:
     return tuple(rule for rule in rules if rule.reads_output and rule.detect is not None)
+
+
+def output_judges(rules: tuple[Guardrail, ...]) -> tuple[Guardrail, ...]:
+    """The guard models that read answers."""
+    return tuple(rule for rule in rules if rule.reads_output and rule.guard_model is not None)

@@ -11,7 +11,7 @@ from typing import Callable
 from gateway.errors import GatewayError
 from gateway.guardrails.answer import OutputGuard
 from gateway.guardrails.models import GuardUnavailable, decide, flagged_categories, request_text
-from gateway.guardrails.policy import Guardrail, Verdict, inspect_request, output_rules
+from gateway.guardrails.policy import Guardrail, Verdict, inspect_request, output_judges, output_rules
 from gateway.pipeline.internal import GUARD_CALL, InternalCalls
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.tokens import prompt_tokens
@@ -40,41 +40,57 @@ class CheckGuardrails:
         if verdict.refused is None:
             for rule in rules:
                 if rule.guard_model is not None and rule.reads_input and verdict.refused is None:
-                    await self._ask_guard(ctx, rule, verdict)
+                    if await self._judge(ctx, rule, verdict, None) == "unavailable" and rule.fail_closed:
+                        verdict.reason = f"The guard model of the guardrail '{rule.name}' cannot judge this " \
+                                         "request now."
+                        raise GatewayError(503, verdict.reason, type="server_error", code="guard_unavailable")
         if verdict.refused is not None:
             raise GatewayError(400, verdict.reason, code="content_policy_violation")
-        _watch_answers(ctx, rules, verdict)
+        self._watch_answers(ctx, rules, verdict)
 
-    async def _ask_guard(self, ctx: RequestContext, rule: Guardrail, verdict: Verdict) -> None:
+    async def _judge(self, ctx: RequestContext, rule: Guardrail, verdict: Verdict, answer: str | None) -> str | None:
+        """The guard model's action on the request (``answer`` None) or on an answer to it: block, flag, None, or
+        "unavailable" (it failed, or took longer than the rule allows); recorded in ``verdict``."""
+        direction = "input" if answer is None else "output"
         calls = self.calls()
-        text = request_text(ctx.body)
         try:
             if calls is None:
                 raise GuardUnavailable("this gateway cannot call its own models")
-            status, answer = await asyncio.wait_for(
-                calls.guard(ctx.tenant, ctx.api_key, rule.guard_model, rule.guard_kind, text), rule.timeout)
+            status, said = await asyncio.wait_for(calls.guard(
+                ctx.tenant, ctx.api_key, rule.guard_model, rule.guard_kind, request_text(ctx.body), answer),
+                rule.timeout)
             if status != 200:
                 raise GuardUnavailable(f"it answered {status}")
-            categories = flagged_categories(rule.guard_kind, answer)
+            categories = flagged_categories(rule.guard_kind, said)
         except (GuardUnavailable, asyncio.TimeoutError, GatewayError, ValueError):
-            verdict.add(rule, "input", "unavailable")  # open: let through, and recorded as such
-            if rule.fail_closed:
-                verdict.reason = f"The guard model of the guardrail '{rule.name}' cannot judge this request now."
-                raise GatewayError(503, verdict.reason, type="server_error", code="guard_unavailable") from None
-            return
+            verdict.add(rule, direction, "unavailable")  # open: let through, and recorded as such
+            return "unavailable"
         action = decide(rule, categories)
         if action is None:
-            return
-        verdict.add(rule, "input", action)
+            return None
+        verdict.add(rule, direction, action)
         if action == "block":
-            verdict.refused = rule
-            verdict.reason = rule.refusal(f"the guard model found {', '.join(sorted(categories))[:200]}")
+            if answer is None:
+                verdict.refused = rule
+            verdict.reason = rule.refusal(f"the guard model found {', '.join(sorted(categories))[:200]}"
+                                          + ("" if answer is None else " in the answer"))
+        return action
 
+    def _watch_answers(self, ctx: RequestContext, rules: tuple, verdict: Verdict) -> None:
+        watching, judges = output_rules(rules), output_judges(rules)
+        if watching or judges:
+            async def judge(answer: str) -> bool:
+                """Whether the guard models that read answers block this one (a closed one that fails blocks)."""
+                for rule in judges:
+                    action = await self._judge(ctx, rule, verdict, answer)
+                    if action == "block" or (action == "unavailable" and rule.fail_closed):
+                        if action == "unavailable":
+                            verdict.reason = f"The guard model of the guardrail '{rule.name}' could not judge the " \
+                                             "answer."
+                        return True
+                return False
 
-def _watch_answers(ctx: RequestContext, rules: tuple, verdict: Verdict) -> None:
-    watching = output_rules(rules)
-    if watching:
-        ctx.send = OutputGuard(ctx, ctx.send, watching, verdict)
-    # An upstream given another API's request as it came would see what was masked, and answer in a form these
-    # rules do not read: such a request is translated instead.
-    verdict.translate = bool(watching) or any(fired["action"] == "redact" for fired in verdict.fired)
+            ctx.send = OutputGuard(ctx, ctx.send, watching, verdict, judge if judges else None)
+        # An upstream given another API's request as it came would see what was masked, and answer in a form these
+        # rules do not read: such a request is translated instead.
+        verdict.translate = bool(watching or judges) or any(fired["action"] == "redact" for fired in verdict.fired)

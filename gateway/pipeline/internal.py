@@ -44,17 +44,21 @@ class InternalCalls:
         vectors = np.stack([np.frombuffer(base64.b64decode(row["embedding"]), dtype=np.float32) for row in rows])
         return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
-    async def guard(self, tenant: Tenant, api_key: ApiKey, model: str, kind: str, text: str) -> tuple[int, dict]:
-        """A guard model's answer about ``text``: a moderation model's (``kind`` "moderation") or a chat model's, as
-        Llama Guard is asked (the text as the user's turn); the status and the answer's JSON."""
+    async def guard(self, tenant: Tenant, api_key: ApiKey, model: str, kind: str, text: str,
+                    answer: str | None = None) -> tuple[int, dict]:
+        """A guard model's answer about ``text`` (the request), or about ``answer`` to it: a moderation model's
+        (``kind`` "moderation": it reads the answer alone) or a chat model's, asked as Llama Guard is (the request as
+        the user's turn, the answer as the agent's, whose turn it then judges); the status and the answer's JSON."""
         if kind == "moderation":
-            status, answer, _ = await self._post(tenant, api_key, "/v1/moderations", {"model": model, "input": text},
-                                                 endpoint=MODERATIONS, guard=True)
+            status, verdict, _ = await self._post(tenant, api_key, "/v1/moderations", {
+                "model": model, "input": text if answer is None else answer}, endpoint=MODERATIONS, guard=True)
         else:
-            status, answer, _ = await self._post(tenant, api_key, "/v1/chat/completions", {
-                "model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 20, "temperature": 0},
-                endpoint=CHAT, guard=True)
-        return status, answer
+            messages = [{"role": "user", "content": text}]
+            if answer is not None:
+                messages.append({"role": "assistant", "content": answer})
+            status, verdict, _ = await self._post(tenant, api_key, "/v1/chat/completions", {
+                "model": model, "messages": messages, "max_tokens": 20, "temperature": 0}, endpoint=CHAT, guard=True)
+        return status, verdict
 
     async def _post(self, tenant: Tenant, api_key: ApiKey, path: str, body: dict, endpoint=EMBEDDINGS,
                     guard: bool = False) -> tuple[int, dict, dict]:
