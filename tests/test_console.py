@@ -262,9 +262,17 @@ def test_a_tenant_admin_manages_its_tenant_from_the_console_and_a_viewer_reads(s
     go_to(page, "manage", "[data-form=edit-tenant]")
     assert page.is_disabled("[data-field=tier]") and page.is_disabled("[data-field=models]")
     page.fill("[data-field=requests_per_minute]", "30")
+    page.fill("[data-field=end_users]", '{"limits": {"requests_per_minute": 3}}')
+    page.fill("[data-field=guardrails]", '[{"name": "no-cards", "check": "payment_card", "action": "redact"}]')
     page.click("[data-form=edit-tenant] button[type=submit]")
     page.wait_for_selector("#toast:has-text('Saved')")
-    assert admin(gateway, "GET", "/api/v1/organizations/hooli")[1]["limits"]["requests_per_minute"] == 30
+    saved = admin(gateway, "GET", "/api/v1/organizations/hooli")[1]
+    assert saved["limits"]["requests_per_minute"] == 30 and saved["end_users"]["limits"]["requests_per_minute"] == 3
+    assert saved["guardrails"][0]["name"] == "no-cards"
+    page.fill("[data-field=provider]", "openai")
+    page.fill("[data-field=provider-key]", "sk-not-kept")
+    page.click("[data-form=provider-key] button")
+    until(lambda: "Vault" in page.inner_text("[data-form=provider-key] + [role=alert]"))  # no Vault here: said
     page.fill("[data-field=key-name]", "reader")
     page.select_option("[data-field=key-role]", "viewer")
     page.click("[data-form=create-key] button")

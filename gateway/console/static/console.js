@@ -200,6 +200,13 @@ function usageCharts(usage, routing) {
       { title: "Cost", num: true, cell: (r) => money(r.cost_usd) }],
       routing.by_complexity_and_model, { name: "routing", empty: "no routed requests in this period" })));
   }
+  if (usage.by_user && usage.by_user.length) {
+    parts.push(card(`End users (${count(usage.end_users)})`, table([
+      { title: "End user", cell: (r) => r.user }, { title: "Requests", num: true, cell: (r) => count(r.requests) },
+      { title: "Limit refusals", num: true, cell: (r) => count(r.limit_refusals) },
+      { title: "Tokens", num: true, cell: (r) => compact(r.tokens) }, { title: "Cost", num: true, cell: (r) => money(r.cost_usd) }],
+      usage.by_user, { name: "by_user" })));
+  }
   return parts;
 }
 
@@ -404,6 +411,8 @@ async function tenantPage(id) {
     profile: field("profile", tenant.routing.auto ? tenant.routing.auto.profile : "", { placeholder: "by industry" }),
   };
   const cache = el("textarea", { "data-field": "cache", disabled: fromFile }, JSON.stringify(tenant.cache || {}, null, 1));
+  const guardrails = el("textarea", { "data-field": "guardrails", disabled: fromFile }, JSON.stringify(tenant.guardrails || [], null, 1));
+  const endUsers = el("textarea", { "data-field": "end_users", disabled: fromFile }, JSON.stringify(tenant.end_users || {}, null, 1));
   const adapters = el("textarea", { "data-field": "adapters", disabled: fromFile },
                       JSON.stringify(Object.fromEntries(Object.entries(tenant.adapters || {}).map(([k, a]) =>
                         [k, { base: a.base, path: a.path, default: a.default || undefined }])), null, 1));
@@ -428,6 +437,11 @@ async function tenantPage(id) {
       }
       if (cache.value !== cache.defaultValue) body.cache = JSON.parse(cache.value || "{}");
       if (adapters.value !== adapters.defaultValue) body.adapters = JSON.parse(adapters.value || "{}");
+      if (guardrails.value !== guardrails.defaultValue) body.guardrails = JSON.parse(guardrails.value || "[]");
+      if (endUsers.value !== endUsers.defaultValue) {
+        const parsed = JSON.parse(endUsers.value || "{}");
+        body.end_users = Object.keys(parsed).length ? parsed : null;
+      }
       await api(path, { method: "PATCH", body });
       toast("Saved");
       render();
@@ -435,6 +449,7 @@ async function tenantPage(id) {
   } },
     el("div", { class: "form row" }, Object.entries(inputs).map(([name, input]) => el("label", {}, name.replaceAll("_", " "), input))),
     el("div", { class: "two" }, el("label", {}, "cache policy (JSON)", cache), el("label", {}, "adapters (JSON)", adapters)),
+    el("div", { class: "two" }, el("label", {}, "guardrails (JSON)", guardrails), el("label", {}, "end users' limits (JSON)", endUsers)),
     fromFile ? el("p", { class: "muted", text: "Declared in tenants.yaml: change it there." })
              : el("p", {}, el("button", { type: "submit", text: "Save" })), message);
 
@@ -468,11 +483,30 @@ async function tenantPage(id) {
   ], rows, { name: "keys", empty: "no key" });
   const keyList = el("div", {}, keysTable(keys.data));
 
+  const providerMessage = el("div", { role: "alert" });
+  const provider = el("input", { "data-field": "provider", placeholder: "openai, anthropic, ..." });
+  const providerKey = el("input", { type: "password", "data-field": "provider-key", autocomplete: "off" });
+  const providerForm = el("form", { class: "row", "data-form": "provider-key", onsubmit: async (event) => {
+    event.preventDefault();
+    try {
+      await api(`${path}/provider-keys/${encodeURIComponent(provider.value.trim())}`, { method: "PUT", body: { key: providerKey.value } });
+      providerKey.value = "";
+      toast(`Key for ${provider.value} kept in Vault`);
+      render();
+    } catch (error) { providerMessage.replaceChildren(failure(error)); }
+  } }, el("label", {}, "Provider", provider), el("label", {}, "Its key", providerKey),
+     el("button", { type: "submit", text: "Keep in Vault" }));
+  const providers = Object.entries(tenant.provider_keys || {});
+  const providerCard = card("Own provider keys",
+    providers.length ? table([{ title: "Provider", cell: (r) => r[0] }, { title: "Kept at", cell: (r) => r[1] }],
+                             providers, { name: "provider_keys" }) : el("p", { class: "muted", text: "The gateway's own keys are used." }),
+    fromFile ? null : providerForm, providerMessage);
+
   return el("div", {}, el("h1", { text: `${tenant.name} (${tenant.id})` }),
             el("p", {}, operator ? el("a", { href: "#/tenants", text: "All tenants" }) : null, operator ? " · " : null,
                el("span", { class: "muted", text: `${tenant.source} · allowed models: ${tenant.allowed_models.join(", ")}` })),
             card("This month", usageFigures(usage, null)), card("Settings", save),
-            card("Keys", keyForm, newKey, keyList));
+            card("Keys", keyForm, newKey, keyList), providerCard);
 }
 
 // ---------- tenant views ----------
