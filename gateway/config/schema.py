@@ -259,6 +259,15 @@ RULE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 DETECTED = ("email", "payment_card", "iban", "us_ssn", "ip_address", "secrets")
 Word = Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)]
 Words = Annotated[list[Word], Field(min_length=1, max_length=5000)]
+def keyed(key: dict, value: type[BaseModel] | dict, most: int) -> WithJsonSchema:
+    """The JSON schema of a dict whose keys must match ``key`` (minLength, maxLength, pattern): said as
+    propertyNames, so that a key off the pattern is invalid in the schema as it is here (pydantic's own
+    patternProperties would let it through with any value)."""
+    values = value.model_json_schema() if isinstance(value, type) else value
+    return WithJsonSchema({"type": "object", "maxProperties": most, "propertyNames": key,
+                           "additionalProperties": values})
+
+
 # keywords by topic: the names are labels (any text), said as propertyNames so that clients can know
 Topics = Annotated[dict[Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)], Words],
                    Field(max_length=100),
@@ -365,8 +374,10 @@ class ModelRule(_Rule):
     check: Literal["model"]
     action: Literal["block", "flag"] = "block"
     model: str = Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)
-    categories: dict[Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)],
-                     Literal["block", "flag", "allow"]] = Field(
+    categories: Annotated[dict[Annotated[str, Field(min_length=1, max_length=64, pattern=TEXT_PATTERN)],
+                               Literal["block", "flag", "allow"]],
+                          keyed({"minLength": 1, "maxLength": 64, "pattern": TEXT_PATTERN},
+                                {"type": "string", "enum": ["block", "flag", "allow"]}, 100)] = Field(
         default_factory=dict, max_length=100, description="what a flagged category does (moderation categories or "
                                                           "Llama Guard's S1...S14; * for the others); the rule's "
                                                           "action by default")
@@ -602,7 +613,9 @@ class EndUsersSpec(Strict):
     """A tenant's end users (the body's user, Open WebUI's forwarded user header, a token's user claim)."""
 
     limits: EndUserLimitsSpec = Field(EndUserLimitsSpec(), description="every end user's limits")
-    users: dict[Annotated[str, Field(pattern=END_USER_PATTERN)], EndUserLimitsSpec] = Field(
+    users: Annotated[dict[Annotated[str, Field(pattern=END_USER_PATTERN)], EndUserLimitsSpec],
+                     keyed({"minLength": 1, "maxLength": 256, "pattern": END_USER_PATTERN}, EndUserLimitsSpec,
+                           10_000)] = Field(
         default_factory=dict, max_length=10_000, description="one end user's own limits, in place of the default")
     required: StrictBool = Field(False, description="a request that names no end user is refused (400)")
 
@@ -693,7 +706,8 @@ class TenantFields(Strict):
     provider_keys: dict[Literal[PROVIDERS], KeyReference] = Field(
         default_factory=dict, description="the tenant's own keys for providers (bring your own key), as references "
                                           "(vault:... or env:...); its requests to that provider use them")
-    adapters: dict[Annotated[str, Field(pattern=ADAPTER_NAME_PATTERN)], AdapterSpec] = Field(
+    adapters: Annotated[dict[Annotated[str, Field(pattern=ADAPTER_NAME_PATTERN)], AdapterSpec],
+                        keyed({"pattern": ADAPTER_NAME_PATTERN}, AdapterSpec, 100)] = Field(
         default_factory=dict, max_length=100, description="the tenant's LoRA adapters on fleet models, by the model "
                                                           "name the tenant asks for")
     guardrails: list[GuardrailSpec] = Field(default_factory=list, max_length=50,
