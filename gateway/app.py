@@ -46,7 +46,7 @@ from gateway.stores.limits import Limiter
 from gateway.stores.responses import ResponseStore
 from gateway.stores import partitions, route_window
 from gateway.stores.resp import ReplyError
-from gateway.routing.share import WINDOW, ShareKeeper
+from gateway.routing.share import READ as SHARE_READ, WINDOW, ShareKeeper
 from gateway.upstreams.client import UpstreamClient
 from gateway.upstreams.fleet import Fleet
 
@@ -265,14 +265,18 @@ class Gateway:
         (shared through Redis by the replicas; this process's own while Redis cannot be reached)."""
         shares, shared = self.shares, True
         while True:
-            await asyncio.sleep(interval)
+            try:  # every ``interval``, or as soon as enough new scores have come
+                await asyncio.wait_for(shares.due.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
             pending = shares.take_pending()
             if not shares.targets:
                 continue
             windows = {scope: list(shares.local.get(scope, ())) for scope in shares.targets}
             if self.limiter is not None:
                 try:
-                    windows = await route_window.exchange(self.limiter.client, pending, shares.targets, WINDOW)
+                    windows = await route_window.exchange(self.limiter.client, pending, shares.targets, WINDOW,
+                                                          SHARE_READ)
                     shared = True
                 except (OSError, ConnectionError, asyncio.TimeoutError, ReplyError) as exc:
                     if shared:

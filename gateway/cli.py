@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     bench.set_defaults(run=_bench)
     bench_kinds = bench.add_subparsers(
         dest="bench_kind",
-        metavar="[tenants | fleet | providers | protocols | guardrails | console | ledger | redis | retrieval | "
-                "semantic]")
+        metavar="[tenants | fleet | providers | protocols | guardrails | shares | console | ledger | redis | "
+                "retrieval | semantic]")
 
     def bench_kind(name: str, help: str, run) -> argparse.ArgumentParser:
         kind = bench_kinds.add_parser(name, help=help)
@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> None:
     guardrails_bench = bench_kind("guardrails", "the policy stage's cost, and the personal-data checks' precision "
                                                 "and recall on a labelled set", _bench_guardrails)
     guardrails_bench.add_argument("--rounds", type=int, default=50, help="timings per request (medians reported)")
+    bench_kind("shares", "the thresholds kept at a target share of large-model calls, on a change of traffic",
+               _bench_shares)
     console_bench = bench_kind("console", "the console's pages with a large ledger behind them", _bench_console)
     console_bench.add_argument("--rows", type=int, default=100_000, help="ledger rows generated over this month")
     console_bench.add_argument("--rounds", type=int, default=20, help="loads of each page")
@@ -366,6 +368,12 @@ def _bench_guardrails(args: argparse.Namespace) -> None:
     from gateway.bench.guardrails import run_guardrail_benchmark
 
     run_guardrail_benchmark(rounds=args.rounds, output=args.output)
+
+
+def _bench_shares(args: argparse.Namespace) -> None:
+    from gateway.bench.shares import run_share_benchmark
+
+    run_share_benchmark(output=args.output)
 
 
 def _bench_fleet(args: argparse.Namespace) -> None:

@@ -38,7 +38,6 @@ class RouteRequest:
         decision = classifier.classify(ctx.body)
         complexity = decision.complexity.value
         if profile.target_large_share is not None and self.shares is not None:  # thresholds that follow traffic
-            self.shares.observe(profile.share_scope, decision.score, profile.target_large_share, profile.large_from)
             kept = self.shares.complexity(profile.share_scope, decision.score)
             complexity = kept.value if kept is not None else complexity
         ctx.complexity, ctx.route_score = complexity, round(decision.score, 4)
@@ -62,12 +61,25 @@ class RouteRequest:
             model = _serving_neighbour(config, profile, model)
             rule += ":unavailable"
         ctx.model = model
+        if profile.target_large_share is not None and self.shares is not None:
+            ctx.on_finish(_observer(self.shares, profile, decision.score, model.size != "small"))
         ctx.adapter = ctx.tenant.default_adapters.get(model.name) if ctx.tenant.default_adapters else None
         ctx.routing_rule = f"{rule}->{model.name}"
         if profile.cascade and model.size == "small" and (ctx.endpoint.is_chat or ctx.endpoint.route == "completions"):
             ctx.cascade_to = _next_up(config, profile, model)
         if model.size == "small" and config.router.keep_examples:
             ctx.route_example = _example(decision)
+
+
+def _observer(shares: ShareKeeper, profile: Profile, score: float, went_large: bool):
+    """At the request's end: its score joins the scope's window if it was answered (a request refused by limits,
+    budget or the upstream is not routed traffic, and would skew the share)."""
+
+    async def observe(ctx: RequestContext) -> None:
+        if 0 < ctx.status < 400:
+            shares.observe(profile.share_scope, score, profile.target_large_share, profile.large_from, went_large)
+
+    return observe
 
 
 def _example(decision: Decision) -> str:

@@ -114,8 +114,8 @@ class Classifier:
         if scorer is not None and self.weights.get("learned"):
             hashed = hashed_features(words, scorer.buckets, scorer.max_tokens)
             found["learned"] = scorer.score_features(hashed)
-            if (scorer.buckets, scorer.max_tokens) != (BUCKETS, MAX_TOKENS):
-                hashed = None
+            if scorer.buckets != BUCKETS or (scorer.max_tokens != MAX_TOKENS and len(words) > MAX_TOKENS):
+                hashed = None  # the ledger keeps the first MAX_TOKENS words' features: hashed again for it
         weights = self.weights
         return sum(weights.get(name, 0.0) * value for name, value in found.items()), found, words, hashed
 

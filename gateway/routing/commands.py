@@ -39,12 +39,16 @@ def train(examples: Sequence[Example], output: Path, use_all: bool, source: str)
     started = time.perf_counter()
     usable, left_out = credible(examples)
     grouped = _grouped(usable)
-    fold_list = fit.folds(grouped)
+    train_set = usable if use_all else split(usable)[0]
+    ridge = fit.choose_ridge(train_set)  # by folds inside what is trained on, never the held-out half
+    fold_list = fit.folds(grouped, ridge)
     rules = fit.choose_weights(fold_list, {k: v for k, v in DEFAULT_WEIGHTS.items() if k in fit.TUNED},
                                with_learned=False)
     blend = fit.choose_weights(fold_list, {**rules, "learned": 1.0}, with_learned=True)
-    train_set = usable if use_all else split(usable)[0]
-    scorer = fit.train_scorer(train_set)
+    traffic = [e for e in train_set if e.prompt is None]  # the gateway's own, beside a labelled file
+    files = [e for e in train_set if e.prompt is not None]
+    own_weight = fit.adapt(files, traffic, blend, ridge)[0] if traffic and files else 1
+    scorer = fit.train_scorer(files + traffic * own_weight if own_weight != 1 else train_set, ridge)
     classifier = Classifier(weights=blend, scorer=scorer)
     scores = [_score(classifier, e) for e in train_set]
     thresholds = _thresholds(scores, LARGE_SHARE, CRITICAL_SHARE)["thresholds"]
@@ -54,7 +58,11 @@ def train(examples: Sequence[Example], output: Path, use_all: bool, source: str)
         "left_out_subjects": left_out,
         "trained_on": len(train_set),
         "split": "all" if use_all else "training half",
-        "target": "the large model's gain: 1 where only it is right, 0 where only the small one is",
+        "target": "the large model's gain: 1 where only it is right, 0 where only the small one is; drawn towards "
+                  "its subject's mean gain by the smoothing",
+        "ridge": {"alpha": ridge.alpha, "smoothing": ridge.smoothing, "cross_validated_apgr": ridge.cv_apgr,
+                  "chosen_by": f"{fit.CV_FOLDS} folds inside the examples trained on",
+                  "traffic_weight": own_weight},
         "groups": _group_note(grouped, usable),
         "leave_group_out": _fold_report(fold_list, {"rules": rules, "this scorer's blend": blend,
                                                     "learned scorer alone": {"learned": 1.0}}),
@@ -66,7 +74,7 @@ def train(examples: Sequence[Example], output: Path, use_all: bool, source: str)
         report["held_out_half"] = _held_out(split(examples)[1], classifier, rules)
     scorer.meta = {"trained_on": source, "examples": len(train_set), "split": report["split"],
                    "seconds": round(time.perf_counter() - started, 1), "blend": blend, "thresholds": thresholds,
-                   "report": report}
+                   "ridge": {"alpha": ridge.alpha, "smoothing": ridge.smoothing}, "report": report}
     scorer.save(output)
     return {"output": str(output), "weights": len(scorer.weights), **report,
             "models_yaml": f"router:\n  classifier:\n    scorer: {output}"}
@@ -80,6 +88,7 @@ def evaluate(data: Path, scorer_path: Path, image: Path | None, every_row: bool 
     examples = _enough(load_examples(data))
     scorer = LearnedScorer.load(scorer_path)
     blend = scorer.blend or {**DEFAULT_WEIGHTS, "learned": 1.0}
+    ridge = fit.Ridge(**(scorer.meta.get("ridge") or {}))
     test = examples if every_row else split(examples)[1]
     gateway = Classifier(weights=blend, scorer=scorer)
     rules = Classifier(scorer=None)
@@ -109,7 +118,7 @@ def evaluate(data: Path, scorer_path: Path, image: Path | None, every_row: bool 
             for name, scores in named.items()},
         "left_out_subjects": left_out,
         "groups": _group_note(grouped, usable),
-        "leave_group_out": _fold_report(fit.folds(grouped), {
+        "leave_group_out": _fold_report(fit.folds(grouped, ridge), {
             "rules (no scorer)": rules.weights, "rules + learned (the gateway's classifier)": blend,
             "learned scorer alone": {"learned": 1.0}, "prompt length alone": {"length": 1.0}}),
         "microseconds_per_decision": {
@@ -121,14 +130,17 @@ def evaluate(data: Path, scorer_path: Path, image: Path | None, every_row: bool 
         if not every_row:
             report["subject_known"] = _subject_known(split(usable)[0], [e for e in test if e.subject not in left_out])
     if learning:
-        curves = fit.learning_curve(grouped, blend)
+        curves = fit.learning_curve(grouped, blend, ridge=ridge)
         report["learning_from_labelled_examples"] = {
             "what": "per group: a scorer trained on the other groups plus this many labelled examples of this one, "
                     f"judged on the rest of it (at least {fit.LEARNING_TEST_MINIMUM})",
             **{name: {str(size): {"mean_apgr": round(sum(each.values()) / len(each), 4) if each else None,
                                   "groups": {k: round(v, 4) for k, v in each.items()}}
                       for size, each in curves[key].items()}
-               for name, key in (("this scorer's blend", "blend"), ("learned scorer alone", "learned"))}}
+               for name, key in (("this scorer's blend", "blend"),
+                                 ("adapted to the family's own labels (their weight, the blend chosen on them)",
+                                  "rechosen"),
+                                 ("learned scorer alone", "learned"))}}
     return report
 
 

@@ -20,15 +20,22 @@ from typing import Sequence
 
 from gateway.routing.classifier import Classifier
 from gateway.routing.evaluate import Example, apgr_of, groups_of, subject_means
-from gateway.routing.scorer import BUCKETS, MAX_TOKENS, LearnedScorer, features_of
+from gateway.routing.scorer import BUCKETS, READ_TOKENS, LearnedScorer, features_of
 from gateway.routing.signals import DEFAULT_VOCABULARY, question_of, signals, words_of
 
 RULES = {"simple_words": -0.3, "complex_words": 0.15, "critical_words": 0.5, "code": 0.07, "depth": 0.03,
          "tools": 0.05}  # kept as they are
 TUNED = ("length", "technical_terms", "reasoning", "quantitative", "multi_step", "negation", "constraints",
          "sentences", "instruction")
-SMOOTHING = 0.2  # an example's target: this much its own gain, the rest its subject's mean gain
+# The ridge's regulariser and the target's smoothing (an example's target: this much its own gain, the rest its
+# subject's mean gain) are chosen by cross-validation inside the examples trained on (choose_ridge); these are the
+# values it chose on the training half of the packaged MMLU data, the defaults where there is nothing to choose on.
+ALPHA, SMOOTHING = 4.0, 0.3
+ALPHAS, SMOOTHINGS, CV_FOLDS = (1.0, 2.0, 4.0, 8.0), (0.2, 0.3, 0.5), 4
 STEPS = (0.1, 0.05, 0.025, 0.0125, 0.005)
+LEARNED_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+OWN_WEIGHTS = (1, 4, 8)
+REFERENCE_LEARNED = 1.2  # the learned weight next to which RULES were set  # how many times a new kind of traffic's own labelled example may count
 
 
 @dataclass
@@ -48,27 +55,61 @@ def signals_of(example: Example) -> dict[str, float]:
 
 
 def features(example: Example) -> tuple[int, ...]:
-    return example.features if example.features is not None else features_of(example.prompt or "")
+    """The words a scorer reads of an example: its text's first READ_TOKENS, or what the ledger kept of it."""
+    if example.features is not None:
+        return example.features
+    return features_of(example.prompt or "", max_tokens=READ_TOKENS)
 
 
-def targets(examples: Sequence[Example]) -> list[float]:
-    """What the scorer learns for each example: its gain, drawn towards its subject's mean gain when subjects are
-    known (one answer is a noisy label; a subject's mean is what a scorer can learn from its words)."""
+def targets(examples: Sequence[Example], smoothing: float = SMOOTHING) -> list[float]:
+    """What the scorer learns for each example: its gain, drawn towards its subject's mean gain (over ``examples``)
+    when subjects are known (one answer is a noisy label; a subject's mean is what a scorer can learn from its
+    words)."""
     means = subject_means(examples)
-    return [SMOOTHING * e.gain + (1 - SMOOTHING) * means[e.subject] if e.subject else e.gain for e in examples]
+    return [smoothing * e.gain + (1 - smoothing) * means[e.subject] if e.subject else e.gain for e in examples]
 
 
-def train_scorer(examples: Sequence[Example], **options) -> LearnedScorer:
-    return LearnedScorer.train(zip((features(e) for e in examples), targets(examples)), buckets=BUCKETS,
-                               max_tokens=MAX_TOKENS, **options)
+@dataclass(frozen=True)
+class Ridge:
+    alpha: float = ALPHA
+    smoothing: float = SMOOTHING
+    cv_apgr: float | None = None  # the mean APGR of the cross-validation that chose them
 
 
-def folds(examples: Sequence[Example]) -> list[Fold]:
+def train_scorer(examples: Sequence[Example], ridge: Ridge = Ridge()) -> LearnedScorer:
+    return LearnedScorer.train_ridge(zip((features(e) for e in examples), targets(examples, ridge.smoothing)),
+                                     ridge.alpha, buckets=BUCKETS, max_tokens=READ_TOKENS)
+
+
+def choose_ridge(examples: Sequence[Example]) -> Ridge:
+    """The regulariser and the target's smoothing with the best mean APGR over CV_FOLDS folds drawn by hash inside
+    ``examples`` (each fold's subject means from the other folds, so that no label leaks into its own target)."""
+    drawn = [zlib.crc32((e.prompt or str(e.features)).encode()) % CV_FOLDS for e in examples]
+    parts = [([e for e, d in zip(examples, drawn) if d != k], [e for e, d in zip(examples, drawn) if d == k])
+             for k in range(CV_FOLDS)]
+    parts = [(train, test) for train, test in parts if train and test and len({e.gain for e in test}) > 1]
+    if not parts:
+        return Ridge()
+    smoothings = SMOOTHINGS if any(e.subject for e in examples) else (1.0,)
+    best = Ridge(cv_apgr=-1.0)
+    for smoothing in smoothings:
+        for alpha in ALPHAS:
+            each = []
+            for train, test in parts:
+                scorer = train_scorer(train, Ridge(alpha, smoothing))
+                each.append(apgr_of([scorer.score_features(features(e)) for e in test], test))
+            mean = sum(each) / len(each)
+            if mean > best.cv_apgr + 1e-4:
+                best = Ridge(alpha, smoothing, round(mean, 4))
+    return best
+
+
+def folds(examples: Sequence[Example], ridge: Ridge = Ridge()) -> list[Fold]:
     """One fold per group: the group's examples, their signals, and scores from a scorer trained without it."""
     result = []
     for group in groups_of(examples):
         held_out = [e for e in examples if e.group == group]
-        scorer = train_scorer([e for e in examples if e.group != group])
+        scorer = train_scorer([e for e in examples if e.group != group], ridge)
         result.append(Fold(group, held_out, [signals_of(e) for e in held_out],
                            [scorer.score_features(features(e)) for e in held_out]))
     return result
@@ -87,9 +128,28 @@ def mean_apgr(fold_list: Sequence[Fold], weights: dict[str, float]) -> tuple[flo
 
 
 def choose_weights(fold_list: Sequence[Fold], start: dict[str, float], with_learned: bool) -> dict[str, float]:
-    """Coordinate ascent on the mean leave-group-out APGR, from ``start``, within each signal's allowed sign."""
-    weights = {**start, **RULES}
-    names = (("learned",) if with_learned else ()) + TUNED
+    """Coordinate ascent on the mean APGR over ``fold_list`` (leave-group-out), within each signal's allowed sign:
+    from ``start`` and, with the learned scorer, also from the learned scorer with the rules alone; the better of
+    the two, so that the blend is never worse on the folds than the learned scorer by itself."""
+    if not with_learned:
+        return _ascend(fold_list, {**start, **RULES}, TUNED)
+    starts = ({**start, **RULES}, {"learned": 1.0, **RULES})
+    found = [_ascend(fold_list, _scaled(fold_list, weights), ("learned",) + TUNED) for weights in starts]
+    return max(found, key=lambda weights: mean_apgr(fold_list, weights)[0])
+
+
+def _scaled(fold_list: Sequence[Fold], weights: dict[str, float]) -> dict[str, float]:
+    """``weights`` with the learned scorer's weight of the best order, and the rules scaled with it.
+
+    A scorer's spread is its own (a ridge's is narrow, so its weight is large): the marker words, the admin's rules,
+    keep the strength they have next to it when its weight is REFERENCE_LEARNED, so that a request naming a breach
+    still reaches the critical class whatever scorer is loaded."""
+    learned = max(LEARNED_SCALES, key=lambda w: mean_apgr(fold_list, {**weights, "learned": w})[0])
+    factor = max(1.0, learned / REFERENCE_LEARNED)
+    return {**weights, **{name: round(value * factor, 4) for name, value in RULES.items()}, "learned": learned}
+
+
+def _ascend(fold_list: Sequence[Fold], weights: dict[str, float], names: Sequence[str]) -> dict[str, float]:
     best, _ = mean_apgr(fold_list, weights)
     for step in STEPS:
         improved = True
@@ -121,12 +181,15 @@ LEARNING_TEST_MINIMUM = 200  # a group is judged on at least this many of its ex
 
 
 def learning_curve(examples: Sequence[Example], weights: dict[str, float],
-                   sizes: Sequence[int] = LEARNING_SIZES) -> dict[str, dict[int, dict[str, float]]]:
+                   sizes: Sequence[int] = LEARNING_SIZES,
+                   ridge: Ridge = Ridge()) -> dict[str, dict[int, dict[str, float]]]:
     """How fast the router learns a kind of traffic it was not fitted to, as it would from the gateway's ledger:
     for each group, a scorer trained on the other groups plus the first ``size`` labelled examples of this one
     (in a fixed order by hash), judged on the group's examples past the largest size. APGR per group, by size,
-    for the classifier with ``weights`` and for the learned scorer alone."""
+    for the classifier with ``weights``, for it adapted to the labels (``adapt``: their weight and the blend chosen
+    again on them), and for the learned scorer alone."""
     result: dict[str, dict[int, dict[str, float]]] = {"blend": {size: {} for size in sizes},
+                                                      "rechosen": {size: {} for size in sizes},
                                                       "learned": {size: {} for size in sizes}}
     for group in groups_of(examples):
         own = sorted((e for e in examples if e.group == group), key=_draw_order)
@@ -136,11 +199,45 @@ def learning_curve(examples: Sequence[Example], weights: dict[str, float],
         judged = own[max(sizes):]
         judged_signals = [signals_of(e) for e in judged]
         for size in sizes:
-            scorer = train_scorer(others + own[:size])
+            scorer = train_scorer(others + own[:size], ridge)
             fold = Fold(group, judged, judged_signals, [scorer.score_features(features(e)) for e in judged])
             result["blend"][size][group] = apgr_of(fold_scores(fold, weights), judged)
             result["learned"][size][group] = apgr_of(fold.learned, judged)
+            if size:
+                weight, rechosen = adapt(others, own[:size], weights, ridge)
+                if weight != 1:
+                    scorer = train_scorer(others + own[:size] * weight, ridge)
+                    fold = Fold(group, judged, judged_signals,
+                                [scorer.score_features(features(e)) for e in judged])
+            else:
+                rechosen = weights
+            result["rechosen"][size][group] = apgr_of(fold_scores(fold, rechosen), judged)
     return result
+
+
+def adapt(others: Sequence[Example], labelled: Sequence[Example], weights: dict[str, float],
+          ridge: Ridge = Ridge()) -> tuple[int, dict[str, float]]:
+    """How a new kind of traffic's own ``labelled`` examples should count, once there are some: how many times
+    each weighs against ``others`` in the scorer's training (OWN_WEIGHTS), then the blend chosen again. Both are
+    judged on two folds of the labelled examples (each scored by a scorer trained on ``others`` and the other
+    fold), never on the traffic to come. Below 100 labels, or with labels all alike, nothing changes."""
+    halves = [[e for i, e in enumerate(labelled) if i % 2 == k] for k in (0, 1)]
+    if min(len(h) for h in halves) < 50 or any(len({e.gain for e in h}) < 2 for h in halves):
+        return 1, weights
+    best_folds, best = None, -1.0
+    own = 1
+    for weight in OWN_WEIGHTS:
+        fold_list = []
+        for k in (0, 1):
+            scorer = train_scorer(list(others) + halves[1 - k] * weight, ridge)
+            fold_list.append(Fold(f"half-{k}", halves[k], [signals_of(e) for e in halves[k]],
+                                  [scorer.score_features(features(e)) for e in halves[k]]))
+        value, _ = mean_apgr(fold_list, {"learned": 1.0})
+        if value > best + 1e-4:
+            best, best_folds, own = value, fold_list, weight
+    chosen = choose_weights(best_folds, {k: v for k, v in weights.items() if k not in RULES}, with_learned=True)
+    kept, _ = mean_apgr(best_folds, weights)
+    return own, chosen if mean_apgr(best_folds, chosen)[0] > kept else weights
 
 
 def _draw_order(example: Example) -> int:

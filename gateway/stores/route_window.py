@@ -17,8 +17,9 @@ def _key(scope: str) -> str:
 
 
 async def exchange(redis: Redis, pending: dict[str, list[float]], scopes: Iterable[str],
-                   size: int) -> dict[str, list[float]]:
-    """Add this replica's new scores to the shared windows (each trimmed to ``size``), then read ``scopes``'."""
+                   size: int, read: int | None = None) -> dict[str, list[float]]:
+    """Add this replica's new scores to the shared windows (each trimmed to ``size``), then read the newest
+    ``read`` of ``scopes``' (newest first)."""
     for scope, scores in pending.items():
         key = _key(scope)
         await redis.execute("LPUSH", key, *(f"{score:.6g}" for score in scores))
@@ -26,6 +27,6 @@ async def exchange(redis: Redis, pending: dict[str, list[float]], scopes: Iterab
         await redis.execute("EXPIRE", key, WINDOW_TTL_SECONDS)
     windows = {}
     for scope in scopes:
-        values = await redis.execute("LRANGE", _key(scope), 0, size - 1)
+        values = await redis.execute("LRANGE", _key(scope), 0, (read or size) - 1)
         windows[scope] = [float(v) for v in values or ()]
     return windows

@@ -84,7 +84,7 @@ SELECT complexity, model, sum(requests)::bigint AS requests, sum(answered)::bigi
 FROM daily GROUP BY 1, 2 ORDER BY 1, 3 DESC
 """
 _DECIDED = _ROUTING + """
-SELECT decided, sum(requests)::bigint AS requests FROM daily GROUP BY 1
+SELECT decided, sum(answered)::bigint AS answered FROM daily GROUP BY 1
 """
 
 
@@ -207,7 +207,9 @@ def _savings(config: GatewayConfig, prompt_tokens: int, completion_tokens: int, 
 
 async def routing_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: str | None, start: dt.datetime,
                          end: dt.datetime) -> dict:
-    """What the router did for a tenant (or all): requests by complexity and by model, cascades, savings."""
+    """What the router did for a tenant (or all): requests by complexity and by model, cascades, savings. Routed
+    requests are the answered ones: a request refused after its score was taken (limits, budget, the upstream)
+    keeps its score in the ledger for diagnosis, and is counted apart (``not_answered``)."""
     span = _between(start, end)
     rows, decided = await asyncio.gather(_fetch(pool, "fetch", _for(_ROUTED, tenant_id), tenant_id, *span),
                                          _fetch(pool, "fetch", _for(_DECIDED, tenant_id), tenant_id, *span))
@@ -217,9 +219,9 @@ async def routing_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: s
     requests = answered = cascaded = prompt = completion = 0
     cost = 0.0
     for row in rows:
-        by_complexity[row["complexity"]] = by_complexity.get(row["complexity"], 0) + row["requests"]
-        if row["model"] is not None:
-            by_model[row["model"]] = by_model.get(row["model"], 0) + row["requests"]
+        by_complexity[row["complexity"]] = by_complexity.get(row["complexity"], 0) + row["answered"]
+        if row["model"] is not None and row["answered"]:
+            by_model[row["model"]] = by_model.get(row["model"], 0) + row["answered"]
         requests += row["requests"]
         answered += row["answered"]
         cascaded += row["cascaded"]
@@ -231,18 +233,23 @@ async def routing_report(pool: asyncpg.Pool, config: GatewayConfig, tenant_id: s
         "tenant": tenant_id,
         "start": start.date().isoformat(),
         "end": last_day(end),
-        "routed_requests": requests,
+        "routed_requests": answered,
+        "not_answered": requests - answered,
         "by_complexity": by_complexity,
         "by_model": dict(sorted(by_model.items(), key=lambda item: -item[1])),
         "by_complexity_and_model": [
-            {"complexity": r["complexity"], "model": r["model"], "requests": r["requests"], "cascaded": r["cascaded"],
+            {"complexity": r["complexity"], "model": r["model"], "requests": r["answered"],
+             "not_answered": r["requests"] - r["answered"], "cascaded": r["cascaded"],
              "cost_usd": round(float(r["cost_usd"]), 9),
              "average_confidence": None if r["confidence"] is None else round(float(r["confidence"]), 4)}
             for r in rows],
         "cascade_rate": round(cascaded / answered, 4) if answered else None,
         "large_share": {
-            "routed_to_large": _large_share(config, [(r["decided"], r["requests"]) for r in decided]),
+            "routed_to_large": _large_share(config, [(r["decided"], r["answered"]) for r in decided]),
             "answered_by_large": _large_share(config, [(r["model"], r["answered"]) for r in rows]),
+            "denominators": {
+                "routed_to_large": "answered routed requests, by the model the router chose",
+                "answered_by_large": "answered routed requests, by the model that answered (after cascades)"},
         },
         "cost_usd": round(cost, 9),
         "savings": _savings(config, prompt, completion, cost),
