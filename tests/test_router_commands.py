@@ -69,7 +69,11 @@ def test_data_the_scorer_never_saw_is_judged_on_every_row(tmp_path):
     outside.write_text("".join(json.dumps(row) + "\n" for row in rows))
     report = router("evaluate", "--data", str(outside), "--every-row")
     assert report["judged_on"] == "every row" and report["prompts_judged"] == 300
-    assert router("evaluate", "--data", str(outside))["prompts_judged"] < 200
+    # without subjects the file cannot be the scorer's training data: every row is judged unasked, and its folds,
+    # drawn at random in one domain, are not called leave-group-out
+    unasked = router("evaluate", "--data", str(outside))
+    assert unasked["judged_on"] == "every row" and unasked["prompts_judged"] == 300
+    assert "leave_group_out" not in unasked and "random_folds_in_domain" in unasked
 
 
 def test_the_learning_curve_judges_each_group_on_examples_it_never_trained_on(tmp_path):

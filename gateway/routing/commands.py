@@ -64,7 +64,7 @@ def train(examples: Sequence[Example], output: Path, use_all: bool, source: str)
                   "chosen_by": f"{fit.CV_FOLDS} folds inside the examples trained on",
                   "traffic_weight": own_weight},
         "groups": _group_note(grouped, usable),
-        "leave_group_out": _fold_report(fold_list, {"rules": rules, "this scorer's blend": blend,
+        _folds_name(grouped, usable): _fold_report(fold_list, {"rules": rules, "this scorer's blend": blend,
                                                     "learned scorer alone": {"learned": 1.0}}),
         "blend": blend,
         "rules_without_a_scorer": rules,
@@ -89,6 +89,9 @@ def evaluate(data: Path, scorer_path: Path, image: Path | None, every_row: bool 
     scorer = LearnedScorer.load(scorer_path)
     blend = scorer.blend or {**DEFAULT_WEIGHTS, "learned": 1.0}
     ridge = fit.Ridge(**(scorer.meta.get("ridge") or {}))
+    # A file that names no subjects is not the data the scorer was trained on (the packaged MMLU rows all name
+    # theirs): every row of it is judged, as none of it can be in the scorer's training half.
+    every_row = every_row or not any(e.subject for e in examples)
     test = examples if every_row else split(examples)[1]
     gateway = Classifier(weights=blend, scorer=scorer)
     rules = Classifier(scorer=None)
@@ -118,7 +121,7 @@ def evaluate(data: Path, scorer_path: Path, image: Path | None, every_row: bool 
             for name, scores in named.items()},
         "left_out_subjects": left_out,
         "groups": _group_note(grouped, usable),
-        "leave_group_out": _fold_report(fit.folds(grouped, ridge), {
+        _folds_name(grouped, usable): _fold_report(fit.folds(grouped, ridge), {
             "rules (no scorer)": rules.weights, "rules + learned (the gateway's classifier)": blend,
             "learned scorer alone": {"learned": 1.0}, "prompt length alone": {"length": 1.0}}),
         "microseconds_per_decision": {
@@ -236,6 +239,11 @@ def _grouped(examples: list[Example]) -> list[Example]:
         return f"draw-{zlib.crc32(key) % 4}"
 
     return [replace(e, group=drawn(e)) for e in examples]
+
+
+def _folds_name(grouped: list[Example], usable: list[Example]) -> str:
+    """What the folds are called in a report: leave-group-out only when they hold out real groups."""
+    return "leave_group_out" if grouped is usable else "random_folds_in_domain"
 
 
 def _group_note(grouped: list[Example], usable: list[Example]) -> str:

@@ -34,8 +34,9 @@ ALPHA, SMOOTHING = 4.0, 0.3
 ALPHAS, SMOOTHINGS, CV_FOLDS = (1.0, 2.0, 4.0, 8.0), (0.2, 0.3, 0.5), 4
 STEPS = (0.1, 0.05, 0.025, 0.0125, 0.005)
 LEARNED_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
-OWN_WEIGHTS = (1, 4, 8)
-REFERENCE_LEARNED = 1.2  # the learned weight next to which RULES were set  # how many times a new kind of traffic's own labelled example may count
+OWN_WEIGHTS = (1, 4, 8)  # how many times a new kind of traffic's own labelled example may count
+ADAPT_FOLDS = 3
+REFERENCE_LEARNED = 1.2  # the learned weight next to which RULES were set
 
 
 @dataclass
@@ -218,26 +219,27 @@ def learning_curve(examples: Sequence[Example], weights: dict[str, float],
 def adapt(others: Sequence[Example], labelled: Sequence[Example], weights: dict[str, float],
           ridge: Ridge = Ridge()) -> tuple[int, dict[str, float]]:
     """How a new kind of traffic's own ``labelled`` examples should count, once there are some: how many times
-    each weighs against ``others`` in the scorer's training (OWN_WEIGHTS), then the blend chosen again. Both are
-    judged on two folds of the labelled examples (each scored by a scorer trained on ``others`` and the other
-    fold), never on the traffic to come. Below 100 labels, or with labels all alike, nothing changes."""
-    halves = [[e for i, e in enumerate(labelled) if i % 2 == k] for k in (0, 1)]
-    if min(len(h) for h in halves) < 50 or any(len({e.gain for e in h}) < 2 for h in halves):
+    each weighs against ``others`` in the scorer's training (OWN_WEIGHTS), and whether the blend in force or the
+    learned scorer with the rules alone serves it better. Judged on the labelled examples themselves, each scored
+    by a scorer trained without it (ADAPT_FOLDS folds), never on the traffic to come; a choice is made among few
+    candidates, so that a few hundred labels cannot be fitted by chance. Below 100 labels nothing changes."""
+    if len(labelled) < 100 or len({e.gain for e in labelled}) < 2:
         return 1, weights
-    best_folds, best = None, -1.0
-    own = 1
+    parts = [[e for i, e in enumerate(labelled) if i % ADAPT_FOLDS == k] for k in range(ADAPT_FOLDS)]
+    best, own, scores = -1.0, 1, None
     for weight in OWN_WEIGHTS:
-        fold_list = []
-        for k in (0, 1):
-            scorer = train_scorer(list(others) + halves[1 - k] * weight, ridge)
-            fold_list.append(Fold(f"half-{k}", halves[k], [signals_of(e) for e in halves[k]],
-                                  [scorer.score_features(features(e)) for e in halves[k]]))
-        value, _ = mean_apgr(fold_list, {"learned": 1.0})
+        found = {}
+        for k, part in enumerate(parts):
+            rest = [e for j, p in enumerate(parts) if j != k for e in p]
+            scorer = train_scorer(list(others) + rest * weight, ridge)
+            found.update({id(e): scorer.score_features(features(e)) for e in part})
+        learned = [found[id(e)] for e in labelled]
+        value = apgr_of(learned, labelled)
         if value > best + 1e-4:
-            best, best_folds, own = value, fold_list, weight
-    chosen = choose_weights(best_folds, {k: v for k, v in weights.items() if k not in RULES}, with_learned=True)
-    kept, _ = mean_apgr(best_folds, weights)
-    return own, chosen if mean_apgr(best_folds, chosen)[0] > kept else weights
+            best, own, scores = value, weight, learned
+    fold = Fold("labelled", list(labelled), [signals_of(e) for e in labelled], scores)
+    words_and_rules = {name: value for name, value in weights.items() if name not in TUNED}
+    return own, max((weights, words_and_rules), key=lambda w: apgr_of(fold_scores(fold, w), fold.examples))
 
 
 def _draw_order(example: Example) -> int:
