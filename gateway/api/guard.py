@@ -19,7 +19,6 @@ import re
 import time
 from dataclasses import dataclass
 from typing import Callable
-from urllib.parse import unquote
 
 from gateway.asgi import BodyTooLarge, ClientDisconnected, Receive, Scope, Send, header, read_body, send_response
 from gateway.config.keys import hash_key
@@ -71,8 +70,8 @@ def _tenant_may(principal: Principal, method: str, path: str) -> None:
         return
     own = _OWN_TENANT.match(path)
     if own is not None:
-        if unquote(own["tenant"]) != principal.tenant:
-            raise GatewayError(404, f"No tenant '{unquote(own['tenant'])}'.", type="not_found_error",
+        if own["tenant"] != principal.tenant:  # the path as the routes read it (already percent-decoded)
+            raise GatewayError(404, f"No tenant '{own['tenant'][:100]}'.", type="not_found_error",
                                code="tenant_not_found")
         rest = (own["rest"] or "").rstrip("/")
         first = "/" + rest.split("/")[1] if rest else ""
