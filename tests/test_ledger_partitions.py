@@ -169,10 +169,11 @@ def test_reports_from_rollups_equal_the_rows_and_outlive_them(database):
         assert overall["requests"] == await connection.fetchval(
             "SELECT count(*) FROM usage_ledger WHERE created_at >= $1 AND created_at < $2", midnight(first), end)
         routing = await routing_report(pool, CONFIG, "a", start, end)
-        routed = await connection.fetchval("SELECT count(*) FROM usage_ledger WHERE tenant_id = 'a' AND "
-                                           "complexity IS NOT NULL AND created_at >= $1 AND created_at < $2", start,
-                                           end)
-        assert routing["routed_requests"] == routed > 0
+        routed = await connection.fetchrow(
+            "SELECT count(*) FILTER (WHERE status < 400) AS answered, count(*) AS scored FROM usage_ledger "
+            "WHERE tenant_id = 'a' AND complexity IS NOT NULL AND created_at >= $1 AND created_at < $2", start, end)
+        assert routing["routed_requests"] == routed["answered"] > 0  # answered routed requests only
+        assert routing["not_answered"] == routed["scored"] - routed["answered"] > 0
 
         # forty days later, with 30 days kept: the days' partitions are dropped, their reports stay
         later = first + dt.timedelta(days=40)
