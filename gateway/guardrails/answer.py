@@ -221,20 +221,26 @@ def _filter_choices(answer: dict) -> None:
             _filter(choice)
 
 
+def _choice_texts(choice: object, part: str) -> list[str]:
+    """A choice's text and its tool calls' arguments; ``part`` is "message" (a whole answer) or "delta" (a stream's
+    chunk); a completion's choice has ``text``."""
+    if not isinstance(choice, dict):
+        return []
+    holder = choice.get(part)
+    if not isinstance(holder, dict):
+        return [choice["text"]] if isinstance(choice.get("text"), str) else []
+    texts = [holder["content"]] if isinstance(holder.get("content"), str) else []
+    for call in holder.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            texts.append(function["arguments"])
+    return texts
+
+
 def _answer_text(answer: dict) -> str:
     """A whole answer's text as a guard model reads it: every choice's text and tool calls' arguments."""
-    parts = []
-    for choice in answer.get("choices") or ():
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if isinstance(message, dict):
-            parts.append(message.get("content") if isinstance(message.get("content"), str) else "")
-            for call in message.get("tool_calls") or ():
-                function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                    parts.append(function["arguments"])
-        elif isinstance(choice, dict) and isinstance(choice.get("text"), str):
-            parts.append(choice["text"])
-    return "\n".join(part for part in parts if part)
+    return "\n".join(text for choice in answer.get("choices") or () for text in _choice_texts(choice, "message")
+                     if text)
 
 
 def _stream_chunks(body: bytes):
@@ -250,20 +256,8 @@ def _stream_chunks(body: bytes):
 
 def _streamed_text(body: bytes) -> str:
     """A held stream's text: its choices' content and tool calls' arguments, in order."""
-    parts = []
-    for chunk in _stream_chunks(body):
-        for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            if isinstance(delta, dict):
-                if isinstance(delta.get("content"), str):
-                    parts.append(delta["content"])
-                for call in delta.get("tool_calls") or ():
-                    function = call.get("function") if isinstance(call, dict) else None
-                    if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                        parts.append(function["arguments"])
-            elif isinstance(choice, dict) and isinstance(choice.get("text"), str):
-                parts.append(choice["text"])
-    return "".join(parts)
+    return "".join(text for chunk in _stream_chunks(body) for choice in chunk.get("choices") or ()
+                   for text in _choice_texts(choice, "delta"))
 
 
 def _cut_stream(body: bytes) -> bytes:
