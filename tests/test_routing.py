@@ -8,6 +8,7 @@ logprobs, "I'm not sure").
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 
@@ -203,6 +204,17 @@ def test_too_long_for_every_model_is_a_clear_400(gateway, keys):
     with pytest.raises(openai.BadRequestError) as caught:
         chat(gateway, keys["tech"], "word " * 30000)
     assert caught.value.code == "context_length_exceeded" and "20000" in caught.value.message
+
+
+def test_a_prompt_past_the_size_counted_off_the_loop_is_counted_all_the_same(gateway, keys):
+    """Bodies past 256 KiB have their tokens counted in a worker thread: the same counts, the same refusals."""
+    counts = []
+    for words in (30_000, 60_000):  # 150 KB, counted on the loop; 300 KB, counted in a worker thread
+        with pytest.raises(openai.BadRequestError) as caught:
+            chat(gateway, keys["tech"], "word " * words)
+        assert caught.value.code == "context_length_exceeded"
+        counts.append(int(re.search(r"\((\d+) in the messages\)", caught.value.message).group(1)))
+    assert counts[1] - counts[0] == 30_000
 
 
 def test_too_long_for_a_named_model_is_a_400(gateway, keys):

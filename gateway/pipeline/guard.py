@@ -14,10 +14,7 @@ from gateway.guardrails.models import GuardUnavailable, decide, flagged_categori
 from gateway.guardrails.policy import Guardrail, Verdict, inspect_request, output_judges, output_rules
 from gateway.pipeline.internal import GUARD_CALL, InternalCalls
 from gateway.pipeline.context import RequestContext
-from gateway.pipeline.tokens import prompt_tokens
-
-
-OFF_THE_LOOP_BYTES = 256 * 1024
+from gateway.pipeline.tokens import OFF_THE_LOOP_BYTES, prompt_tokens
 
 
 class CheckGuardrails:

@@ -13,7 +13,7 @@ import orjson
 
 from gateway.config.types import GatewayConfig, Model, Profile, Tenant
 from gateway.errors import GatewayError, bad_request
-from gateway.pipeline.tokens import counted_prompt_tokens
+from gateway.pipeline.tokens import count_large_prompt, counted_prompt_tokens
 from gateway.pipeline.context import RequestContext
 from gateway.routing.classifier import Decision
 from gateway.routing.share import ShareKeeper
@@ -28,6 +28,7 @@ class RouteRequest:
     async def __call__(self, ctx: RequestContext) -> None:
         if ctx.cache_entry is not None:
             return  # answered from the cache: no model is asked
+        await count_large_prompt(ctx)
         profile = ctx.profile
         if profile is None:
             if ctx.model.context_window is not None and _may_exceed(ctx, ctx.model.context_window):
