@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     bench.set_defaults(run=_bench)
     bench_kinds = bench.add_subparsers(
         dest="bench_kind",
-        metavar="[tenants | fleet | providers | protocols | guardrails | shares | console | ledger | redis | "
-                "retrieval | semantic]")
+        metavar="[tenants | fleet | providers | protocols | guardrails | shares | large-prompts | console | "
+                "ledger | redis | retrieval | semantic]")
 
     def bench_kind(name: str, help: str, run) -> argparse.ArgumentParser:
         kind = bench_kinds.add_parser(name, help=help)
@@ -137,6 +137,11 @@ def main(argv: list[str] | None = None) -> None:
     guardrails_bench.add_argument("--rounds", type=int, default=50, help="timings per request (medians reported)")
     bench_kind("shares", "the thresholds kept at a target share of large-model calls, on a change of traffic",
                _bench_shares)
+    large_bench = bench_kind("large-prompts", "other tenants' latency while one sends 100,000-word prompts",
+                             _bench_large_prompts)
+    large_bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    large_bench.add_argument("--rounds", type=int, default=3, help="measurements with and without, interleaved")
+    large_bench.add_argument("--rate", type=float, default=2.0, help="large prompts a second")
     console_bench = bench_kind("console", "the console's pages with a large ledger behind them", _bench_console)
     console_bench.add_argument("--rows", type=int, default=100_000, help="ledger rows generated over this month")
     console_bench.add_argument("--rounds", type=int, default=20, help="loads of each page")
@@ -368,6 +373,12 @@ def _bench_guardrails(args: argparse.Namespace) -> None:
     from gateway.bench.guardrails import run_guardrail_benchmark
 
     run_guardrail_benchmark(rounds=args.rounds, output=args.output)
+
+
+def _bench_large_prompts(args: argparse.Namespace) -> None:
+    from gateway.bench.large_prompts import run_large_prompt_benchmark
+
+    run_large_prompt_benchmark(duration=args.duration, rounds=args.rounds, rate=args.rate, output=args.output)
 
 
 def _bench_shares(args: argparse.Namespace) -> None:
