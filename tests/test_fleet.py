@@ -266,6 +266,14 @@ def test_an_admin_drains_and_pins(fleet):
                                       json.dumps(body).encode() if body else None,
                                       {**auth, "Content-Type": "application/json"})
         assert status == 404 and answer["error"]["code"] == code
+    # the admin's hands are in the audit log, with the node's state before and after
+    status, log = http_request(fleet.gateway.port, "GET", "/api/v1/audit?limit=500", headers=auth)
+    assert status == 200, log
+    ours = [e for e in log["data"] if e["action"].startswith("fleet.") and e["target"] in ("node0", "node2")]
+    drain = next(e for e in ours if e["action"] == "fleet.drain" and e["target"] == "node0")
+    assert drain["before"]["drained_by_admin"] is False and drain["after"]["drained_by_admin"] is True
+    pin = next(e for e in ours if e["action"] == "fleet.pin" and e["target"] == "node2")
+    assert pin["tenant"] == "acme" and "acme/acme-extra4" in pin["after"]["pinned"]
 
 
 def test_nodes_found_on_the_mesh_come_and_go(tmp_path, monkeypatch):
