@@ -24,13 +24,13 @@ from gateway.routing.scorer import BUCKETS, READ_TOKENS, LearnedScorer, features
 from gateway.routing.signals import DEFAULT_VOCABULARY, question_of, signals, words_of
 
 RULES = {"simple_words": -0.3, "complex_words": 0.15, "critical_words": 0.5, "code": 0.07, "depth": 0.03,
-         "tools": 0.05}  # kept as they are
+         "tools": 0.05}  # never fitted: only scaled with the learned scorer's weight (_scaled)
 TUNED = ("length", "technical_terms", "reasoning", "quantitative", "multi_step", "negation", "constraints",
          "sentences", "instruction")
 # The ridge's regulariser and the target's smoothing (an example's target: this much its own gain, the rest its
 # subject's mean gain) are chosen by cross-validation inside the examples trained on (choose_ridge); these are the
 # values it chose on the training half of the packaged MMLU data, the defaults where there is nothing to choose on.
-ALPHA, SMOOTHING = 4.0, 0.3
+ALPHA, SMOOTHING = 8.0, 0.5
 ALPHAS, SMOOTHINGS, CV_FOLDS = (1.0, 2.0, 4.0, 8.0), (0.2, 0.3, 0.5), 4
 STEPS = (0.1, 0.05, 0.025, 0.0125, 0.005)
 LEARNED_SCALES = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
@@ -131,7 +131,8 @@ def mean_apgr(fold_list: Sequence[Fold], weights: dict[str, float]) -> tuple[flo
 def choose_weights(fold_list: Sequence[Fold], start: dict[str, float], with_learned: bool) -> dict[str, float]:
     """Coordinate ascent on the mean APGR over ``fold_list`` (leave-group-out), within each signal's allowed sign:
     from ``start`` and, with the learned scorer, also from the learned scorer with the rules alone; the better of
-    the two, so that the blend is never worse on the folds than the learned scorer by itself."""
+    the two, so that a blend chosen when the words carried little does not hold back a scorer that has learned
+    more since."""
     if not with_learned:
         return _ascend(fold_list, {**start, **RULES}, TUNED)
     starts = ({**start, **RULES}, {"learned": 1.0, **RULES})
