@@ -10,6 +10,18 @@ from __future__ import annotations
 import orjson
 
 
+def complete_events(pending: bytes, chunk: bytes) -> tuple[bytes, bytes]:
+    """What has arrived so far (``pending`` then ``chunk``) cut after its last blank line: the complete events, each
+    ending in its blank line, and what must wait for the next chunk. Line ends are read as ``\n``."""
+    if b"\r" in chunk:
+        chunk = chunk.replace(b"\r\n", b"\n")
+    data = pending + chunk if pending else chunk
+    end = data.rfind(b"\n\n")
+    if end < 0:
+        return b"", data
+    return data[:end + 2], data[end + 2:]
+
+
 class SSERelay:
     __slots__ = ("_pending", "_drop_usage_event", "usage")
 
@@ -20,15 +32,7 @@ class SSERelay:
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events in what has arrived so far, ready to send on."""
-        if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n")
-        data = self._pending + chunk if self._pending else chunk
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self._pending = data
-            return b""
-        end += 2
-        complete, self._pending = data[:end], data[end:]
+        complete, self._pending = complete_events(self._pending, chunk)
         if b'"usage":' not in complete and b'"usage" :' not in complete:
             return complete
         return self._inspect(complete)
@@ -75,15 +79,8 @@ class EventSplitter:
         self.pending = b""
 
     def feed(self, data: bytes) -> list[bytes]:
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
-        data = self.pending + data if self.pending else data
-        end = data.rfind(b"\n\n")
-        if end < 0:
-            self.pending = data
-            return []
-        self.pending = data[end + 2:]
-        return [event for event in data[:end].split(b"\n\n") if event]
+        complete, self.pending = complete_events(self.pending, data)
+        return [event for event in complete.split(b"\n\n") if event]
 
     def rest(self) -> bytes:
         rest, self.pending = self.pending, b""
