@@ -199,9 +199,7 @@ class OutputGuard:
         """End the stream here: the choice finishes with ``content_filter``."""
         self.ended = True
         self.ctx.answer_cut = True  # the relay stops reading the upstream
-        head = {k: v for k, v in chunk.items() if k in ("id", "object", "created", "model")}
-        final = {**head, "choices": [{"index": index, "delta": {}, "logprobs": None, "finish_reason": "content_filter"}]}
-        return b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n"
+        return _filtered_chunk(chunk, index, {}) + b"data: [DONE]\n\n"
 
 
 def _filter(choice: dict) -> None:
@@ -264,10 +262,16 @@ def _cut_stream(body: bytes) -> bytes:
     """What a client gets of a stream a guard model blocked: one chunk finished by the content filter (with the
     stream's usage, if it carried one), then [DONE]."""
     chunks = list(_stream_chunks(body))
-    head = {k: v for k, v in (chunks[0] if chunks else {}).items() if k in ("id", "object", "created", "model")}
-    out = b"data: " + orjson.dumps({**head, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
-                                                          "finish_reason": "content_filter"}]}) + b"\n\n"
+    out = _filtered_chunk(chunks[0] if chunks else {}, 0, {"role": "assistant"})
     usage = next((c for c in reversed(chunks) if c.get("usage") and not c.get("choices")), None)
     if usage is not None:
         out += b"data: " + orjson.dumps(usage) + b"\n\n"
     return out + b"data: [DONE]\n\n"
+
+
+def _filtered_chunk(like: dict, index: int, delta: dict) -> bytes:
+    """The event of a chunk (with the id, object, created and model of ``like``) whose choice ``index`` finishes
+    with ``content_filter``."""
+    head = {k: v for k, v in like.items() if k in ("id", "object", "created", "model")}
+    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": "content_filter"}
+    return b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n"
