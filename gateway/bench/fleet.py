@@ -25,14 +25,12 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from gateway.bench.run import (WRK_SCRIPT, _cpu_seconds, _wait, _wrk, start_gateway, start_simulator,
-                               write_report)
+from gateway.bench.run import (UNBOUND_LIMITS, WRK_SCRIPT, _cpu_seconds, _wait, _wrk, start_gateway,
+                               start_simulator, write_report)
 from gateway.config.keys import generate_key, hash_key
 from gateway.stores.embedded import EmbeddedServers, free_port
 
 STRATEGIES = ("adapter_aware", "round_robin", "least_loaded")
-UNBOUND = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "tokens_per_hour": 10**12,
-           "concurrent_requests": 10**6, "calls_per_day": 10**9, "monthly_budget_usd": 10**6}
 
 
 def zipf_weights(count: int, s: float) -> list[float]:
@@ -85,7 +83,7 @@ def _placement_run(folder: Path, env: dict, strategy: str, tenants: int, order: 
                         "pools": {"gpus": {"model": "base", "max_loras": 4, "nodes": [
                             {"url": f"http://127.0.0.1:{sim_port + i}/v1", "name": f"node{i}"} for i in range(3)]}}},
               "models": {"llama": {"deployments": [{"name": "gpus", "api_base": "fleet:gpus"}]}}}
-    tenant_specs = {f"t{i:02d}": {"name": f"Tenant {i}", "tier": "enterprise", "limits": UNBOUND,
+    tenant_specs = {f"t{i:02d}": {"name": f"Tenant {i}", "tier": "enterprise", "limits": UNBOUND_LIMITS,
                                   "adapters": {f"tuned{i:02d}": {"base": "llama", "path": f"/adapters/t{i:02d}",
                                                                  "default": True}},
                                   "keys": [{"name": "k", "sha256": hash_key(keys[i])}]} for i in range(tenants)}
@@ -178,7 +176,8 @@ def _cpu_with_and_without_fleet(folder: Path, env: dict, duration: float = 5.0, 
                                                      "model": "base"}]}}}
     (folder / "models.yaml").write_text(yaml.safe_dump(models))
     (folder / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {"bench": {
-        "name": "B", "tier": "enterprise", "limits": UNBOUND, "keys": [{"name": "k", "sha256": hash_key(key)}]}}}))
+        "name": "B", "tier": "enterprise", "limits": UNBOUND_LIMITS,
+        "keys": [{"name": "k", "sha256": hash_key(key)}]}}}))
     gateway = None
     try:
         gateway = start_gateway(folder, port, {**env, "GATEWAY_DATA_DIR": str(folder / "data")},

@@ -1,8 +1,9 @@
 """``gateway bench large-prompts``: what 100,000-word prompts of one tenant do to the other tenants' latency.
 
 One tenant sends small chat requests (wrk, 8 connections); another sends 100,000-word prompts (857 KB each,
-``--rate`` a second, each on its own connection, to a model on a simulator of its own). The small tenant's p50 and p99 are measured with and without the
-large prompts, rounds interleaved, through the whole gateway (limits, ledger) to the simulator. The figure is the
+``--rate`` a second, each on its own connection, to a model on a simulator of its own). The small tenant's p50 and
+p99 are measured with and without the large prompts, rounds interleaved, through the whole gateway (limits,
+ledger). The figure is the
 ratio of the p99s. What the gateway does with such a prompt on its event loop: read and parse the body (orjson);
 what it does off it: count its tokens (tiktoken, in a worker thread past 256 KiB).
 """
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from gateway.bench.run import (WRK_SCRIPT, _measure, _median, start_gateway, start_simulator, stop_processes,
-                               write_report)
+from gateway.bench.run import (UNBOUND_LIMITS, WRK_SCRIPT, _measure, _median, start_gateway, start_simulator,
+                               stop_processes, write_report)
 from gateway.config.keys import generate_key, hash_key
 from gateway.stores.embedded import EmbeddedServers, free_port
 
@@ -102,10 +103,8 @@ def run_large_prompt_benchmark(duration: float = 5.0, rounds: int = 3, rate: flo
             "bench": {"deployments": [{"name": "sim", "api_base": f"http://127.0.0.1:{sim_port}/v1", "model": "sim"}]},
             "bench-large": {"deployments": [{"name": "large-sim", "api_base": f"http://127.0.0.1:{large_sim_port}/v1",
                                              "model": "sim"}]}}}))
-        unbound = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "tokens_per_hour": 10**12,
-                   "concurrent_requests": 10**6, "calls_per_day": 10**9, "monthly_budget_usd": 10**6}
         (config / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {name: {
-            "name": name.title(), "tier": "enterprise", "limits": unbound,
+            "name": name.title(), "tier": "enterprise", "limits": UNBOUND_LIMITS,
             "keys": [{"name": name, "sha256": hash_key(key)}]} for name, key in keys.items()}}))
         env = {**os.environ, "GATEWAY_BUILTIN_SIMULATOR": "0", "GATEWAY_DATA_DIR": str(workdir / "data"),
                "REDIS_URL": stores.start_redis(), "DATABASE_URL": stores.start_postgres()}

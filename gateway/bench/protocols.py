@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from gateway.bench.run import (WRK_SCRIPT, Measurement, _measure, _median, _wrk, start_gateway, start_simulator,
-                               stop_processes, write_report)
+from gateway.bench.run import (UNBOUND_LIMITS, WRK_SCRIPT, Measurement, _measure, _median, _wrk, start_gateway,
+                               start_simulator, stop_processes, write_report)
 from gateway.config.keys import generate_key, hash_key
 from gateway.stores.embedded import EmbeddedServers, free_port
 
@@ -60,10 +60,8 @@ def run_protocol_benchmark(duration: float = 5.0, rounds: int = 3, latency_ms: f
         config.mkdir()
         (config / "models.yaml").write_text(yaml.safe_dump({"models": {"bench": {"deployments": [
             {"name": "sim", "api_base": f"http://127.0.0.1:{sim_port}/v1", "model": "sim"}]}}}))
-        unbound = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "tokens_per_hour": 10**12,
-                   "concurrent_requests": 10**6, "calls_per_day": 10**9, "monthly_budget_usd": 10**6}
         (config / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {"bench": {
-            "name": "Benchmark", "tier": "enterprise", "limits": unbound,
+            "name": "Benchmark", "tier": "enterprise", "limits": UNBOUND_LIMITS,
             "keys": [{"name": "bench", "sha256": hash_key(key)}]}}}))
         env = {**os.environ, "GATEWAY_BUILTIN_SIMULATOR": "0", "GATEWAY_DATA_DIR": str(workdir / "data"),
                "REDIS_URL": stores.start_redis(), "DATABASE_URL": stores.start_postgres()}

@@ -21,13 +21,12 @@ from pathlib import Path
 
 import yaml
 
-from gateway.bench.run import _cpu_seconds, _rss_mb, _wait, _wrk, start_simulator, stop_processes, write_report
+from gateway.bench.run import (UNBOUND_LIMITS, _cpu_seconds, _rss_mb, _wait, _wrk, start_simulator, stop_processes,
+                               write_report)
 from gateway.config.keys import generate_key, hash_key
 from gateway.stores.embedded import EmbeddedServers, free_port
 
 PROVIDER_KEY = "sk-bench-provider"
-UNBOUND = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "tokens_per_hour": 10**12,
-           "concurrent_requests": 10**6, "calls_per_day": 10**9, "monthly_budget_usd": 10**6}
 SCRIPT = """
 wrk.method = "POST"
 wrk.path = [[%(path)s]]
@@ -72,7 +71,7 @@ def run_provider_benchmark(duration: float = 5.0, rounds: int = 3, connections: 
                  "azure": {"deployments": [{"name": "azure", "provider": "azure", "model": "my-gpt",
                                             "api_base": sim_url, "api_version": "2024-10-21",
                                             "api_key": "env:PROVIDER_KEY"}]}}
-        tenants = {"tenants": {"bench": {"name": "B", "tier": "enterprise", "limits": UNBOUND,
+        tenants = {"tenants": {"bench": {"name": "B", "tier": "enterprise", "limits": UNBOUND_LIMITS,
                                          "keys": [{"name": "k", "sha256": hash_key(key)}]}}}
         gateways = {}
         for name, models in (("with_litellm", every), ("without_litellm", {"direct": every["direct"]})):

@@ -45,6 +45,11 @@ end
 """
 
 
+# Limits no benchmark reaches: every request is counted, none refused
+UNBOUND_LIMITS = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "tokens_per_hour": 10**12,
+                  "concurrent_requests": 10**6, "calls_per_day": 10**9, "monthly_budget_usd": 10**6}
+
+
 @dataclass
 class Measurement:
     target: str
@@ -145,10 +150,8 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
             "bench-small": {"size": "small", "deployments": on_sim},
             "bench-large": {"size": "large", "deployments": on_sim}}}))
         # Every limit is checked and counted, none binds: the load measures their cost, not their refusals.
-        unbound = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "tokens_per_hour": 10**12,
-                   "concurrent_requests": 10**6, "calls_per_day": 10**9, "monthly_budget_usd": 10**6}
         (config / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {"bench": {
-            "name": "Benchmark", "tier": "enterprise", "limits": unbound,
+            "name": "Benchmark", "tier": "enterprise", "limits": UNBOUND_LIMITS,
             "keys": [{"name": "bench", "sha256": hash_key(key)}]}}}))
         stores = EmbeddedServers(workdir / "stores")
         env = {**os.environ, "GATEWAY_BUILTIN_SIMULATOR": "0", "GATEWAY_DATA_DIR": str(workdir / "data"),

@@ -22,15 +22,13 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from gateway.bench.run import (WRK_SCRIPT, _cpu_seconds, _rss_mb, _wrk, start_gateway, start_simulator,
-                               stop_processes, write_report)
+from gateway.bench.run import (UNBOUND_LIMITS, WRK_SCRIPT, _cpu_seconds, _rss_mb, _wrk, start_gateway,
+                               start_simulator, stop_processes, write_report)
 from gateway.config.keys import generate_key, hash_key
 from gateway.stores.embedded import EmbeddedServers, free_port
 
 ADMIN_KEY = "sk-gw-admin-bench-" + "x" * 24
 CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Say something short."}], "max_tokens": 8}
-UNBOUND = {"requests_per_minute": 10**9, "tokens_per_minute": 10**12, "tokens_per_hour": 10**12,
-           "concurrent_requests": 10**6, "calls_per_day": 10**9, "monthly_budget_usd": 10**6}
 
 
 def run_tenant_benchmark(tenants: int = 10_000, duration: float = 5.0, output: Path | None = None) -> dict:
@@ -114,7 +112,7 @@ def _config(folder: Path, sim_port: int, yaml_tenants: int, bench_key: str) -> P
     tenants = {f"yaml-{i:05d}": {"name": f"YAML tenant {i}", "tier": tiers[i % 3],
                                  "keys": [{"name": "main", "sha256": hash_key(generate_key())}]}
                for i in range(yaml_tenants)}
-    tenants["bench"] = {"name": "Benchmark", "tier": "enterprise", "limits": UNBOUND,
+    tenants["bench"] = {"name": "Benchmark", "tier": "enterprise", "limits": UNBOUND_LIMITS,
                         "keys": [{"name": "bench", "sha256": hash_key(bench_key)}]}
     (folder / "models.yaml").write_text(yaml.safe_dump(models))
     (folder / "tenants.yaml").write_text(yaml.safe_dump({"tenants": tenants}))
