@@ -252,7 +252,8 @@ def test_a_tenant_key_sees_its_own_account_only(setup, page):
 
 def test_a_tenant_admin_manages_its_tenant_from_the_console_and_a_viewer_reads(setup, page):
     gateway, keys = setup
-    status, _ = admin(gateway, "POST", "/api/v1/organizations", {"id": "hooli", "name": "Hooli", "tier": "professional"})
+    status, _ = admin(gateway, "POST", "/api/v1/organizations",
+                      {"id": "hooli", "name": "Hooli", "tier": "professional"})
     assert status in (201, 409)
     status, boss = admin(gateway, "POST", "/api/v1/organizations/hooli/keys", {"role": "tenant_admin"})
     assert status == 201

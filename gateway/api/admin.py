@@ -29,7 +29,7 @@ from gateway.config.routing import unknown_chat_models
 from gateway.config.schema import (FEATURES, KEY_NAME_PATTERN, NAMED_PATTERN, PROVIDERS, KeyAccessFields,
                                    TENANT_ID_PATTERN, TEXT_PATTERN, CalendarDate, Strict, TenantFields,
                                    TenantRoutingSpec, TenantSpec, partial)
-from gateway.config.types import GatewayConfig, Tenant
+from gateway.config.types import MEMBER, GatewayConfig, Tenant
 from gateway.errors import GatewayError
 from gateway.pipeline.auth import identify
 from gateway.stores.directory import Conflict
@@ -234,9 +234,9 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
                                     "working at the start of that day, UTC).", param="expires", code="invalid_value")
         key = generate_key()
         access = key_access(body)
-        stored = access.view() if access.view() != key_access(None).view() else None
         try:
-            await gateway.directory.add_key(tenant_id, name, hash_key(key), expires, stored)
+            await gateway.directory.add_key(tenant_id, name, hash_key(key), expires,
+                                            None if access is MEMBER else access.view())
         except Conflict as exc:
             raise GatewayError(409, f"{exc}.", param="name", code="key_exists") from None
         await apply()
@@ -250,7 +250,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
         tenant_or_404(tenant_id)
         current = config()
         roles = {key.name: key.access for key in current.keys.values() if key.tenant_id == tenant_id}
-        from_file = [{"name": name, "source": "yaml", **roles.get(name, key_access(None)).view()}
+        from_file = [{"name": name, "source": "yaml", **roles.get(name, MEMBER).view()}
                      for name in sorted(_yaml_key_names(current, tenant_id))]
         made_here = [{**{k: v for k, v in row.items() if k != "access"}, **key_access(row["access"]).view()}
                      for row in await gateway.directory.keys(tenant_id)]

@@ -20,8 +20,9 @@ from gateway.config.routing import compile_router, tenant_routes
 from gateway.guardrails.policy import compile_rules
 from gateway.config.tiers import BUILTIN_TIERS
 from gateway.config.types import (
-    MEMBER, Adapter, ApiKey, CachePolicy, Deployment, EndUserLimits, EndUsers, FallbackPolicy, FleetConfig, FleetNode, GatewayConfig, KeyAccess,
-    KeyLimits, LiteLLMCall, Limits, Model, Pool, Pricing, RouterConfig, TailscaleDiscovery, Tenant,
+    MEMBER, Adapter, ApiKey, CachePolicy, Deployment, EndUserLimits, EndUsers, FallbackPolicy, FleetConfig,
+    FleetNode, GatewayConfig, KeyAccess, KeyLimits, LiteLLMCall, Limits, Model, Pool, Pricing, RouterConfig,
+    TailscaleDiscovery, Tenant,
 )
 from gateway.config.yaml_source import ConfigError, YamlDocument, read_yaml
 from gateway.stores.secrets import SecretUnavailable, Secrets

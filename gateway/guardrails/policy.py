@@ -72,8 +72,8 @@ def compile_rules(specs: list, models: dict | None = None, problems: list[str] |
         elif spec.check == "max_prompt_tokens":
             rules.append(Guardrail(**common, max_tokens=spec.max_tokens))
         elif spec.check == "tools":
-            rules.append(Guardrail(**common, allowed_tools=tuple(spec.allowed_tools)
-                                   if spec.allowed_tools is not None else None, refused_tools=tuple(spec.refused_tools)))
+            allowed = tuple(spec.allowed_tools) if spec.allowed_tools is not None else None
+            rules.append(Guardrail(**common, allowed_tools=allowed, refused_tools=tuple(spec.refused_tools)))
         elif spec.check == "model":
             model = (models or {}).get(spec.model)
             if model is None or model.type not in ("moderation", "chat"):
