@@ -230,7 +230,8 @@ def assemble(base: BaseConfig, api_tenants: dict[str, Tenant], api_keys: dict[st
         request_timeout=models_file.defaults.request_timeout,
         fleet=base.fleet,
         secrets=base.secrets,
-        uses_litellm=any(d.litellm is not None for m in base.models.values() for d in m.deployments),
+        uses_litellm=any(d.litellm is not None and d.speaks is None for m in base.models.values()
+                         for d in m.deployments),
         cache_policy=_cache_policy(CachePolicy(), models_file.defaults.cache),
         tiers=frozenset(base.tiers),
         yaml_key_names=base.yaml_key_names,
@@ -348,8 +349,9 @@ def _compile_models(
                 api_base = f"{simulator_url}/embedder/v1" if simulator_url else api_base
             elif not re.match(r"^https?://", api_base):
                 reason = f"api_base '{api_base}' is not an http(s) URL"
-            if provider == "anthropic" and not api_base:
-                api_base = ANTHROPIC_API  # where a request in Anthropic's own API goes as it came
+            speaks = provider if provider in SPOKEN_PROVIDERS and model_spec.type == "chat" else None
+            if not api_base and provider in DEFAULT_API_BASES:
+                api_base = DEFAULT_API_BASES[provider]  # where the gateway sends a request in the provider's API
             deployments.append(
                 Deployment(
                     name=d.name,
@@ -366,6 +368,7 @@ def _compile_models(
                     pool=pool.name if pool is not None else None,
                     provider=provider,
                     litellm=via,
+                    speaks=speaks,
                     apis=frozenset(d.apis if d.apis is not None else _DEFAULT_APIS.get(provider, ())),
                 )
             )
@@ -530,7 +533,10 @@ def _compile_tenant(context: _TenantContext, tenant_id: str, t: TenantSpec, sour
     )
 
 
-ANTHROPIC_API = "https://api.anthropic.com"
+# Providers whose own API the gateway speaks for chat models (gateway.upstreams.translated), and where they are
+SPOKEN_PROVIDERS = ("anthropic", "gemini")
+DEFAULT_API_BASES = {"anthropic": "https://api.anthropic.com",
+                     "gemini": "https://generativelanguage.googleapis.com/v1beta"}
 # The APIs besides chat completions a provider serves by default (a deployment's `apis:` says otherwise)
 _DEFAULT_APIS = {"anthropic": ("messages",), "openai": ("responses",)}
 

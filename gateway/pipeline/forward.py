@@ -39,6 +39,7 @@ from gateway.upstreams.fleet import AdapterLoadFailed, Fleet
 from gateway.upstreams.errors import UPSTREAM_FAILURES, Unreachable, from_exception, from_upstream_response
 from gateway.upstreams.replay import as_stream
 from gateway.upstreams.select import DeploymentSelector
+from gateway.upstreams import translated
 from gateway.upstreams.sse import SSERelay
 from gateway.upstreams.usage import token_counts, usage_of
 
@@ -182,6 +183,8 @@ class Forward:
             if native:  # the upstream speaks the client's API: the request goes as it came
                 path, payload, headers = dialect.native_request(ctx, deployment, upstream_model, own_key)
                 response = await self.client.post(deployment, path, payload, headers)
+            elif deployment.speaks is not None:
+                response = await self._translated(ctx, deployment, body, stream, own_key)
             elif deployment.litellm is not None:
                 response = await self._through_litellm(ctx, deployment, body, stream, own_key)
             else:
@@ -198,6 +201,9 @@ class Forward:
                 content, response_for_stream = None, response
         except UPSTREAM_FAILURES as exc:
             error = from_exception(deployment, exc)
+            self._close_attempt(ctx, attempt, started, error.status, error.code)
+            raise _Failed(error, final=False) from None
+        except GatewayError as error:  # a request this provider's API cannot carry; another deployment may
             self._close_attempt(ctx, attempt, started, error.status, error.code)
             raise _Failed(error, final=False) from None
         if response.status >= 400:
@@ -237,6 +243,15 @@ class Forward:
             raise _Failed(error, final=False)
         attempt["paid_by"] = "tenant"
         return key
+
+    async def _translated(self, ctx: RequestContext, deployment: Deployment, body: dict, stream: bool,
+                          own_key: str | None) -> translated.TranslatedResponse:
+        if not ctx.endpoint.is_chat:
+            raise GatewayError(400, f"The model `{ctx.model.name}` is served by {deployment.speaks}, which answers "
+                                    "chat completions only: send it to /v1/chat/completions.",
+                               param="model", code="unsupported_by_provider")
+        prepared = self._prepare(ctx, body, deployment, stream, None)
+        return await translated.post(self.client, deployment, prepared, stream, own_key)
 
     async def _through_litellm(self, ctx: RequestContext, deployment: Deployment, body: dict, stream: bool,
                                own_key: str | None):

@@ -204,7 +204,8 @@ def from_gemini(body: dict, model: str, stream: bool) -> dict:
                     for d in _get(tool, "functionDeclarations", "function_declarations") or ()]
     if declarations:
         converted["tools"] = [{"type": "function", "function": {
-            "name": d.get("name"), "parameters": _lower_types(d.get("parameters") or {"type": "object"})}}
+            "name": d.get("name"), "parameters": _lower_types(_get(d, "parametersJsonSchema", "parameters_json_schema",
+                                                                   "parameters") or {"type": "object"})}}
             for d in declarations if isinstance(d, dict)]
         calling = _get(_get(body, "toolConfig", "tool_config") or {}, "functionCallingConfig",
                        "function_calling_config") or {}
@@ -267,7 +268,9 @@ class GeminiWriter:
 
     def _parts(self, completion: generate.Completion) -> list[dict]:
         if self.tool:
-            return [{"functionCall": {"name": self.tool, "args": orjson.loads(completion.text)}}]
+            # Gemini's thinking models sign a call; the signature must come back with the call in the next turn
+            return [{"functionCall": {"name": self.tool, "args": orjson.loads(completion.text)},
+                     "thoughtSignature": "c2ltLXNpZ25hdHVyZQ=="}]
         return [{"text": completion.text}]
 
     @staticmethod
