@@ -1,4 +1,5 @@
-"""``gateway bench providers``: what LiteLLM's path costs, and that the direct path does not pay for it.
+"""``gateway bench providers``: what the paths to other providers cost against the direct path (Anthropic and Gemini
+translated on the gateway's own client, Azure through LiteLLM), and that the direct path does not pay for LiteLLM.
 
 One simulator speaks every protocol (OpenAI's, Anthropic's Messages API, Gemini's generateContent, Azure OpenAI's
 deployment URLs). A gateway with deployments on all of them and a gateway with only the OpenAI-compatible one are
@@ -138,7 +139,7 @@ def run_provider_benchmark(duration: float = 5.0, rounds: int = 3, connections: 
         for protocol in targets:
             straight, through = measured[f"{protocol}:straight"], measured[f"{protocol}:gateway"]
             per_protocol[protocol] = {
-                "path": "direct" if protocol == "openai" else "litellm",
+                "path": {"openai": "direct", "azure": "litellm"}.get(protocol, "translated"),
                 "added_p50_ms": round(through["p50_ms"] - straight["p50_ms"], 3),
                 "added_p99_ms": round(through["p99_ms"] - straight["p99_ms"], 3),
                 "cpu_ms_per_request": round(through["cpu_ms_per_request"], 4),

@@ -230,7 +230,7 @@ def assemble(base: BaseConfig, api_tenants: dict[str, Tenant], api_keys: dict[st
         request_timeout=models_file.defaults.request_timeout,
         fleet=base.fleet,
         secrets=base.secrets,
-        uses_litellm=any(d.litellm is not None and d.speaks is None for m in base.models.values()
+        uses_litellm=any(d.litellm is not None and d.wire is None for m in base.models.values()
                          for d in m.deployments),
         cache_policy=_cache_policy(CachePolicy(), models_file.defaults.cache),
         tiers=frozenset(base.tiers),
@@ -349,7 +349,7 @@ def _compile_models(
                 api_base = f"{simulator_url}/embedder/v1" if simulator_url else api_base
             elif not re.match(r"^https?://", api_base):
                 reason = f"api_base '{api_base}' is not an http(s) URL"
-            speaks = provider if provider in SPOKEN_PROVIDERS and model_spec.type == "chat" else None
+            wire = provider if provider in SPOKEN_PROVIDERS and model_spec.type == "chat" else None
             if not api_base and provider in DEFAULT_API_BASES:
                 api_base = DEFAULT_API_BASES[provider]  # where the gateway sends a request in the provider's API
             deployments.append(
@@ -368,7 +368,7 @@ def _compile_models(
                     pool=pool.name if pool is not None else None,
                     provider=provider,
                     litellm=via,
-                    speaks=speaks,
+                    wire=wire,
                     apis=frozenset(d.apis if d.apis is not None else _DEFAULT_APIS.get(provider, ())),
                 )
             )

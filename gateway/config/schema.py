@@ -105,7 +105,8 @@ class Pricing(Strict):
     output_per_million: StrictFloat = Field(0.0, ge=0, le=1e6)
 
 
-# Providers that do not speak OpenAI's API, reached through LiteLLM (named as LiteLLM names them); and the names of
+# Providers that do not speak OpenAI's API, named as LiteLLM names them (the gateway speaks Anthropic's and Gemini's
+# itself for chat models; the rest, and their embeddings, go through LiteLLM); and the names of
 # OpenAI-compatible ones, which stay on the direct path (a deployment may name them so that a tenant's own key for
 # that provider is used).
 VIA_LITELLM = ("anthropic", "gemini", "vertex_ai", "bedrock", "azure")
@@ -117,8 +118,8 @@ class DeploymentSpec(Strict):
     name: str = Field(pattern=NAME_PATTERN)
     api_base: str | None = Field(None, min_length=1, description="base URL up to /v1, builtin:simulator, or "
                                                                  "fleet:<pool>; a provider's own by default")
-    provider: Literal[PROVIDERS] | None = Field(None, description="anthropic, gemini, vertex_ai, bedrock, azure: "
-                                                                  "reached through LiteLLM; openai, openrouter, groq, "
+    provider: Literal[PROVIDERS] | None = Field(None, description="anthropic, gemini: spoken by the gateway; "
+                                                                  "vertex_ai, bedrock, azure: through LiteLLM; openai, openrouter, groq, "
                                                                   "together, vllm: OpenAI's API, named")
     api_version: str | None = Field(None, max_length=40, pattern=TEXT_PATTERN, description="azure: the API version")
     credentials: dict[Literal["aws_access_key_id", "aws_secret_access_key", "aws_session_token",

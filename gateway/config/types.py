@@ -35,7 +35,7 @@ class Deployment:
     provider: str | None = None  # its provider, when named (a tenant's own key for it is used)
     litellm: "LiteLLMCall | None" = field(default=None, repr=False)  # a provider reached through LiteLLM
     # The provider whose own API the gateway speaks for chat completions ("anthropic", "gemini"), else None
-    speaks: str | None = None
+    wire: str | None = None
     # The APIs besides chat completions it serves ("messages", "responses"): such a request goes to it as it came
     apis: frozenset[str] = frozenset()
 

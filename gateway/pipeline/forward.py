@@ -183,7 +183,7 @@ class Forward:
             if native:  # the upstream speaks the client's API: the request goes as it came
                 path, payload, headers = dialect.native_request(ctx, deployment, upstream_model, own_key)
                 response = await self.client.post(deployment, path, payload, headers)
-            elif deployment.speaks is not None:
+            elif deployment.wire is not None:
                 response = await self._translated(ctx, deployment, body, stream, own_key)
             elif deployment.litellm is not None:
                 response = await self._through_litellm(ctx, deployment, body, stream, own_key)
@@ -247,7 +247,7 @@ class Forward:
     async def _translated(self, ctx: RequestContext, deployment: Deployment, body: dict, stream: bool,
                           own_key: str | None) -> translated.TranslatedResponse:
         if not ctx.endpoint.is_chat:
-            raise GatewayError(400, f"The model `{ctx.model.name}` is served by {deployment.speaks}, which answers "
+            raise GatewayError(400, f"The model `{ctx.model.name}` is served by {deployment.wire}, which answers "
                                     "chat completions only: send it to /v1/chat/completions.",
                                param="model", code="unsupported_by_provider")
         prepared = self._prepare(ctx, body, deployment, stream, None)

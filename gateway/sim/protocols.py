@@ -1,4 +1,4 @@
-"""The other providers' protocols the simulator speaks, so that the gateway's path through LiteLLM is tested against
+"""The other providers' protocols the simulator speaks, so that the gateway's paths to them are tested against
 real HTTP servers: Anthropic's Messages API and Google's Gemini ``generateContent``.
 
 A request is translated into OpenAI's terms (messages, tools, tool choice, response format) and answered by the

@@ -66,7 +66,7 @@ async def post(client: UpstreamClient, deployment: Deployment, body: dict, strea
     """Send a chat completions request (``model`` already the deployment's) in the provider's own API."""
     key = api_key or deployment.api_key
     model = body["model"]
-    if deployment.speaks == "anthropic":
+    if deployment.wire == "anthropic":
         path, asked, json_tool = anthropic.request(body, stream)
         headers = anthropic.headers(deployment.headers, key)
         translator = anthropic.Stream(model, json_tool) if stream else None
@@ -77,7 +77,7 @@ async def post(client: UpstreamClient, deployment: Deployment, body: dict, strea
         translator = gemini.Stream(model) if stream else None
         whole = lambda raw: gemini.answer(raw, model)  # noqa: E731
     response = await client.post(deployment, path, orjson.dumps(asked), headers)
-    return TranslatedResponse(deployment.speaks, response, translator, whole)
+    return TranslatedResponse(deployment.wire, response, translator, whole)
 
 
 __all__ = ["SPOKEN", "BrokenAnswer", "TranslatedResponse", "post"]
