@@ -10,7 +10,7 @@ import openai
 import pytest
 import yaml
 
-from conftest import GatewayProcess, http_request
+from conftest import GatewayProcess, http_request, ledger_row
 from gateway.config.keys import generate_key, hash_key
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -101,6 +101,33 @@ def test_tokens_per_minute_counts_prompt_and_reserved_completion(sim, tmp_path):
         assert 200 in statuses and 429 in statuses
         status, headers = _call(client)
         assert status == 429 and headers["type"] == "tokens"
+    finally:
+        gateway.stop()
+
+
+def test_a_large_prompt_reserves_an_estimate_and_is_billed_what_the_upstream_counted(sim, stores, tmp_path):
+    """Past 256 KiB a prompt's tokens are estimated from its size for the reservation (counting them would take a
+    core for a tenth of a second); the ledger has the upstream's own count."""
+    large = [{"role": "user", "content": "word " * 60_000}]  # 300 KB, 60,000 tokens; estimated 75,000
+    small_key, big_key = generate_key(), generate_key()
+    config = _config(tmp_path / "c", sim.url, {_unique("small"): _tenant(small_key, tokens_per_minute=50_000),
+                                               _unique("big"): _tenant(big_key, tokens_per_minute=400_000)})
+    gateway = GatewayProcess(config)
+    try:
+        _away_from_minute_edge()
+        with pytest.raises(openai.RateLimitError) as caught:  # the estimate alone is past the minute's tokens
+            gateway.client(small_key).chat.completions.create(model="small", messages=large, max_tokens=5)
+        assert caught.value.type == "tokens"
+        raw = gateway.client(big_key).chat.completions.with_raw_response.create(model="small", messages=large,
+                                                                                max_tokens=5)
+        answer = raw.parse()
+        row = ledger_row(stores, raw.headers["x-request-id"])
+        assert row["prompt_tokens"] == answer.usage.prompt_tokens != 75_000
+        time.sleep(0.3)  # the reservation is settled as the request ends, after its answer has gone
+        remaining = int(gateway.client(big_key).chat.completions.with_raw_response.create(
+            model="small", messages=HELLO, max_tokens=5).headers["x-ratelimit-remaining-tokens"])
+        settled = 400_000 - answer.usage.total_tokens  # then the next request's own reservation (a dozen tokens)
+        assert settled - 20 <= remaining < settled
     finally:
         gateway.stop()
 

@@ -10,7 +10,7 @@ import time
 
 from gateway.errors import GatewayError
 from gateway.observability import metrics
-from gateway.pipeline.tokens import completion_reservation, count_large_prompt, counted_prompt_tokens
+from gateway.pipeline.tokens import completion_reservation, reserved_prompt_tokens
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.users import end_user
 from gateway.stores.limits import NANO, Admission, Limiter
@@ -23,8 +23,7 @@ class EnforceLimits:
 
     async def __call__(self, ctx: RequestContext) -> None:
         body = ctx.body
-        await count_large_prompt(ctx)
-        prompt = counted_prompt_tokens(ctx)
+        prompt = reserved_prompt_tokens(ctx)
         completion = 0 if ctx.endpoint.model_type != "chat" else completion_reservation(
             body, ctx.tenant.limits.completion_reservation)
         cost_nano = int(ctx.model.pricing.cost(prompt, completion) * NANO)

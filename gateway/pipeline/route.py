@@ -28,10 +28,10 @@ class RouteRequest:
     async def __call__(self, ctx: RequestContext) -> None:
         if ctx.cache_entry is not None:
             return  # answered from the cache: no model is asked
-        await count_large_prompt(ctx)
         profile = ctx.profile
         if profile is None:
             if ctx.model.context_window is not None and _may_exceed(ctx, ctx.model.context_window):
+                await count_large_prompt(ctx)
                 _check_fits(ctx, ctx.model)
             return
         config = ctx.config
@@ -55,6 +55,7 @@ class RouteRequest:
 
         model = config.models[name]
         if _may_exceed(ctx, model.context_window):
+            await count_large_prompt(ctx)
             fitting = _fitting_model(ctx, config, ctx.tenant, profile, model)
             if fitting is not model:
                 model, rule = fitting, f"{rule}:long_context"
