@@ -67,6 +67,9 @@ def serve(settings: Settings) -> None:
             http=GatewayHttpProtocol, lifespan="on", access_log=False, log_config=None,
             timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
             timeout_keep_alive=settings.keep_alive_timeout,
+            # The gateway never reads the client's address (keys, not addresses, say who calls), so uvicorn's
+            # rewriting of it from X-Forwarded-For behind HAProxy is work for nothing on every request.
+            proxy_headers=False,
         )
         if settings.workers > 1:
             uvicorn.run("gateway.app:create_app", **options)

@@ -44,11 +44,13 @@ _TYPES = (
     "integer", "text", "real", "jsonb", "text", "text", "text", "jsonb", "jsonb",
     "text", "jsonb", "text",
 )
-_INSERT = (
-    f"INSERT INTO usage_ledger ({', '.join(COLUMNS)}) "
-    f"SELECT * FROM unnest({', '.join(f'${i + 1}::{t}[]' for i, t in enumerate(_TYPES))}) "
-    "ON CONFLICT (request_id, created_at) DO NOTHING"
-)
+# A batch is copied (binary COPY: half the client's CPU of an INSERT of arrays) into a temporary table of the
+# connection's, emptied at commit, and moved from there, so that a row written twice (a spool replayed after a
+# batch that did land) is still written once.
+_STAGE = (f"CREATE TEMP TABLE IF NOT EXISTS ledger_stage ON COMMIT DELETE ROWS AS SELECT {', '.join(COLUMNS)} "
+          "FROM usage_ledger WITH NO DATA")
+_MOVE = (f"INSERT INTO usage_ledger ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM ledger_stage "
+         "ON CONFLICT (request_id, created_at) DO NOTHING")
 _CREATED_AT = COLUMNS.index("created_at")
 _TEXT_COLUMNS = tuple(i for i, kind in enumerate(_TYPES) if kind == "text")
 _JSON_COLUMNS = tuple(i for i, kind in enumerate(_TYPES) if kind == "jsonb")
@@ -157,10 +159,12 @@ class Ledger:
         if not await self._connect():
             return None
         try:
-            columns = _columns(rows, storable)
+            records = _records(rows, storable)
             async with asyncio.timeout(WRITE_TIMEOUT):
-                async with self.pool.acquire() as connection:
-                    await connection.execute(_INSERT, *columns)
+                async with self.pool.acquire() as connection, connection.transaction():
+                    await connection.execute(_STAGE)
+                    await connection.copy_records_to_table("ledger_stage", records=records, columns=COLUMNS)
+                    await connection.execute(_MOVE)
         except Exception as exc:  # refused for its data: split; otherwise spooled (a landed batch is not stored twice)
             if not _data_fault(exc):
                 self._fail(exc)
@@ -256,20 +260,23 @@ class Ledger:
         metrics.POSTGRES_UP.set(1 if reachable else 0)
 
 
-def _columns(rows: list[tuple], storable: bool) -> list[list]:
-    """The rows as one array per column (``storable``: every text made storable)."""
+def _records(rows: list[tuple], storable: bool) -> list[tuple]:
+    """The rows as COPY takes them (``storable``: every text made storable)."""
     width = len(COLUMNS)  # rows spooled by an older version have fewer columns: the new ones stay null
-    padded = (row if len(row) == width else (*row, *(None,) * (width - len(row))) for row in rows)
-    columns = [list(column) for column in zip(*padded)]
-    columns[_CREATED_AT] = [_timestamp(value) for value in columns[_CREATED_AT]]
-    if not storable:
-        return columns
-    for index in _TEXT_COLUMNS:
-        columns[index] = [_storable(value) for value in columns[index]]
-    for index in _JSON_COLUMNS:
-        columns[index] = [value.replace("\\u0000", "\\ufffd") if isinstance(value, str) else value
-                          for value in columns[index]]
-    return columns
+    records = []
+    for row in rows:
+        if len(row) != width:
+            row = (*row, *(None,) * (width - len(row)))
+        row = list(row)
+        row[_CREATED_AT] = _timestamp(row[_CREATED_AT])
+        if storable:
+            for index in _TEXT_COLUMNS:
+                row[index] = _storable(row[index])
+            for index in _JSON_COLUMNS:
+                if isinstance(row[index], str):
+                    row[index] = row[index].replace("\\u0000", "\\ufffd")
+        records.append(row)
+    return records
 
 
 def _storable(value: object) -> object:
