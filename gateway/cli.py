@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     bench.set_defaults(run=_bench)
     bench_kinds = bench.add_subparsers(
         dest="bench_kind",
-        metavar="[tenants | fleet | providers | protocols | guardrails | shares | large-prompts | console | "
-                "ledger | redis | retrieval | semantic]")
+        metavar="[tenants | fleet | providers | protocols | guardrails | shares | large-prompts | workers | "
+                "console | ledger | redis | retrieval | semantic]")
 
     def bench_kind(name: str, help: str, run) -> argparse.ArgumentParser:
         kind = bench_kinds.add_parser(name, help=help)
@@ -142,6 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     large_bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     large_bench.add_argument("--rounds", type=int, default=3, help="measurements with and without, interleaved")
     large_bench.add_argument("--rate", type=float, default=2.0, help="large prompts a second")
+    workers_bench = bench_kind("workers", "two worker processes against one, beside the pass-through's own "
+                                          "scaling", _bench_workers)
+    workers_bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    workers_bench.add_argument("--rounds", type=int, default=3, help="measurements per server, interleaved")
     console_bench = bench_kind("console", "the console's pages with a large ledger behind them", _bench_console)
     console_bench.add_argument("--rows", type=int, default=100_000, help="ledger rows generated over this month")
     console_bench.add_argument("--rounds", type=int, default=20, help="loads of each page")
@@ -373,6 +377,12 @@ def _bench_guardrails(args: argparse.Namespace) -> None:
     from gateway.bench.guardrails import run_guardrail_benchmark
 
     run_guardrail_benchmark(rounds=args.rounds, output=args.output)
+
+
+def _bench_workers(args: argparse.Namespace) -> None:
+    from gateway.bench.workers import run_workers_benchmark
+
+    run_workers_benchmark(duration=args.duration, rounds=args.rounds, output=args.output)
 
 
 def _bench_large_prompts(args: argparse.Namespace) -> None:

@@ -70,6 +70,27 @@ def test_requests_per_minute_is_exact_across_two_gateways(sim, tmp_path):
     assert all(h["x-ratelimit-reset-requests"].endswith("s") for h in served)
 
 
+def test_one_gateway_with_two_workers_keeps_limits_exact_and_every_row(sim, stores, tmp_path):
+    """``serve --workers 2``: both worker processes share the stores, so a limit holds across them and every
+    answer, served or refused, has its ledger row."""
+    from gateway.stores.embedded import free_port
+
+    key, tenant = generate_key(), _unique("workers")
+    config = _config(tmp_path / "c", sim.url, {tenant: _tenant(key, requests_per_minute=25)})
+    gateway = GatewayProcess(config, env={"GATEWAY_WORKERS": "2",  # workers need a Qdrant server; none is used
+                                          "QDRANT_URL": f"http://127.0.0.1:{free_port()}"})
+    try:
+        client = gateway.client(key)
+        _away_from_minute_edge()
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            statuses = [status for status, _ in pool.map(lambda _: _call(client), range(80))]
+    finally:
+        gateway.stop()
+    assert statuses.count(200) == 25 and statuses.count(429) == 55
+    rows = stores.query("SELECT status, count(*) AS n FROM usage_ledger WHERE tenant_id = $1 GROUP BY status", tenant)
+    assert {row["status"]: row["n"] for row in rows} == {200: 25, 429: 55}
+
+
 def test_concurrency_limit_holds_under_load(sim, tmp_path):
     key = generate_key()
     config = _config(tmp_path / "c", sim.url, {_unique("conc"): _tenant(key, concurrent_requests=3)})

@@ -2,11 +2,12 @@
 
 uvicorn (uvloop, httptools) serves, orjson reads the body and swaps the model name, one pooled aiohttp session
 forwards it and the answer goes back as it came. No auth, no config, no logging, no metrics.
-Run: python -m gateway.bench.passthrough PORT UPSTREAM_BASE_URL
+Run: python -m gateway.bench.passthrough PORT UPSTREAM_BASE_URL [WORKERS]
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import aiohttp
@@ -47,7 +48,18 @@ def build(upstream: str):
     return app
 
 
+def create_app():
+    """The app for ``--workers`` (uvicorn imports it in each worker): its upstream from PASSTHROUGH_UPSTREAM."""
+    return build(os.environ["PASSTHROUGH_UPSTREAM"])
+
+
 if __name__ == "__main__":
-    port, upstream = int(sys.argv[1]), sys.argv[2].rstrip("/")
-    uvicorn.run(build(upstream.removesuffix("/v1")), host="127.0.0.1", port=port, loop="uvloop", http="httptools",
-                log_level="warning", access_log=False)
+    port, upstream = int(sys.argv[1]), sys.argv[2].rstrip("/").removesuffix("/v1")
+    workers = int(sys.argv[3]) if len(sys.argv) > 3 else 1
+    options = dict(host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning",
+                   access_log=False)
+    if workers > 1:
+        os.environ["PASSTHROUGH_UPSTREAM"] = upstream
+        uvicorn.run("gateway.bench.passthrough:create_app", factory=True, workers=workers, **options)
+    else:
+        uvicorn.run(build(upstream), **options)
