@@ -36,12 +36,12 @@ from gateway.retrieval.service import Retrieval
 from gateway.retrieval.vectors import Vectors
 from gateway.sim.server import EmbeddedSimulator
 from gateway.sim.settings import SimSettings
-from gateway.pipeline import tokens
+from gateway import tokens
 from gateway.stores.cache import ResponseCache
 from gateway.stores.directory import TenantDirectory
 from gateway.stores.embedded import EmbeddedServers
 from gateway.stores.ledger import Ledger
-from gateway.stores.secrets import Secrets
+from gateway.config.secrets import Secrets
 from gateway.stores.limits import Limiter
 from gateway.stores.responses import ResponseStore
 from gateway.stores import partitions, route_window

@@ -37,7 +37,7 @@ from gateway.stores.feedback import rate
 from gateway.stores.usage import midnight, routing_report, usage_report
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.api.services import GatewayServices
 
 
 class TenantIn(TenantFields):
@@ -77,7 +77,7 @@ class KeyIn(KeyAccessFields):
     expires: CalendarDate | None = Field(None, description="the key stops working at the start of this day (UTC)")
 
 
-def build_admin_router(gateway: "Gateway") -> APIRouter:
+def build_admin_router(gateway: "GatewayServices") -> APIRouter:
     router = APIRouter()
 
     def config() -> GatewayConfig:
@@ -402,7 +402,7 @@ def build_admin_router(gateway: "Gateway") -> APIRouter:
     return router
 
 
-async def _report(gateway: "Gateway", tenant: Tenant, start: str | None, end: str | None,
+async def _report(gateway: "GatewayServices", tenant: Tenant, start: str | None, end: str | None,
                   report=usage_report) -> dict:
     begin, finish = report_period(start, end)
     if tenant.created_at is not None:  # an id used again: the earlier tenant's rows are not this one's
@@ -410,7 +410,7 @@ async def _report(gateway: "Gateway", tenant: Tenant, start: str | None, end: st
     return await _report_between(gateway, tenant.id, begin, max(begin, finish), report)
 
 
-async def _report_between(gateway: "Gateway", tenant_id: str, begin: dt.datetime, finish: dt.datetime,
+async def _report_between(gateway: "GatewayServices", tenant_id: str, begin: dt.datetime, finish: dt.datetime,
                           report=usage_report) -> dict:
     return await read_ledger(gateway, report, gateway.config.current, tenant_id, begin, finish)
 

@@ -13,7 +13,7 @@ from gateway.config.schema import TENANT_ID_PATTERN, Strict
 from gateway.errors import GatewayError
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.api.services import GatewayServices
 
 
 class PinIn(Strict):
@@ -21,7 +21,7 @@ class PinIn(Strict):
     adapter: str = Field(min_length=1, max_length=64, description="the adapter's name")
 
 
-def build_fleet_router(gateway: "Gateway") -> APIRouter:
+def build_fleet_router(gateway: "GatewayServices") -> APIRouter:
     router = APIRouter()
     admin = admin_route(gateway)
 
@@ -76,7 +76,7 @@ def build_fleet_router(gateway: "Gateway") -> APIRouter:
     return router
 
 
-def _adapter(gateway: "Gateway", tenant_id: str, name: str):
+def _adapter(gateway: "GatewayServices", tenant_id: str, name: str):
     tenant = gateway.config.current.tenants.get(tenant_id)
     adapter = tenant.adapters.get(name) if tenant is not None else None
     if adapter is None:

@@ -17,7 +17,7 @@ from gateway.pipeline.auth import identify, identify_again
 from gateway.pipeline.context import Endpoint, RequestContext
 from gateway.pipeline.endpoints import CHAT, COMPLETIONS, EMBEDDINGS, MODERATIONS
 from gateway.pipeline.parse import read_json_body
-from gateway.pipeline.tokens import prompt_tokens
+from gateway.tokens import prompt_tokens
 from gateway.protocols.anthropic import CountTokens, Messages, count_tokens_answer
 from gateway.protocols.edge import Outbound
 from gateway.protocols.responses import Responses

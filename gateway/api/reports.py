@@ -26,13 +26,13 @@ from gateway.stores.resp import ReplyError
 from gateway.stores.usage import recent_requests, routing_report, usage_report
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.api.services import GatewayServices
 
 MOST_REQUESTS = 500  # rows per page of recent requests
 TIME_PATTERN = r"^(19[7-9]\d|[2-9]\d{3})-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:?\d{2})?$"
 
 
-def build_reports_router(gateway: "Gateway") -> APIRouter:
+def build_reports_router(gateway: "GatewayServices") -> APIRouter:
     router = APIRouter()
     admin = admin_route(gateway)
 
@@ -150,7 +150,7 @@ def _time(value: str | None, param: str) -> dt.datetime | None:
                            param=param) from None
 
 
-async def _spent_this_month(gateway: "Gateway", tenant_id: str) -> float | None:
+async def _spent_this_month(gateway: "GatewayServices", tenant_id: str) -> float | None:
     """This month's spend as the limits count it (Redis, reservations in flight included); None while Redis is
     away."""
     if gateway.limiter is None:

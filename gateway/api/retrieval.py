@@ -28,7 +28,7 @@ from gateway.retrieval import documents
 from gateway.retrieval.catalog import Page, link_view
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.api.services import GatewayServices
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 MAX_RESULTS = 50
@@ -147,7 +147,7 @@ def _depth(condition) -> int:
         condition, CompoundFilter) else 1
 
 
-def build_retrieval_router(gateway: "Gateway") -> APIRouter:
+def build_retrieval_router(gateway: "GatewayServices") -> APIRouter:
     router = APIRouter(tags=["retrieval"], responses={**USAGE_ERRORS, **error_responses(404, 409, 413)})
 
     def caller(request: Request):

@@ -27,7 +27,7 @@ from gateway.routing import commands
 from gateway.routing.scorer import LearnedScorer
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.api.services import GatewayServices
 
 SCORERS_FOLDER = "scorers"  # in the config folder, beside models.yaml, which names the one in use
 SCORER_NAME = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -57,7 +57,7 @@ class Training:
     error: str | None = None
 
 
-def build_router_admin(gateway: "Gateway") -> APIRouter:
+def build_router_admin(gateway: "GatewayServices") -> APIRouter:
     router = APIRouter()
     admin = admin_route(gateway)
     jobs: dict[str, Training] = {}
@@ -117,7 +117,7 @@ def _valid_name(name: str) -> bool:
     return re.fullmatch(SCORER_NAME, name) is not None
 
 
-async def _check_labels(gateway: "Gateway", body: TrainIn) -> None:
+async def _check_labels(gateway: "GatewayServices", body: TrainIn) -> None:
     """Refuse at once what the training would refuse: too few labelled requests, or labels all alike."""
     row = await read_ledger(gateway, lambda pool: pool.fetchrow(_LABELLED, body.days, body.tenant))
     labelled, needed = row["labelled"], row["needed_large"]
@@ -131,7 +131,7 @@ async def _check_labels(gateway: "Gateway", body: TrainIn) -> None:
                            code="nothing_to_learn")
 
 
-async def _run(gateway: "Gateway", body: TrainIn, output: Path, job: Training) -> None:
+async def _run(gateway: "GatewayServices", body: TrainIn, output: Path, job: Training) -> None:
     partial = output.with_name(output.name + ".part")
     args = [sys.executable, "-m", "gateway", "router", "train", "--from-ledger", "--days", str(body.days),
             "--scorer", str(partial)]

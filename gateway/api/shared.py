@@ -19,7 +19,7 @@ from gateway.stores import audit as audit_log
 from gateway.stores.usage import period
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.api.services import GatewayServices
 
 
 log = logging.getLogger("gateway.admin")
@@ -28,7 +28,7 @@ ADMIN_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 503)
 USAGE_ERRORS = error_responses(400, 401, 403, 503)
 
 
-def admin_route(gateway: "Gateway") -> dict:
+def admin_route(gateway: "GatewayServices") -> dict:
     """What every admin route declares: the admin key required, its tag, its error answers."""
 
     def require_admin(request: Request) -> Principal:
@@ -68,7 +68,7 @@ def report_period(start: str | None, end: str | None) -> tuple[dt.datetime, dt.d
     return begin, finish
 
 
-async def read_ledger(gateway: "Gateway", report, *args):
+async def read_ledger(gateway: "GatewayServices", report, *args):
     """``report(pool, *args)`` on the ledger's database; a 503 while it cannot be read."""
     if gateway.directory is None:
         raise stateless_gateway()
@@ -79,7 +79,7 @@ async def read_ledger(gateway: "Gateway", report, *args):
                            code="ledger_unavailable") from None
 
 
-async def record_action(gateway: "Gateway", principal: Principal, action: str, tenant_id: str | None,
+async def record_action(gateway: "GatewayServices", principal: Principal, action: str, tenant_id: str | None,
                         target: str | None, before: object, after: object) -> None:
     """Write an admin action to the audit log; a failure to write is logged, never undoes the action."""
     try:

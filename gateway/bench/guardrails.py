@@ -23,7 +23,7 @@ from pathlib import Path
 from gateway.bench.run import write_report
 from gateway.guardrails.detect import DETECTORS
 from gateway.guardrails.policy import Verdict, compile_rules, inspect_request
-from gateway.pipeline.tokens import prompt_tokens
+from gateway.tokens import prompt_tokens
 
 SEED = 2026
 SETS = {"tune": 2026, "held_out": 7}

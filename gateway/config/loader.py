@@ -25,7 +25,7 @@ from gateway.config.types import (
     TailscaleDiscovery, Tenant,
 )
 from gateway.config.yaml_source import ConfigError, YamlDocument, read_yaml
-from gateway.stores.secrets import SecretUnavailable, Secrets
+from gateway.config.secrets import SecretUnavailable, Secrets
 from gateway.config.origins import parse_origins
 
 MODELS_FILE = "models.yaml"

@@ -33,7 +33,7 @@ from gateway.config.schema import TenantSpec
 from gateway.config.types import MEMBER, ApiKey, GatewayConfig, KeyAccess, Tenant
 from gateway.config.yaml_source import ConfigError
 from gateway.observability.metrics import CONFIG_RELOADS, DIRECTORY_REJECTED
-from gateway.stores.secrets import Secrets
+from gateway.config.secrets import Secrets
 
 log = logging.getLogger("gateway.config")
 

@@ -32,7 +32,8 @@ from gateway.observability.metrics import CASCADES, FALLBACKS, UPSTREAM_ERRORS
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.parse import encode
 from gateway.pipeline.retrieve import with_citations
-from gateway.pipeline.tokens import counted_prompt_tokens, prompt_tokens
+from gateway.pipeline.tokens import counted_prompt_tokens
+from gateway.tokens import prompt_tokens
 from gateway.routing.confidence import measure, strip_logprobs
 from gateway.upstreams.client import UpstreamClient
 from gateway.upstreams.fleet import AdapterLoadFailed, Fleet

@@ -9,12 +9,13 @@ import asyncio
 from typing import Callable
 
 from gateway.errors import GatewayError
-from gateway.guardrails.answer import OutputGuard
+from gateway.pipeline.guard_answer import OutputGuard
 from gateway.guardrails.models import GuardUnavailable, decide, flagged_categories, request_text
 from gateway.guardrails.policy import Guardrail, Verdict, inspect_request, output_judges, output_rules
 from gateway.pipeline.internal import GUARD_CALL, InternalCalls
 from gateway.pipeline.context import RequestContext
-from gateway.pipeline.tokens import OFF_THE_LOOP_BYTES, prompt_tokens
+from gateway.pipeline.tokens import OFF_THE_LOOP_BYTES
+from gateway.tokens import prompt_tokens
 
 
 class CheckGuardrails:

@@ -10,7 +10,8 @@ import time
 
 from gateway.errors import GatewayError
 from gateway.observability import metrics
-from gateway.pipeline.tokens import completion_reservation, reserved_prompt_tokens
+from gateway.pipeline.tokens import reserved_prompt_tokens
+from gateway.tokens import completion_reservation
 from gateway.pipeline.context import RequestContext
 from gateway.pipeline.users import end_user
 from gateway.stores.limits import NANO, Admission, Limiter

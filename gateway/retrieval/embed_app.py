@@ -147,7 +147,7 @@ def _token_ids(value) -> bool:
 
 
 def _decode(ids: list[int]) -> str:
-    from gateway.pipeline.tokens import decode
+    from gateway.tokens import decode
 
     return decode(ids)
 

@@ -26,7 +26,7 @@ import asyncio
 import logging
 import random
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from gateway.errors import GatewayError
 from gateway.retrieval import documents
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
     import numpy as np
 
     from gateway.config.types import ApiKey, Tenant
-    from gateway.pipeline.internal import InternalCalls
 
 log = logging.getLogger("gateway.retrieval")
 
@@ -61,8 +60,14 @@ class _TooLarge(Exception):
 Key = tuple[str, str, str]  # (tenant, store, file): one indexing job
 
 
+class EmbeddingCalls(Protocol):
+    """The gateway's own embeddings requests for a tenant (``gateway.pipeline.internal.InternalCalls``)."""
+
+    async def embed(self, tenant: "Tenant", api_key: "ApiKey", model: str, texts: list[str]) -> "np.ndarray": ...
+
+
 class Retrieval:
-    def __init__(self, catalog: Catalog, vectors: Vectors, calls: "InternalCalls", model: str,
+    def __init__(self, catalog: Catalog, vectors: Vectors, calls: EmbeddingCalls, model: str,
                  config, concurrency: int = 2) -> None:
         self.catalog = catalog
         self.vectors = vectors
