@@ -14,7 +14,7 @@ from gateway.pipeline.access import authorize_model
 from gateway.pipeline.auth import Authenticate
 from gateway.pipeline.cache import LookupCache, serve_cached
 from gateway.pipeline.context import RequestContext
-from gateway.pipeline.forward import Forward
+from gateway.pipeline.forward.stage import Forward
 from gateway.pipeline.guard import CheckGuardrails
 from gateway.pipeline.limits import EnforceLimits
 from gateway.pipeline.parse import read_json_body
