@@ -17,11 +17,8 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-import yaml
-
-from gateway.bench.run import (UNBOUND_LIMITS, WRK_SCRIPT, Measurement, _measure, _median, _wrk, start_gateway,
+from gateway.bench.run import (WRK_SCRIPT, Measurement, _measure, _median, _wrk, one_model_config, start_gateway,
                                start_simulator, stop_processes, write_report)
-from gateway.config.keys import generate_key, hash_key
 from gateway.stores.embedded import EmbeddedServers, free_port
 
 QUESTION = "Say something short about gateways."
@@ -55,14 +52,8 @@ def run_protocol_benchmark(duration: float = 5.0, rounds: int = 3, latency_ms: f
     try:
         sim_port, gw_port = free_port(), free_port()
         processes.append(start_simulator(sim_port, "--ttft-ms", str(latency_ms), "--max-num-seqs", "4096"))
-        key = generate_key()
         config = workdir / "config"
-        config.mkdir()
-        (config / "models.yaml").write_text(yaml.safe_dump({"models": {"bench": {"deployments": [
-            {"name": "sim", "api_base": f"http://127.0.0.1:{sim_port}/v1", "model": "sim"}]}}}))
-        (config / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {"bench": {
-            "name": "Benchmark", "tier": "enterprise", "limits": UNBOUND_LIMITS,
-            "keys": [{"name": "bench", "sha256": hash_key(key)}]}}}))
+        key = one_model_config(config, sim_port)
         env = {**os.environ, "GATEWAY_BUILTIN_SIMULATOR": "0", "GATEWAY_DATA_DIR": str(workdir / "data"),
                "REDIS_URL": stores.start_redis(), "DATABASE_URL": stores.start_postgres()}
         gateway = start_gateway(config, gw_port, env, workdir / "gateway.log")

@@ -235,6 +235,19 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
     return write_report(report, output)
 
 
+def one_model_config(folder: Path, sim_port: int) -> str:
+    """A config folder with one model ("bench", on the simulator at ``sim_port``) and one tenant whose limits
+    never bind; returns the tenant's key."""
+    key = generate_key()
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "models.yaml").write_text(yaml.safe_dump({"models": {"bench": {"deployments": [
+        {"name": "sim", "api_base": f"http://127.0.0.1:{sim_port}/v1", "model": "sim"}]}}}))
+    (folder / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {"bench": {
+        "name": "Benchmark", "tier": "enterprise", "limits": UNBOUND_LIMITS,
+        "keys": [{"name": "bench", "sha256": hash_key(key)}]}}}))
+    return key
+
+
 def start_simulator(port: int, *options: str) -> subprocess.Popen:
     """``gateway sim`` on ``port`` with ``options``, returned once it answers /health."""
     sim = subprocess.Popen([sys.executable, "-m", "gateway", "sim", "--port", str(port), *options],

@@ -19,11 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
-from gateway.bench.run import (BODY, UNBOUND_LIMITS, WRK_SCRIPT, CLOCK_TICKS, _ledger_rows, _median, _wait, _wrk,
-                               Measurement, start_simulator, stop_processes, write_report)
-from gateway.config.keys import generate_key, hash_key
+from gateway.bench.run import (BODY, CLOCK_TICKS, WRK_SCRIPT, Measurement, _ledger_rows, _median, _wait, _wrk,
+                               one_model_config, start_simulator, stop_processes, write_report)
 from gateway.stores.embedded import EmbeddedServers, free_port
 
 
@@ -61,14 +58,8 @@ def run_workers_benchmark(duration: float = 5.0, rounds: int = 3, connections: i
     try:
         sim_port = free_port()
         processes.append(start_simulator(sim_port, "--ttft-ms", "5", "--max-num-seqs", "4096"))
-        key = generate_key()
         config = workdir / "config"
-        config.mkdir()
-        (config / "models.yaml").write_text(yaml.safe_dump({"models": {"bench": {"deployments": [
-            {"name": "sim", "api_base": f"http://127.0.0.1:{sim_port}/v1", "model": "sim"}]}}}))
-        (config / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {"bench": {
-            "name": "Benchmark", "tier": "enterprise", "limits": UNBOUND_LIMITS,
-            "keys": [{"name": "bench", "sha256": hash_key(key)}]}}}))
+        key = one_model_config(config, sim_port)
         env = {**os.environ, "GATEWAY_BUILTIN_SIMULATOR": "0", "GATEWAY_DATA_DIR": str(workdir / "data"),
                "REDIS_URL": stores.start_redis(), "DATABASE_URL": stores.start_postgres(),
                # Qdrant's local mode belongs to one process, so workers need a Qdrant server; no request of this

@@ -21,9 +21,9 @@ from typing import Any
 
 import orjson
 
-from gateway.upstreams.translated.common import (DONE, BrokenAnswer, ChunkWriter, UnsupportedRequest, arguments,
-                                                 completion, completion_id, data_url, max_tokens, stops, text_of,
-                                                 usage)
+from gateway.upstreams.translated.common import (DONE, BrokenAnswer, ChunkWriter, Part, Turns, UnsupportedRequest,
+                                                 arguments, completion, completion_id, max_tokens, stops, text_of,
+                                                 usage, user_parts)
 
 PROVIDER = "anthropic"
 VERSION = "2023-06-01"
@@ -66,73 +66,38 @@ def request(body: dict, stream: bool) -> tuple[str, dict, bool]:
 
 def _conversation(messages: list) -> tuple[str, list[dict]]:
     system: list[str] = []
-    turns: list[dict] = []
-
-    def add(role: str, blocks: list[dict]) -> None:
-        if not blocks:
-            return
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"].extend(blocks)
-        else:
-            turns.append({"role": role, "content": blocks})
-
+    turns = Turns("content")
     for index, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
-        where = f"messages.{index}"
         if role in ("system", "developer"):
             text = text_of(content)
             if text:
                 system.append(text)
         elif role == "user":
-            add("user", _user_blocks(content, where))
+            turns.add("user", [_block(part) for part in user_parts(content, f"messages.{index}", PROVIDER)])
         elif role == "assistant":
             blocks = [{"type": "text", "text": text_of(content)}] if text_of(content) else []
             for call in message.get("tool_calls") or ():
                 function = call.get("function") or {}
                 blocks.append({"type": "tool_use", "id": call.get("id") or completion_id(),
                                "name": function.get("name", ""), "input": arguments(function.get("arguments"))})
-            add("assistant", blocks)
+            turns.add("assistant", blocks)
         elif role in ("tool", "function"):
-            result = {"type": "tool_result", "tool_use_id": message.get("tool_call_id") or message.get("name", ""),
-                      "content": text_of(content)}
-            add("user", [result])
-    return "\n\n".join(system), turns
+            turns.add("user", [{"type": "tool_result",
+                                "tool_use_id": message.get("tool_call_id") or message.get("name", ""),
+                                "content": text_of(content)}])
+    return "\n\n".join(system), turns.turns
 
 
-def _user_blocks(content: Any, where: str) -> list[dict]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}] if content else []
-    blocks = []
-    for index, part in enumerate(content or ()):
-        kind = part.get("type") if isinstance(part, dict) else None
-        at = f"{where}.content.{index}"
-        if kind == "text":
-            if part.get("text"):
-                blocks.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            inline = data_url(url) if isinstance(url, str) else None
-            if inline is not None:
-                blocks.append({"type": "image", "source": {"type": "base64", "media_type": inline[0],
-                                                           "data": inline[1]}})
-            elif isinstance(url, str) and url.startswith(("http://", "https://")):
-                blocks.append({"type": "image", "source": {"type": "url", "url": url}})
-            else:
-                raise UnsupportedRequest(PROVIDER, f"{at}.image_url", "an image is a data: URL in base64 or an "
-                                                                       "http(s) URL")
-        elif kind == "file":
-            file = part.get("file") if isinstance(part.get("file"), dict) else {}
-            inline = data_url(file.get("file_data", "")) if isinstance(file.get("file_data"), str) else None
-            if inline is None:
-                raise UnsupportedRequest(PROVIDER, f"{at}.file", "a file is sent as file_data (a base64 data: URL); "
-                                                                 "uploaded file ids are not")
-            blocks.append({"type": "document", "source": {"type": "base64", "media_type": inline[0],
-                                                          "data": inline[1]}})
-        else:
-            raise UnsupportedRequest(PROVIDER, f"{at}.type", f"'{str(kind)[:40]}' parts cannot be sent to this "
-                                                             "provider")
-    return blocks
+def _block(part: Part) -> dict:
+    if part.kind == "text":
+        return {"type": "text", "text": part.data}
+    if part.kind == "url":
+        return {"type": "image", "source": {"type": "url", "url": part.data}}
+    if part.kind == "inline":
+        kind = "image" if part.media_type.startswith("image/") else "document"
+        return {"type": kind, "source": {"type": "base64", "media_type": part.media_type, "data": part.data}}
+    raise UnsupportedRequest(PROVIDER, f"{part.at}.type", f"{part.kind} input cannot be sent to this provider")
 
 
 def _tools(body: dict, asked: dict) -> None:

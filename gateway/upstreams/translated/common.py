@@ -7,6 +7,7 @@ import base64
 import binascii
 import os
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -139,3 +140,71 @@ def arguments(text: Any) -> dict:
     except orjson.JSONDecodeError:
         return {"_raw": text}
     return value if isinstance(value, dict) else {"value": value}
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """A part of a user's message, read once for every provider: ``text``; ``inline`` (base64 ``data`` of a media
+    type: an image or a file); ``url`` (an image's http(s) URL); ``audio`` (base64 ``data``)."""
+
+    kind: str
+    data: str
+    media_type: str = ""
+    at: str = ""  # where it is in the request ("messages.1.content.0"), for an error naming it
+
+
+def user_parts(content: Any, where: str, provider: str) -> list[Part]:
+    """A user message's content as parts; a part no provider can be sent is a 400 naming it."""
+    if isinstance(content, str):
+        return [Part("text", content)] if content else []
+    parts = []
+    for index, part in enumerate(content or ()):
+        kind = part.get("type") if isinstance(part, dict) else None
+        at = f"{where}.content.{index}"
+        if kind == "text":
+            if part.get("text"):
+                parts.append(Part("text", part["text"], at=at))
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            inline = data_url(url) if isinstance(url, str) else None
+            if inline is not None:
+                parts.append(Part("inline", inline[1], inline[0], at))
+            elif isinstance(url, str) and url.startswith(("http://", "https://")):
+                parts.append(Part("url", url, at=at))
+            else:
+                raise UnsupportedRequest(provider, f"{at}.image_url", "an image is a data: URL in base64 or an "
+                                                                      "http(s) URL")
+        elif kind == "file":
+            file = part.get("file") if isinstance(part.get("file"), dict) else {}
+            inline = data_url(file.get("file_data", "")) if isinstance(file.get("file_data"), str) else None
+            if inline is None:
+                raise UnsupportedRequest(provider, f"{at}.file", "a file is sent as file_data (a base64 data: URL); "
+                                                                 "uploaded file ids are not")
+            parts.append(Part("inline", inline[1], inline[0], at))
+        elif kind == "input_audio":
+            audio = part.get("input_audio") if isinstance(part.get("input_audio"), dict) else {}
+            if not isinstance(audio.get("data"), str):
+                raise UnsupportedRequest(provider, f"{at}.input_audio.data", "audio is sent as base64 data")
+            parts.append(Part("audio", audio["data"], f"audio/{audio.get('format') or 'wav'}", at))
+        else:
+            raise UnsupportedRequest(provider, f"{at}.type", f"'{str(kind)[:40]}' parts cannot be sent to this "
+                                                             "provider")
+    return parts
+
+
+class Turns:
+    """A conversation's turns, those of one role in a row merged into one (both APIs want the roles to alternate,
+    and the results of parallel tool calls in one turn)."""
+
+    def __init__(self, items: str) -> None:
+        self.items = items  # what a turn's list is called: "content" (Anthropic), "parts" (Gemini)
+        self.turns: list[dict] = []
+
+    def add(self, role: str, items: list[dict]) -> None:
+        if not items:
+            return
+        if self.turns and self.turns[-1]["role"] == role:
+            self.turns[-1][self.items].extend(items)
+        else:
+            self.turns.append({"role": role, self.items: items})

@@ -22,9 +22,9 @@ from typing import Any
 
 import orjson
 
-from gateway.upstreams.translated.common import (DONE, BrokenAnswer, ChunkWriter, UnsupportedRequest, arguments,
-                                                 completion, completion_id, data_url, max_tokens, stops, text_of,
-                                                 usage)
+from gateway.upstreams.translated.common import (DONE, BrokenAnswer, ChunkWriter, Part, Turns, arguments,
+                                                 completion, completion_id, max_tokens, stops, text_of, usage,
+                                                 user_parts)
 
 PROVIDER = "gemini"
 SIGNATURE = "__thought__"  # between a call's id and its thought signature
@@ -51,24 +51,15 @@ def request(body: dict, stream: bool) -> tuple[str, dict]:
 
 def _conversation(messages: list) -> tuple[str, list[dict]]:
     system: list[str] = []
-    contents: list[dict] = []
+    contents = Turns("parts")
     names: dict[str, str] = {}  # a tool call's id -> its function's name (a functionResponse is named, not id'd)
-
-    def add(role: str, parts: list[dict]) -> None:
-        if not parts:
-            return
-        if contents and contents[-1]["role"] == role:
-            contents[-1]["parts"].extend(parts)
-        else:
-            contents.append({"role": role, "parts": parts})
-
     for index, message in enumerate(messages):
         role, content = message.get("role"), message.get("content")
         if role in ("system", "developer"):
             if text_of(content):
                 system.append(text_of(content))
         elif role == "user":
-            add("user", _user_parts(content, f"messages.{index}"))
+            contents.add("user", [_part(part) for part in user_parts(content, f"messages.{index}", PROVIDER)])
         elif role == "assistant":
             parts = [{"text": text_of(content)}] if text_of(content) else []
             for call in message.get("tool_calls") or ():
@@ -80,7 +71,7 @@ def _conversation(messages: list) -> tuple[str, list[dict]]:
                 if signature:
                     part["thoughtSignature"] = signature
                 parts.append(part)
-            add("model", parts)
+            contents.add("model", parts)
         elif role in ("tool", "function"):
             call_id = str(message.get("tool_call_id") or "").partition(SIGNATURE)[0]
             name = names.get(call_id) or message.get("name") or call_id
@@ -89,50 +80,18 @@ def _conversation(messages: list) -> tuple[str, list[dict]]:
                 result = orjson.loads(text) if text.lstrip().startswith("{") else None
             except orjson.JSONDecodeError:
                 result = None
-            add("user", [{"functionResponse": {"name": name, "response": result if isinstance(result, dict)
-                                               else {"result": text}}}])
-    return "\n\n".join(system), contents
+            contents.add("user", [{"functionResponse": {"name": name, "response": result if isinstance(result, dict)
+                                                        else {"result": text}}}])
+    return "\n\n".join(system), contents.turns
 
 
-def _user_parts(content: Any, where: str) -> list[dict]:
-    if isinstance(content, str):
-        return [{"text": content}] if content else []
-    parts = []
-    for index, part in enumerate(content or ()):
-        kind = part.get("type") if isinstance(part, dict) else None
-        at = f"{where}.content.{index}"
-        if kind == "text":
-            if part.get("text"):
-                parts.append({"text": part["text"]})
-        elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            inline = data_url(url) if isinstance(url, str) else None
-            if inline is not None:
-                parts.append({"inlineData": {"mimeType": inline[0], "data": inline[1]}})
-            elif isinstance(url, str) and url.startswith(("http://", "https://")):
-                suffix = os.path.splitext(url.split("?", 1)[0])[1].lower()
-                parts.append({"fileData": {"fileUri": url, "mimeType": _MIME_BY_SUFFIX.get(suffix, "image/jpeg")}})
-            else:
-                raise UnsupportedRequest(PROVIDER, f"{at}.image_url", "an image is a data: URL in base64 or an "
-                                                                       "http(s) URL")
-        elif kind == "file":
-            file = part.get("file") if isinstance(part.get("file"), dict) else {}
-            inline = data_url(file.get("file_data", "")) if isinstance(file.get("file_data"), str) else None
-            if inline is None:
-                raise UnsupportedRequest(PROVIDER, f"{at}.file", "a file is sent as file_data (a base64 data: URL); "
-                                                                 "uploaded file ids are not")
-            parts.append({"inlineData": {"mimeType": inline[0], "data": inline[1]}})
-        elif kind == "input_audio":
-            audio = part.get("input_audio") if isinstance(part.get("input_audio"), dict) else {}
-            if not isinstance(audio.get("data"), str):
-                raise UnsupportedRequest(PROVIDER, f"{at}.input_audio.data", "audio is sent as base64 data")
-            parts.append({"inlineData": {"mimeType": f"audio/{audio.get('format') or 'wav'}",
-                                         "data": audio["data"]}})
-        else:
-            raise UnsupportedRequest(PROVIDER, f"{at}.type", f"'{str(kind)[:40]}' parts cannot be sent to this "
-                                                             "provider")
-    return parts
+def _part(part: Part) -> dict:
+    if part.kind == "text":
+        return {"text": part.data}
+    if part.kind == "url":
+        suffix = os.path.splitext(part.data.split("?", 1)[0])[1].lower()
+        return {"fileData": {"fileUri": part.data, "mimeType": _MIME_BY_SUFFIX.get(suffix, "image/jpeg")}}
+    return {"inlineData": {"mimeType": part.media_type, "data": part.data}}  # images, files and audio
 
 
 def _generation_config(body: dict) -> dict:
