@@ -76,9 +76,9 @@ def test_codex_cli_goes_round_its_loop_through_the_gateway(gateway, keys, stores
     assert _wait_for_rows(stores, "acme", "responses", started, 2) >= 2  # the tool call, then the answer
 
 
-def test_the_clients_are_the_versions_the_readme_names():
+def test_the_clients_are_the_versions_the_docs_name():
     package = json.loads((ROOT / "tests" / "clients" / "node" / "package.json").read_text())["dependencies"]
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "openai-api.md").read_text()
     for name in ("@anthropic-ai/claude-code", "@openai/codex"):
         assert f"{name} {package[name]}" in readme, name
     assert Path(BIN / "claude").exists() and Path(BIN / "codex").exists()
