@@ -40,7 +40,7 @@ def serve(settings: Settings) -> None:
     setup_logging(settings.log_level)
     if settings.metrics_key is None and not _loopback(settings.host):
         log.warning("/metrics names every tenant with its requests and spend, and anyone who reaches %s:%d can read "
-                    "it: set GATEWAY_METRICS_KEY (see the README's Operations)", settings.host, settings.port)
+                    "it: set GATEWAY_METRICS_KEY (see docs/operations.md)", settings.host, settings.port)
     if settings.workers > 1 and not settings.qdrant_url and not settings.stateless:
         raise SystemExit("gateway: Qdrant's local mode (no QDRANT_URL) belongs to one process, and --workers "
                          f"{settings.workers} would open it in each worker: set QDRANT_URL to a Qdrant server, or "

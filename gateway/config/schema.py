@@ -527,7 +527,7 @@ class PoolSpec(Strict):
 
 class PlacementSpec(Strict):
     strategy: Literal["adapter_aware", "round_robin", "least_loaded"] = Field(
-        "adapter_aware", description="adapter_aware: see the README; the others for comparison")
+        "adapter_aware", description="adapter_aware: see docs/fleet.md; the others for comparison")
     queue_weight: StrictFloat = Field(0.25, ge=0, le=100, description="score lost per request in flight or "
                                                                       "waiting on a node")
     kv_weight: StrictFloat = Field(1.0, ge=0, le=100, description="score lost at a full KV cache")

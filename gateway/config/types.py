@@ -114,7 +114,7 @@ class CachePolicy:
     max_entry_bytes: int = 1 << 20
     nondeterministic: bool = False  # cache requests with temperature above 0 and no seed
     semantic: bool = False  # answer chats whose question is close in meaning to an answered one
-    semantic_threshold: float = 0.9  # the least cosine similarity of a semantic hit (measured: README)
+    semantic_threshold: float = 0.9  # the least cosine similarity of a semantic hit (measured: docs/retrieval.md)
     semantic_with_tools: bool = False
 
 

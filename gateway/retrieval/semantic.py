@@ -4,7 +4,7 @@ the exact cache (Redis).
 Closeness of vectors alone cannot tell "Celsius to Fahrenheit" from "Fahrenheit to Celsius", or "open on Monday"
 from "open on Tuesday" (0.995 and 0.956 with this model). So a hit also needs ``same_ask``: the two questions may
 differ in how they are put (words added or left out) but not by one word standing in for another, by another
-number, or by the same words in another order. Measured on the pairs of ``gateway bench semantic`` (README).
+number, or by the same words in another order. Measured on the pairs of ``gateway bench semantic`` (docs/retrieval.md).
 
 A chat's question is its last user message; everything else about the request (the model asked for, the other
 messages, the sampling parameters, stream or not) must be identical, so it is hashed into a ``context`` that a
