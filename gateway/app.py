@@ -184,7 +184,8 @@ class Gateway:
         return self.config.current.tiers
 
     def store_status(self) -> dict[str, bool]:
-        """Reachability of the stores; the gateway keeps serving without them (see docs/configuration.md, limits and the ledger)."""
+        """Reachability of the stores; the gateway keeps serving without them (see docs/configuration.md: limits and
+        the ledger)."""
         status = {
             "redis": self.limiter is not None and self.limiter.available,
             "postgres": self.ledger is not None and self.ledger.reachable,
