@@ -119,8 +119,9 @@ class DeploymentSpec(Strict):
     api_base: str | None = Field(None, min_length=1, description="base URL up to /v1, builtin:simulator, or "
                                                                  "fleet:<pool>; a provider's own by default")
     provider: Literal[PROVIDERS] | None = Field(None, description="anthropic, gemini: spoken by the gateway; "
-                                                                  "vertex_ai, bedrock, azure: through LiteLLM; openai, openrouter, groq, "
-                                                                  "together, vllm: OpenAI's API, named")
+                                                                  "vertex_ai, bedrock, azure: through LiteLLM; "
+                                                                  "openai, openrouter, groq, together, vllm: "
+                                                                  "OpenAI's API, named")
     api_version: str | None = Field(None, max_length=40, pattern=TEXT_PATTERN, description="azure: the API version")
     credentials: dict[Literal["aws_access_key_id", "aws_secret_access_key", "aws_session_token",
                               "vertex_credentials"], str] = Field(
