@@ -10,6 +10,7 @@ import asyncpg
 
 from gateway.api.admin import build_admin_router
 from gateway.api.cors import Cors
+from gateway.api.finetune import build_fine_tuning_router
 from gateway.api.fleet import build_fleet_router
 from gateway.api.reports import build_reports_router
 from gateway.api.responses import build_responses_router
@@ -29,6 +30,10 @@ from gateway.pipeline.auth import identify, identify_again
 from gateway.upstreams.select import DeploymentSelector
 from gateway.settings import Settings
 from gateway.pipeline.internal import InternalCalls
+from gateway.finetune.jobs import Jobs
+from gateway.finetune.runner import Runner
+from gateway.finetune.service import FineTuning, training_row
+from gateway.finetune.storage import Storage
 from gateway.retrieval.catalog import Catalog
 from gateway.retrieval.embed_app import Embedder
 from gateway.retrieval.semantic import SemanticIndex
@@ -75,12 +80,14 @@ class Gateway:
         self.shares = ShareKeeper()  # thresholds kept at a target share of large-model calls
         self.retrieval: Retrieval | None = None  # files, vector stores, chats with retrieval (needs PostgreSQL)
         self.semantic: SemanticIndex | None = None  # the semantic cache's index (on Qdrant, beside retrieval)
+        self.fine_tuning: FineTuning | None = None  # fine-tuning jobs and this gateway's trainer (needs PostgreSQL)
         self.responses: ResponseStore | None = None  # stored responses of the Responses API (needs PostgreSQL)
         self.selector = DeploymentSelector()  # deployments' failures and cooldowns, shown by /api/v1/status
         self.admin_auth = AdminAuth(lambda: self.config.current, settings.admin_key, settings.stateless)
         self.ops = build_ops_app(self.readiness, self.store_status,
                                  [build_admin_router(self), build_fleet_router(self), build_router_admin(self),
                                   build_reports_router(self), build_retrieval_router(self),
+                                  build_fine_tuning_router(self),
                                   build_responses_router(lambda: self.config.current, lambda: self.responses)],
                                  self._choices)
         self._off_hot_path = BodyGuard(self.ops, self.admin_auth, settings.max_admin_body_bytes,
@@ -232,6 +239,8 @@ class Gateway:
                 lambda: self.config.current, settings.indexing_concurrency)
             self.retrieval.start()
             self.semantic = SemanticIndex(self.retrieval.vectors)
+            self.fine_tuning = self._fine_tuning()
+            self.fine_tuning.runner.start()
         self._watcher = asyncio.create_task(self.config.watch(settings.reload_interval))
         self._share_keeper = asyncio.create_task(self._keep_shares(settings.share_interval))
         if self.directory is not None:
@@ -241,6 +250,21 @@ class Gateway:
         log.info("gateway ready: %d models (%d on the built-in simulator), %d tenants, config from %s",
                  len(models), sum(m.simulated for m in models), len(self.config.current.tenants),
                  settings.config_dir)
+
+    def _fine_tuning(self) -> FineTuning:
+        settings = self.settings
+        storage = Storage(settings.finetune_storage or str((settings.data_dir / "finetune").resolve()))
+        jobs = Jobs(self.directory.pool_for_reports)
+
+        async def file_exists(tenant_id: str, file_id: str) -> bool:
+            return await self.retrieval.catalog.file(tenant_id, file_id) is not None
+
+        def bill(job: dict, cost: float, seconds: float, status: int) -> None:
+            self.ledger.record(training_row(job, cost, seconds, status))
+
+        runner = Runner(jobs, storage, lambda: self.config.current, settings.data_dir / "training", file_exists,
+                        self.config.set_fine_tuned, bill, settings.finetune_trainer)
+        return FineTuning(jobs, storage, runner)
 
     async def _open_stores(self) -> None:
         settings = self.settings
@@ -306,6 +330,8 @@ class Gateway:
         for task in (self._watcher, self._share_keeper, self._partition_keeper):
             if task is not None:
                 task.cancel()
+        if self.fine_tuning is not None:
+            await self.fine_tuning.runner.stop()  # jobs training here stop, and fail with that reason
         if self.retrieval is not None:
             await self.retrieval.close()  # indexing jobs stop (taken up again by the next start)
         if self.fleet is not None:

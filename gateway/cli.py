@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     sim.add_argument("--hang-rate", type=float, default=0.0, help="share of requests never answered")
     sim.add_argument("--break-stream-after", type=int, help="cut streams after this many tokens")
     sim.add_argument("--slow-stream-ms", type=float, default=0.0, help="extra time between streamed tokens")
+    sim.add_argument("--base-config", help="the base model's config.json: adapters are checked against it on load")
     sim.set_defaults(run=_sim)
 
     stores = commands.add_parser("stores", help="where the running gateway's embedded Valkey and PostgreSQL are")
@@ -208,7 +209,7 @@ def _sim(args: argparse.Namespace) -> None:
         models=args.model, ttft_ms=args.ttft_ms, itl_ms=args.itl_ms, max_num_seqs=args.max_num_seqs,
         max_loras=args.max_loras, lora_swap_ms=args.lora_swap_ms, error_rate=args.error_rate,
         error_status=args.error_status, hang_rate=args.hang_rate, break_stream_after=args.break_stream_after,
-        slow_stream_ms=args.slow_stream_ms, api_key=args.api_key,
+        slow_stream_ms=args.slow_stream_ms, api_key=args.api_key, base_config=args.base_config,
     )
     for index in range(args.nodes):
         print(f"simulator listening on http://{args.host}:{args.port + index}/v1", file=sys.stderr, flush=True)

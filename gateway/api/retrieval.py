@@ -23,6 +23,7 @@ from gateway.api.shared import USAGE_ERRORS
 from gateway.api.guard import stateless_gateway
 from gateway.config.schema import TEXT_PATTERN, Strict
 from gateway.errors import GatewayError
+from gateway.finetune import datasets
 from gateway.pipeline.auth import identify
 from gateway.retrieval import documents
 from gateway.retrieval.catalog import Page, link_view
@@ -185,11 +186,16 @@ def build_retrieval_router(gateway: "GatewayServices") -> APIRouter:
                                     "'assistants').", param="purpose")
         if "\x00" in filename or not filename.strip() or len(filename) > 255:
             raise GatewayError(400, "The file's name must be 1 to 255 characters, without NUL.", param="file")
-        if documents.kind_of(filename) is None:
-            raise GatewayError(400, f"'{filename}' is not a kind of file this gateway reads: use "
-                                    f"{', '.join(sorted(documents.KINDS))}.", param="file", code="unsupported_file")
         if not content:
             raise GatewayError(400, "The file is empty.", param="file", code="empty_file")
+        if purpose == "fine-tune":  # OpenAI's chat JSONL, checked line by line before it is kept
+            if not filename.lower().endswith(".jsonl"):
+                raise GatewayError(400, "A fine-tuning file is JSONL: its name ends in .jsonl.", param="file",
+                                   code="unsupported_file")
+            await asyncio.to_thread(datasets.check, content, "file")
+        elif documents.kind_of(filename) is None:
+            raise GatewayError(400, f"'{filename}' is not a kind of file this gateway reads: use "
+                                    f"{', '.join(sorted(documents.KINDS))}.", param="file", code="unsupported_file")
         return await gateway.retrieval.catalog.add_file(tenant.id, filename, purpose, content)
 
     @router.get("/v1/files")

@@ -1,4 +1,4 @@
-"""What the routers off the hot path (admin, fleet, reports, retrieval, router) use of the running gateway: its
+"""What the routers off the hot path (admin, fleet, reports, retrieval, router, fine-tuning) use of the running gateway: its
 stores and services, and four questions about its state. ``gateway.app.Gateway`` provides them; the routers name
 this interface, not the app that builds them, so that dependencies point one way (app -> api)."""
 
@@ -10,6 +10,7 @@ if TYPE_CHECKING:
     from gateway.api.guard import AdminAuth
     from gateway.config.secrets import Secrets
     from gateway.config.store import ConfigStore
+    from gateway.finetune.service import FineTuning
     from gateway.retrieval.service import Retrieval
     from gateway.routing.share import ShareKeeper
     from gateway.settings import Settings
@@ -33,6 +34,7 @@ class GatewayServices(Protocol):
     shares: "ShareKeeper"
     selector: "DeploymentSelector"
     retrieval: "Retrieval | None"
+    fine_tuning: "FineTuning | None"
     admin_auth: "AdminAuth"
 
     def readiness(self) -> dict[str, bool]: ...

@@ -232,6 +232,7 @@ def assemble(base: BaseConfig, api_tenants: dict[str, Tenant], api_keys: dict[st
         secrets=base.secrets,
         uses_litellm=any(d.litellm is not None and d.wire is None for m in base.models.values()
                          for d in m.deployments),
+        fine_tuning=models_file.fine_tuning,
         cache_policy=_cache_policy(CachePolicy(), models_file.defaults.cache),
         tiers=frozenset(base.tiers),
         yaml_key_names=base.yaml_key_names,
@@ -300,7 +301,7 @@ def _compile_fleet(spec: ModelsFile, secrets: Secrets, warnings: list[str]) -> F
         discovery = pool.discovery.tailscale if pool.discovery is not None else None
         pools[name] = Pool(name, pool.model, key, pool.max_loras, tuple(nodes), None if discovery is None else
                            TailscaleDiscovery(discovery.tag, discovery.port, discovery.scheme, discovery.path,
-                                              discovery.command))
+                                              discovery.command), pool.weights)
     placement = fleet.placement
     return FleetConfig(pools, fleet.refresh_seconds, fleet.failures_before_drain, fleet.load_timeout,
                        placement.strategy, placement.queue_weight, placement.kv_weight)

@@ -513,6 +513,9 @@ class PoolSpec(Strict):
     max_loras: whole(1, 1024) = Field(4, description="adapter slots of a node whose metrics do not say")
     nodes: list[FleetNodeSpec] = Field(default_factory=list)
     discovery: DiscoverySpec | None = None
+    weights: str | None = Field(None, min_length=1, max_length=1000, pattern=TEXT_PATTERN,
+                                description="the base model's weights in Hugging Face's layout (a folder), for "
+                                            "fine-tuning: without them the pool's model cannot be fine-tuned")
 
     @field_validator("api_key")
     @classmethod
@@ -551,11 +554,21 @@ class FleetSpec(Strict):
         return value
 
 
+class FineTuningSpec(Strict):
+    concurrency: whole(1, 64) = Field(1, description="jobs one gateway trains at once (its own worker processes)")
+    jobs_per_tenant: whole(1, 1000) = Field(2, description="a tenant's jobs validating, queued or running at once")
+    gpu_second_usd: StrictFloat = Field(0.0, ge=0, le=100, description="what a second of training costs the "
+                                                                          "tenant (in its ledger and budget)")
+    max_dataset_tokens: whole(1, 10**10) = Field(50_000_000, description="tokens a job may train on, in all")
+    max_epochs: whole(1, 100) = Field(10, description="the most epochs a job may ask for")
+
+
 class ModelsFile(Strict):
     defaults: ModelDefaults = ModelDefaults()
     models: dict[str, ModelSpec] = Field(min_length=1)
     router: RouterSpec = RouterSpec()
     fleet: FleetSpec | None = None
+    fine_tuning: FineTuningSpec = FineTuningSpec()
 
     @model_validator(mode="after")
     def _fleet_pools_exist(self) -> "ModelsFile":
@@ -629,7 +642,7 @@ class KeyLimitsSpec(Strict):
 
 
 ROLES = ("member", "viewer", "tenant_admin")
-ROUTE_GROUPS = ("chat", "embeddings", "moderations", "files", "usage")
+ROUTE_GROUPS = ("chat", "embeddings", "moderations", "files", "usage", "fine_tuning")
 
 
 class KeyAccessFields(Strict):
@@ -641,7 +654,7 @@ class KeyAccessFields(Strict):
     routes: list[Literal[ROUTE_GROUPS]] | None = Field(
         None, max_length=len(ROUTE_GROUPS), description="route groups the key may call: chat (chat completions, "
         "completions, messages, responses, feedback), embeddings, moderations, files (files and vector stores), "
-        "usage (usage, routing stats, account)")
+        "usage (usage, routing stats, account), fine_tuning (fine-tuning jobs)")
     models: list[Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)]] | None = Field(
         None, max_length=1000, description="patterns (* and ?) of the model names the key may ask for, within "
         "its tenant's")

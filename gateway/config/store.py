@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from gateway.config.loader import (MODELS_FILE, TENANTS_FILE, ApiTenantRecord, BaseConfig, assemble,
                                    compile_api_tenant, compile_key, key_access, load_base)
 from gateway.config.schema import TenantSpec
-from gateway.config.types import MEMBER, ApiKey, GatewayConfig, KeyAccess, Tenant
+from gateway.config.types import MEMBER, Adapter, ApiKey, GatewayConfig, KeyAccess, Tenant
 from gateway.config.yaml_source import ConfigError
 from gateway.observability.metrics import CONFIG_RELOADS, DIRECTORY_REJECTED
 from gateway.config.secrets import Secrets
@@ -63,9 +63,25 @@ class ConfigStore:
         self._copy_pending = False
         self._last_recheck = 0.0
         self._recheck: asyncio.Task | None = None  # the look for new keys under way, that others wait for
+        self._fine_tuned: dict[str, dict[str, Adapter]] = {}  # tenant id -> its fine-tuned adapters, by name
         self.current: GatewayConfig = assemble(self.base, {}, {})
         self._listeners: list = []  # called with the new config after an edit of the files is in force
         self._log_warnings(self.current)
+
+    @property
+    def current(self) -> GatewayConfig:
+        return self._current
+
+    @current.setter
+    def current(self, config: GatewayConfig) -> None:
+        """Every snapshot carries the tenants' fine-tuned adapters besides those of the files and the admin API."""
+        self._current = _with_adapters(config, self._fine_tuned)
+
+    def set_fine_tuned(self, adapters: dict[str, dict[str, Adapter]]) -> None:
+        """The fine-tuned adapters of every tenant (from the fine-tuning jobs that succeeded), in force at once."""
+        if adapters != self._fine_tuned:
+            self._fine_tuned = adapters
+            self.current = self._current
 
     def on_files_changed(self, listener) -> None:
         """Call ``listener(config)`` whenever an edit of the files comes into force."""
@@ -366,6 +382,19 @@ class ConfigStore:
                 await self.refresh_secrets()
             except Exception:  # a watcher that dies silently would freeze the config
                 log.exception("config watcher failed; will retry")
+
+
+def _with_adapters(config: GatewayConfig, adapters: dict[str, dict[str, Adapter]]) -> GatewayConfig:
+    """``config`` with each tenant's fine-tuned adapters joined to its own (its own win a name they share)."""
+    if not adapters:
+        return config
+    tenants = dict(config.tenants)
+    for tenant_id, fine_tuned in adapters.items():
+        tenant = tenants.get(tenant_id)
+        if tenant is not None:
+            usable = {name: a for name, a in fine_tuned.items() if a.base in config.models}
+            tenants[tenant_id] = replace(tenant, adapters={**usable, **tenant.adapters})
+    return replace(config, tenants=tenants)
 
 
 def _provider_key_references(spec_json: str) -> list[str]:

@@ -85,6 +85,7 @@ class Pool:
     max_loras: int
     nodes: tuple[FleetNode, ...]
     discovery: TailscaleDiscovery | None
+    weights: str | None = None  # the base model's weights, for fine-tuning
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,6 +300,7 @@ class GatewayConfig:
     fleet: FleetConfig | None = None
     secrets: object = None  # the Secrets the key references were read from (tenants' own keys are read at a request)
     uses_litellm: bool = False  # some deployment is reached through LiteLLM
+    fine_tuning: object = None  # gateway.config.schema.FineTuningSpec: the trainers' settings and prices
     cache_policy: CachePolicy = CachePolicy()  # for router aliases (the model is not known when the cache is read)
     tiers: frozenset[str] = frozenset()
     yaml_key_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tenant id -> names in the file

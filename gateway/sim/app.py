@@ -13,13 +13,14 @@ import random
 import re
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any
 
 import orjson
 
 from gateway.asgi import DisconnectGuard, ClientDisconnected, Receive, Scope, Send, header, read_body, send_response
 from gateway.asgi import end_stream, send_chunk, start_stream
-from gateway.sim import generate, guard, protocols, schema_json
+from gateway.sim import adapters, generate, guard, protocols, schema_json
 from gateway.sim.tools import forced_tool, text_of
 from gateway.sim.lora import LoraError, LoraSlots
 from gateway.sim.settings import SimSettings
@@ -389,7 +390,13 @@ class Simulator:
         if name is not None and name in self.settings.models:  # as vLLM refuses it
             raise SimError(400, f"The lora adapter '{name}' conflicts with a served base model.", "BadRequestError",
                            "lora_name")
-        await self._lora_call(send, self.lora.load(name, _text(body.get("lora_path"))))
+        path = _text(body.get("lora_path"))
+        if self.settings.base_config and path:  # vLLM reads the adapter and checks it against its base model
+            try:
+                adapters.check(path, orjson.loads(Path(self.settings.base_config).read_bytes()))
+            except (adapters.AdapterMismatch, OSError, ValueError, KeyError) as exc:
+                raise SimError(400, f"Loading lora {name} failed: {exc}", "BadRequestError") from None
+        await self._lora_call(send, self.lora.load(name, path))
 
     async def _unload_lora(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._json_body(receive)

@@ -16,6 +16,7 @@ class SimSettings:
     max_loras: int = 4
     lora_swap_ms: float = 0.0  # time to bring an adapter into a slot (on a load, and for a request after eviction)
     lora_load_error_status: int | None = None  # answer every load_lora_adapter with this status (a bad path, say)
+    base_config: str | None = None  # the base model's config.json: adapters' files are then checked against it
     embedding_dim: int = 384
     api_key: str | None = None  # like vLLM's --api-key: /v1 routes then need "Authorization: Bearer KEY"
     # Faults

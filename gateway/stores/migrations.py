@@ -239,6 +239,54 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # 17: the end users' daily rollup, which the usage report's by_user reads
     rollups.with_users(),
+    # 18: fine-tuning jobs, their events and checkpoints (OpenAI's fine-tuning API, a tenant's own adapters)
+    """
+    CREATE TABLE fine_tuning_jobs (
+        id text PRIMARY KEY,
+        tenant_id text NOT NULL,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        model text NOT NULL,
+        training_file text NOT NULL,
+        validation_file text,
+        hyperparameters jsonb NOT NULL,
+        suffix text,
+        seed integer NOT NULL,
+        metadata jsonb,
+        status text NOT NULL,
+        fine_tuned_model text UNIQUE,
+        adapter_location text,
+        error jsonb,
+        trained_tokens bigint,
+        training_examples integer,
+        started_at timestamptz,
+        finished_at timestamptz,
+        runner text,
+        heartbeat_at timestamptz,
+        gpu_seconds real NOT NULL DEFAULT 0,
+        cancel_requested boolean NOT NULL DEFAULT false
+    );
+    CREATE INDEX fine_tuning_jobs_tenant ON fine_tuning_jobs (tenant_id, created_at, id);
+    CREATE INDEX fine_tuning_jobs_queue ON fine_tuning_jobs (status, created_at) WHERE status IN ('queued', 'running');
+    CREATE TABLE fine_tuning_events (
+        id bigserial PRIMARY KEY,
+        job_id text NOT NULL REFERENCES fine_tuning_jobs (id) ON DELETE CASCADE,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        level text NOT NULL,
+        type text NOT NULL,
+        message text NOT NULL,
+        data jsonb
+    );
+    CREATE INDEX fine_tuning_events_job ON fine_tuning_events (job_id, id);
+    CREATE TABLE fine_tuning_checkpoints (
+        id text PRIMARY KEY,
+        job_id text NOT NULL REFERENCES fine_tuning_jobs (id) ON DELETE CASCADE,
+        created_at timestamptz NOT NULL DEFAULT now(),
+        step integer NOT NULL,
+        metrics jsonb NOT NULL,
+        location text NOT NULL
+    );
+    CREATE INDEX fine_tuning_checkpoints_job ON fine_tuning_checkpoints (job_id, step);
+    """,
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations

@@ -1,0 +1,198 @@
+"""Fine-tuning jobs, their events and checkpoints in PostgreSQL, as OpenAI's fine-tuning API shows them.
+
+Every query names the tenant: another tenant's job is simply not found. A job's life: ``validating_files`` (its
+files checked and copied to storage), ``queued``, ``running`` (claimed by one gateway, which beats a heartbeat while
+its trainer runs), then ``succeeded``, ``failed`` (with why) or ``cancelled``. A job whose runner stopped beating
+is not left ``running``: any gateway fails it with that reason.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import secrets
+from typing import Any
+
+STALE_SECONDS = 60  # a running job whose runner has not beaten for this long has lost its runner
+ACTIVE = ("validating_files", "queued", "running")
+FINISHED = ("succeeded", "failed", "cancelled")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(12)}"
+
+
+def _seconds(value: dt.datetime | None) -> int | None:
+    return int(value.timestamp()) if value is not None else None
+
+
+def job_view(row: Any) -> dict:
+    """A job as OpenAI's API writes it."""
+    return {
+        "object": "fine_tuning.job", "id": row["id"], "model": row["model"], "created_at": _seconds(row["created_at"]),
+        "finished_at": _seconds(row["finished_at"]), "fine_tuned_model": row["fine_tuned_model"],
+        "organization_id": row["tenant_id"], "result_files": [], "status": row["status"],
+        "validation_file": row["validation_file"], "training_file": row["training_file"],
+        "hyperparameters": json.loads(row["hyperparameters"]), "trained_tokens": row["trained_tokens"],
+        "error": json.loads(row["error"]) if row["error"] else None, "seed": row["seed"],
+        "suffix": row["suffix"], "metadata": json.loads(row["metadata"]) if row["metadata"] else None,
+        "estimated_finish": None, "integrations": [],
+        "method": {"type": "supervised", "supervised": {"hyperparameters": json.loads(row["hyperparameters"])}},
+        "usage_metrics": {"gpu_seconds": round(row["gpu_seconds"], 3)},
+    }
+
+
+_COLUMNS = ("id, tenant_id, created_at, model, training_file, validation_file, hyperparameters, suffix, seed, "
+            "metadata, status, fine_tuned_model, adapter_location, error, trained_tokens, training_examples, "
+            "started_at, finished_at, runner, heartbeat_at, gpu_seconds, cancel_requested")
+
+
+class Jobs:
+    def __init__(self, pool) -> None:
+        self._pool = pool  # an async callable giving the asyncpg pool
+
+    async def create(self, tenant_id: str, model: str, training_file: str, validation_file: str | None,
+                     hyperparameters: dict, suffix: str | None, seed: int, metadata: dict | None) -> dict:
+        pool = await self._pool()
+        async with pool.acquire() as connection, connection.transaction():
+            row = await connection.fetchrow(
+                f"INSERT INTO fine_tuning_jobs (id, tenant_id, model, training_file, validation_file, "
+                f"hyperparameters, suffix, seed, metadata, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, "
+                f"'validating_files') RETURNING {_COLUMNS}", new_id("ftjob-"), tenant_id, model, training_file,
+                validation_file, json.dumps(hyperparameters), suffix, seed,
+                json.dumps(metadata) if metadata is not None else None)
+            await _event(connection, row["id"], "info", "message", "Validating training file: " + training_file)
+        return dict(row)
+
+    async def get(self, tenant_id: str, job_id: str) -> dict | None:
+        pool = await self._pool()
+        row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM fine_tuning_jobs WHERE tenant_id = $1 AND id = $2",
+                                  tenant_id, job_id)
+        return dict(row) if row is not None else None
+
+    async def page(self, tenant_id: str, limit: int, after: str | None,
+                   metadata: dict[str, str] | None = None) -> tuple[list[dict], bool]:
+        pool = await self._pool()
+        rows = await pool.fetch(
+            f"SELECT {_COLUMNS} FROM fine_tuning_jobs WHERE tenant_id = $1 AND ($2::text IS NULL OR (created_at, id) "
+            "< (SELECT created_at, id FROM fine_tuning_jobs WHERE tenant_id = $1 AND id = $2)) AND ($4::jsonb IS "
+            "NULL OR metadata @> $4::jsonb) ORDER BY created_at DESC, id DESC LIMIT $3", tenant_id, after, limit + 1,
+            json.dumps(metadata) if metadata else None)
+        return [dict(row) for row in rows[:limit]], len(rows) > limit
+
+    async def active(self, tenant_id: str) -> int:
+        pool = await self._pool()
+        return await pool.fetchval("SELECT count(*) FROM fine_tuning_jobs WHERE tenant_id = $1 AND status = ANY($2)",
+                                   tenant_id, list(ACTIVE))
+
+    async def set_status(self, job_id: str, status: str, message: str, level: str = "info",
+                         error: dict | None = None, **fields: Any) -> None:
+        """Move a job on (unless it has finished already) and say so in its events."""
+        assignments = ["status = $2", "error = $3"]
+        values: list[Any] = [job_id, status, json.dumps(error) if error else None]
+        for name, value in fields.items():
+            values.append(value)
+            assignments.append(f"{name} = ${len(values)}")
+        if status in FINISHED:
+            assignments.append("finished_at = now()")
+        pool = await self._pool()
+        async with pool.acquire() as connection, connection.transaction():
+            changed = await connection.fetchval(
+                f"UPDATE fine_tuning_jobs SET {', '.join(assignments)} WHERE id = $1 AND status <> ALL($"
+                f"{len(values) + 1}) RETURNING id", *values, list(FINISHED))
+            if changed:
+                await _event(connection, job_id, level, "message", message)
+
+    async def event(self, job_id: str, message: str, level: str = "info", kind: str = "message",
+                    data: dict | None = None) -> None:
+        pool = await self._pool()
+        async with pool.acquire() as connection:
+            await _event(connection, job_id, level, kind, message, data)
+
+    async def events(self, tenant_id: str, job_id: str, limit: int, after: str | None) -> tuple[list[dict], bool]:
+        pool = await self._pool()
+        cursor = int(after.removeprefix("ftevent-")) if after and after.removeprefix("ftevent-").isdigit() else None
+        rows = await pool.fetch(
+            "SELECT e.id, e.created_at, e.level, e.type, e.message, e.data FROM fine_tuning_events e JOIN "
+            "fine_tuning_jobs j ON j.id = e.job_id WHERE j.tenant_id = $1 AND e.job_id = $2 AND ($3::bigint IS NULL "
+            "OR e.id < $3) ORDER BY e.id DESC LIMIT $4", tenant_id, job_id, cursor, limit + 1)
+        return [{"object": "fine_tuning.job.event", "id": f"ftevent-{row['id']}",
+                 "created_at": _seconds(row["created_at"]), "level": row["level"], "message": row["message"],
+                 "type": row["type"], "data": json.loads(row["data"]) if row["data"] else {}}
+                for row in rows[:limit]], len(rows) > limit
+
+    async def checkpoint(self, job_id: str, step: int, metrics: dict, location: str) -> str:
+        checkpoint_id = new_id("ftckpt-")
+        pool = await self._pool()
+        await pool.execute("INSERT INTO fine_tuning_checkpoints (id, job_id, step, metrics, location) VALUES "
+                           "($1, $2, $3, $4, $5)", checkpoint_id, job_id, step, json.dumps(metrics), location)
+        return checkpoint_id
+
+    async def checkpoints(self, tenant_id: str, job_id: str, limit: int,
+                          after: str | None) -> tuple[list[dict], bool]:
+        pool = await self._pool()
+        rows = await pool.fetch(
+            "SELECT c.id, c.created_at, c.step, c.metrics, j.fine_tuned_model, j.model FROM fine_tuning_checkpoints c "
+            "JOIN fine_tuning_jobs j ON j.id = c.job_id WHERE j.tenant_id = $1 AND c.job_id = $2 AND ($3::text IS "
+            "NULL OR c.step < (SELECT step FROM fine_tuning_checkpoints WHERE id = $3)) ORDER BY c.step DESC "
+            "LIMIT $4", tenant_id, job_id, after, limit + 1)
+        return [{"object": "fine_tuning.job.checkpoint", "id": row["id"], "created_at": _seconds(row["created_at"]),
+                 "fine_tuning_job_id": job_id, "step_number": row["step"], "metrics": json.loads(row["metrics"]),
+                 "fine_tuned_model_checkpoint": f"{row['fine_tuned_model'] or row['model']}:ckpt-step-{row['step']}"}
+                for row in rows[:limit]], len(rows) > limit
+
+    async def claim(self, runner: str, limit: int) -> dict | None:
+        """The oldest queued job, now running here, if fewer than ``limit`` run here."""
+        pool = await self._pool()
+        async with pool.acquire() as connection, connection.transaction():
+            running = await connection.fetchval("SELECT count(*) FROM fine_tuning_jobs WHERE status = 'running' AND "
+                                                "runner = $1", runner)
+            if running >= limit:
+                return None
+            row = await connection.fetchrow(
+                f"UPDATE fine_tuning_jobs SET status = 'running', runner = $1, started_at = now(), heartbeat_at = "
+                f"now() WHERE id = (SELECT id FROM fine_tuning_jobs WHERE status = 'queued' AND NOT cancel_requested "
+                f"ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}", runner)
+            if row is not None:
+                await _event(connection, row["id"], "info", "message", "Fine-tuning job started")
+        return dict(row) if row is not None else None
+
+    async def beat(self, job_id: str, gpu_seconds: float) -> bool:
+        """The runner is alive; whether the job has been asked to stop."""
+        pool = await self._pool()
+        cancel = await pool.fetchval("UPDATE fine_tuning_jobs SET heartbeat_at = now(), gpu_seconds = $2 WHERE id = "
+                                     "$1 RETURNING cancel_requested", job_id, gpu_seconds)
+        return bool(cancel)
+
+    async def request_cancel(self, tenant_id: str, job_id: str) -> dict | None:
+        """Cancel a job: at once if it has not started, by its runner (within a heartbeat) if it runs."""
+        pool = await self._pool()
+        async with pool.acquire() as connection, connection.transaction():
+            row = await connection.fetchrow(
+                "UPDATE fine_tuning_jobs SET cancel_requested = true, status = CASE WHEN status = 'running' THEN "
+                "status ELSE 'cancelled' END, finished_at = CASE WHEN status = 'running' THEN finished_at ELSE now() "
+                f"END WHERE tenant_id = $1 AND id = $2 AND status = ANY($3) RETURNING {_COLUMNS}", tenant_id, job_id,
+                list(ACTIVE))
+            if row is not None and row["status"] == "cancelled":
+                await _event(connection, job_id, "info", "message", "Fine-tuning job cancelled")
+        return dict(row) if row is not None else None
+
+    async def orphans(self) -> list[dict]:
+        """Running jobs whose runner stopped beating: failed, with that reason."""
+        pool = await self._pool()
+        rows = await pool.fetch(
+            f"SELECT {_COLUMNS} FROM fine_tuning_jobs WHERE status = 'running' AND heartbeat_at < now() - "
+            f"make_interval(secs => $1)", STALE_SECONDS)
+        return [dict(row) for row in rows]
+
+    async def succeeded_adapters(self) -> list[dict]:
+        """Every tenant's fine-tuned models, for the requests that name them."""
+        pool = await self._pool()
+        rows = await pool.fetch("SELECT tenant_id, id, model, fine_tuned_model, adapter_location FROM "
+                                "fine_tuning_jobs WHERE status = 'succeeded' AND fine_tuned_model IS NOT NULL")
+        return [dict(row) for row in rows]
+
+
+async def _event(connection, job_id: str, level: str, kind: str, message: str, data: dict | None = None) -> None:
+    await connection.execute("INSERT INTO fine_tuning_events (job_id, level, type, message, data) VALUES ($1, $2, "
+                             "$3, $4, $5)", job_id, level, kind, message, json.dumps(data) if data else None)

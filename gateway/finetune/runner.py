@@ -1,0 +1,227 @@
+"""This gateway's share of the fine-tuning queue: it claims queued jobs (``fine_tuning.concurrency`` at a time),
+trains each in a process of its own (``gateway.finetune.train``), and follows it: its steps and losses as the
+job's events, its checkpoints copied to storage, a heartbeat in PostgreSQL, a cancel or a deleted training file
+as a stop. A job that succeeds has its adapter copied to storage and becomes the tenant's fine-tuned model at once;
+its GPU-seconds are priced into the tenant's ledger. Jobs whose runner stopped beating (a gateway that crashed or
+was killed) are failed with that reason by whichever gateway sees them first, so none stays ``running``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from gateway.config.types import Adapter, GatewayConfig
+from gateway.finetune.jobs import STALE_SECONDS, Jobs
+from gateway.finetune.storage import Storage
+
+log = logging.getLogger("gateway.finetune")
+
+POLL_SECONDS = 1.0  # how often the queue is looked at
+BEAT_SECONDS = 5.0  # how often a running job's heartbeat is written (and a cancel looked for)
+
+
+def fine_tuned_name(base: str, tenant_id: str, suffix: str | None, job_id: str) -> str:
+    """OpenAI's form: ``ft:<base>:<organization>:<suffix>:<id>``."""
+    return f"ft:{base}:{tenant_id}:{suffix or ''}:{job_id.removeprefix('ftjob-')[:8]}"
+
+
+def base_weights(config: GatewayConfig, model: str) -> str | None:
+    """The weights the trainer starts from: those of the fleet pool that serves ``model``."""
+    found = config.models.get(model)
+    if found is None or config.fleet is None:
+        return None
+    for deployment in found.deployments:
+        pool = config.fleet.pools.get(deployment.pool) if deployment.pool else None
+        if pool is not None and pool.weights:
+            return pool.weights
+    return None
+
+
+class Runner:
+    def __init__(self, jobs: Jobs, storage: Storage, config: Callable[[], GatewayConfig], workdir: Path,
+                 file_exists: Callable, on_adapters: Callable[[dict], None], bill: Callable[[dict, float, float, int], None],
+                 train: bool = True) -> None:
+        self.jobs = jobs
+        self.storage = storage
+        self.config = config
+        self.workdir = workdir
+        self.file_exists = file_exists  # async (tenant, file id) -> bool: is the training file still there
+        self.on_adapters = on_adapters  # the tenants' fine-tuned adapters, whenever they change
+        self.bill = bill  # (job, cost in dollars, seconds, status): the training's row in the tenant's ledger
+        self.train = train  # whether this gateway trains (every gateway keeps the adapters in force)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self._running: dict[str, asyncio.Task] = {}
+        self._loop: asyncio.Task | None = None
+        self._known: dict | None = None
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop().create_task(self._forever())
+
+    async def stop(self) -> None:
+        """Stop claiming; the jobs under way are stopped and failed (a later gateway does not resume them)."""
+        if self._loop is not None:
+            self._loop.cancel()
+            await asyncio.gather(self._loop, return_exceptions=True)
+        for task in list(self._running.values()):
+            task.cancel()
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    async def _forever(self) -> None:
+        while True:
+            try:
+                await self.refresh_adapters()
+                for job in await self.jobs.orphans():
+                    await self.jobs.set_status(job["id"], "failed", "The gateway that ran this job stopped "
+                                               f"(no heartbeat for {STALE_SECONDS} s).", "error",
+                                               {"code": "runner_lost", "message": "the gateway that ran the job "
+                                                "stopped while it trained", "param": None})
+                limit = self.config().fine_tuning.concurrency
+                while self.train and len(self._running) < limit:
+                    job = await self.jobs.claim(self.name, limit)
+                    if job is None:
+                        break
+                    self._running[job["id"]] = asyncio.get_running_loop().create_task(self._run(job))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # PostgreSQL away for a moment: the queue waits
+                log.warning("the fine-tuning queue cannot be read now: %s", exc)
+            await asyncio.sleep(POLL_SECONDS)
+
+    async def refresh_adapters(self) -> None:
+        rows = await self.jobs.succeeded_adapters()
+        adapters: dict[str, dict[str, Adapter]] = {}
+        for row in rows:
+            name = row["fine_tuned_model"]
+            adapters.setdefault(row["tenant_id"], {})[name] = Adapter(
+                name, row["model"], row["adapter_location"], f"{row['tenant_id']}/{name}", False, "error")
+        if adapters != self._known:
+            self._known = adapters
+            self.on_adapters(adapters)
+
+    async def _run(self, job: dict) -> None:
+        job_id, tenant = job["id"], job["tenant_id"]
+        folder = self.workdir / job_id
+        started = time.monotonic()
+        process: asyncio.subprocess.Process | None = None
+        try:
+            weights = base_weights(self.config(), job["model"])
+            if weights is None:
+                raise _Stop("failed", f"the base model '{job['model']}' has no weights to train from (its fleet "
+                                      "pool's `weights`)", "base_model_unavailable")
+            await self.storage.download(folder / "data", tenant, "datasets", job_id)
+            hyper = json.loads(job["hyperparameters"])
+            spec = {"base": weights, "train": str(folder / "data" / "train.jsonl"),
+                    "validation": str(folder / "data" / "validation.jsonl") if job["validation_file"] else None,
+                    "output": str(folder / "adapter"), "checkpoints": str(folder / "checkpoints"),
+                    "hyperparameters": hyper, "seed": job["seed"]}
+            (folder / "spec.json").write_text(json.dumps(spec))
+            with open(folder / "stderr.log", "wb") as errors:  # a file: a pipe nobody reads could fill and block
+                process = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "gateway.finetune.train", str(folder / "spec.json"),
+                    stdout=asyncio.subprocess.PIPE, stderr=errors, start_new_session=True)
+            done = await self._follow(job, process, started)
+            await process.wait()
+            if process.returncode != 0:
+                reason = (folder / "stderr.log").read_text(errors="replace").strip().splitlines()
+                raise _Stop("failed", reason[-1] if reason else f"the trainer exited with {process.returncode}",
+                            "training_failed")
+            name = fine_tuned_name(job["model"], tenant, job["suffix"], job_id)
+            await self.storage.upload(folder / "adapter", tenant, "adapters", job_id)
+            seconds = time.monotonic() - started
+            await self.jobs.set_status(job_id, "succeeded", f"The job has successfully completed: {name}",
+                                       fine_tuned_model=name, trained_tokens=done.get("trained_tokens"),
+                                       adapter_location=self.storage.location(tenant, "adapters", job_id),
+                                       gpu_seconds=seconds)
+            self._bill(job, seconds, 200)
+            await self.refresh_adapters()
+        except _Stop as stop:
+            if process is not None and process.returncode is None:
+                _terminate(process)
+                await process.wait()
+            seconds = time.monotonic() - started
+            error = None if stop.status == "cancelled" else {"code": stop.code, "message": stop.why, "param": None}
+            await self.jobs.set_status(job_id, stop.status, "Fine-tuning job cancelled" if stop.status ==
+                                       "cancelled" else f"The job failed: {stop.why}",
+                                       "info" if stop.status == "cancelled" else "error", error, gpu_seconds=seconds)
+            self._bill(job, seconds, 499 if stop.status == "cancelled" else 500)
+        except asyncio.CancelledError:  # the gateway stops
+            if process is not None and process.returncode is None:
+                _terminate(process)
+            await asyncio.shield(self.jobs.set_status(
+                job_id, "failed", "The gateway stopped while the job trained.", "error",
+                {"code": "runner_stopped", "message": "the gateway stopped while the job trained", "param": None}))
+            raise
+        except Exception as exc:
+            log.exception("fine-tuning job %s failed", job_id)
+            await self.jobs.set_status(job_id, "failed", f"The job failed: {exc}", "error",
+                                       {"code": "internal_error", "message": str(exc)[:500], "param": None})
+        finally:
+            self._running.pop(job_id, None)
+            shutil.rmtree(folder, ignore_errors=True)
+
+    async def _follow(self, job: dict, process, started: float) -> dict:
+        """Read the trainer's progress until it ends; a cancel or a deleted training file stops it."""
+        job_id, tenant = job["id"], job["tenant_id"]
+        last_beat = 0.0
+        done: dict = {}
+        while True:
+            try:
+                line = await asyncio.wait_for(process.stdout.readline(), BEAT_SECONDS)
+            except asyncio.TimeoutError:
+                line = None
+            if time.monotonic() - last_beat >= BEAT_SECONDS or line is None:
+                last_beat = time.monotonic()
+                if await self.jobs.beat(job_id, last_beat - started):
+                    raise _Stop("cancelled", "cancelled", "cancelled")
+                if not await self.file_exists(tenant, job["training_file"]):
+                    raise _Stop("failed", f"the training file {job['training_file']} was deleted while the job ran",
+                                "training_file_deleted")
+            if line is None:
+                continue
+            if not line:
+                return done
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            kind = event.get("event")
+            if kind == "step":
+                await self.jobs.event(job_id, f"Step {event['step']}/{event['total_steps']}: training loss="
+                                      f"{event['loss']}", kind="metrics",
+                                      data={"step": event["step"], "total_steps": event["total_steps"],
+                                            "train_loss": event["loss"], "epoch": event.get("epoch")})
+            elif kind == "checkpoint":
+                step = int(event["step"])
+                await self.storage.upload(Path(event["path"]), tenant, "jobs", job_id, "checkpoints", f"step-{step}")
+                await self.jobs.checkpoint(job_id, step, {"step": step, "train_loss": event.get("loss"),
+                                                          "valid_loss": event.get("valid_loss")},
+                                           self.storage.location(tenant, "jobs", job_id, "checkpoints",
+                                                                 f"step-{step}"))
+            elif kind == "done":
+                done = event
+
+    def _bill(self, job: dict, seconds: float, status: int) -> None:
+        self.bill(job, seconds * self.config().fine_tuning.gpu_second_usd, seconds, status)
+
+
+class _Stop(Exception):
+    def __init__(self, status: str, why: str, code: str) -> None:
+        super().__init__(why)
+        self.status, self.why, self.code = status, why, code
+
+
+def _terminate(process) -> None:
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,259 @@
+"""Fine-tuning end to end, on this machine: a tiny causal language model built here from a config (random weights,
+nothing downloaded), OpenAI's fine-tuning API driven by the official openai client, a real LoRA run on the
+gateway's own worker, the adapter written to storage, loaded by the simulator's node (which checks its files and
+shapes against the base model) and used by a chat request through the gateway."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import openai
+import pytest
+import yaml
+
+from conftest import GatewayProcess, Simulator, http_request, ledger_row
+from gateway.config.keys import generate_key, hash_key
+
+pytest.importorskip("peft", reason="the trainer's extra (pip install -e .[train]) is not installed")
+
+BASE = "llama-base"
+WORDS = ("hello thanks order refund shipping where is my parcel it arrives tomorrow we are sorry please wait "
+         "your account was updated can i help with anything else yes no").split()
+
+
+def build_base_model(folder: Path) -> None:
+    """A two-layer Llama with random weights and a word-level tokenizer of its own."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocabulary = {token: i for i, token in enumerate(["<pad>", "<unk>", "</s>", "user:", "assistant:", "system:",
+                                                       *WORDS])}
+    words = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>",
+                                        eos_token="</s>")
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(vocabulary), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         pad_token_id=0, eos_token_id=2, bos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+
+
+def examples(count: int) -> bytes:
+    lines = []
+    for i in range(count):
+        question = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(5))
+        lines.append(json.dumps({"messages": [{"role": "system", "content": "please help"},
+                                              {"role": "user", "content": question},
+                                              {"role": "assistant", "content": "we are sorry please wait"}]}))
+    return ("\n".join(lines) + "\n").encode()
+
+
+class Setup:
+    def __init__(self, tmp_path: Path) -> None:
+        self.weights = tmp_path / "base"
+        build_base_model(self.weights)
+        self.sim = Simulator("--model", BASE, "--max-loras", "2", "--base-config", str(self.weights / "config.json"))
+        self.keys = {name: generate_key() for name in ("acme", "other")}
+        config = tmp_path / "config"
+        config.mkdir()
+        models = {"fleet": {"refresh_seconds": 0.3, "load_timeout": 20, "pools": {"gpus": {
+                      "model": BASE, "weights": str(self.weights),
+                      "nodes": [{"url": f"{self.sim.url}/v1", "name": "node0"}]}}},
+                  "models": {"llama": {"context_window": 120, "deployments": [
+                      {"name": "gpus", "api_base": "fleet:gpus"}]},
+                             "plain": {"deployments": [{"name": "sim", "api_base": f"{self.sim.url}/v1",
+                                                        "model": BASE}]}},
+                  "fine_tuning": {"jobs_per_tenant": 3, "gpu_second_usd": 0.001, "max_epochs": 100}}
+        (config / "models.yaml").write_text(yaml.safe_dump(models))
+        (config / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {
+            name: {"name": name, "tier": "enterprise", "keys": [{"name": "k", "sha256": hash_key(key)}]}
+            for name, key in self.keys.items()}}))
+        self.storage = tmp_path / "storage"
+        self.gateway = GatewayProcess(config, env={"GATEWAY_FINETUNE_STORAGE": str(self.storage)})
+
+    def client(self, tenant: str) -> openai.OpenAI:
+        return self.gateway.client(self.keys[tenant], timeout=60)
+
+    def upload(self, tenant: str, content: bytes, name: str = "train.jsonl", purpose: str = "fine-tune") -> str:
+        return self.client(tenant).files.create(file=(name, content), purpose=purpose).id
+
+    def wait(self, tenant: str, job_id: str, states: tuple[str, ...], timeout: float = 240.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.client(tenant).fine_tuning.jobs.retrieve(job_id)
+            if job.status in states:
+                return job
+            assert time.monotonic() < deadline, job
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        self.gateway.stop()
+        self.sim.stop()
+
+
+@pytest.fixture(scope="module")
+def tuning(tmp_path_factory):
+    setup = None
+    try:
+        setup = Setup(tmp_path_factory.mktemp("fine-tuning"))
+        yield setup
+    finally:
+        if setup is not None:
+            setup.stop()
+
+
+def test_a_job_trains_an_adapter_that_serves_the_tenant_at_once(tuning, stores):
+    client = tuning.client("acme")
+    training = tuning.upload("acme", examples(12))
+    validation = tuning.upload("acme", examples(4), "valid.jsonl")
+    started = time.monotonic()
+    job = client.fine_tuning.jobs.create(model="llama", training_file=training, validation_file=validation,
+                                         hyperparameters={"n_epochs": 2, "batch_size": 4}, suffix="support", seed=7,
+                                         metadata={"team": "care"})
+    assert job.status == "queued" and job.hyperparameters.n_epochs == 2 and job.seed == 7
+    done = tuning.wait("acme", job.id, ("succeeded", "failed", "cancelled"))
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model.startswith("ft:llama:acme:support:") and done.trained_tokens > 0
+    answer = client.chat.completions.with_raw_response.create(
+        model=done.fine_tuned_model, messages=[{"role": "user", "content": "where is my parcel"}], max_tokens=5)
+    first_answer_seconds = time.monotonic() - started
+    assert answer.headers["x-gateway-adapter"] == done.fine_tuned_model
+    assert f"acme/{done.fine_tuned_model}" in tuning.sim.stats()["lora_registered"]
+    print(f"\nfrom POST /v1/fine_tuning/jobs to the first chat answered with the adapter: {first_answer_seconds:.1f} s")
+    adapter = tuning.storage / "acme" / "adapters" / job.id
+    assert {p.name for p in adapter.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    losses = [e.data["train_loss"] for e in events if e.type == "metrics"]
+    assert len(losses) == 6 and all(isinstance(loss, float) for loss in losses)
+    assert any("successfully completed" in e.message for e in events)
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert checkpoints and all(c.fine_tuning_job_id == job.id for c in checkpoints)
+    assert [m.id for m in client.models.list().data].count(done.fine_tuned_model) == 1
+    assert done.fine_tuned_model not in [m.id for m in tuning.client("other").models.list().data]
+    listed = client.fine_tuning.jobs.list(extra_query={"metadata[team]": "care"}).data
+    assert [j.id for j in listed] == [job.id]
+    row = ledger_row(stores, f"{job.id}-training")
+    assert row["tenant_id"] == "acme" and row["route"] == "fine_tuning.jobs" and float(row["cost_usd"]) > 0
+
+
+def test_another_tenants_job_and_model_are_not_found(tuning):
+    job = tuning.client("acme").fine_tuning.jobs.create(model="llama", training_file=tuning.upload("acme",
+                                                                                                   examples(10)))
+    other = tuning.client("other")
+    for call in (lambda: other.fine_tuning.jobs.retrieve(job.id), lambda: other.fine_tuning.jobs.cancel(job.id),
+                 lambda: other.fine_tuning.jobs.list_events(job.id),
+                 lambda: other.fine_tuning.jobs.checkpoints.list(job.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    with pytest.raises(openai.NotFoundError):  # acme's file, for another tenant's job
+        other.fine_tuning.jobs.create(model="llama", training_file=job.training_file)
+    tuning.client("acme").fine_tuning.jobs.cancel(job.id)
+
+
+@pytest.mark.parametrize("content, line, code", [
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}]}\nnot json\n',
+     2, "invalid_training_file"),
+    (b'{"messages": [{"role": "bot", "content": "hi"}]}\n', 1, "invalid_training_file"),
+    (b'{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]}\n', 1,
+     "empty_assistant_turn"),
+    (b'{"messages": [{"role": "user", "content": "hi\\u0000"}, {"role": "assistant", "content": "x"}]}\n'
+     b'{"messages": [{"role": "user", "content": "hi"}]}\n', 2, "no_assistant_turn"),
+])
+def test_a_bad_training_file_is_a_400_naming_its_line(tuning, content, line, code):
+    with pytest.raises(openai.BadRequestError) as caught:
+        tuning.upload("acme", content)
+    assert caught.value.code == code and f"line {line} " in caught.value.message, caught.value.message
+
+
+def test_a_job_that_cannot_be_made_is_a_4xx_naming_the_field(tuning):
+    client = tuning.client("acme")
+    good = tuning.upload("acme", examples(10))
+    jobs_before = len(client.fine_tuning.jobs.list(limit=100).data)
+    document = tuning.upload("acme", b"some notes", "notes.txt", purpose="assistants")
+    long_example = json.dumps({"messages": [{"role": "user", "content": "hello " * 200},
+                                            {"role": "assistant", "content": "yes"}]}).encode() + b"\n"
+    cases = [
+        (dict(model="gpt-4o-mini", training_file=good), "model", openai.BadRequestError),
+        (dict(model="plain", training_file=good), "model", openai.BadRequestError),  # no pool weights
+        (dict(model="llama", training_file=document), "training_file", openai.BadRequestError),
+        (dict(model="llama", training_file="file-nosuchfile"), "training_file", openai.NotFoundError),
+        (dict(model="llama", training_file=good, hyperparameters={"n_epochs": 0}), "hyperparameters.n_epochs",
+         openai.BadRequestError),
+        (dict(model="llama", training_file=good, hyperparameters={"learning_rate_multiplier": 99}),
+         "hyperparameters.learning_rate_multiplier", openai.BadRequestError),
+        (dict(model="llama", training_file=good, suffix="bad suffix!"), "suffix", openai.BadRequestError),
+        (dict(model="llama", training_file=tuning.upload("acme", long_example + examples(10))), "training_file",
+         openai.BadRequestError),  # one example past the base model's context window
+        (dict(model="llama", training_file=tuning.upload("acme", examples(3))), "training_file",
+         openai.BadRequestError),  # too few examples
+    ]
+    for arguments, param, error in cases:
+        with pytest.raises(error) as caught:
+            client.fine_tuning.jobs.create(**arguments)
+        assert caught.value.param == param, (arguments, caught.value.body)
+    assert len(client.fine_tuning.jobs.list(limit=100).data) == jobs_before  # none was made
+
+
+def test_cancel_stops_a_running_job_and_a_finished_one_cannot_be_cancelled(tuning):
+    client = tuning.client("acme")
+    job = client.fine_tuning.jobs.create(model="llama", training_file=tuning.upload("acme", examples(40)),
+                                         hyperparameters={"n_epochs": 100, "batch_size": 1})
+    tuning.wait("acme", job.id, ("running",))
+    deadline = time.monotonic() + 60
+    while not any(e.type == "metrics" for e in client.fine_tuning.jobs.list_events(job.id).data):
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    client.fine_tuning.jobs.cancel(job.id)
+    cancelled = tuning.wait("acme", job.id, ("cancelled", "failed", "succeeded"), timeout=30)
+    assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.fine_tuning.jobs.cancel(job.id)
+    assert caught.value.code == "job_already_finished"
+
+
+def test_a_job_whose_training_file_is_deleted_fails_with_that_reason(tuning):
+    client = tuning.client("acme")
+    training = tuning.upload("acme", examples(40))
+    job = client.fine_tuning.jobs.create(model="llama", training_file=training,
+                                         hyperparameters={"n_epochs": 100, "batch_size": 1})
+    tuning.wait("acme", job.id, ("running",))
+    client.files.delete(training)
+    failed = tuning.wait("acme", job.id, ("failed", "cancelled", "succeeded"), timeout=30)
+    assert failed.status == "failed" and failed.error.code == "training_file_deleted"
+
+
+def test_a_job_whose_gateway_died_is_failed_not_left_running(tuning, stores):
+    """A gateway killed while it trained leaves its job ``running`` with a heartbeat that stops: any gateway fails
+    it with that reason (here the heartbeat is made old, as a dead gateway's would be)."""
+    client = tuning.client("acme")
+    job = client.fine_tuning.jobs.create(model="llama", training_file=tuning.upload("acme", examples(10)))
+    client.fine_tuning.jobs.cancel(job.id)
+    stores.query("UPDATE fine_tuning_jobs SET status = 'running', finished_at = NULL, runner = 'gone:1', "
+                 "heartbeat_at = now() - interval '10 minutes' WHERE id = $1", job.id)
+    failed = tuning.wait("acme", job.id, ("failed",), timeout=30)
+    assert failed.error.code == "runner_lost"
+    status, body = http_request(tuning.gateway.port, "GET", f"/v1/fine_tuning/jobs/{job.id}",
+                                headers={"Authorization": f"Bearer {tuning.keys['acme']}"})
+    assert status == 200 and body["status"] == "failed"
+
+
+def test_the_node_refuses_an_adapter_that_does_not_fit_its_base_model(tuning, tmp_path):
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8,
+                                                           "target_modules": ["q_proj", "v_proj"]}))
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    save_file({f"{prefix}.lora_A.weight": np.zeros((8, 64), dtype=np.float32),  # the base's hidden size is 32
+               f"{prefix}.lora_B.weight": np.zeros((32, 8), dtype=np.float32)}, str(wrong / "adapter_model.safetensors"))
+    status, body = http_request(tuning.sim.port, "POST", "/v1/load_lora_adapter",
+                                json.dumps({"lora_name": "wrong", "lora_path": str(wrong)}).encode())
+    assert status == 400 and "the base model needs [8, 32]" in json.dumps(body), body
+    status, body = http_request(tuning.sim.port, "POST", "/v1/load_lora_adapter",
+                                json.dumps({"lora_name": "missing", "lora_path": str(tmp_path / "none")}).encode())
+    assert status == 400 and "No adapter found" in json.dumps(body), body
