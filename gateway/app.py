@@ -151,8 +151,9 @@ class Gateway:
             asyncio.get_running_loop().create_task(fleet.close())
 
     async def forget_tenant_state(self, tenant_id: str) -> list[str]:
-        """Drop a tenant's counters, slots and cached answers in Redis, and its documents and semantic cache
-        entries: its id is about to start a new tenant. Returns what could not be cleared now (logged)."""
+        """Drop a tenant's counters, slots and cached answers in Redis, its documents and semantic cache entries, its
+        fine-tuning jobs and adapters: its id is about to start a new tenant. Returns what could not be cleared now
+        (logged)."""
         left: list[str] = []
         if self.responses is not None:
             try:
@@ -167,6 +168,14 @@ class Gateway:
             except Exception as exc:  # PostgreSQL or Qdrant away: said, and the Redis part still done
                 log.warning("cannot delete tenant %s's documents now: %s", tenant_id, exc)
                 left.append("documents")
+        if self.fine_tuning is not None:
+            try:
+                await self.fine_tuning.jobs.forget_tenant(tenant_id)
+                await self.fine_tuning.storage.remove(tenant_id)  # its datasets, checkpoints and adapters
+                await self.fine_tuning.runner.refresh_adapters()
+            except Exception as exc:
+                log.warning("cannot delete tenant %s's fine-tuning jobs and adapters now: %s", tenant_id, exc)
+                left.append("fine-tuning jobs and adapters")
         if self.limiter is None:
             return left
         try:

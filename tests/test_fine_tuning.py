@@ -19,6 +19,7 @@ from gateway.config.keys import generate_key, hash_key
 pytest.importorskip("peft", reason="the trainer's extra (pip install -e .[train]) is not installed")
 
 BASE = "llama-base"
+ADMIN_KEY = "sk-admin-fine-tuning-0123456789"
 WORDS = ("hello thanks order refund shipping where is my parcel it arrives tomorrow we are sorry please wait "
          "your account was updated can i help with anything else yes no").split()
 
@@ -72,7 +73,8 @@ class Setup:
             name: {"name": name, "tier": "enterprise", "keys": [{"name": "k", "sha256": hash_key(key)}]}
             for name, key in self.keys.items()}}))
         self.storage = tmp_path / "storage"
-        self.gateway = GatewayProcess(config, env={"GATEWAY_FINETUNE_STORAGE": str(self.storage)})
+        self.gateway = GatewayProcess(config, env={"GATEWAY_FINETUNE_STORAGE": str(self.storage),
+                                                   "GATEWAY_ADMIN_KEY": ADMIN_KEY})
 
     def client(self, tenant: str) -> openai.OpenAI:
         return self.gateway.client(self.keys[tenant], timeout=60)
@@ -257,3 +259,40 @@ def test_the_node_refuses_an_adapter_that_does_not_fit_its_base_model(tuning, tm
     status, body = http_request(tuning.sim.port, "POST", "/v1/load_lora_adapter",
                                 json.dumps({"lora_name": "missing", "lora_path": str(tmp_path / "none")}).encode())
     assert status == 400 and "No adapter found" in json.dumps(body), body
+
+
+def test_a_deleted_tenants_jobs_and_adapters_do_not_pass_to_the_next_tenant_of_its_id(tuning):
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+
+    def new_tenant() -> openai.OpenAI:
+        status, made = http_request(tuning.gateway.port, "POST", "/api/v1/organizations",
+                                    json.dumps({"id": "reused", "name": "Reused", "tier": "enterprise"}).encode(),
+                                    admin)
+        assert status == 201, made
+        status, key = http_request(tuning.gateway.port, "POST", "/api/v1/organizations/reused/keys",
+                                   json.dumps({"name": "k"}).encode(), admin)
+        assert status == 201, key
+        return tuning.gateway.client(key["key"], timeout=60)
+
+    first = new_tenant()
+    training = first.files.create(file=("train.jsonl", examples(12)), purpose="fine-tune").id
+    done = first.fine_tuning.jobs.create(model="llama", training_file=training, hyperparameters={"n_epochs": 1})
+    deadline = time.monotonic() + 120
+    while first.fine_tuning.jobs.retrieve(done.id).status != "succeeded":
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    model = first.fine_tuning.jobs.retrieve(done.id).fine_tuned_model
+    running = first.fine_tuning.jobs.create(model="llama", training_file=training,
+                                            hyperparameters={"n_epochs": 100, "batch_size": 1})
+    assert (tuning.storage / "reused" / "adapters" / done.id).is_dir()
+    status, _ = http_request(tuning.gateway.port, "DELETE", "/api/v1/organizations/reused", headers=admin)
+    assert status == 200
+    second = new_tenant()
+    assert second.fine_tuning.jobs.list().data == []
+    with pytest.raises(openai.NotFoundError):
+        second.fine_tuning.jobs.retrieve(running.id)
+    with pytest.raises(openai.NotFoundError):
+        second.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}])
+    assert model not in [m.id for m in second.models.list().data]
+    time.sleep(6)  # a heartbeat: the job that was training has stopped, and wrote nothing back
+    assert not (tuning.storage / "reused").exists()

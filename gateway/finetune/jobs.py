@@ -158,11 +158,18 @@ class Jobs:
         return dict(row) if row is not None else None
 
     async def beat(self, job_id: str, gpu_seconds: float) -> bool:
-        """The runner is alive; whether the job has been asked to stop."""
+        """The runner is alive; whether the job has been asked to stop (or is gone: its tenant was deleted)."""
         pool = await self._pool()
         cancel = await pool.fetchval("UPDATE fine_tuning_jobs SET heartbeat_at = now(), gpu_seconds = $2 WHERE id = "
                                      "$1 RETURNING cancel_requested", job_id, gpu_seconds)
-        return bool(cancel)
+        return cancel is None or bool(cancel)
+
+    async def forget_tenant(self, tenant_id: str) -> int:
+        """Every job of a tenant whose id is about to start a new tenant, with its events and checkpoints; a job
+        training now stops at its next heartbeat (it finds its row gone)."""
+        pool = await self._pool()
+        deleted = await pool.fetch("DELETE FROM fine_tuning_jobs WHERE tenant_id = $1 RETURNING id", tenant_id)
+        return len(deleted)
 
     async def request_cancel(self, tenant_id: str, job_id: str) -> dict | None:
         """Cancel a job: at once if it has not started, by its runner (within a heartbeat) if it runs."""

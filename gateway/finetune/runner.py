@@ -136,6 +136,7 @@ class Runner:
                 raise _Stop("failed", reason[-1] if reason else f"the trainer exited with {process.returncode}",
                             "training_failed")
             name = fine_tuned_name(job["model"], tenant, job["suffix"], job_id)
+            await self._still_wanted(job, started)
             await self.storage.upload(folder / "adapter", tenant, "adapters", job_id)
             seconds = time.monotonic() - started
             await self.jobs.set_status(job_id, "succeeded", f"The job has successfully completed: {name}",
@@ -181,11 +182,7 @@ class Runner:
                 line = None
             if time.monotonic() - last_beat >= BEAT_SECONDS or line is None:
                 last_beat = time.monotonic()
-                if await self.jobs.beat(job_id, last_beat - started):
-                    raise _Stop("cancelled", "cancelled", "cancelled")
-                if not await self.file_exists(tenant, job["training_file"]):
-                    raise _Stop("failed", f"the training file {job['training_file']} was deleted while the job ran",
-                                "training_file_deleted")
+                await self._still_wanted(job, started)
             if line is None:
                 continue
             if not line:
@@ -202,6 +199,7 @@ class Runner:
                                             "train_loss": event["loss"], "epoch": event.get("epoch")})
             elif kind == "checkpoint":
                 step = int(event["step"])
+                await self._still_wanted(job, started)  # nothing is written for a job cancelled or deleted
                 await self.storage.upload(Path(event["path"]), tenant, "jobs", job_id, "checkpoints", f"step-{step}")
                 await self.jobs.checkpoint(job_id, step, {"step": step, "train_loss": event.get("loss"),
                                                           "valid_loss": event.get("valid_loss")},
@@ -209,6 +207,14 @@ class Runner:
                                                                  f"step-{step}"))
             elif kind == "done":
                 done = event
+
+    async def _still_wanted(self, job: dict, started: float) -> None:
+        """The heartbeat: a job cancelled, deleted with its tenant, or whose training file is gone stops here."""
+        if await self.jobs.beat(job["id"], time.monotonic() - started):
+            raise _Stop("cancelled", "cancelled", "cancelled")
+        if not await self.file_exists(job["tenant_id"], job["training_file"]):
+            raise _Stop("failed", f"the training file {job['training_file']} was deleted while the job ran",
+                        "training_file_deleted")
 
     def _bill(self, job: dict, seconds: float, status: int) -> None:
         self.bill(job, seconds * self.config().fine_tuning.gpu_second_usd, seconds, status)
