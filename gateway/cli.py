@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     bench_kinds = bench.add_subparsers(
         dest="bench_kind",
         metavar="[tenants | fleet | providers | protocols | guardrails | shares | large-prompts | workers | "
-                "console | ledger | redis | retrieval | semantic]")
+                "fine-tuning | console | ledger | redis | retrieval | semantic]")
 
     def bench_kind(name: str, help: str, run) -> argparse.ArgumentParser:
         kind = bench_kinds.add_parser(name, help=help)
@@ -147,6 +147,10 @@ def main(argv: list[str] | None = None) -> None:
                                           "scaling", _bench_workers)
     workers_bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     workers_bench.add_argument("--rounds", type=int, default=3, help="measurements per server, interleaved")
+    tuning_bench = bench_kind("fine-tuning", "serving while a job trains on the gateway's own worker, and what a "
+                                             "job costs the gateway", _bench_fine_tuning)
+    tuning_bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    tuning_bench.add_argument("--rounds", type=int, default=3, help="measurements with and without, interleaved")
     console_bench = bench_kind("console", "the console's pages with a large ledger behind them", _bench_console)
     console_bench.add_argument("--rows", type=int, default=100_000, help="ledger rows generated over this month")
     console_bench.add_argument("--rounds", type=int, default=20, help="loads of each page")
@@ -378,6 +382,12 @@ def _bench_guardrails(args: argparse.Namespace) -> None:
     from gateway.bench.guardrails import run_guardrail_benchmark
 
     run_guardrail_benchmark(rounds=args.rounds, output=args.output)
+
+
+def _bench_fine_tuning(args: argparse.Namespace) -> None:
+    from gateway.bench.fine_tuning import run_fine_tuning_benchmark
+
+    run_fine_tuning_benchmark(duration=args.duration, rounds=args.rounds, output=args.output)
 
 
 def _bench_workers(args: argparse.Namespace) -> None:

@@ -14,42 +14,12 @@ import pytest
 import yaml
 
 from conftest import GatewayProcess, Simulator, http_request, ledger_row
+from gateway.bench.fine_tuning import BASE, build_base_model, examples
 from gateway.config.keys import generate_key, hash_key
 
 pytest.importorskip("peft", reason="the trainer's extra (pip install -e .[train]) is not installed")
 
-BASE = "llama-base"
 ADMIN_KEY = "sk-admin-fine-tuning-0123456789"
-WORDS = ("hello thanks order refund shipping where is my parcel it arrives tomorrow we are sorry please wait "
-         "your account was updated can i help with anything else yes no").split()
-
-
-def build_base_model(folder: Path) -> None:
-    """A two-layer Llama with random weights and a word-level tokenizer of its own."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocabulary = {token: i for i, token in enumerate(["<pad>", "<unk>", "</s>", "user:", "assistant:", "system:",
-                                                       *WORDS])}
-    words = Tokenizer(models.WordLevel(vocabulary, unk_token="<unk>"))
-    words.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", pad_token="<pad>",
-                                        eos_token="</s>")
-    tokenizer.save_pretrained(folder)
-    config = LlamaConfig(vocab_size=len(vocabulary), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         pad_token_id=0, eos_token_id=2, bos_token_id=2)
-    LlamaForCausalLM(config).save_pretrained(folder)
-
-
-def examples(count: int) -> bytes:
-    lines = []
-    for i in range(count):
-        question = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(5))
-        lines.append(json.dumps({"messages": [{"role": "system", "content": "please help"},
-                                              {"role": "user", "content": question},
-                                              {"role": "assistant", "content": "we are sorry please wait"}]}))
-    return ("\n".join(lines) + "\n").encode()
 
 
 class Setup:

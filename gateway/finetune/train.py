@@ -4,7 +4,8 @@ SPEC``), so that the gateway's event loop never waits for it and a cancel is a s
 SPEC is a JSON file: ``base`` (the base model's folder, Hugging Face's layout), ``train`` and ``validation`` (chat
 JSONL files, checked already), ``output`` (where the adapter goes), ``checkpoints`` (a folder for one adapter every
 ``checkpoint_every`` steps), ``hyperparameters`` (``n_epochs``, ``batch_size``, ``learning_rate_multiplier``),
-``seed``, ``lora`` (``r``, ``alpha``, ``dropout``). Each conversation is written as ``role: text`` lines ending in the
+``seed``, ``lora`` (``r``, ``alpha``, ``dropout``). On a CPU the process lowers its priority and uses half the
+cores at most: serving comes first. Each conversation is written as ``role: text`` lines ending in the
 tokenizer's end-of-sequence token, and the loss is taken on the assistant turns only (those of weight 1). On CUDA
 the base model is loaded in 4 bits (QLoRA, with bitsandbytes) when that library is installed; on a CPU in full
 precision.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -77,6 +79,11 @@ def run(spec: dict) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not torch.cuda.is_available():
+        # Training on the gateway's own cores: at a lower priority than serving, on half of them at most, so that
+        # requests keep their latency while a job runs (measured by `gateway bench fine-tuning`).
+        os.nice(10)
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     seed = int(spec.get("seed") or 0)
     random.seed(seed)
     torch.manual_seed(seed)
