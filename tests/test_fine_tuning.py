@@ -23,7 +23,7 @@ ADMIN_KEY = "sk-admin-fine-tuning-0123456789"
 
 
 class Setup:
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, storage: str | None = None, env: dict | None = None) -> None:
         self.weights = tmp_path / "base"
         build_base_model(self.weights)
         self.sim = Simulator("--model", BASE, "--max-loras", "2", "--base-config", str(self.weights / "config.json"))
@@ -43,8 +43,8 @@ class Setup:
             name: {"name": name, "tier": "enterprise", "keys": [{"name": "k", "sha256": hash_key(key)}]}
             for name, key in self.keys.items()}}))
         self.storage = tmp_path / "storage"
-        self.gateway = GatewayProcess(config, env={"GATEWAY_FINETUNE_STORAGE": str(self.storage),
-                                                   "GATEWAY_ADMIN_KEY": ADMIN_KEY})
+        self.gateway = GatewayProcess(config, env={"GATEWAY_FINETUNE_STORAGE": storage or str(self.storage),
+                                                   "GATEWAY_ADMIN_KEY": ADMIN_KEY, **(env or {})})
 
     def client(self, tenant: str) -> openai.OpenAI:
         return self.gateway.client(self.keys[tenant], timeout=60)
@@ -266,3 +266,51 @@ def test_a_deleted_tenants_jobs_and_adapters_do_not_pass_to_the_next_tenant_of_i
     assert model not in [m.id for m in second.models.list().data]
     time.sleep(6)  # a heartbeat: the job that was training has stopped, and wrote nothing back
     assert not (tuning.storage / "reused").exists()
+
+
+def test_datasets_and_adapters_live_in_an_s3_compatible_store(tmp_path):
+    """moto's server as the S3-compatible store: the job's dataset and adapter land in the bucket, and the node is
+    given the adapter's URL."""
+    import subprocess
+    import sys
+
+    import boto3
+
+    from gateway.stores.embedded import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    setup = None
+    credentials = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                   "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                s3 = boto3.client("s3", endpoint_url=credentials["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                                  aws_secret_access_key="testing", region_name="us-east-1")
+                s3.create_bucket(Bucket="tuning")
+                break
+            except Exception:
+                assert time.monotonic() < deadline and server.poll() is None, "moto's server did not start"
+                time.sleep(0.2)
+        setup = Setup(tmp_path, storage="s3://tuning/gateway", env=credentials)
+        client = setup.client("acme")
+        job = client.fine_tuning.jobs.create(model="llama", training_file=setup.upload("acme", examples(12)),
+                                             hyperparameters={"n_epochs": 1, "batch_size": 4})
+        done = setup.wait("acme", job.id, ("succeeded", "failed", "cancelled"))
+        assert done.status == "succeeded", done.error
+        keys = {item["Key"] for item in s3.list_objects_v2(Bucket="tuning")["Contents"]}
+        assert f"gateway/acme/datasets/{job.id}/train.jsonl" in keys
+        assert {f"gateway/acme/adapters/{job.id}/adapter_config.json",
+                f"gateway/acme/adapters/{job.id}/adapter_model.safetensors"} <= keys
+        answer = client.chat.completions.with_raw_response.create(
+            model=done.fine_tuned_model, messages=[{"role": "user", "content": "hello"}], max_tokens=3)
+        assert answer.headers["x-gateway-adapter"] == done.fine_tuned_model
+        assert f"acme/{done.fine_tuned_model}" in setup.sim.stats()["lora_registered"]
+    finally:
+        if setup is not None:
+            setup.stop()
+        server.terminate()
+        server.wait(timeout=10)

@@ -391,7 +391,8 @@ class Simulator:
             raise SimError(400, f"The lora adapter '{name}' conflicts with a served base model.", "BadRequestError",
                            "lora_name")
         path = _text(body.get("lora_path"))
-        if self.settings.base_config and path:  # vLLM reads the adapter and checks it against its base model
+        # vLLM reads a local adapter and checks it against its base model; one at a URL is a resolver plugin's
+        if self.settings.base_config and path and "://" not in path:
             try:
                 adapters.check(path, orjson.loads(Path(self.settings.base_config).read_bytes()))
             except (adapters.AdapterMismatch, OSError, ValueError, KeyError) as exc:
