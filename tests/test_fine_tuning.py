@@ -252,6 +252,18 @@ def test_a_deleted_tenants_jobs_and_adapters_do_not_pass_to_the_next_tenant_of_i
         assert time.monotonic() < deadline
         time.sleep(0.3)
     model = first.fine_tuning.jobs.retrieve(done.id).fine_tuned_model
+    status, changed = http_request(tuning.gateway.port, "PATCH", "/api/v1/organizations/reused",
+                                   json.dumps({"fine_tuned_defaults": {"llama": model}}).encode(), admin)
+    assert status == 200 and changed["fine_tuned_models"] == [model] and model not in changed["adapters"], changed
+    deadline = time.monotonic() + 10
+    while True:  # the tenant's requests for the base model now run on its fine-tuned adapter
+        raw = first.chat.completions.with_raw_response.create(model="llama", messages=[{"role": "user",
+                                                                                       "content": "hello"}],
+                                                              max_tokens=3)
+        if raw.headers.get("x-gateway-adapter") == model:
+            break
+        assert time.monotonic() < deadline, dict(raw.headers)
+        time.sleep(0.2)
     running = first.fine_tuning.jobs.create(model="llama", training_file=training,
                                             hyperparameters={"n_epochs": 100, "batch_size": 1})
     assert (tuning.storage / "reused" / "adapters" / done.id).is_dir()

@@ -419,7 +419,7 @@ async def _report_between(gateway: "GatewayServices", tenant_id: str, begin: dt.
 # enabled, its models and features are the operator's; its provider keys go through their own route (a reference
 # could name another tenant's secret); its adapters' files are placed on the nodes by the operator.
 TENANT_ADMIN_FIELDS = frozenset(("name", "industry", "system_prompt", "limits", "guardrails", "routing", "cache",
-                                 "cors_origins", "adapters", "end_users"))
+                                 "cors_origins", "adapters", "end_users", "fine_tuned_defaults"))
 
 
 def _within_tenant_admin_reach(principal: Principal, tenant: Tenant, changes: dict, tier_limits) -> None:
@@ -490,7 +490,10 @@ def _view(tenant: Tenant, config: GatewayConfig) -> dict:
         "cors_origins": sorted(tenant.cors_origins),
         "provider_keys": dict(sorted(tenant.provider_keys.items())),  # references, never keys
         "adapters": {name: {"base": a.base, "path": a.path, "default": a.default, "on_failure": a.on_failure,
-                            "node_name": a.lora_name} for name, a in sorted(tenant.adapters.items())},
+                            "node_name": a.lora_name} for name, a in sorted(tenant.adapters.items())
+                     if not a.fine_tuned},
+        "fine_tuned_models": sorted(name for name, a in tenant.adapters.items() if a.fine_tuned),
+        "fine_tuned_defaults": dict(sorted(tenant.fine_tuned_defaults.items())),
         "guardrails": [rule.spec for rule in tenant.guardrails],
         "end_users": None if tenant.end_users is None else {
             "limits": _end_user_limits(tenant.end_users.limits), "required": tenant.end_users.required,

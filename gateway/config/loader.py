@@ -527,6 +527,7 @@ def _compile_tenant(context: _TenantContext, tenant_id: str, t: TenantSpec, sour
         provider_keys=dict(t.provider_keys),
         adapters=adapters,
         default_adapters={a.base: a for a in adapters.values() if a.default},
+        fine_tuned_defaults=dict(t.fine_tuned_defaults),
         guardrails=compile_rules(t.guardrails, context.models, problems, where),
         end_users=_end_users(t.end_users),
         source=source,

@@ -728,6 +728,10 @@ class TenantFields(Strict):
     guardrails: list[GuardrailSpec] = Field(default_factory=list, max_length=50,
                                             description="checks of every request and answer of this tenant, in order")
     end_users: EndUsersSpec | None = Field(None, description="limits and a budget per end user of the tenant")
+    fine_tuned_defaults: dict[Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)],
+                              Annotated[str, Field(min_length=1, max_length=300, pattern=TEXT_PATTERN)]] = Field(
+        default_factory=dict, max_length=100, description="base model -> one of the tenant's fine-tuned models "
+                                                          "(ft:...), used for its requests for the base model")
 
     @field_validator("provider_keys")
     @classmethod

@@ -385,7 +385,8 @@ class ConfigStore:
 
 
 def _with_adapters(config: GatewayConfig, adapters: dict[str, dict[str, Adapter]]) -> GatewayConfig:
-    """``config`` with each tenant's fine-tuned adapters joined to its own (its own win a name they share)."""
+    """``config`` with each tenant's fine-tuned adapters joined to its own (its own win a name they share), and
+    those it chose (``fine_tuned_defaults``) used for its requests for their base models."""
     if not adapters:
         return config
     tenants = dict(config.tenants)
@@ -393,7 +394,12 @@ def _with_adapters(config: GatewayConfig, adapters: dict[str, dict[str, Adapter]
         tenant = tenants.get(tenant_id)
         if tenant is not None:
             usable = {name: a for name, a in fine_tuned.items() if a.base in config.models}
-            tenants[tenant_id] = replace(tenant, adapters={**usable, **tenant.adapters})
+            defaults = dict(tenant.default_adapters)
+            for base, name in tenant.fine_tuned_defaults.items():
+                chosen = usable.get(name)
+                if chosen is not None and chosen.base == base:
+                    defaults[base] = chosen
+            tenants[tenant_id] = replace(tenant, adapters={**usable, **tenant.adapters}, default_adapters=defaults)
     return replace(config, tenants=tenants)
 
 

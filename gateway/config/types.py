@@ -58,6 +58,7 @@ class Adapter:
     lora_name: str  # the name nodes know it by: "<tenant>/<name>", so that tenants never share one
     default: bool  # also used for the tenant's requests for the base model
     on_failure: str  # "error" or "base"
+    fine_tuned: bool = False  # made by one of the tenant's fine-tuning jobs (not declared in its settings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +281,7 @@ class Tenant:
     provider_keys: dict[str, str] = field(default_factory=dict)  # provider -> reference of the tenant's own key
     adapters: dict[str, Adapter] = field(default_factory=dict)  # by the model name the tenant asks for
     default_adapters: dict[str, Adapter] = field(default_factory=dict)  # base model -> adapter used for it
+    fine_tuned_defaults: dict[str, str] = field(default_factory=dict)  # base model -> its fine-tuned model to use
     guardrails: tuple = ()  # gateway.guardrails.policy.Guardrail, in order
     end_users: EndUsers | None = None  # limits per end user, if the tenant sets any
     source: str = "yaml"  # "yaml" or "api" (made through the admin API, kept in PostgreSQL)

@@ -103,7 +103,7 @@ class Runner:
         for row in rows:
             name = row["fine_tuned_model"]
             adapters.setdefault(row["tenant_id"], {})[name] = Adapter(
-                name, row["model"], row["adapter_location"], f"{row['tenant_id']}/{name}", False, "error")
+                name, row["model"], row["adapter_location"], f"{row['tenant_id']}/{name}", False, "error", True)
         if adapters != self._known:
             self._known = adapters
             self.on_adapters(adapters)
