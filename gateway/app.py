@@ -32,6 +32,7 @@ from gateway.settings import Settings
 from gateway.pipeline.internal import InternalCalls
 from gateway.finetune.jobs import Jobs
 from gateway.finetune.runner import Runner
+from gateway.finetune.schedule import Scheduler
 from gateway.finetune.service import FineTuning, training_row
 from gateway.finetune.storage import Storage
 from gateway.retrieval.catalog import Catalog
@@ -250,6 +251,7 @@ class Gateway:
             self.semantic = SemanticIndex(self.retrieval.vectors)
             self.fine_tuning = self._fine_tuning()
             self.fine_tuning.runner.start()
+            self.fine_tuning.scheduler.start()
         self._watcher = asyncio.create_task(self.config.watch(settings.reload_interval))
         self._share_keeper = asyncio.create_task(self._keep_shares(settings.share_interval))
         if self.directory is not None:
@@ -271,9 +273,13 @@ class Gateway:
         def bill(job: dict, cost: float, seconds: float, status: int) -> None:
             self.ledger.record(training_row(job, cost, seconds, status))
 
+        async def read_file(tenant_id: str, file_id: str) -> dict | None:
+            return await self.retrieval.catalog.file(tenant_id, file_id, with_content=True)
+
         runner = Runner(jobs, storage, lambda: self.config.current, settings.data_dir / "training", file_exists,
                         self.config.set_fine_tuned, bill, settings.finetune_trainer)
-        return FineTuning(jobs, storage, runner)
+        return FineTuning(jobs, storage, runner, Scheduler(jobs, storage, read_file, lambda: self.config.current,
+                                                             settings.finetune_schedule_seconds))
 
     async def _open_stores(self) -> None:
         settings = self.settings
@@ -340,6 +346,7 @@ class Gateway:
             if task is not None:
                 task.cancel()
         if self.fine_tuning is not None:
+            await self.fine_tuning.scheduler.stop()
             await self.fine_tuning.runner.stop()  # jobs training here stop, and fail with that reason
         if self.retrieval is not None:
             await self.retrieval.close()  # indexing jobs stop (taken up again by the next start)

@@ -44,7 +44,8 @@ class Setup:
             for name, key in self.keys.items()}}))
         self.storage = tmp_path / "storage"
         self.gateway = GatewayProcess(config, env={"GATEWAY_FINETUNE_STORAGE": storage or str(self.storage),
-                                                   "GATEWAY_ADMIN_KEY": ADMIN_KEY, **(env or {})})
+                                                   "GATEWAY_ADMIN_KEY": ADMIN_KEY,
+                                                   "GATEWAY_FINETUNE_SCHEDULE_SECONDS": "0.5", **(env or {})})
 
     def client(self, tenant: str) -> openai.OpenAI:
         return self.gateway.client(self.keys[tenant], timeout=60)
@@ -326,3 +327,30 @@ def test_datasets_and_adapters_live_in_an_s3_compatible_store(tmp_path):
             setup.stop()
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_a_schedule_makes_its_job_once_a_period(tuning):
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+    status, _ = http_request(tuning.gateway.port, "POST", "/api/v1/organizations",
+                             json.dumps({"id": "nightly", "name": "Nightly", "tier": "enterprise"}).encode(), admin)
+    assert status == 201
+    status, key = http_request(tuning.gateway.port, "POST", "/api/v1/organizations/nightly/keys",
+                               json.dumps({"name": "k"}).encode(), admin)
+    client = tuning.gateway.client(key["key"], timeout=60)
+    training = client.files.create(file=("train.jsonl", examples(10)), purpose="fine-tune").id
+    schedules = [{"name": "daily", "every_hours": 24, "model": "llama", "training_file": training,
+                  "hyperparameters": {"n_epochs": 1}, "suffix": "daily"},
+                 {"name": "broken", "every_hours": 24, "model": "llama", "training_file": "file-gone"}]
+    status, body = http_request(tuning.gateway.port, "PATCH", "/api/v1/organizations/nightly",
+                                json.dumps({"fine_tuning_schedules": schedules}).encode(), admin)
+    assert status == 200, body
+    deadline = time.monotonic() + 20
+    while not client.fine_tuning.jobs.list().data:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    time.sleep(2)  # several more looks: still one job this period
+    made = client.fine_tuning.jobs.list().data
+    assert len(made) == 1 and made[0].metadata == {"schedule": "daily"} and made[0].suffix == "daily"
+    assert any("schedule broken of tenant nightly cannot make its job" in line.get("message", "")
+               for line in tuning.gateway.log_lines())
+    client.fine_tuning.jobs.cancel(made[0].id)

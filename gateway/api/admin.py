@@ -419,7 +419,8 @@ async def _report_between(gateway: "GatewayServices", tenant_id: str, begin: dt.
 # enabled, its models and features are the operator's; its provider keys go through their own route (a reference
 # could name another tenant's secret); its adapters' files are placed on the nodes by the operator.
 TENANT_ADMIN_FIELDS = frozenset(("name", "industry", "system_prompt", "limits", "guardrails", "routing", "cache",
-                                 "cors_origins", "adapters", "end_users", "fine_tuned_defaults"))
+                                 "cors_origins", "adapters", "end_users", "fine_tuned_defaults",
+                                 "fine_tuning_schedules"))
 
 
 def _within_tenant_admin_reach(principal: Principal, tenant: Tenant, changes: dict, tier_limits) -> None:
@@ -494,6 +495,7 @@ def _view(tenant: Tenant, config: GatewayConfig) -> dict:
                      if not a.fine_tuned},
         "fine_tuned_models": sorted(name for name, a in tenant.adapters.items() if a.fine_tuned),
         "fine_tuned_defaults": dict(sorted(tenant.fine_tuned_defaults.items())),
+        "fine_tuning_schedules": [s.model_dump() for s in tenant.fine_tuning_schedules],
         "guardrails": [rule.spec for rule in tenant.guardrails],
         "end_users": None if tenant.end_users is None else {
             "limits": _end_user_limits(tenant.end_users.limits), "required": tenant.end_users.required,

@@ -6,21 +6,18 @@ tenant's, listed in its ``/v1/models`` and served by the fleet as soon as the jo
 
 from __future__ import annotations
 
-import asyncio
-import secrets
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import Field, StrictFloat, StrictInt, StringConstraints, model_validator
+from pydantic import Field, StrictInt, StringConstraints, model_validator
 
 from gateway.api.guard import stateless_gateway
 from gateway.api.ops import error_responses
 from gateway.api.shared import USAGE_ERRORS
-from gateway.config.schema import TEXT_PATTERN, Strict
+from gateway.config.schema import TEXT_PATTERN, FineTuningHyperparameters, Strict
 from gateway.errors import GatewayError
-from gateway.finetune import datasets
 from gateway.finetune.jobs import FINISHED, job_view
-from gateway.finetune.runner import base_weights
+from gateway.finetune.submit import JobRequest, submit
 from gateway.pipeline.auth import identify
 
 if TYPE_CHECKING:
@@ -31,11 +28,7 @@ Auto = Literal["auto"]
 MetadataValue = Annotated[str, StringConstraints(max_length=512, pattern=TEXT_PATTERN)]
 
 
-class Hyperparameters(Strict):
-    n_epochs: Auto | Annotated[StrictInt, Field(ge=1, le=100)] = "auto"
-    batch_size: Auto | Annotated[StrictInt, Field(ge=1, le=256)] = "auto"
-    learning_rate_multiplier: Auto | Annotated[StrictFloat, Field(gt=0, le=10)] | Annotated[
-        StrictInt, Field(gt=0, le=10)] = "auto"
+Hyperparameters = FineTuningHyperparameters
 
 
 class Supervised(Strict):
@@ -83,59 +76,18 @@ def build_fine_tuning_router(gateway: "GatewayServices") -> APIRouter:
                                param="fine_tuning_job_id", code="fine_tuning_job_not_found")
         return job
 
-    async def training_data(tenant_id: str, file_id: str, param: str) -> bytes:
-        found = await gateway.retrieval.catalog.file(tenant_id, file_id, with_content=True)
-        if found is None:
-            raise GatewayError(404, f"No such File object: {file_id}", type="not_found_error", param=param,
-                               code="file_not_found")
-        if found["purpose"] != "fine-tune":
-            raise GatewayError(400, f"{param}: file {file_id} has purpose '{found['purpose']}'; upload it with "
-                                    "purpose 'fine-tune'.", param=param, code="invalid_file_purpose")
-        return found["content"]
+    async def read_file(tenant_id: str, file_id: str) -> dict | None:
+        return await gateway.retrieval.catalog.file(tenant_id, file_id, with_content=True)
 
     @router.post("/v1/fine_tuning/jobs")
     async def create(request: Request, body: JobIn) -> dict:
         """Check the files, copy them to storage and queue the job."""
         tenant, _ = caller(request)
-        config = gateway.config.current
-        settings = config.fine_tuning
-        model = config.models.get(body.model)
-        if model is None or body.model not in tenant.allowed_models or base_weights(config, body.model) is None:
-            raise GatewayError(400, f"model: '{body.model}' cannot be fine-tuned here: a base model served by a "
-                                    "fleet pool that has `weights` is needed.", param="model",
-                               code="model_not_available")
         hyper = (body.method.supervised.hyperparameters if body.method else body.hyperparameters) or Hyperparameters()
-        if hyper.n_epochs != "auto" and hyper.n_epochs > settings.max_epochs:
-            raise GatewayError(400, f"hyperparameters.n_epochs: at most {settings.max_epochs}.",
-                               param="hyperparameters.n_epochs", code="invalid_hyperparameter")
-        if await gateway.fine_tuning.jobs.active(tenant.id) >= settings.jobs_per_tenant:
-            raise GatewayError(429, f"This tenant has {settings.jobs_per_tenant} fine-tuning job(s) under way "
-                                    "already; wait for one to finish or cancel one.", type="rate_limit_error",
-                               code="too_many_jobs")
-        train = await training_data(tenant.id, body.training_file, "training_file")
-        valid = (await training_data(tenant.id, body.validation_file, "validation_file")
-                 if body.validation_file else None)
-        stats = await asyncio.to_thread(datasets.check, train, "training_file", model.context_window,
-                                        settings.max_dataset_tokens, datasets.MIN_TRAINING_EXAMPLES)
-        if valid is not None:
-            await asyncio.to_thread(datasets.check, valid, "validation_file", model.context_window)
-        chosen = {"n_epochs": 3 if hyper.n_epochs == "auto" else hyper.n_epochs,
-                  "batch_size": max(1, min(8, stats.examples // 10)) if hyper.batch_size == "auto" else
-                  hyper.batch_size,
-                  "learning_rate_multiplier": 1.0 if hyper.learning_rate_multiplier == "auto" else
-                  float(hyper.learning_rate_multiplier)}
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        jobs = gateway.fine_tuning.jobs
-        job = await jobs.create(tenant.id, body.model, body.training_file, body.validation_file, chosen,
-                                body.suffix, seed, body.metadata)
-        storage = gateway.fine_tuning.storage
-        await storage.write(train, tenant.id, "datasets", job["id"], "train.jsonl")
-        if valid is not None:
-            await storage.write(valid, tenant.id, "datasets", job["id"], "validation.jsonl")
-        await jobs.set_status(job["id"], "queued", f"Files validated ({stats.examples} examples, {stats.tokens} "
-                                                   "tokens), moving job to queued state",
-                              training_examples=stats.examples)
-        return job_view(await jobs.get(tenant.id, job["id"]))
+        asked = JobRequest(body.model, body.training_file, body.validation_file, hyper.n_epochs, hyper.batch_size,
+                           hyper.learning_rate_multiplier, body.suffix, body.seed, body.metadata)
+        service = gateway.fine_tuning
+        return job_view(await submit(service.jobs, service.storage, read_file, gateway.config.current, tenant, asked))
 
     @router.get("/v1/fine_tuning/jobs")
     async def list_jobs(request: Request, limit: int = Query(20, ge=1, le=100),

@@ -528,6 +528,7 @@ def _compile_tenant(context: _TenantContext, tenant_id: str, t: TenantSpec, sour
         adapters=adapters,
         default_adapters={a.base: a for a in adapters.values() if a.default},
         fine_tuned_defaults=dict(t.fine_tuned_defaults),
+        fine_tuning_schedules=tuple(t.fine_tuning_schedules),
         guardrails=compile_rules(t.guardrails, context.models, problems, where),
         end_users=_end_users(t.end_users),
         source=source,

@@ -702,6 +702,25 @@ class AdapterSpec(Strict):
         "error", description="when no node can load it: a 503 naming it, or the base model without it")
 
 
+class FineTuningHyperparameters(Strict):
+    n_epochs: Literal["auto"] | Annotated[StrictInt, Field(ge=1, le=100)] = "auto"
+    batch_size: Literal["auto"] | Annotated[StrictInt, Field(ge=1, le=256)] = "auto"
+    learning_rate_multiplier: Literal["auto"] | Annotated[StrictFloat, Field(gt=0, le=10)] | Annotated[
+        StrictInt, Field(gt=0, le=10)] = "auto"
+
+
+class FineTuningScheduleSpec(Strict):
+    """A job made again every ``every_hours`` from the files it names (at most one a period, across replicas)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    every_hours: whole(1, 8760)
+    model: str = Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)
+    training_file: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    validation_file: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    hyperparameters: FineTuningHyperparameters = FineTuningHyperparameters()
+    suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+
+
 class TenantFields(Strict):
     """What describes a tenant, in tenants.yaml and through the admin API alike."""
 
@@ -732,6 +751,8 @@ class TenantFields(Strict):
                               Annotated[str, Field(min_length=1, max_length=300, pattern=TEXT_PATTERN)]] = Field(
         default_factory=dict, max_length=100, description="base model -> one of the tenant's fine-tuned models "
                                                           "(ft:...), used for its requests for the base model")
+    fine_tuning_schedules: list[FineTuningScheduleSpec] = Field(default_factory=list, max_length=20, description=(
+        "fine-tuning jobs made again on a schedule, from the files they name"))
 
     @field_validator("provider_keys")
     @classmethod

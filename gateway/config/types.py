@@ -282,6 +282,7 @@ class Tenant:
     adapters: dict[str, Adapter] = field(default_factory=dict)  # by the model name the tenant asks for
     default_adapters: dict[str, Adapter] = field(default_factory=dict)  # base model -> adapter used for it
     fine_tuned_defaults: dict[str, str] = field(default_factory=dict)  # base model -> its fine-tuned model to use
+    fine_tuning_schedules: tuple = ()  # config.schema.FineTuningScheduleSpec: jobs made again every so often
     guardrails: tuple = ()  # gateway.guardrails.policy.Guardrail, in order
     end_users: EndUsers | None = None  # limits per end user, if the tenant sets any
     source: str = "yaml"  # "yaml" or "api" (made through the admin API, kept in PostgreSQL)

@@ -52,17 +52,24 @@ class Jobs:
         self._pool = pool  # an async callable giving the asyncpg pool
 
     async def create(self, tenant_id: str, model: str, training_file: str, validation_file: str | None,
-                     hyperparameters: dict, suffix: str | None, seed: int, metadata: dict | None) -> dict:
+                     hyperparameters: dict, suffix: str | None, seed: int, metadata: dict | None,
+                     job_id: str | None = None, storage: str = "") -> dict:
+        """A new job (``job_id``: the one a schedule's period names, so that replicas make it once), its data in
+        ``storage``: only a gateway that keeps its data there trains it."""
         pool = await self._pool()
         async with pool.acquire() as connection, connection.transaction():
             row = await connection.fetchrow(
                 f"INSERT INTO fine_tuning_jobs (id, tenant_id, model, training_file, validation_file, "
-                f"hyperparameters, suffix, seed, metadata, status) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, "
-                f"'validating_files') RETURNING {_COLUMNS}", new_id("ftjob-"), tenant_id, model, training_file,
-                validation_file, json.dumps(hyperparameters), suffix, seed,
-                json.dumps(metadata) if metadata is not None else None)
+                f"hyperparameters, suffix, seed, metadata, status, storage) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, "
+                f"$9, 'validating_files', $10) RETURNING {_COLUMNS}", job_id or new_id("ftjob-"), tenant_id, model,
+                training_file, validation_file, json.dumps(hyperparameters), suffix, seed,
+                json.dumps(metadata) if metadata is not None else None, storage)
             await _event(connection, row["id"], "info", "message", "Validating training file: " + training_file)
         return dict(row)
+
+    async def exists(self, job_id: str) -> bool:
+        pool = await self._pool()
+        return await pool.fetchval("SELECT true FROM fine_tuning_jobs WHERE id = $1", job_id) is not None
 
     async def get(self, tenant_id: str, job_id: str) -> dict | None:
         pool = await self._pool()
@@ -141,8 +148,8 @@ class Jobs:
                  "fine_tuned_model_checkpoint": f"{row['fine_tuned_model'] or row['model']}:ckpt-step-{row['step']}"}
                 for row in rows[:limit]], len(rows) > limit
 
-    async def claim(self, runner: str, limit: int) -> dict | None:
-        """The oldest queued job, now running here, if fewer than ``limit`` run here."""
+    async def claim(self, runner: str, limit: int, storage: str) -> dict | None:
+        """The oldest queued job whose data is in ``storage``, now running here, if fewer than ``limit`` run here."""
         pool = await self._pool()
         async with pool.acquire() as connection, connection.transaction():
             running = await connection.fetchval("SELECT count(*) FROM fine_tuning_jobs WHERE status = 'running' AND "
@@ -152,7 +159,8 @@ class Jobs:
             row = await connection.fetchrow(
                 f"UPDATE fine_tuning_jobs SET status = 'running', runner = $1, started_at = now(), heartbeat_at = "
                 f"now() WHERE id = (SELECT id FROM fine_tuning_jobs WHERE status = 'queued' AND NOT cancel_requested "
-                f"ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}", runner)
+                f"AND storage = $2 ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}",
+                runner, storage)
             if row is not None:
                 await _event(connection, row["id"], "info", "message", "Fine-tuning job started")
         return dict(row) if row is not None else None

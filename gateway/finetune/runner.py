@@ -87,7 +87,7 @@ class Runner:
                                                 "stopped while it trained", "param": None})
                 limit = self.config().fine_tuning.concurrency
                 while self.train and len(self._running) < limit:
-                    job = await self.jobs.claim(self.name, limit)
+                    job = await self.jobs.claim(self.name, limit, self.storage.url)
                     if job is None:
                         break
                     self._running[job["id"]] = asyncio.get_running_loop().create_task(self._run(job))

@@ -1,4 +1,5 @@
-"""Fine-tuning as the gateway holds it: the jobs, where their data is kept, and this gateway's runner."""
+"""Fine-tuning as the gateway holds it: the jobs, where their data is kept, this gateway's runner and the
+tenants' schedules."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 
 from gateway.finetune.jobs import Jobs
 from gateway.finetune.runner import Runner
+from gateway.finetune.schedule import Scheduler
 from gateway.finetune.storage import Storage
 from gateway.stores.ledger import COLUMNS
 
@@ -16,6 +18,7 @@ class FineTuning:
     jobs: Jobs
     storage: Storage
     runner: Runner
+    scheduler: Scheduler
 
 
 def training_row(job: dict, cost: float, seconds: float, status: int) -> tuple:

@@ -263,7 +263,8 @@ MIGRATIONS: tuple[str, ...] = (
         runner text,
         heartbeat_at timestamptz,
         gpu_seconds real NOT NULL DEFAULT 0,
-        cancel_requested boolean NOT NULL DEFAULT false
+        cancel_requested boolean NOT NULL DEFAULT false,
+        storage text NOT NULL
     );
     CREATE INDEX fine_tuning_jobs_tenant ON fine_tuning_jobs (tenant_id, created_at, id);
     CREATE INDEX fine_tuning_jobs_queue ON fine_tuning_jobs (status, created_at) WHERE status IN ('queued', 'running');
