@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Iterator
 
 import yaml
+
+import pytest
+from playwright import sync_api as playwright_api
 
 from conftest import GatewayProcess, Simulator, http_request
 from gateway.config.keys import generate_key, hash_key
@@ -78,3 +82,52 @@ def with_traffic(folder: Path, sim: Simulator) -> Iterator[tuple[GatewayProcess,
         yield gateway, keys
     finally:
         gateway.stop()
+
+
+# The browser the console's tests drive (fixtures imported by the test modules that use them)
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+@pytest.fixture(scope="module")
+def browser():
+    assert CHROMIUM, "Chromium is missing: tests/run.sh installs Debian's chromium package"
+    with playwright_api.sync_playwright() as driver:
+        launched = driver.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                          args=["--no-sandbox", "--disable-gpu"])
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport={"width": 1320, "height": 900})
+    opened = context.new_page()
+    errors: list[str] = []
+    opened.on("pageerror", lambda error: errors.append(str(error)))
+    opened.on("console", lambda message: errors.append(message.text) if message.type == "error"
+              and "status of 40" not in message.text else None)  # 401/403 answers are expected, and shown
+    opened.on("request", lambda request: errors.append(f"left the origin: {request.url}")
+              if not request.url.startswith(("http://127.0.0.1", "data:")) else None)
+    yield opened
+    context.close()
+    assert not errors, errors
+
+
+def sign_in(page, gateway, key: str) -> None:
+    page.goto(f"{gateway.url}/console/")
+    page.fill("#login-key", key)
+    page.click("#login-form button")
+
+
+def go_to(page, name: str, shows: str) -> None:
+    """Open a page of the console from its menu and wait for what it shows."""
+    page.wait_for_selector(f"[data-page={name}]")
+    page.click(f"[data-page={name}]")
+    page.wait_for_selector(shows)
+
+
+def until(condition, timeout: float = 10.0) -> None:
+    """Wait for what the page shows (polled from here: the console's policy allows no script from a string)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the page never showed it"
+        time.sleep(0.1)

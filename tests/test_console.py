@@ -5,17 +5,15 @@ account only. With GATEWAY_CONSOLE_SCREENSHOTS set to a folder, the main screens
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from pathlib import Path
 
 import openai
 import pytest
-from playwright import sync_api as playwright_api
 
-from console_setup import ADMIN_KEY, HOSTILE_NAME, admin, with_traffic
+from console_setup import (ADMIN_KEY, HOSTILE_NAME, admin, browser, go_to, page, sign_in, until,  # noqa: F401
+                           with_traffic)
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCREENSHOTS = os.environ.get("GATEWAY_CONSOLE_SCREENSHOTS")
 
 
@@ -23,52 +21,6 @@ SCREENSHOTS = os.environ.get("GATEWAY_CONSOLE_SCREENSHOTS")
 def setup(sim, tmp_path_factory):
     with with_traffic(tmp_path_factory.mktemp("console"), sim) as started:
         yield started
-
-
-@pytest.fixture(scope="module")
-def browser():
-    assert CHROMIUM, "Chromium is missing: tests/run.sh installs Debian's chromium package"
-    with playwright_api.sync_playwright() as driver:
-        launched = driver.chromium.launch(executable_path=CHROMIUM, headless=True,
-                                          args=["--no-sandbox", "--disable-gpu"])
-        yield launched
-        launched.close()
-
-
-@pytest.fixture
-def page(browser):
-    context = browser.new_context(viewport={"width": 1320, "height": 900})
-    opened = context.new_page()
-    errors: list[str] = []
-    opened.on("pageerror", lambda error: errors.append(str(error)))
-    opened.on("console", lambda message: errors.append(message.text) if message.type == "error"
-              and "status of 40" not in message.text else None)  # 401/403 answers are expected, and shown
-    opened.on("request", lambda request: errors.append(f"left the origin: {request.url}")
-              if not request.url.startswith(("http://127.0.0.1", "data:")) else None)
-    yield opened
-    context.close()
-    assert not errors, errors
-
-
-def sign_in(page, gateway, key: str) -> None:
-    page.goto(f"{gateway.url}/console/")
-    page.fill("#login-key", key)
-    page.click("#login-form button")
-
-
-def go_to(page, name: str, shows: str) -> None:
-    """Open a page of the console from its menu and wait for what it shows."""
-    page.wait_for_selector(f"[data-page={name}]")
-    page.click(f"[data-page={name}]")
-    page.wait_for_selector(shows)
-
-
-def until(condition, timeout: float = 10.0) -> None:
-    """Wait for what the page shows (polled from here: the console's policy allows no script from a string)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the page never showed it"
-        time.sleep(0.1)
 
 
 def shot(page, name: str) -> None:
@@ -225,7 +177,7 @@ def test_a_tenant_key_sees_its_own_account_only(setup, page):
     sign_in(page, gateway, keys["acme"])
     page.wait_for_selector("[data-stat=budget_left]")
     assert page.inner_text("#view h1") == "Acme Corp"
-    assert page.inner_text("#nav").split() == ["Account", "Usage"]
+    assert page.inner_text("#nav").split() == ["Account", "Usage", "Fine-tuning"]
     assert "acme-backend" in page.inner_text("[data-table=keys]")
     left = page.inner_text("[data-stat=budget_left] .value")
     assert left.startswith("$4") or left.startswith("$50")  # of a $50 budget, a few cents spent
@@ -259,7 +211,8 @@ def test_a_tenant_admin_manages_its_tenant_from_the_console_and_a_viewer_reads(s
     assert status == 201
     sign_in(page, gateway, boss["key"])
     page.wait_for_selector("[data-stat=budget_left]")
-    assert page.inner_text("#nav").split("\n") == ["Account", "Usage", "Settings and keys", "Requests", "Audit log"]
+    assert page.inner_text("#nav").split("\n") == ["Account", "Usage", "Settings and keys", "Requests", "Audit log",
+                                                     "Fine-tuning"]
     go_to(page, "manage", "[data-form=edit-tenant]")
     assert page.is_disabled("[data-field=tier]") and page.is_disabled("[data-field=models]")
     page.fill("[data-field=requests_per_minute]", "30")

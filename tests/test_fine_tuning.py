@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from conftest import GatewayProcess, Simulator, http_request, ledger_row
+from console_setup import browser, page, sign_in, until  # noqa: F401  (the console's browser, for its page)
 from gateway.bench.fine_tuning import BASE, build_base_model, examples
 from gateway.config.keys import generate_key, hash_key
 
@@ -354,3 +355,35 @@ def test_a_schedule_makes_its_job_once_a_period(tuning):
     assert any("schedule broken of tenant nightly cannot make its job" in line.get("message", "")
                for line in tuning.gateway.log_lines())
     client.fine_tuning.jobs.cancel(made[0].id)
+
+
+def test_the_console_starts_follows_and_cancels_jobs(tuning, page, tmp_path):
+    key = tuning.keys["acme"]
+    sign_in(page, tuning.gateway, key)
+    page.wait_for_selector("[data-page=fine-tuning]")
+    page.click("[data-page=fine-tuning]")
+    page.wait_for_selector("[data-form=fine-tune]")
+    training = tmp_path / "console.jsonl"
+    training.write_bytes(examples(12))
+    page.set_input_files("[data-form=fine-tune] input[type=file]", str(training))
+    page.fill("[data-form=fine-tune] input[name=n_epochs]", "2")
+    page.fill("[data-form=fine-tune] input[name=suffix]", "console")
+    page.click("[data-form=fine-tune] button")
+    page.wait_for_selector("[data-stat=status]")
+    job_id = page.inner_text("#view h1")
+    until(lambda: page.inner_text("[data-stat=status] .value") == "succeeded", timeout=120)
+    page.wait_for_selector("svg[data-chart=loss] rect.bar")
+    # 12 examples, 2 epochs, the batch size "auto" chose for so few: 1
+    assert page.eval_on_selector("svg[data-chart=loss]", "c => Number(c.dataset.points)") == 24
+    assert page.inner_text("[data-stat=fine_tuned_model] .value").startswith("ft:llama:acme:console:")
+    long = tuning.client("acme").fine_tuning.jobs.create(
+        model="llama", training_file=tuning.upload("acme", examples(40)),
+        hyperparameters={"n_epochs": 100, "batch_size": 1})
+    page.goto(f"{tuning.gateway.url}/console/#/fine-tuning/{long.id}")
+    page.wait_for_selector("[data-action=cancel]")
+    page.click("[data-action=cancel]")
+    until(lambda: page.inner_text("[data-stat=status] .value") == "cancelled", timeout=30)
+    page.goto(f"{tuning.gateway.url}/console/#/fine-tuning")
+    page.wait_for_selector("[data-table=jobs]")
+    listed = page.inner_text("[data-table=jobs]")
+    assert job_id in listed and long.id in listed

@@ -126,10 +126,10 @@ const ADMIN_PAGES = [["overview", "Overview"], ["tenants", "Tenants"], ["request
                      ["audit", "Audit log"], ["fleet", "Fleet"], ["health", "Health"]];
 const PAGES = {
   admin: ADMIN_PAGES,
-  tenant: [["account", "Account"], ["usage", "Usage"]],
+  tenant: [["account", "Account"], ["usage", "Usage"], ["fine-tuning", "Fine-tuning"]],
   viewer: [["account", "Account"], ["usage", "Usage"], ["requests", "Requests"]],
   tenant_admin: [["account", "Account"], ["usage", "Usage"], ["manage", "Settings and keys"], ["requests", "Requests"],
-                 ["audit", "Audit log"]],
+                 ["audit", "Audit log"], ["fine-tuning", "Fine-tuning"]],
 };
 
 render.generation = 0;
@@ -156,6 +156,85 @@ function render() {
     view.replaceChildren(content);
     view.dataset.page = page;
   }).catch((error) => { if (generation === render.generation) view.replaceChildren(failure(error)); });
+}
+
+// ---------- fine-tuning: the tenant's jobs, a job's loss curve ----------
+
+const ACTIVE_JOB = new Set(["validating_files", "queued", "running"]);
+
+async function upload(file) {
+  const form = new FormData();
+  form.append("purpose", "fine-tune");
+  form.append("file", file);
+  const response = await fetch("/v1/files", { method: "POST", headers: { Authorization: `Bearer ${state.key}` },
+                                              body: form });
+  const parsed = await response.json().catch(() => null);
+  if (!response.ok) throw new ApiError(response.status, parsed);
+  return parsed;
+}
+
+// While a job is under way its page is drawn again every two seconds, as long as it is the page shown.
+function refreshWhile(active) {
+  if (!active) return;
+  const shown = location.hash;
+  setTimeout(() => { if (location.hash === shown) render(); }, 2000);
+}
+
+async function fineTuningJobs() {
+  const [jobs, models] = await Promise.all([api("/v1/fine_tuning/jobs?limit=50"), api("/v1/models")]);
+  const bases = models.data.filter((m) => !m.id.startsWith("ft:")).map((m) => m.id);
+  const file = el("input", { type: "file", name: "file", accept: ".jsonl", required: true });
+  const model = el("select", { name: "model" }, bases.map((id) => el("option", { value: id, text: id })));
+  const epochs = el("input", { type: "number", name: "n_epochs", min: 1, max: 100, value: 3 });
+  const suffix = el("input", { name: "suffix", placeholder: "suffix (optional)", pattern: "[A-Za-z0-9_\\-]+" });
+  const start = el("form", { class: "row", "data-form": "fine-tune", onsubmit: async (event) => {
+    event.preventDefault();
+    try {
+      const uploaded = await upload(file.files[0]);
+      const job = await api("/v1/fine_tuning/jobs", { method: "POST", body: {
+        model: model.value, training_file: uploaded.id, hyperparameters: { n_epochs: Number(epochs.value) },
+        ...(suffix.value ? { suffix: suffix.value } : {}) } });
+      location.hash = `#/fine-tuning/${encodeURIComponent(job.id)}`;
+    } catch (error) { toast(error.message); }
+  } }, file, model, epochs, suffix, el("button", { type: "submit", text: "Start a job" }));
+  refreshWhile(jobs.data.some((job) => ACTIVE_JOB.has(job.status)));
+  return el("div", {}, el("h1", { text: "Fine-tuning" }),
+    card("Train an adapter on your own examples (a JSONL file of chats)", start),
+    card("Jobs", table([
+      { title: "Job", cell: (j) => el("a", { href: `#/fine-tuning/${encodeURIComponent(j.id)}`, text: j.id }) },
+      { title: "Base model", cell: (j) => j.model },
+      { title: "Status", cell: (j) => el("span", { "data-status": j.status, text: j.status }) },
+      { title: "Fine-tuned model", cell: (j) => j.fine_tuned_model || "–" },
+      { title: "Started", cell: (j) => new Date(j.created_at * 1000).toISOString().slice(0, 16).replace("T", " ") },
+    ], jobs.data, { name: "jobs", empty: "no fine-tuning jobs yet" })));
+}
+
+async function fineTuningJob(id) {
+  const path = `/v1/fine_tuning/jobs/${encodeURIComponent(id)}`;
+  const [job, events, checkpoints] = await Promise.all([api(path), api(`${path}/events?limit=1000`),
+                                                        api(`${path}/checkpoints?limit=100`)]);
+  const steps = events.data.filter((e) => e.type === "metrics").reverse();
+  const curve = columnChart(steps.map((e) => ({ label: String(e.data.step), value: e.data.train_loss })),
+                            { name: "loss", format: (v) => Number(v).toFixed(3) });
+  const active = ACTIVE_JOB.has(job.status);
+  const cancel = active ? el("button", { "data-action": "cancel", text: "Cancel the job", onclick: async () => {
+    try { await api(`${path}/cancel`, { method: "POST" }); render(); } catch (error) { toast(error.message); }
+  } }) : null;
+  refreshWhile(active);
+  return el("div", {}, el("h1", { text: job.id }),
+    el("p", {}, el("a", { href: "#/fine-tuning", text: "All jobs" })),
+    el("div", { class: "grid" }, stat("Status", job.status, "status"), stat("Base model", job.model, "model"),
+       stat("Fine-tuned model", job.fine_tuned_model || "–", "fine_tuned_model"),
+       stat("Trained tokens", count(job.trained_tokens), "trained_tokens")),
+    job.error ? failure(new Error(job.error.message)) : null, cancel,
+    card("Training loss by step", curve),
+    card("Checkpoints", table([{ title: "Step", cell: (c) => c.step_number, num: true },
+                               { title: "Training loss", cell: (c) => c.metrics.train_loss, num: true },
+                               { title: "Validation loss", cell: (c) => c.metrics.valid_loss ?? "–", num: true }],
+                              checkpoints.data, { name: "checkpoints", empty: "no checkpoint yet" })),
+    card("Events", table([{ title: "When", cell: (e) => new Date(e.created_at * 1000).toISOString().slice(11, 19) },
+                          { title: "Event", cell: (e) => e.message }], events.data.filter((e) => e.type !== "metrics"),
+                         { name: "events" })));
 }
 
 // ---------- usage and routing, shared by the admin and tenant views ----------
@@ -513,6 +592,7 @@ async function tenantPage(id) {
 
 const TENANT_VIEWS = {
   manage: () => tenantPage(state.tenant.id),
+  "fine-tuning": (rest) => (rest[0] ? fineTuningJob(rest[0]) : fineTuningJobs()),
   requests: () => ADMIN_VIEWS.requests(),
   audit: () => ADMIN_VIEWS.audit(),
 
