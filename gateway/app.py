@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
 import logging
 
 import asyncpg
@@ -272,6 +273,7 @@ class Gateway:
 
         def bill(job: dict, cost: float, seconds: float, status: int) -> None:
             self.ledger.record(training_row(job, cost, seconds, status))
+            asyncio.get_running_loop().create_task(self._add_spend(job["tenant_id"], cost))
 
         async def read_file(tenant_id: str, file_id: str) -> dict | None:
             return await self.retrieval.catalog.file(tenant_id, file_id, with_content=True)
@@ -279,7 +281,20 @@ class Gateway:
         runner = Runner(jobs, storage, lambda: self.config.current, settings.data_dir / "training", file_exists,
                         self.config.set_fine_tuned, bill, settings.finetune_trainer)
         return FineTuning(jobs, storage, runner, Scheduler(jobs, storage, read_file, lambda: self.config.current,
-                                                             settings.finetune_schedule_seconds))
+                                                             settings.finetune_schedule_seconds, self.spent_usd))
+
+    async def spent_usd(self, tenant_id: str) -> float | None:
+        """A tenant's spend this month as Redis counts it; None while Redis cannot say."""
+        try:
+            return await self.limiter.spend_nano(tenant_id, time.time()) / 1e9
+        except (OSError, ConnectionError, asyncio.TimeoutError, ReplyError):
+            return None
+
+    async def _add_spend(self, tenant_id: str, cost: float) -> None:
+        try:
+            await self.limiter.add_spend(tenant_id, int(cost * 1e9), time.time())
+        except (OSError, ConnectionError, asyncio.TimeoutError, ReplyError) as exc:  # the ledger has the row still
+            log.warning("a training's spend cannot be counted in tenant %s's budget now: %s", tenant_id, exc)
 
     async def _open_stores(self) -> None:
         settings = self.settings

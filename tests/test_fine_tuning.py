@@ -11,6 +11,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import redis
 import yaml
 
 from conftest import GatewayProcess, Simulator, http_request, ledger_row
@@ -41,7 +42,8 @@ class Setup:
                   "fine_tuning": {"jobs_per_tenant": 3, "gpu_second_usd": 0.001, "max_epochs": 100}}
         (config / "models.yaml").write_text(yaml.safe_dump(models))
         (config / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {
-            name: {"name": name, "tier": "enterprise", "keys": [{"name": "k", "sha256": hash_key(key)}]}
+            name: {"name": name, "tier": "enterprise", "keys": [{"name": "k", "sha256": hash_key(key)}],
+                   "limits": {"monthly_budget_usd": 1.0} if name == "other" else {}}
             for name, key in self.keys.items()}}))
         self.storage = tmp_path / "storage"
         self.gateway = GatewayProcess(config, env={"GATEWAY_FINETUNE_STORAGE": storage or str(self.storage),
@@ -111,6 +113,22 @@ def test_a_job_trains_an_adapter_that_serves_the_tenant_at_once(tuning, stores):
     assert [j.id for j in listed] == [job.id]
     row = ledger_row(stores, f"{job.id}-training")
     assert row["tenant_id"] == "acme" and row["route"] == "fine_tuning.jobs" and float(row["cost_usd"]) > 0
+    month = time.strftime("%Y%m", time.gmtime())
+    spent = int(redis.Redis.from_url(stores.redis_url).get(f"gw:{{acme}}:spend:{month}") or 0)
+    assert spent >= int(float(row["cost_usd"]) * 1e9) - 1 > 0  # paid from the same monthly budget as requests
+
+
+def test_a_tenant_whose_budget_is_spent_cannot_start_a_job(tuning, stores):
+    month = time.strftime("%Y%m", time.gmtime())
+    store = redis.Redis.from_url(stores.redis_url)
+    store.set(f"gw:{{other}}:spend:{month}", int(1.5e9))  # $1.50 of a $1 budget
+    try:
+        with pytest.raises(openai.RateLimitError) as caught:
+            tuning.client("other").fine_tuning.jobs.create(model="llama",
+                                                           training_file=tuning.upload("other", examples(10)))
+        assert caught.value.code == "insufficient_quota"
+    finally:
+        store.delete(f"gw:{{other}}:spend:{month}")
 
 
 def test_another_tenants_job_and_model_are_not_found(tuning):

@@ -87,7 +87,8 @@ def build_fine_tuning_router(gateway: "GatewayServices") -> APIRouter:
         asked = JobRequest(body.model, body.training_file, body.validation_file, hyper.n_epochs, hyper.batch_size,
                            hyper.learning_rate_multiplier, body.suffix, body.seed, body.metadata)
         service = gateway.fine_tuning
-        return job_view(await submit(service.jobs, service.storage, read_file, gateway.config.current, tenant, asked))
+        return job_view(await submit(service.jobs, service.storage, read_file, gateway.config.current, tenant, asked,
+                                     gateway.spent_usd))
 
     @router.get("/v1/fine_tuning/jobs")
     async def list_jobs(request: Request, limit: int = Query(20, ge=1, le=100),

@@ -43,6 +43,10 @@ class GatewayServices(Protocol):
 
     def known_tiers(self) -> frozenset[str]: ...
 
+    async def spent_usd(self, tenant_id: str) -> float | None:
+        """The tenant's spend this month, requests and training, as the limits count it."""
+        ...
+
     async def forget_tenant_state(self, tenant_id: str) -> list[str]:
         """Drop what the stores keep of a tenant whose id is about to start a new one; what could not be."""
         ...

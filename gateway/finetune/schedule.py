@@ -17,7 +17,7 @@ from gateway.config.types import GatewayConfig
 from gateway.errors import GatewayError
 from gateway.finetune.jobs import Jobs
 from gateway.finetune.storage import Storage
-from gateway.finetune.submit import FileReader, JobRequest, submit
+from gateway.finetune.submit import FileReader, JobRequest, SpendReader, submit
 
 log = logging.getLogger("gateway.finetune")
 
@@ -28,8 +28,9 @@ def period_job_id(tenant_id: str, name: str, every_hours: int, now: float) -> st
 
 class Scheduler:
     def __init__(self, jobs: Jobs, storage: Storage, read_file: FileReader,
-                 config: Callable[[], GatewayConfig], every: float = 30.0) -> None:
+                 config: Callable[[], GatewayConfig], every: float = 30.0, spent: SpendReader | None = None) -> None:
         self.jobs, self.storage, self.read_file, self.config = jobs, storage, read_file, config
+        self.spent = spent
         self.every = every  # seconds between looks
         self._said: set[str] = set()  # the periods whose refusal was logged
         self._task: asyncio.Task | None = None
@@ -66,7 +67,7 @@ class Scheduler:
                                    hyper.batch_size, hyper.learning_rate_multiplier, schedule.suffix, None,
                                    {"schedule": schedule.name}, job_id)
                 try:
-                    await submit(self.jobs, self.storage, self.read_file, config, tenant, asked)
+                    await submit(self.jobs, self.storage, self.read_file, config, tenant, asked, self.spent)
                     made.append(job_id)
                     log.info("fine-tuning schedule %s of tenant %s made job %s", schedule.name, tenant.id, job_id)
                 except asyncpg.UniqueViolationError:

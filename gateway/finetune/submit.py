@@ -34,11 +34,13 @@ class JobRequest:
 
 
 FileReader = Callable[[str, str], Awaitable[dict | None]]  # (tenant id, file id) -> the file with its content
+SpendReader = Callable[[str], Awaitable[float | None]]  # tenant id -> dollars spent this month (None: unknown)
 
 
 async def submit(jobs: Jobs, storage: Storage, read_file: FileReader, config: GatewayConfig, tenant: Tenant,
-                 asked: JobRequest) -> dict:
-    """The job, queued; or a 400 (404 for a file not the tenant's, 429 for too many jobs under way)."""
+                 asked: JobRequest, spent: SpendReader | None = None) -> dict:
+    """The job, queued; or a 400 (404 for a file not the tenant's, 429 for too many jobs under way or a monthly
+    budget spent: training is paid from the same budget as requests)."""
     settings = config.fine_tuning
     model = config.models.get(asked.model)
     if model is None or asked.model not in tenant.allowed_models or base_weights(config, asked.model) is None:
@@ -47,6 +49,12 @@ async def submit(jobs: Jobs, storage: Storage, read_file: FileReader, config: Ga
     if asked.n_epochs != AUTO and asked.n_epochs > settings.max_epochs:
         raise GatewayError(400, f"hyperparameters.n_epochs: at most {settings.max_epochs}.",
                            param="hyperparameters.n_epochs", code="invalid_hyperparameter")
+    budget = tenant.limits.monthly_budget_usd
+    if budget is not None and settings.gpu_second_usd > 0 and spent is not None:
+        used = await spent(tenant.id)
+        if used is not None and used >= budget:
+            raise GatewayError(429, f"This tenant's monthly budget (${budget:g}) is spent: training is paid from it "
+                                    "too.", type="insufficient_quota", code="insufficient_quota")
     if await jobs.active(tenant.id) >= settings.jobs_per_tenant:
         raise GatewayError(429, f"This tenant has {settings.jobs_per_tenant} fine-tuning job(s) under way already; "
                                 "wait for one to finish or cancel one.", type="rate_limit_error", code="too_many_jobs")

@@ -374,6 +374,12 @@ class Limiter:
         value = await self.client.execute("GET", f"gw:{{{tenant_id}}}:spend:{month}")
         return int(value or 0)
 
+    async def add_spend(self, tenant_id: str, nano: int, now: float) -> None:
+        """Spend that is not a request's (a fine-tuning job's training), counted against the month's budget."""
+        if nano > 0:
+            month = time.strftime("%Y%m", time.gmtime(now))
+            await self.client.execute("INCRBY", f"gw:{{{tenant_id}}}:spend:{month}", str(nano))
+
     async def ping(self) -> bool:
         """Whether Redis counts: it answers, and a cluster says its state is ok (a cluster with slots nobody serves
         answers PING all the same)."""
