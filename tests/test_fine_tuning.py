@@ -217,19 +217,61 @@ def test_a_job_whose_training_file_is_deleted_fails_with_that_reason(tuning):
     assert failed.status == "failed" and failed.error.code == "training_file_deleted"
 
 
-def test_a_job_whose_gateway_died_is_failed_not_left_running(tuning, stores):
-    """A gateway killed while it trained leaves its job ``running`` with a heartbeat that stops: any gateway fails
-    it with that reason (here the heartbeat is made old, as a dead gateway's would be)."""
-    client = tuning.client("acme")
-    job = client.fine_tuning.jobs.create(model="llama", training_file=tuning.upload("acme", examples(10)))
-    client.fine_tuning.jobs.cancel(job.id)
-    stores.query("UPDATE fine_tuning_jobs SET status = 'running', finished_at = NULL, runner = 'gone:1', "
-                 "heartbeat_at = now() - interval '10 minutes' WHERE id = $1", job.id)
-    failed = tuning.wait("acme", job.id, ("failed",), timeout=30)
+def test_a_job_whose_gateway_died_is_queued_again_then_failed_never_left_running(tuning, stores):
+    """A job ``running`` with a heartbeat that stopped (its gateway was killed): queued again to resume, and after
+    three restarts failed with that reason. (Rows made here, on a storage no gateway of the test keeps, so that
+    none trains them.)"""
+    insert = ("INSERT INTO fine_tuning_jobs (id, tenant_id, model, training_file, hyperparameters, seed, status, "
+              "runner, heartbeat_at, storage, restarts) VALUES ($1, 'acme', 'llama', 'file-x', '{\"n_epochs\": 1, "
+              "\"batch_size\": 1, \"learning_rate_multiplier\": 1.0}', 1, 'running', 'gone:1', now() - interval "
+              "'10 minutes', 'elsewhere', $2)")
+    stores.query(insert, "ftjob-orphan-restarted", 0)
+    stores.query(insert, "ftjob-orphan-given-up", 3)
+    again = tuning.wait("acme", "ftjob-orphan-restarted", ("queued",), timeout=30)
+    assert again.error is None
+    events = tuning.client("acme").fine_tuning.jobs.list_events("ftjob-orphan-restarted").data
+    assert any("queued again to resume" in e.message for e in events)
+    failed = tuning.wait("acme", "ftjob-orphan-given-up", ("failed",), timeout=30)
     assert failed.error.code == "runner_lost"
-    status, body = http_request(tuning.gateway.port, "GET", f"/v1/fine_tuning/jobs/{job.id}",
-                                headers={"Authorization": f"Bearer {tuning.keys['acme']}"})
-    assert status == 200 and body["status"] == "failed"
+    tuning.client("acme").fine_tuning.jobs.cancel("ftjob-orphan-restarted")
+
+
+def test_a_gateway_killed_mid_job_is_resumed_from_the_checkpoint_by_the_next(tuning, tmp_path):
+    """SIGKILL while a job trains, after its first checkpoint; the next gateway on the same storage finds the job
+    without a heartbeat, queues it again, and trains it from that checkpoint to the end."""
+    env = {"GATEWAY_FINETUNE_STORAGE": str(tmp_path / "storage"), "GATEWAY_FINETUNE_STALE_SECONDS": "3",
+           "GATEWAY_ADMIN_KEY": ADMIN_KEY}
+    first = GatewayProcess(tuning.gateway.config_dir, env={**env, "GATEWAY_DATA_DIR": str(tmp_path / "data-1")})
+    second = None
+    try:
+        client = first.client(tuning.keys["acme"], timeout=60)
+        training = client.files.create(file=("train.jsonl", examples(40)), purpose="fine-tune").id
+        job = client.fine_tuning.jobs.create(model="llama", training_file=training,
+                                             hyperparameters={"n_epochs": 3, "batch_size": 1})
+        deadline = time.monotonic() + 120
+        while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
+            assert time.monotonic() < deadline, client.fine_tuning.jobs.retrieve(job.id)
+            time.sleep(0.2)
+        first.process.kill()  # no shutdown, no last word: a crash
+        first.process.wait(timeout=10)
+        second = GatewayProcess(tuning.gateway.config_dir, env={**env, "GATEWAY_DATA_DIR": str(tmp_path / "data-2")})
+        client = second.client(tuning.keys["acme"], timeout=60)
+        deadline = time.monotonic() + 180
+        while (done := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, done
+            time.sleep(0.3)
+        assert done.status == "succeeded", done.error
+        messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data]
+        assert any("queued again to resume" in m for m in messages)
+        resumed = [m for m in messages if m.startswith("Resuming from the checkpoint of step")]
+        assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= 40
+        steps = [e.data["step"] for e in client.fine_tuning.jobs.list_events(job.id, limit=1000).data
+                 if e.type == "metrics"]
+        assert max(steps) == 120
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
 
 
 def test_the_node_refuses_an_adapter_that_does_not_fit_its_base_model(tuning, tmp_path):

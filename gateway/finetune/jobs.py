@@ -13,7 +13,8 @@ import json
 import secrets
 from typing import Any
 
-STALE_SECONDS = 60  # a running job whose runner has not beaten for this long has lost its runner
+STALE_SECONDS = 60.0  # a running job whose runner has not beaten for this long has lost its runner
+MAX_RESTARTS = 3  # a job whose gateway stopped is queued again (from its last checkpoint) this many times at most
 ACTIVE = ("validating_files", "queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -44,7 +45,7 @@ def job_view(row: Any) -> dict:
 
 _COLUMNS = ("id, tenant_id, created_at, model, training_file, validation_file, hyperparameters, suffix, seed, "
             "metadata, status, fine_tuned_model, adapter_location, error, trained_tokens, training_examples, "
-            "started_at, finished_at, runner, heartbeat_at, gpu_seconds, cancel_requested")
+            "started_at, finished_at, runner, heartbeat_at, gpu_seconds, cancel_requested, restarts")
 
 
 class Jobs:
@@ -192,13 +193,38 @@ class Jobs:
                 await _event(connection, job_id, "info", "message", "Fine-tuning job cancelled")
         return dict(row) if row is not None else None
 
-    async def orphans(self) -> list[dict]:
-        """Running jobs whose runner stopped beating: failed, with that reason."""
+    async def orphans(self, stale_seconds: float = STALE_SECONDS) -> list[dict]:
+        """Running jobs whose runner stopped beating."""
         pool = await self._pool()
         rows = await pool.fetch(
             f"SELECT {_COLUMNS} FROM fine_tuning_jobs WHERE status = 'running' AND heartbeat_at < now() - "
-            f"make_interval(secs => $1)", STALE_SECONDS)
+            f"make_interval(secs => $1)", float(stale_seconds))
         return [dict(row) for row in rows]
+
+    async def requeue(self, job_id: str, why: str) -> bool:
+        """A job whose gateway stopped, queued again to resume from its last checkpoint; False (and the job
+        failed) once it has been restarted MAX_RESTARTS times."""
+        pool = await self._pool()
+        async with pool.acquire() as connection, connection.transaction():
+            row = await connection.fetchrow(
+                "UPDATE fine_tuning_jobs SET status = CASE WHEN restarts < $2 THEN 'queued' ELSE 'failed' END, "
+                "restarts = restarts + 1, runner = NULL, error = CASE WHEN restarts < $2 THEN NULL ELSE $3::jsonb END, "
+                "finished_at = CASE WHEN restarts < $2 THEN NULL ELSE now() END WHERE id = $1 AND status = "
+                "'running' RETURNING status", job_id, MAX_RESTARTS,
+                json.dumps({"code": "runner_lost", "message": f"{why}, {MAX_RESTARTS + 1} times", "param": None}))
+            if row is None:
+                return False
+            again = row["status"] == "queued"
+            await _event(connection, job_id, "warn" if again else "error", "message",
+                         f"{why}; queued again to resume from its last checkpoint" if again else
+                         f"{why}, {MAX_RESTARTS + 1} times: the job failed")
+        return again
+
+    async def last_checkpoint(self, job_id: str) -> dict | None:
+        pool = await self._pool()
+        row = await pool.fetchrow("SELECT step, location FROM fine_tuning_checkpoints WHERE job_id = $1 ORDER BY step "
+                                  "DESC LIMIT 1", job_id)
+        return dict(row) if row is not None else None
 
     async def succeeded_adapters(self) -> list[dict]:
         """Every tenant's fine-tuned models, for the requests that name them."""

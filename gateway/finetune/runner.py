@@ -50,7 +50,7 @@ def base_weights(config: GatewayConfig, model: str) -> str | None:
 class Runner:
     def __init__(self, jobs: Jobs, storage: Storage, config: Callable[[], GatewayConfig], workdir: Path,
                  file_exists: Callable, on_adapters: Callable[[dict], None], bill: Callable[[dict, float, float, int], None],
-                 train: bool = True) -> None:
+                 train: bool = True, stale_seconds: float = STALE_SECONDS) -> None:
         self.jobs = jobs
         self.storage = storage
         self.config = config
@@ -59,6 +59,7 @@ class Runner:
         self.on_adapters = on_adapters  # the tenants' fine-tuned adapters, whenever they change
         self.bill = bill  # (job, cost in dollars, seconds, status): the training's row in the tenant's ledger
         self.train = train  # whether this gateway trains (every gateway keeps the adapters in force)
+        self.stale_seconds = stale_seconds
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._running: dict[str, asyncio.Task] = {}
         self._loop: asyncio.Task | None = None
@@ -80,11 +81,9 @@ class Runner:
         while True:
             try:
                 await self.refresh_adapters()
-                for job in await self.jobs.orphans():
-                    await self.jobs.set_status(job["id"], "failed", "The gateway that ran this job stopped "
-                                               f"(no heartbeat for {STALE_SECONDS} s).", "error",
-                                               {"code": "runner_lost", "message": "the gateway that ran the job "
-                                                "stopped while it trained", "param": None})
+                for job in await self.jobs.orphans(self.stale_seconds):
+                    await self.jobs.requeue(job["id"], f"The gateway that ran this job stopped (no heartbeat for "
+                                                       f"{self.stale_seconds:g} s)")
                 limit = self.config().fine_tuning.concurrency
                 while self.train and len(self._running) < limit:
                     job = await self.jobs.claim(self.name, limit, self.storage.url)
@@ -120,7 +119,8 @@ class Runner:
                                       "pool's `weights`)", "base_model_unavailable")
             await self.storage.download(folder / "data", tenant, "datasets", job_id)
             hyper = json.loads(job["hyperparameters"])
-            spec = {"base": weights, "train": str(folder / "data" / "train.jsonl"),
+            resume = await self._resume_point(job, folder)
+            spec = {"base": weights, "train": str(folder / "data" / "train.jsonl"), "resume": resume,
                     "validation": str(folder / "data" / "validation.jsonl") if job["validation_file"] else None,
                     "output": str(folder / "adapter"), "checkpoints": str(folder / "checkpoints"),
                     "hyperparameters": hyper, "seed": job["seed"]}
@@ -155,12 +155,10 @@ class Runner:
                                        "cancelled" else f"The job failed: {stop.why}",
                                        "info" if stop.status == "cancelled" else "error", error, gpu_seconds=seconds)
             self._bill(job, seconds, 499 if stop.status == "cancelled" else 500)
-        except asyncio.CancelledError:  # the gateway stops
+        except asyncio.CancelledError:  # the gateway stops: the next gateway takes the job up again
             if process is not None and process.returncode is None:
                 _terminate(process)
-            await asyncio.shield(self.jobs.set_status(
-                job_id, "failed", "The gateway stopped while the job trained.", "error",
-                {"code": "runner_stopped", "message": "the gateway stopped while the job trained", "param": None}))
+            await asyncio.shield(self.jobs.requeue(job_id, "The gateway that ran this job stopped"))
             raise
         except Exception as exc:
             log.exception("fine-tuning job %s failed", job_id)
@@ -169,6 +167,18 @@ class Runner:
         finally:
             self._running.pop(job_id, None)
             shutil.rmtree(folder, ignore_errors=True)
+
+    async def _resume_point(self, job: dict, folder: Path) -> dict | None:
+        """The last checkpoint of a job that ran before (its gateway stopped), copied here to start from."""
+        if not job.get("restarts"):
+            return None
+        last = await self.jobs.last_checkpoint(job["id"])
+        if last is None:
+            return None
+        local = folder / "resume"
+        await self.storage.download(local, job["tenant_id"], "jobs", job["id"], "checkpoints", f"step-{last['step']}")
+        await self.jobs.event(job["id"], f"Resuming from the checkpoint of step {last['step']}")
+        return {"path": str(local), "step": last["step"]}
 
     async def _follow(self, job: dict, process, started: float) -> dict:
         """Read the trainer's progress until it ends; a cancel or a deleted training file stops it."""

@@ -4,7 +4,8 @@ SPEC``), so that the gateway's event loop never waits for it and a cancel is a s
 SPEC is a JSON file: ``base`` (the base model's folder, Hugging Face's layout), ``train`` and ``validation`` (chat
 JSONL files, checked already), ``output`` (where the adapter goes), ``checkpoints`` (a folder for one adapter every
 ``checkpoint_every`` steps), ``hyperparameters`` (``n_epochs``, ``batch_size``, ``learning_rate_multiplier``),
-``seed``, ``lora`` (``r``, ``alpha``, ``dropout``). On a CPU the process lowers its priority and uses half the
+``seed``, ``lora`` (``r``, ``alpha``, ``dropout``), ``resume`` (``path`` of a checkpoint of this job and its
+``step``: its adapter's weights are loaded and the steps before it skipped; the optimizer starts afresh). On a CPU the process lowers its priority and uses half the
 cores at most: serving comes first. Each conversation is written as ``role: text`` lines ending in the
 tokenizer's end-of-sequence token, and the loss is taken on the assistant turns only (those of weight 1). On CUDA
 the base model is loaded in 4 bits (QLoRA, with bitsandbytes) when that library is installed; on a CPU in full
@@ -109,6 +110,13 @@ def run(spec: dict) -> None:
     model = get_peft_model(model, LoraConfig(r=int(lora.get("r", 8)), lora_alpha=int(lora.get("alpha", 16)),
                                              lora_dropout=float(lora.get("dropout", 0.0)), target_modules=targets,
                                              task_type="CAUSAL_LM"))
+    resume = spec.get("resume") or {}
+    done_steps = int(resume.get("step") or 0)
+    if resume:  # a checkpoint of this job: its adapter's weights, and the steps it had made
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(str(Path(resume["path"]) / "adapter_model.safetensors")))
     read = lambda path: [json.loads(line)["messages"] for line in Path(path).read_text().splitlines()  # noqa: E731
                          if line.strip()]
     train = [encode(tokenizer, messages, limit) for messages in read(spec["train"])]
@@ -126,6 +134,9 @@ def run(spec: dict) -> None:
     model.train()
     for epoch in range(epochs):
         for batch in batches(train, size, rng):
+            if step < done_steps:  # made before the restart: the same batches, in the same order (same seed)
+                step += 1
+                continue
             ids, labels, mask = (t.to(device) for t in collate(torch, batch, pad))
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()

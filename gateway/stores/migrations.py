@@ -264,7 +264,8 @@ MIGRATIONS: tuple[str, ...] = (
         heartbeat_at timestamptz,
         gpu_seconds real NOT NULL DEFAULT 0,
         cancel_requested boolean NOT NULL DEFAULT false,
-        storage text NOT NULL
+        storage text NOT NULL,
+        restarts integer NOT NULL DEFAULT 0
     );
     CREATE INDEX fine_tuning_jobs_tenant ON fine_tuning_jobs (tenant_id, created_at, id);
     CREATE INDEX fine_tuning_jobs_queue ON fine_tuning_jobs (status, created_at) WHERE status IN ('queued', 'running');
