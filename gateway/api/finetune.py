@@ -24,15 +24,11 @@ if TYPE_CHECKING:
     from gateway.api.services import GatewayServices
 
 ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
-Auto = Literal["auto"]
 MetadataValue = Annotated[str, StringConstraints(max_length=512, pattern=TEXT_PATTERN)]
 
 
-Hyperparameters = FineTuningHyperparameters
-
-
 class Supervised(Strict):
-    hyperparameters: Hyperparameters = Hyperparameters()
+    hyperparameters: FineTuningHyperparameters = FineTuningHyperparameters()
 
 
 class Method(Strict):
@@ -44,7 +40,7 @@ class JobIn(Strict):
     model: str = Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)
     training_file: str = Field(pattern=ID_PATTERN)
     validation_file: str | None = Field(None, pattern=ID_PATTERN)
-    hyperparameters: Hyperparameters | None = None
+    hyperparameters: FineTuningHyperparameters | None = None
     method: Method | None = None
     suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
     seed: StrictInt | None = Field(None, ge=0, le=2**31 - 1)
@@ -83,7 +79,8 @@ def build_fine_tuning_router(gateway: "GatewayServices") -> APIRouter:
     async def create(request: Request, body: JobIn) -> dict:
         """Check the files, copy them to storage and queue the job."""
         tenant, _ = caller(request)
-        hyper = (body.method.supervised.hyperparameters if body.method else body.hyperparameters) or Hyperparameters()
+        hyper = ((body.method.supervised.hyperparameters if body.method else body.hyperparameters)
+                 or FineTuningHyperparameters())
         asked = JobRequest(body.model, body.training_file, body.validation_file, hyper.n_epochs, hyper.batch_size,
                            hyper.learning_rate_multiplier, body.suffix, body.seed, body.metadata)
         service = gateway.fine_tuning

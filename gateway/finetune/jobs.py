@@ -3,7 +3,8 @@
 Every query names the tenant: another tenant's job is simply not found. A job's life: ``validating_files`` (its
 files checked and copied to storage), ``queued``, ``running`` (claimed by one gateway, which beats a heartbeat while
 its trainer runs), then ``succeeded``, ``failed`` (with why) or ``cancelled``. A job whose runner stopped beating
-is not left ``running``: any gateway fails it with that reason.
+is not left ``running``: any gateway queues it again (to resume from its last checkpoint), or fails it with that
+reason once it has been restarted ``MAX_RESTARTS`` times.
 """
 
 from __future__ import annotations

@@ -2,8 +2,9 @@
 trains each in a process of its own (``gateway.finetune.train``), and follows it: its steps and losses as the
 job's events, its checkpoints copied to storage, a heartbeat in PostgreSQL, a cancel or a deleted training file
 as a stop. A job that succeeds has its adapter copied to storage and becomes the tenant's fine-tuned model at once;
-its GPU-seconds are priced into the tenant's ledger. Jobs whose runner stopped beating (a gateway that crashed or
-was killed) are failed with that reason by whichever gateway sees them first, so none stays ``running``.
+its GPU-seconds are priced into the tenant's ledger and budget. A job whose runner stopped beating (a gateway that
+crashed or was killed) is queued again by whichever gateway sees it first, and resumed from its last checkpoint
+(three times at most, then failed with the reason), so none stays ``running``.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Runner:
         self._loop = asyncio.get_running_loop().create_task(self._forever())
 
     async def stop(self) -> None:
-        """Stop claiming; the jobs under way are stopped and failed (a later gateway does not resume them)."""
+        """Stop claiming; the jobs under way are stopped and queued again (the next gateway resumes them)."""
         if self._loop is not None:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)
