@@ -24,9 +24,6 @@ from gateway.upstreams.sse import EventSplitter, event_data
 from gateway.upstreams.translated import anthropic, gemini
 from gateway.upstreams.translated.common import BrokenAnswer, error_body
 
-SPOKEN = ("anthropic", "gemini")
-
-
 class TranslatedResponse:
     def __init__(self, provider: str, response: aiohttp.ClientResponse, stream, whole) -> None:
         self.provider = provider
@@ -80,4 +77,4 @@ async def post(client: UpstreamClient, deployment: Deployment, body: dict, strea
     return TranslatedResponse(deployment.wire, response, translator, whole)
 
 
-__all__ = ["SPOKEN", "BrokenAnswer", "TranslatedResponse", "post"]
+__all__ = ["BrokenAnswer", "TranslatedResponse", "post"]
