@@ -295,13 +295,14 @@ def test_the_node_refuses_an_adapter_that_does_not_fit_its_base_model(tuning, tm
 
 def test_a_deleted_tenants_jobs_and_adapters_do_not_pass_to_the_next_tenant_of_its_id(tuning):
     admin = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+    tenant = f"ft-reused-{time.time_ns() % 10**9}"  # the test's own: the stores are the session's
 
     def new_tenant() -> openai.OpenAI:
         status, made = http_request(tuning.gateway.port, "POST", "/api/v1/organizations",
-                                    json.dumps({"id": "reused", "name": "Reused", "tier": "enterprise"}).encode(),
+                                    json.dumps({"id": tenant, "name": "Reused", "tier": "enterprise"}).encode(),
                                     admin)
         assert status == 201, made
-        status, key = http_request(tuning.gateway.port, "POST", "/api/v1/organizations/reused/keys",
+        status, key = http_request(tuning.gateway.port, "POST", f"/api/v1/organizations/{tenant}/keys",
                                    json.dumps({"name": "k"}).encode(), admin)
         assert status == 201, key
         return tuning.gateway.client(key["key"], timeout=60)
@@ -314,7 +315,7 @@ def test_a_deleted_tenants_jobs_and_adapters_do_not_pass_to_the_next_tenant_of_i
         assert time.monotonic() < deadline
         time.sleep(0.3)
     model = first.fine_tuning.jobs.retrieve(done.id).fine_tuned_model
-    status, changed = http_request(tuning.gateway.port, "PATCH", "/api/v1/organizations/reused",
+    status, changed = http_request(tuning.gateway.port, "PATCH", f"/api/v1/organizations/{tenant}",
                                    json.dumps({"fine_tuned_defaults": {"llama": model}}).encode(), admin)
     assert status == 200 and changed["fine_tuned_models"] == [model] and model not in changed["adapters"], changed
     deadline = time.monotonic() + 10
@@ -328,8 +329,8 @@ def test_a_deleted_tenants_jobs_and_adapters_do_not_pass_to_the_next_tenant_of_i
         time.sleep(0.2)
     running = first.fine_tuning.jobs.create(model="llama", training_file=training,
                                             hyperparameters={"n_epochs": 100, "batch_size": 1})
-    assert (tuning.storage / "reused" / "adapters" / done.id).is_dir()
-    status, _ = http_request(tuning.gateway.port, "DELETE", "/api/v1/organizations/reused", headers=admin)
+    assert (tuning.storage / tenant / "adapters" / done.id).is_dir()
+    status, _ = http_request(tuning.gateway.port, "DELETE", f"/api/v1/organizations/{tenant}", headers=admin)
     assert status == 200
     second = new_tenant()
     assert second.fine_tuning.jobs.list().data == []
@@ -339,7 +340,7 @@ def test_a_deleted_tenants_jobs_and_adapters_do_not_pass_to_the_next_tenant_of_i
         second.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}])
     assert model not in [m.id for m in second.models.list().data]
     time.sleep(6)  # a heartbeat: the job that was training has stopped, and wrote nothing back
-    assert not (tuning.storage / "reused").exists()
+    assert not (tuning.storage / tenant).exists()
 
 
 def test_datasets_and_adapters_live_in_an_s3_compatible_store(tmp_path):
@@ -392,17 +393,18 @@ def test_datasets_and_adapters_live_in_an_s3_compatible_store(tmp_path):
 
 def test_a_schedule_makes_its_job_once_a_period(tuning):
     admin = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+    tenant = f"ft-nightly-{time.time_ns() % 10**9}"  # the test's own: the stores are the session's
     status, _ = http_request(tuning.gateway.port, "POST", "/api/v1/organizations",
-                             json.dumps({"id": "nightly", "name": "Nightly", "tier": "enterprise"}).encode(), admin)
+                             json.dumps({"id": tenant, "name": "Nightly", "tier": "enterprise"}).encode(), admin)
     assert status == 201
-    status, key = http_request(tuning.gateway.port, "POST", "/api/v1/organizations/nightly/keys",
+    status, key = http_request(tuning.gateway.port, "POST", f"/api/v1/organizations/{tenant}/keys",
                                json.dumps({"name": "k"}).encode(), admin)
     client = tuning.gateway.client(key["key"], timeout=60)
     training = client.files.create(file=("train.jsonl", examples(10)), purpose="fine-tune").id
     schedules = [{"name": "daily", "every_hours": 24, "model": "llama", "training_file": training,
                   "hyperparameters": {"n_epochs": 1}, "suffix": "daily"},
                  {"name": "broken", "every_hours": 24, "model": "llama", "training_file": "file-gone"}]
-    status, body = http_request(tuning.gateway.port, "PATCH", "/api/v1/organizations/nightly",
+    status, body = http_request(tuning.gateway.port, "PATCH", f"/api/v1/organizations/{tenant}",
                                 json.dumps({"fine_tuning_schedules": schedules}).encode(), admin)
     assert status == 200, body
     deadline = time.monotonic() + 20
@@ -412,9 +414,10 @@ def test_a_schedule_makes_its_job_once_a_period(tuning):
     time.sleep(2)  # several more looks: still one job this period
     made = client.fine_tuning.jobs.list().data
     assert len(made) == 1 and made[0].metadata == {"schedule": "daily"} and made[0].suffix == "daily"
-    assert any("schedule broken of tenant nightly cannot make its job" in line.get("message", "")
+    assert any(f"schedule broken of tenant {tenant} cannot make its job" in line.get("message", "")
                for line in tuning.gateway.log_lines())
     client.fine_tuning.jobs.cancel(made[0].id)
+    http_request(tuning.gateway.port, "DELETE", f"/api/v1/organizations/{tenant}", headers=admin)
 
 
 def test_the_console_starts_follows_and_cancels_jobs(tuning, page, tmp_path):

@@ -9,12 +9,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
-from pydantic import Field, StrictInt, StringConstraints, model_validator
+from pydantic import Field, StringConstraints
 
 from gateway.api.guard import stateless_gateway
 from gateway.api.ops import error_responses
 from gateway.api.shared import USAGE_ERRORS
-from gateway.config.schema import TEXT_PATTERN, FineTuningHyperparameters, Strict
+from gateway.config.schema import TEXT_PATTERN, FineTuningHyperparameters, Strict, whole
 from gateway.errors import GatewayError
 from gateway.finetune.jobs import FINISHED, job_view
 from gateway.finetune.submit import JobRequest, submit
@@ -43,16 +43,10 @@ class JobIn(Strict):
     hyperparameters: FineTuningHyperparameters | None = None
     method: Method | None = None
     suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
-    seed: StrictInt | None = Field(None, ge=0, le=2**31 - 1)
+    seed: whole(0, 2**31 - 1) | None = None
     metadata: dict[Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=TEXT_PATTERN)],
                    MetadataValue] | None = Field(None, max_length=16)
     integrations: list[dict] | None = Field(None, max_length=0, description="none are run here")
-
-    @model_validator(mode="after")
-    def _one_place(self) -> "JobIn":
-        if self.hyperparameters is not None and self.method is not None:
-            raise ValueError("give hyperparameters in method.supervised.hyperparameters or at the top, not both")
-        return self
 
 
 def build_fine_tuning_router(gateway: "GatewayServices") -> APIRouter:
@@ -79,6 +73,7 @@ def build_fine_tuning_router(gateway: "GatewayServices") -> APIRouter:
     async def create(request: Request, body: JobIn) -> dict:
         """Check the files, copy them to storage and queue the job."""
         tenant, _ = caller(request)
+        # OpenAI's newer form (method) wins over the older top-level hyperparameters when a request has both
         hyper = ((body.method.supervised.hyperparameters if body.method else body.hyperparameters)
                  or FineTuningHyperparameters())
         asked = JobRequest(body.model, body.training_file, body.validation_file, hyper.n_epochs, hyper.batch_size,

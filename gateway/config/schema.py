@@ -383,7 +383,9 @@ class ModelRule(_Rule):
         default_factory=dict, max_length=100, description="what a flagged category does (moderation categories or "
                                                           "Llama Guard's S1...S14; * for the others); the rule's "
                                                           "action by default")
-    timeout_seconds: StrictFloat | StrictInt = Field(2.0, gt=0, le=60, description="how long the guard may take")
+    # the bounds on each member of the union, so that the JSON schema says them too (not only the validation)
+    timeout_seconds: Annotated[StrictFloat, Field(gt=0, le=60)] | Annotated[StrictInt, Field(gt=0, le=60)] = Field(
+        2.0, description="how long the guard may take")
     on_failure: Literal["open", "closed"] = Field(
         "open", description="when the guard model fails or is late, let the request through (open, recorded) or "
                             "refuse it (closed, 503)")
@@ -703,8 +705,8 @@ class AdapterSpec(Strict):
 
 
 class FineTuningHyperparameters(Strict):
-    n_epochs: Literal["auto"] | Annotated[StrictInt, Field(ge=1, le=100)] = "auto"
-    batch_size: Literal["auto"] | Annotated[StrictInt, Field(ge=1, le=256)] = "auto"
+    n_epochs: Literal["auto"] | whole(1, 100) = "auto"
+    batch_size: Literal["auto"] | whole(1, 256) = "auto"
     learning_rate_multiplier: Literal["auto"] | Annotated[StrictFloat, Field(gt=0, le=10)] | Annotated[
         StrictInt, Field(gt=0, le=10)] = "auto"
 
