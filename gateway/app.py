@@ -279,7 +279,8 @@ class Gateway:
             return await self.retrieval.catalog.file(tenant_id, file_id, with_content=True)
 
         runner = Runner(jobs, storage, lambda: self.config.current, settings.data_dir / "training", file_exists,
-                        self.config.set_fine_tuned, bill, settings.finetune_trainer, settings.finetune_stale_seconds)
+                        self.config.set_fine_tuned, bill, settings.finetune_trainer, settings.finetune_stale_seconds,
+                        settings.finetune_beat_seconds)
         return FineTuning(jobs, storage, runner, Scheduler(jobs, storage, read_file, lambda: self.config.current,
                                                              settings.finetune_schedule_seconds, self.spent_usd))
 

@@ -66,6 +66,7 @@ class Settings:
     finetune_trainer: bool = True  # this gateway trains queued fine-tuning jobs on its own worker processes
     finetune_schedule_seconds: float = 30.0  # how often tenants' fine-tuning schedules are looked at
     finetune_stale_seconds: float = 60.0  # a training job without a heartbeat this long lost its gateway
+    finetune_beat_seconds: float = 5.0  # how often a training job's heartbeat is written (and a cancel looked for)
     ledger_retention_days: int = 0  # days of ledger rows kept (whole daily partitions dropped after); 0 keeps all
     responses_retention_days: int = 30  # days a stored response of the Responses API is kept (OpenAI's 30)
     ledger_partitions_ahead: int = 7  # days of partitions made ahead
@@ -132,6 +133,7 @@ class Settings:
             finetune_schedule_seconds=get("FINETUNE_SCHEDULE_SECONDS", float, default.finetune_schedule_seconds,
                                           POSITIVE),
             finetune_stale_seconds=get("FINETUNE_STALE_SECONDS", float, default.finetune_stale_seconds, POSITIVE),
+            finetune_beat_seconds=get("FINETUNE_BEAT_SECONDS", float, default.finetune_beat_seconds, POSITIVE),
             ledger_partitions_ahead=get("LEDGER_PARTITIONS_AHEAD", int, default.ledger_partitions_ahead, POSITIVE),
             admin_key=env.get("GATEWAY_ADMIN_KEY") or None,
             metrics_key=env.get("GATEWAY_METRICS_KEY") or None,

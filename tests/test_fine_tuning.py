@@ -48,7 +48,8 @@ class Setup:
         self.storage = tmp_path / "storage"
         self.gateway = GatewayProcess(config, env={"GATEWAY_FINETUNE_STORAGE": storage or str(self.storage),
                                                    "GATEWAY_ADMIN_KEY": ADMIN_KEY,
-                                                   "GATEWAY_FINETUNE_SCHEDULE_SECONDS": "0.5", **(env or {})})
+                                                   "GATEWAY_FINETUNE_SCHEDULE_SECONDS": "0.5",
+                                                   "GATEWAY_FINETUNE_BEAT_SECONDS": "1", **(env or {})})
 
     def client(self, tenant: str) -> openai.OpenAI:
         return self.gateway.client(self.keys[tenant], timeout=60)
@@ -240,6 +241,7 @@ def test_a_gateway_killed_mid_job_is_resumed_from_the_checkpoint_by_the_next(tun
     """SIGKILL while a job trains, after its first checkpoint; the next gateway on the same storage finds the job
     without a heartbeat, queues it again, and trains it from that checkpoint to the end."""
     env = {"GATEWAY_FINETUNE_STORAGE": str(tmp_path / "storage"), "GATEWAY_FINETUNE_STALE_SECONDS": "3",
+           "GATEWAY_FINETUNE_BEAT_SECONDS": "1",
            "GATEWAY_ADMIN_KEY": ADMIN_KEY}
     first = GatewayProcess(tuning.gateway.config_dir, env={**env, "GATEWAY_DATA_DIR": str(tmp_path / "data-1")})
     second = None
@@ -339,7 +341,7 @@ def test_a_deleted_tenants_jobs_and_adapters_do_not_pass_to_the_next_tenant_of_i
     with pytest.raises(openai.NotFoundError):
         second.chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}])
     assert model not in [m.id for m in second.models.list().data]
-    time.sleep(6)  # a heartbeat: the job that was training has stopped, and wrote nothing back
+    time.sleep(2)  # a heartbeat (a second here): the job that was training has stopped, and wrote nothing back
     assert not (tuning.storage / tenant).exists()
 
 

@@ -28,7 +28,7 @@ from gateway.finetune.storage import Storage
 log = logging.getLogger("gateway.finetune")
 
 POLL_SECONDS = 1.0  # how often the queue is looked at
-BEAT_SECONDS = 5.0  # how often a running job's heartbeat is written (and a cancel looked for)
+BEAT_SECONDS = 5.0  # how often a running job's heartbeat is written (and a cancel looked for), by default
 
 
 def fine_tuned_name(base: str, tenant_id: str, suffix: str | None, job_id: str) -> str:
@@ -51,7 +51,8 @@ def base_weights(config: GatewayConfig, model: str) -> str | None:
 class Runner:
     def __init__(self, jobs: Jobs, storage: Storage, config: Callable[[], GatewayConfig], workdir: Path,
                  file_exists: Callable, on_adapters: Callable[[dict], None], bill: Callable[[dict, float, float, int], None],
-                 train: bool = True, stale_seconds: float = STALE_SECONDS) -> None:
+                 train: bool = True, stale_seconds: float = STALE_SECONDS, beat_seconds: float = BEAT_SECONDS
+                 ) -> None:
         self.jobs = jobs
         self.storage = storage
         self.config = config
@@ -61,6 +62,7 @@ class Runner:
         self.bill = bill  # (job, cost in dollars, seconds, status): the training's row in the tenant's ledger
         self.train = train  # whether this gateway trains (every gateway keeps the adapters in force)
         self.stale_seconds = stale_seconds
+        self.beat_seconds = beat_seconds
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._running: dict[str, asyncio.Task] = {}
         self._loop: asyncio.Task | None = None
@@ -188,10 +190,10 @@ class Runner:
         done: dict = {}
         while True:
             try:
-                line = await asyncio.wait_for(process.stdout.readline(), BEAT_SECONDS)
+                line = await asyncio.wait_for(process.stdout.readline(), self.beat_seconds)
             except asyncio.TimeoutError:
                 line = None
-            if time.monotonic() - last_beat >= BEAT_SECONDS or line is None:
+            if time.monotonic() - last_beat >= self.beat_seconds or line is None:
                 last_beat = time.monotonic()
                 await self._still_wanted(job, started)
             if line is None:
