@@ -161,6 +161,7 @@ class Runner:
         except asyncio.CancelledError:  # the gateway stops: the next gateway takes the job up again
             if process is not None and process.returncode is None:
                 _terminate(process)
+            self._bill(job, time.monotonic() - started, 503)  # the training done so far is paid for
             await asyncio.shield(self.jobs.requeue(job_id, "The gateway that ran this job stopped"))
             raise
         except Exception as exc:

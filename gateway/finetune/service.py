@@ -24,7 +24,8 @@ class FineTuning:
 def training_row(job: dict, cost: float, seconds: float, status: int) -> tuple:
     """A job's training as a row of the usage ledger: the tenant's spend, beside its requests."""
     row = dict.fromkeys(COLUMNS)
-    row.update(request_id=f"{job['id']}-training", created_at=time.time(), tenant_id=job["tenant_id"],
+    run = f"-{job['restarts']}" if job.get("restarts") else ""  # a job resumed after a restart: a row a run
+    row.update(request_id=f"{job['id']}-training{run}", created_at=time.time(), tenant_id=job["tenant_id"],
                route="fine_tuning.jobs", model_requested=job["model"], model=job["model"], prompt_tokens=0,
                completion_tokens=0, cost_usd=cost, latency_ms=seconds * 1000, upstream_ms=seconds * 1000,
                overhead_ms=0.0, cache_hit=False, stream=False, status=status)
