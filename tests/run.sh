@@ -30,7 +30,7 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[test]"
 # The trainer's extra (tests/test_fine_tuning.py trains a tiny model): PyTorch's CPU build where pip's find-links
-# folder has one (a fifth of the size of PyPI's CUDA build), else PyPI's.
+# folder has one (no CUDA libraries to download), else PyPI's.
 links=$(.venv/bin/python -m pip config get global.find-links 2>/dev/null || true)
 if ! .venv/bin/python -c "import torch" 2>/dev/null && [ -n "$links" ] && ls "$links"/torch-*+cpu-*.whl >/dev/null 2>&1; then
   .venv/bin/python -m pip install --quiet --no-deps "$(ls "$links"/torch-*+cpu-*.whl | tail -1)"
