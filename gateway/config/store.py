@@ -385,21 +385,26 @@ class ConfigStore:
 
 
 def _with_adapters(config: GatewayConfig, adapters: dict[str, dict[str, Adapter]]) -> GatewayConfig:
-    """``config`` with each tenant's fine-tuned adapters joined to its own (its own win a name they share), and
-    those it chose (``fine_tuned_defaults``) used for its requests for their base models."""
-    if not adapters:
+    """``config`` with each tenant's fine-tuned adapters (those of ``adapters`` now, none left from an earlier
+    call) joined to its own (its own win a name they share), and those it chose (``fine_tuned_defaults``) used for
+    its requests for their base models."""
+    stale = {tenant_id for tenant_id, tenant in config.tenants.items()
+             if any(a.fine_tuned for a in tenant.adapters.values())}
+    if not adapters and not stale:
         return config
     tenants = dict(config.tenants)
-    for tenant_id, fine_tuned in adapters.items():
+    for tenant_id in stale | set(adapters):
         tenant = tenants.get(tenant_id)
-        if tenant is not None:
-            usable = {name: a for name, a in fine_tuned.items() if a.base in config.models}
-            defaults = dict(tenant.default_adapters)
-            for base, name in tenant.fine_tuned_defaults.items():
-                chosen = usable.get(name)
-                if chosen is not None and chosen.base == base:
-                    defaults[base] = chosen
-            tenants[tenant_id] = replace(tenant, adapters={**usable, **tenant.adapters}, default_adapters=defaults)
+        if tenant is None:
+            continue
+        own = {name: a for name, a in tenant.adapters.items() if not a.fine_tuned}
+        defaults = {base: a for base, a in tenant.default_adapters.items() if not a.fine_tuned}
+        usable = {name: a for name, a in adapters.get(tenant_id, {}).items() if a.base in config.models}
+        for base, name in tenant.fine_tuned_defaults.items():
+            chosen = usable.get(name)
+            if chosen is not None and chosen.base == base:
+                defaults[base] = chosen
+        tenants[tenant_id] = replace(tenant, adapters={**usable, **own}, default_adapters=defaults)
     return replace(config, tenants=tenants)
 
 
