@@ -282,7 +282,8 @@ class Gateway:
                         self.config.set_fine_tuned, bill, settings.finetune_trainer, settings.finetune_stale_seconds,
                         settings.finetune_beat_seconds)
         return FineTuning(jobs, storage, runner, Scheduler(jobs, storage, read_file, lambda: self.config.current,
-                                                             settings.finetune_schedule_seconds, self.spent_usd))
+                                                             settings.finetune_schedule_seconds, self.spent_usd),
+                          read_file)
 
     async def spent_usd(self, tenant_id: str) -> float | None:
         """A tenant's spend this month as Redis counts it; None while Redis cannot say."""

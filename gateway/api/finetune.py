@@ -13,7 +13,7 @@ from pydantic import Field, StringConstraints
 
 from gateway.api.guard import stateless_gateway
 from gateway.api.ops import error_responses
-from gateway.api.shared import USAGE_ERRORS
+from gateway.api.shared import USAGE_ERRORS, list_page
 from gateway.config.schema import TEXT_PATTERN, FineTuningHyperparameters, Strict, whole
 from gateway.errors import GatewayError
 from gateway.finetune.jobs import FINISHED, job_view
@@ -66,9 +66,6 @@ def build_fine_tuning_router(gateway: "GatewayServices") -> APIRouter:
                                param="fine_tuning_job_id", code="fine_tuning_job_not_found")
         return job
 
-    async def read_file(tenant_id: str, file_id: str) -> dict | None:
-        return await gateway.retrieval.catalog.file(tenant_id, file_id, with_content=True)
-
     @router.post("/v1/fine_tuning/jobs")
     async def create(request: Request, body: JobIn) -> dict:
         """Check the files, copy them to storage and queue the job."""
@@ -79,8 +76,8 @@ def build_fine_tuning_router(gateway: "GatewayServices") -> APIRouter:
         asked = JobRequest(body.model, body.training_file, body.validation_file, hyper.n_epochs, hyper.batch_size,
                            hyper.learning_rate_multiplier, body.suffix, body.seed, body.metadata)
         service = gateway.fine_tuning
-        return job_view(await submit(service.jobs, service.storage, read_file, gateway.config.current, tenant, asked,
-                                     gateway.spent_usd))
+        return job_view(await submit(service.jobs, service.storage, service.read_file, gateway.config.current, tenant,
+                                     asked, gateway.spent_usd))
 
     @router.get("/v1/fine_tuning/jobs")
     async def list_jobs(request: Request, limit: int = Query(20, ge=1, le=100),
@@ -123,9 +120,7 @@ def build_fine_tuning_router(gateway: "GatewayServices") -> APIRouter:
                           after: str | None = Query(None, pattern=ID_PATTERN)) -> dict:
         tenant, _ = caller(request)
         await own_job(tenant.id, fine_tuning_job_id)
-        rows, more = await gateway.fine_tuning.jobs.checkpoints(tenant.id, fine_tuning_job_id, limit, after)
-        return {"object": "list", "data": rows, "has_more": more,
-                "first_id": rows[0]["id"] if rows else None, "last_id": rows[-1]["id"] if rows else None}
+        return list_page(*await gateway.fine_tuning.jobs.checkpoints(tenant.id, fine_tuning_job_id, limit, after))
 
     return router
 

@@ -19,7 +19,7 @@ from pydantic import (Field, StrictBool, StrictFloat, StrictInt, StringConstrain
                       model_validator)
 
 from gateway.api.ops import error_responses
-from gateway.api.shared import USAGE_ERRORS
+from gateway.api.shared import USAGE_ERRORS, list_page
 from gateway.api.guard import stateless_gateway
 from gateway.config.schema import TEXT_PATTERN, Strict
 from gateway.errors import GatewayError
@@ -204,7 +204,7 @@ def build_retrieval_router(gateway: "GatewayServices") -> APIRouter:
                          purpose: str | None = Query(None, max_length=64, pattern=TEXT_PATTERN)) -> dict:
         """The tenant's files (of one ``purpose``, if given), newest first unless ``order`` is ``asc``."""
         tenant, _ = caller(request)
-        return _page(*await gateway.retrieval.catalog.files(tenant.id, Page(limit, order, after), purpose))
+        return list_page(*await gateway.retrieval.catalog.files(tenant.id, Page(limit, order, after), purpose))
 
     @router.get("/v1/files/{file_id}")
     async def get_file(request: Request, file_id: str) -> dict:
@@ -242,7 +242,7 @@ def build_retrieval_router(gateway: "GatewayServices") -> APIRouter:
                           before: str | None = Query(None, pattern=ID_PATTERN)) -> dict:
         """The tenant's vector stores, newest first unless ``order`` is ``asc``."""
         tenant, _ = caller(request)
-        return _page(*await gateway.retrieval.catalog.stores(tenant.id, Page(limit, order, after, before)))
+        return list_page(*await gateway.retrieval.catalog.stores(tenant.id, Page(limit, order, after, before)))
 
     @router.get("/v1/vector_stores/{store_id}")
     async def get_store(request: Request, store_id: str) -> dict:
@@ -339,7 +339,7 @@ def build_retrieval_router(gateway: "GatewayServices") -> APIRouter:
         await own_batch(tenant.id, store_id, batch_id)
         rows, more = await gateway.retrieval.catalog.links(tenant.id, store_id, filter,
                                                            Page(limit, order, after, before), batch_id)
-        return _page([link_view(row) for row in rows], more)
+        return list_page([link_view(row) for row in rows], more)
 
     async def own_batch(tenant_id: str, store_id: str, batch_id: str) -> dict:
         found = await gateway.retrieval.catalog.batch(tenant_id, store_id, batch_id)
@@ -359,7 +359,7 @@ def build_retrieval_router(gateway: "GatewayServices") -> APIRouter:
         await own_store(tenant.id, store_id)
         rows, more = await gateway.retrieval.catalog.links(tenant.id, store_id, filter,
                                                            Page(limit, order, after, before))
-        return _page([link_view(row) for row in rows], more)
+        return list_page([link_view(row) for row in rows], more)
 
     @router.get("/v1/vector_stores/{store_id}/files/{file_id}")
     async def get_store_file(request: Request, store_id: str, file_id: str) -> dict:
@@ -405,11 +405,6 @@ def build_retrieval_router(gateway: "GatewayServices") -> APIRouter:
 def not_in_store(file_id: str, store_id: str) -> GatewayError:
     return GatewayError(404, f"No file '{file_id}' in vector store '{store_id}'.", type="not_found_error",
                         code="file_not_found")
-
-
-def _page(rows: list[dict], more: bool) -> dict:
-    return {"object": "list", "data": rows, "first_id": rows[0]["id"] if rows else None,
-            "last_id": rows[-1]["id"] if rows else None, "has_more": more}
 
 
 def _multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:

@@ -25,6 +25,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("gateway.admin")
 
 ADMIN_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 503)
+
+
+def list_page(rows: list[dict], more: bool) -> dict:
+    """One page of an OpenAI list: its objects, the first and last ids (the cursors), and whether more follow."""
+    return {"object": "list", "data": rows, "first_id": rows[0]["id"] if rows else None,
+            "last_id": rows[-1]["id"] if rows else None, "has_more": more}
 USAGE_ERRORS = error_responses(400, 401, 403, 503)
 
 

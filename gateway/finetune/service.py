@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from gateway.finetune.jobs import Jobs
 from gateway.finetune.runner import Runner
 from gateway.finetune.schedule import Scheduler
+from gateway.finetune.submit import FileReader
 from gateway.finetune.storage import Storage
 from gateway.stores.ledger import COLUMNS
 
@@ -19,6 +20,7 @@ class FineTuning:
     storage: Storage
     runner: Runner
     scheduler: Scheduler
+    read_file: FileReader  # a tenant's file with its content, for the jobs made by the API and by schedules
 
 
 def training_row(job: dict, cost: float, seconds: float, status: int) -> tuple:
