@@ -11,7 +11,7 @@ import asyncpg
 
 from gateway.api.admin import build_admin_router
 from gateway.api.cors import Cors
-from gateway.api.finetune import build_fine_tuning_router
+from gateway.api.finetune import build_fine_tuning_router, build_trainer_router
 from gateway.api.fleet import build_fleet_router
 from gateway.api.reports import build_reports_router
 from gateway.api.responses import build_responses_router
@@ -89,7 +89,7 @@ class Gateway:
         self.ops = build_ops_app(self.readiness, self.store_status,
                                  [build_admin_router(self), build_fleet_router(self), build_router_admin(self),
                                   build_reports_router(self), build_retrieval_router(self),
-                                  build_fine_tuning_router(self),
+                                  build_fine_tuning_router(self), build_trainer_router(self),
                                   build_responses_router(lambda: self.config.current, lambda: self.responses)],
                                  self._choices)
         self._off_hot_path = BodyGuard(self.ops, self.admin_auth, settings.max_admin_body_bytes,
@@ -280,7 +280,7 @@ class Gateway:
 
         runner = Runner(jobs, storage, lambda: self.config.current, settings.data_dir / "training", file_exists,
                         self.config.set_fine_tuned, bill, settings.finetune_trainer, settings.finetune_stale_seconds,
-                        settings.finetune_beat_seconds)
+                        settings.finetune_beat_seconds, self.spent_usd)
         return FineTuning(jobs, storage, runner, Scheduler(jobs, storage, read_file, lambda: self.config.current,
                                                              settings.finetune_schedule_seconds, self.spent_usd),
                           read_file)

@@ -205,8 +205,8 @@ _stores: Stores | None = None
 
 
 class GatewayProcess(Process):
-    def __init__(self, config_dir: Path, env: dict[str, str] | None = None) -> None:
-        port = free_port()
+    def __init__(self, config_dir: Path, env: dict[str, str] | None = None, port: int | None = None) -> None:
+        port = port or free_port()
         self.config_dir = config_dir
         stores = {}
         if _stores is not None:

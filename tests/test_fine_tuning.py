@@ -25,7 +25,9 @@ ADMIN_KEY = "sk-admin-fine-tuning-0123456789"
 
 
 class Setup:
-    def __init__(self, tmp_path: Path, storage: str | None = None, env: dict | None = None) -> None:
+    def __init__(self, tmp_path: Path, storage: str | None = None, env: dict | None = None,
+                 fine_tuning: dict | None = None, port: int | None = None, models: tuple[str, ...] = ("llama",)
+                 ) -> None:
         self.weights = tmp_path / "base"
         build_base_model(self.weights)
         self.sim = Simulator("--model", BASE, "--max-loras", "2", "--base-config", str(self.weights / "config.json"))
@@ -35,21 +37,28 @@ class Setup:
         models = {"fleet": {"refresh_seconds": 0.3, "load_timeout": 20, "pools": {"gpus": {
                       "model": BASE, "weights": str(self.weights),
                       "nodes": [{"url": f"{self.sim.url}/v1", "name": "node0"}]}}},
-                  "models": {"llama": {"context_window": 120, "deployments": [
-                      {"name": "gpus", "api_base": "fleet:gpus"}]},
+                  "models": {**{name: {"context_window": 120, "deployments": [
+                      {"name": "gpus", "api_base": "fleet:gpus"}]} for name in models},
                              "plain": {"deployments": [{"name": "sim", "api_base": f"{self.sim.url}/v1",
                                                         "model": BASE}]}},
-                  "fine_tuning": {"jobs_per_tenant": 3, "gpu_second_usd": 0.001, "max_epochs": 100}}
+                  "fine_tuning": {"jobs_per_tenant": 3, "gpu_second_usd": 0.001, "max_epochs": 100,
+                                  **(fine_tuning or {})}}
         (config / "models.yaml").write_text(yaml.safe_dump(models))
         (config / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {
             name: {"name": name, "tier": "enterprise", "keys": [{"name": "k", "sha256": hash_key(key)}],
                    "limits": {"monthly_budget_usd": 1.0} if name == "other" else {}}
             for name, key in self.keys.items()}}))
         self.storage = tmp_path / "storage"
-        self.gateway = GatewayProcess(config, env={"GATEWAY_FINETUNE_STORAGE": storage or str(self.storage),
-                                                   "GATEWAY_ADMIN_KEY": ADMIN_KEY,
-                                                   "GATEWAY_FINETUNE_SCHEDULE_SECONDS": "0.5",
-                                                   "GATEWAY_FINETUNE_BEAT_SECONDS": "1", **(env or {})})
+        try:
+            self.gateway = self._start_gateway(config, storage, env, port)
+        except BaseException:
+            self.sim.stop()
+            raise
+
+    def _start_gateway(self, config: Path, storage: str | None, env: dict | None, port: int | None):
+        return GatewayProcess(config, env={"GATEWAY_FINETUNE_STORAGE": storage or str(self.storage),
+                                           "GATEWAY_ADMIN_KEY": ADMIN_KEY, "GATEWAY_FINETUNE_SCHEDULE_SECONDS": "0.5",
+                                           "GATEWAY_FINETUNE_BEAT_SECONDS": "1", **(env or {})}, port=port)
 
     def client(self, tenant: str) -> openai.OpenAI:
         return self.gateway.client(self.keys[tenant], timeout=60)
@@ -223,17 +232,21 @@ def test_a_job_whose_gateway_died_is_queued_again_then_failed_never_left_running
     three restarts failed with that reason. (Rows made here, on a storage no gateway of the test keeps, so that
     none trains them.)"""
     insert = ("INSERT INTO fine_tuning_jobs (id, tenant_id, model, training_file, hyperparameters, seed, status, "
-              "runner, heartbeat_at, storage, restarts) VALUES ($1, 'acme', 'llama', 'file-x', '{\"n_epochs\": 1, "
-              "\"batch_size\": 1, \"learning_rate_multiplier\": 1.0}', 1, 'running', 'gone:1', now() - interval "
-              "'10 minutes', 'elsewhere', $2)")
-    stores.query(insert, "ftjob-orphan-restarted", 0)
-    stores.query(insert, "ftjob-orphan-given-up", 3)
+              "runner, heartbeat_at, storage, restarts, cancel_requested, gpu_seconds) VALUES ($1, 'acme', 'llama', "
+              "'file-x', '{\"n_epochs\": 1, \"batch_size\": 1, \"learning_rate_multiplier\": 1.0}', 1, 'running', "
+              "'gone:1', now() - interval '10 minutes', 'elsewhere', $2, $3, 12)")
+    stores.query(insert, "ftjob-orphan-restarted", 0, False)
+    stores.query(insert, "ftjob-orphan-given-up", 3, False)
+    stores.query(insert, "ftjob-orphan-cancelled", 0, True)  # cancelled while its gateway was down
     again = tuning.wait("acme", "ftjob-orphan-restarted", ("queued",), timeout=30)
     assert again.error is None
     events = tuning.client("acme").fine_tuning.jobs.list_events("ftjob-orphan-restarted").data
     assert any("queued again to resume" in e.message for e in events)
     failed = tuning.wait("acme", "ftjob-orphan-given-up", ("failed",), timeout=30)
     assert failed.error.code == "runner_lost"
+    assert tuning.wait("acme", "ftjob-orphan-cancelled", ("cancelled", "queued"), timeout=30).status == "cancelled"
+    lost = ledger_row(stores, "ftjob-orphan-restarted-training")  # its time up to its last heartbeat is billed
+    assert lost["status"] == 503 and float(lost["cost_usd"]) == pytest.approx(0.012)
     tuning.client("acme").fine_tuning.jobs.cancel("ftjob-orphan-restarted")
 
 
@@ -404,7 +417,7 @@ def test_a_schedule_makes_its_job_once_a_period(tuning):
     client = tuning.gateway.client(key["key"], timeout=60)
     training = client.files.create(file=("train.jsonl", examples(10)), purpose="fine-tune").id
     schedules = [{"name": "daily", "every_hours": 24, "model": "llama", "training_file": training,
-                  "hyperparameters": {"n_epochs": 1}, "suffix": "daily"},
+                  "hyperparameters": {"n_epochs": 1}, "suffix": "daily", "make_default": True},
                  {"name": "broken", "every_hours": 24, "model": "llama", "training_file": "file-gone"}]
     status, body = http_request(tuning.gateway.port, "PATCH", f"/api/v1/organizations/{tenant}",
                                 json.dumps({"fine_tuning_schedules": schedules}).encode(), admin)
@@ -418,8 +431,48 @@ def test_a_schedule_makes_its_job_once_a_period(tuning):
     assert len(made) == 1 and made[0].metadata == {"schedule": "daily"} and made[0].suffix == "daily"
     assert any(f"schedule broken of tenant {tenant} cannot make its job" in line.get("message", "")
                for line in tuning.gateway.log_lines())
-    client.fine_tuning.jobs.cancel(made[0].id)
+    deadline = time.monotonic() + 240
+    while (done := client.fine_tuning.jobs.retrieve(made[0].id)).status not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline, done
+        time.sleep(0.3)
+    assert done.status == "succeeded", done.error
+    deadline = time.monotonic() + 10  # make_default: the tenant's requests for the base model get the new adapter
+    while True:
+        answer = client.chat.completions.with_raw_response.create(
+            model="llama", messages=[{"role": "user", "content": "hello"}], max_tokens=3)
+        if answer.headers.get("x-gateway-adapter") == done.fine_tuned_model:
+            break
+        assert time.monotonic() < deadline, dict(answer.headers)
+        time.sleep(0.2)
     http_request(tuning.gateway.port, "DELETE", f"/api/v1/organizations/{tenant}", headers=admin)
+
+
+def test_a_job_is_stopped_when_its_tenants_budget_runs_out(tuning, stores):
+    """Training is paid from the tenant's monthly budget: a job that would spend past it stops, failed with why,
+    its time billed."""
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}", "Content-Type": "application/json"}
+    tenant = f"ft-thrifty-{time.time_ns() % 10**9}"
+    status, body = http_request(tuning.gateway.port, "POST", "/api/v1/organizations", json.dumps(
+        {"id": tenant, "name": "Thrifty", "tier": "enterprise", "limits": {"monthly_budget_usd": 0.003}}).encode(),
+                                admin)
+    assert status == 201, body
+    try:
+        status, key = http_request(tuning.gateway.port, "POST", f"/api/v1/organizations/{tenant}/keys",
+                                   json.dumps({"name": "k"}).encode(), admin)
+        client = tuning.gateway.client(key["key"], timeout=60)
+        training = client.files.create(file=("train.jsonl", examples(40)), purpose="fine-tune").id
+        job = client.fine_tuning.jobs.create(model="llama", training_file=training,
+                                             hyperparameters={"n_epochs": 50, "batch_size": 1})
+        deadline = time.monotonic() + 120
+        while (done := client.fine_tuning.jobs.retrieve(job.id)).status not in ("succeeded", "failed", "cancelled"):
+            assert time.monotonic() < deadline, done
+            time.sleep(0.3)
+        assert done.status == "failed" and done.error.code == "budget_exhausted", done.error
+        assert "monthly budget ($0.003) ran out" in done.error.message
+        row = ledger_row(stores, f"{job.id}-training")
+        assert row["status"] == 500 and float(row["cost_usd"]) >= 0.003
+    finally:
+        http_request(tuning.gateway.port, "DELETE", f"/api/v1/organizations/{tenant}", headers=admin)
 
 
 def test_the_console_starts_follows_and_cancels_jobs(tuning, page, tmp_path):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
+from fastapi.responses import StreamingResponse
 from pydantic import Field, StringConstraints
 
 from gateway.api.guard import stateless_gateway
@@ -125,4 +126,72 @@ def build_fine_tuning_router(gateway: "GatewayServices") -> APIRouter:
     return router
 
 
-__all__ = ["build_fine_tuning_router"]
+def build_trainer_router(gateway: "GatewayServices") -> APIRouter:
+    """What a trainer off the gateways asks and reports (``gateway.finetune.remote_runs``), with its run's token."""
+    router = APIRouter(responses=error_responses(400, 401, 404, 409, 413, 503))
+    prefix = "/v1/fine_tuning/trainer/jobs/{fine_tuning_job_id}"
+    tags = ["fine-tuning trainers"]
+
+    async def run_of(request: Request, job_id: str) -> tuple:
+        if gateway.fine_tuning is None:
+            raise GatewayError(503, "Fine-tuning is off on this gateway.", type="server_error",
+                               code="fine_tuning_unavailable")
+        runs = gateway.fine_tuning.runner.remote
+        return runs, await runs.authorize(job_id, request.headers.get("authorization"))
+
+    @router.get(prefix, tags=tags)
+    async def trainer_spec(request: Request, fine_tuning_job_id: str) -> dict:
+        """What the run trains: the base weights, hyperparameters, seed, and the checkpoint it resumes from."""
+        runs, job = await run_of(request, fine_tuning_job_id)
+        return await runs.spec_with_resume(job)
+
+    @router.get(prefix + "/data/{name}", tags=tags)
+    async def trainer_data(request: Request, fine_tuning_job_id: str, name: str) -> StreamingResponse:
+        """One of the job's datasets: ``train.jsonl``, ``validation.jsonl``."""
+        runs, job = await run_of(request, fine_tuning_job_id)
+        return StreamingResponse(await runs.read(job, "data", name), media_type="application/octet-stream")
+
+    @router.get(prefix + "/resume/{name}", tags=tags)
+    async def trainer_resume(request: Request, fine_tuning_job_id: str, name: str) -> StreamingResponse:
+        """A file of the checkpoint the run resumes from (named in the spec's ``resume.files``)."""
+        runs, job = await run_of(request, fine_tuning_job_id)
+        return StreamingResponse(await runs.read(job, "resume", name), media_type="application/octet-stream")
+
+    @router.put(prefix + "/checkpoints/{step}/{name}", tags=tags)
+    async def trainer_checkpoint_file(request: Request, fine_tuning_job_id: str, step: Annotated[int, Path(ge=0, le=10**9)],
+                                      name: str) -> dict:
+        """A file of a checkpoint (the body: its bytes), before the checkpoint is reported."""
+        runs, job = await run_of(request, fine_tuning_job_id)
+        size = await runs.write(job, "checkpoint", step, name, request.stream())
+        return {"object": "fine_tuning.trainer.file", "name": name, "bytes": size}
+
+    @router.put(prefix + "/adapter/{name}", tags=tags)
+    async def trainer_adapter_file(request: Request, fine_tuning_job_id: str, name: str) -> dict:
+        """A file of the finished adapter (the body: its bytes), before ``done`` is reported."""
+        runs, job = await run_of(request, fine_tuning_job_id)
+        size = await runs.write(job, "adapter", None, name, request.stream())
+        return {"object": "fine_tuning.trainer.file", "name": name, "bytes": size}
+
+    @router.post(prefix + "/events", tags=tags)
+    async def trainer_event(request: Request, fine_tuning_job_id: str, body: TrainerEvent) -> dict:
+        """A report: the run's heartbeat, and its step, checkpoint, end or failure. A 409 says: stop."""
+        runs, job = await run_of(request, fine_tuning_job_id)
+        return await runs.report(job, body.model_dump(exclude_none=True))
+
+    return router
+
+
+class TrainerEvent(Strict):
+    event: Literal["beat", "step", "checkpoint", "done", "failed"]
+    step: whole(0, 10**9) | None = None
+    total_steps: whole(0, 10**9) | None = None
+    loss: float | None = Field(None, ge=-1e12, le=1e12)
+    valid_loss: float | None = Field(None, ge=-1e12, le=1e12)
+    epoch: float | None = Field(None, ge=0, le=1e6)
+    trained_tokens: whole(0, 10**15) | None = None
+    steps: whole(0, 10**9) | None = None
+    message: str | None = Field(None, max_length=2000)
+    path: str | None = Field(None, max_length=4000, description="the trainer's own folder, not read here")
+
+
+__all__ = ["build_fine_tuning_router", "build_trainer_router"]

@@ -150,6 +150,7 @@ def stateless_gateway() -> GatewayError:
 
 
 UPLOADS = frozenset(("/v1/files", "/files"))  # multipart bodies, as large as the request path allows
+STREAMED = "/v1/fine_tuning/trainer/"  # a trainer's files: streamed to storage by their route, which bounds them
 TENANT_ROUTES = ("/v1/files", "/files", "/v1/vector_stores", "/vector_stores", "/v1/feedback", "/feedback",
                  "/v1/responses/", "/responses/")
 
@@ -175,7 +176,7 @@ class BodyGuard:
                 self.metrics.check(scope)
             if "\x00" in scope["path"]:  # no id has one, and PostgreSQL cannot even compare with one
                 raise GatewayError(400, "The path must not contain a NUL character (%00).", code="invalid_path")
-            if scope["method"] in _WITH_BODY:
+            if scope["method"] in _WITH_BODY and not (scope["method"] == "PUT" and scope["path"].startswith(STREAMED)):
                 if self.tenant_key is not None and scope["path"].startswith(TENANT_ROUTES) and self._served(scope):
                     await self.tenant_key(scope)
                 receive = await self._buffered(scope, receive)

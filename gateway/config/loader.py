@@ -26,6 +26,7 @@ from gateway.config.types import (
 )
 from gateway.config.yaml_source import ConfigError, YamlDocument, read_yaml
 from gateway.config.secrets import SecretUnavailable, Secrets
+from gateway.config.trainers import compile_trainers
 from gateway.config.origins import parse_origins
 
 MODELS_FILE = "models.yaml"
@@ -66,6 +67,7 @@ class BaseConfig:
     models_file: ModelsFile
     tiers: dict[str, tuple[Limits, frozenset[str]]]
     fleet: FleetConfig | None
+    trainers: dict  # gateway.config.trainers.Trainer by name
     tenants: dict[str, Tenant]  # tenants.yaml's
     keys: dict[str, ApiKey]  # tenants.yaml's
     admin_keys: dict[str, ApiKey]
@@ -147,6 +149,7 @@ def load_base(config_dir: Path, *, simulator_url: str | None = None,
     cache_policy = _cache_policy(CachePolicy(), models_file.defaults.cache)
     warnings: list[str] = []
     fleet = _compile_fleet(models_file, secrets, warnings)
+    trainers = compile_trainers(models_file.fine_tuning, config_dir, secrets, problems)
     models = _compile_models(models_file, models_doc, simulator_url, secrets, cache_policy, problems, fleet)
     router, profiles = compile_router(models_file, models_doc, models, config_dir, problems, warnings)
     if problems:
@@ -193,6 +196,7 @@ def load_base(config_dir: Path, *, simulator_url: str | None = None,
     ]
     return BaseConfig(
         models=models, router=router, profiles=profiles, models_file=models_file, tiers=tiers, fleet=fleet,
+        trainers=trainers,
         tenants=tenants,
         keys=keys, admin_keys=admin_keys, jwt_issuers=compile_issuers(tenants_file.jwt_issuers),
         yaml_key_names={tenant_id: tuple(k.name for k in t.keys) for tenant_id, t in tenants_file.tenants.items()},
@@ -229,6 +233,7 @@ def assemble(base: BaseConfig, api_tenants: dict[str, Tenant], api_keys: dict[st
         fallback_policy=FallbackPolicy(**models_file.defaults.fallbacks.model_dump()),
         request_timeout=models_file.defaults.request_timeout,
         fleet=base.fleet,
+        trainers=base.trainers,
         secrets=base.secrets,
         uses_litellm=any(d.litellm is not None and d.wire is None for m in base.models.values()
                          for d in m.deployments),
@@ -279,6 +284,7 @@ def key_references(spec: ModelsFile) -> set[str]:
             references.update(r for r in (d.api_key, *d.credentials.values()) if r)
     for pool in (spec.fleet.pools.values() if spec.fleet is not None else ()):
         references.update(r for r in (pool.api_key, *(n.api_key for n in pool.nodes)) if r)
+    references.update(t.token for t in spec.fine_tuning.trainers.values() if t.token)
     return references
 
 

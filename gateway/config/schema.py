@@ -556,13 +556,78 @@ class FleetSpec(Strict):
         return value
 
 
+class TrainerSpec(Strict):
+    """A trainer off the gateways: a GPU node of the mesh that a command or a Kubernetes Job starts. It is given
+    the job's report URL and token, fetches its data from the gateways, and reports its progress, checkpoints and
+    adapter back over HTTP (``python -m gateway.finetune.remote``)."""
+
+    kind: Literal["command", "kubernetes"] = Field(description="command: a program the gateway runs (ssh, srun, a "
+                                                               "script); kubernetes: a Job made from a template")
+    concurrency: whole(1, 64) = Field(1, description="jobs this trainer runs at once, counted across every gateway")
+    models: list[Annotated[str, Field(min_length=1, max_length=200, pattern=TEXT_PATTERN)]] = Field(
+        default_factory=list, max_length=100, description="the base models it trains; empty: every one")
+    weights: dict[str, Annotated[str, Field(min_length=1, max_length=1000, pattern=TEXT_PATTERN)]] = Field(
+        default_factory=dict, description="a base model's weights as the trainer's node finds them (by default "
+                                          "its fleet pool's `weights`)")
+    start_seconds: StrictFloat = Field(600.0, gt=0, le=86_400, description="how long a started trainer may take "
+                                                                           "to report for the first time")
+    command: list[Annotated[str, Field(min_length=1, max_length=1000, pattern=TEXT_PATTERN)]] = Field(
+        default_factory=list, max_length=64, description="command: the program and its arguments, run without a "
+        "shell; {job_id}, {report_url} and {token} in them are replaced (the URL and token are also in its "
+        "environment as GATEWAY_TRAINER_URL and GATEWAY_TRAINER_TOKEN)")
+    api_server: str | None = Field(None, pattern=r"^https?://[^\s]+$", max_length=500,
+                                   description="kubernetes: the API server's URL")
+    namespace: str = Field("default", pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$",
+                           description="kubernetes: where the Jobs are made")
+    token: str | None = Field(None, description="kubernetes: a service account's bearer token, as a reference "
+                                                "(env:VAR or vault:...)")
+    ca_file: str | None = Field(None, max_length=1000, pattern=TEXT_PATTERN,
+                                description="kubernetes: the CA bundle the API server's certificate is checked with")
+    job_template: str | None = Field(None, max_length=1000, pattern=TEXT_PATTERN,
+                                     description="kubernetes: a batch/v1 Job manifest (YAML), relative to the config "
+                                                 "folder; its containers get the report URL and token")
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: str | None) -> str | None:
+        return key_reference(value)
+
+    @model_validator(mode="after")
+    def _complete(self) -> "TrainerSpec":
+        if self.kind == "command" and not self.command:
+            raise ValueError("a command trainer needs `command`")
+        if self.kind == "kubernetes" and (self.api_server is None or self.job_template is None):
+            raise ValueError("a kubernetes trainer needs `api_server` and `job_template`")
+        return self
+
+
 class FineTuningSpec(Strict):
     concurrency: whole(1, 64) = Field(1, description="jobs one gateway trains at once (its own worker processes)")
+    gateway_workers: StrictBool = Field(True, description="whether the gateways' own workers train (off where only "
+                                                    "`trainers` should)")
+    trainers: dict[str, TrainerSpec] = Field(default_factory=dict, description="trainers off the gateways, by name")
+    report_url: str | None = Field(None, pattern=r"^https?://[^\s]+$", max_length=500,
+                                   description="where trainers reach the gateways (a load balancer in front of "
+                                               "them), for their reports; needed with `trainers`")
     jobs_per_tenant: whole(1, 1000) = Field(2, description="a tenant's jobs validating, queued or running at once")
     gpu_second_usd: StrictFloat = Field(0.0, ge=0, le=100, description="what a second of training costs the "
                                                                           "tenant (in its ledger and budget)")
     max_dataset_tokens: whole(1, 10**10) = Field(50_000_000, description="tokens a job may train on, in all")
     max_epochs: whole(1, 100) = Field(10, description="the most epochs a job may ask for")
+
+    @field_validator("trainers")
+    @classmethod
+    def _trainer_names(cls, value: dict[str, TrainerSpec]) -> dict[str, TrainerSpec]:
+        for name in value:
+            if not re.match(r"^[a-z0-9][a-z0-9-]{0,30}$", name):
+                raise ValueError(f"'{name}' is not a valid trainer name (lowercase letters, digits and -, 31 at most)")
+        return value
+
+    @model_validator(mode="after")
+    def _reachable(self) -> "FineTuningSpec":
+        if self.trainers and self.report_url is None:
+            raise ValueError("`trainers` need `report_url`: where they reach the gateways with their reports")
+        return self
 
 
 class ModelsFile(Strict):
@@ -721,6 +786,8 @@ class FineTuningScheduleSpec(Strict):
     validation_file: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     hyperparameters: FineTuningHyperparameters = FineTuningHyperparameters()
     suffix: str | None = Field(None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    make_default: StrictBool = Field(False, description="the newest model this schedule trained becomes the tenant's "
+                                                  "default for the base model (unless fine_tuned_defaults names one)")
 
 
 class TenantFields(Strict):

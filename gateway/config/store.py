@@ -386,8 +386,9 @@ class ConfigStore:
 
 def _with_adapters(config: GatewayConfig, adapters: dict[str, dict[str, Adapter]]) -> GatewayConfig:
     """``config`` with each tenant's fine-tuned adapters (those of ``adapters`` now, none left from an earlier
-    call) joined to its own (its own win a name they share), and those it chose (``fine_tuned_defaults``) used for
-    its requests for their base models."""
+    call, the newest last) joined to its own (its own win a name they share), and those it chose
+    (``fine_tuned_defaults``, else the newest of a schedule with ``make_default``) used for its requests for their
+    base models."""
     stale = {tenant_id for tenant_id, tenant in config.tenants.items()
              if any(a.fine_tuned for a in tenant.adapters.values())}
     if not adapters and not stale:
@@ -400,7 +401,11 @@ def _with_adapters(config: GatewayConfig, adapters: dict[str, dict[str, Adapter]
         own = {name: a for name, a in tenant.adapters.items() if not a.fine_tuned}
         defaults = {base: a for base, a in tenant.default_adapters.items() if not a.fine_tuned}
         usable = {name: a for name, a in adapters.get(tenant_id, {}).items() if a.base in config.models}
-        for base, name in tenant.fine_tuned_defaults.items():
+        for schedule in tenant.fine_tuning_schedules:  # the newest model of a schedule that makes it the default
+            made = [a for a in usable.values() if a.schedule == schedule.name and a.base == schedule.model]
+            if schedule.make_default and made:
+                defaults[schedule.model] = made[-1]
+        for base, name in tenant.fine_tuned_defaults.items():  # named by the tenant: these win
             chosen = usable.get(name)
             if chosen is not None and chosen.base == base:
                 defaults[base] = chosen

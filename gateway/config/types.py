@@ -59,6 +59,7 @@ class Adapter:
     default: bool  # also used for the tenant's requests for the base model
     on_failure: str  # "error" or "base"
     fine_tuned: bool = False  # made by one of the tenant's fine-tuning jobs (not declared in its settings)
+    schedule: str | None = None  # the tenant's fine-tuning schedule whose job made it
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +305,7 @@ class GatewayConfig:
     secrets: object = None  # the Secrets the key references were read from (tenants' own keys are read at a request)
     uses_litellm: bool = False  # some deployment is reached through LiteLLM
     fine_tuning: object = None  # gateway.config.schema.FineTuningSpec: the trainers' settings and prices
+    trainers: dict = field(default_factory=dict)  # gateway.config.trainers.Trainer by name: trainers off the gateways
     cache_policy: CachePolicy = CachePolicy()  # for router aliases (the model is not known when the cache is read)
     tiers: frozenset[str] = frozenset()
     yaml_key_names: dict[str, tuple[str, ...]] = field(default_factory=dict)  # tenant id -> names in the file

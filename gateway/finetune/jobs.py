@@ -20,6 +20,11 @@ ACTIVE = ("validating_files", "queued", "running")
 FINISHED = ("succeeded", "failed", "cancelled")
 
 
+def fine_tuned_name(base: str, tenant_id: str, suffix: str | None, job_id: str) -> str:
+    """OpenAI's form: ``ft:<base>:<organization>:<suffix>:<id>``."""
+    return f"ft:{base}:{tenant_id}:{suffix or ''}:{job_id.removeprefix('ftjob-')[:8]}"
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(12)}"
 
@@ -46,7 +51,7 @@ def job_view(row: Any) -> dict:
 
 _COLUMNS = ("id, tenant_id, created_at, model, training_file, validation_file, hyperparameters, suffix, seed, "
             "metadata, status, fine_tuned_model, adapter_location, error, trained_tokens, training_examples, "
-            "started_at, finished_at, runner, heartbeat_at, gpu_seconds, cancel_requested, restarts")
+            "started_at, finished_at, runner, heartbeat_at, gpu_seconds, cancel_requested, restarts, report_token")
 
 
 class Jobs:
@@ -55,17 +60,17 @@ class Jobs:
 
     async def create(self, tenant_id: str, model: str, training_file: str, validation_file: str | None,
                      hyperparameters: dict, suffix: str | None, seed: int, metadata: dict | None,
-                     job_id: str | None = None, storage: str = "") -> dict:
+                     job_id: str | None = None, storage: str = "", schedule: str | None = None) -> dict:
         """A new job (``job_id``: the one a schedule's period names, so that replicas make it once), its data in
         ``storage``: only a gateway that keeps its data there trains it."""
         pool = await self._pool()
         async with pool.acquire() as connection, connection.transaction():
             row = await connection.fetchrow(
                 f"INSERT INTO fine_tuning_jobs (id, tenant_id, model, training_file, validation_file, "
-                f"hyperparameters, suffix, seed, metadata, status, storage) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, "
-                f"$9, 'validating_files', $10) RETURNING {_COLUMNS}", job_id or new_id("ftjob-"), tenant_id, model,
-                training_file, validation_file, json.dumps(hyperparameters), suffix, seed,
-                json.dumps(metadata) if metadata is not None else None, storage)
+                f"hyperparameters, suffix, seed, metadata, status, storage, schedule) VALUES ($1, $2, $3, $4, $5, $6, "
+                f"$7, $8, $9, 'validating_files', $10, $11) RETURNING {_COLUMNS}", job_id or new_id("ftjob-"),
+                tenant_id, model, training_file, validation_file, json.dumps(hyperparameters), suffix, seed,
+                json.dumps(metadata) if metadata is not None else None, storage, schedule)
             await _event(connection, row["id"], "info", "message", "Validating training file: " + training_file)
         return dict(row)
 
@@ -95,8 +100,9 @@ class Jobs:
                                    tenant_id, list(ACTIVE))
 
     async def set_status(self, job_id: str, status: str, message: str, level: str = "info",
-                         error: dict | None = None, **fields: Any) -> None:
-        """Move a job on (unless it has finished already) and say so in its events."""
+                         error: dict | None = None, run: str | None = None, **fields: Any) -> bool:
+        """Move a job on (unless it has finished already; with ``run``, only while that run, by its report
+        token's SHA-256, is the job's) and say so in its events. Whether it moved."""
         assignments = ["status = $2", "error = $3"]
         values: list[Any] = [job_id, status, json.dumps(error) if error else None]
         for name, value in fields.items():
@@ -104,13 +110,19 @@ class Jobs:
             assignments.append(f"{name} = ${len(values)}")
         if status in FINISHED:
             assignments.append("finished_at = now()")
+        values.append(list(FINISHED))
+        condition = f"status <> ALL(${len(values)})"
+        if run is not None:
+            values.append(run)
+            condition += f" AND report_token = ${len(values)}"
         pool = await self._pool()
         async with pool.acquire() as connection, connection.transaction():
             changed = await connection.fetchval(
-                f"UPDATE fine_tuning_jobs SET {', '.join(assignments)} WHERE id = $1 AND status <> ALL($"
-                f"{len(values) + 1}) RETURNING id", *values, list(FINISHED))
+                f"UPDATE fine_tuning_jobs SET {', '.join(assignments)} WHERE id = $1 AND {condition} RETURNING id",
+                *values)
             if changed:
                 await _event(connection, job_id, level, "message", message)
+        return changed is not None
 
     async def event(self, job_id: str, message: str, level: str = "info", kind: str = "message",
                     data: dict | None = None) -> None:
@@ -150,21 +162,43 @@ class Jobs:
                  "fine_tuned_model_checkpoint": f"{row['fine_tuned_model'] or row['model']}:ckpt-step-{row['step']}"}
                 for row in rows[:limit]], len(rows) > limit
 
-    async def claim(self, runner: str, limit: int, storage: str) -> dict | None:
-        """The oldest queued job whose data is in ``storage``, now running here, if fewer than ``limit`` run here."""
+    async def claim(self, runner: str, limit: int, storage: str, models: tuple[str, ...] = (),
+                    report_token: str | None = None, grace_seconds: float = 0.0) -> dict | None:
+        """The oldest queued job whose data is in ``storage`` (and whose base model is one of ``models``, if any
+        are named), now run by ``runner``, if fewer than ``limit`` run there: a gateway, or a trainer off the
+        gateways whose jobs every gateway may start (so the count is taken under a lock of the runner's name).
+        ``report_token``: the SHA-256 of the token the run reports with; ``grace_seconds``: how long it may take
+        to beat for the first time."""
         pool = await self._pool()
         async with pool.acquire() as connection, connection.transaction():
+            await connection.execute("SELECT pg_advisory_xact_lock(hashtext('fine-tuning runner ' || $1))", runner)
             running = await connection.fetchval("SELECT count(*) FROM fine_tuning_jobs WHERE status = 'running' AND "
                                                 "runner = $1", runner)
             if running >= limit:
                 return None
+            # a heartbeat set ahead: a started trainer is not taken for lost before its grace has passed
             row = await connection.fetchrow(
                 f"UPDATE fine_tuning_jobs SET status = 'running', runner = $1, started_at = now(), heartbeat_at = "
-                f"now() WHERE id = (SELECT id FROM fine_tuning_jobs WHERE status = 'queued' AND NOT cancel_requested "
-                f"AND storage = $2 ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}",
-                runner, storage)
+                f"now() + make_interval(secs => $5), report_token = $4 WHERE id = (SELECT id FROM fine_tuning_jobs "
+                f"WHERE status = 'queued' AND NOT cancel_requested AND storage = $2 AND (cardinality($3::text[]) = 0 "
+                f"OR model = ANY($3)) ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}",
+                runner, storage, list(models), report_token, float(grace_seconds))
             if row is not None:
                 await _event(connection, row["id"], "info", "message", "Fine-tuning job started")
+        return dict(row) if row is not None else None
+
+    async def reporting(self, job_id: str, report_token: str) -> dict | None:
+        """The running job whose current run reports with this token (by its SHA-256); None for any other."""
+        pool = await self._pool()
+        row = await pool.fetchrow(f"SELECT {_COLUMNS} FROM fine_tuning_jobs WHERE id = $1 AND status = 'running' AND "
+                                  "report_token = $2", job_id, report_token)
+        return dict(row) if row is not None else None
+
+    async def run_of(self, job_id: str) -> dict | None:
+        """What a started trainer's follower needs: whether the run it started is still the job's."""
+        pool = await self._pool()
+        row = await pool.fetchrow("SELECT status, report_token, cancel_requested FROM fine_tuning_jobs WHERE id = $1",
+                                  job_id)
         return dict(row) if row is not None else None
 
     async def beat(self, job_id: str, gpu_seconds: float) -> bool:
@@ -202,24 +236,28 @@ class Jobs:
             f"make_interval(secs => $1)", float(stale_seconds))
         return [dict(row) for row in rows]
 
-    async def requeue(self, job_id: str, why: str) -> bool:
-        """A job whose gateway stopped, queued again to resume from its last checkpoint; False (and the job
-        failed) once it has been restarted MAX_RESTARTS times."""
+    async def requeue(self, job_id: str, why: str) -> str | None:
+        """A job whose runner stopped, queued again to resume from its last checkpoint; failed once it has been
+        restarted MAX_RESTARTS times, and cancelled if a cancel was asked for meanwhile. Its new status (None: the
+        job was not running)."""
         pool = await self._pool()
         async with pool.acquire() as connection, connection.transaction():
             row = await connection.fetchrow(
-                "UPDATE fine_tuning_jobs SET status = CASE WHEN restarts < $2 THEN 'queued' ELSE 'failed' END, "
-                "restarts = restarts + 1, runner = NULL, error = CASE WHEN restarts < $2 THEN NULL ELSE $3::jsonb END, "
-                "finished_at = CASE WHEN restarts < $2 THEN NULL ELSE now() END WHERE id = $1 AND status = "
+                "UPDATE fine_tuning_jobs SET status = CASE WHEN cancel_requested THEN 'cancelled' WHEN restarts < $2 "
+                "THEN 'queued' ELSE 'failed' END, restarts = restarts + 1, runner = NULL, report_token = NULL, "
+                "error = CASE WHEN cancel_requested OR restarts < $2 THEN NULL ELSE $3::jsonb END, finished_at = CASE "
+                "WHEN restarts < $2 AND NOT cancel_requested THEN NULL ELSE now() END WHERE id = $1 AND status = "
                 "'running' RETURNING status", job_id, MAX_RESTARTS,
                 json.dumps({"code": "runner_lost", "message": f"{why}, {MAX_RESTARTS + 1} times", "param": None}))
             if row is None:
-                return False
-            again = row["status"] == "queued"
-            await _event(connection, job_id, "warn" if again else "error", "message",
-                         f"{why}; queued again to resume from its last checkpoint" if again else
+                return None
+            status = row["status"]
+            await _event(connection, job_id, "warn" if status == "queued" else "info" if status == "cancelled" else
+                         "error", "message",
+                         f"{why}; queued again to resume from its last checkpoint" if status == "queued" else
+                         f"{why}: Fine-tuning job cancelled" if status == "cancelled" else
                          f"{why}, {MAX_RESTARTS + 1} times: the job failed")
-        return again
+        return status
 
     async def last_checkpoint(self, job_id: str) -> dict | None:
         pool = await self._pool()
@@ -228,10 +266,11 @@ class Jobs:
         return dict(row) if row is not None else None
 
     async def succeeded_adapters(self) -> list[dict]:
-        """Every tenant's fine-tuned models, for the requests that name them."""
+        """Every tenant's fine-tuned models, for the requests that name them; the newest last."""
         pool = await self._pool()
-        rows = await pool.fetch("SELECT tenant_id, id, model, fine_tuned_model, adapter_location FROM "
-                                "fine_tuning_jobs WHERE status = 'succeeded' AND fine_tuned_model IS NOT NULL")
+        rows = await pool.fetch("SELECT tenant_id, id, model, fine_tuned_model, adapter_location, schedule FROM "
+                                "fine_tuning_jobs WHERE status = 'succeeded' AND fine_tuned_model IS NOT NULL "
+                                "ORDER BY finished_at, id")
         return [dict(row) for row in rows]
 
 

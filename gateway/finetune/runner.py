@@ -22,18 +22,15 @@ from pathlib import Path
 from typing import Callable
 
 from gateway.config.types import Adapter, GatewayConfig
-from gateway.finetune.jobs import STALE_SECONDS, Jobs
+from gateway.finetune.budget import SpendReader, budget_exhausted
+from gateway.finetune.jobs import STALE_SECONDS, Jobs, fine_tuned_name
+from gateway.finetune.remote_runs import TRAINER_PREFIX, RemoteRuns, new_token
 from gateway.finetune.storage import Storage
 
 log = logging.getLogger("gateway.finetune")
 
 POLL_SECONDS = 1.0  # how often the queue is looked at
 BEAT_SECONDS = 5.0  # how often a running job's heartbeat is written (and a cancel looked for), by default
-
-
-def fine_tuned_name(base: str, tenant_id: str, suffix: str | None, job_id: str) -> str:
-    """OpenAI's form: ``ft:<base>:<organization>:<suffix>:<id>``."""
-    return f"ft:{base}:{tenant_id}:{suffix or ''}:{job_id.removeprefix('ftjob-')[:8]}"
 
 
 def base_weights(config: GatewayConfig, model: str) -> str | None:
@@ -51,8 +48,8 @@ def base_weights(config: GatewayConfig, model: str) -> str | None:
 class Runner:
     def __init__(self, jobs: Jobs, storage: Storage, config: Callable[[], GatewayConfig], workdir: Path,
                  file_exists: Callable, on_adapters: Callable[[dict], None], bill: Callable[[dict, float, float, int], None],
-                 train: bool = True, stale_seconds: float = STALE_SECONDS, beat_seconds: float = BEAT_SECONDS
-                 ) -> None:
+                 train: bool = True, stale_seconds: float = STALE_SECONDS, beat_seconds: float = BEAT_SECONDS,
+                 spent: SpendReader | None = None) -> None:
         self.jobs = jobs
         self.storage = storage
         self.config = config
@@ -63,16 +60,20 @@ class Runner:
         self.train = train  # whether this gateway trains (every gateway keeps the adapters in force)
         self.stale_seconds = stale_seconds
         self.beat_seconds = beat_seconds
+        self.spent = spent  # a tenant's spend this month, which a running job's is checked against
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._running: dict[str, asyncio.Task] = {}
         self._loop: asyncio.Task | None = None
         self._known: dict | None = None
+        self.remote = RemoteRuns(jobs, storage, config, workdir, file_exists, self._bill, self.refresh_adapters,
+                                 base_weights, beat_seconds, spent)
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop().create_task(self._forever())
 
     async def stop(self) -> None:
-        """Stop claiming; the jobs under way are stopped and queued again (the next gateway resumes them)."""
+        """Stop claiming; the jobs under way here are stopped and queued again (the next gateway resumes them);
+        runs on trainers off the gateways go on, reporting to the others."""
         if self._loop is not None:
             self._loop.cancel()
             await asyncio.gather(self._loop, return_exceptions=True)
@@ -85,19 +86,47 @@ class Runner:
             try:
                 await self.refresh_adapters()
                 for job in await self.jobs.orphans(self.stale_seconds):
-                    await self.jobs.requeue(job["id"], f"The gateway that ran this job stopped (no heartbeat for "
-                                                       f"{self.stale_seconds:g} s)")
-                limit = self.config().fine_tuning.concurrency
-                while self.train and len(self._running) < limit:
-                    job = await self.jobs.claim(self.name, limit, self.storage.url)
-                    if job is None:
-                        break
-                    self._running[job["id"]] = asyncio.get_running_loop().create_task(self._run(job))
+                    who = "trainer" if (job["runner"] or "").startswith(TRAINER_PREFIX) else "gateway"
+                    if await self.jobs.requeue(job["id"], f"The {who} that ran this job stopped (no heartbeat "
+                                                          f"for {self.stale_seconds:g} s)"):
+                        self._bill(job, job["gpu_seconds"], 503)  # its time up to its last heartbeat
+                        await self.remote.stop_lost(job)
+                if self.train:
+                    await self._claim()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # PostgreSQL away for a moment: the queue waits
                 log.warning("the fine-tuning queue cannot be read now: %s", exc)
             await asyncio.sleep(POLL_SECONDS)
+
+    async def _claim(self) -> None:
+        """Queued jobs for this gateway's own workers, and for the trainers off the gateways that have room."""
+        config = self.config()
+        limit = config.fine_tuning.concurrency
+        local = sum(not task.get_name().startswith(TRAINER_PREFIX) for task in self._running.values())
+        while config.fine_tuning.gateway_workers and local < limit:
+            job = await self.jobs.claim(self.name, limit, self.storage.url)
+            if job is None:
+                break
+            local += 1
+            self._running[job["id"]] = asyncio.get_running_loop().create_task(self._run(job), name=job["id"])
+        for trainer in config.trainers.values():
+            while True:
+                token, run = new_token()
+                job = await self.jobs.claim(TRAINER_PREFIX + trainer.name, trainer.concurrency, self.storage.url,
+                                            trainer.models, run, trainer.start_seconds)
+                if job is None:
+                    break
+                self._running[job["id"]] = asyncio.get_running_loop().create_task(
+                    self._watch_run(job, trainer, token), name=TRAINER_PREFIX + job["id"])
+
+    async def _watch_run(self, job: dict, trainer, token: str) -> None:
+        try:
+            await self.remote.follow(job, trainer, token)
+        except Exception:
+            log.exception("fine-tuning job %s: its run on trainer '%s' cannot be watched", job["id"], trainer.name)
+        finally:
+            self._running.pop(job["id"], None)
 
     async def refresh_adapters(self) -> None:
         rows = await self.jobs.succeeded_adapters()
@@ -105,7 +134,8 @@ class Runner:
         for row in rows:
             name = row["fine_tuned_model"]
             adapters.setdefault(row["tenant_id"], {})[name] = Adapter(
-                name, row["model"], row["adapter_location"], f"{row['tenant_id']}/{name}", False, "error", True)
+                name, row["model"], row["adapter_location"], f"{row['tenant_id']}/{name}", False, "error", True,
+                row["schedule"])
         if adapters != self._known:
             self._known = adapters
             self.on_adapters(adapters)
@@ -229,6 +259,9 @@ class Runner:
         if not await self.file_exists(job["tenant_id"], job["training_file"]):
             raise _Stop("failed", f"the training file {job['training_file']} was deleted while the job ran",
                         "training_file_deleted")
+        why = await budget_exhausted(self.config(), job["tenant_id"], self.spent, time.monotonic() - started)
+        if why is not None:
+            raise _Stop("failed", why, "budget_exhausted")
 
     def _bill(self, job: dict, seconds: float, status: int) -> None:
         self.bill(job, seconds * self.config().fine_tuning.gpu_second_usd, seconds, status)

@@ -65,7 +65,7 @@ class Scheduler:
                 hyper = schedule.hyperparameters
                 asked = JobRequest(schedule.model, schedule.training_file, schedule.validation_file, hyper.n_epochs,
                                    hyper.batch_size, hyper.learning_rate_multiplier, schedule.suffix, None,
-                                   {"schedule": schedule.name}, job_id)
+                                   {"schedule": schedule.name}, job_id, schedule.name)
                 try:
                     await submit(self.jobs, self.storage, self.read_file, config, tenant, asked, self.spent)
                     made.append(job_id)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 from pathlib import Path
+from typing import AsyncIterator
 
 import fsspec
 
@@ -50,6 +51,48 @@ class Storage:
 
     async def exists(self, *parts: str) -> bool:
         return await asyncio.to_thread(self.fs.exists, self.path(*parts))
+
+    async def names(self, *parts: str) -> list[str]:
+        """The names of the files under ``parts`` (none if there is no such folder)."""
+        def names() -> list[str]:
+            path = self.path(*parts)
+            if not self.fs.isdir(path):
+                return []
+            return sorted(os.path.basename(p.rstrip("/")) for p in self.fs.ls(path, detail=False)
+                          if self.fs.isfile(p) and not p.endswith(".partial"))
+        return await asyncio.to_thread(names)
+
+    async def chunks(self, *parts: str, size: int = 1024 * 1024) -> AsyncIterator[bytes]:
+        """A file's bytes, a chunk at a time (each read in a worker thread)."""
+        handle = await asyncio.to_thread(self.fs.open, self.path(*parts), "rb")
+        try:
+            while chunk := await asyncio.to_thread(handle.read, size):
+                yield chunk
+        finally:
+            await asyncio.to_thread(handle.close)
+
+    async def write_chunks(self, chunks: AsyncIterator[bytes], *parts: str) -> int:
+        """A file written from chunks as they come; nothing is left of it if they stop with an error. Its size."""
+        path = self.path(*parts)
+        partial = f"{path}.partial"
+        await asyncio.to_thread(self.fs.makedirs, path.rsplit("/", 1)[0], exist_ok=True)
+        handle = await asyncio.to_thread(self.fs.open, partial, "wb")
+        size = 0
+        try:
+            async for chunk in chunks:
+                size += len(chunk)
+                await asyncio.to_thread(handle.write, chunk)
+            await asyncio.to_thread(handle.close)
+            await asyncio.to_thread(self.fs.mv, partial, path)
+        except BaseException:
+            await asyncio.to_thread(handle.close)
+            await asyncio.to_thread(self._forget, partial)
+            raise
+        return size
+
+    def _forget(self, path: str) -> None:
+        if self.fs.exists(path):
+            self.fs.rm(path)
 
     async def upload(self, folder: Path, *parts: str) -> None:
         """A local folder's files (not its subfolders) copied under ``parts``."""

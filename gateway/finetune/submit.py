@@ -12,6 +12,7 @@ from typing import Awaitable, Callable
 from gateway.config.types import GatewayConfig, Tenant
 from gateway.errors import GatewayError
 from gateway.finetune import datasets
+from gateway.finetune.budget import SpendReader
 from gateway.finetune.jobs import Jobs
 from gateway.finetune.runner import base_weights
 from gateway.finetune.storage import Storage
@@ -31,10 +32,10 @@ class JobRequest:
     seed: int | None = None
     metadata: dict[str, str] | None = field(default=None)
     job_id: str | None = None  # a schedule's: one a period
+    schedule: str | None = None  # the tenant's schedule that made it
 
 
 FileReader = Callable[[str, str], Awaitable[dict | None]]  # (tenant id, file id) -> the file with its content
-SpendReader = Callable[[str], Awaitable[float | None]]  # tenant id -> dollars spent this month (None: unknown)
 
 
 async def submit(jobs: Jobs, storage: Storage, read_file: FileReader, config: GatewayConfig, tenant: Tenant,
@@ -71,7 +72,7 @@ async def submit(jobs: Jobs, storage: Storage, read_file: FileReader, config: Ga
               float(asked.learning_rate_multiplier)}
     seed = asked.seed if asked.seed is not None else secrets.randbelow(2**31)
     job = await jobs.create(tenant.id, asked.model, asked.training_file, asked.validation_file, chosen, asked.suffix,
-                            seed, asked.metadata, asked.job_id, storage.url)
+                            seed, asked.metadata, asked.job_id, storage.url, asked.schedule)
     await storage.write(train, tenant.id, "datasets", job["id"], "train.jsonl")
     if valid is not None:
         await storage.write(valid, tenant.id, "datasets", job["id"], "validation.jsonl")

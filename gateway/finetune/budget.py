@@ -1,0 +1,26 @@
+"""A running job's check against its tenant's monthly budget: training is paid from the same budget as requests,
+and a job that would spend past it is stopped, not only refused at its start."""
+
+from __future__ import annotations
+
+from typing import Awaitable, Callable
+
+from gateway.config.types import GatewayConfig
+
+SpendReader = Callable[[str], Awaitable[float | None]]  # tenant id -> dollars spent this month (None: unknown)
+
+
+async def budget_exhausted(config: GatewayConfig, tenant_id: str, spent: SpendReader | None,
+                           seconds: float) -> str | None:
+    """Why the job must stop after ``seconds`` of training (its spend so far is not counted in Redis until it
+    ends), or None while the budget holds (or cannot be read: the job goes on rather than fail on a blip)."""
+    tenant = config.tenants.get(tenant_id)
+    budget = tenant.limits.monthly_budget_usd if tenant is not None else None
+    price = config.fine_tuning.gpu_second_usd
+    if budget is None or price <= 0 or spent is None:
+        return None
+    used = await spent(tenant_id)
+    if used is None or used + seconds * price <= budget:
+        return None
+    return (f"the tenant's monthly budget (${budget:g}) ran out while the job trained: ${used:.4f} was spent "
+            f"before, ${seconds * price:.4f} by this job")
