@@ -5,6 +5,8 @@ which fetches the job's data and reports its steps, checkpoints and adapter to t
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -78,9 +80,9 @@ def test_a_trainer_that_cannot_run_or_dies_fails_the_job_with_why(remote):
     training = remote.upload("acme", examples(12))
     died = client.fine_tuning.jobs.create(model="llama-broken", training_file=training)
     never = client.fine_tuning.jobs.create(model="llama-nowhere", training_file=training)
-    failed = _finished(remote, died.id, timeout=60)
-    assert failed.status == "failed" and failed.error.code == "training_failed"
-    assert "CUDA out of memory on gpu-7" in failed.error.message
+    failed = _finished(remote, died.id, timeout=90)  # each run lost, the job queued again, then failed
+    assert failed.status == "failed" and failed.error.code == "runner_lost"
+    assert "CUDA out of memory on gpu-7; exit code 3" in failed.error.message
     failed = _finished(remote, never.id, timeout=60)
     assert failed.status == "failed" and failed.error.code == "runner_lost"
     messages = [e.message for e in client.fine_tuning.jobs.list_events(never.id, limit=100).data]
@@ -103,6 +105,43 @@ def test_cancel_stops_the_run_on_its_trainer(remote):
     while "stopped by the gateways" not in log.read_text() and "Terminated" not in log.read_text():
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.2)
+
+
+def _run_processes(job_id: str) -> list[int]:
+    """The processes of a job's run here (the remote program and its trainer), found by the report URL in their
+    environment."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0") if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if any(v.startswith(b"GATEWAY_TRAINER_URL=") and v.endswith(job_id.encode()) for v in environ):
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_run_killed_on_its_node_is_resumed_from_its_checkpoint_by_a_new_run(remote):
+    client = remote.client("acme")
+    training = remote.upload("acme", examples(40))
+    job = client.fine_tuning.jobs.create(model="llama", training_file=training,
+                                         hyperparameters={"n_epochs": 3, "batch_size": 1})
+    deadline = time.monotonic() + 120
+    while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
+        assert time.monotonic() < deadline, client.fine_tuning.jobs.retrieve(job.id)
+        time.sleep(0.2)
+    processes = _run_processes(job.id)
+    assert len(processes) == 2
+    for pid in processes:  # the node crashed: no last word
+        os.kill(pid, signal.SIGKILL)
+    done = _finished(remote, job.id)
+    assert done.status == "succeeded", done.error
+    events = client.fine_tuning.jobs.list_events(job.id, limit=1000).data
+    messages = [e.message for e in events]
+    assert any("ended without reporting its end (" in m and "killed by signal 9" in m and "queued again" in m
+               for m in messages)
+    assert any(m.startswith("Started on trainer 'gpu'; resuming from the checkpoint of step") for m in messages)
+    assert max(e.data["step"] for e in events if e.type == "metrics") == 120
 
 
 def test_the_report_routes_take_only_the_current_runs_token(remote):

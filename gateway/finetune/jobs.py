@@ -236,10 +236,10 @@ class Jobs:
             f"make_interval(secs => $1)", float(stale_seconds))
         return [dict(row) for row in rows]
 
-    async def requeue(self, job_id: str, why: str) -> str | None:
+    async def requeue(self, job_id: str, why: str, run: str | None = None) -> str | None:
         """A job whose runner stopped, queued again to resume from its last checkpoint; failed once it has been
         restarted MAX_RESTARTS times, and cancelled if a cancel was asked for meanwhile. Its new status (None: the
-        job was not running)."""
+        job was not running, or, with ``run``, not that run's any more)."""
         pool = await self._pool()
         async with pool.acquire() as connection, connection.transaction():
             row = await connection.fetchrow(
@@ -247,8 +247,9 @@ class Jobs:
                 "THEN 'queued' ELSE 'failed' END, restarts = restarts + 1, runner = NULL, report_token = NULL, "
                 "error = CASE WHEN cancel_requested OR restarts < $2 THEN NULL ELSE $3::jsonb END, finished_at = CASE "
                 "WHEN restarts < $2 AND NOT cancel_requested THEN NULL ELSE now() END WHERE id = $1 AND status = "
-                "'running' RETURNING status", job_id, MAX_RESTARTS,
-                json.dumps({"code": "runner_lost", "message": f"{why}, {MAX_RESTARTS + 1} times", "param": None}))
+                "'running' AND ($4::text IS NULL OR report_token = $4) RETURNING status", job_id, MAX_RESTARTS,
+                json.dumps({"code": "runner_lost", "message": f"{why}, {MAX_RESTARTS + 1} times", "param": None}),
+                run)
             if row is None:
                 return None
             status = row["status"]

@@ -74,10 +74,12 @@ class CommandLaunch(Launch):
             raise LaunchFailed(f"{self.argv[0]}: {exc.strerror or exc}") from None
 
     async def failure(self) -> str | None:
-        if self.process is None or self.process.returncode is None or self.process.returncode == 0:
+        code = None if self.process is None else self.process.returncode
+        if code is None or code == 0:
             return None
         lines = self.log.read_text(errors="replace").strip().splitlines() if self.log.exists() else []
-        return lines[-1][:1000] if lines else f"the trainer's command exited with {self.process.returncode}"
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        return f"{lines[-1][:1000]}; {how}" if lines else f"the trainer's command ended: {how}"
 
     async def stop(self) -> None:
         if self.process is not None and self.process.returncode is None:

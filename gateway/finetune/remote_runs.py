@@ -80,8 +80,9 @@ class RemoteRuns:
 
     async def follow(self, job: dict, trainer: Trainer, token: str) -> None:
         """Start the job's run on ``trainer`` and watch it until the job is no longer this run's. A run that
-        cannot start is queued again (and fails after the restarts a job is given); one whose trainer says it
-        ended without reporting so fails with that reason; one whose job was cancelled or taken over is stopped.
+        cannot start, or whose trainer ended without reporting its end (a command killed or exiting with an error,
+        a Kubernetes Job failed), is lost: the job is queued again to resume from its last checkpoint, and fails
+        with the reason after the restarts a job is given. One whose job was cancelled or taken over is stopped.
         When this gateway stops, the run goes on."""
         job_id, run = job["id"], token_hash(token)
         if self.spec(job)["base"] is None:
@@ -94,9 +95,11 @@ class RemoteRuns:
         try:
             await launch.start()
         except LaunchFailed as exc:
-            await self.jobs.requeue(job_id, f"Trainer '{trainer.name}' could not start the job: {exc}")
+            await self.jobs.requeue(job_id, f"Trainer '{trainer.name}' could not start the job: {exc}", run)
             return
-        await self.jobs.event(job_id, f"Started on trainer '{trainer.name}'")
+        last = await self.jobs.last_checkpoint(job_id) if job["restarts"] else None
+        await self.jobs.event(job_id, f"Started on trainer '{trainer.name}'" + (
+            f"; resuming from the checkpoint of step {last['step']}" if last else ""))
         while True:
             await asyncio.sleep(self.beat_seconds)
             state = await self.jobs.run_of(job_id)
@@ -110,7 +113,9 @@ class RemoteRuns:
                 return
             why = await launch.failure()
             if why is not None:
-                await self._finish(job, run, "failed", f"The job failed: {why}", "training_failed", why)
+                if await self.jobs.requeue(job_id, f"The run on trainer '{trainer.name}' ended without reporting "
+                                                   f"its end ({why})", run):
+                    self.bill(job, _seconds_since(job["started_at"]), 503)
                 return
 
     async def stop_lost(self, job: dict) -> None:
