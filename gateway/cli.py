@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     bench.set_defaults(run=_bench)
     bench_kinds = bench.add_subparsers(
         dest="bench_kind",
-        metavar="[tenants | fleet | providers | protocols | guardrails | shares | large-prompts | workers | "
+        metavar="[summary | tenants | fleet | providers | protocols | guardrails | shares | large-prompts | workers | "
                 "fine-tuning | console | ledger | redis | retrieval | semantic]")
 
     def bench_kind(name: str, help: str, run) -> argparse.ArgumentParser:
@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
         kind.set_defaults(run=run)
         return kind
 
+    summary_bench = bench_kind("summary", "the performance targets side by side from one run, as ratios",
+                               _bench_summary)
+    summary_bench.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    summary_bench.add_argument("--rounds", type=int, default=3, help="measurements per target, interleaved")
     tenants_bench = bench_kind("tenants", "admin writes, reloads, idle CPU, memory and the request path with many "
                                           "tenants", _bench_tenants)
     tenants_bench.add_argument("--tenants", type=int, default=10_000, help="half in tenants.yaml, half made "
@@ -364,6 +368,12 @@ async def _ledger_examples(commands, database_url: str, tenant: str | None, days
         return await commands.ledger_examples(connection, tenant, days)
     finally:
         await connection.close()
+
+
+def _bench_summary(args: argparse.Namespace) -> None:
+    from gateway.bench.summary import run_summary_benchmark
+
+    run_summary_benchmark(duration=args.duration, rounds=args.rounds, output=args.output)
 
 
 def _bench_providers(args: argparse.Namespace) -> None:

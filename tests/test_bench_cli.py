@@ -71,3 +71,27 @@ def test_the_guardrails_benchmark_reports_cost_and_quality(tmp_path):
         by_kind = report["quality"][name]["by_kind"]
         assert set(by_kind) == {"email", "phone", "payment_card", "iban", "us_ssn", "ip_address", "secrets"}
         assert by_kind["iban"]["values"] == 400 and by_kind["email"]["recall"] > 0.9
+
+
+def test_the_summary_puts_each_target_beside_its_measure():
+    """`gateway bench summary` reads the four benchmarks' reports into one table of ratios and targets."""
+    from gateway.bench.summary import figures, table
+
+    main = {"summary": {"c1": {"gateway_cpu_ratio_to_passthrough": 2.0, "gateway_added_p50_ms": 1.2,
+                               "passthrough_added_p50_ms": 0.6},
+                        "c64": {"gateway_cpu_ratio_to_passthrough": 1.4}}}
+    providers = {"protocols": {"openai": {"cpu_ratio_to_direct_path": 1.0, "added_p50_ms": 2.0},
+                               "anthropic": {"cpu_ratio_to_direct_path": 1.05, "added_p50_ms": 2.15},
+                               "gemini": {"cpu_ratio_to_direct_path": 1.4, "added_p50_ms": 2.6}}}
+    rows = figures(main, providers, {"gateway_scaling_against_the_passthroughs": 1.3}, {"p99_ratio": 0.9})
+    met = {r["figure"]: r["met"] for r in rows}
+    assert met["whole gateway's CPU per request / the pass-through's, 1 connection(s)"] is False
+    assert met["whole gateway's CPU per request / the pass-through's, 64 connection(s)"] is True
+    added = next(r for r in rows if r["figure"].startswith("whole gateway's added p50"))
+    assert added["measured"] == 0.6 and added["met"] is False
+    assert met["Gemini through the gateway: CPU per request / the direct path's"] is False
+    assert met["Anthropic through the gateway: added p50 over the direct path's"] is True
+    assert met["Gemini through the gateway: added p50 over the direct path's"] is False
+    assert met["two workers against one: the gateway's scaling / the pass-through's"] is True
+    text = table(rows)
+    assert "| 2.00× | ≤ 1.5× | **no** |" in text and "| 0.90× | ≤ 1.2× | yes |" in text

@@ -126,7 +126,7 @@ def _median(runs: list[Measurement]) -> Measurement:
 
 
 def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path | None = None, rounds: int = 3,
-                  baseline: Path | None = None) -> dict:
+                  baseline: Path | None = None, concurrencies: tuple[int, ...] = (1, 64, 128)) -> dict:
     """``baseline``: a checkout of another version of the gateway, whose core and whole gateway are measured in the
     same run, interleaved with this one's (an A/B on one noisy machine)."""
     if shutil.which("wrk") is None:
@@ -204,7 +204,7 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
             ("cached", f"http://127.0.0.1:{gw_port}{chat}", gateway.pid, cached_script),
         ] + [(name, f"http://127.0.0.1:{port}{chat}", process.pid, script) for name, port, process in baseline_targets]
         measurements, sent = [], 0
-        for connections in (1, 64, 128):
+        for connections in concurrencies:
             for name, url, _, load in targets:  # warm up: connections, caches, allocator
                 warmed = _wrk(url, load, connections, 2)["requests"]
                 if name in THROUGH_GATEWAY:
@@ -225,7 +225,8 @@ def run_benchmark(duration: float = 5.0, latency_ms: float = 5.0, output: Path |
                      if '"event":"request"' in line and '"route":"chat.completions"' in line)
         rows = _ledger_rows(env["DATABASE_URL"])
         sent += sum(m.requests for m in measurements if m.target in THROUGH_GATEWAY)
-        report = _report(measurements, latency_ms, duration, rounds, logged, rows, sent, bool(baseline_targets))
+        report = _report(measurements, latency_ms, duration, rounds, logged, rows, sent, bool(baseline_targets),
+                         concurrencies)
         report["classifier_microseconds_per_request"] = classifier_cost()
     finally:
         stop_processes(processes)
@@ -346,10 +347,11 @@ def _ledger_rows(dsn: str) -> int:
 
 
 def _report(measurements: list[Measurement], latency_ms: float, duration: float, rounds: int, logged: int,
-            rows: int, sent: int, with_baseline: bool = False) -> dict:
+            rows: int, sent: int, with_baseline: bool = False, concurrencies: tuple[int, ...] = (1, 64, 128)) -> dict:
     by = {(m.target, m.concurrency): m for m in measurements}
     summary = {}
-    for c in (1, 64, 128):
+    most = max(concurrencies)
+    for c in concurrencies:
         direct, floor, gw, core = by[("direct", c)], by[("passthrough", c)], by[("gateway", c)], by[("core", c)]
         routed, cached = by[("routed", c)], by[("cached", c)]
         summary[f"c{c}"] = {
@@ -394,9 +396,9 @@ def _report(measurements: list[Measurement], latency_ms: float, duration: float,
         "setup": {"simulator_latency_ms": latency_ms, "seconds_per_run": duration, "rounds": rounds, "workers": 1,
                   "cpus": os.cpu_count(), "load_generator": "wrk -t1"},
         "summary": summary,
-        "gateway_rss_mb": round(by[("gateway", 128)].rss_mb, 1),
-        "core_rss_mb": round(by[("core", 128)].rss_mb, 1),
-        "passthrough_rss_mb": round(by[("passthrough", 128)].rss_mb, 1),
+        "gateway_rss_mb": round(by[("gateway", most)].rss_mb, 1),
+        "core_rss_mb": round(by[("core", most)].rss_mb, 1),
+        "passthrough_rss_mb": round(by[("passthrough", most)].rss_mb, 1),
         "gateway_requests_completed": sent,  # as wrk counts them, warm-ups included
         "gateway_request_log_lines": logged,
         "gateway_ledger_rows": rows,
