@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from gateway.stores.resp import Redis, RedisUnavailable, ReplyError, Script
+from gateway.stores.resp import Redis, RedisUnavailable, ReplyError, Script, pack
 
 
 def _run(coroutine):
@@ -64,3 +64,28 @@ def test_a_server_that_never_answers_times_out():
 
     _run(scenario())
     listener.close()
+
+
+def test_a_command_nobody_waits_for_goes_out_with_the_next_and_is_not_lost_at_close(stores):
+    """A settle (run_packed_nowait) waits a moment to share the next command's write; closing the client sends it
+    all the same."""
+    script = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+
+    async def scenario():
+        client = Redis(stores.redis_url)
+        await client.execute("DEL", "resp:deferred")
+        await client.run_script(script, ["resp:deferred"], [0])  # loaded: the nowait path needs no reload
+        errors: list = []
+        command = pack(("EVALSHA", script.sha, 1, "resp:deferred", 5))
+        client.run_packed_nowait(script, command, errors.append)
+        protocol = client._protocol
+        assert protocol.outgoing and not protocol._flush_soon  # held back, not yet written
+        assert await client.execute("GET", "resp:deferred") == b"5"  # went out first, in the same write
+        client.run_packed_nowait(script, command, errors.append)
+        await client.close()  # at once: the held-back command is sent before the connection closes
+        other = Redis(stores.redis_url)
+        assert await other.execute("GET", "resp:deferred") == b"10"
+        await other.close()
+        assert errors == []
+
+    _run(scenario())

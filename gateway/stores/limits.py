@@ -60,7 +60,7 @@ SET, WINDOW, COUNTER = 0, 1, 2
 _ADMIT = """
 local now = tonumber(ARGV[1])
 local n = #KEYS
-local used, reset, live_of = {}, {}, {}
+local used, reset, live_of, newest_of = {}, {}, {}, {}
 local refused = 0
 for i = 1, n do
   local base = 2 + (i - 1) * 5
@@ -75,31 +75,37 @@ for i = 1, n do
   elseif kind == 1 then
     local oldest = math.floor(now / a) - b
     local flat = redis.call('HGETALL', key)
-    local live, stale = {}, {}
+    local stale, newest = nil, -1
     for j = 1, #flat, 2 do
       local index = tonumber(flat[j])
       if index < oldest then
+        stale = stale or {}
         stale[#stale + 1] = flat[j]
       else
-        local value = tonumber(flat[j + 1])
-        current = current + value
-        live[#live + 1] = {index, value}
+        current = current + tonumber(flat[j + 1])
+        if index > newest then newest = index end
       end
     end
-    if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
-    table.sort(live, function(x, y) return x[1] < y[1] end)
-    live_of[i] = live
-    if #live > 0 then reset[i] = (live[#live][1] + b + 1) * a - now end
+    if stale then redis.call('HDEL', key, unpack(stale)) end
+    live_of[i], newest_of[i] = flat, newest
+    if newest >= 0 then reset[i] = (newest + b + 1) * a - now end
   else
     current = tonumber(redis.call('GET', key) or '0')
   end
   if refused == 0 and limit >= 0 and amount > 0 and current + amount > limit then
     refused = i
     if kind == 1 then
+      -- when enough will have left: the live buckets oldest first (sorted only here, on a refusal)
       reset[i] = -1
       if amount <= limit then
+        local oldest, flat, live = math.floor(now / a) - b, live_of[i], {}
+        for j = 1, #flat, 2 do
+          local index = tonumber(flat[j])
+          if index >= oldest then live[#live + 1] = {index, tonumber(flat[j + 1])} end
+        end
+        table.sort(live, function(x, y) return x[1] < y[1] end)
         local excess, freed = current + amount - limit, 0
-        for _, bucket in ipairs(live_of[i]) do
+        for _, bucket in ipairs(live) do
           freed = freed + bucket[2]
           if freed >= excess then
             reset[i] = (bucket[1] + b + 1) * a - now
@@ -118,13 +124,15 @@ if refused == 0 then
     local a, b = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
     local key = KEYS[i]
     if kind == 0 then
+      -- every slot of a set lives as long: the newest reaches furthest
       redis.call('ZADD', key, now + a, ARGV[2])
-      if redis.call('PTTL', key) < a then redis.call('PEXPIRE', key, a) end
+      redis.call('PEXPIRE', key, a)
     elseif kind == 1 then
       if amount ~= 0 then
         local bucket = math.floor(now / a)
         redis.call('HINCRBY', key, bucket, amount)
-        redis.call('PEXPIRE', key, (b + 1) * a)
+        -- the hash lives until its newest bucket has left the window: set when a bucket is started
+        if bucket > newest_of[i] then redis.call('PEXPIRE', key, (b + 1) * a) end
         reset[i] = (bucket + b + 1) * a - now
       end
     elseif amount ~= 0 then

@@ -19,6 +19,9 @@ from urllib.parse import unquote, urlparse
 import hiredis
 
 
+DEFER_SECONDS = 0.002  # the longest a command nobody waits for is held back to go out with others
+
+
 class ReplyError(Exception):
     """An error reply from Redis, such as NOSCRIPT or WRONGTYPE."""
 
@@ -54,6 +57,8 @@ class _Protocol(asyncio.Protocol):
         self.waiting: deque[asyncio.Future] = deque()
         self.sent_at: deque[float] = deque()
         self.outgoing: list[bytes] = []
+        self._flush_soon = False  # a flush is due at the next turn of the event loop
+        self._deferred: asyncio.TimerHandle | None = None  # or a little later, for commands nobody waits for
         self.closed = False
         self.timeout = timeout
         self._watchdog: asyncio.TimerHandle | None = None
@@ -71,16 +76,29 @@ class _Protocol(asyncio.Protocol):
         if not self.closed:
             self._watchdog = loop.call_later(min(0.25, self.timeout / 2), self._watch)
 
-    def send(self, command: bytes, future: asyncio.Future) -> None:
-        """Queue a command; everything queued in one turn of the event loop goes out in one write."""
+    def send(self, command: bytes, future: asyncio.Future, deferred: bool = False) -> None:
+        """Queue a command; everything queued in one turn of the event loop goes out in one write. A ``deferred``
+        command (one nobody waits for) may wait up to DEFER_SECONDS for company: at low concurrency it then goes
+        out with the next request's command, one write and one reply read for both."""
         self.waiting.append(future)
         loop = asyncio.get_running_loop()
         self.sent_at.append(loop.time())
-        if not self.outgoing:
-            loop.call_soon(self._flush)
         self.outgoing.append(command)
+        if self._flush_soon:
+            return
+        if not deferred:
+            self._flush_soon = True
+            loop.call_soon(self._flush)
+        elif self._deferred is None:
+            self._deferred = loop.call_later(DEFER_SECONDS, self._flush)
 
     def _flush(self) -> None:
+        self._flush_soon = False
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
+        if not self.outgoing:
+            return
         data, self.outgoing = b"".join(self.outgoing), []
         if not self.closed:
             self.transport.write(data)
@@ -106,6 +124,8 @@ class _Protocol(asyncio.Protocol):
         self.closed = True
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if self._deferred is not None:
+            self._deferred.cancel()
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
@@ -243,7 +263,7 @@ class Redis:
             return
         future = loop.create_future()
         future.add_done_callback(done)
-        protocol.send(command, future)
+        protocol.send(command, future, deferred=True)
 
     async def run_script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         return await self.run_packed_script(script, pack(("EVALSHA", script.sha, len(keys), *keys, *args)))
@@ -269,6 +289,11 @@ class Redis:
                 return deleted
 
     async def close(self) -> None:
-        if self._protocol is not None:
-            self._protocol.abort(RedisUnavailable("client closed"))
+        """Send what is still queued (deferred commands among it) and wait a moment for its replies, then close."""
+        protocol = self._protocol
+        if protocol is not None:
+            if not protocol.closed and protocol.waiting:
+                protocol._flush()
+                await asyncio.wait(list(protocol.waiting), timeout=1.0)
+            protocol.abort(RedisUnavailable("client closed"))
             self._protocol = None
