@@ -51,7 +51,8 @@ def job_view(row: Any) -> dict:
 
 _COLUMNS = ("id, tenant_id, created_at, model, training_file, validation_file, hyperparameters, suffix, seed, "
             "metadata, status, fine_tuned_model, adapter_location, error, trained_tokens, training_examples, "
-            "started_at, finished_at, runner, heartbeat_at, gpu_seconds, cancel_requested, restarts, report_token")
+            "started_at, finished_at, runner, heartbeat_at, gpu_seconds, cancel_requested, restarts, report_token, "
+            "gpu_second_usd")
 
 
 class Jobs:
@@ -60,17 +61,18 @@ class Jobs:
 
     async def create(self, tenant_id: str, model: str, training_file: str, validation_file: str | None,
                      hyperparameters: dict, suffix: str | None, seed: int, metadata: dict | None,
-                     job_id: str | None = None, storage: str = "", schedule: str | None = None) -> dict:
+                     job_id: str | None = None, storage: str = "", schedule: str | None = None,
+                     gpu_second_usd: float | None = None) -> dict:
         """A new job (``job_id``: the one a schedule's period names, so that replicas make it once), its data in
         ``storage``: only a gateway that keeps its data there trains it."""
         pool = await self._pool()
         async with pool.acquire() as connection, connection.transaction():
             row = await connection.fetchrow(
                 f"INSERT INTO fine_tuning_jobs (id, tenant_id, model, training_file, validation_file, "
-                f"hyperparameters, suffix, seed, metadata, status, storage, schedule) VALUES ($1, $2, $3, $4, $5, $6, "
-                f"$7, $8, $9, 'validating_files', $10, $11) RETURNING {_COLUMNS}", job_id or new_id("ftjob-"),
-                tenant_id, model, training_file, validation_file, json.dumps(hyperparameters), suffix, seed,
-                json.dumps(metadata) if metadata is not None else None, storage, schedule)
+                f"hyperparameters, suffix, seed, metadata, status, storage, schedule, gpu_second_usd) VALUES ($1, $2, "
+                f"$3, $4, $5, $6, $7, $8, $9, 'validating_files', $10, $11, $12) RETURNING {_COLUMNS}",
+                job_id or new_id("ftjob-"), tenant_id, model, training_file, validation_file, json.dumps(hyperparameters),
+                suffix, seed, json.dumps(metadata) if metadata is not None else None, storage, schedule, gpu_second_usd)
             await _event(connection, row["id"], "info", "message", "Validating training file: " + training_file)
         return dict(row)
 

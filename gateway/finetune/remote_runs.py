@@ -193,7 +193,7 @@ class RemoteRuns:
             why = f"the training file {job['training_file']} was deleted while the job ran"
             await self._finish(job, run, "failed", f"The job failed: {why}", "training_file_deleted", why)
             raise _stop(job["id"], "failed: " + why, "training_file_deleted")
-        why = await budget_exhausted(self.config(), job["tenant_id"], self.spent, seconds)
+        why = await budget_exhausted(self.config(), job, self.spent, seconds)
         if why is not None:
             await self._finish(job, run, "failed", f"The job failed: {why}", "budget_exhausted", why)
             raise _stop(job["id"], "failed: " + why, "budget_exhausted")

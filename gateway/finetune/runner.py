@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from gateway.config.types import Adapter, GatewayConfig
-from gateway.finetune.budget import SpendReader, budget_exhausted
+from gateway.finetune.budget import SpendReader, budget_exhausted, gpu_second_price
 from gateway.finetune.jobs import STALE_SECONDS, Jobs, fine_tuned_name
 from gateway.finetune.remote_runs import TRAINER_PREFIX, RemoteRuns, new_token
 from gateway.finetune.storage import Storage
@@ -259,12 +259,12 @@ class Runner:
         if not await self.file_exists(job["tenant_id"], job["training_file"]):
             raise _Stop("failed", f"the training file {job['training_file']} was deleted while the job ran",
                         "training_file_deleted")
-        why = await budget_exhausted(self.config(), job["tenant_id"], self.spent, time.monotonic() - started)
+        why = await budget_exhausted(self.config(), job, self.spent, time.monotonic() - started)
         if why is not None:
             raise _Stop("failed", why, "budget_exhausted")
 
     def _bill(self, job: dict, seconds: float, status: int) -> None:
-        self.bill(job, seconds * self.config().fine_tuning.gpu_second_usd, seconds, status)
+        self.bill(job, seconds * gpu_second_price(self.config(), job), seconds, status)
 
 
 class _Stop(Exception):

@@ -72,7 +72,8 @@ async def submit(jobs: Jobs, storage: Storage, read_file: FileReader, config: Ga
               float(asked.learning_rate_multiplier)}
     seed = asked.seed if asked.seed is not None else secrets.randbelow(2**31)
     job = await jobs.create(tenant.id, asked.model, asked.training_file, asked.validation_file, chosen, asked.suffix,
-                            seed, asked.metadata, asked.job_id, storage.url, asked.schedule)
+                            seed, asked.metadata, asked.job_id, storage.url, asked.schedule,
+                            config.fine_tuning.gpu_second_usd)
     await storage.write(train, tenant.id, "datasets", job["id"], "train.jsonl")
     if valid is not None:
         await storage.write(valid, tenant.id, "datasets", job["id"], "validation.jsonl")

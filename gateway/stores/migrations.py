@@ -290,8 +290,10 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX fine_tuning_checkpoints_job ON fine_tuning_checkpoints (job_id, step);
     """,
     # 19: a job run by a trainer off the gateways reports with a token of its run (its SHA-256 kept here); a job
-    # made by a tenant's schedule names it (its model may become the tenant's default by itself)
-    "ALTER TABLE fine_tuning_jobs ADD COLUMN report_token text, ADD COLUMN schedule text",
+    # made by a tenant's schedule names it (its model may become the tenant's default by itself); a job keeps the
+    # price of a GPU-second in force when it was made, which its training is billed at by whichever gateway bills
+    "ALTER TABLE fine_tuning_jobs ADD COLUMN report_token text, ADD COLUMN schedule text, "
+    "ADD COLUMN gpu_second_usd double precision",
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations
