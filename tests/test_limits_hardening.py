@@ -61,6 +61,48 @@ def test_no_span_of_a_minute_admits_more_than_the_limit(stores, kind):
     assert late.admitted
 
 
+def test_a_windows_total_follows_its_buckets_as_they_age_and_as_settles_correct_them(stores):
+    """A window keeps its total beside its buckets (fields -1 to -3): the total must stay the buckets' sum as
+    buckets leave the window, as settles correct tokens (one for a bucket gone already changes nothing), and for a
+    window written without totals."""
+    tenant, key = _tenant_object(_unique("total"), requests_per_minute=10, tokens_per_minute=1000)
+    start = (int(time.time() // 60) + 1) * 60.0
+    tokens_key = f"gw:{{{tenant.id}}}:win:tok:m"
+    direct = redis.Redis.from_url(stores.redis_url)
+
+    def window() -> dict[int, int]:
+        return {int(k): int(v) for k, v in direct.hgetall(tokens_key).items()}
+
+    async def scenario(limiter: Limiter):
+        first = None
+        for i in range(10):  # one every 5 s: ten buckets
+            now = start + i * 5
+            admitted = await limiter.admit(limiter.plan(tenant, key, now, 600), f"r{i}", 100, 0, now)
+            assert admitted.admitted
+            first = first or admitted
+            if i:
+                limiter.settle(admitted, f"r{i}", {"tokens": 40, "budget": 0})
+        await asyncio.sleep(0.1)  # the settles (sent without waiting)
+        refused = await limiter.admit(limiter.plan(tenant, key, start + 50, 600), "over", 1, 0, start + 50)
+        assert not refused.admitted and refused.refused.kind == "requests"
+        totals = window()
+        assert totals[-1] == sum(v for k, v in totals.items() if k >= 0) == 100 + 9 * 40
+        later = start + 62  # the first request's bucket has left the window (it is counted a bucket longer)
+        admitted = await limiter.admit(limiter.plan(tenant, key, later, 600), "later", 100, 0, later)
+        assert admitted.admitted
+        limiter.settle(first, "r0", {"tokens": 10, "budget": 0})  # for a bucket gone: nothing to correct
+        await asyncio.sleep(0.1)
+        totals = window()
+        assert totals[-1] == sum(v for k, v in totals.items() if k >= 0) == 9 * 40 + 100
+        direct.hdel(tokens_key, "-1", "-2", "-3")  # a window as written before totals were kept
+        again = await limiter.admit(limiter.plan(tenant, key, later + 1, 600), "again", 1, 0, later + 1)
+        tokens = next(i for i, check in enumerate(again.checks) if check.key == tokens_key)
+        assert again.used(tokens) == 9 * 40 + 100  # counted from the buckets
+        assert window()[-1] == 9 * 40 + 100  # and the totals written again
+
+    _limiter_run(stores.redis_url, scenario)
+
+
 def test_retry_after_and_rate_headers_tell_the_truth(sim, tmp_path):
     key, tenant = generate_key(), _unique("truth")
     gateway = GatewayProcess(_config(tmp_path / "c", sim.url, {tenant: _tenant(key, requests_per_minute=3)}))
@@ -125,10 +167,11 @@ def test_a_short_redis_pause_leaves_no_slot_and_no_reservation_behind(sim, store
         assert status == 200
         # Tokens were reserved at the worst case (max_tokens 50 each) and corrected to what was used.
         time.sleep(0.5)
-        counted = sum(int(v) for v in direct.hgetall(f"gw:{{{tenant}}}:win:tok:m").values())
+        window = {int(k): int(v) for k, v in direct.hgetall(f"gw:{{{tenant}}}:win:tok:m").items()}
+        counted = sum(v for k, v in window.items() if k >= 0)  # the buckets (-1 to -3: the window's totals)
         used = stores.query("SELECT sum(prompt_tokens + completion_tokens) AS t FROM usage_ledger "
                             "WHERE tenant_id = $1", tenant)[0]["t"]
-        assert counted == used
+        assert counted == used and window[-1] == used
     finally:
         sim.control(ttft_ms=0.0)
         gateway.stop()

@@ -5,7 +5,9 @@ only if all pass, counts it in all of them: requests per minute and per day, tok
 concurrent requests, and the month's spend. Tokens and spend are reserved at their worst case (prompt plus the
 most completion tokens the request may produce) and corrected by a second script when the request ends.
 
-**Sliding windows.** A window (a minute, an hour, a day) is a hash of buckets, each a thirtieth of the window.
+**Sliding windows.** A window (a minute, an hour, a day) is a hash of buckets, each a thirtieth of the window,
+with its total and its oldest and newest counted buckets in fields -1, -2 and -3 (so that a request reads three
+fields, and the buckets only when one has left the window).
 A request is admitted if what the buckets overlapping the last window's length hold, plus the request, stays
 within the limit. The oldest of those buckets reaches a little further back than the window, so the count is
 never less than what the last window really admitted: no span of the window's length ever admits more than the
@@ -60,7 +62,7 @@ SET, WINDOW, COUNTER = 0, 1, 2
 _ADMIT = """
 local now = tonumber(ARGV[1])
 local n = #KEYS
-local used, reset, live_of, newest_of = {}, {}, {}, {}
+local used, reset, newest_of = {}, {}, {}
 local refused = 0
 for i = 1, n do
   local base = 2 + (i - 1) * 5
@@ -74,20 +76,32 @@ for i = 1, n do
     current = redis.call('ZCARD', key)
   elseif kind == 1 then
     local oldest = math.floor(now / a) - b
-    local flat = redis.call('HGETALL', key)
-    local stale, newest = nil, -1
-    for j = 1, #flat, 2 do
-      local index = tonumber(flat[j])
-      if index < oldest then
-        stale = stale or {}
-        stale[#stale + 1] = flat[j]
-      else
-        current = current + tonumber(flat[j + 1])
-        if index > newest then newest = index end
+    local totals = redis.call('HMGET', key, '-1', '-2', '-3')
+    local sum, counted, newest = tonumber(totals[1]), tonumber(totals[2]), tonumber(totals[3])
+    if sum == nil or counted < oldest then
+      -- a bucket has left the window (or the totals are not there yet): read the buckets once
+      local flat = redis.call('HGETALL', key)
+      local stale, low = {}, nil
+      sum, newest = 0, -1
+      for j = 1, #flat, 2 do
+        local index = tonumber(flat[j])
+        if index >= 0 and index < oldest then
+          stale[#stale + 1] = flat[j]
+        elseif index >= 0 then
+          sum = sum + tonumber(flat[j + 1])
+          if index > newest then newest = index end
+          if low == nil or index < low then low = index end
+        end
+      end
+      if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
+      if newest >= 0 then
+        redis.call('HSET', key, '-1', sum, '-2', low, '-3', newest)
+      elseif totals[1] then
+        redis.call('HDEL', key, '-1', '-2', '-3')
       end
     end
-    if stale then redis.call('HDEL', key, unpack(stale)) end
-    live_of[i], newest_of[i] = flat, newest
+    current = sum
+    newest_of[i] = newest
     if newest >= 0 then reset[i] = (newest + b + 1) * a - now end
   else
     current = tonumber(redis.call('GET', key) or '0')
@@ -98,7 +112,7 @@ for i = 1, n do
       -- when enough will have left: the live buckets oldest first (sorted only here, on a refusal)
       reset[i] = -1
       if amount <= limit then
-        local oldest, flat, live = math.floor(now / a) - b, live_of[i], {}
+        local oldest, flat, live = math.floor(now / a) - b, redis.call('HGETALL', key), {}
         for j = 1, #flat, 2 do
           local index = tonumber(flat[j])
           if index >= oldest then live[#live + 1] = {index, tonumber(flat[j + 1])} end
@@ -131,8 +145,16 @@ if refused == 0 then
       if amount ~= 0 then
         local bucket = math.floor(now / a)
         redis.call('HINCRBY', key, bucket, amount)
+        if newest_of[i] < 0 then
+          redis.call('HSET', key, '-1', amount, '-2', bucket, '-3', bucket)
+        else
+          redis.call('HINCRBY', key, '-1', amount)
+        end
         -- the hash lives until its newest bucket has left the window: set when a bucket is started
-        if bucket > newest_of[i] then redis.call('PEXPIRE', key, (b + 1) * a) end
+        if bucket > newest_of[i] then
+          if newest_of[i] >= 0 then redis.call('HSET', key, '-3', bucket) end
+          redis.call('PEXPIRE', key, (b + 1) * a)
+        end
         reset[i] = (bucket + b + 1) * a - now
       end
     elseif amount ~= 0 then
@@ -159,7 +181,18 @@ for i = sets + 1, #KEYS do
   local base = 2 + (i - sets - 1) * 2
   local field, delta = ARGV[base + 1], tonumber(ARGV[base + 2])
   if delta ~= 0 and redis.call('EXISTS', KEYS[i]) == 1 then
-    if field == '' then redis.call('INCRBY', KEYS[i], delta) else redis.call('HINCRBY', KEYS[i], field, delta) end
+    if field == '' then
+      redis.call('INCRBY', KEYS[i], delta)
+    else
+      -- a bucket still counted in the window's total: corrected in both (one that has left it, in neither)
+      local counted = tonumber(redis.call('HGET', KEYS[i], '-2'))
+      if counted ~= nil and tonumber(field) >= counted then
+        redis.call('HINCRBY', KEYS[i], field, delta)
+        redis.call('HINCRBY', KEYS[i], '-1', delta)
+      elseif counted == nil then
+        redis.call('HINCRBY', KEYS[i], field, delta)
+      end
+    end
   end
 end
 return 1
