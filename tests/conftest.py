@@ -69,6 +69,23 @@ def http_request(port: int, method: str, path: str, body: bytes | None = None,
         connection.close()
 
 
+def processes_with_env(name: str, value: str, exact: bool = False) -> list[int]:
+    """The processes on this machine whose environment has ``name`` set to ``value`` (or to a value starting with
+    it): what a test started, found even when it was orphaned."""
+    wanted = f"{name}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(v == wanted if exact else v.startswith(wanted) for v in environ):
+            found.append(int(entry.name))
+    return found
+
+
 class Process:
     def __init__(self, args: list[str], port: int, ready_path: str, env: dict[str, str] | None = None,
                  log_path: Path | None = None) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, GatewayProcess, free_port, http_request, ledger_row
+from conftest import ROOT, GatewayProcess, free_port, http_request, ledger_row, processes_with_env
 from gateway.bench.fine_tuning import examples
 
 pytest.importorskip("peft", reason="the trainer's extra (pip install -e .[train]) is not installed")
@@ -107,18 +107,11 @@ def test_cancel_stops_the_run_on_its_trainer(remote):
         time.sleep(0.2)
 
 
-def _run_processes(job_id: str) -> list[int]:
+def _run_processes(remote: Setup, job_id: str) -> list[int]:
     """The processes of a job's run here (the remote program and its trainer), found by the report URL in their
     environment."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            environ = (entry / "environ").read_bytes().split(b"\0") if entry.name.isdigit() else []
-        except OSError:
-            continue
-        if any(v.startswith(b"GATEWAY_TRAINER_URL=") and v.endswith(job_id.encode()) for v in environ):
-            found.append(int(entry.name))
-    return found
+    return processes_with_env("GATEWAY_TRAINER_URL", f"{remote.gateway.url}/v1/fine_tuning/trainer/jobs/{job_id}",
+                              exact=True)
 
 
 def test_a_run_killed_on_its_node_is_resumed_from_its_checkpoint_by_a_new_run(remote):
@@ -130,7 +123,7 @@ def test_a_run_killed_on_its_node_is_resumed_from_its_checkpoint_by_a_new_run(re
     while not client.fine_tuning.jobs.checkpoints.list(job.id).data:
         assert time.monotonic() < deadline, client.fine_tuning.jobs.retrieve(job.id)
         time.sleep(0.2)
-    processes = _run_processes(job.id)
+    processes = _run_processes(remote, job.id)
     assert len(processes) == 2
     for pid in processes:  # the node crashed: no last word
         os.kill(pid, signal.SIGKILL)

@@ -13,7 +13,7 @@ import openai
 import pytest
 import yaml
 
-from conftest import ROOT, GatewayProcess, free_port, http_request
+from conftest import ROOT, GatewayProcess, free_port, http_request, processes_with_env
 from gateway.retrieval import documents
 from retrieval_setup import client, long_text, start, vectors_of, wait_indexed
 
@@ -87,6 +87,10 @@ def test_a_crash_leaves_nothing_that_the_next_start_does_not_reconcile(sim, tmp_
         _embedding_started(api, store.id, resumed.id)
     finally:
         gateway.stop(signal.SIGKILL)  # mid-write, with no chance to tidy up
+    deadline = time.monotonic() + 10  # its embedding model's processes do not outlive it
+    while left := processes_with_env("GATEWAY_DATA_DIR", str(gateway.config_dir / "data"), exact=True):
+        assert time.monotonic() < deadline, f"processes {left} outlived the gateway that started them"
+        time.sleep(0.2)
     assert vectors_of(folder, orphan.id) > 0
     # The file left its store, and the crash took the removal of its vectors with it
     stores.query("DELETE FROM vector_store_files WHERE file_id = $1", orphan.id)

@@ -18,6 +18,8 @@ import asyncio
 import base64
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -31,13 +33,24 @@ INTERACTIVE_INPUTS, INTERACTIVE_CHARACTERS = 4, 8000  # what a search or a chat'
 BULK_NICENESS = 10  # indexing yields the CPU to requests
 
 
-def _one_thread(niceness: int = 0) -> None:
-    """A model process's start: BLAS and tokenizers to one thread, before numpy is imported there."""
+def _one_thread(niceness: int = 0, parent: int | None = None) -> None:
+    """A model process's start: BLAS and tokenizers to one thread, before numpy is imported there; and a watch on
+    the gateway that started it."""
     for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "RAYON_NUM_THREADS"):
         os.environ[name] = THREADS
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if niceness:
         os.nice(niceness)
+    if parent is not None:
+        threading.Thread(target=_end_with, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+def _end_with(parent: int) -> None:
+    """A model process ends when the gateway that started it is gone (killed, crashed: it had no chance to end
+    it), instead of living on, orphaned, for ever."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(0)
 
 
 def _embed(texts: list[str]):
@@ -54,7 +67,7 @@ class Embedder:
         if bulk not in self._pools:
             self._pools[bulk] = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                                                     initializer=_one_thread,
-                                                    initargs=(BULK_NICENESS if bulk else 0,))
+                                                    initargs=(BULK_NICENESS if bulk else 0, os.getpid()))
         return self._pools[bulk]
 
     async def embed(self, texts: list[str]):
