@@ -29,7 +29,8 @@ FAILING = [sys.executable, "-c", "import sys; print('CUDA out of memory on gpu-7
 def _setup(tmp_path: Path, trainers: dict, **options) -> Setup:
     port = free_port()
     return Setup(tmp_path, port=port, models=("llama", "llama-broken", "llama-nowhere"), fine_tuning={
-        "gateway_workers": False, "report_url": f"http://127.0.0.1:{options.pop('report_port', port)}",
+        "gateway_workers": False, "retry_seconds": 0.5,
+        "report_url": f"http://127.0.0.1:{options.pop('report_port', port)}",
         "trainers": trainers}, **options)
 
 
@@ -87,6 +88,8 @@ def test_a_trainer_that_cannot_run_or_dies_fails_the_job_with_why(remote):
     assert failed.status == "failed" and failed.error.code == "runner_lost"
     messages = [e.message for e in client.fine_tuning.jobs.list_events(never.id, limit=100).data]
     assert any("Trainer 'nowhere' could not start the job: /nonexistent/trainer" in m for m in messages)
+    waits = [m.rsplit(", in ", 1)[1] for m in messages if "could not start" in m and "at the earliest" in m]
+    assert sorted(waits) == ["0.5 s at the earliest", "1 s at the earliest", "2 s at the earliest"]  # doubled
 
 
 def test_cancel_stops_the_run_on_its_trainer(remote):

@@ -606,6 +606,8 @@ class FineTuningSpec(Strict):
     gateway_workers: StrictBool = Field(True, description="whether the gateways' own workers train (off where only "
                                                     "`trainers` should)")
     trainers: dict[str, TrainerSpec] = Field(default_factory=dict, description="trainers off the gateways, by name")
+    retry_seconds: StrictFloat = Field(15.0, ge=0, le=3600, description="how long a job whose trainer could not "
+                                       "start it waits before it is tried again (doubled at each try)")
     report_url: str | None = Field(None, pattern=r"^https?://[^\s]+$", max_length=500,
                                    description="where trainers reach the gateways (a load balancer in front of "
                                                "them), for their reports; needed with `trainers`")

@@ -182,7 +182,8 @@ class Jobs:
             row = await connection.fetchrow(
                 f"UPDATE fine_tuning_jobs SET status = 'running', runner = $1, started_at = now(), heartbeat_at = "
                 f"now() + make_interval(secs => $5), report_token = $4 WHERE id = (SELECT id FROM fine_tuning_jobs "
-                f"WHERE status = 'queued' AND NOT cancel_requested AND storage = $2 AND (cardinality($3::text[]) = 0 "
+                f"WHERE status = 'queued' AND NOT cancel_requested AND storage = $2 AND (not_before IS NULL OR "
+                f"not_before <= now()) AND (cardinality($3::text[]) = 0 "
                 f"OR model = ANY($3)) ORDER BY created_at, id LIMIT 1 FOR UPDATE SKIP LOCKED) RETURNING {_COLUMNS}",
                 runner, storage, list(models), report_token, float(grace_seconds))
             if row is not None:
@@ -238,26 +239,29 @@ class Jobs:
             f"make_interval(secs => $1)", float(stale_seconds))
         return [dict(row) for row in rows]
 
-    async def requeue(self, job_id: str, why: str, run: str | None = None) -> str | None:
-        """A job whose runner stopped, queued again to resume from its last checkpoint; failed once it has been
-        restarted MAX_RESTARTS times, and cancelled if a cancel was asked for meanwhile. Its new status (None: the
-        job was not running, or, with ``run``, not that run's any more)."""
+    async def requeue(self, job_id: str, why: str, run: str | None = None, wait_seconds: float = 0.0) -> str | None:
+        """A job whose runner stopped, queued again to resume from its last checkpoint (not claimed again for
+        ``wait_seconds``); failed once it has been restarted MAX_RESTARTS times, and cancelled if a cancel was asked
+        for meanwhile. Its new status (None: the job was not running, or, with ``run``, not that run's any more)."""
         pool = await self._pool()
         async with pool.acquire() as connection, connection.transaction():
             row = await connection.fetchrow(
                 "UPDATE fine_tuning_jobs SET status = CASE WHEN cancel_requested THEN 'cancelled' WHEN restarts < $2 "
                 "THEN 'queued' ELSE 'failed' END, restarts = restarts + 1, runner = NULL, report_token = NULL, "
+                "not_before = now() + make_interval(secs => $5), "
                 "error = CASE WHEN cancel_requested OR restarts < $2 THEN NULL ELSE $3::jsonb END, finished_at = CASE "
                 "WHEN restarts < $2 AND NOT cancel_requested THEN NULL ELSE now() END WHERE id = $1 AND status = "
                 "'running' AND ($4::text IS NULL OR report_token = $4) RETURNING status", job_id, MAX_RESTARTS,
                 json.dumps({"code": "runner_lost", "message": f"{why}, {MAX_RESTARTS + 1} times", "param": None}),
-                run)
+                run, float(wait_seconds))
             if row is None:
                 return None
             status = row["status"]
             await _event(connection, job_id, "warn" if status == "queued" else "info" if status == "cancelled" else
                          "error", "message",
-                         f"{why}; queued again to resume from its last checkpoint" if status == "queued" else
+                         f"{why}; queued again to resume from its last checkpoint" + (
+                             f", in {wait_seconds:g} s at the earliest" if wait_seconds else "") if status == "queued"
+                         else
                          f"{why}: Fine-tuning job cancelled" if status == "cancelled" else
                          f"{why}, {MAX_RESTARTS + 1} times: the job failed")
         return status

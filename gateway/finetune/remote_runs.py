@@ -94,8 +94,9 @@ class RemoteRuns:
         launch = launch_for(trainer, job, report_url(base, job_id), token, self.workdir / "runs")
         try:
             await launch.start()
-        except LaunchFailed as exc:
-            await self.jobs.requeue(job_id, f"Trainer '{trainer.name}' could not start the job: {exc}", run)
+        except LaunchFailed as exc:  # tried again after a while, longer each time: an API server may be back by then
+            retry = self.config().fine_tuning.retry_seconds * 2 ** job["restarts"]
+            await self.jobs.requeue(job_id, f"Trainer '{trainer.name}' could not start the job: {exc}", run, retry)
             return
         last = await self.jobs.last_checkpoint(job_id) if job["restarts"] else None
         await self.jobs.event(job_id, f"Started on trainer '{trainer.name}'" + (

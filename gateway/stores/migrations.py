@@ -294,6 +294,8 @@ MIGRATIONS: tuple[str, ...] = (
     # price of a GPU-second in force when it was made, which its training is billed at by whichever gateway bills
     "ALTER TABLE fine_tuning_jobs ADD COLUMN report_token text, ADD COLUMN schedule text, "
     "ADD COLUMN gpu_second_usd double precision",
+    # 20: a job whose trainer could not start it waits a while before it is tried again
+    "ALTER TABLE fine_tuning_jobs ADD COLUMN not_before timestamptz",
 )
 
 _LOCK = 7_301_244_771  # advisory lock id of the gateway's migrations
