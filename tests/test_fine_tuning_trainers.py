@@ -49,6 +49,14 @@ def remote(tmp_path_factory):
             setup.stop()
 
 
+def _first_step(client, job_id: str) -> None:
+    """Until the job has trained a step (its first metrics event)."""
+    deadline = time.monotonic() + 120
+    while not [e for e in client.fine_tuning.jobs.list_events(job_id).data if e.type == "metrics"]:
+        assert time.monotonic() < deadline, client.fine_tuning.jobs.retrieve(job_id)
+        time.sleep(0.2)
+
+
 def _finished(setup: Setup, job_id: str, timeout: float = 240.0):
     return setup.wait("acme", job_id, ("succeeded", "failed", "cancelled"), timeout)
 
@@ -97,10 +105,7 @@ def test_cancel_stops_the_run_on_its_trainer(remote):
     training = remote.upload("acme", examples(40))
     job = client.fine_tuning.jobs.create(model="llama", training_file=training,
                                          hyperparameters={"n_epochs": 50, "batch_size": 1})
-    deadline = time.monotonic() + 120
-    while not [e for e in client.fine_tuning.jobs.list_events(job.id).data if e.type == "metrics"]:
-        assert time.monotonic() < deadline, client.fine_tuning.jobs.retrieve(job.id)
-        time.sleep(0.2)
+    _first_step(client, job.id)
     client.fine_tuning.jobs.cancel(job.id)
     assert _finished(remote, job.id, timeout=30).status == "cancelled"
     log = remote.gateway.config_dir / "data" / "training" / "runs" / f"{job.id}-0.log"
@@ -173,10 +178,7 @@ def test_the_run_goes_on_when_the_gateway_that_started_it_is_killed(tmp_path):
         training = setup.upload("acme", examples(40))
         job = client.fine_tuning.jobs.create(model="llama", training_file=training,
                                              hyperparameters={"n_epochs": 3, "batch_size": 1})
-        deadline = time.monotonic() + 120
-        while not [e for e in client.fine_tuning.jobs.list_events(job.id).data if e.type == "metrics"]:
-            assert time.monotonic() < deadline, client.fine_tuning.jobs.retrieve(job.id)
-            time.sleep(0.2)
+        _first_step(client, job.id)
         setup.gateway.process.kill()
         setup.gateway.process.wait(timeout=10)
         client = second.client(setup.keys["acme"], timeout=60)
@@ -274,10 +276,7 @@ def test_a_kubernetes_trainer_makes_a_job_that_trains_and_one_cancelled_is_delet
 
         longer = client.fine_tuning.jobs.create(model="llama", training_file=setup.upload("acme", examples(40)),
                                                 hyperparameters={"n_epochs": 50, "batch_size": 1})
-        deadline = time.monotonic() + 120
-        while not [e for e in client.fine_tuning.jobs.list_events(longer.id).data if e.type == "metrics"]:
-            assert time.monotonic() < deadline, client.fine_tuning.jobs.retrieve(longer.id)
-            time.sleep(0.2)
+        _first_step(client, longer.id)
         client.fine_tuning.jobs.cancel(longer.id)
         assert _finished(setup, longer.id, timeout=30).status == "cancelled"
         _wait_for_delete(kube, longer.id, 0)
