@@ -232,8 +232,8 @@ def test_a_job_whose_gateway_died_is_queued_again_then_failed_never_left_running
     three restarts failed with that reason. (Rows made here, on a storage no gateway of the test keeps, so that
     none trains them.)"""
     insert = ("INSERT INTO fine_tuning_jobs (id, tenant_id, model, training_file, hyperparameters, seed, status, "
-              "runner, heartbeat_at, storage, restarts, cancel_requested, gpu_seconds, gpu_second_usd) VALUES ($1, 'acme', "
-              "'llama', 'file-x', '{\"n_epochs\": 1, \"batch_size\": 1, \"learning_rate_multiplier\": 1.0}', 1, "
+              "runner, heartbeat_at, storage, restarts, cancel_requested, gpu_seconds, gpu_second_usd) VALUES ($1, "
+              "'acme', 'llama', 'file-x', '{\"n_epochs\": 1, \"batch_size\": 1, \"learning_rate_multiplier\": 1.0}', 1, "
               "'running', 'gone:1', now() - interval '10 minutes', 'elsewhere', $2, $3, 12, 0.001)")
     stores.query(insert, "ftjob-orphan-restarted", 0, False)
     stores.query(insert, "ftjob-orphan-given-up", 3, False)

@@ -1,8 +1,9 @@
 """OpenAI's fine-tuning API, for a tenant's own LoRA adapters: ``POST /v1/fine_tuning/jobs`` (its training and
 validation files checked line by line and copied to storage before the job is queued), list, retrieve, ``cancel``,
 ``events`` and ``checkpoints``. Another tenant's job is a 404; a file of another tenant too, and one of another
-purpose a 400. The job trains on the gateway's own workers (``gateway.finetune.runner``); its model is the
-tenant's, listed in its ``/v1/models`` and served by the fleet as soon as the job succeeds."""
+purpose a 400. The job trains on the gateways' own workers (``gateway.finetune.runner``) or on a trainer off them,
+whose run reports to the trainer routes below (``gateway.finetune.remote_runs``); its model is the tenant's, listed
+in its ``/v1/models`` and served by the fleet as soon as the job succeeds."""
 
 from __future__ import annotations
 
@@ -158,8 +159,8 @@ def build_trainer_router(gateway: "GatewayServices") -> APIRouter:
         return StreamingResponse(await runs.read(job, "resume", name), media_type="application/octet-stream")
 
     @router.put(prefix + "/checkpoints/{step}/{name}", tags=tags)
-    async def trainer_checkpoint_file(request: Request, fine_tuning_job_id: str, step: Annotated[int, Path(ge=0, le=10**9)],
-                                      name: str) -> dict:
+    async def trainer_checkpoint_file(request: Request, fine_tuning_job_id: str,
+                                      step: Annotated[int, Path(ge=0, le=10**9)], name: str) -> dict:
         """A file of a checkpoint (the body: its bytes), before the checkpoint is reported."""
         runs, job = await run_of(request, fine_tuning_job_id)
         size = await runs.write(job, "checkpoint", step, name, request.stream())

@@ -71,8 +71,9 @@ class Jobs:
                 f"INSERT INTO fine_tuning_jobs (id, tenant_id, model, training_file, validation_file, "
                 f"hyperparameters, suffix, seed, metadata, status, storage, schedule, gpu_second_usd) VALUES ($1, $2, "
                 f"$3, $4, $5, $6, $7, $8, $9, 'validating_files', $10, $11, $12) RETURNING {_COLUMNS}",
-                job_id or new_id("ftjob-"), tenant_id, model, training_file, validation_file, json.dumps(hyperparameters),
-                suffix, seed, json.dumps(metadata) if metadata is not None else None, storage, schedule, gpu_second_usd)
+                job_id or new_id("ftjob-"), tenant_id, model, training_file, validation_file,
+                json.dumps(hyperparameters), suffix, seed, json.dumps(metadata) if metadata is not None else None,
+                storage, schedule, gpu_second_usd)
             await _event(connection, row["id"], "info", "message", "Validating training file: " + training_file)
         return dict(row)
 
