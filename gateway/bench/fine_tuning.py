@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import urllib.request
@@ -111,6 +112,35 @@ def _own_work() -> dict:
             "check_ms": round(min(timings) * 1000, 1), "storage_write_ms": round(written * 1000, 1)}
 
 
+def _first_answer_through_a_trainer(workdir: Path, models: dict, tenants: str, env: dict, key: str,
+                                    training_file: str) -> float:
+    """The same job on a trainer off the gateways (``python -m gateway.finetune.remote`` started as a command, as
+    an ``ssh`` to a GPU node would), through a gateway whose own workers train nothing: POST to the first answer."""
+    port = free_port()
+    config = workdir / "config-trainer"
+    config.mkdir()
+    (config / "models.yaml").write_text(yaml.safe_dump({**models, "fine_tuning": {
+        **models["fine_tuning"], "gateway_workers": False, "report_url": f"http://127.0.0.1:{port}",
+        "trainers": {"node": {"kind": "command", "command": [sys.executable, "-m", "gateway.finetune.remote"]}}}}))
+    (config / "tenants.yaml").write_text(tenants)
+    # storage of its own: the first gateway, whose workers train, takes only jobs whose data is in its storage
+    gateway = start_gateway(config, port, {**env, "GATEWAY_DATA_DIR": str(workdir / "data-trainer"),
+                                           "GATEWAY_FINETUNE_STORAGE": str(workdir / "storage-trainer")},
+                            workdir / "gateway-trainer.log")
+    try:
+        started = time.monotonic()
+        job = _call(port, "POST", "/v1/fine_tuning/jobs", key, {"model": "llama", "training_file": training_file,
+                                                                 "hyperparameters": {"n_epochs": 2, "batch_size": 4}})
+        done = _wait(port, key, job["id"], ("succeeded", "failed"))
+        if done["status"] != "succeeded":
+            raise RuntimeError(f"the job through the trainer failed: {done['error']}")
+        _call(port, "POST", "/v1/chat/completions", key,
+              {"model": done["fine_tuned_model"], "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5})
+        return time.monotonic() - started
+    finally:
+        stop_processes([gateway])
+
+
 def run_fine_tuning_benchmark(duration: float = 5.0, rounds: int = 3, output: Path | None = None) -> dict:
     if shutil.which("wrk") is None:
         raise SystemExit("gateway bench needs wrk (Debian: apt-get install wrk)")
@@ -125,14 +155,15 @@ def run_fine_tuning_benchmark(duration: float = 5.0, rounds: int = 3, output: Pa
         keys = {"serving": generate_key(), "training": generate_key()}
         config = workdir / "config"
         config.mkdir()
-        (config / "models.yaml").write_text(yaml.safe_dump({
-            "fleet": {"pools": {"gpus": {"model": BASE, "weights": str(workdir / "base"),
-                                         "nodes": [{"url": f"http://127.0.0.1:{sim_port}/v1", "name": "node0"}]}}},
-            "models": {"llama": {"deployments": [{"name": "gpus", "api_base": "fleet:gpus"}]}},
-            "fine_tuning": {"max_epochs": 100}}))
-        (config / "tenants.yaml").write_text(yaml.safe_dump({"tenants": {name: {
+        models = {"fleet": {"pools": {"gpus": {"model": BASE, "weights": str(workdir / "base"), "nodes": [
+                      {"url": f"http://127.0.0.1:{sim_port}/v1", "name": "node0"}]}}},
+                  "models": {"llama": {"deployments": [{"name": "gpus", "api_base": "fleet:gpus"}]}},
+                  "fine_tuning": {"max_epochs": 100}}
+        (config / "models.yaml").write_text(yaml.safe_dump(models))
+        tenants = yaml.safe_dump({"tenants": {name: {
             "name": name.title(), "tier": "enterprise", "limits": UNBOUND_LIMITS,
-            "keys": [{"name": name, "sha256": hash_key(key)}]} for name, key in keys.items()}}))
+            "keys": [{"name": name, "sha256": hash_key(key)}]} for name, key in keys.items()}})
+        (config / "tenants.yaml").write_text(tenants)
         env = {**os.environ, "GATEWAY_BUILTIN_SIMULATOR": "0", "GATEWAY_DATA_DIR": str(workdir / "data"),
                "REDIS_URL": stores.start_redis(), "DATABASE_URL": stores.start_postgres(),
                "GATEWAY_FINETUNE_STORAGE": str(workdir / "storage")}
@@ -147,6 +178,7 @@ def run_fine_tuning_benchmark(duration: float = 5.0, rounds: int = 3, output: Pa
         _call(gw_port, "POST", "/v1/chat/completions", trainer_key,
               {"model": done["fine_tuned_model"], "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5})
         to_first_answer = time.monotonic() - started
+        through_trainer = _first_answer_through_a_trainer(workdir, models, tenants, env, trainer_key, small)
 
         script = workdir / "chat.lua"
         script.write_text(WRK_SCRIPT % {"key": keys["serving"], "body": json.dumps(
@@ -177,6 +209,7 @@ def run_fine_tuning_benchmark(duration: float = 5.0, rounds: int = 3, output: Pa
             "p99_ratio": round(loaded.p99_ms / alone.p99_ms, 3),
             "p50_ratio": round(loaded.p50_ms / alone.p50_ms, 3),
             "seconds_from_job_to_first_answer": round(to_first_answer, 2),
+            "seconds_from_job_to_first_answer_through_a_command_trainer": round(through_trainer, 2),
             "gateway_work_per_job": _own_work(),
         }
     finally:
