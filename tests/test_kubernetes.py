@@ -101,3 +101,36 @@ def test_a_configmap_update_is_reloaded_without_a_restart(sim, tmp_path):
             time.sleep(0.2)
     finally:
         gateway.stop()
+
+
+def test_the_trainers_job_template_and_its_rights_are_valid_and_fit_the_gateway(tmp_path):
+    """deploy/kubernetes/trainer/: the Job template a kubernetes trainer makes its runs from, and the account's
+    rights, valid Kubernetes; the template is one the gateway's config takes, and the rights are what it uses."""
+    from gateway.config.schema import FineTuningSpec
+    from gateway.config.secrets import Secrets
+    from gateway.config.trainers import compile_trainers
+    from gateway.finetune.launch import KubernetesLaunch
+
+    folder = MANIFESTS / "trainer"
+    validator = Path(sys.executable).with_name("kubernetes-validate")
+    done = subprocess.run([str(validator), "--strict", "--no-warn", str(folder / "job-template.yaml"),
+                           str(folder / "rbac.yaml")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.count("passed") == 4, done.stdout + done.stderr
+    spec = FineTuningSpec.model_validate({"report_url": "http://llm-gateway.llm-gateway.svc:4000", "trainers": {
+        "cluster": {"kind": "kubernetes", "api_server": "https://kubernetes.default.svc", "namespace": "llm-training",
+                    "token": "env:TRAINER_KUBE_TOKEN", "job_template": "job-template.yaml"}}})
+    problems: list[str] = []
+    trainers = compile_trainers(spec, folder, Secrets({"TRAINER_KUBE_TOKEN": "t"}), problems)
+    assert problems == []
+    job = {"id": "ftjob-0123456789abcdef01234567", "restarts": 0}
+    manifest = KubernetesLaunch(trainers["cluster"], job, "http://gw/v1/fine_tuning/trainer/jobs/x",
+                                "ftrun-t").manifest()
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["FINE_TUNING_JOB"]["value"] == job["id"] and "GATEWAY_TRAINER_TOKEN" in env
+    assert container["args"][:3] == ["python", "-m", "gateway.finetune.remote"]
+    documents = yaml.safe_load_all((folder / "rbac.yaml").read_text())
+    rules = {(group, resource): set(rule["verbs"]) for document in documents
+             if document["kind"] == "Role" for rule in document["rules"]
+             for group in rule["apiGroups"] for resource in rule["resources"]}
+    assert rules == {("batch", "jobs"): {"create", "get", "delete"}, ("", "secrets"): {"create"}}
