@@ -144,7 +144,7 @@ def build_trainer_router(gateway: "GatewayServices") -> APIRouter:
     async def trainer_spec(request: Request, fine_tuning_job_id: str) -> dict:
         """What the run trains: the base weights, hyperparameters, seed, and the checkpoint it resumes from."""
         runs, job = await run_of(request, fine_tuning_job_id)
-        return await runs.spec_with_resume(job)
+        return await runs.spec(job)
 
     @router.get(prefix + "/data/{name}", tags=tags)
     async def trainer_data(request: Request, fine_tuning_job_id: str, name: str) -> StreamingResponse:

@@ -258,13 +258,15 @@ class Jobs:
             if row is None:
                 return None
             status = row["status"]
-            await _event(connection, job_id, "warn" if status == "queued" else "info" if status == "cancelled" else
-                         "error", "message",
-                         f"{why}; queued again to resume from its last checkpoint" + (
-                             f", in {wait_seconds:g} s at the earliest" if wait_seconds else "") if status == "queued"
-                         else
-                         f"{why}: Fine-tuning job cancelled" if status == "cancelled" else
-                         f"{why}, {MAX_RESTARTS + 1} times: the job failed")
+            if status == "queued":
+                level, message = "warn", f"{why}; queued again to resume from its last checkpoint"
+                if wait_seconds:
+                    message += f", in {wait_seconds:g} s at the earliest"
+            elif status == "cancelled":
+                level, message = "info", f"{why}: Fine-tuning job cancelled"
+            else:
+                level, message = "error", f"{why}, {MAX_RESTARTS + 1} times: the job failed"
+            await _event(connection, job_id, level, "message", message)
         return status
 
     async def last_checkpoint(self, job_id: str) -> dict | None:

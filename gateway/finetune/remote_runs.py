@@ -85,7 +85,7 @@ class RemoteRuns:
         with the reason after the restarts a job is given. One whose job was cancelled or taken over is stopped.
         When this gateway stops, the run goes on."""
         job_id, run = job["id"], token_hash(token)
-        if self.spec(job)["base"] is None:
+        if self._base(job) is None:
             why = (f"the base model '{job['model']}' has no weights to train from (its fleet pool's `weights`, or "
                    f"the trainer's)")
             await self._finish(job, run, "failed", f"The job failed: {why}", "base_model_unavailable", why)
@@ -141,22 +141,22 @@ class RemoteRuns:
                                type="invalid_request_error", code="run_not_current")
         return job
 
-    def spec(self, job: dict) -> dict:
+    def _base(self, job: dict) -> str | None:
+        """The base model's weights as the run's node finds them: its trainer's, else its fleet pool's."""
         config = self.config()
-        name = (job["runner"] or "").removeprefix(TRAINER_PREFIX)
-        trainer = config.trainers.get(name)
-        base = (trainer.weights.get(job["model"]) if trainer else None) or self.weights(config, job["model"])
-        return {"job_id": job["id"], "model": job["model"], "base": base, "seed": job["seed"],
-                "hyperparameters": _json(job["hyperparameters"]), "validation": job["validation_file"] is not None,
-                "resume": None, "beat_seconds": self.beat_seconds}
+        trainer = config.trainers.get((job["runner"] or "").removeprefix(TRAINER_PREFIX))
+        return (trainer.weights.get(job["model"]) if trainer else None) or self.weights(config, job["model"])
 
-    async def spec_with_resume(self, job: dict) -> dict:
-        spec = self.spec(job)
+    async def spec(self, job: dict) -> dict:
+        """What the run trains, and the checkpoint it resumes from (a job queued again after a lost run)."""
+        resume = None
         last = await self.jobs.last_checkpoint(job["id"]) if job["restarts"] else None
         if last is not None:
             folder = (job["tenant_id"], "jobs", job["id"], "checkpoints", f"step-{last['step']}")
-            spec["resume"] = {"step": last["step"], "files": await self.storage.names(*folder)}
-        return spec
+            resume = {"step": last["step"], "files": await self.storage.names(*folder)}
+        return {"job_id": job["id"], "model": job["model"], "base": self._base(job), "seed": job["seed"],
+                "hyperparameters": _json(job["hyperparameters"]), "validation": job["validation_file"] is not None,
+                "resume": resume, "beat_seconds": self.beat_seconds}
 
     async def read(self, job: dict, kind: str, name: str) -> AsyncIterator[bytes]:
         """A file the run asks for (``data``: the job's datasets; ``resume``: its last checkpoint's), as kept."""
@@ -183,7 +183,8 @@ class RemoteRuns:
         return await self.storage.write_chunks(_bounded(body, MAX_FILE_BYTES), *parts)
 
     async def report(self, job: dict, event: dict) -> dict:
-        """One report of the run: its heartbeat, and what it says. A 409 for a run that must stop."""
+        """One report of the run (checked already by the route's ``TrainerEvent``: its kind, each field's type and
+        range): its heartbeat, and what it says. A 409 for a run that must stop."""
         run = job["report_token"]
         kind = event.get("event")
         seconds = _seconds_since(job["started_at"])
@@ -199,21 +200,19 @@ class RemoteRuns:
             await self._finish(job, run, "failed", f"The job failed: {why}", "budget_exhausted", why)
             raise _stop(job["id"], "failed: " + why, "budget_exhausted")
         if kind == "step":
-            step, total = _whole(event, "step"), _whole(event, "total_steps")
-            loss = _number(event, "loss")
+            step, total, loss = (_required(event, name) for name in ("step", "total_steps", "loss"))
             await self.jobs.event(job["id"], f"Step {step}/{total}: training loss={loss}", kind="metrics",
                                   data={"step": step, "total_steps": total, "train_loss": loss,
-                                        "epoch": event.get("epoch") if isinstance(event.get("epoch"), (int, float))
-                                        else None})
+                                        "epoch": event.get("epoch")})
         elif kind == "checkpoint":
-            step = _whole(event, "step")
+            step = _required(event, "step")
             folder = (job["tenant_id"], "jobs", job["id"], "checkpoints", f"step-{step}")
             missing = [n for n in ADAPTER_FILES if n not in await self.storage.names(*folder)]
             if missing:
                 raise GatewayError(400, f"The checkpoint of step {step} lacks {', '.join(missing)}: PUT its files "
                                         "first.", param="step", code="checkpoint_incomplete")
-            await self.jobs.checkpoint(job["id"], step, {"step": step, "train_loss": _number(event, "loss", True),
-                                                         "valid_loss": _number(event, "valid_loss", True)},
+            await self.jobs.checkpoint(job["id"], step, {"step": step, "train_loss": event.get("loss"),
+                                                         "valid_loss": event.get("valid_loss")},
                                        self.storage.location(*folder))
         elif kind == "done":
             folder = (job["tenant_id"], "adapters", job["id"])
@@ -222,17 +221,13 @@ class RemoteRuns:
                 raise GatewayError(400, f"The adapter lacks {', '.join(missing)}: PUT its files first.",
                                    param="event", code="adapter_incomplete")
             name = fine_tuned_name(job["model"], job["tenant_id"], job["suffix"], job["id"])
-            trained = event.get("trained_tokens")
             await self._finish(job, run, "succeeded", f"The job has successfully completed: {name}",
                                fine_tuned_model=name, adapter_location=self.storage.location(*folder),
-                               trained_tokens=trained if isinstance(trained, int) and trained >= 0 else None)
+                               trained_tokens=event.get("trained_tokens"))
             await self.succeeded()
         elif kind == "failed":
-            why = str(event.get("message") or "the trainer failed")[:1000]
+            why = (event.get("message") or "the trainer failed")[:1000]
             await self._finish(job, run, "failed", f"The job failed: {why}", "training_failed", why)
-        elif kind != "beat":
-            raise GatewayError(400, "`event` is one of beat, step, checkpoint, done, failed.", param="event",
-                               code="invalid_event")
         return {"object": "fine_tuning.trainer.ack", "continue": kind not in ("done", "failed")}
 
     async def _finish(self, job: dict, run: str, status: str, message: str, code: str | None = None,
@@ -254,21 +249,12 @@ def _seconds_since(started: dt.datetime | None) -> float:
     return max(0.0, time.time() - started.timestamp()) if started is not None else 0.0
 
 
-def _whole(event: dict, name: str) -> int:
+def _required(event: dict, name: str):
+    """A field this kind of report needs (the route's model checks its type and range, not whether it is there)."""
     value = event.get(name)
-    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 10**9:
-        raise GatewayError(400, f"`{name}` must be a whole number from 0 to 10^9.", param=name,
-                           code="invalid_event")
+    if value is None:
+        raise GatewayError(400, f"A `{event['event']}` report needs `{name}`.", param=name, code="invalid_event")
     return value
-
-
-def _number(event: dict, name: str, optional: bool = False) -> float | None:
-    value = event.get(name)
-    if value is None and optional:
-        return None
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value or abs(value) > 1e12:
-        raise GatewayError(400, f"`{name}` must be a number.", param=name, code="invalid_event")
-    return float(value)
 
 
 def _json(value):
