@@ -310,3 +310,34 @@ def test_a_deployment_knows_its_provider_for_tenants_own_keys(tmp_path):
     assert providers["openai-gpt-4o-mini"] == "openai"  # the shipped file names it
     assert providers["by-host"] == "groq" and providers["by-form"] == "anthropic"
     assert providers["elsewhere"] is None
+
+
+@pytest.mark.parametrize("fine_tuning, expected", [
+    ({"trainers": {"gpu": {"kind": "command", "command": ["x"]}}}, "need `report_url`"),
+    ({"report_url": "http://gw", "trainers": {"gpu": {"kind": "command"}}}, "needs `command`"),
+    ({"report_url": "http://gw", "trainers": {"k8s": {"kind": "kubernetes", "job_template": "job.yaml"}}},
+     "needs `api_server` and `job_template`"),
+    ({"report_url": "http://gw", "trainers": {"GPU_1": {"kind": "command", "command": ["x"]}}},
+     "not a valid trainer name"),
+    ({"report_url": "http://gw", "trainers": {"k8s": {"kind": "kubernetes", "api_server": "https://k",
+                                                       "job_template": "job.yaml", "token": "a-literal-token"}}},
+     "env:"),
+    ({"report_url": "http://gw", "trainers": {"gpu": {"kind": "command", "command": ["x\u0000y"]}}}, "NUL"),
+    ({"report_url": "http://gw", "trainers": {"gpu": {"kind": "command", "command": ["x"], "concurrency": 10**12}}},
+     "concurrency"),
+    ({"report_url": "http://gw", "retry_seconds": -1}, "retry_seconds"),
+    ({"report_url": "http://gw", "trainers": {"k8s": {"kind": "kubernetes", "api_server": "https://k",
+                                                       "job_template": "not-a-job.yaml"}}},
+     "not a batch/v1 Job manifest"),
+    ({"report_url": "http://gw", "trainers": {"k8s": {"kind": "kubernetes", "api_server": "https://k",
+                                                       "job_template": "missing.yaml"}}}, "cannot be read"),
+])
+def test_a_trainer_that_cannot_be_used_is_a_config_error_naming_it(tmp_path, fine_tuning, expected):
+    config_dir = _shipped_copy(tmp_path)
+    (config_dir / "not-a-job.yaml").write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Pod", "spec": {}}))
+    models = yaml.safe_load((config_dir / "models.yaml").read_text())
+    models["fine_tuning"] = fine_tuning
+    (config_dir / "models.yaml").write_text(yaml.safe_dump(models))
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_dir)
+    assert expected in str(caught.value), str(caught.value)
