@@ -9,6 +9,9 @@ import orjson
 
 from gateway.config.types import Deployment
 from gateway.errors import GatewayError
+from gateway.upstreams.http1 import Unreachable
+
+__all__ = ["UPSTREAM_FAILURES", "Unreachable", "from_exception", "from_upstream_response"]
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -54,12 +57,9 @@ def _parse(body: bytes) -> tuple[str | None, str | None, str | None, object]:
     return None, None, None, None
 
 
-class Unreachable(ConnectionError):
-    """An upstream that could not be reached (raised by the paths that are not aiohttp's)."""
-
-
 def from_exception(deployment: Deployment, exc: BaseException) -> GatewayError:
-    """A failure to get an answer at all: timeouts, refused connections, broken responses."""
+    """A failure to get an answer at all: timeouts, refused connections, broken responses (from the gateway's own
+    client, gateway.upstreams.http1, or from aiohttp's on the fleet's and LiteLLM's paths)."""
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return GatewayError(
             504,

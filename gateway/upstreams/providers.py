@@ -5,7 +5,7 @@ Importing this module imports litellm (seconds, and well over a hundred megabyte
 the loaded config has such a deployment, in a worker thread at load, never on a request. OpenAI-compatible upstreams
 never come here.
 
-An answer comes back shaped like the aiohttp response the forwarding stage reads from OpenAI-compatible upstreams:
+An answer comes back shaped like the response the forwarding stage reads from OpenAI-compatible upstreams:
 a status, a content type, the OpenAI-shaped body (``read``), or its SSE events (``content.iter_any``) ending in one
 ``[DONE]``; a provider's error becomes an OpenAI-shaped body with the provider's status, a failure to reach it a
 ConnectionError, its timeout an asyncio.TimeoutError, so fallbacks, cooldowns, usage, the cascade and the cache work

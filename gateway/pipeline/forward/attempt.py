@@ -10,8 +10,6 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import aiohttp
-
 from gateway.config.types import Adapter, Deployment, Model
 from gateway.errors import GatewayError
 from gateway.observability.metrics import UPSTREAM_ERRORS
@@ -21,6 +19,7 @@ from gateway.upstreams import translated
 from gateway.upstreams.client import UpstreamClient
 from gateway.upstreams.errors import UPSTREAM_FAILURES, Unreachable, from_exception, from_upstream_response
 from gateway.upstreams.fleet import AdapterLoadFailed, Fleet
+from gateway.upstreams.http1 import Response
 
 # Statuses that say the request itself is wrong: another deployment would answer the same.
 FINAL_STATUSES = frozenset((400, 413, 422))
@@ -33,7 +32,7 @@ class Answer:
     model: Model
     deployment: Deployment
     status: int
-    response: aiohttp.ClientResponse | None  # an open stream
+    response: Response | None  # an open stream
     body: bytes | None
     content_type: bytes
     attempt: dict  # this call's entry in ctx.attempts

@@ -1,8 +1,8 @@
 """Providers whose own APIs the gateway speaks itself (Anthropic's Messages API, Gemini's generateContent): a chat
-completions request is translated, sent on the pooled aiohttp client that OpenAI-compatible upstreams use, and the
+completions request is translated, sent on the pooled client that OpenAI-compatible upstreams use, and the
 answer translated back, whole or event by event.
 
-What comes back reads like the aiohttp response the forwarding stage gets from an OpenAI-compatible upstream: a
+What comes back reads like the response the forwarding stage gets from an OpenAI-compatible upstream: a
 status, a content type, OpenAI's body (``read``) or OpenAI's SSE events (``content.iter_any``) ending in one
 ``[DONE]``, a provider's error in OpenAI's shape with the provider's status; so fallbacks, cooldowns, usage, the
 cascade, the cache and the relay are the same on every path. A stream that breaks off, or an answer that cannot be
@@ -14,18 +14,18 @@ from __future__ import annotations
 
 from typing import AsyncIterator
 
-import aiohttp
 import orjson
 
 from gateway.config.types import Deployment
 from gateway.observability import metrics
 from gateway.upstreams.client import UpstreamClient
+from gateway.upstreams.http1 import Response
 from gateway.upstreams.sse import EventSplitter, event_data
 from gateway.upstreams.translated import anthropic, gemini
 from gateway.upstreams.translated.common import BrokenAnswer, error_body
 
 class TranslatedResponse:
-    def __init__(self, provider: str, response: aiohttp.ClientResponse, stream, whole) -> None:
+    def __init__(self, provider: str, response: Response, stream, whole) -> None:
         self.provider = provider
         self.status = response.status
         self._response = response
