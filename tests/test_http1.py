@@ -192,8 +192,8 @@ def test_chunked_eof_delimited_and_empty_bodies():
 
 def test_gzip_and_deflate_answers_are_undone_and_an_unknown_coding_is_refused():
     text = b'{"answer":"' + b"gateway " * 500 + b'"}'
-    answers = [ok(gzip.compress(text), b"Content-Encoding: gzip"), ok(zlib.compress(text), b"Content-Encoding: deflate"),
-               ok(b"....", b"Content-Encoding: br")]
+    answers = [ok(gzip.compress(text), b"Content-Encoding: gzip"),
+               ok(zlib.compress(text), b"Content-Encoding: deflate"), ok(b"....", b"Content-Encoding: br")]
 
     async def scenario():
         async with Server(lambda n, head, body: answers[n - 1]) as server:
@@ -348,3 +348,40 @@ def test_a_request_cancelled_while_waiting_closes_its_connection():
 
     server, answer = run(scenario())
     assert answer[0] == 200 and server.connections == 2
+
+
+def test_headers_without_end_are_broken_not_kept():
+    async def scenario():
+        async def endless(writer):
+            writer.write(b"HTTP/1.1 200 OK\r\n")
+            for i in range(5000):
+                writer.write(b"X-Filler-%d: %s\r\n" % (i, b"y" * 100))
+            await writer.drain()
+            await asyncio.sleep(2)
+
+        async with Server(lambda n, head, body: endless) as server:
+            client = Http1Client()
+            with pytest.raises(Broken, match="headers run past"):
+                await _post(client, server.url)
+            await client.close()
+
+    run(scenario())
+
+
+def test_an_answer_released_unread_closes_its_connection_and_the_next_request_gets_its_own():
+    """A large answer the gateway gave up on (paused past the high-water mark, never read to its end) is not left
+    on a connection that would be reused: the next request gets a new connection and its own answer."""
+    big = b"x" * (3 * 1024 * 1024)
+
+    async def scenario():
+        async with Server(lambda n, head, body: ok(big) if n == 1 else ok(b'{"next":1}')) as server:
+            client = Http1Client()
+            response = await client.post(server.url, b"{}", HEADERS, 2.0, 1.0)
+            await asyncio.sleep(0.1)
+            response.release()
+            answer = await _post(client, server.url, read_timeout=1.0)
+            await client.close()
+            return server, answer
+
+    server, answer = run(scenario())
+    assert answer[0] == 200 and answer[2] == b'{"next":1}' and server.connections == 2

@@ -35,6 +35,7 @@ import httptools
 
 KEEPALIVE_SECONDS = 60.0  # an idle connection older than this is not reused (servers close theirs after 5-75 s)
 HIGH_WATER = 256 * 1024  # bytes of an answer buffered before the connection stops reading
+MAX_HEAD_BYTES = 256 * 1024  # an answer's status line and headers; past this it is taken for broken
 _URL_CACHE_SIZE = 4096
 
 
@@ -170,7 +171,7 @@ class Response:
 class _Connection(asyncio.Protocol):
     __slots__ = ("loop", "origin", "client", "transport", "parser", "response", "_status_waiter", "_headers",
                  "_header_name", "_complete", "_keep_alive", "_length_known", "_timeout", "_timer", "_last_data",
-                 "_paused", "_closed", "_got_bytes", "idle_since", "reused")
+                 "_paused", "_closed", "_got_bytes", "_head_bytes", "idle_since", "reused")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, origin: _Origin, client: "Http1Client") -> None:
         self.loop = loop
@@ -191,6 +192,7 @@ class _Connection(asyncio.Protocol):
         self._paused = False
         self._closed = False
         self._got_bytes = False  # any byte of the current answer (a reused connection failing before is retried)
+        self._head_bytes = 0
         self.idle_since = 0.0
         self.reused = False
 
@@ -210,7 +212,10 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._fail(Broken("the upstream switched protocols"))
         except httptools.HttpParserError as exc:
-            self._fail(Broken(f"the upstream's answer could not be parsed: {exc}"))
+            cause = exc.__cause__ or exc.__context__  # raised by a callback here
+            if not isinstance(cause, Broken):
+                cause = Broken(f"the upstream's answer could not be parsed: {exc}")
+            self._fail(cause)
 
     def eof_received(self) -> bool:
         return False  # close the transport; connection_lost follows
@@ -235,6 +240,9 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks ----------------------------------------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_bytes += len(name) + len(value)
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise Broken(f"the upstream's headers run past {MAX_HEAD_BYTES} bytes")
         key = name.decode("latin-1").lower()
         text = value.decode("latin-1")
         if key in self._headers:  # repeated: joined as one value, as HTTP allows
@@ -273,6 +281,7 @@ class _Connection(asyncio.Protocol):
         self.response = None
         self._complete = False
         self._got_bytes = False
+        self._head_bytes = 0
         self._timeout = read_timeout
         self._last_data = self.loop.time()
         self._status_waiter = waiter = self.loop.create_future()
@@ -331,6 +340,7 @@ class _Connection(asyncio.Protocol):
             return
         self.response = None
         if self._complete and self._keep_alive and not self._closed and not self.client.closed:
+            self.resume()  # an answer released unread may have paused it
             self.idle_since = self.loop.time()
             self.reused = True
             self.origin.idle.append(self)
