@@ -35,6 +35,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # A run stopped with SIGTERM (a CI job's time limit, `timeout`) ends as Ctrl-C does: the fixtures' teardowns
+    # run, so no server a fixture started outlives the run.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+
+
 READY_SECONDS = float(os.environ.get("GATEWAY_TEST_READY_SECONDS", "90"))  # a loaded machine starts slowly
 
 
