@@ -58,6 +58,9 @@ class Settings:
     redis_failure_mode: str = "open"
     ledger_batch_size: int = 500
     ledger_flush_seconds: float = 0.2
+    # A tenant under half of every limit as last seen this long ago goes upstream while its admission is on the way
+    # (gateway.pipeline.limits); 0: every request waits for its admission.
+    limits_headroom_seconds: float = 1.0
     qdrant_url: str | None = None  # a Qdrant server; unset: qdrant-client's local mode in data_dir/qdrant
     qdrant_api_key: str | None = None
     retrieval_model: str = "all-minilm-l6-v2"  # the embedding model of vector stores and chats with retrieval
@@ -121,6 +124,8 @@ class Settings:
             redis_failure_mode=get("REDIS_FAILURE_MODE", _failure_mode, default.redis_failure_mode),
             ledger_batch_size=get("LEDGER_BATCH_SIZE", int, default.ledger_batch_size, POSITIVE),
             ledger_flush_seconds=get("LEDGER_FLUSH_SECONDS", float, default.ledger_flush_seconds, POSITIVE),
+            limits_headroom_seconds=get("LIMITS_HEADROOM_SECONDS", float, default.limits_headroom_seconds,
+                                        (lambda value: 0 <= value <= 60, "from 0 to 60")),
             ledger_retention_days=get("LEDGER_RETENTION_DAYS", int, default.ledger_retention_days, NOT_NEGATIVE),
             responses_retention_days=get("RESPONSES_RETENTION_DAYS", int, default.responses_retention_days,
                                          (lambda value: 1 <= value <= 3650, "from 1 to 3650")),

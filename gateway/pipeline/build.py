@@ -20,7 +20,7 @@ from gateway.pipeline.limits import EnforceLimits
 from gateway.pipeline.parse import read_json_body
 from gateway.pipeline.prompt import apply_system_prompt
 from gateway.pipeline.route import RouteRequest
-from gateway.pipeline.runner import Pipeline
+from gateway.pipeline.runner import Load, Pipeline
 from gateway.routing.share import ShareKeeper
 from gateway.stores.cache import ResponseCache
 from gateway.stores.ledger import Ledger
@@ -52,6 +52,7 @@ def build_pipeline(
     async def read_request(ctx: RequestContext) -> None:
         await read_json_body(ctx, max_body_bytes)
 
+    load = Load()
     stages = [
         Authenticate(config),  # who is calling (401 / 403)
         read_request,  # the body, and the fields the gateway acts on (400 / 413)
@@ -61,7 +62,7 @@ def build_pipeline(
         Retrieve(retrieval),  # "retrieval": the tenant's stores searched, the chunks given as context (404 / 409)
         LookupCache(cache, semantic),  # a repeat of an answered request is found; new answers are kept at the end
         RouteRequest(limiter, shares),  # "auto": complexity, profile, context window, budget; fits? (400)
-        EnforceLimits(limiter, refuse_without_redis),  # limits and budget reserved, settled at the end (429)
+        EnforceLimits(limiter, refuse_without_redis, load),  # limits and budget reserved, settled at the end (429)
         serve_cached,  # the cached answer, if there is one
         # deployments, fallbacks, cascade; the answer relayed as it comes
         Forward(client, selector or DeploymentSelector(), fleet, providers),
@@ -74,4 +75,5 @@ def build_pipeline(
         stages,
         log_prompts=log_prompts,
         ledger=ledger,  # every request, answered or refused, gets its row
+        load=load,
     )

@@ -46,7 +46,7 @@ class RequestContext:
         "route_example", "citations", "retrieval", "cascade_to", "cascaded", "confidence", "attempts",
         "cache_entry", "cache_hit", "semantic_similarity", "cache_capture", "answer_bytes", "answer_content_type",
         "adapter", "adapter_bypassed", "leases", "upstream_model", "tenant_paid_usd", "native_body", "native_answer",
-        "protocol_state", "guard", "answer_cut", "end_user",
+        "protocol_state", "guard", "answer_cut", "end_user", "walking", "abort_with",
     )
 
     def __init__(self, scope: Scope, receive: Receive, send: Send, config: GatewayConfig, endpoint: Endpoint) -> None:
@@ -117,6 +117,8 @@ class RequestContext:
         self.guard: Any = None  # the guardrails' verdict (gateway.guardrails.policy.Verdict), when the policy has rules
         self.answer_cut = False  # a guardrail ended the answer: the relay stops reading the upstream
         self.end_user: str | None | object = UNREAD_USER  # the tenant's end user, once read (pipeline.users)
+        self.walking = False  # the stages are running (the pipeline has not begun to finish the request)
+        self.abort_with: Any = None  # a GatewayError to answer with when the request's task is cancelled for it
 
     def failed_attempts(self) -> str | None:
         """The upstream calls that failed, as "deployment:status,...", or None."""

@@ -2,10 +2,17 @@
 
 Refusals are OpenAI's 429s with Retry-After; every answer that was counted carries OpenAI's
 x-ratelimit-{limit,remaining,reset}-{requests,tokens} headers (per-minute windows).
+
+On a quiet worker (fewer than QUIET_BELOW requests in flight), a tenant that was under half of every limit a moment
+ago (``Limiter.clear_of_limits``) does not wait for Redis: its request goes upstream while its admission is on the
+way, and the answer waits for the admission before its first byte (``AdmissionUnderWay``). The count is as exact as
+ever (the same script admits every request); what changes is that a refusal nobody expected (other replicas used
+the other half of a limit within that moment) stops an upstream call already started instead of preventing it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from gateway.errors import GatewayError
@@ -13,14 +20,19 @@ from gateway.observability import metrics
 from gateway.pipeline.tokens import reserved_prompt_tokens
 from gateway.tokens import completion_reservation
 from gateway.pipeline.context import RequestContext
+from gateway.pipeline.runner import Load
 from gateway.pipeline.users import end_user
 from gateway.stores.limits import NANO, Admission, Limiter
 
 
+QUIET_BELOW = 4  # requests in flight in the worker under which a request need not wait for its admission
+
+
 class EnforceLimits:
-    def __init__(self, limiter: Limiter, refuse_when_unavailable: bool) -> None:
+    def __init__(self, limiter: Limiter, refuse_when_unavailable: bool, load: Load | None = None) -> None:
         self.limiter = limiter
         self.refuse_when_unavailable = refuse_when_unavailable
+        self.load = load or Load()
 
     async def __call__(self, ctx: RequestContext) -> None:
         body = ctx.body
@@ -41,26 +53,102 @@ class EnforceLimits:
             raise GatewayError(400, "This tenant's requests must name their end user: the body's 'user' (or "
                                     "X-OpenWebUI-User-Id).", param="user", code="end_user_required")
         plan = self.limiter.plan(ctx.tenant, ctx.api_key, now, ctx.config.request_timeout, user)
-        admission = await self.limiter.admit(plan, ctx.request_id, prompt + completion, cost_nano, now)
-        ctx.reserved_tokens = prompt + completion
+        tokens = prompt + completion
+        ctx.reserved_tokens = tokens
         ctx.reserved_cost_nano = cost_nano
-        if admission.degraded:
-            if self.refuse_when_unavailable:
-                raise GatewayError(503, "The gateway cannot check this tenant's limits right now; try again shortly.",
-                                   type="server_error", code="limits_unavailable", headers={"retry-after": "1"})
-            ctx.limits_degraded = True
+        # Under load, the admission's round trip is shared with other requests' (one write, one read) and hidden by
+        # their queueing, and not waiting for it would cost CPU; on a quiet worker it is the request's own latency.
+        if (self.load.in_flight < QUIET_BELOW and ctx.cache_entry is None
+                and self.limiter.clear_of_limits(plan, tokens, cost_nano, now)):
+            AdmissionUnderWay(self, ctx, plan, tokens, cost_nano, now)
             return
-        rate_headers = _rate_headers(admission, now)
-        if not admission.admitted:
-            metrics.LIMIT_REFUSALS.labels(ctx.tenant.id, admission.refused.name).inc()
-            ctx.response_headers += rate_headers
-            raise _refusal(admission, now, ctx)
-        ctx.response_headers += rate_headers
+        admission = await self.limiter.admit(plan, ctx.request_id, tokens, cost_nano, now)
+        refusal = self.outcome(ctx, admission, now)
+        if refusal is not None:
+            raise refusal
 
         async def settle(ctx: RequestContext) -> None:
             self.limiter.settle(admission, ctx.request_id, _actual(ctx))
 
         ctx.on_finish(settle)
+
+    def outcome(self, ctx: RequestContext, admission: Admission, now: float) -> GatewayError | None:
+        """What an admission means for its request: the refusal to answer with, or None (the rate headers added to
+        the answer's, or the request marked as not counted while Redis is away)."""
+        if admission.degraded:
+            if self.refuse_when_unavailable:
+                return GatewayError(503, "The gateway cannot check this tenant's limits right now; try again shortly.",
+                                    type="server_error", code="limits_unavailable", headers={"retry-after": "1"})
+            ctx.limits_degraded = True
+            return None
+        ctx.response_headers += _rate_headers(admission, now)
+        if not admission.admitted:
+            metrics.LIMIT_REFUSALS.labels(ctx.tenant.id, admission.refused.name).inc()
+            return _refusal(admission, now, ctx)
+        return None
+
+
+class AdmissionUnderWay:
+    """A request sent upstream while its admission is on its way to Redis.
+
+    The answer's first message waits for the admission (and gets its rate headers); a refusal heard while the
+    upstream is still being asked cancels the request's task, which the pipeline answers with the refusal
+    (``ctx.abort_with``); the settle at the end waits for the admission too. Nothing awaits Redis meanwhile: the
+    admission's reply calls ``_answered``.
+    """
+
+    __slots__ = ("stage", "ctx", "now", "task", "send_on", "admission", "refusal", "rate_headers", "known",
+                 "answering")
+
+    def __init__(self, stage: EnforceLimits, ctx: RequestContext, plan, tokens: int, cost_nano: int,
+                 now: float) -> None:
+        self.stage, self.ctx, self.now = stage, ctx, now
+        self.task = asyncio.current_task()
+        self.send_on = ctx.send
+        self.admission: Admission | None = None
+        self.refusal: GatewayError | None = None
+        self.rate_headers: list = []
+        self.known: asyncio.Future | None = None  # made only when someone must wait for the admission
+        self.answering = False  # the answer's first message is being sent: too late to cancel
+        ctx.send = self.send
+        ctx.on_finish(self.settle)
+        stage.limiter.admit_started(plan, ctx.request_id, tokens, cost_nano, now, self._answered)
+
+    def _answered(self, admission: Admission) -> None:
+        ctx = self.ctx
+        self.admission = admission
+        before = len(ctx.response_headers)
+        self.refusal = self.stage.outcome(ctx, admission, self.now)
+        self.rate_headers = ctx.response_headers[before:]
+        if self.known is not None and not self.known.done():
+            self.known.set_result(None)
+        if self.refusal is not None and not self.answering and ctx.walking and not ctx.responded:
+            ctx.send = self.send_on
+            ctx.abort_with = self.refusal
+            self.task.cancel()
+
+    async def _admitted(self) -> Admission:
+        if self.admission is None:
+            if self.known is None:
+                self.known = asyncio.get_running_loop().create_future()
+            await self.known
+        return self.admission
+
+    async def send(self, message: dict) -> None:
+        if message["type"] == "http.response.start" and not self.answering:
+            self.answering = True
+            await self._admitted()
+            self.ctx.send = self.send_on
+            if self.refusal is not None and message["status"] < 400:
+                raise self.refusal  # the pipeline answers with it
+            rate_headers = self.rate_headers
+            headers = message.get("headers") or []
+            if rate_headers and rate_headers[0] not in headers:  # sent before Redis answered
+                message = {**message, "headers": [*headers, *rate_headers]}
+        await self.send_on(message)
+
+    async def settle(self, ctx: RequestContext) -> None:
+        self.stage.limiter.settle(await self._admitted(), ctx.request_id, _actual(ctx))
 
 
 def _paid_by_tenant(ctx: RequestContext) -> bool:

@@ -7,6 +7,7 @@ once the request is over (settling a reservation, say). The last stage forwards 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Awaitable, Callable, Sequence
 
@@ -21,13 +22,26 @@ log = logging.getLogger("gateway.pipeline")
 Stage = Callable[[RequestContext], Awaitable[None]]
 
 
+class Load:
+    """How many requests the pipeline is serving in this worker now (stages may act differently under load)."""
+
+    __slots__ = ("in_flight",)
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+
+
 class Pipeline:
-    def __init__(self, stages: Sequence[Stage], log_prompts: bool = False, ledger: Ledger | None = None) -> None:
+    def __init__(self, stages: Sequence[Stage], log_prompts: bool = False, ledger: Ledger | None = None,
+                 load: Load | None = None) -> None:
         self.stages = tuple(stages)
         self.log_prompts = log_prompts
         self.ledger = ledger
+        self.load = load or Load()
 
     async def run(self, ctx: RequestContext) -> None:
+        ctx.walking = True
+        self.load.in_flight += 1
         try:
             for stage in self.stages:
                 await stage(ctx)
@@ -39,11 +53,18 @@ class Pipeline:
             ctx.client_disconnected = True
             ctx.status = 499  # the client closed the request before its answer was complete
             ctx.error_type = "client_disconnected"
+        except asyncio.CancelledError:
+            if ctx.abort_with is None:
+                raise
+            asyncio.current_task().uncancel()  # cancelled to stop the upstream call: answered with why
+            await self._refuse(ctx, ctx.abort_with)
         except Exception:
             log.exception("request %s failed inside the gateway", ctx.request_id)
             await self._refuse(ctx, GatewayError(500, "The gateway failed to process this request.",
                                                  type="server_error", code="internal_error"))
         finally:
+            ctx.walking = False
+            self.load.in_flight -= 1
             for finisher in reversed(ctx.finishers):
                 try:
                     await finisher(ctx)

@@ -19,6 +19,11 @@ is that usage leaves the count up to a bucket's length late (2 s for a minute); 
 margin): a worker that dies, or a settle that never reaches Redis, cannot hold a slot for longer than a request
 may last. The budget is a counter for the calendar month.
 
+**Headroom.** Each admission's answer says how far the tenant is from every limit; a worker keeps the last one per
+plan, with what it has sent since and not yet heard back about. A request of a tenant that was under half of every
+limit a moment ago (``clear_of_limits``) need not wait for its admission before its upstream call starts
+(``gateway.pipeline.limits``): the count stays exact, as every request is still admitted by the script.
+
 **Settles are never lost to a short Redis outage.** A settle that could not be sent is kept and sent again until
 Redis takes it. It is idempotent: it corrects tokens and spend only if it also removed the request from the
 in-flight set, so a settle sent twice (its first reply lost) counts once.
@@ -33,6 +38,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Callable
 
 from gateway.config.types import ApiKey, Tenant
 from gateway.observability import metrics
@@ -246,6 +252,25 @@ class Admission:
         return None if milliseconds < 0 else now + milliseconds / 1000
 
 
+def _amounts(plan: "_Plan", tokens: int, cost_nano: int) -> tuple[int, ...]:
+    """What a request counts against each of the plan's checks."""
+    return tuple(tokens if c.kind == "tokens" else cost_nano if c.kind == "budget" else 1 for c in plan.checks)
+
+
+def _admit_command(plan: "_Plan", request_id: str, amounts: tuple[int, ...], now_ms: int) -> bytes:
+    parts = [plan.head, bulk(now_ms), bulk(request_id)]
+    for (kind, limit, a, b), amount in zip(plan.bounds, amounts):
+        parts += (kind, limit, bulk(amount), a, b)
+    return b"".join(parts)
+
+
+def _count_outstanding(plan: "_Plan", amounts: tuple[int, ...], sign: int) -> None:
+    """What this worker has sent against the plan's checks and not yet heard back about (see clear_of_limits)."""
+    outstanding = plan.outstanding
+    for i, amount in enumerate(amounts):
+        outstanding[i] += sign * amount
+
+
 _SETTLED_KINDS = ("tokens", "budget")  # reserved at the worst case, corrected to the real amount at the end
 
 
@@ -255,8 +280,9 @@ def _window(name: str, key: str, limit: int | None, kind: str, seconds: int) -> 
 
 
 class Limiter:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, headroom_seconds: float = 1.0) -> None:
         self.client = redis_client(url, connect_timeout=0.5, timeout=1.0)
+        self.headroom_seconds = headroom_seconds  # how long an admission's view of the headroom is trusted
         self._admit = Script(_ADMIT)
         self._settle = Script(_SETTLE)
         self._down_until = 0.0
@@ -330,24 +356,82 @@ class Limiter:
                                   key_limits.tokens_per_minute, "tokens", 60))
         return tuple(checks)
 
+    def clear_of_limits(self, plan: "_Plan", tokens: int, cost_nano: int, now: float) -> bool:
+        """Whether, as the plan's last admission answer (at most ``headroom_seconds`` old) said, and counting what
+        this worker sent since without an answer yet and this request, the tenant stays under half of every limit."""
+        seen_at, left = plan.seen_at, plan.left
+        if left is None or now - seen_at > self.headroom_seconds or now < self._down_until:
+            return False
+        outstanding = plan.outstanding
+        for i, check in enumerate(plan.checks):
+            if check.limit is None:
+                continue
+            amount = tokens if check.kind == "tokens" else cost_nano if check.kind == "budget" else 1
+            if left[i] - outstanding[i] - amount < check.limit // 2:
+                return False
+        return True
+
     async def admit(self, plan: "_Plan", request_id: str, tokens: int, cost_nano: int, now: float) -> Admission:
-        checks = plan.checks
-        amounts = tuple(tokens if c.kind == "tokens" else cost_nano if c.kind == "budget" else 1 for c in checks)
+        amounts = _amounts(plan, tokens, cost_nano)
         if now < self._down_until:
             return Admission(admitted=True, plan=plan, amounts=amounts, degraded=True)
         now_ms = int(now * 1000)
-        parts = [plan.head, bulk(now_ms), bulk(request_id)]
-        for (kind, limit, a, b), amount in zip(plan.bounds, amounts):
-            parts += (kind, limit, bulk(amount), a, b)
+        _count_outstanding(plan, amounts, 1)
         try:
-            result = await self.client.run_packed_script(self._admit, b"".join(parts))
+            result = await self.client.run_packed_script(self._admit, _admit_command(plan, request_id, amounts, now_ms))
         except _FAILURES as exc:
-            self._mark_down(exc)
-            return Admission(admitted=True, plan=plan, amounts=amounts, degraded=True)
+            return self._unanswered(plan, amounts, exc)
+        finally:
+            _count_outstanding(plan, amounts, -1)
+        return self._answered(plan, amounts, now_ms, result)
+
+    def admit_started(self, plan: "_Plan", request_id: str, tokens: int, cost_nano: int, now: float,
+                      on_answer: Callable[[Admission], None]) -> None:
+        """Send the admission at once and call ``on_answer`` with it when Redis answers; nobody awaits it. The long
+        way (a task awaiting ``admit``) when the client cannot send a command at once or Redis lacks the script."""
+        amounts = _amounts(plan, tokens, cost_nano)
+        now_ms = int(now * 1000)
+        start = getattr(self.client, "start_packed", None)  # a Redis Cluster client has none
+        future = start(_admit_command(plan, request_id, amounts, now_ms)) if start is not None else None
+
+        def the_long_way() -> None:
+            task = asyncio.get_running_loop().create_task(self.admit(plan, request_id, tokens, cost_nano, now))
+            task.add_done_callback(lambda done: on_answer(done.result()))
+
+        if future is None:
+            the_long_way()
+            return
+        _count_outstanding(plan, amounts, 1)
+
+        def answered(reply_future: asyncio.Future) -> None:
+            _count_outstanding(plan, amounts, -1)
+            reply = reply_future.result() if reply_future.exception() is None else reply_future.exception()
+            if isinstance(reply, ReplyError):
+                self.client._on_error(reply)
+                if str(reply).startswith("NOSCRIPT"):
+                    the_long_way()
+                    return
+            if isinstance(reply, BaseException):
+                on_answer(self._unanswered(plan, amounts, reply))
+            else:
+                on_answer(self._answered(plan, amounts, now_ms, reply))
+
+        future.add_done_callback(answered)
+
+    def _unanswered(self, plan: "_Plan", amounts: tuple[int, ...], exc: BaseException) -> Admission:
+        self._mark_down(exc)
+        plan.left = None
+        return Admission(admitted=True, plan=plan, amounts=amounts, degraded=True)
+
+    def _answered(self, plan: "_Plan", amounts: tuple[int, ...], now_ms: int, result: list) -> Admission:
+        checks = plan.checks
+        refused = result[0]
+        plan.seen_at = time.time()
+        plan.left = None if refused else [
+            (c.limit - result[1 + i]) if c.limit is not None else 0 for i, c in enumerate(checks)]
         if self._down_until or not self.available:
             self._mark_up()
         budget = plan.budget_index
-        refused = result[0]
         if budget is not None:
             spent = result[1 + budget] + (amounts[budget] if refused == budget + 1 else 0)
             self._budget_share[plan.budget_key] = spent / checks[budget].limit
@@ -473,7 +557,7 @@ class _Plan:
     """A tenant and key's checks for one month, with what every request's admit and settle commands share."""
 
     __slots__ = ("tenant", "key", "month", "checks", "head", "bounds", "budget_index", "budget_key", "settled",
-                 "settle_head", "set_count", "header_checks")
+                 "settle_head", "set_count", "header_checks", "seen_at", "left", "outstanding")
 
     def __init__(self, tenant: Tenant, key: ApiKey, month: str, checks: tuple[Check, ...], admit: Script,
                  settle: Script) -> None:
@@ -497,6 +581,11 @@ class _Plan:
             (i, b"requests" if c.kind == "requests" else b"tokens", str(c.limit).encode(), c.limit)
             for i, c in enumerate(checks) if c.limit is not None and c.name in ("requests per minute",
                                                                                "tokens per minute"))
+        # Headroom (Limiter.clear_of_limits): per check, what was left of its limit when this worker last heard
+        # (None after a refusal or a failure), and what it has sent since without an answer yet.
+        self.seen_at = 0.0
+        self.left: list[int] | None = None
+        self.outstanding = [0] * len(checks)
 
 
 def _user_checks(tenant: Tenant, user: str, month: str) -> tuple[Check, ...]:

@@ -226,6 +226,16 @@ class Redis:
             raise reply
         return reply
 
+    def start_packed(self, command: bytes) -> asyncio.Future | None:
+        """Send a command already in RESP form without waiting for it: the future of its reply (an error reply is
+        its result, not raised), or None when there is no connection yet (then ``send_packed``)."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            return None
+        future = asyncio.get_running_loop().create_future()
+        protocol.send(command, future)
+        return future
+
     def _on_error(self, error: ReplyError) -> None:
         """An error reply that says this connection is to the wrong server (a master demoted to a replica, or
         loading) drops it: the next command connects anew."""
