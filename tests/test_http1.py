@@ -385,3 +385,54 @@ def test_an_answer_released_unread_closes_its_connection_and_the_next_request_ge
 
     server, answer = run(scenario())
     assert answer[0] == 200 and answer[2] == b'{"next":1}' and server.connections == 2
+
+
+def test_https_upstreams_are_verified(tmp_path, monkeypatch):
+    """An https upstream whose certificate the machine trusts (here through SSL_CERT_FILE, as OpenSSL reads it)
+    answers over TLS on a kept-alive connection; one it does not trust is unreachable, with why."""
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+
+    async def scenario(trusted: bool):
+        connections = []
+
+        async def serve(reader, writer):
+            connections.append(writer)
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
+                    return
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                writer.write(ok(b'{"tls":true}'))
+                await writer.drain()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_tls)
+        url = f"https://localhost:{server.sockets[0].getsockname()[1]}/v1/chat/completions"
+        client = Http1Client()
+        try:
+            if not trusted:
+                with pytest.raises(Unreachable, match="TLS"):
+                    await client.post(url, b"{}", HEADERS, 2.0, 5.0)
+                return None
+            return [await _post(client, url) for _ in range(3)], len(connections)
+        finally:
+            await client.close()
+            for writer in connections:
+                writer.close()
+            server.close()
+
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    answers, connections = run(scenario(trusted=True))
+    assert [a[2] for a in answers] == [b'{"tls":true}'] * 3 and connections == 1
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "nothing.pem"))
+    monkeypatch.setenv("SSL_CERT_DIR", str(tmp_path))
+    run(scenario(trusted=False))
