@@ -72,7 +72,8 @@ def test_requests_per_minute_is_exact_across_two_gateways(sim, tmp_path):
 
 def test_one_gateway_with_two_workers_keeps_limits_exact_and_every_row(sim, stores, tmp_path):
     """``serve --workers 2``: both worker processes share the stores, so a limit holds across them and every
-    answer, served or refused, has its ledger row."""
+    answer, served or refused, has its ledger row, and its log line whole (the workers share stdout, each writing
+    its lines in batches)."""
     from gateway.stores.embedded import free_port
 
     key, tenant = generate_key(), _unique("workers")
@@ -87,6 +88,9 @@ def test_one_gateway_with_two_workers_keeps_limits_exact_and_every_row(sim, stor
     finally:
         gateway.stop()
     assert statuses.count(200) == 25 and statuses.count(429) == 55
+    logged = [line["status"] for line in gateway.log_lines() if line.get("event") == "request"
+              and line.get("tenant") == tenant]
+    assert sorted(logged) == [200] * 25 + [429] * 55
     rows = stores.query("SELECT status, count(*) AS n FROM usage_ledger WHERE tenant_id = $1 GROUP BY status", tenant)
     assert {row["status"]: row["n"] for row in rows} == {200: 25, 429: 55}
 

@@ -106,3 +106,33 @@ def test_a_cluster_node_of_unknown_address_is_never_taken_for_6379():
     asyncio.run(cluster._read_slots())
     assert cluster.slots[0] == ("127.0.0.1", 7001)
     assert cluster.slots[16383] is None  # unknown, not 127.0.0.1:6379 (nor :0)
+
+
+def test_an_answer_of_known_length_is_written_once_and_a_streams_head_at_once():
+    from gateway.http_protocol import _HeadHolder
+
+    class Transport:
+        def __init__(self):
+            self.writes, self.closed = [], False
+
+        def write(self, data):
+            self.writes.append(data)
+
+        def close(self):
+            self.closed = True
+
+        def is_closing(self):
+            return self.closed
+
+    transport = Transport()
+    holder = _HeadHolder(transport)
+    holder.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n")
+    assert transport.writes == []  # held for its body
+    holder.write(b"{}")
+    assert transport.writes == [
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"]
+    holder.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n")
+    assert len(transport.writes) == 2  # a stream's head: at once
+    holder.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 5\r\n\r\n")
+    holder.close()  # the app failed before the body: the head goes, then the connection closes
+    assert transport.writes[-1].startswith(b"HTTP/1.1 500") and transport.closed and holder.is_closing()

@@ -152,3 +152,4 @@ def _wait_for_log(gateway, predicate, timeout: float = 5.0) -> dict:
                 return line
         time.sleep(0.05)
     raise AssertionError("no matching log line")
+
