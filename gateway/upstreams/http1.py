@@ -170,8 +170,8 @@ class Response:
 
 class _Connection(asyncio.Protocol):
     __slots__ = ("loop", "origin", "client", "transport", "parser", "response", "_status_waiter", "_headers",
-                 "_header_name", "_complete", "_keep_alive", "_length_known", "_timeout", "_timer", "_last_data",
-                 "_paused", "_closed", "_got_bytes", "_head_bytes", "idle_since", "reused")
+                 "_complete", "_keep_alive", "_length_known", "_timeout", "_timer", "_last_data",
+                 "_paused", "_closed", "_got_bytes", "_head_bytes", "idle_since")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, origin: _Origin, client: "Http1Client") -> None:
         self.loop = loop
@@ -182,7 +182,6 @@ class _Connection(asyncio.Protocol):
         self.response: Response | None = None
         self._status_waiter: asyncio.Future | None = None
         self._headers = Headers()
-        self._header_name = b""
         self._complete = False
         self._keep_alive = False
         self._length_known = False  # Content-Length or chunked: else the body runs to the connection's end
@@ -194,7 +193,6 @@ class _Connection(asyncio.Protocol):
         self._got_bytes = False  # any byte of the current answer (a reused connection failing before is retried)
         self._head_bytes = 0
         self.idle_since = 0.0
-        self.reused = False
 
     # -- asyncio.Protocol -------------------------------------------------------------------------------------------
 
@@ -342,7 +340,6 @@ class _Connection(asyncio.Protocol):
         if self._complete and self._keep_alive and not self._closed and not self.client.closed:
             self.resume()  # an answer released unread may have paused it
             self.idle_since = self.loop.time()
-            self.reused = True
             self.origin.idle.append(self)
         else:
             self.close()
