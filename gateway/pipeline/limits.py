@@ -110,9 +110,9 @@ class AdmissionUnderWay:
         self.rate_headers: list = []
         self.known: asyncio.Future | None = None  # made only when someone must wait for the admission
         self.answering = False  # the answer's first message is being sent: too late to cancel
-        ctx.send = self.send
-        ctx.on_finish(self.settle)
         stage.limiter.admit_started(plan, ctx.request_id, tokens, cost_nano, now, self._answered)
+        ctx.send = self.send  # only once the admission is on its way: nothing may wait for one never sent
+        ctx.on_finish(self.settle)
 
     def _answered(self, admission: Admission) -> None:
         ctx = self.ctx

@@ -396,7 +396,16 @@ class Limiter:
 
         def the_long_way() -> None:
             task = asyncio.get_running_loop().create_task(self.admit(plan, request_id, tokens, cost_nano, now))
-            task.add_done_callback(lambda done: on_answer(done.result()))
+
+            def done(task: asyncio.Task) -> None:
+                error = task.exception() if not task.cancelled() else asyncio.CancelledError()
+                if error is not None:  # admit() answers Redis's failures itself: this is anything else
+                    log.error("an admission failed: %r", error)
+                    on_answer(Admission(admitted=True, plan=plan, amounts=amounts, degraded=True))
+                else:
+                    on_answer(task.result())
+
+            task.add_done_callback(done)
 
         if future is None:
             the_long_way()
