@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable
 from urllib.parse import urlparse
 
-from gateway.stores.resp import Redis, RedisUnavailable, ReplyError, Script, host_port, pack
+from gateway.stores.resp import Redis, RedisUnavailable, ReplyError, Script, host_port, outcome, pack
 
 log = logging.getLogger("gateway.redis")
 
@@ -166,6 +166,12 @@ class ClusterRedis:
 
     async def run_packed_script(self, script: Script, command: bytes) -> Any:
         return await self._routed(command, lambda node: node.run_packed_script(script, command))
+
+    def run_packed_soon(self, script: Script, command: bytes, on_reply: Callable[[Any], None]) -> None:
+        """As ``Redis.run_packed_soon``, always the routed way (in a task): the reply or the exception that stopped
+        it goes to ``on_reply``."""
+        task = asyncio.get_running_loop().create_task(self.run_packed_script(script, command))
+        task.add_done_callback(lambda done: on_reply(outcome(done)))
 
     def run_packed_nowait(self, script: Script, command: bytes, on_error: Callable[[BaseException], None]) -> None:
         """As ``Redis.run_packed_nowait``; a command that must go elsewhere (moved, node gone) takes the routed

@@ -362,12 +362,9 @@ class Limiter:
         seen_at, left = plan.seen_at, plan.left
         if left is None or now - seen_at > self.headroom_seconds or now < self._down_until:
             return False
-        outstanding = plan.outstanding
-        for i, check in enumerate(plan.checks):
-            if check.limit is None:
-                continue
-            amount = tokens if check.kind == "tokens" else cost_nano if check.kind == "budget" else 1
-            if left[i] - outstanding[i] - amount < check.limit // 2:
+        for check, room, outstanding, amount in zip(plan.checks, left, plan.outstanding,
+                                                    _amounts(plan, tokens, cost_nano)):
+            if check.limit is not None and room - outstanding - amount < check.limit // 2:
                 return False
         return True
 
@@ -387,45 +384,22 @@ class Limiter:
 
     def admit_started(self, plan: "_Plan", request_id: str, tokens: int, cost_nano: int, now: float,
                       on_answer: Callable[[Admission], None]) -> None:
-        """Send the admission at once and call ``on_answer`` with it when Redis answers; nobody awaits it. The long
-        way (a task awaiting ``admit``) when the client cannot send a command at once or Redis lacks the script."""
+        """Send the admission at once and call ``on_answer`` with it when Redis answers; nobody awaits it."""
         amounts = _amounts(plan, tokens, cost_nano)
         now_ms = int(now * 1000)
-        start = getattr(self.client, "start_packed", None)  # a Redis Cluster client has none
-        future = start(_admit_command(plan, request_id, amounts, now_ms)) if start is not None else None
-
-        def the_long_way() -> None:
-            task = asyncio.get_running_loop().create_task(self.admit(plan, request_id, tokens, cost_nano, now))
-
-            def done(task: asyncio.Task) -> None:
-                error = task.exception() if not task.cancelled() else asyncio.CancelledError()
-                if error is not None:  # admit() answers Redis's failures itself: this is anything else
-                    log.error("an admission failed: %r", error)
-                    on_answer(Admission(admitted=True, plan=plan, amounts=amounts, degraded=True))
-                else:
-                    on_answer(task.result())
-
-            task.add_done_callback(done)
-
-        if future is None:
-            the_long_way()
-            return
         _count_outstanding(plan, amounts, 1)
 
-        def answered(reply_future: asyncio.Future) -> None:
+        def answered(reply) -> None:
             _count_outstanding(plan, amounts, -1)
-            reply = reply_future.result() if reply_future.exception() is None else reply_future.exception()
-            if isinstance(reply, ReplyError):
-                self.client._on_error(reply)
-                if str(reply).startswith("NOSCRIPT"):
-                    the_long_way()
-                    return
-            if isinstance(reply, BaseException):
-                on_answer(self._unanswered(plan, amounts, reply))
-            else:
+            if not isinstance(reply, BaseException):
                 on_answer(self._answered(plan, amounts, now_ms, reply))
+            elif isinstance(reply, _FAILURES):
+                on_answer(self._unanswered(plan, amounts, reply))
+            else:  # not Redis's failure: not counted, and said
+                log.error("an admission failed: %r", reply)
+                on_answer(Admission(admitted=True, plan=plan, amounts=amounts, degraded=True))
 
-        future.add_done_callback(answered)
+        self.client.run_packed_soon(self._admit, _admit_command(plan, request_id, amounts, now_ms), answered)
 
     def _unanswered(self, plan: "_Plan", amounts: tuple[int, ...], exc: BaseException) -> Admission:
         self._mark_down(exc)

@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import unquote, urlparse
 
 import hiredis
@@ -154,6 +154,18 @@ def _database(parsed) -> str:
     return parsed.path.strip("/")
 
 
+def outcome(future: asyncio.Future) -> Any:
+    """A finished future's result, or the exception that ended it (CancelledError if it was cancelled)."""
+    if future.cancelled():
+        return asyncio.CancelledError()
+    return future.exception() or future.result()
+
+
+def _report_failure(reply: Any, on_error: Callable[[BaseException], None]) -> None:
+    if isinstance(reply, BaseException) and not isinstance(reply, asyncio.CancelledError):
+        on_error(reply)
+
+
 class Script:
     def __init__(self, source: str) -> None:
         self.source = source
@@ -226,16 +238,6 @@ class Redis:
             raise reply
         return reply
 
-    def start_packed(self, command: bytes) -> asyncio.Future | None:
-        """Send a command already in RESP form without waiting for it: the future of its reply (an error reply is
-        its result, not raised), or None when there is no connection yet (then ``send_packed``)."""
-        protocol = self._protocol
-        if protocol is None or protocol.closed:
-            return None
-        future = asyncio.get_running_loop().create_future()
-        protocol.send(command, future)
-        return future
-
     def _on_error(self, error: ReplyError) -> None:
         """An error reply that says this connection is to the wrong server (a master demoted to a replica, or
         loading) drops it: the next command connects anew."""
@@ -243,29 +245,28 @@ class Redis:
             self._protocol.abort(RedisUnavailable(str(error)))
             self._protocol = None
 
-    def run_packed_nowait(self, script: Script, command: bytes, on_error) -> None:
-        """Run an EVALSHA of ``script`` already in RESP form whose answer nobody waits for; ``on_error(exc)`` hears
-        of a failure.
+    def run_packed_soon(self, script: Script, command: bytes, on_reply: Callable[[Any], None],
+                        deferred: bool = False) -> None:
+        """Run an EVALSHA of ``script`` already in RESP form without waiting for it: ``on_reply`` gets its reply,
+        or the exception that stopped it (an error reply among them). Sent at once on the open connection; the long
+        way (a task through run_packed_script, which connects and loads the script) when there is none or Redis
+        lacks the script. ``deferred``: it may wait up to DEFER_SECONDS to share a write (nobody waits for it).
 
-        Saves the caller a wake-up per command (the settle after each request needs no answer).
-        """
+        Saves the caller a wake-up per command."""
         loop = asyncio.get_running_loop()
 
         def the_long_way() -> None:
-            """Through run_packed_script: it connects, and loads the script if Redis lacks it."""
             task = loop.create_task(self.run_packed_script(script, command))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception() is None or on_error(t.exception()))
+            task.add_done_callback(lambda done: on_reply(outcome(done)))
 
         def done(future: asyncio.Future) -> None:
-            error = future.exception() if not future.cancelled() else None
-            if error is None and isinstance(future.result(), ReplyError):
-                error = future.result()
-            if isinstance(error, ReplyError):
-                self._on_error(error)
-            if isinstance(error, ReplyError) and str(error).startswith("NOSCRIPT"):
-                the_long_way()
-            elif error is not None:
-                on_error(error)
+            reply = outcome(future)
+            if isinstance(reply, ReplyError):
+                self._on_error(reply)
+                if str(reply).startswith("NOSCRIPT"):
+                    the_long_way()
+                    return
+            on_reply(reply)
 
         protocol = self._protocol
         if protocol is None or protocol.closed:
@@ -273,7 +274,12 @@ class Redis:
             return
         future = loop.create_future()
         future.add_done_callback(done)
-        protocol.send(command, future, deferred=True)
+        protocol.send(command, future, deferred=deferred)
+
+    def run_packed_nowait(self, script: Script, command: bytes, on_error: Callable[[BaseException], None]) -> None:
+        """Run an EVALSHA of ``script`` already in RESP form whose answer nobody waits for (the settle after each
+        request); ``on_error(exc)`` hears of a failure."""
+        self.run_packed_soon(script, command, lambda reply: _report_failure(reply, on_error), deferred=True)
 
     async def run_script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         return await self.run_packed_script(script, pack(("EVALSHA", script.sha, len(keys), *keys, *args)))
