@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 import orjson
 
 from gateway.config.types import Deployment
@@ -59,15 +58,15 @@ def _parse(body: bytes) -> tuple[str | None, str | None, str | None, object]:
 
 def from_exception(deployment: Deployment, exc: BaseException) -> GatewayError:
     """A failure to get an answer at all: timeouts, refused connections, broken responses (from the gateway's own
-    client, gateway.upstreams.http1, or from aiohttp's on the fleet's and LiteLLM's paths)."""
-    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+    client, gateway.upstreams.http1, or LiteLLM's path, which raises the same kinds)."""
+    if isinstance(exc, asyncio.TimeoutError):
         return GatewayError(
             504,
             f"The upstream of deployment '{deployment.name}' did not answer in time "
             f"(connect timeout {deployment.connect_timeout:g} s, read timeout {deployment.read_timeout:g} s).",
             type="timeout_error", code="upstream_timeout",
         )
-    if isinstance(exc, (aiohttp.ClientConnectorError, Unreachable)):
+    if isinstance(exc, Unreachable):
         return GatewayError(
             502, f"The upstream of deployment '{deployment.name}' could not be reached.",
             type="upstream_error", code="upstream_unreachable",
@@ -78,4 +77,4 @@ def from_exception(deployment: Deployment, exc: BaseException) -> GatewayError:
     )
 
 
-UPSTREAM_FAILURES = (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError)
+UPSTREAM_FAILURES = (asyncio.TimeoutError, ConnectionError)
