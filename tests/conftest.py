@@ -75,21 +75,27 @@ def http_request(port: int, method: str, path: str, body: bytes | None = None,
         connection.close()
 
 
-def processes_with_env(name: str, value: str, exact: bool = False) -> list[int]:
-    """The processes on this machine whose environment has ``name`` set to ``value`` (or to a value starting with
-    it): what a test started, found even when it was orphaned."""
-    wanted = f"{name}={value}".encode()
+def processes_where(matches) -> list[int]:
+    """The processes on this machine for whose /proc folder ``matches`` is true (one gone meanwhile, or not
+    readable, is left out)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
+            if matches(entry):
+                found.append(int(entry.name))
         except OSError:
             continue
-        if any(v == wanted if exact else v.startswith(wanted) for v in environ):
-            found.append(int(entry.name))
     return found
+
+
+def processes_with_env(name: str, value: str, exact: bool = False) -> list[int]:
+    """The processes on this machine whose environment has ``name`` set to ``value`` (or to a value starting with
+    it): what a test started, found even when it was orphaned."""
+    wanted = f"{name}={value}".encode()
+    return processes_where(lambda entry: any(v == wanted if exact else v.startswith(wanted)
+                                             for v in (entry / "environ").read_bytes().split(b"\0")))
 
 
 class Process:

@@ -10,7 +10,7 @@ import time
 import uuid
 from pathlib import Path
 
-from conftest import ROOT, processes_with_env
+from conftest import ROOT, processes_where, processes_with_env
 
 SLEEPER = """
 import time
@@ -55,17 +55,10 @@ def test_a_run_stopped_with_sigterm_stops_the_servers_its_fixtures_started(tmp_p
 def _started(run_id: str, base: Path) -> dict[int, str]:
     """The run's processes but pytest itself: those with its environment, and those working in its folders (Valkey
     is started with an environment of its own)."""
-    found = {}
-    for pid in processes_with_env("GATEWAY_TEST_RUN", run_id, exact=True):
-        found[pid] = _name(pid)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if str(base) in os.readlink(entry / "cwd"):
-                    found[int(entry.name)] = _name(int(entry.name))
-            except OSError:
-                continue
-    return {pid: name for pid, name in found.items() if "pytest" not in name}
+    pids = set(processes_with_env("GATEWAY_TEST_RUN", run_id, exact=True))
+    pids |= set(processes_where(lambda entry: str(base) in os.readlink(entry / "cwd")))
+    named = {pid: _name(pid) for pid in pids}
+    return {pid: name for pid, name in named.items() if "pytest" not in name}
 
 
 def _name(pid: int) -> str:
