@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 import uuid
 from types import SimpleNamespace
 
@@ -12,6 +13,7 @@ import asyncpg
 import pytest
 
 from gateway.stores import partitions
+from gateway.stores.ledger import COLUMNS, Ledger
 from gateway.stores.migrations import MIGRATIONS, migrate
 from gateway.stores.usage import midnight, routing_report, usage_report
 
@@ -184,6 +186,38 @@ def test_reports_from_rollups_equal_the_rows_and_outlive_them(database):
         whole_days = await usage_report(pool, CONFIG, "a", midnight(first + dt.timedelta(days=1)), end)
         assert whole_days["requests"] > 0 and whole_days["requests"] == sum(d["requests"] for d in whole_days["by_day"])
         await pool.close()
+        await connection.close()
+
+    run(scenario())
+
+
+def _ledger_row(index: int, at: float) -> tuple:
+    values = {"request_id": f"req-{index}", "created_at": at, "tenant_id": ("a", "b")[index % 2],
+              "route": "chat.completions", "model": "small", "status": (200, 429)[index % 5 == 0],
+              "prompt_tokens": 10 + index % 7, "completion_tokens": 5, "cost_usd": (index % 9) / 1000,
+              "latency_ms": 12.5, "cache_hit": index % 11 == 0, "stream": False}
+    return tuple(values.get(column) for column in COLUMNS)
+
+
+def test_the_ledgers_batches_land_once_and_are_rolled_up(database, tmp_path):
+    """New rows are copied straight into the ledger; rows already there, sent again as new ones, are stored once
+    (the batch goes through the stage), and the rollups count every row once either way."""
+    async def scenario():
+        now = time.time()
+        first = Ledger(database, tmp_path / "spool", batch_size=100, flush_seconds=0.01)
+        await first.start()
+        for index in range(250):
+            first.record(_ledger_row(index, now))
+        await first.close()
+        again = Ledger(database, tmp_path / "spool", batch_size=100, flush_seconds=0.01)
+        await again.start()
+        for index in range(240, 260):  # ten written already, ten new
+            again.record(_ledger_row(index, now))
+        await again.close()
+        connection = await _connect(database)
+        assert await connection.fetchval("SELECT count(*) FROM usage_ledger") == 260
+        assert await connection.fetchval("SELECT count(DISTINCT request_id) FROM usage_ledger") == 260
+        await _same_as_rows(connection)
         await connection.close()
 
     run(scenario())
