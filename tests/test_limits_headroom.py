@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+import aiohttp
 import openai
 import yaml
 
@@ -20,11 +21,14 @@ DELAY = 0.6  # seconds the slow Redis takes to answer
 
 
 class SlowRedis:
-    """A TCP proxy in front of Valkey whose answers arrive DELAY seconds late: a Redis far away."""
+    """A TCP proxy in front of Valkey whose answers arrive ``delay`` seconds late: a Redis far away. ``sent`` has
+    every byte its clients sent."""
 
-    def __init__(self, target: str) -> None:
+    def __init__(self, target: str, delay: float = DELAY) -> None:
         host, port = target.removeprefix("redis://").split("/")[0].rsplit(":", 1)
         self.target = (host, int(port))
+        self.delay = delay
+        self.sent = bytearray()
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -49,16 +53,18 @@ class SlowRedis:
     async def _serve(self, client_reader, client_writer) -> None:
         server_reader, server_writer = await asyncio.open_connection(*self.target)
 
-        async def forward(reader, writer, delay: float) -> None:
+        async def forward(reader, writer, delay: float, log: bytearray | None = None) -> None:
             while data := await reader.read(65536):
+                if log is not None:
+                    log += data
                 if delay:
                     self.loop.call_later(delay, writer.write, data)
                 else:
                     writer.write(data)
             writer.close()
 
-        await asyncio.gather(forward(client_reader, server_writer, 0), forward(server_reader, client_writer, DELAY),
-                             return_exceptions=True)
+        await asyncio.gather(forward(client_reader, server_writer, 0, self.sent),
+                             forward(server_reader, client_writer, self.delay), return_exceptions=True)
 
 
 def _config(path: Path, sim_url: str, key: str, **limits) -> Path:
@@ -154,3 +160,37 @@ def test_a_refusal_heard_while_the_upstream_is_asked_stops_the_call(sim, stores,
     assert after["cancelled"] == before["cancelled"] + 1 and after["completed"] == before["completed"]
     assert line["status"] == 429 and line["error_type"] == "rate_limit_exceeded"
     assert row["status"] == 429 and row["cost_usd"] == 0 and row["prompt_tokens"] == 0
+
+
+def test_requests_at_their_concurrency_limit_are_never_refused_and_settle_exactly(sim, stores, tmp_path):
+    """Sixteen clients of a tenant allowed sixteen requests at once, each sending its next request as soon as it
+    has its answer: none is refused (the scripts are loaded as the gateway connects to Redis; loaded on first use,
+    a settle that found its script missing ran again after the next request's admission, which found the slot
+    still held), and the tokens left are what the answers used."""
+    key = generate_key()
+    config = _config(tmp_path / "c", sim.url, key, concurrent_requests=16, tokens_per_minute=1_000_000)
+
+    async def load(url: str) -> list[dict]:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+            async def requests() -> list[dict]:
+                answers = []
+                for _ in range(10):
+                    async with session.post(f"{url}/v1/chat/completions", json={
+                            "model": "small", "messages": HELLO, "max_tokens": 5}) as response:
+                        assert response.status == 200, await response.text()
+                        answers.append(await response.json())
+                return answers
+
+            return [answer for answers in await asyncio.gather(*(requests() for _ in range(16)))
+                    for answer in answers]
+
+    gateway = GatewayProcess(config)
+    try:
+        answers = asyncio.run(load(gateway.url))
+        time.sleep(0.3)  # the last settles go by themselves
+        remaining = int(gateway.client(key).chat.completions.with_raw_response.create(
+            model="small", messages=HELLO, max_tokens=5).headers["x-ratelimit-remaining-tokens"])
+        used = sum(answer["usage"]["total_tokens"] for answer in answers)
+        assert 1_000_000 - used - 20 <= remaining < 1_000_000 - used  # less this request's own reservation
+    finally:
+        gateway.stop()

@@ -93,6 +93,13 @@ class ClusterRedis:
         self.slots: list[tuple[str, int] | None] = [None] * SLOTS
         self._refreshing: asyncio.Task | None = None
         self._refreshed_at = 0.0
+        self._scripts: tuple[Script, ...] = ()
+
+    def preload(self, *scripts: Script) -> None:
+        """As ``Redis.preload``, on every node's connections."""
+        self._scripts += scripts
+        for node in self.nodes.values():
+            node.preload(*scripts)
 
     # -- topology --------------------------------------------------------------------------------------------
 
@@ -102,6 +109,7 @@ class ClusterRedis:
             host, port = address
             node = self.nodes[address] = Redis(f"{self._scheme}://{self._credentials}{host}:{port}",
                                                self.connect_timeout, self.timeout)
+            node.preload(*self._scripts)
         return node
 
     async def refresh(self) -> None:

@@ -285,6 +285,7 @@ class Limiter:
         self.headroom_seconds = headroom_seconds  # how long an admission's view of the headroom is trusted
         self._admit = Script(_ADMIT)
         self._settle = Script(_SETTLE)
+        self.client.preload(self._admit, self._settle)
         self._down_until = 0.0
         self._failed_at = 0.0  # when a Redis call last failed
         self._prober: asyncio.Task | None = None  # pings Redis while it is said unreachable

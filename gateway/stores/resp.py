@@ -179,6 +179,13 @@ class Redis:
         self.timeout = timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None
+        self._scripts: tuple[Script, ...] = ()  # loaded on every new connection (see preload)
+
+    def preload(self, *scripts: Script) -> None:
+        """Load ``scripts`` on every connection as it is made, before any command of the caller's: a script
+        Redis lacks (first use, or a restart) would otherwise be loaded and run again, after commands sent since
+        (a settle run after the next request's admission would hold its slot against it)."""
+        self._scripts += scripts
 
     async def _connect(self) -> _Protocol:
         protocol = self._protocol
@@ -193,6 +200,8 @@ class Redis:
             host, port = await self._address(parsed)
             self._protocol = await self._open(parsed, host, port)
             await self._hello(parsed)
+            if self._scripts:
+                await asyncio.gather(*(self.execute("SCRIPT", "LOAD", script.source) for script in self._scripts))
             return self._protocol
 
     async def _address(self, parsed) -> tuple[str, int]:
