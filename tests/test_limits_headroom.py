@@ -14,7 +14,10 @@ import openai
 import yaml
 
 from conftest import GatewayProcess, ledger_row
+from test_limits_hardening import _limiter_run, _tenant_object
 from gateway.config.keys import generate_key, hash_key
+from gateway.stores.limits import _ADMIT, _SETTLE
+from gateway.stores.resp import Script
 
 HELLO = [{"role": "user", "content": "hi"}]
 DELAY = 0.6  # seconds the slow Redis takes to answer
@@ -160,6 +163,30 @@ def test_a_refusal_heard_while_the_upstream_is_asked_stops_the_call(sim, stores,
     assert after["cancelled"] == before["cancelled"] + 1 and after["completed"] == before["completed"]
     assert line["status"] == 429 and line["error_type"] == "rate_limit_exceeded"
     assert row["status"] == 429 and row["cost_usd"] == 0 and row["prompt_tokens"] == 0
+
+
+def test_a_settle_rides_on_the_next_admission_and_goes_alone_without_one(stores):
+    """A settle goes with the next admission of its tenant and key (one script call does both, the settle first:
+    a limit of one request at a time admits the next), and by itself when no admission comes."""
+    tenant, key = _tenant_object(f"ride-{time.time_ns() % 10**9}", concurrent_requests=1, tokens_per_minute=10_000)
+    admit, settle = Script(_ADMIT).sha.encode(), Script(_SETTLE).sha.encode()
+
+    async def scenario(limiter):
+        now = time.time()
+        plan = limiter.plan(tenant, key, now, 600)
+        tokens = next(i for i, check in enumerate(plan.checks) if check.name == "tokens per minute")
+        first = await limiter.admit(plan, "first", 1000, 0, now)
+        limiter.settle(first, "first", {"tokens": 10, "budget": 0})
+        second = await limiter.admit(plan, "second", 1000, 0, now)
+        assert first.admitted and second.admitted and second.used(tokens) == 10 + 1000
+        limiter.settle(second, "second", {"tokens": 20, "budget": 0})
+        await asyncio.sleep(0.05)  # no admission comes: the settle goes alone
+        third = await limiter.admit(plan, "third", 1000, 0, now)
+        assert third.admitted and third.used(tokens) == 10 + 20 + 1000
+
+    with SlowRedis(stores.redis_url, delay=0) as redis:
+        _limiter_run(redis.url, scenario)
+        assert (redis.sent.count(admit), redis.sent.count(settle)) == (3, 1)
 
 
 def test_requests_at_their_concurrency_limit_are_never_refused_and_settle_exactly(sim, stores, tmp_path):

@@ -44,7 +44,7 @@ from gateway.config.types import ApiKey, Tenant
 from gateway.observability import metrics
 from gateway.stores.cluster import ClusterRedis
 from gateway.stores.redis_client import redis_client
-from gateway.stores.resp import ReplyError, Script, bulk, pack
+from gateway.stores.resp import DEFER_SECONDS, ReplyError, Script, bulk, pack
 
 log = logging.getLogger("gateway.limits")
 
@@ -61,15 +61,60 @@ SET, WINDOW, COUNTER = 0, 1, 2
 
 # KEYS: one per check, the concurrency sets first.
 # ARGV: now_ms, request id, then per key: kind (0 set, 1 window, 2 counter), limit (-1: none), amount, a, b
-#   set: a = slot lifetime in ms; window: a = bucket length in ms, b = buckets in the window; counter: a = ttl ms.
+#   set: a = slot lifetime in ms; window: a = bucket length in ms, b = buckets in the window; counter: a = ttl ms;
+#   then, when settles ride on the admission, theirs (see the script).
 # Returns {refused check (0: admitted), used..., reset_ms...}: used is the count after this request (admitted) or
 # before it (refused); reset_ms is, for a window, the time until it is empty again (admitted) or until enough
 # has left it for this request (refused; -1 if it never will), and -1 for the others.
-_ADMIT = """
+# A settle's correction of one reserved check: a counter's field is '', a window's the bucket it reserved in.
+_CORRECT = """
+local function correct(key, field, delta)
+  if delta ~= 0 and redis.call('EXISTS', key) == 1 then
+    if field == '' then
+      redis.call('INCRBY', key, delta)
+    else
+      -- a bucket still counted in the window's total: corrected in both (one that has left it, in neither)
+      local counted = tonumber(redis.call('HGET', key, '-2'))
+      if counted ~= nil and tonumber(field) >= counted then
+        redis.call('HINCRBY', key, field, delta)
+        redis.call('HINCRBY', key, '-1', delta)
+      elseif counted == nil then
+        redis.call('HINCRBY', key, field, delta)
+      end
+    end
+  end
+end
+"""
+
+_ADMIT = _CORRECT + """
 local now = tonumber(ARGV[1])
 local n = #KEYS
 local used, reset, newest_of = {}, {}, {}
 local refused = 0
+-- Settles of the same tenant and key riding on this admission, done first (see Limiter.settle). After the checks'
+-- arguments: how many settles, how many checks each corrects and their indices, then per settle its request id
+-- and a field and delta per corrected check. As in _SETTLE, one corrects only if it left the sets.
+local at = 2 + n * 5
+local settles = tonumber(ARGV[at + 1] or '0')
+if settles > 0 then
+  local corrected = tonumber(ARGV[at + 2])
+  local p = at + 2 + corrected
+  for _ = 1, settles do
+    local id, removed = ARGV[p + 1], -1
+    for i = 1, n do
+      if tonumber(ARGV[2 + (i - 1) * 5 + 1]) == 0 then
+        local gone = redis.call('ZREM', KEYS[i], id)
+        if removed < 0 then removed = gone end
+      end
+    end
+    if removed == 1 then
+      for j = 1, corrected do
+        correct(KEYS[tonumber(ARGV[at + 2 + j])], ARGV[p + 2 * j], tonumber(ARGV[p + 2 * j + 1]))
+      end
+    end
+    p = p + 1 + 2 * corrected
+  end
+end
 for i = 1, n do
   local base = 2 + (i - 1) * 5
   local kind, limit, amount = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
@@ -178,28 +223,14 @@ return result
 # KEYS: the concurrency sets first (ARGV[2] says how many), then the windows and counters to correct.
 # ARGV: request id, number of sets, then per key to correct: the bucket it was counted in ('' for a counter), delta.
 # Corrects only if the request was still in the first set: a settle that arrives twice counts once.
-_SETTLE = """
+_SETTLE = _CORRECT + """
 local sets = tonumber(ARGV[2])
 local removed = redis.call('ZREM', KEYS[1], ARGV[1])
 for i = 2, sets do redis.call('ZREM', KEYS[i], ARGV[1]) end
 if removed == 0 then return 0 end
 for i = sets + 1, #KEYS do
   local base = 2 + (i - sets - 1) * 2
-  local field, delta = ARGV[base + 1], tonumber(ARGV[base + 2])
-  if delta ~= 0 and redis.call('EXISTS', KEYS[i]) == 1 then
-    if field == '' then
-      redis.call('INCRBY', KEYS[i], delta)
-    else
-      -- a bucket still counted in the window's total: corrected in both (one that has left it, in neither)
-      local counted = tonumber(redis.call('HGET', KEYS[i], '-2'))
-      if counted ~= nil and tonumber(field) >= counted then
-        redis.call('HINCRBY', KEYS[i], field, delta)
-        redis.call('HINCRBY', KEYS[i], '-1', delta)
-      elseif counted == nil then
-        redis.call('HINCRBY', KEYS[i], field, delta)
-      end
-    end
-  end
+  correct(KEYS[i], ARGV[base + 1], tonumber(ARGV[base + 2]))
 end
 return 1
 """
@@ -257,10 +288,22 @@ def _amounts(plan: "_Plan", tokens: int, cost_nano: int) -> tuple[int, ...]:
     return tuple(tokens if c.kind == "tokens" else cost_nano if c.kind == "budget" else 1 for c in plan.checks)
 
 
-def _admit_command(plan: "_Plan", request_id: str, amounts: tuple[int, ...], now_ms: int) -> bytes:
-    parts = [plan.head, bulk(now_ms), bulk(request_id)]
+def _admit_command(plan: "_Plan", request_id: str, amounts: tuple[int, ...], now_ms: int,
+                   riding: list[tuple[str, tuple]]) -> bytes:
+    """The admission's EVALSHA, with the settles of the same plan that ride on it (``riding``)."""
+    if riding:
+        corrected = len(plan.settled)
+        count = plan.argument_count + 2 + corrected + len(riding) * (1 + 2 * corrected)
+        parts = [b"*%d\r\n" % count, plan.head_body, bulk(now_ms), bulk(request_id)]
+    else:
+        parts = [plan.head, bulk(now_ms), bulk(request_id)]
     for (kind, limit, a, b), amount in zip(plan.bounds, amounts):
         parts += (kind, limit, bulk(amount), a, b)
+    if riding:
+        parts += (bulk(len(riding)), plan.corrected_checks)
+        for request, corrections in riding:
+            parts.append(bulk(request))
+            parts += [bulk(value) for value in corrections]
     return b"".join(parts)
 
 
@@ -296,11 +339,14 @@ class Limiter:
         self._budget_share: dict[tuple[str, float | None], float] = {}
         self._unsettled: deque[bytes] = deque()
         self._retrying: asyncio.Task | None = None
+        self._waiting_plans: dict[int, _Plan] = {}  # plans with settles waiting for a ride (see settle), by id
+        self._send_settles_at: asyncio.TimerHandle | None = None
 
     async def close(self) -> None:
         for task in (self._retrying, self._prober):
             if task is not None:
                 task.cancel()
+        self._send_waiting_settles()
         await self._flush_unsettled()
         await self.client.close()
 
@@ -374,10 +420,13 @@ class Limiter:
         if now < self._down_until:
             return Admission(admitted=True, plan=plan, amounts=amounts, degraded=True)
         now_ms = int(now * 1000)
+        riding = self._take_settles(plan)
         _count_outstanding(plan, amounts, 1)
         try:
-            result = await self.client.run_packed_script(self._admit, _admit_command(plan, request_id, amounts, now_ms))
+            result = await self.client.run_packed_script(
+                self._admit, _admit_command(plan, request_id, amounts, now_ms, riding))
         except _FAILURES as exc:
+            self._settle_alone(plan, riding, exc)
             return self._unanswered(plan, amounts, exc)
         finally:
             _count_outstanding(plan, amounts, -1)
@@ -388,19 +437,22 @@ class Limiter:
         """Send the admission at once and call ``on_answer`` with it when Redis answers; nobody awaits it."""
         amounts = _amounts(plan, tokens, cost_nano)
         now_ms = int(now * 1000)
+        riding = self._take_settles(plan)
         _count_outstanding(plan, amounts, 1)
 
         def answered(reply) -> None:
             _count_outstanding(plan, amounts, -1)
             if not isinstance(reply, BaseException):
                 on_answer(self._answered(plan, amounts, now_ms, reply))
-            elif isinstance(reply, _FAILURES):
+                return
+            self._settle_alone(plan, riding, reply)
+            if isinstance(reply, _FAILURES):
                 on_answer(self._unanswered(plan, amounts, reply))
             else:  # not Redis's failure: not counted, and said
                 log.error("an admission failed: %r", reply)
                 on_answer(Admission(admitted=True, plan=plan, amounts=amounts, degraded=True))
 
-        self.client.run_packed_soon(self._admit, _admit_command(plan, request_id, amounts, now_ms), answered)
+        self.client.run_packed_soon(self._admit, _admit_command(plan, request_id, amounts, now_ms, riding), answered)
 
     def _unanswered(self, plan: "_Plan", amounts: tuple[int, ...], exc: BaseException) -> Admission:
         self._mark_down(exc)
@@ -424,7 +476,10 @@ class Limiter:
     def settle(self, admission: Admission, request_id: str, actual: dict[str, int]) -> None:
         """Free the concurrency slots and correct tokens and spend to ``actual`` ("tokens", "budget").
 
-        Nothing waits for Redis; a settle Redis does not take is kept and sent again until it does.
+        Nothing waits for Redis. The settle rides on the next admission of the same tenant and key if one comes
+        within DEFER_SECONDS (done by the admit script first: no command, reply or script call of its own); it goes
+        alone otherwise, or when that admission fails. A settle Redis does not take is kept and sent again until it
+        does.
         """
         if admission.degraded or not admission.admitted:
             return
@@ -432,8 +487,42 @@ class Limiter:
         corrections: list = []
         for index, kind, bucket_ms in plan.settled:
             corrections += (now_ms // bucket_ms if bucket_ms else "", actual[kind] - amounts[index])
-        command = pack((*plan.settle_head, request_id, plan.set_count, *corrections))
-        self.client.run_packed_nowait(self._settle, command, lambda exc: self._unsettled_later(command, exc))
+        if not plan.pending_settles:
+            self._waiting_plans[id(plan)] = plan
+        plan.pending_settles.append((request_id, tuple(corrections)))
+        if self._send_settles_at is None:
+            self._send_settles_at = asyncio.get_running_loop().call_later(DEFER_SECONDS, self._send_waiting_settles)
+
+    def _take_settles(self, plan: "_Plan") -> list[tuple[str, tuple]]:
+        """The plan's settles waiting for a ride, now on the admission being sent."""
+        riding = plan.pending_settles
+        if riding:
+            plan.pending_settles = []
+            del self._waiting_plans[id(plan)]
+            if not self._waiting_plans:  # a timer left to fire for nothing would wake a quiet worker
+                self._send_settles_at.cancel()
+                self._send_settles_at = None
+        return riding
+
+    def _send_waiting_settles(self) -> None:
+        """Send the settles no admission took, each alone."""
+        self._send_settles_at = None
+        plans, self._waiting_plans = self._waiting_plans, {}
+        for plan in plans.values():
+            riding, plan.pending_settles = plan.pending_settles, []
+            self._settle_alone(plan, riding)
+
+    def _settle_alone(self, plan: "_Plan", riding: list[tuple[str, tuple]],
+                      failure: BaseException | None = None) -> None:
+        """Send settles by themselves (``failure``: the admission they rode on failed: kept for a retry, as it may
+        not have been done; a settle done twice counts once)."""
+        for request_id, corrections in riding:
+            command = pack((*plan.settle_head, request_id, plan.set_count, *corrections))
+            if failure is not None:
+                self._unsettled_later(command, failure)
+            else:
+                self.client.run_packed_nowait(self._settle, command,
+                                              lambda exc, c=command: self._unsettled_later(c, exc))
 
     def _unsettled_later(self, command: bytes, exc: BaseException) -> None:
         self._mark_down(exc)
@@ -540,15 +629,17 @@ class Limiter:
 class _Plan:
     """A tenant and key's checks for one month, with what every request's admit and settle commands share."""
 
-    __slots__ = ("tenant", "key", "month", "checks", "head", "bounds", "budget_index", "budget_key", "settled",
-                 "settle_head", "set_count", "header_checks", "seen_at", "left", "outstanding")
+    __slots__ = ("tenant", "key", "month", "checks", "head", "head_body", "argument_count", "bounds", "budget_index",
+                 "budget_key", "settled", "corrected_checks", "settle_head", "set_count", "header_checks", "seen_at",
+                 "left", "outstanding", "pending_settles")
 
     def __init__(self, tenant: Tenant, key: ApiKey, month: str, checks: tuple[Check, ...], admit: Script,
                  settle: Script) -> None:
         self.tenant, self.key, self.month, self.checks = tenant, key, month, checks
-        argument_count = 2 + 5 * len(checks)
-        self.head = (b"*%d\r\n" % (3 + len(checks) + argument_count) + bulk("EVALSHA") + bulk(admit.sha)
-                     + bulk(len(checks)) + b"".join(bulk(c.key) for c in checks))
+        self.argument_count = 3 + len(checks) + 2 + 5 * len(checks)  # of an admission without settles on it
+        self.head_body = (bulk("EVALSHA") + bulk(admit.sha) + bulk(len(checks))
+                          + b"".join(bulk(c.key) for c in checks))
+        self.head = b"*%d\r\n" % self.argument_count + self.head_body
         self.bounds = tuple((bulk(c.store), bulk(-1 if c.limit is None else c.limit), bulk(c.a), bulk(c.b))
                             for c in checks)
         self.budget_index = next((i for i, c in enumerate(checks) if c.name == TENANT_BUDGET and c.limit), None)
@@ -560,6 +651,9 @@ class _Plan:
         self.settle_head = ("EVALSHA", settle.sha, len(sets) + len(self.settled), *sets,
                             *(checks[i].key for i, _, _ in self.settled))
         self.set_count = len(sets)
+        # A settle riding on an admission: the checks it corrects, as the admit script numbers them.
+        self.corrected_checks = bulk(len(self.settled)) + b"".join(bulk(i + 1) for i, _, _ in self.settled)
+        self.pending_settles: list[tuple[str, tuple]] = []  # (request id, corrections) waiting for a ride
         # The per-minute windows OpenAI's x-ratelimit headers report.
         self.header_checks = tuple(
             (i, b"requests" if c.kind == "requests" else b"tokens", str(c.limit).encode(), c.limit)
