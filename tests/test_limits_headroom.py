@@ -11,6 +11,7 @@ from pathlib import Path
 
 import aiohttp
 import openai
+import redis as redis_client
 import yaml
 
 from conftest import GatewayProcess, ledger_row
@@ -183,10 +184,12 @@ def test_a_settle_rides_on_the_next_admission_and_goes_alone_without_one(stores)
         await asyncio.sleep(0.05)  # no admission comes: the settle goes alone
         third = await limiter.admit(plan, "third", 1000, 0, now)
         assert third.admitted and third.used(tokens) == 10 + 20 + 1000
+        limiter.settle(third, "third", {"tokens": 30, "budget": 0})  # the limiter closes at once: sent at close
 
     with SlowRedis(stores.redis_url, delay=0) as redis:
         _limiter_run(redis.url, scenario)
-        assert (redis.sent.count(admit), redis.sent.count(settle)) == (3, 1)
+        assert (redis.sent.count(admit), redis.sent.count(settle)) == (3, 2)
+    assert redis_client.Redis.from_url(stores.redis_url).zcard(f"gw:{{{tenant.id}}}:inflight") == 0
 
 
 def test_requests_at_their_concurrency_limit_are_never_refused_and_settle_exactly(sim, stores, tmp_path):

@@ -66,9 +66,9 @@ def test_a_server_that_never_answers_times_out():
     listener.close()
 
 
-def test_a_command_nobody_waits_for_goes_out_with_the_next_and_is_not_lost_at_close(stores):
-    """A settle (run_packed_nowait) waits a moment to share the next command's write; closing the client sends it
-    all the same."""
+def test_a_command_nobody_waits_for_goes_out_with_the_turns_others_and_is_not_lost_at_close(stores):
+    """A settle (run_packed_nowait) shares the write of the commands sent in the same turn of the event loop;
+    closing the client sends it all the same."""
     script = Script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
 
     async def scenario():
@@ -79,10 +79,10 @@ def test_a_command_nobody_waits_for_goes_out_with_the_next_and_is_not_lost_at_cl
         command = pack(("EVALSHA", script.sha, 1, "resp:deferred", 5))
         client.run_packed_nowait(script, command, errors.append)
         protocol = client._protocol
-        assert protocol.outgoing and not protocol._flush_soon  # held back, not yet written
+        assert protocol.outgoing and protocol._flush_soon  # written at the end of this turn
         assert await client.execute("GET", "resp:deferred") == b"5"  # went out first, in the same write
         client.run_packed_nowait(script, command, errors.append)
-        await client.close()  # at once: the held-back command is sent before the connection closes
+        await client.close()  # at once: the queued command is sent before the connection closes
         other = Redis(stores.redis_url)
         assert await other.execute("GET", "resp:deferred") == b"10"
         await other.close()

@@ -3,7 +3,9 @@
 Each request is admitted by one script call (one round trip) that checks every limit that applies to it and,
 only if all pass, counts it in all of them: requests per minute and per day, tokens per minute and per hour,
 concurrent requests, and the month's spend. Tokens and spend are reserved at their worst case (prompt plus the
-most completion tokens the request may produce) and corrected by a second script when the request ends.
+most completion tokens the request may produce) and corrected when the request ends: by the next admission of the
+same tenant and key if one comes within RIDE_SECONDS (its script settles first: one call for both), by a script of
+its own otherwise.
 
 **Sliding windows.** A window (a minute, an hour, a day) is a hash of buckets, each a thirtieth of the window,
 with its total and its oldest and newest counted buckets in fields -1, -2 and -3 (so that a request reads three
@@ -44,7 +46,7 @@ from gateway.config.types import ApiKey, Tenant
 from gateway.observability import metrics
 from gateway.stores.cluster import ClusterRedis
 from gateway.stores.redis_client import redis_client
-from gateway.stores.resp import DEFER_SECONDS, ReplyError, Script, bulk, pack
+from gateway.stores.resp import ReplyError, Script, bulk, pack
 
 log = logging.getLogger("gateway.limits")
 
@@ -56,6 +58,7 @@ TENANT_BUDGET = "monthly budget"
 UNSETTLED_MAX = 200_000  # settles kept for a retry while Redis is away; past this the oldest are dropped
 _FAILURES = (OSError, ReplyError, asyncio.TimeoutError)
 RECOVERY_SECONDS = 3.0  # no Redis failure for this long before it is said to be reachable again
+RIDE_SECONDS = 0.002  # the longest a settle waits for an admission of its tenant and key to ride on
 
 SET, WINDOW, COUNTER = 0, 1, 2
 
@@ -477,7 +480,7 @@ class Limiter:
         """Free the concurrency slots and correct tokens and spend to ``actual`` ("tokens", "budget").
 
         Nothing waits for Redis. The settle rides on the next admission of the same tenant and key if one comes
-        within DEFER_SECONDS (done by the admit script first: no command, reply or script call of its own); it goes
+        within RIDE_SECONDS (done by the admit script first: no command, reply or script call of its own); it goes
         alone otherwise, or when that admission fails. A settle Redis does not take is kept and sent again until it
         does.
         """
@@ -491,7 +494,7 @@ class Limiter:
             self._waiting_plans[id(plan)] = plan
         plan.pending_settles.append((request_id, tuple(corrections)))
         if self._send_settles_at is None:
-            self._send_settles_at = asyncio.get_running_loop().call_later(DEFER_SECONDS, self._send_waiting_settles)
+            self._send_settles_at = asyncio.get_running_loop().call_later(RIDE_SECONDS, self._send_waiting_settles)
 
     def _take_settles(self, plan: "_Plan") -> list[tuple[str, tuple]]:
         """The plan's settles waiting for a ride, now on the admission being sent."""

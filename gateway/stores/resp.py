@@ -19,7 +19,6 @@ from urllib.parse import unquote, urlparse
 import hiredis
 
 
-DEFER_SECONDS = 0.002  # the longest a command nobody waits for is held back to go out with others
 
 
 class ReplyError(Exception):
@@ -58,7 +57,6 @@ class _Protocol(asyncio.Protocol):
         self.sent_at: deque[float] = deque()
         self.outgoing: list[bytes] = []
         self._flush_soon = False  # a flush is due at the next turn of the event loop
-        self._deferred: asyncio.TimerHandle | None = None  # or a little later, for commands nobody waits for
         self.closed = False
         self.timeout = timeout
         self._watchdog: asyncio.TimerHandle | None = None
@@ -76,27 +74,18 @@ class _Protocol(asyncio.Protocol):
         if not self.closed:
             self._watchdog = loop.call_later(min(0.25, self.timeout / 2), self._watch)
 
-    def send(self, command: bytes, future: asyncio.Future, deferred: bool = False) -> None:
-        """Queue a command; everything queued in one turn of the event loop goes out in one write. A ``deferred``
-        command (one nobody waits for) may wait up to DEFER_SECONDS for company: at low concurrency it then goes
-        out with the next request's command, one write and one reply read for both."""
+    def send(self, command: bytes, future: asyncio.Future) -> None:
+        """Queue a command; everything queued in one turn of the event loop goes out in one write."""
         self.waiting.append(future)
         loop = asyncio.get_running_loop()
         self.sent_at.append(loop.time())
         self.outgoing.append(command)
-        if self._flush_soon:
-            return
-        if not deferred:
+        if not self._flush_soon:
             self._flush_soon = True
             loop.call_soon(self._flush)
-        elif self._deferred is None:
-            self._deferred = loop.call_later(DEFER_SECONDS, self._flush)
 
     def _flush(self) -> None:
         self._flush_soon = False
-        if self._deferred is not None:
-            self._deferred.cancel()
-            self._deferred = None
         if not self.outgoing:
             return
         data, self.outgoing = b"".join(self.outgoing), []
@@ -124,8 +113,6 @@ class _Protocol(asyncio.Protocol):
         self.closed = True
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self._deferred is not None:
-            self._deferred.cancel()
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
@@ -254,12 +241,11 @@ class Redis:
             self._protocol.abort(RedisUnavailable(str(error)))
             self._protocol = None
 
-    def run_packed_soon(self, script: Script, command: bytes, on_reply: Callable[[Any], None],
-                        deferred: bool = False) -> None:
+    def run_packed_soon(self, script: Script, command: bytes, on_reply: Callable[[Any], None]) -> None:
         """Run an EVALSHA of ``script`` already in RESP form without waiting for it: ``on_reply`` gets its reply,
         or the exception that stopped it (an error reply among them). Sent at once on the open connection; the long
         way (a task through run_packed_script, which connects and loads the script) when there is none or Redis
-        lacks the script. ``deferred``: it may wait up to DEFER_SECONDS to share a write (nobody waits for it).
+        lacks the script.
 
         Saves the caller a wake-up per command."""
         loop = asyncio.get_running_loop()
@@ -283,12 +269,12 @@ class Redis:
             return
         future = loop.create_future()
         future.add_done_callback(done)
-        protocol.send(command, future, deferred=deferred)
+        protocol.send(command, future)
 
     def run_packed_nowait(self, script: Script, command: bytes, on_error: Callable[[BaseException], None]) -> None:
         """Run an EVALSHA of ``script`` already in RESP form whose answer nobody waits for (the settle after each
         request); ``on_error(exc)`` hears of a failure."""
-        self.run_packed_soon(script, command, lambda reply: _report_failure(reply, on_error), deferred=True)
+        self.run_packed_soon(script, command, lambda reply: _report_failure(reply, on_error))
 
     async def run_script(self, script: Script, keys: list[str], args: list[Any]) -> Any:
         return await self.run_packed_script(script, pack(("EVALSHA", script.sha, len(keys), *keys, *args)))
@@ -314,7 +300,7 @@ class Redis:
                 return deleted
 
     async def close(self) -> None:
-        """Send what is still queued (deferred commands among it) and wait a moment for its replies, then close."""
+        """Send what is still queued and wait a moment for its replies, then close."""
         protocol = self._protocol
         if protocol is not None:
             if not protocol.closed and protocol.waiting:
