@@ -224,3 +224,25 @@ def test_requests_at_their_concurrency_limit_are_never_refused_and_settle_exactl
         assert 1_000_000 - used - 20 <= remaining < 1_000_000 - used  # less this request's own reservation
     finally:
         gateway.stop()
+
+
+def test_a_settle_on_an_admission_cancelled_before_it_was_sent_still_lands(stores):
+    """An admission cancelled while its connection to Redis was still being made (its client gone) takes the settles
+    riding on it along: they are sent alone, and the slot they hold is freed."""
+    tenant, key = _tenant_object(f"ride-cancel-{time.time_ns() % 10**9}", concurrent_requests=1)
+
+    async def scenario(limiter):
+        now = time.time()
+        plan = limiter.plan(tenant, key, now, 600)
+        first = await limiter.admit(plan, "first", 10, 0, now)
+        limiter.settle(first, "first", {"tokens": 10, "budget": 0})
+        limiter.client._protocol.abort(ConnectionError("dropped"))  # the next command connects anew, slowly
+        second = asyncio.create_task(limiter.admit(plan, "second", 10, 0, now))
+        await asyncio.sleep(DELAY / 2)  # connecting: the scripts are being loaded
+        second.cancel()
+        await asyncio.gather(second, return_exceptions=True)
+        await asyncio.sleep(DELAY * 4)
+
+    with SlowRedis(stores.redis_url) as redis:
+        _limiter_run(redis.url, scenario)
+    assert redis_client.Redis.from_url(stores.redis_url).zcard(f"gw:{{{tenant.id}}}:inflight") == 0

@@ -431,6 +431,9 @@ class Limiter:
         except _FAILURES as exc:
             self._settle_alone(plan, riding, exc)
             return self._unanswered(plan, amounts, exc)
+        except asyncio.CancelledError:  # perhaps before it was sent (connecting): they go alone (each counts once)
+            self._settle_alone(plan, riding)
+            raise
         finally:
             _count_outstanding(plan, amounts, -1)
         return self._answered(plan, amounts, now_ms, result)
