@@ -431,7 +431,7 @@ class Limiter:
         except _FAILURES as exc:
             self._settle_alone(plan, riding, exc)
             return self._unanswered(plan, amounts, exc)
-        except asyncio.CancelledError:  # perhaps before it was sent (connecting): they go alone (each counts once)
+        except BaseException:  # cancelled, perhaps before it was sent (connecting): they go alone (each counts once)
             self._settle_alone(plan, riding)
             raise
         finally:
