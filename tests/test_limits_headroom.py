@@ -189,7 +189,8 @@ def test_a_settle_rides_on_the_next_admission_and_goes_alone_without_one(stores)
     with SlowRedis(stores.redis_url, delay=0) as redis:
         _limiter_run(redis.url, scenario)
         assert (redis.sent.count(admit), redis.sent.count(settle)) == (3, 2)
-    assert redis_client.Redis.from_url(stores.redis_url).zcard(f"gw:{{{tenant.id}}}:inflight") == 0
+    with redis_client.Redis.from_url(stores.redis_url) as valkey:
+        assert valkey.zcard(f"gw:{{{tenant.id}}}:inflight") == 0
 
 
 def test_requests_at_their_concurrency_limit_are_never_refused_and_settle_exactly(sim, stores, tmp_path):
@@ -245,4 +246,5 @@ def test_a_settle_on_an_admission_cancelled_before_it_was_sent_still_lands(store
 
     with SlowRedis(stores.redis_url) as redis:
         _limiter_run(redis.url, scenario)
-    assert redis_client.Redis.from_url(stores.redis_url).zcard(f"gw:{{{tenant.id}}}:inflight") == 0
+    with redis_client.Redis.from_url(stores.redis_url) as valkey:
+        assert valkey.zcard(f"gw:{{{tenant.id}}}:inflight") == 0
