@@ -19,8 +19,6 @@ from urllib.parse import unquote, urlparse
 import hiredis
 
 
-
-
 class ReplyError(Exception):
     """An error reply from Redis, such as NOSCRIPT or WRONGTYPE."""
 
