@@ -306,7 +306,8 @@ class Gateway:
             redis_url = redis_url or self.embedded.start_redis()
             database_url = database_url or self.embedded.start_postgres()
         tokens.load()
-        self.limiter = Limiter(redis_url, self.settings.limits_headroom_seconds)
+        self.limiter = Limiter(redis_url, self.settings.limits_headroom_seconds,
+                               self.settings.limits_lease_seconds)
         metrics.BUDGETS.source = self.limiter.budget_shares
         await self.limiter.ping()
         self.cache = ResponseCache(self.limiter.client)

@@ -61,6 +61,9 @@ class Settings:
     # A tenant under half of every limit as last seen this long ago goes upstream while its admission is on the way
     # (gateway.pipeline.limits); 0: every request waits for its admission.
     limits_headroom_seconds: float = 1.0
+    # A worker admits a tenant's requests from a lease on its limits (at most a sixteenth of each, while it stays
+    # under half of every one) for this long; 0: Redis admits every request (gateway.stores.limits).
+    limits_lease_seconds: float = 1.0
     qdrant_url: str | None = None  # a Qdrant server; unset: qdrant-client's local mode in data_dir/qdrant
     qdrant_api_key: str | None = None
     retrieval_model: str = "all-minilm-l6-v2"  # the embedding model of vector stores and chats with retrieval
@@ -126,6 +129,8 @@ class Settings:
             ledger_flush_seconds=get("LEDGER_FLUSH_SECONDS", float, default.ledger_flush_seconds, POSITIVE),
             limits_headroom_seconds=get("LIMITS_HEADROOM_SECONDS", float, default.limits_headroom_seconds,
                                         (lambda value: 0 <= value <= 60, "from 0 to 60")),
+            limits_lease_seconds=get("LIMITS_LEASE_SECONDS", float, default.limits_lease_seconds,
+                                     (lambda value: 0 <= value <= 10, "from 0 to 10")),
             ledger_retention_days=get("LEDGER_RETENTION_DAYS", int, default.ledger_retention_days, NOT_NEGATIVE),
             responses_retention_days=get("RESPONSES_RETENTION_DAYS", int, default.responses_retention_days,
                                          (lambda value: 1 <= value <= 3650, "from 1 to 3650")),

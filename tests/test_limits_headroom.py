@@ -99,8 +99,11 @@ def test_a_tenant_far_from_its_limits_goes_upstream_before_redis_answers(sim, st
     key = generate_key()
     config = _config(tmp_path / "c", sim.url, key, requests_per_minute=1000, tokens_per_minute=10**7)
     with SlowRedis(stores.redis_url) as slow:
-        waiting = GatewayProcess(config, env={"REDIS_URL": slow.url, "GATEWAY_LIMITS_HEADROOM_SECONDS": "0"})
-        ahead = GatewayProcess(config, env={"REDIS_URL": slow.url, "GATEWAY_DATA_DIR": str(tmp_path / "d2")})
+        # no leases (a tenant whose limits are too small for one, or an end user's, is admitted this way)
+        waiting = GatewayProcess(config, env={"REDIS_URL": slow.url, "GATEWAY_LIMITS_HEADROOM_SECONDS": "0",
+                                              "GATEWAY_LIMITS_LEASE_SECONDS": "0"})
+        ahead = GatewayProcess(config, env={"REDIS_URL": slow.url, "GATEWAY_DATA_DIR": str(tmp_path / "d2"),
+                                            "GATEWAY_LIMITS_LEASE_SECONDS": "0"})
         try:
             first = _timed_request(ahead.client(key), sim)  # nothing known of the tenant yet: it waits
             second = _timed_request(ahead.client(key), sim)

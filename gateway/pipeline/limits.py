@@ -1,5 +1,8 @@
 """Stage: the tenant's limits and budget. Reserves before the upstream call, settles to real usage after.
 
+A request of a tenant far from its limits is admitted from the worker's lease on them (``Limiter.admit_leased``),
+without Redis; the others by Redis, one by one.
+
 Refusals are OpenAI's 429s with Retry-After; every answer that was counted carries OpenAI's
 x-ratelimit-{limit,remaining,reset}-{requests,tokens} headers (per-minute windows).
 
@@ -56,13 +59,16 @@ class EnforceLimits:
         tokens = prompt + completion
         ctx.reserved_tokens = tokens
         ctx.reserved_cost_nano = cost_nano
-        # Under load, the admission's round trip is shared with other requests' (one write, one read) and hidden by
-        # their queueing, and not waiting for it would cost CPU; on a quiet worker it is the request's own latency.
-        if (self.load.in_flight < QUIET_BELOW and ctx.cache_entry is None
-                and self.limiter.clear_of_limits(plan, tokens, cost_nano, now)):
-            AdmissionUnderWay(self, ctx, plan, tokens, cost_nano, now)
-            return
-        admission = await self.limiter.admit(plan, ctx.request_id, tokens, cost_nano, now)
+        admission = self.limiter.admit_leased(plan, tokens, cost_nano, now)
+        if admission is None:
+            # Under load, the admission's round trip is shared with other requests' (one write, one read) and
+            # hidden by their queueing, and not waiting for it would cost CPU; on a quiet worker it is the request's
+            # own latency.
+            if (self.load.in_flight < QUIET_BELOW and ctx.cache_entry is None
+                    and self.limiter.clear_of_limits(plan, tokens, cost_nano, now)):
+                AdmissionUnderWay(self, ctx, plan, tokens, cost_nano, now)
+                return
+            admission = await self.limiter.admit(plan, ctx.request_id, tokens, cost_nano, now)
         refusal = self.outcome(ctx, admission, now)
         if refusal is not None:
             raise refusal

@@ -36,7 +36,9 @@ from __future__ import annotations
 import asyncio
 import calendar
 import hashlib
+import itertools
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -59,12 +61,19 @@ UNSETTLED_MAX = 200_000  # settles kept for a retry while Redis is away; past th
 _FAILURES = (OSError, ReplyError, asyncio.TimeoutError)
 RECOVERY_SECONDS = 3.0  # no Redis failure for this long before it is said to be reachable again
 RIDE_SECONDS = 0.002  # the longest a settle waits for an admission of its tenant and key to ride on
+LEASE_SHARE = 16  # a lease takes at most a sixteenth of any limit
+LEASE_MIN_REQUESTS = 4  # a lease smaller than this many requests (of the last request's size) is not asked for
+LEASE_MAX_REQUESTS = 4096
+LEASE_FIRST_SLOTS = 4
+LEASE_MAX_SLOTS = 256
 
 SET, WINDOW, COUNTER = 0, 1, 2
 
 # KEYS: one per check, the concurrency sets first.
-# ARGV: now_ms, request id, then per key: kind (0 set, 1 window, 2 counter), limit (-1: none), amount, a, b
-#   set: a = slot lifetime in ms; window: a = bucket length in ms, b = buckets in the window; counter: a = ttl ms;
+# ARGV: now_ms, request id, count_ms (when the windows count it: now for a request, a lease's end for a lease),
+#   then per key: kind (0 set, 1 window, 2 counter), limit (-1: none), amount, a, b
+#   set: a = slot lifetime in ms, amount = slots (more than one: a lease's, named id:1..id:amount);
+#   window: a = bucket length in ms, b = buckets in the window; counter: a = ttl ms;
 #   then, when settles ride on the admission, theirs (see the script).
 # Returns {refused check (0: admitted), used..., reset_ms...}: used is the count after this request (admitted) or
 # before it (refused); reset_ms is, for a window, the time until it is empty again (admitted) or until enough
@@ -90,14 +99,14 @@ end
 """
 
 _ADMIT = _CORRECT + """
-local now = tonumber(ARGV[1])
+local now, count = tonumber(ARGV[1]), tonumber(ARGV[3])
 local n = #KEYS
 local used, reset, newest_of = {}, {}, {}
 local refused = 0
 -- Settles of the same tenant and key riding on this admission, done first (see Limiter.settle). After the checks'
 -- arguments: how many settles, how many checks each corrects and their indices, then per settle its request id
 -- and a field and delta per corrected check. As in _SETTLE, one corrects only if it left the sets.
-local at = 2 + n * 5
+local at = 3 + n * 5
 local settles = tonumber(ARGV[at + 1] or '0')
 if settles > 0 then
   local corrected = tonumber(ARGV[at + 2])
@@ -105,7 +114,7 @@ if settles > 0 then
   for _ = 1, settles do
     local id, removed = ARGV[p + 1], -1
     for i = 1, n do
-      if tonumber(ARGV[2 + (i - 1) * 5 + 1]) == 0 then
+      if tonumber(ARGV[3 + (i - 1) * 5 + 1]) == 0 then
         local gone = redis.call('ZREM', KEYS[i], id)
         if removed < 0 then removed = gone end
       end
@@ -119,7 +128,7 @@ if settles > 0 then
   end
 end
 for i = 1, n do
-  local base = 2 + (i - 1) * 5
+  local base = 3 + (i - 1) * 5
   local kind, limit, amount = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
   local a, b = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
   local key = KEYS[i]
@@ -187,17 +196,26 @@ for i = 1, n do
 end
 if refused == 0 then
   for i = 1, n do
-    local base = 2 + (i - 1) * 5
+    local base = 3 + (i - 1) * 5
     local kind, amount = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 3])
     local a, b = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
     local key = KEYS[i]
-    if kind == 0 then
+    if kind == 0 and amount > 0 then
       -- every slot of a set lives as long: the newest reaches furthest
-      redis.call('ZADD', key, now + a, ARGV[2])
+      if amount == 1 then
+        redis.call('ZADD', key, now + a, ARGV[2])
+      else
+        local slots = {}
+        for j = 1, amount do
+          slots[2 * j - 1] = now + a
+          slots[2 * j] = ARGV[2] .. ':' .. j
+        end
+        redis.call('ZADD', key, unpack(slots))
+      end
       redis.call('PEXPIRE', key, a)
     elseif kind == 1 then
       if amount ~= 0 then
-        local bucket = math.floor(now / a)
+        local bucket = math.floor(count / a)
         redis.call('HINCRBY', key, bucket, amount)
         if newest_of[i] < 0 then
           redis.call('HSET', key, '-1', amount, '-2', bucket, '-3', bucket)
@@ -207,7 +225,7 @@ if refused == 0 then
         -- the hash lives until its newest bucket has left the window: set when a bucket is started
         if bucket > newest_of[i] then
           if newest_of[i] >= 0 then redis.call('HSET', key, '-3', bucket) end
-          redis.call('PEXPIRE', key, (b + 1) * a)
+          redis.call('PEXPIRE', key, (bucket + b + 1) * a - now)
         end
         reset[i] = (bucket + b + 1) * a - now
       end
@@ -259,7 +277,9 @@ class Admission:
     amounts: tuple[int, ...] = ()  # per check, what this request reserved
     result: list | None = None  # the admit script's answer: refused, used per check, reset (ms) per check
     degraded: bool = False  # Redis was not reachable; nothing was counted
-    now_ms: int = 0
+    now_ms: int = 0  # when the windows counted it (its lease's end, for a request admitted from a lease)
+    lease: "_Lease | None" = None  # admitted from this worker's lease, in the slot named ``member``
+    member: str = ""
 
     @property
     def checks(self) -> tuple[Check, ...]:
@@ -292,15 +312,17 @@ def _amounts(plan: "_Plan", tokens: int, cost_nano: int) -> tuple[int, ...]:
 
 
 def _admit_command(plan: "_Plan", request_id: str, amounts: tuple[int, ...], now_ms: int,
-                   riding: list[tuple[str, tuple]]) -> bytes:
-    """The admission's EVALSHA, with the settles of the same plan that ride on it (``riding``)."""
+                   riding: list[tuple[str, tuple]], count_ms: int | None = None, bounds: tuple = ()) -> bytes:
+    """The admission's EVALSHA, with the settles of the same plan that ride on it (``riding``); a lease's is counted
+    at ``count_ms`` against ``bounds`` (half of every limit)."""
+    count_at = bulk(now_ms if count_ms is None else count_ms)
     if riding:
-        corrected = len(plan.settled)
+        corrected = len(plan.corrected)
         count = plan.argument_count + 2 + corrected + len(riding) * (1 + 2 * corrected)
-        parts = [b"*%d\r\n" % count, plan.head_body, bulk(now_ms), bulk(request_id)]
+        parts = [b"*%d\r\n" % count, plan.head_body, bulk(now_ms), bulk(request_id), count_at]
     else:
-        parts = [plan.head, bulk(now_ms), bulk(request_id)]
-    for (kind, limit, a, b), amount in zip(plan.bounds, amounts):
+        parts = [plan.head, bulk(now_ms), bulk(request_id), count_at]
+    for (kind, limit, a, b), amount in zip(bounds or plan.bounds, amounts):
         parts += (kind, limit, bulk(amount), a, b)
     if riding:
         parts += (bulk(len(riding)), plan.corrected_checks)
@@ -317,18 +339,19 @@ def _count_outstanding(plan: "_Plan", amounts: tuple[int, ...], sign: int) -> No
         outstanding[i] += sign * amount
 
 
-_SETTLED_KINDS = ("tokens", "budget")  # reserved at the worst case, corrected to the real amount at the end
-
-
 def _window(name: str, key: str, limit: int | None, kind: str, seconds: int) -> Check:
     bucket_ms = seconds * 1000 // BUCKETS_PER_WINDOW
     return Check(name, key, limit, kind, WINDOW, bucket_ms, BUCKETS_PER_WINDOW)
 
 
 class Limiter:
-    def __init__(self, url: str, headroom_seconds: float = 1.0) -> None:
+    def __init__(self, url: str, headroom_seconds: float = 1.0, lease_seconds: float = 1.0) -> None:
         self.client = redis_client(url, connect_timeout=0.5, timeout=1.0)
         self.headroom_seconds = headroom_seconds  # how long an admission's view of the headroom is trusted
+        self.lease_seconds = lease_seconds  # how long a lease admits requests (0: no leases)
+        self._lease_prefix = f"lease:{os.urandom(6).hex()}:"  # names this worker's leases' slots
+        self._lease_numbers = itertools.count(1)
+        self._leases: set[_Lease] = set()  # live ones
         self._admit = Script(_ADMIT)
         self._settle = Script(_SETTLE)
         self.client.preload(self._admit, self._settle)
@@ -349,6 +372,8 @@ class Limiter:
         for task in (self._retrying, self._prober):
             if task is not None:
                 task.cancel()
+        for lease in list(self._leases):
+            self._end_lease(lease)
         self._send_waiting_settles()
         await self._flush_unsettled()
         await self.client.close()
@@ -375,7 +400,8 @@ class Limiter:
             checks += _user_checks(tenant, user, month)
             if len(plans) >= USER_PLANS:
                 plans.pop(next(iter(plans)))  # the oldest made: plans are cheap to make again
-        plan = plans[index] = _Plan(tenant, key, month, checks, self._admit, self._settle)
+        plan = plans[index] = _Plan(tenant, key, month, checks, self._admit, self._settle,
+                                    leasable=self.lease_seconds > 0 and len(index) == 2)
         return plan
 
     @staticmethod
@@ -417,6 +443,104 @@ class Limiter:
             if check.limit is not None and room - outstanding - amount < check.limit // 2:
                 return False
         return True
+
+    def admit_leased(self, plan: "_Plan", tokens: int, cost_nano: int, now: float) -> Admission | None:
+        """Admit the request from this worker's lease on the plan's limits if it has room: no Redis. None: the
+        request is for Redis to admit (and a lease is asked for, if the plan may have one and none is on its way).
+        """
+        lease = plan.lease
+        if lease is not None:
+            if now < lease.expires and lease.free:
+                amounts = _amounts(plan, tokens, cost_nano)
+                room = lease.room
+                for index, _, _ in plan.corrected:
+                    if amounts[index] > room[index]:
+                        break
+                else:
+                    for index, _, _ in plan.corrected:
+                        room[index] -= amounts[index]
+                    member = lease.free.pop()
+                    lease.served += 1
+                    lease.reserved_tokens += tokens
+                    lease.reserved_nano += cost_nano
+                    held = lease.slots - len(lease.free)
+                    if held > lease.peak:
+                        lease.peak = held
+                    return Admission(admitted=True, plan=plan, amounts=amounts, result=lease.answer(), now_ms=lease.count_ms,
+                                     lease=lease, member=member)
+            self._end_lease(lease)  # run out (of time, slots or room): the next one is sized by what this one served
+        if plan.leasable and not plan.lease_asked and now >= plan.lease_after and now >= self._down_until:
+            self._ask_lease(plan, tokens, cost_nano, now)
+        return None
+
+    def _ask_lease(self, plan: "_Plan", tokens: int, cost_nano: int, now: float) -> None:
+        """Ask Redis for a lease on the plan's limits, counted at once (at the lease's end, in the windows) and only
+        while the tenant stays within half of every limit; nobody waits for the answer."""
+        amounts = _lease_amounts(plan, tokens, cost_nano)
+        if amounts is None:
+            plan.lease_after = now + self.lease_seconds
+            return
+        lease_id = f"{self._lease_prefix}{next(self._lease_numbers)}"
+        now_ms = int(now * 1000)
+        count_ms = now_ms + int(self.lease_seconds * 1000)
+        riding = self._take_settles(plan)
+        _count_outstanding(plan, amounts, 1)
+        plan.lease_asked = True
+
+        def answered(reply) -> None:
+            plan.lease_asked = False
+            _count_outstanding(plan, amounts, -1)
+            if isinstance(reply, BaseException):
+                self._settle_alone(plan, riding, reply)
+                if isinstance(reply, _FAILURES):
+                    self._mark_down(reply)
+                else:
+                    log.error("a lease's admission failed: %r", reply)
+                plan.lease_after = time.time() + self.lease_seconds
+                return
+            if reply[0]:  # past half of a limit: requests are admitted one by one for a while
+                plan.lease_after = time.time() + self.lease_seconds
+                return
+            self._answered(plan, amounts, now_ms, reply)
+            lease = _Lease(plan, lease_id, amounts, reply, now + self.lease_seconds, count_ms)
+            lease.timer = asyncio.get_running_loop().call_later(max(0.0, lease.expires - time.time()),
+                                                                self._end_lease, lease)
+            self._leases.add(lease)
+            if plan.lease is not None:
+                self._end_lease(plan.lease)
+            plan.lease = lease
+
+        self.client.run_packed_soon(self._admit, _admit_command(plan, lease_id, amounts, now_ms, riding, count_ms,
+                                                                plan.lease_bounds), answered)
+
+    def _end_lease(self, lease: "_Lease") -> None:
+        """Stop admitting from a lease and give back what it did not use: its free slots leave the sets, and the
+        first to leave carries the room left in the windows and the budget (with no free slot, the first of its
+        requests to finish carries it)."""
+        if lease.ended:
+            return
+        lease.ended = True
+        if lease.timer is not None:
+            lease.timer.cancel()
+        self._leases.discard(lease)
+        plan = lease.plan
+        if plan.lease is lease:
+            plan.lease = None
+        plan.learn_from(lease, time.time(), self.lease_seconds)
+        leftover = [-lease.room[index] for index, _, _ in plan.corrected]
+        free, lease.free = lease.free, []
+        if not free:
+            lease.leftover = leftover
+            return
+        fields = lease.fields
+        first = []
+        for field, delta in zip(fields, leftover):
+            first += (field, delta)
+        self._ride(plan, free[0], tuple(first))
+        if len(free) > 1:
+            nothing = tuple(value for field in fields for value in (field, 0))
+            for member in free[1:]:
+                self._ride(plan, member, nothing)
 
     async def admit(self, plan: "_Plan", request_id: str, tokens: int, cost_nano: int, now: float) -> Admission:
         amounts = _amounts(plan, tokens, cost_nano)
@@ -489,13 +613,28 @@ class Limiter:
         """
         if admission.degraded or not admission.admitted:
             return
-        plan, now_ms, amounts = admission.plan, admission.now_ms, admission.amounts
+        plan, now_ms, amounts, lease = admission.plan, admission.now_ms, admission.amounts, admission.lease
+        if lease is not None and not lease.ended:  # back into the lease: nothing for Redis
+            room = lease.room
+            for index, kind, _ in plan.corrected:
+                room[index] += amounts[index] - actual.get(kind, amounts[index])
+            lease.free.append(admission.member)
+            return
         corrections: list = []
-        for index, kind, bucket_ms in plan.settled:
-            corrections += (now_ms // bucket_ms if bucket_ms else "", actual[kind] - amounts[index])
+        for index, kind, bucket_ms in plan.corrected:
+            corrections += (now_ms // bucket_ms if bucket_ms else "", actual.get(kind, amounts[index]) - amounts[index])
+        if lease is not None:
+            request_id = admission.member
+            if lease.leftover is not None:  # the ended lease's unused room, carried by the first of its slots to go
+                corrections[1::2] = [a + b for a, b in zip(corrections[1::2], lease.leftover)]
+                lease.leftover = None
+        self._ride(plan, request_id, tuple(corrections))
+
+    def _ride(self, plan: "_Plan", request_id: str, corrections: tuple) -> None:
+        """Queue a settle for the next admission of its plan (sent alone after RIDE_SECONDS)."""
         if not plan.pending_settles:
             self._waiting_plans[id(plan)] = plan
-        plan.pending_settles.append((request_id, tuple(corrections)))
+        plan.pending_settles.append((request_id, corrections))
         if self._send_settles_at is None:
             self._send_settles_at = asyncio.get_running_loop().call_later(RIDE_SECONDS, self._send_waiting_settles)
 
@@ -511,12 +650,18 @@ class Limiter:
         return riding
 
     def _send_waiting_settles(self) -> None:
-        """Send the settles no admission took, each alone."""
+        """Send the settles no admission took: a plan's one alone, several on an admission of nothing (one call)."""
         self._send_settles_at = None
         plans, self._waiting_plans = self._waiting_plans, {}
         for plan in plans.values():
             riding, plan.pending_settles = plan.pending_settles, []
-            self._settle_alone(plan, riding)
+            if len(riding) == 1:
+                self._settle_alone(plan, riding)
+                continue
+            nothing = (0,) * len(plan.checks)
+            self.client.run_packed_nowait(
+                self._admit, _admit_command(plan, "", nothing, int(time.time() * 1000), riding),
+                lambda exc, plan=plan, riding=riding: self._settle_alone(plan, riding, exc))
 
     def _settle_alone(self, plan: "_Plan", riding: list[tuple[str, tuple]],
                       failure: BaseException | None = None) -> None:
@@ -568,6 +713,8 @@ class Limiter:
 
     async def forget(self, tenant_id: str) -> int:
         """Delete every counter, slot and cached answer of a tenant (its id is about to be used again)."""
+        for lease in [lease for lease in self._leases if lease.plan.tenant.id == tenant_id]:
+            self._end_lease(lease)  # what it gives back finds its slots gone, and so corrects nothing
         self._plans = {k: p for k, p in self._plans.items() if k[0] != tenant_id}
         self._user_plans = {k: p for k, p in self._user_plans.items() if k[0] != tenant_id}
         return await self.client.unlink_matching(f"gw:{{{tenant_id}}}:*")
@@ -636,13 +783,14 @@ class _Plan:
     """A tenant and key's checks for one month, with what every request's admit and settle commands share."""
 
     __slots__ = ("tenant", "key", "month", "checks", "head", "head_body", "argument_count", "bounds", "budget_index",
-                 "budget_key", "settled", "corrected_checks", "settle_head", "set_count", "header_checks", "seen_at",
-                 "left", "outstanding", "pending_settles")
+                 "budget_key", "corrected", "corrected_checks", "settle_head", "set_count", "header_checks", "seen_at",
+                 "left", "outstanding", "pending_settles", "leasable", "lease_bounds", "lease", "lease_asked",
+                 "lease_after", "lease_requests", "lease_slots", "lease_tokens", "lease_nano")
 
     def __init__(self, tenant: Tenant, key: ApiKey, month: str, checks: tuple[Check, ...], admit: Script,
-                 settle: Script) -> None:
+                 settle: Script, leasable: bool = False) -> None:
         self.tenant, self.key, self.month, self.checks = tenant, key, month, checks
-        self.argument_count = 3 + len(checks) + 2 + 5 * len(checks)  # of an admission without settles on it
+        self.argument_count = 3 + len(checks) + 3 + 5 * len(checks)  # of an admission without settles on it
         self.head_body = (bulk("EVALSHA") + bulk(admit.sha) + bulk(len(checks))
                           + b"".join(bulk(c.key) for c in checks))
         self.head = b"*%d\r\n" % self.argument_count + self.head_body
@@ -650,15 +798,17 @@ class _Plan:
                             for c in checks)
         self.budget_index = next((i for i, c in enumerate(checks) if c.name == TENANT_BUDGET and c.limit), None)
         self.budget_key = (tenant.id, tenant.created_at)
-        # Settle: the sets to leave, then per corrected check its index, kind and bucket length (0: a counter).
+        # Settle: the sets to leave, then per corrected check (every window and counter: a request corrects its
+        # tokens and spend, a lease gives back the requests it did not admit too) its index, kind and bucket length
+        # (0: a counter).
         sets = [c.key for c in checks if c.store == SET]
-        self.settled = tuple((i, c.kind, c.a if c.store == WINDOW else 0) for i, c in enumerate(checks)
-                             if c.kind in _SETTLED_KINDS)
-        self.settle_head = ("EVALSHA", settle.sha, len(sets) + len(self.settled), *sets,
-                            *(checks[i].key for i, _, _ in self.settled))
+        self.corrected = tuple((i, c.kind, c.a if c.store == WINDOW else 0) for i, c in enumerate(checks)
+                               if c.store != SET)
+        self.settle_head = ("EVALSHA", settle.sha, len(sets) + len(self.corrected), *sets,
+                            *(checks[i].key for i, _, _ in self.corrected))
         self.set_count = len(sets)
         # A settle riding on an admission: the checks it corrects, as the admit script numbers them.
-        self.corrected_checks = bulk(len(self.settled)) + b"".join(bulk(i + 1) for i, _, _ in self.settled)
+        self.corrected_checks = bulk(len(self.corrected)) + b"".join(bulk(i + 1) for i, _, _ in self.corrected)
         self.pending_settles: list[tuple[str, tuple]] = []  # (request id, corrections) waiting for a ride
         # The per-minute windows OpenAI's x-ratelimit headers report.
         self.header_checks = tuple(
@@ -670,6 +820,90 @@ class _Plan:
         self.seen_at = 0.0
         self.left: list[int] | None = None
         self.outstanding = [0] * len(checks)
+        # Leases (Limiter.admit_leased): asked against half of every limit; sized by what the last one served.
+        self.leasable = leasable
+        self.lease_bounds = tuple((kind, bulk(-1 if c.limit is None else c.limit // 2), a, b)
+                                  for (kind, _, a, b), c in zip(self.bounds, checks))
+        self.lease: _Lease | None = None
+        self.lease_asked = False
+        self.lease_after = 0.0  # no lease is asked for before this time (one was refused, or could not be sized)
+        self.lease_requests = LEASE_MIN_REQUESTS * 4
+        self.lease_slots = LEASE_FIRST_SLOTS
+        self.lease_tokens = 0  # a request's reservation, as the last lease's averaged
+        self.lease_nano = 0
+
+    def learn_from(self, lease: "_Lease", now: float, lease_seconds: float) -> None:
+        """Size the next lease by what this one served: twice its rate and its busiest moment's slots."""
+        served = lease.served
+        elapsed = max(now - (lease.expires - lease_seconds), 0.001)
+        self.lease_requests = min(max(int(2 * served * min(lease_seconds / elapsed, 64.0)), LEASE_MIN_REQUESTS),
+                                  LEASE_MAX_REQUESTS)
+        self.lease_slots = min(max(2 * lease.peak, LEASE_FIRST_SLOTS), LEASE_MAX_SLOTS)
+        if served:
+            self.lease_tokens = -(-lease.reserved_tokens // served)
+            self.lease_nano = -(-lease.reserved_nano // served)
+
+
+class _Lease:
+    """A share of a plan's limits counted in Redis for this worker, from which it admits requests by itself until
+    ``expires``: ``room`` per window and counter, ``free`` slots of the concurrency sets."""
+
+    __slots__ = ("plan", "room", "free", "slots", "used", "resets", "expires", "count_ms", "fields", "timer", "ended",
+                 "leftover", "served", "peak", "reserved_tokens", "reserved_nano")
+
+    def __init__(self, plan: _Plan, lease_id: str, amounts: tuple[int, ...], reply: list, expires: float,
+                 count_ms: int) -> None:
+        checks = plan.checks
+        self.plan = plan
+        self.room = [0 if c.store == SET else amount for c, amount in zip(checks, amounts)]
+        self.slots = amounts[0]
+        self.free = [f"{lease_id}:{j}" for j in range(self.slots, 0, -1)]
+        self.used = reply[1:1 + len(checks)]  # as counted with the whole lease
+        self.resets = reply[1 + len(checks):]
+        self.expires, self.count_ms = expires, count_ms
+        self.fields = [count_ms // bucket_ms if bucket_ms else "" for _, _, bucket_ms in plan.corrected]
+        self.timer: asyncio.TimerHandle | None = None
+        self.ended = False
+        self.leftover: list[int] | None = None  # room to give back, when no free slot was left to carry it
+        self.served = self.peak = self.reserved_tokens = self.reserved_nano = 0
+
+    def answer(self) -> list:
+        """An admission's answer for a request admitted from the lease: the counts as of the lease's, less the room
+        it still has (what x-ratelimit-remaining-* report)."""
+        room = self.room
+        return [0, *(used - left for used, left in zip(self.used, room)), *self.resets]
+
+
+def _lease_amounts(plan: _Plan, tokens: int, cost_nano: int) -> tuple[int, ...] | None:
+    """What a lease asks for, check by check, at most a LEASE_SHARE-th of each limit; None when that leaves it too
+    small to be worth asking for (fewer than LEASE_MIN_REQUESTS requests like this one, or no two slots)."""
+    requests = plan.lease_requests
+    per_tokens, per_nano = max(tokens, plan.lease_tokens), max(cost_nano, plan.lease_nano)
+    slots = plan.lease_slots  # as many in every set: a request takes the same slot in each
+    for check in plan.checks:
+        if check.store == SET and check.limit is not None:
+            slots = min(slots, check.limit // LEASE_SHARE)
+    if slots < 2:
+        return None
+    amounts = []
+    for check in plan.checks:
+        kind = check.kind
+        if kind == "concurrency":
+            amounts.append(slots)
+            continue
+        if kind == "requests":
+            wanted, least = requests, LEASE_MIN_REQUESTS
+        elif kind == "tokens":
+            wanted, least = requests * per_tokens, LEASE_MIN_REQUESTS * tokens
+        else:
+            wanted, least = requests * per_nano, LEASE_MIN_REQUESTS * cost_nano
+        if check.limit is not None:
+            cap = check.limit // LEASE_SHARE
+            if cap < least:
+                return None
+            wanted = min(wanted, cap)
+        amounts.append(wanted)
+    return tuple(amounts)
 
 
 def _user_checks(tenant: Tenant, user: str, month: str) -> tuple[Check, ...]:

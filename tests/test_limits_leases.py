@@ -1,0 +1,151 @@
+"""A worker admits a tenant far from its limits from a lease on them: a share counted in Redis at once, given back
+exactly when the lease ends; never past a limit, across gateways."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+
+import openai
+import redis as redis_client
+import yaml
+
+from conftest import GatewayProcess
+from gateway.config.keys import generate_key
+from gateway.stores.limits import _ADMIT, _SETTLE, Limiter
+from gateway.stores.resp import Script
+from test_limits_hardening import _limiter_run, _tenant_object
+from test_limits_headroom import SlowRedis, _config
+
+HELLO = [{"role": "user", "content": "hi"}]
+LARGE = {"requests_per_minute": 100_000, "tokens_per_minute": 10**8, "concurrent_requests": 1000,
+         "monthly_budget_usd": 100.0, "calls_per_day": 10**6}
+
+
+def _counts(valkey, tenant_id: str) -> dict:
+    """What Redis counts of a tenant: the windows' totals, the month's spend and the requests in flight."""
+    def total(name: str) -> int:
+        return int(valkey.hget(f"gw:{{{tenant_id}}}:win:{name}", "-1") or 0)
+
+    month = time.strftime("%Y%m", time.gmtime())
+    return {"requests": total("req:m"), "calls": total("req:d"), "tokens": total("tok:m"), "tokens_hour": total("tok:h"),
+            "spend": int(valkey.get(f"gw:{{{tenant_id}}}:spend:{month}") or 0),
+            "in_flight": valkey.zcard(f"gw:{{{tenant_id}}}:inflight")}
+
+
+def test_a_tenant_far_from_its_limits_is_admitted_from_the_lease_and_given_back_exactly(stores):
+    """After one admission by Redis (which asks for a lease), the next requests are admitted with no command to Redis;
+    while the lease lives Redis counts all of it, and once it has ended exactly what was used: requests, the tokens
+    and spend the answers really took, and no slot, also for a request that outlived the lease."""
+    tenant, key = _tenant_object(f"lease-{time.time_ns() % 10**9}", **LARGE)
+    admit, settle = Script(_ADMIT).sha.encode(), Script(_SETTLE).sha.encode()
+
+    async def scenario(limiter: Limiter) -> tuple[dict, dict, int]:
+        now = time.time()
+        plan = limiter.plan(tenant, key, now, 600)
+        assert limiter.admit_leased(plan, 100, 1000, now) is None  # no lease yet: one is asked for
+        first = await limiter.admit(plan, "first", 100, 1000, now)
+        limiter.settle(first, "first", {"tokens": 50, "budget": 500})
+        await asyncio.sleep(0.05)
+        held = limiter.admit_leased(plan, 100, 1000, time.time())  # runs past the lease's end
+        sent = len(redis.sent)
+        for _ in range(9):
+            admission = limiter.admit_leased(plan, 100, 1000, time.time())
+            assert admission is not None and admission.admitted
+            limiter.settle(admission, "ignored", {"tokens": 40, "budget": 400})
+        await asyncio.sleep(0.05)
+        assert len(redis.sent) == sent  # settled into the lease: nothing for Redis
+        with redis_client.Redis.from_url(stores.redis_url) as valkey:
+            during = _counts(valkey, tenant.id)
+        await asyncio.sleep(limiter.lease_seconds + 0.2)  # the lease ends; the first request it admitted is running
+        assert plan.lease is None
+        limiter.settle(held, "ignored", {"tokens": 70, "budget": 700})
+        await asyncio.sleep(0.05)
+        with redis_client.Redis.from_url(stores.redis_url) as valkey:
+            after = _counts(valkey, tenant.id)
+        return during, after, redis.sent.count(admit) + redis.sent.count(settle)
+
+    with SlowRedis(stores.redis_url, delay=0) as redis:
+        during, after, commands = _limiter_run(redis.url, scenario)
+    assert during["requests"] > 11 and during["in_flight"] > 1  # the lease is counted whole while it lives
+    assert after == {"requests": 11, "calls": 11, "tokens": 50 + 9 * 40 + 70, "tokens_hour": 50 + 9 * 40 + 70,
+                     "spend": 500 + 9 * 400 + 700, "in_flight": 0}
+    # the admission, the lease, the first request's settle, what the lease gave back (one call), the late settle
+    assert commands == 5
+
+
+def test_a_closing_limiter_gives_its_lease_back(stores):
+    tenant, key = _tenant_object(f"lease-close-{time.time_ns() % 10**9}", **LARGE)
+
+    async def scenario(limiter: Limiter) -> None:
+        plan = limiter.plan(tenant, key, time.time(), 600)
+        limiter.admit_leased(plan, 100, 1000, time.time())
+        await limiter.admit(plan, "first", 100, 1000, time.time())  # not settled: it is still running
+        await asyncio.sleep(0.05)
+        for _ in range(3):
+            admission = limiter.admit_leased(plan, 100, 1000, time.time())
+            limiter.settle(admission, "ignored", {"tokens": 10, "budget": 100})
+
+    _limiter_run(stores.redis_url, scenario)
+    with redis_client.Redis.from_url(stores.redis_url) as valkey:
+        counts = _counts(valkey, tenant.id)
+    assert counts == {"requests": 4, "calls": 4, "tokens": 100 + 30, "tokens_hour": 130, "spend": 1000 + 300,
+                      "in_flight": 1}
+
+
+def test_a_tenant_past_half_of_a_limit_gets_no_lease(stores):
+    """A lease is at most a sixteenth of every limit and granted only while the tenant stays within half of each:
+    limits too small for one, or a tenant past half of one, are admitted request by request."""
+    small, small_key = _tenant_object(f"lease-small-{time.time_ns() % 10**9}", requests_per_minute=60)
+    busy, busy_key = _tenant_object(f"lease-busy-{time.time_ns() % 10**9}", requests_per_minute=160)
+
+    async def scenario(limiter: Limiter) -> None:
+        plan = limiter.plan(small, small_key, time.time(), 600)
+        assert limiter.admit_leased(plan, 10, 0, time.time()) is None
+        await asyncio.sleep(0.05)
+        assert limiter.admit_leased(plan, 10, 0, time.time()) is None and not plan.lease_asked
+        plan = limiter.plan(busy, busy_key, time.time(), 600)
+        for i in range(81):
+            assert (await limiter.admit(plan, f"r{i}", 10, 0, time.time())).admitted
+        assert limiter.admit_leased(plan, 10, 0, time.time()) is None  # asked for, and refused
+        await asyncio.sleep(0.05)
+        assert plan.lease is None and limiter.admit_leased(plan, 10, 0, time.time()) is None
+
+    _limiter_run(stores.redis_url, scenario)
+
+
+def test_two_gateways_with_leases_never_admit_past_a_limit_and_count_exactly(sim, stores, tmp_path):
+    """Two gateways, a limit of 256 requests a minute, 400 requests sent at once to both: leases admit the first
+    ones, and no more than the limit passes; once the gateways have stopped (giving back their leases), Redis counts
+    exactly the requests admitted and the tokens they used, and nothing in flight."""
+    key = generate_key()
+    config = _config(tmp_path / "c", sim.url, key, requests_per_minute=256, tokens_per_minute=10**8)
+    tenant, = yaml.safe_load((config / "tenants.yaml").read_text())["tenants"]
+    proxy = SlowRedis(stores.redis_url, delay=0).__enter__()  # counts the admissions sent
+    one = GatewayProcess(config, env={"REDIS_URL": proxy.url})
+    two = GatewayProcess(config, env={"REDIS_URL": proxy.url, "GATEWAY_DATA_DIR": str(tmp_path / "d2")})
+
+    def call(client: openai.OpenAI) -> tuple[int, int]:
+        try:
+            answer = client.chat.completions.create(model="small", messages=HELLO, max_tokens=5)
+            return 200, answer.usage.total_tokens
+        except openai.RateLimitError as refused:
+            assert refused.code == "rate_limit_exceeded" and "requests per minute" in refused.message
+            return 429, 0
+
+    try:
+        clients = [one.client(key), two.client(key)]
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(lambda i: call(clients[i % 2]), range(400)))
+    finally:
+        one.stop()
+        two.stop()
+        proxy.__exit__(None, None, None)
+    admissions = proxy.sent.count(Script(_ADMIT).sha.encode())
+    assert admissions <= 400 - 2 * 256 // 16  # more than a lease of each gateway was admitted from leases
+    admitted = [tokens for status, tokens in results if status == 200]
+    assert 256 - 2 * 256 // 16 <= len(admitted) <= 256  # at most each gateway's lease's room was held back
+    with redis_client.Redis.from_url(stores.redis_url) as valkey:
+        counts = _counts(valkey, tenant)
+    assert (counts["requests"], counts["tokens"], counts["in_flight"]) == (len(admitted), sum(admitted), 0)
