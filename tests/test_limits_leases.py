@@ -29,8 +29,8 @@ def _counts(valkey, tenant_id: str) -> dict:
         return int(valkey.hget(f"gw:{{{tenant_id}}}:win:{name}", "-1") or 0)
 
     month = time.strftime("%Y%m", time.gmtime())
-    return {"requests": total("req:m"), "calls": total("req:d"), "tokens": total("tok:m"), "tokens_hour": total("tok:h"),
-            "spend": int(valkey.get(f"gw:{{{tenant_id}}}:spend:{month}") or 0),
+    return {"requests": total("req:m"), "calls": total("req:d"), "tokens": total("tok:m"),
+            "tokens_hour": total("tok:h"), "spend": int(valkey.get(f"gw:{{{tenant_id}}}:spend:{month}") or 0),
             "in_flight": valkey.zcard(f"gw:{{{tenant_id}}}:inflight")}
 
 
@@ -149,3 +149,30 @@ def test_two_gateways_with_leases_never_admit_past_a_limit_and_count_exactly(sim
     with redis_client.Redis.from_url(stores.redis_url) as valkey:
         counts = _counts(valkey, tenant)
     assert (counts["requests"], counts["tokens"], counts["in_flight"]) == (len(admitted), sum(admitted), 0)
+
+
+def test_a_deleted_tenants_lease_gives_nothing_back_to_a_new_tenant_of_the_same_id(stores):
+    """A tenant deleted (its keys cleared) while a worker holds a lease on its limits, and made again under the same
+    id: what the old lease gives back finds none of its slots, and so corrects none of the new tenant's counts."""
+    tenant_id = f"lease-again-{time.time_ns() % 10**9}"
+    old, old_key = _tenant_object(tenant_id, **LARGE)
+    new, new_key = _tenant_object(tenant_id, **LARGE)
+
+    async def scenario(limiter: Limiter) -> None:
+        plan = limiter.plan(old, old_key, time.time(), 600)
+        limiter.admit_leased(plan, 100, 1000, time.time())
+        await limiter.admit(plan, "old", 100, 1000, time.time())
+        await asyncio.sleep(0.05)
+        held = limiter.admit_leased(plan, 100, 1000, time.time())
+        assert held is not None
+        await limiter.forget(tenant_id)
+        plan = limiter.plan(new, new_key, time.time(), 600)
+        admission = await limiter.admit(plan, "new", 100, 1000, time.time())
+        assert admission.admitted
+        limiter.settle(held, "ignored", {"tokens": 0, "budget": 0})  # the old tenant's request ends after
+        await asyncio.sleep(0.05)
+
+    _limiter_run(stores.redis_url, scenario)
+    with redis_client.Redis.from_url(stores.redis_url) as valkey:
+        counts = _counts(valkey, tenant_id)
+    assert counts == {"requests": 1, "calls": 1, "tokens": 100, "tokens_hour": 100, "spend": 1000, "in_flight": 1}

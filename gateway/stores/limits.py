@@ -1,4 +1,4 @@
-"""Limits kept in Redis: checked and counted in one atomic script, exact across workers and replicas.
+"""Limits kept in Redis: checked and counted in one atomic script, never exceeded across workers and replicas.
 
 Each request is admitted by one script call (one round trip) that checks every limit that applies to it and,
 only if all pass, counts it in all of them: requests per minute and per day, tokens per minute and per hour,
@@ -25,6 +25,16 @@ may last. The budget is a counter for the calendar month.
 plan, with what it has sent since and not yet heard back about. A request of a tenant that was under half of every
 limit a moment ago (``clear_of_limits``) need not wait for its admission before its upstream call starts
 (``gateway.pipeline.limits``): the count stays exact, as every request is still admitted by the script.
+
+**Leases.** A tenant far from its limits is admitted from a lease (``admit_leased``): the worker asks, with the same
+script and without waiting, for a share of every limit of a tenant and key (requests, tokens, spend and concurrency
+slots, at most a LEASE_SHARE-th of each, granted only if the tenant stays within half of every limit with it),
+counted at once and in full, in the windows' bucket of the moment the lease ends (so no request it admits leaves a
+window earlier than it would have by itself). For ``lease_seconds`` the worker admits from it and settles into it
+with no command to Redis; when it ends, what it did not use is given back (its free slots leave the sets, the first
+carrying the room left), and its requests still running settle as any other. Every request admitted anywhere is in
+Redis, by itself or in a lease: a limit is never exceeded; a refusal can come while leases elsewhere hold room (at
+most half of a limit, for at most ``lease_seconds``).
 
 **Settles are never lost to a short Redis outage.** A settle that could not be sent is kept and sent again until
 Redis takes it. It is idempotent: it corrects tokens and spend only if it also removed the request from the
@@ -466,8 +476,8 @@ class Limiter:
                     held = lease.slots - len(lease.free)
                     if held > lease.peak:
                         lease.peak = held
-                    return Admission(admitted=True, plan=plan, amounts=amounts, result=lease.answer(), now_ms=lease.count_ms,
-                                     lease=lease, member=member)
+                    return Admission(admitted=True, plan=plan, amounts=amounts, result=lease.answer(),
+                                     now_ms=lease.count_ms, lease=lease, member=member)
             self._end_lease(lease)  # run out (of time, slots or room): the next one is sized by what this one served
         if plan.leasable and not plan.lease_asked and now >= plan.lease_after and now >= self._down_until:
             self._ask_lease(plan, tokens, cost_nano, now)
