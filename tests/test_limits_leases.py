@@ -13,6 +13,7 @@ import yaml
 
 from conftest import GatewayProcess
 from gateway.config.keys import generate_key
+from gateway.observability import metrics
 from gateway.stores.limits import _ADMIT, _SETTLE, Limiter
 from gateway.stores.resp import Script
 from test_limits_hardening import _limiter_run, _tenant_object
@@ -32,6 +33,10 @@ def _counts(valkey, tenant_id: str) -> dict:
     return {"requests": total("req:m"), "calls": total("req:d"), "tokens": total("tok:m"),
             "tokens_hour": total("tok:h"), "spend": int(valkey.get(f"gw:{{{tenant_id}}}:spend:{month}") or 0),
             "in_flight": valkey.zcard(f"gw:{{{tenant_id}}}:inflight")}
+
+
+def _leases(tenant_id: str, outcome: str) -> float:
+    return metrics.LIMIT_LEASES.labels(tenant_id, outcome)._value.get()
 
 
 def test_a_tenant_far_from_its_limits_is_admitted_from_the_lease_and_given_back_exactly(stores):
@@ -69,6 +74,7 @@ def test_a_tenant_far_from_its_limits_is_admitted_from_the_lease_and_given_back_
     with SlowRedis(stores.redis_url, delay=0) as redis:
         during, after, commands = _limiter_run(redis.url, scenario)
     assert during["requests"] > 11 and during["in_flight"] > 1  # the lease is counted whole while it lives
+    assert _leases(tenant.id, "granted") == 1
     assert after == {"requests": 11, "calls": 11, "tokens": 50 + 9 * 40 + 70, "tokens_hour": 50 + 9 * 40 + 70,
                      "spend": 500 + 9 * 400 + 700, "in_flight": 0}
     # the admission, the lease, the first request's settle, what the lease gave back (one call), the late settle
@@ -113,6 +119,7 @@ def test_a_tenant_past_half_of_a_limit_gets_no_lease(stores):
         assert plan.lease is None and limiter.admit_leased(plan, 10, 0, time.time()) is None
 
     _limiter_run(stores.redis_url, scenario)
+    assert _leases(busy.id, "refused") == 1 and _leases(busy.id, "granted") == 0
 
 
 def test_two_gateways_with_leases_never_admit_past_a_limit_and_count_exactly(sim, stores, tmp_path):

@@ -42,6 +42,8 @@ CACHE_BYTES = Counter("gateway_cache_bytes", "Bytes of answers stored in and ser
 CONFIG_RELOADS = Counter("gateway_config_reloads", "Config reloads, by result.", ["result"])
 LIMIT_REFUSALS = Counter("gateway_limit_refusals", "Requests refused by a limit, by tenant and limit.",
                          ["tenant", "limit"])
+LIMIT_LEASES = Counter("gateway_limit_leases", "Leases on a tenant's limits asked of Redis, by tenant and outcome "
+                       "(granted; refused: the tenant is past half of a limit; failed).", ["tenant", "outcome"])
 REDIS_UP = Gauge("gateway_redis_up", "1 while Redis answers; 0 while limits cannot be counted.")
 REDIS_UP.set(1)
 REDIS_ERRORS = Counter("gateway_redis_errors", "Redis calls that failed.")

@@ -501,6 +501,7 @@ class Limiter:
             plan.lease_asked = False
             _count_outstanding(plan, amounts, -1)
             if isinstance(reply, BaseException):
+                metrics.LIMIT_LEASES.labels(plan.tenant.id, "failed").inc()
                 self._settle_alone(plan, riding, reply)
                 if isinstance(reply, _FAILURES):
                     self._mark_down(reply)
@@ -509,8 +510,10 @@ class Limiter:
                 plan.lease_after = time.time() + self.lease_seconds
                 return
             if reply[0]:  # past half of a limit: requests are admitted one by one for a while
+                metrics.LIMIT_LEASES.labels(plan.tenant.id, "refused").inc()
                 plan.lease_after = time.time() + self.lease_seconds
                 return
+            metrics.LIMIT_LEASES.labels(plan.tenant.id, "granted").inc()
             self._answered(plan, amounts, now_ms, reply)
             lease = _Lease(plan, lease_id, amounts, reply, now + self.lease_seconds, count_ms)
             lease.timer = asyncio.get_running_loop().call_later(max(0.0, lease.expires - time.time()),
