@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import signal
 import time
 
 import openai
@@ -183,3 +184,39 @@ def test_a_deleted_tenants_lease_gives_nothing_back_to_a_new_tenant_of_the_same_
     with redis_client.Redis.from_url(stores.redis_url) as valkey:
         counts = _counts(valkey, tenant_id)
     assert counts == {"requests": 1, "calls": 1, "tokens": 100, "tokens_hour": 100, "spend": 1000, "in_flight": 1}
+
+
+def test_a_crashed_gateways_lease_stays_counted_within_its_bounds(sim, stores, tmp_path):
+    """A gateway killed (SIGKILL) while it holds a lease cannot give it back: what it did not use stays counted, within
+    the lease's bounds (a sixteenth of a window's limit, a 256th of the budget, slots that expire with the request
+    timeout), and the next gateway admits the tenant as before."""
+    key = generate_key()
+    config = _config(tmp_path / "c", sim.url, key, **LARGE)
+    models = yaml.safe_load((config / "models.yaml").read_text())
+    models["defaults"] = {"request_timeout": 2}
+    (config / "models.yaml").write_text(yaml.safe_dump(models))
+    tenant, = yaml.safe_load((config / "tenants.yaml").read_text())["tenants"]
+    gateway = GatewayProcess(config, env={"GATEWAY_LIMITS_LEASE_SECONDS": "10"})  # alive when the gateway dies
+    try:
+        client = gateway.client(key)
+        client.chat.completions.create(model="small", messages=HELLO, max_tokens=5)
+        time.sleep(0.2)  # the lease it asked for is granted
+        for _ in range(9):
+            client.chat.completions.create(model="small", messages=HELLO, max_tokens=5)
+        time.sleep(0.6)  # the ledger's rows are written
+    finally:
+        gateway.stop(signal.SIGKILL)
+    spent = stores.query("SELECT count(*) AS n, sum(cost_usd) AS usd FROM usage_ledger WHERE tenant_id = $1", tenant)[0]
+    assert spent["n"] == 10
+    with redis_client.Redis.from_url(stores.redis_url) as valkey:
+        counts = _counts(valkey, tenant)
+        slots = valkey.zrange(f"gw:{{{tenant}}}:inflight", 0, -1, withscores=True)
+    assert 10 < counts["requests"] <= 10 + LARGE["requests_per_minute"] // 16  # the lease's unused part, no more
+    assert float(spent["usd"]) * 1e9 < counts["spend"] <= float(spent["usd"]) * 1e9 + 100.0 * 1e9 / 256 + 10
+    assert slots and all(expiry / 1000 - time.time() < 2 + 30 + 1 for _, expiry in slots)  # they expire soon
+    again = GatewayProcess(config, env={"GATEWAY_DATA_DIR": str(tmp_path / "d2")})
+    try:
+        raw = again.client(key).chat.completions.with_raw_response.create(model="small", messages=HELLO, max_tokens=5)
+        assert raw.http_response.status_code == 200 and "x-ratelimit-remaining-requests" in raw.headers
+    finally:
+        again.stop()

@@ -72,6 +72,7 @@ _FAILURES = (OSError, ReplyError, asyncio.TimeoutError)
 RECOVERY_SECONDS = 3.0  # no Redis failure for this long before it is said to be reachable again
 RIDE_SECONDS = 0.002  # the longest a settle waits for an admission of its tenant and key to ride on
 LEASE_SHARE = 16  # a lease takes at most a sixteenth of any limit
+LEASE_BUDGET_SHARE = 256  # and of a budget (what a crashed worker's lease leaves counted until the month ends)
 LEASE_MIN_REQUESTS = 4  # a lease smaller than this many requests (of the last request's size) is not asked for
 LEASE_MAX_REQUESTS = 4096
 LEASE_FIRST_SLOTS = 4
@@ -888,8 +889,9 @@ class _Lease:
 
 
 def _lease_amounts(plan: _Plan, tokens: int, cost_nano: int) -> tuple[int, ...] | None:
-    """What a lease asks for, check by check, at most a LEASE_SHARE-th of each limit; None when that leaves it too
-    small to be worth asking for (fewer than LEASE_MIN_REQUESTS requests like this one, or no two slots)."""
+    """What a lease asks for, check by check, at most a LEASE_SHARE-th of each limit (a LEASE_BUDGET_SHARE-th of a
+    budget); None when that leaves it too small to be worth asking for (fewer than LEASE_MIN_REQUESTS requests like
+    this one, or no two slots)."""
     requests = plan.lease_requests
     per_tokens, per_nano = max(tokens, plan.lease_tokens), max(cost_nano, plan.lease_nano)
     slots = plan.lease_slots  # as many in every set: a request takes the same slot in each
@@ -911,7 +913,7 @@ def _lease_amounts(plan: _Plan, tokens: int, cost_nano: int) -> tuple[int, ...] 
         else:
             wanted, least = requests * per_nano, LEASE_MIN_REQUESTS * cost_nano
         if check.limit is not None:
-            cap = check.limit // LEASE_SHARE
+            cap = check.limit // (LEASE_BUDGET_SHARE if kind == "budget" else LEASE_SHARE)
             if cap < least:
                 return None
             wanted = min(wanted, cap)
