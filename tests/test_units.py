@@ -71,12 +71,15 @@ def test_settings_out_of_range_stop_the_gateway_with_their_name():
                       ("HEADER_TIMEOUT", "nan"), ("BODY_TIMEOUT", "inf"), ("RELOAD_INTERVAL", "0"),
                       ("LEDGER_RETENTION_DAYS", "-3"), ("LEDGER_BATCH_SIZE", "0"), ("SIMULATOR_ITL_MS", "-1"),
                       ("LIMITS_HEADROOM_SECONDS", "-1"), ("LIMITS_HEADROOM_SECONDS", "nan"),
-                      ("LIMITS_HEADROOM_SECONDS", "1e9")):
+                      ("LIMITS_HEADROOM_SECONDS", "1e9"), ("LIMITS_LEASE_SECONDS", "-1"),
+                      ("LIMITS_LEASE_SECONDS", "nan"), ("LIMITS_LEASE_SECONDS", "11")):
         with pytest.raises(SystemExit, match=f"GATEWAY_{name}={raw!r}"):
             Settings.from_env({f"GATEWAY_{name}": raw})
     fine = Settings.from_env({"GATEWAY_PORT": "65535", "GATEWAY_LEDGER_RETENTION_DAYS": "0",
-                              "GATEWAY_SIMULATOR_TTFT_MS": "0", "GATEWAY_LIMITS_HEADROOM_SECONDS": "0"})
+                              "GATEWAY_SIMULATOR_TTFT_MS": "0", "GATEWAY_LIMITS_HEADROOM_SECONDS": "0",
+                              "GATEWAY_LIMITS_LEASE_SECONDS": "0"})
     assert fine.port == 65535 and fine.ledger_retention_days == 0 and fine.limits_headroom_seconds == 0
+    assert fine.limits_lease_seconds == 0
     done = subprocess.run([sys.executable, "-m", "gateway.cli", "serve", "--port", "99999"], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and "--port" in done.stderr and "Traceback" not in done.stderr
