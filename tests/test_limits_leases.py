@@ -48,10 +48,13 @@ def test_a_tenant_far_from_its_limits_is_admitted_from_the_lease_and_given_back_
     admit, settle = Script(_ADMIT).sha.encode(), Script(_SETTLE).sha.encode()
 
     async def scenario(limiter: Limiter) -> tuple[dict, dict, int]:
+        await limiter.ping()  # connected
         now = time.time()
         plan = limiter.plan(tenant, key, now, 600)
         assert limiter.admit_leased(plan, 100, 1000, now) is None  # no lease yet: one is asked for
         first = await limiter.admit(plan, "first", 100, 1000, now)
+        requests = next(i for i, check in enumerate(plan.checks) if check.name == "requests per minute")
+        assert first.used(requests) == 1  # the lease is asked for after it: its headers do not count the lease
         limiter.settle(first, "first", {"tokens": 50, "budget": 500})
         await asyncio.sleep(0.05)
         held = limiter.admit_leased(plan, 100, 1000, time.time())  # runs past the lease's end

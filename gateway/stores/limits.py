@@ -481,7 +481,10 @@ class Limiter:
                                      now_ms=lease.count_ms, lease=lease, member=member)
             self._end_lease(lease)  # run out (of time, slots or room): the next one is sized by what this one served
         if plan.leasable and not plan.lease_asked and now >= plan.lease_after and now >= self._down_until:
-            self._ask_lease(plan, tokens, cost_nano, now)
+            # after this request's own admission is written: its count (and its x-ratelimit headers) is then not
+            # the new lease's too, and the settles waiting ride on it
+            plan.lease_asked = True
+            asyncio.get_running_loop().call_soon(self._ask_lease, plan, tokens, cost_nano, now)
         return None
 
     def _ask_lease(self, plan: "_Plan", tokens: int, cost_nano: int, now: float) -> None:
@@ -489,6 +492,7 @@ class Limiter:
         while the tenant stays within half of every limit; nobody waits for the answer."""
         amounts = _lease_amounts(plan, tokens, cost_nano)
         if amounts is None:
+            plan.lease_asked = False
             plan.lease_after = now + self.lease_seconds
             return
         lease_id = f"{self._lease_prefix}{next(self._lease_numbers)}"
@@ -496,7 +500,6 @@ class Limiter:
         count_ms = now_ms + int(self.lease_seconds * 1000)
         riding = self._take_settles(plan)
         _count_outstanding(plan, amounts, 1)
-        plan.lease_asked = True
 
         def answered(reply) -> None:
             plan.lease_asked = False
