@@ -223,3 +223,43 @@ def test_a_crashed_gateways_lease_stays_counted_within_its_bounds(sim, stores, t
         assert raw.http_response.status_code == 200 and "x-ratelimit-remaining-requests" in raw.headers
     finally:
         again.stop()
+
+
+def test_counts_from_leases_match_the_ledger_after_streams_and_cancellations_on_two_gateways(sim, stores, tmp_path):
+    """Twelve clients on two gateways, each request answered whole, streamed, or dropped after its first chunk: once
+    the gateways have stopped, Redis's windows and the month's spend are exactly the ledger's requests, tokens and
+    cost, and nothing is in flight."""
+    key = generate_key()
+    config = _config(tmp_path / "c", sim.url, key, **LARGE)
+    tenant, = yaml.safe_load((config / "tenants.yaml").read_text())["tenants"]
+    one = GatewayProcess(config)
+    two = GatewayProcess(config, env={"GATEWAY_DATA_DIR": str(tmp_path / "d2")})
+
+    def client_requests(index: int) -> None:
+        client = (one, two)[index % 2].client(key)
+        for turn in range(12):
+            kind = (index + turn) % 3
+            if kind == 0:
+                client.chat.completions.create(model="small", messages=HELLO, max_tokens=8)
+                continue
+            stream = client.chat.completions.create(model="small", messages=HELLO, max_tokens=8, stream=True)
+            for _ in stream:
+                if kind == 2:
+                    break  # the client goes away mid-answer
+            stream.close()
+
+    sim.control(ttft_ms=10.0, itl_ms=5.0)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            list(pool.map(client_requests, range(12)))
+    finally:
+        sim.control(ttft_ms=0.0, itl_ms=0.0)
+        one.stop()
+        two.stop()
+    ledger = stores.query("SELECT count(*) AS n, sum(prompt_tokens + completion_tokens) AS tokens, "
+                          "sum(cost_usd) AS usd FROM usage_ledger WHERE tenant_id = $1", tenant)[0]
+    with redis_client.Redis.from_url(stores.redis_url) as valkey:
+        counts = _counts(valkey, tenant)
+    assert ledger["n"] == 144
+    assert (counts["requests"], counts["tokens"], counts["in_flight"]) == (144, ledger["tokens"], 0)
+    assert abs(counts["spend"] - float(ledger["usd"]) * 1e9) <= 144  # a billionth of a dollar a request, rounded
