@@ -17,7 +17,7 @@ import yaml
 from conftest import GatewayProcess, ledger_row
 from test_limits_hardening import _limiter_run, _tenant_object
 from gateway.config.keys import generate_key, hash_key
-from gateway.stores.limits import _ADMIT, _SETTLE
+from gateway.stores.limit_scripts import ADMIT, SETTLE
 from gateway.stores.resp import Script
 
 HELLO = [{"role": "user", "content": "hi"}]
@@ -173,7 +173,7 @@ def test_a_settle_rides_on_the_next_admission_and_goes_alone_without_one(stores)
     """A settle goes with the next admission of its tenant and key (one script call does both, the settle first:
     a limit of one request at a time admits the next), and by itself when no admission comes."""
     tenant, key = _tenant_object(f"ride-{time.time_ns() % 10**9}", concurrent_requests=1, tokens_per_minute=10_000)
-    admit, settle = Script(_ADMIT).sha.encode(), Script(_SETTLE).sha.encode()
+    admit, settle = Script(ADMIT).sha.encode(), Script(SETTLE).sha.encode()
 
     async def scenario(limiter):
         now = time.time()

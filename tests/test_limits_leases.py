@@ -15,7 +15,8 @@ import yaml
 from conftest import GatewayProcess
 from gateway.config.keys import generate_key
 from gateway.observability import metrics
-from gateway.stores.limits import _ADMIT, _SETTLE, Limiter
+from gateway.stores.limit_scripts import ADMIT, SETTLE
+from gateway.stores.limits import Limiter
 from gateway.stores.resp import Script
 from test_limits_hardening import _limiter_run, _tenant_object
 from test_limits_headroom import SlowRedis, _config
@@ -45,7 +46,7 @@ def test_a_tenant_far_from_its_limits_is_admitted_from_the_lease_and_given_back_
     while the lease lives Redis counts all of it, and once it has ended exactly what was used: requests, the tokens
     and spend the answers really took, and no slot, also for a request that outlived the lease."""
     tenant, key = _tenant_object(f"lease-{time.time_ns() % 10**9}", **LARGE)
-    admit, settle = Script(_ADMIT).sha.encode(), Script(_SETTLE).sha.encode()
+    admit, settle = Script(ADMIT).sha.encode(), Script(SETTLE).sha.encode()
 
     async def scenario(limiter: Limiter) -> tuple[dict, dict, int]:
         await limiter.ping()  # connected
@@ -153,7 +154,7 @@ def test_two_gateways_with_leases_never_admit_past_a_limit_and_count_exactly(sim
         one.stop()
         two.stop()
         proxy.__exit__(None, None, None)
-    admissions = proxy.sent.count(Script(_ADMIT).sha.encode())
+    admissions = proxy.sent.count(Script(ADMIT).sha.encode())
     assert admissions <= 400 - 2 * 256 // 16  # more than a lease of each gateway was admitted from leases
     admitted = [tokens for status, tokens in results if status == 200]
     assert 256 - 2 * 256 // 16 <= len(admitted) <= 256  # at most each gateway's lease's room was held back

@@ -57,6 +57,10 @@ from typing import Callable
 from gateway.config.types import ApiKey, Tenant
 from gateway.observability import metrics
 from gateway.stores.cluster import ClusterRedis
+from gateway.stores.leases import (
+    LEASE_FIRST_SLOTS, LEASE_MAX_REQUESTS, LEASE_MAX_SLOTS, LEASE_MIN_REQUESTS, Lease, lease_amounts,
+)
+from gateway.stores.limit_scripts import ADMIT, COUNTER, SET, SETTLE, WINDOW
 from gateway.stores.redis_client import redis_client
 from gateway.stores.resp import ReplyError, Script, bulk, pack
 
@@ -71,202 +75,6 @@ UNSETTLED_MAX = 200_000  # settles kept for a retry while Redis is away; past th
 _FAILURES = (OSError, ReplyError, asyncio.TimeoutError)
 RECOVERY_SECONDS = 3.0  # no Redis failure for this long before it is said to be reachable again
 RIDE_SECONDS = 0.002  # the longest a settle waits for an admission of its tenant and key to ride on
-LEASE_SHARE = 16  # a lease takes at most a sixteenth of any limit
-LEASE_BUDGET_SHARE = 256  # and of a budget (what a crashed worker's lease leaves counted until the month ends)
-LEASE_MIN_REQUESTS = 4  # a lease smaller than this many requests (of the last request's size) is not asked for
-LEASE_MAX_REQUESTS = 4096
-LEASE_FIRST_SLOTS = 4
-LEASE_MAX_SLOTS = 256
-
-SET, WINDOW, COUNTER = 0, 1, 2
-
-# KEYS: one per check, the concurrency sets first.
-# ARGV: now_ms, request id, count_ms (when the windows count it: now for a request, a lease's end for a lease),
-#   then per key: kind (0 set, 1 window, 2 counter), limit (-1: none), amount, a, b
-#   set: a = slot lifetime in ms, amount = slots (more than one: a lease's, named id:1..id:amount);
-#   window: a = bucket length in ms, b = buckets in the window; counter: a = ttl ms;
-#   then, when settles ride on the admission, theirs (see the script).
-# Returns {refused check (0: admitted), used..., reset_ms...}: used is the count after this request (admitted) or
-# before it (refused); reset_ms is, for a window, the time until it is empty again (admitted) or until enough
-# has left it for this request (refused; -1 if it never will), and -1 for the others.
-# A settle's correction of one reserved check: a counter's field is '', a window's the bucket it reserved in.
-_CORRECT = """
-local function correct(key, field, delta)
-  if delta ~= 0 and redis.call('EXISTS', key) == 1 then
-    if field == '' then
-      redis.call('INCRBY', key, delta)
-    else
-      -- a bucket still counted in the window's total: corrected in both (one that has left it, in neither)
-      local counted = tonumber(redis.call('HGET', key, '-2'))
-      if counted ~= nil and tonumber(field) >= counted then
-        redis.call('HINCRBY', key, field, delta)
-        redis.call('HINCRBY', key, '-1', delta)
-      elseif counted == nil then
-        redis.call('HINCRBY', key, field, delta)
-      end
-    end
-  end
-end
-"""
-
-_ADMIT = _CORRECT + """
-local now, count = tonumber(ARGV[1]), tonumber(ARGV[3])
-local n = #KEYS
-local used, reset, newest_of = {}, {}, {}
-local refused = 0
--- Settles of the same tenant and key riding on this admission, done first (see Limiter.settle). After the checks'
--- arguments: how many settles, how many checks each corrects and their indices, then per settle its request id
--- and a field and delta per corrected check. As in _SETTLE, one corrects only if it left the sets.
-local at = 3 + n * 5
-local settles = tonumber(ARGV[at + 1] or '0')
-if settles > 0 then
-  local corrected = tonumber(ARGV[at + 2])
-  local p = at + 2 + corrected
-  for _ = 1, settles do
-    local id, removed = ARGV[p + 1], -1
-    for i = 1, n do
-      if tonumber(ARGV[3 + (i - 1) * 5 + 1]) == 0 then
-        local gone = redis.call('ZREM', KEYS[i], id)
-        if removed < 0 then removed = gone end
-      end
-    end
-    if removed == 1 then
-      for j = 1, corrected do
-        correct(KEYS[tonumber(ARGV[at + 2 + j])], ARGV[p + 2 * j], tonumber(ARGV[p + 2 * j + 1]))
-      end
-    end
-    p = p + 1 + 2 * corrected
-  end
-end
-for i = 1, n do
-  local base = 3 + (i - 1) * 5
-  local kind, limit, amount = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
-  local a, b = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
-  local key = KEYS[i]
-  local current = 0
-  reset[i] = -1
-  if kind == 0 then
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    current = redis.call('ZCARD', key)
-  elseif kind == 1 then
-    local oldest = math.floor(now / a) - b
-    local totals = redis.call('HMGET', key, '-1', '-2', '-3')
-    local sum, counted, newest = tonumber(totals[1]), tonumber(totals[2]), tonumber(totals[3])
-    if sum == nil or counted < oldest then
-      -- a bucket has left the window (or the totals are not there yet): read the buckets once
-      local flat = redis.call('HGETALL', key)
-      local stale, low = {}, nil
-      sum, newest = 0, -1
-      for j = 1, #flat, 2 do
-        local index = tonumber(flat[j])
-        if index >= 0 and index < oldest then
-          stale[#stale + 1] = flat[j]
-        elseif index >= 0 then
-          sum = sum + tonumber(flat[j + 1])
-          if index > newest then newest = index end
-          if low == nil or index < low then low = index end
-        end
-      end
-      if #stale > 0 then redis.call('HDEL', key, unpack(stale)) end
-      if newest >= 0 then
-        redis.call('HSET', key, '-1', sum, '-2', low, '-3', newest)
-      elseif totals[1] then
-        redis.call('HDEL', key, '-1', '-2', '-3')
-      end
-    end
-    current = sum
-    newest_of[i] = newest
-    if newest >= 0 then reset[i] = (newest + b + 1) * a - now end
-  else
-    current = tonumber(redis.call('GET', key) or '0')
-  end
-  if refused == 0 and limit >= 0 and amount > 0 and current + amount > limit then
-    refused = i
-    if kind == 1 then
-      -- when enough will have left: the live buckets oldest first (sorted only here, on a refusal)
-      reset[i] = -1
-      if amount <= limit then
-        local oldest, flat, live = math.floor(now / a) - b, redis.call('HGETALL', key), {}
-        for j = 1, #flat, 2 do
-          local index = tonumber(flat[j])
-          if index >= oldest then live[#live + 1] = {index, tonumber(flat[j + 1])} end
-        end
-        table.sort(live, function(x, y) return x[1] < y[1] end)
-        local excess, freed = current + amount - limit, 0
-        for _, bucket in ipairs(live) do
-          freed = freed + bucket[2]
-          if freed >= excess then
-            reset[i] = (bucket[1] + b + 1) * a - now
-            break
-          end
-        end
-      end
-    end
-  end
-  used[i] = current
-end
-if refused == 0 then
-  for i = 1, n do
-    local base = 3 + (i - 1) * 5
-    local kind, amount = tonumber(ARGV[base + 1]), tonumber(ARGV[base + 3])
-    local a, b = tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
-    local key = KEYS[i]
-    if kind == 0 and amount > 0 then
-      -- every slot of a set lives as long: the newest reaches furthest
-      if amount == 1 then
-        redis.call('ZADD', key, now + a, ARGV[2])
-      else
-        local slots = {}
-        for j = 1, amount do
-          slots[2 * j - 1] = now + a
-          slots[2 * j] = ARGV[2] .. ':' .. j
-        end
-        redis.call('ZADD', key, unpack(slots))
-      end
-      redis.call('PEXPIRE', key, a)
-    elseif kind == 1 then
-      if amount ~= 0 then
-        local bucket = math.floor(count / a)
-        redis.call('HINCRBY', key, bucket, amount)
-        if newest_of[i] < 0 then
-          redis.call('HSET', key, '-1', amount, '-2', bucket, '-3', bucket)
-        else
-          redis.call('HINCRBY', key, '-1', amount)
-        end
-        -- the hash lives until its newest bucket has left the window: set when a bucket is started
-        if bucket > newest_of[i] then
-          if newest_of[i] >= 0 then redis.call('HSET', key, '-3', bucket) end
-          redis.call('PEXPIRE', key, (bucket + b + 1) * a - now)
-        end
-        reset[i] = (bucket + b + 1) * a - now
-      end
-    elseif amount ~= 0 then
-      if redis.call('INCRBY', key, amount) == amount then redis.call('PEXPIRE', key, a) end
-    end
-    used[i] = used[i] + amount
-  end
-end
-local result = {refused}
-for i = 1, n do result[1 + i] = used[i] end
-for i = 1, n do result[1 + n + i] = reset[i] end
-return result
-"""
-
-# KEYS: the concurrency sets first (ARGV[2] says how many), then the windows and counters to correct.
-# ARGV: request id, number of sets, then per key to correct: the bucket it was counted in ('' for a counter), delta.
-# Corrects only if the request was still in the first set: a settle that arrives twice counts once.
-_SETTLE = _CORRECT + """
-local sets = tonumber(ARGV[2])
-local removed = redis.call('ZREM', KEYS[1], ARGV[1])
-for i = 2, sets do redis.call('ZREM', KEYS[i], ARGV[1]) end
-if removed == 0 then return 0 end
-for i = sets + 1, #KEYS do
-  local base = 2 + (i - sets - 1) * 2
-  correct(KEYS[i], ARGV[base + 1], tonumber(ARGV[base + 2]))
-end
-return 1
-"""
-
 
 @dataclass(frozen=True, slots=True)
 class Check:
@@ -289,7 +97,7 @@ class Admission:
     result: list | None = None  # the admit script's answer: refused, used per check, reset (ms) per check
     degraded: bool = False  # Redis was not reachable; nothing was counted
     now_ms: int = 0  # when the windows counted it (its lease's end, for a request admitted from a lease)
-    lease: "_Lease | None" = None  # admitted from this worker's lease, in the slot named ``member``
+    lease: "Lease | None" = None  # admitted from this worker's lease, in the slot named ``member``
     member: str = ""
 
     @property
@@ -362,9 +170,9 @@ class Limiter:
         self.lease_seconds = lease_seconds  # how long a lease admits requests (0: no leases)
         self._lease_prefix = f"lease:{os.urandom(6).hex()}:"  # names this worker's leases' slots
         self._lease_numbers = itertools.count(1)
-        self._leases: set[_Lease] = set()  # live ones
-        self._admit = Script(_ADMIT)
-        self._settle = Script(_SETTLE)
+        self._leases: set[Lease] = set()  # live ones
+        self._admit = Script(ADMIT)
+        self._settle = Script(SETTLE)
         self.client.preload(self._admit, self._settle)
         self._down_until = 0.0
         self._failed_at = 0.0  # when a Redis call last failed
@@ -490,7 +298,7 @@ class Limiter:
     def _ask_lease(self, plan: "_Plan", tokens: int, cost_nano: int, now: float) -> None:
         """Ask Redis for a lease on the plan's limits, counted at once (at the lease's end, in the windows) and only
         while the tenant stays within half of every limit; nobody waits for the answer."""
-        amounts = _lease_amounts(plan, tokens, cost_nano)
+        amounts = lease_amounts(plan, tokens, cost_nano)
         if amounts is None:
             plan.lease_asked = False
             plan.lease_after = now + self.lease_seconds
@@ -519,7 +327,7 @@ class Limiter:
                 return
             metrics.LIMIT_LEASES.labels(plan.tenant.id, "granted").inc()
             self._answered(plan, amounts, now_ms, reply)
-            lease = _Lease(plan, lease_id, amounts, reply, now + self.lease_seconds, count_ms)
+            lease = Lease(plan, lease_id, amounts, reply, now + self.lease_seconds, count_ms)
             lease.timer = asyncio.get_running_loop().call_later(max(0.0, lease.expires - time.time()),
                                                                 self._end_lease, lease)
             self._leases.add(lease)
@@ -530,7 +338,7 @@ class Limiter:
         self.client.run_packed_soon(self._admit, _admit_command(plan, lease_id, amounts, now_ms, riding, count_ms,
                                                                 plan.lease_bounds), answered)
 
-    def _end_lease(self, lease: "_Lease") -> None:
+    def _end_lease(self, lease: "Lease") -> None:
         """Stop admitting from a lease and give back what it did not use: its free slots leave the sets, and the
         first to leave carries the room left in the windows and the budget (with no free slot, the first of its
         requests to finish carries it)."""
@@ -841,7 +649,7 @@ class _Plan:
         self.leasable = leasable
         self.lease_bounds = tuple((kind, bulk(-1 if c.limit is None else c.limit // 2), a, b)
                                   for (kind, _, a, b), c in zip(self.bounds, checks))
-        self.lease: _Lease | None = None
+        self.lease: Lease | None = None
         self.lease_asked = False
         self.lease_after = 0.0  # no lease is asked for before this time (one was refused, or could not be sized)
         self.lease_requests = LEASE_MIN_REQUESTS * 4
@@ -849,7 +657,7 @@ class _Plan:
         self.lease_tokens = 0  # a request's reservation, as the last lease's averaged
         self.lease_nano = 0
 
-    def learn_from(self, lease: "_Lease", now: float, lease_seconds: float) -> None:
+    def learn_from(self, lease: "Lease", now: float, lease_seconds: float) -> None:
         """Size the next lease by what this one served: twice its rate and its busiest moment's slots."""
         served = lease.served
         elapsed = max(now - (lease.expires - lease_seconds), 0.001)
@@ -859,69 +667,6 @@ class _Plan:
         if served:
             self.lease_tokens = -(-lease.reserved_tokens // served)
             self.lease_nano = -(-lease.reserved_nano // served)
-
-
-class _Lease:
-    """A share of a plan's limits counted in Redis for this worker, from which it admits requests by itself until
-    ``expires``: ``room`` per window and counter, ``free`` slots of the concurrency sets."""
-
-    __slots__ = ("plan", "room", "free", "slots", "used", "resets", "expires", "count_ms", "fields", "timer", "ended",
-                 "leftover", "served", "peak", "reserved_tokens", "reserved_nano")
-
-    def __init__(self, plan: _Plan, lease_id: str, amounts: tuple[int, ...], reply: list, expires: float,
-                 count_ms: int) -> None:
-        checks = plan.checks
-        self.plan = plan
-        self.room = [0 if c.store == SET else amount for c, amount in zip(checks, amounts)]
-        self.slots = amounts[0]
-        self.free = [f"{lease_id}:{j}" for j in range(self.slots, 0, -1)]
-        self.used = reply[1:1 + len(checks)]  # as counted with the whole lease
-        self.resets = reply[1 + len(checks):]
-        self.expires, self.count_ms = expires, count_ms
-        self.fields = [count_ms // bucket_ms if bucket_ms else "" for _, _, bucket_ms in plan.corrected]
-        self.timer: asyncio.TimerHandle | None = None
-        self.ended = False
-        self.leftover: list[int] | None = None  # room to give back, when no free slot was left to carry it
-        self.served = self.peak = self.reserved_tokens = self.reserved_nano = 0
-
-    def answer(self) -> list:
-        """An admission's answer for a request admitted from the lease: the counts as of the lease's, less the room
-        it still has (what x-ratelimit-remaining-* report)."""
-        room = self.room
-        return [0, *(used - left for used, left in zip(self.used, room)), *self.resets]
-
-
-def _lease_amounts(plan: _Plan, tokens: int, cost_nano: int) -> tuple[int, ...] | None:
-    """What a lease asks for, check by check, at most a LEASE_SHARE-th of each limit (a LEASE_BUDGET_SHARE-th of a
-    budget); None when that leaves it too small to be worth asking for (fewer than LEASE_MIN_REQUESTS requests like
-    this one, or no two slots)."""
-    requests = plan.lease_requests
-    per_tokens, per_nano = max(tokens, plan.lease_tokens), max(cost_nano, plan.lease_nano)
-    slots = plan.lease_slots  # as many in every set: a request takes the same slot in each
-    for check in plan.checks:
-        if check.store == SET and check.limit is not None:
-            slots = min(slots, check.limit // LEASE_SHARE)
-    if slots < 2:
-        return None
-    amounts = []
-    for check in plan.checks:
-        kind = check.kind
-        if kind == "concurrency":
-            amounts.append(slots)
-            continue
-        if kind == "requests":
-            wanted, least = requests, LEASE_MIN_REQUESTS
-        elif kind == "tokens":
-            wanted, least = requests * per_tokens, LEASE_MIN_REQUESTS * tokens
-        else:
-            wanted, least = requests * per_nano, LEASE_MIN_REQUESTS * cost_nano
-        if check.limit is not None:
-            cap = check.limit // (LEASE_BUDGET_SHARE if kind == "budget" else LEASE_SHARE)
-            if cap < least:
-                return None
-            wanted = min(wanted, cap)
-        amounts.append(wanted)
-    return tuple(amounts)
 
 
 def _user_checks(tenant: Tenant, user: str, month: str) -> tuple[Check, ...]:
