@@ -264,3 +264,20 @@ def test_counts_from_leases_match_the_ledger_after_streams_and_cancellations_on_
     assert ledger["n"] == 144
     assert (counts["requests"], counts["tokens"], counts["in_flight"]) == (144, ledger["tokens"], 0)
     assert abs(counts["spend"] - float(ledger["usd"]) * 1e9) <= 144  # a billionth of a dollar a request, rounded
+
+
+def test_a_request_larger_than_the_whole_lease_goes_to_redis_and_the_lease_goes_on(stores):
+    tenant, key = _tenant_object(f"lease-large-{time.time_ns() % 10**9}", **LARGE)
+
+    async def scenario(limiter: Limiter) -> None:
+        plan = limiter.plan(tenant, key, time.time(), 600)
+        limiter.admit_leased(plan, 100, 1000, time.time())
+        await limiter.admit(plan, "first", 100, 1000, time.time())
+        await asyncio.sleep(0.05)
+        lease = plan.lease
+        assert lease is not None and limiter.admit_leased(plan, 10**6, 1000, time.time()) is None
+        assert plan.lease is lease and not lease.ended  # the large request did not end it
+        assert (await limiter.admit(plan, "large", 10**6, 1000, time.time())).admitted
+        assert limiter.admit_leased(plan, 100, 1000, time.time()).lease is lease
+
+    _limiter_run(stores.redis_url, scenario)

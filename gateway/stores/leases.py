@@ -23,13 +23,14 @@ class Lease:
     """A share of a plan's limits counted in Redis for this worker, from which it admits requests by itself until
     ``expires``: ``room`` per window and counter, ``free`` slots of the concurrency sets."""
 
-    __slots__ = ("plan", "room", "free", "slots", "used", "resets", "expires", "count_ms", "fields", "timer", "ended",
-                 "leftover", "served", "peak", "reserved_tokens", "reserved_nano")
+    __slots__ = ("plan", "granted", "room", "free", "slots", "used", "resets", "expires", "count_ms", "fields", "timer",
+                 "ended", "leftover", "served", "peak", "reserved_tokens", "reserved_nano")
 
     def __init__(self, plan: "_Plan", lease_id: str, amounts: tuple[int, ...], reply: list, expires: float,
                  count_ms: int) -> None:
         checks = plan.checks
         self.plan = plan
+        self.granted = amounts
         self.room = [0 if c.store == SET else amount for c, amount in zip(checks, amounts)]
         self.slots = amounts[0]
         self.free = [f"{lease_id}:{j}" for j in range(self.slots, 0, -1)]

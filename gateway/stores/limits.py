@@ -274,6 +274,8 @@ class Limiter:
                 room = lease.room
                 for index, _, _ in plan.corrected:
                     if amounts[index] > room[index]:
+                        if amounts[index] > lease.granted[index]:
+                            return None  # larger than the whole lease: Redis admits it, and the lease goes on
                         break
                 else:
                     for index, _, _ in plan.corrected:
