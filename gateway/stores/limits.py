@@ -29,13 +29,13 @@ limit a moment ago (``clear_of_limits``) need not wait for its admission before 
 **Leases.** A tenant far from its limits is admitted from a lease (``admit_leased``): the worker asks, with the same
 script and without waiting, for a share of every limit of a tenant and key (requests, tokens, spend and concurrency
 slots, at most a LEASE_SHARE-th of each and a LEASE_BUDGET_SHARE-th of a budget (gateway.stores.leases), granted
-only if the tenant stays within half of every limit with it),
-counted at once and in full, in the windows' bucket of the moment the lease ends (so no request it admits leaves a
-window earlier than it would have by itself). For ``lease_seconds`` the worker admits from it and settles into it
-with no command to Redis; when it ends, what it did not use is given back (its free slots leave the sets, the first
-carrying the room left), and its requests still running settle as any other. Every request admitted anywhere is in
-Redis, by itself or in a lease: a limit is never exceeded; a refusal can come while leases elsewhere hold room (at
-most half of a limit, for at most ``lease_seconds``).
+only if the tenant stays within half of every limit with it), counted at once and in full, in the windows' bucket of
+the moment the lease ends (so no request it admits leaves a window earlier than it would have by itself). For
+``lease_seconds`` the worker admits from it and settles into it with no command to Redis; when it ends, what it did
+not use is given back (its free slots leave the sets, the first carrying the room left), and its requests still
+running settle as any other. Every request admitted anywhere is in Redis, by itself or in a lease: a limit is never
+exceeded; a refusal can come while leases elsewhere hold room (at most half of a limit, for at most
+``lease_seconds``).
 
 **Settles are never lost to a short Redis outage.** A settle that could not be sent is kept and sent again until
 Redis takes it. It is idempotent: it corrects tokens and spend only if it also removed the request from the
