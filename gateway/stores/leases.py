@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 LEASE_SHARE = 16  # a lease takes at most a sixteenth of any limit
 LEASE_BUDGET_SHARE = 256  # and of a budget (what a crashed worker's lease leaves counted until the month ends)
 LEASE_MIN_REQUESTS = 4  # a lease smaller than this many requests (of the last request's size) is not asked for
+LEASE_FIRST_REQUESTS = 16
 LEASE_MAX_REQUESTS = 4096
 LEASE_FIRST_SLOTS = 4
 LEASE_MAX_SLOTS = 256
@@ -48,6 +49,18 @@ class Lease:
         it still has (what x-ratelimit-remaining-* report)."""
         room = self.room
         return [0, *(used - left for used, left in zip(self.used, room)), *self.resets]
+
+
+def learn_from(plan: "_Plan", lease: Lease, now: float, lease_seconds: float) -> None:
+    """Size the plan's next lease by what this one served: twice its rate and its busiest moment's slots."""
+    served = lease.served
+    elapsed = max(now - (lease.expires - lease_seconds), 0.001)
+    plan.lease_requests = min(max(int(2 * served * min(lease_seconds / elapsed, 64.0)), LEASE_MIN_REQUESTS),
+                              LEASE_MAX_REQUESTS)
+    plan.lease_slots = min(max(2 * lease.peak, LEASE_FIRST_SLOTS), LEASE_MAX_SLOTS)
+    if served:
+        plan.lease_tokens = -(-lease.reserved_tokens // served)
+        plan.lease_nano = -(-lease.reserved_nano // served)
 
 
 def lease_amounts(plan: "_Plan", tokens: int, cost_nano: int) -> tuple[int, ...] | None:

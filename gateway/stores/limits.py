@@ -58,9 +58,7 @@ from typing import Callable
 from gateway.config.types import ApiKey, Tenant
 from gateway.observability import metrics
 from gateway.stores.cluster import ClusterRedis
-from gateway.stores.leases import (
-    LEASE_FIRST_SLOTS, LEASE_MAX_REQUESTS, LEASE_MAX_SLOTS, LEASE_MIN_REQUESTS, Lease, lease_amounts,
-)
+from gateway.stores.leases import LEASE_FIRST_REQUESTS, LEASE_FIRST_SLOTS, Lease, learn_from, lease_amounts
 from gateway.stores.limit_scripts import ADMIT, COUNTER, SET, SETTLE, WINDOW
 from gateway.stores.redis_client import redis_client
 from gateway.stores.resp import ReplyError, Script, bulk, pack
@@ -354,7 +352,7 @@ class Limiter:
         plan = lease.plan
         if plan.lease is lease:
             plan.lease = None
-        plan.learn_from(lease, time.time(), self.lease_seconds)
+        learn_from(plan, lease, time.time(), self.lease_seconds)
         leftover = [-lease.room[index] for index, _, _ in plan.corrected]
         free, lease.free = lease.free, []
         if not free:
@@ -655,21 +653,10 @@ class _Plan:
         self.lease: Lease | None = None
         self.lease_asked = False
         self.lease_after = 0.0  # no lease is asked for before this time (one was refused, or could not be sized)
-        self.lease_requests = LEASE_MIN_REQUESTS * 4
+        self.lease_requests = LEASE_FIRST_REQUESTS
         self.lease_slots = LEASE_FIRST_SLOTS
         self.lease_tokens = 0  # a request's reservation, as the last lease's averaged
         self.lease_nano = 0
-
-    def learn_from(self, lease: "Lease", now: float, lease_seconds: float) -> None:
-        """Size the next lease by what this one served: twice its rate and its busiest moment's slots."""
-        served = lease.served
-        elapsed = max(now - (lease.expires - lease_seconds), 0.001)
-        self.lease_requests = min(max(int(2 * served * min(lease_seconds / elapsed, 64.0)), LEASE_MIN_REQUESTS),
-                                  LEASE_MAX_REQUESTS)
-        self.lease_slots = min(max(2 * lease.peak, LEASE_FIRST_SLOTS), LEASE_MAX_SLOTS)
-        if served:
-            self.lease_tokens = -(-lease.reserved_tokens // served)
-            self.lease_nano = -(-lease.reserved_nano // served)
 
 
 def _user_checks(tenant: Tenant, user: str, month: str) -> tuple[Check, ...]:
