@@ -150,6 +150,11 @@ def _admit_command(plan: "_Plan", request_id: str, amounts: tuple[int, ...], now
     return b"".join(parts)
 
 
+def _corrections(fields: list, deltas: list[int]) -> tuple:
+    """A settle's corrections as the scripts take them: per corrected check, its field and delta."""
+    return tuple(value for pair in zip(fields, deltas) for value in pair)
+
+
 def _count_outstanding(plan: "_Plan", amounts: tuple[int, ...], sign: int) -> None:
     """What this worker has sent against the plan's checks and not yet heard back about (see clear_of_limits)."""
     outstanding = plan.outstanding
@@ -358,15 +363,10 @@ class Limiter:
         if not free:
             lease.leftover = leftover
             return
-        fields = lease.fields
-        first = []
-        for field, delta in zip(fields, leftover):
-            first += (field, delta)
-        self._ride(plan, free[0], tuple(first))
-        if len(free) > 1:
-            nothing = tuple(value for field in fields for value in (field, 0))
-            for member in free[1:]:
-                self._ride(plan, member, nothing)
+        self._ride(plan, free[0], _corrections(lease.fields, leftover))
+        nothing = _corrections(lease.fields, [0] * len(leftover))
+        for member in free[1:]:
+            self._ride(plan, member, nothing)
 
     async def admit(self, plan: "_Plan", request_id: str, tokens: int, cost_nano: int, now: float) -> Admission:
         amounts = _amounts(plan, tokens, cost_nano)
