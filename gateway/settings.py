@@ -61,8 +61,9 @@ class Settings:
     # A tenant under half of every limit as last seen this long ago goes upstream while its admission is on the way
     # (gateway.pipeline.limits); 0: every request waits for its admission.
     limits_headroom_seconds: float = 1.0
-    # A worker admits a tenant's requests from a lease on its limits (at most a sixteenth of each, while it stays
-    # under half of every one) for this long; 0: Redis admits every request (gateway.stores.limits).
+    # A worker admits a tenant's requests from a lease on its limits (at most a sixteenth of each and a 256th of the
+    # budget, while it stays under half of every one) for this long; 0: Redis admits every request
+    # (gateway.stores.limits).
     limits_lease_seconds: float = 1.0
     qdrant_url: str | None = None  # a Qdrant server; unset: qdrant-client's local mode in data_dir/qdrant
     qdrant_api_key: str | None = None
