@@ -32,6 +32,9 @@ from gateway.stores.cache import ResponseCache, cache_key
 from gateway.upstreams.sse import SSERelay
 
 CACHED_ROUTES = frozenset(("chat.completions", "completions"))
+_BYPASS_OFF = (b"x-gateway-cache", b"bypass; off")
+_BYPASS_NO_STORE = (b"x-gateway-cache", b"bypass; no-store")
+_BYPASS_NONDETERMINISTIC = (b"x-gateway-cache", b"bypass; nondeterministic")
 log = logging.getLogger("gateway.cache")
 
 
@@ -45,16 +48,16 @@ class LookupCache:
             return
         policy = _policy(ctx)
         control = (header(ctx.scope, b"cache-control") or b"").lower()
-        reason = None
+        bypass = None
         if not policy.enabled:
-            reason = "off"
+            bypass = _BYPASS_OFF
         elif b"no-store" in control:
-            reason = "no-store"
+            bypass = _BYPASS_NO_STORE
         elif not policy.nondeterministic and not _deterministic(ctx.body):
-            reason = "nondeterministic"
-        if reason is not None:
-            ctx.response_headers.append((b"x-gateway-cache", b"bypass; " + reason.encode()))
-            metrics.CACHE_LOOKUPS.labels("bypass").inc()
+            bypass = _BYPASS_NONDETERMINISTIC
+        if bypass is not None:
+            ctx.response_headers.append(bypass)
+            metrics.cache_lookups_by("bypass").inc()
             return
         ttl = _ttl_override(ctx) or policy.ttl_seconds
         key = cache_key(ctx.tenant.id, ctx.endpoint.route, _keyed_body(ctx), encode)
@@ -63,12 +66,12 @@ class LookupCache:
             model = ctx.config.models.get(entry[0].get("model", "")) if entry is not None else None
             if model is not None:
                 ctx.cache_entry, ctx.model = entry, model
-                metrics.CACHE_LOOKUPS.labels("hit").inc()
+                metrics.cache_lookups_by("hit").inc()
                 return
         semantic = await self._semantic(ctx, policy, control) if policy.semantic else None
         if ctx.cache_entry is not None:
             return
-        metrics.CACHE_LOOKUPS.labels("miss").inc()
+        metrics.cache_lookups_by("miss").inc()
         ctx.response_headers.append((b"x-gateway-cache", b"miss"))
         ctx.cache_capture = policy.max_entry_bytes
 
@@ -119,7 +122,7 @@ class LookupCache:
             if model is not None:
                 ctx.cache_entry, ctx.model = entry, model
                 ctx.semantic_similarity = nearest[1]
-                metrics.CACHE_LOOKUPS.labels("semantic_hit").inc()
+                metrics.cache_lookups_by("semantic_hit").inc()
                 return None
         return index, context, question, vector
 
@@ -150,7 +153,7 @@ async def serve_cached(ctx: RequestContext) -> None:
         await end_stream(ctx.send)
     else:  # a plain answer (or an upstream that answered a stream request whole: kept and served whole)
         await send_response(ctx.send, 200, body, headers, content_type.encode())
-    metrics.CACHE_BYTES.labels("served").inc(len(body))
+    metrics.cache_bytes_by("served").inc(len(body))
     ctx.status = 200
     ctx.responded = True
 

@@ -62,7 +62,7 @@ class ResponseCache:
         value = orjson.dumps(meta) + b"\n" + body
         task = asyncio.ensure_future(self.client.execute("SET", key, value, "EX", ttl_seconds))
         task.add_done_callback(self._written)
-        metrics.CACHE_BYTES.labels("stored").inc(len(value))
+        metrics.cache_bytes_by("stored").inc(len(value))
 
     def _written(self, task: asyncio.Future) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -75,5 +75,5 @@ class ResponseCache:
     def _failed(self, exc: BaseException) -> None:
         # Skip the cache for a second rather than make every request wait on a dead connection.
         self._down_until = asyncio.get_running_loop().time() + 1.0
-        metrics.CACHE_LOOKUPS.labels("error").inc()
+        metrics.cache_lookups_by("error").inc()
         log.warning("response cache unavailable, serving uncached: %s", exc)
