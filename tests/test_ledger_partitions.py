@@ -221,3 +221,35 @@ def test_the_ledgers_batches_land_once_and_are_rolled_up(database, tmp_path):
         await connection.close()
 
     run(scenario())
+
+
+def test_a_cost_is_stored_as_the_driver_would_store_it_and_one_the_column_cannot_hold_is_set_aside(database, tmp_path):
+    """The ledger converts a request's cost for the numeric(18, 9) column itself (the driver's conversion of a float
+    is the dearest part of a row); what lands is what the driver's own would have stored, to the nano-dollar, and a
+    cost the column cannot hold is still set aside as a dead letter while the rest of its batch lands."""
+    costs = [1.5e-9, 2.5e-9, -2.5e-9, 5e-10, 0.1 + 0.2, 3e-5, 123.456789012345, 999999.1234567895, 999999999.5,
+             1e-320, 0.0, -0.0, *(index / 7e6 for index in range(1, 200))]
+    unstorable = [1e12, float("inf")]
+
+    async def scenario():
+        now = time.time()
+        ledger = Ledger(database, tmp_path / "spool", batch_size=500, flush_seconds=0.01)
+        await ledger.start()
+        for index, cost in enumerate(costs + unstorable):
+            row = dict(zip(COLUMNS, _ledger_row(index, now)), cost_usd=cost)
+            ledger.record(tuple(row[column] for column in COLUMNS))
+        await ledger.close()
+        connection = await _connect(database)
+        stored = {row["request_id"]: row["cost_usd"] for row in
+                  await connection.fetch("SELECT request_id, cost_usd FROM usage_ledger")}
+        await connection.execute("CREATE TEMP TABLE driver (request_id text, cost_usd numeric(18, 9))")
+        await connection.copy_records_to_table(
+            "driver", records=[(f"req-{index}", cost) for index, cost in enumerate(costs)])
+        expected = {row["request_id"]: row["cost_usd"] for row in
+                    await connection.fetch("SELECT request_id, cost_usd FROM driver")}
+        await connection.close()
+        assert stored == expected
+        dead = [line for line in (tmp_path / "spool" / "dead-letter.jsonl").read_text().splitlines()]
+        assert len(dead) == len(unstorable)
+
+    run(scenario())

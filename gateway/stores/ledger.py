@@ -18,6 +18,7 @@ import datetime as dt
 import logging
 import os
 import time
+from decimal import Decimal
 from pathlib import Path
 from typing import Sequence
 
@@ -53,6 +54,8 @@ _STAGE = (f"CREATE TEMP TABLE IF NOT EXISTS ledger_stage ON COMMIT DELETE ROWS A
 _MOVE = (f"INSERT INTO usage_ledger ({', '.join(COLUMNS)}) SELECT {', '.join(COLUMNS)} FROM ledger_stage "
          "ON CONFLICT (request_id, created_at) DO NOTHING")
 _CREATED_AT = COLUMNS.index("created_at")
+_COST = COLUMNS.index("cost_usd")
+_NANO_DOLLAR = Decimal("1e-9")  # cost_usd is numeric(18, 9)
 _TEXT_COLUMNS = tuple(i for i, kind in enumerate(_TYPES) if kind == "text")
 _JSON_COLUMNS = tuple(i for i, kind in enumerate(_TYPES) if kind == "jsonb")
 _STOP: tuple = ()
@@ -280,6 +283,9 @@ def _records(rows: list[tuple], storable: bool) -> list[tuple]:
             row = (*row, *(None,) * (width - len(row)))
         row = list(row)
         row[_CREATED_AT] = _timestamp(row[_CREATED_AT])
+        cost = row[_COST]
+        if isinstance(cost, float) and -1e9 < cost < 1e9:  # the driver's own conversion costs twice as much
+            row[_COST] = Decimal(cost).quantize(_NANO_DOLLAR)  # as the column rounds (a float is never a tie)
         if storable:
             for index in _TEXT_COLUMNS:
                 row[index] = _storable(row[index])
