@@ -87,7 +87,7 @@ class EnforceLimits:
                                     type="server_error", code="limits_unavailable", headers={"retry-after": "1"})
             ctx.limits_degraded = True
             return None
-        ctx.response_headers += _rate_headers(admission, now)
+        ctx.response_headers += _rate_headers(admission)
         if not admission.admitted:
             metrics.LIMIT_REFUSALS.labels(ctx.tenant.id, admission.refused.name).inc()
             return _refusal(admission, now, ctx)
@@ -215,24 +215,30 @@ def usd(value: float) -> str:
     return "$" + f"{value:.9f}".rstrip("0")
 
 
-def _rate_headers(admission: Admission, now: float) -> list[tuple[bytes, bytes]]:
+def _rate_headers(admission: Admission) -> list[tuple[bytes, bytes]]:
     """OpenAI's x-ratelimit headers for the tenant's per-minute windows: limit, what is left, and when the window
     is empty again (refused: when there is room for this request)."""
     headers = []
-    for index, kind, limit_text, limit in admission.plan.header_checks:
-        reset_at = admission.reset_at(index, now)
-        headers += [
-            (b"x-ratelimit-limit-" + kind, limit_text),
-            (b"x-ratelimit-remaining-" + kind, str(max(0, limit - admission.used(index))).encode()),
-            (b"x-ratelimit-reset-" + kind, _duration(0 if reset_at is None else reset_at - now).encode()),
-        ]
+    counts = admission.result
+    resets = 1 + len(admission.checks)  # where the windows' milliseconds to reset start in the result
+    for index, limit_header, remaining, reset, limit in admission.plan.header_checks:
+        headers += [limit_header, (remaining, b"%d" % max(0, limit - counts[1 + index])),
+                    (reset, _duration(counts[resets + index]))]
     return headers
 
 
-def _duration(seconds: float) -> str:
+_WHOLE_SECONDS: dict[int, bytes] = {}  # a window's reset is at most a few minutes away: a few hundred texts
+
+
+def _duration(milliseconds: int) -> bytes:
     """OpenAI's reset format: 20ms, 1s, 6m0s."""
-    if seconds < 1:
-        return f"{max(0, int(seconds * 1000))}ms"
-    whole = int(seconds + 0.5)
-    minutes, rest = divmod(whole, 60)
-    return f"{minutes}m{rest}s" if minutes else f"{rest}s"
+    if milliseconds < 1000:
+        return b"%dms" % max(0, milliseconds)
+    whole = (milliseconds + 500) // 1000
+    text = _WHOLE_SECONDS.get(whole)
+    if text is None:
+        minutes, rest = divmod(whole, 60)
+        text = b"%dm%ds" % (minutes, rest) if minutes else b"%ds" % rest
+        if len(_WHOLE_SECONDS) < 4096:
+            _WHOLE_SECONDS[whole] = text
+    return text

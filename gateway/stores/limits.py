@@ -209,7 +209,7 @@ class Limiter:
         The plan holds for this config (a reload makes new tenant objects, and with them a new plan) and this
         calendar month (the budget's key changes with it).
         """
-        month = time.strftime("%Y%m", time.gmtime(now))
+        month = _month(now)
         if user is None or tenant.end_users is None:
             plans, index = self._plans, (tenant.id, key.name)
         else:
@@ -636,11 +636,14 @@ class _Plan:
         # A settle riding on an admission: the checks it corrects, as the admit script numbers them.
         self.corrected_checks = bulk(len(self.corrected)) + b"".join(bulk(i + 1) for i, _, _ in self.corrected)
         self.pending_settles: list[tuple[str, tuple]] = []  # (request id, corrections) waiting for a ride
-        # The per-minute windows OpenAI's x-ratelimit headers report.
+        # The per-minute windows OpenAI's x-ratelimit headers report: their index, the limit's header (the same for
+        # every answer), the other two headers' names, and the limit.
         self.header_checks = tuple(
-            (i, b"requests" if c.kind == "requests" else b"tokens", str(c.limit).encode(), c.limit)
+            (i, (b"x-ratelimit-limit-" + kind, b"%d" % c.limit), b"x-ratelimit-remaining-" + kind,
+             b"x-ratelimit-reset-" + kind, c.limit)
             for i, c in enumerate(checks) if c.limit is not None and c.name in ("requests per minute",
-                                                                               "tokens per minute"))
+                                                                               "tokens per minute")
+            for kind in (b"requests" if c.kind == "requests" else b"tokens",))
         # Headroom (Limiter.clear_of_limits): per check, what was left of its limit when this worker last heard
         # (None after a refusal or a failure), and what it has sent since without an answer yet.
         self.seen_at = 0.0
@@ -674,6 +677,20 @@ def _user_checks(tenant: Tenant, user: str, month: str) -> tuple[Check, ...]:
         checks.append(Check("monthly budget of this end user", f"{prefix}:spend:{month}",
                             int(limits.monthly_budget_usd * NANO), "budget", COUNTER, 40 * 86_400_000))
     return tuple(checks)
+
+
+_month_span = (0.0, 0.0, "")  # the calendar month (UTC) last asked for: its start, its end and its key
+
+
+def _month(now: float) -> str:
+    """The calendar month (UTC) of ``now`` as the budget's key names it: 202612."""
+    global _month_span
+    start, end, month = _month_span
+    if not start <= now < end:
+        month = time.strftime("%Y%m", time.gmtime(now))
+        start = float(calendar.timegm((*time.gmtime(now)[:2], 1, 0, 0, 0)))
+        _month_span = (start, _month_end(now), month)
+    return month
 
 
 def _month_end(now: float) -> float:
