@@ -29,7 +29,7 @@ class Endpoint:
         return self.upstream_path == "/chat/completions"
 
 
-Finisher = Callable[["RequestContext"], Awaitable[None]]
+Finisher = Callable[["RequestContext"], Awaitable[None] | None]  # a coroutine function, or a plain one
 
 
 UNREAD_USER = object()
@@ -125,7 +125,8 @@ class RequestContext:
         return ",".join(f"{a['deployment']}:{a['status']}" for a in self.attempts if a.get("error")) or None
 
     def on_finish(self, finisher: Finisher) -> None:
-        """Run ``finisher`` once the request is over, answered or not (in reverse order of registration)."""
+        """Run ``finisher`` once the request is over, answered or not (in reverse order of registration); a
+        coroutine function's coroutine is awaited."""
         self.finishers.append(finisher)
 
     def elapsed(self) -> float:

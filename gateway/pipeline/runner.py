@@ -67,7 +67,9 @@ class Pipeline:
             self.load.in_flight -= 1
             for finisher in reversed(ctx.finishers):
                 try:
-                    await finisher(ctx)
+                    pending = finisher(ctx)
+                    if pending is not None:  # most finishers wait for nothing: no coroutine made for them
+                        await pending
                 except Exception:
                     log.exception("finishing request %s failed", ctx.request_id)
             record(ctx, self.log_prompts, self.ledger)
