@@ -73,7 +73,7 @@ class EnforceLimits:
         if refusal is not None:
             raise refusal
 
-        async def settle(ctx: RequestContext) -> None:
+        def settle(ctx: RequestContext) -> None:
             self.limiter.settle(admission, ctx.request_id, _actual(ctx))
 
         ctx.on_finish(settle)

@@ -4,6 +4,7 @@ asks for."""
 from __future__ import annotations
 
 import asyncio
+from operator import sub
 from typing import TYPE_CHECKING
 
 from gateway.stores.limit_scripts import SET
@@ -47,8 +48,7 @@ class Lease:
     def answer(self) -> list:
         """An admission's answer for a request admitted from the lease: the counts as of the lease's, less the room
         it still has (what x-ratelimit-remaining-* report)."""
-        room = self.room
-        return [0, *(used - left for used, left in zip(self.used, room)), *self.resets]
+        return [0, *map(sub, self.used, self.room), *self.resets]
 
 
 def learn_from(plan: "_Plan", lease: Lease, now: float, lease_seconds: float) -> None:

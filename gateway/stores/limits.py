@@ -126,7 +126,12 @@ class Admission:
 
 def _amounts(plan: "_Plan", tokens: int, cost_nano: int) -> tuple[int, ...]:
     """What a request counts against each of the plan's checks."""
-    return tuple(tokens if c.kind == "tokens" else cost_nano if c.kind == "budget" else 1 for c in plan.checks)
+    amounts = plan.unit_amounts.copy()
+    for index in plan.token_checks:
+        amounts[index] = tokens
+    for index in plan.budget_checks:
+        amounts[index] = cost_nano
+    return tuple(amounts)
 
 
 def _admit_command(plan: "_Plan", request_id: str, amounts: tuple[int, ...], now_ms: int,
@@ -609,9 +614,10 @@ class _Plan:
     """A tenant and key's checks for one month, with what every request's admit and settle commands share."""
 
     __slots__ = ("tenant", "key", "month", "checks", "head", "head_body", "argument_count", "bounds", "budget_index",
-                 "budget_key", "corrected", "corrected_checks", "settle_head", "set_count", "header_checks", "seen_at",
-                 "left", "outstanding", "pending_settles", "leasable", "lease_bounds", "lease", "lease_asked",
-                 "lease_after", "lease_requests", "lease_slots", "lease_tokens", "lease_nano")
+                 "budget_key", "unit_amounts", "token_checks", "budget_checks", "corrected", "corrected_checks",
+                 "settle_head", "set_count", "header_checks", "seen_at", "left", "outstanding", "pending_settles",
+                 "leasable", "lease_bounds", "lease", "lease_asked", "lease_after", "lease_requests", "lease_slots",
+                 "lease_tokens", "lease_nano")
 
     def __init__(self, tenant: Tenant, key: ApiKey, month: str, checks: tuple[Check, ...], admit: Script,
                  settle: Script, leasable: bool = False) -> None:
@@ -624,6 +630,10 @@ class _Plan:
                             for c in checks)
         self.budget_index = next((i for i, c in enumerate(checks) if c.name == TENANT_BUDGET and c.limit), None)
         self.budget_key = (tenant.id, tenant.created_at)
+        # What a request counts against each check (_amounts): one request or slot, or its tokens, or its cost.
+        self.unit_amounts = [0 if c.kind in ("tokens", "budget") else 1 for c in checks]
+        self.token_checks = tuple(i for i, c in enumerate(checks) if c.kind == "tokens")
+        self.budget_checks = tuple(i for i, c in enumerate(checks) if c.kind == "budget")
         # Settle: the sets to leave, then per corrected check (every window and counter: a request corrects its
         # tokens and spend, a lease gives back the requests it did not admit too) its index, kind and bucket length
         # (0: a counter).
