@@ -34,8 +34,26 @@ def decode(ids: list[int]) -> str:
     return encoding.decode([i for i in ids if i < encoding.n_vocab])
 
 
+# A chat sends its whole history again at every turn: the counts of short texts are kept, so that only the new
+# message of a turn is encoded (about 2 µs for a short sentence). Bounded: at most this many texts, each at most this
+# long (a few megabytes); when full, the memo starts over (one step, safe beside a count in a worker thread).
+MEMO_ENTRIES = 4096
+MEMO_TEXT_CHARACTERS = 1024
+_counted: dict[str, int] = {}
+
+
 def _count(text: str) -> int:
-    return len(_encoding().encode_ordinary(text)) if text else 0
+    if not text:
+        return 0
+    if len(text) > MEMO_TEXT_CHARACTERS:
+        return len(_encoding().encode_ordinary(text))
+    count = _counted.get(text)
+    if count is None:
+        count = len(_encoding().encode_ordinary(text))
+        if len(_counted) >= MEMO_ENTRIES:
+            _counted.clear()
+        _counted[text] = count
+    return count
 
 
 def _content_text(content: Any) -> str:

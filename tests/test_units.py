@@ -139,3 +139,19 @@ def test_an_answer_of_known_length_is_written_once_and_a_streams_head_at_once():
     holder.write(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 5\r\n\r\n")
     holder.close()  # the app failed before the body: the head goes, then the connection closes
     assert transport.writes[-1].startswith(b"HTTP/1.1 500") and transport.closed and holder.is_closing()
+
+
+def test_the_kept_token_counts_equal_fresh_ones_and_stay_bounded():
+    from gateway import tokens
+
+    history = [{"role": "user", "content": f"Question {n}: what does a gateway do with turn {n}?"} for n in range(50)]
+    long_text = "word " * (tokens.MEMO_TEXT_CHARACTERS // 2)
+    body = {"messages": [*history, {"role": "user", "content": long_text}]}
+    fresh = sum(len(tokens._encoding().encode_ordinary(m["content"])) + 3 for m in body["messages"]) + 3
+    assert tokens.prompt_tokens(body) == fresh
+    assert tokens.prompt_tokens(body) == fresh  # again, from the kept counts
+    assert long_text not in tokens._counted  # longer than what is kept
+    for n in range(tokens.MEMO_ENTRIES + 10):
+        tokens.prompt_tokens({"prompt": f"text number {n}"})
+    assert len(tokens._counted) <= tokens.MEMO_ENTRIES
+    assert tokens.prompt_tokens({"prompt": "text number 7"}) == len(tokens._encoding().encode_ordinary("text number 7"))
