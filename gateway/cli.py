@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import faulthandler
 import os
 import signal
 import sys
@@ -177,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.command == "bench":  # stopped by SIGTERM, a benchmark still stops the servers it started
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        faulthandler.register(signal.SIGUSR1, all_threads=True)  # where a benchmark is, on stderr, at any moment
     args.run(args)
 
 

@@ -46,7 +46,13 @@ def test_a_bench_stopped_with_sigterm_stops_the_servers_it_started(tmp_path):
                 break
         assert "making" in seen, seen
         bench.send_signal(signal.SIGTERM)
-        assert bench.wait(timeout=60) != 0
+        try:
+            assert bench.wait(timeout=60) != 0
+        except subprocess.TimeoutExpired:  # where it is stuck: every thread's stack, from faulthandler
+            bench.send_signal(signal.SIGUSR1)
+            time.sleep(2)
+            bench.kill()
+            raise AssertionError("the bench did not stop within 60 s of SIGTERM:\n" + bench.stdout.read()[-20000:])
     finally:
         bench.kill()
     deadline = time.monotonic() + 10
