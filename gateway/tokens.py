@@ -36,7 +36,8 @@ def decode(ids: list[int]) -> str:
 
 # A chat sends its whole history again at every turn: the counts of short texts are kept, so that only the new
 # message of a turn is encoded (about 2 µs for a short sentence). Bounded: at most this many texts, each at most this
-# long (a few megabytes); when full, the memo starts over (one step, safe beside a count in a worker thread).
+# long (4 MiB of ASCII text, 16 of the widest characters); when full, the memo starts over (one step, safe beside a
+# count in a worker thread). Only counts come out of it: nothing of one tenant's text reaches another.
 MEMO_ENTRIES = 4096
 MEMO_TEXT_CHARACTERS = 1024
 _counted: dict[str, int] = {}
