@@ -219,11 +219,9 @@ def _rate_headers(admission: Admission) -> list[tuple[bytes, bytes]]:
     """OpenAI's x-ratelimit headers for the tenant's per-minute windows: limit, what is left, and when the window
     is empty again (refused: when there is room for this request)."""
     headers = []
-    counts = admission.result
-    resets = 1 + len(admission.checks)  # where the windows' milliseconds to reset start in the result
     for index, limit_header, remaining, reset, limit in admission.plan.header_checks:
-        headers += [limit_header, (remaining, b"%d" % max(0, limit - counts[1 + index])),
-                    (reset, _duration(counts[resets + index]))]
+        headers += [limit_header, (remaining, b"%d" % max(0, limit - admission.used(index))),
+                    (reset, _duration(admission.reset_ms(index)))]
     return headers
 
 

@@ -120,8 +120,12 @@ class Admission:
         (refused); the month's end for the budget; None if never."""
         if self.checks[index].store == COUNTER:
             return _month_end(now)
-        milliseconds = self.result[1 + len(self.checks) + index]
+        milliseconds = self.reset_ms(index)
         return None if milliseconds < 0 else now + milliseconds / 1000
+
+    def reset_ms(self, index: int) -> int:
+        """For a window, milliseconds until ``reset_at``; -1 if never, and for the other checks."""
+        return self.result[1 + len(self.checks) + index]
 
 
 def _amounts(plan: "_Plan", tokens: int, cost_nano: int) -> tuple[int, ...]:
