@@ -701,9 +701,9 @@ def _month(now: float) -> str:
     global _month_span
     start, end, month = _month_span
     if not start <= now < end:
-        month = time.strftime("%Y%m", time.gmtime(now))
-        start = float(calendar.timegm((*time.gmtime(now)[:2], 1, 0, 0, 0)))
-        _month_span = (start, _month_end(now), month)
+        utc = time.gmtime(now)
+        month = time.strftime("%Y%m", utc)
+        _month_span = (float(calendar.timegm((utc.tm_year, utc.tm_mon, 1, 0, 0, 0))), _month_end(now), month)
     return month
 
 
